@@ -1,0 +1,287 @@
+#!/usr/bin/env python3
+"""pysparsecl benchmark suite: ``make bench`` (or ``python bench/run.py --help``).
+
+Times our kernels against what a user would otherwise run, in the same process:
+PyTorch dense conv2d (oneDNN on CPU, cuDNN on NVIDIA; TF32 off) and SciPy CSR x im2col.
+Kernel time comes from OpenCL profiling events, whole calls from time.perf_counter;
+every figure is the median of repeated runs after a warm-up.  Results go to
+bench/results/<device>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pyopencl.array as cl_array  # noqa: E402
+
+import pysparsecl as ps  # noqa: E402
+from pysparsecl import runtime, tuning  # noqa: E402
+from pysparsecl.ops.conv2d import CONV2D_CSR  # noqa: E402
+from pysparsecl.testing.cases import RESNET50_LAYERS  # noqa: E402
+from pysparsecl.testing.reference import relative_error  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def wall_ms(fn):
+    """A timer for ``fn`` (which must block until its work is done): wall ms of one run."""
+    def timed():
+        t0 = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t0)
+    return timed
+
+
+def event_ms(launch, queue):
+    """A timer: summed ms of the OpenCL profiling events that ``launch(events)`` records."""
+    def timed():
+        events = []
+        launch(events)
+        queue.finish()
+        return sum(e.profile.end - e.profile.start for e in events) * 1e-6
+    return timed
+
+
+def interleaved_medians(timers: dict, rounds: int, block: int = 3, slow=()) -> dict:
+    """Median ms of each timer, measured in interleaved blocks.
+
+    Each round runs every timer as a block: one untimed warm-up run, then ``block`` timed
+    runs back to back (a library's threads stay warm within its block, as in real use).
+    Rotating the blocks over ``rounds`` lets a slow spell of a shared, noisy machine hit
+    every contender alike.  Timers named in ``slow`` run one timed run a round.
+    """
+    samples = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            timer()
+            samples[name].extend(timer() for _ in range(1 if name in slow else block))
+    return {name: float(np.median(v)) for name, v in samples.items()}
+
+
+class Torch:
+    """PyTorch baselines, on the GPU when our device is one and CUDA is there."""
+
+    def __init__(self, want_gpu: bool):
+        try:
+            import torch
+        except ImportError:
+            self.torch = None
+            self.note = "torch not installed: torch baselines skipped (make bench-deps)"
+            return
+        self.torch = torch
+        self.device = "cuda" if want_gpu and torch.cuda.is_available() else "cpu"
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        self.note = (f"torch {torch.__version__} on {self.device}"
+                     + (f" ({torch.get_num_threads()} threads)" if self.device == "cpu" else
+                        f" ({torch.cuda.get_device_name()}, cuDNN, TF32 off)"))
+
+    def sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def conv2d_fn(self, case, x, w):
+        """A blocking call of torch's dense conv2d on ``case`` (inputs moved once)."""
+        t = self.torch
+        xt = t.from_numpy(x).to(self.device)
+        wt = t.from_numpy(w).to(self.device)
+
+        def run():
+            with t.no_grad():
+                t.nn.functional.conv2d(xt, wt, None, case.stride, case.padding,
+                                       case.dilation, case.groups)
+            self.sync()
+        return run
+
+
+def im2col(x, case):
+    """(C*R*S, N*OH*OW) patches, ordered (c, r, s) x (n, oh, ow), as SciPy's operand."""
+    (r, s), (sh, sw), (ph, pw), (dh, dw) = case.kernel, case.stride, case.padding, case.dilation
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    win = sliding_window_view(xp, ((r - 1) * dh + 1, (s - 1) * dw + 1), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw]                  # N, C, OH, OW, R, S
+    return np.ascontiguousarray(win.transpose(1, 4, 5, 0, 2, 3)).reshape(
+        case.C * r * s, -1)
+
+
+def bench_conv2d(queue, torch_b, args, rng):
+    batches = (1,) if args.quick else tuple(args.batch)
+    sparsities = (0.9,) if args.quick else tuple(args.sparsity)
+    layers = RESNET50_LAYERS[:2] if args.quick else RESNET50_LAYERS
+    rows = []
+    for layer in layers:
+        for n in batches:
+            dense_case = layer.with_(N=n, sparsity=0.0)
+            x, w_dense, _, _ = dense_case.make_inputs(rng)
+            torch_fn = (torch_b.conv2d_fn(dense_case, x, w_dense)
+                        if torch_b.torch is not None else None)
+            x_dev = cl_array.to_device(queue, x)
+            for sparsity in sparsities:
+                case = layer.with_(N=n, sparsity=sparsity)
+                _, w, csr, _ = case.make_inputs(rng)
+                weight = ps.SparseConvWeight(csr, case.C, case.kernel, case.groups, queue)
+                kw = dict(stride=case.stride, padding=case.padding, dilation=case.dilation,
+                          groups=case.groups)
+                y = ps.conv2d_sparse(x_dev, weight, **kw).get()
+                err = relative_error(y, case.reference(x, w, None)) if args.check else None
+                timers = {
+                    "kernel": event_ms(lambda ev: ps.conv2d_sparse(x_dev, weight, events=ev,
+                                                                   **kw), queue),
+                    "call": wall_ms(lambda: (ps.conv2d_sparse(x_dev, weight, **kw),
+                                             queue.finish())),
+                }
+                if torch_fn is not None:
+                    timers["torch"] = wall_ms(torch_fn)
+                if not args.no_scipy:
+                    timers["scipy"] = wall_ms(
+                        lambda: (csr @ im2col(x, case)).reshape(case.K, n, *case.output_hw))
+                med = interleaved_medians(timers, args.rounds, slow=("scipy",))
+                kernel_ms, call_ms = med["kernel"], med["call"]
+                torch_ms, scipy_ms = med.get("torch"), med.get("scipy")
+                nnz_flops = 2.0 * csr.nnz * n * np.prod(case.output_hw)
+                rows.append(dict(
+                    op="conv2d_sparse", layer=layer.label(), N=n, sparsity=sparsity,
+                    nnz=int(csr.nnz), ours_kernel_ms=kernel_ms, ours_call_ms=call_ms,
+                    torch_dense_ms=torch_ms, scipy_csr_im2col_ms=scipy_ms,
+                    nnz_gflops=nnz_flops / kernel_ms / 1e6,
+                    speedup_vs_torch=(torch_ms / kernel_ms) if torch_ms else None,
+                    call_speedup_vs_torch=(torch_ms / call_ms) if torch_ms else None,
+                    speedup_vs_scipy=(scipy_ms / kernel_ms) if scipy_ms else None,
+                    rel_error=err))
+                print(_format_row(rows[-1]), flush=True)
+    return rows
+
+
+COLUMNS = [("layer", "layer", "{}"), ("N", "N", "{}"), ("sparsity", "sparsity", "{:.2f}"),
+           ("ours_kernel_ms", "ours ms", "{:.3f}"), ("ours_call_ms", "call ms", "{:.3f}"),
+           ("torch_dense_ms", "torch dense ms", "{:.3f}"),
+           ("scipy_csr_im2col_ms", "scipy ms", "{:.2f}"),
+           ("speedup_vs_torch", "x torch", "{:.2f}"),
+           ("call_speedup_vs_torch", "x torch (call)", "{:.2f}"),
+           ("speedup_vs_scipy", "x scipy", "{:.1f}"),
+           ("nnz_gflops", "nnz GFLOP/s", "{:.1f}")]
+
+
+def _fmt(value, fmt):
+    return "-" if value is None else fmt.format(value)
+
+
+def _format_row(row):
+    return "  ".join(f"{title}={_fmt(row[key], fmt)}" for key, title, fmt in COLUMNS)
+
+
+def markdown_table(rows):
+    head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    rule = "|" + "---|" * len(COLUMNS)
+    body = ["| " + " | ".join(_fmt(r[key], fmt) for key, _, fmt in COLUMNS) + " |"
+            for r in rows]
+    return "\n".join([head, rule] + body)
+
+
+def plot(rows, path, title):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (make bench-deps)")
+        return False
+    rows = [r for r in rows if r["speedup_vs_torch"]]
+    batches = sorted({r["N"] for r in rows})
+    if not rows:
+        return False
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
+    for ax, n in zip(axes[0], batches):
+        for layer in dict.fromkeys(r["layer"] for r in rows):
+            pts = sorted((r["sparsity"], r["speedup_vs_torch"]) for r in rows
+                         if r["layer"] == layer and r["N"] == n)
+            ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=layer)
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="torch dense = 1")
+        ax.set_yscale("log")
+        ax.set_xlabel("weight sparsity (%)")
+        ax.set_ylabel("speedup over torch dense conv2d")
+        ax.set_title(f"batch {n}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", help="'P:D' indices or a name substring "
+                        "(default: the runtime's choice)")
+    parser.add_argument("--quick", action="store_true", help="smoke run, < 2 min on 2 cores")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--sparsity", type=float, nargs="+",
+                        default=[0.0, 0.7, 0.9, 0.95, 0.98])
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds (each: warm-up + 3 timed runs per contender)")
+    parser.add_argument("--no-scipy", action="store_true", help="skip the SciPy baseline")
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="skip the float64 correctness check of each result")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser.add_argument("--tag", default="", help="suffix for the result file names")
+    args = parser.parse_args(argv)
+
+    queue = runtime.queue_for(args.device)
+    device = queue.device
+    is_gpu = runtime.device_kind(device) == "gpu"
+    torch_b = Torch(want_gpu=is_gpu)
+    slug = tuning.device_slug(device) + (f"-{args.tag}" if args.tag else "") + \
+        ("-quick" if args.quick else "")
+    header = {
+        "device": f"{device.platform.name.strip()} / {device.name.strip()}",
+        "driver": device.driver_version.strip(),
+        "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "pysparsecl": ps.__version__,
+        "baselines": torch_b.note,
+        "conv2d_params": tuning.lookup(CONV2D_CSR, device),
+        "timing": f"{args.rounds} interleaved rounds x (1 warm-up + 3 timed runs); median",
+    }
+    print(json.dumps(header, indent=1))
+    rng = np.random.default_rng(2026)
+    rows = bench_conv2d(queue, torch_b, args, rng)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{slug}.json").write_text(json.dumps({"header": header, "rows": rows},
+                                                      indent=1))
+    title = f"conv2d_sparse vs torch dense conv2d on {header['device']}"
+    has_plot = plot(rows, args.out / f"{slug}.png", title)
+    md = [f"# pysparsecl benchmark: {header['device']}", "",
+          "\n".join(f"- {k}: {v}" for k, v in header.items()), "",
+          "Times are medians of repeated runs after a warm-up. 'ours ms' is kernel time "
+          "(OpenCL profiling events: input packing + convolution); 'call ms' is the whole "
+          "Python call on device arrays, blocking, as torch and SciPy are timed. 'x torch' = "
+          "torch dense ms / ours ms; 'x torch (call)' = torch dense ms / call ms; 'x scipy' = "
+          "SciPy CSR @ im2col ms (im2col included) / ours ms. "
+          "'nnz GFLOP/s' counts only the nonzero weights' multiply-adds.", "",
+          "## conv2d_sparse (ResNet-50 layers, random unstructured sparsity)", "",
+          markdown_table(rows), ""]
+    if has_plot:
+        md.append(f"![speedup]({slug}.png)")
+    (args.out / f"{slug}.md").write_text("\n".join(md) + "\n")
+    print()
+    print(markdown_table(rows))
+    print(f"\nwrote {args.out / slug}.{{json,md{',png' if has_plot else ''}}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

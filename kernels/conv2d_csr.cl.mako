@@ -1,0 +1,185 @@
+## Direct sparse convolution with CSR weights (Park et al. 2017; Escoin 2018).
+##
+## The host packs the input once per call into `xpack`: zero-padded and split into
+## stride phases, laid out [n][group][c * phases][Hq][Wq].  In that layout the input
+## element under output pixel (oh, ow) and weight (c, r, s) sits at
+##     image_base + w_off[j] + oh * Wq + ow
+## where w_off[j] was computed once, when the weight was prepared.  Output pixels
+## are walked as a flat "virtual" index p = oh * Wq + ow, so consecutive pixels of a
+## row -- and across rows -- are contiguous for every stride: one vector load and
+## one vector FMA per nonzero per vector of pixels, no im2col and no local memory.
+## Virtual columns ow >= OW are computed and thrown away.
+<%namespace name="common" file="common.cl.mako"/>\
+${common.vector_helpers("pscl_floatv", "float", VEC)}
+// Tile parameters: declared once, in pysparsecl/ops/conv2d.py (CONV2D_CSR).
+#define PSCL_VEC ${VEC}
+#define PSCL_PIX_VECS ${PIX_VECS}
+#define PSCL_WG_PIX ${WG_PIX}
+#define PSCL_WG_CH ${WG_CH}
+// Derived: virtual pixels covered by one work-group along a row of the output plane.
+#define PSCL_TILE_PIX (PSCL_VEC * PSCL_PIX_VECS * PSCL_WG_PIX)
+
+// One work-item per packed row: rows are [plane][iq] with
+// plane = (n*C + c) * stride_h*stride_w + phase.  Rows past n_rows zero the tail slack
+// that the last pixel tile reads beyond the packed input.  Per-row (not per-element)
+// index arithmetic keeps integer division out of the copy loop.
+__kernel void pscl_pack_input(
+    __global const float *restrict x, const long x_offset,
+    __global float *restrict xpack, const int n_rows, const int n_rows_total,
+    const int H, const int W, const int Hq, const int Wq,
+    const int stride_h, const int stride_w, const int pad_top, const int pad_left)
+{
+    const int row_id = get_global_id(0);
+    if (row_id >= n_rows_total)
+        return;
+    __global float *dst = xpack + (long)row_id * Wq;
+    const int iq = row_id % Hq;
+    const int plane = row_id / Hq;
+    const int phases = stride_h * stride_w;
+    const int nc = plane / phases;
+    const int phase = plane - nc * phases;
+    const int ph = phase / stride_w;
+    const int pw = phase - ph * stride_w;
+    const int row = iq * stride_h + ph - pad_top;
+    if (row_id >= n_rows || row < 0 || row >= H) {
+        for (int jq = 0; jq < Wq; ++jq)
+            dst[jq] = 0.0f;
+        return;
+    }
+    const __global float *src = x + x_offset + ((long)nc * H + row) * W;
+    // Columns jq with col = jq * stride_w + pw - pad_left inside [0, W).
+    const int jq_lo = min(Wq, max(0, (pad_left - pw + stride_w - 1) / stride_w));
+    const int last_col = W - 1 + pad_left - pw;  // C division truncates: keep it >= 0
+    const int jq_hi = last_col < 0 ? jq_lo : min(Wq, max(jq_lo, last_col / stride_w + 1));
+    for (int jq = 0; jq < jq_lo; ++jq)
+        dst[jq] = 0.0f;
+    for (int jq = jq_lo; jq < jq_hi; ++jq)
+        dst[jq] = src[jq * stride_w + pw - pad_left];
+    for (int jq = jq_hi; jq < Wq; ++jq)
+        dst[jq] = 0.0f;
+}
+
+% if CH_FASTEST:
+#define PSCL_CH_DIM 0
+#define PSCL_PIX_DIM 1
+% else:
+#define PSCL_CH_DIM 1
+#define PSCL_PIX_DIM 0
+% endif
+
+// Each work-item owns CH_PER_ITEM output channels x PIX_VECS vectors of pixels.  The
+// nonzeros of a row are split by input-channel block (blk_ptr, C_BLOCK channels each):
+// all of the item's channels finish one block before the next starts, so the packed
+// input under one block stays in L1 while every channel reuses it.  With one block
+// and one channel per item this is the plain CSR row loop, kept entirely in registers.
+__kernel __attribute__((reqd_work_group_size(
+    ${"PSCL_WG_CH, PSCL_WG_PIX" if CH_FASTEST else "PSCL_WG_PIX, PSCL_WG_CH"}, 1)))
+void pscl_conv2d_csr(
+    __global const float *restrict xpack,
+    __global const float *restrict w_val,     // nnz nonzero values
+    __global const int *restrict w_off,       // nnz offsets into one group's packed input
+    __global const int *restrict blk_ptr,     // K x (n_blocks + 1): block starts per row
+    __global const int *restrict row_order,   // K rows, heaviest first (load balance)
+    __global const float *restrict bias,      // K (read only when HAS_BIAS)
+    __global float *restrict out, const long out_offset,
+    const int K, const int k_per_group, const int n_blocks, const int OH, const int OW,
+    const int Wq, const long x_image_stride, const long x_group_stride)
+{
+    const int slot0 = get_global_id(PSCL_CH_DIM) * ${CH_PER_ITEM};
+    if (slot0 >= K)
+        return;
+    const int n_items = min(${CH_PER_ITEM}, K - slot0);
+    const int n = get_global_id(2);
+    const int lane = get_local_id(PSCL_PIX_DIM);
+    // Virtual pixel of this work-item's first vector; its vectors are WG_PIX vectors apart
+    // so that neighbouring work-items read neighbouring memory (coalesced on GPUs).
+    const int p0 = get_group_id(PSCL_PIX_DIM) * PSCL_TILE_PIX + lane * PSCL_VEC;
+    const __global float *ximage = xpack + n * x_image_stride + p0;
+
+% if CH_PER_ITEM == 1:
+    const int k = row_order[slot0];
+    const __global float *xbase = ximage + (k / k_per_group) * x_group_stride;
+%   for b in range(PIX_VECS):
+    pscl_floatv acc${b} = (pscl_floatv)(0.0f);
+%   endfor
+    for (int blk = 0; blk < n_blocks; ++blk) {
+        ${nonzero_loop("k * (n_blocks + 1) + blk")}
+    }
+    ${store("k", ["acc%d" % b for b in range(PIX_VECS)])}
+% else:
+    pscl_floatv accs[${CH_PER_ITEM * PIX_VECS}];
+    for (int i = 0; i < ${CH_PER_ITEM * PIX_VECS}; ++i)
+        accs[i] = (pscl_floatv)(0.0f);
+    for (int blk = 0; blk < n_blocks; ++blk) {
+        for (int item = 0; item < n_items; ++item) {
+            const int k = row_order[slot0 + item];
+            const __global float *xbase = ximage + (k / k_per_group) * x_group_stride;
+%   for b in range(PIX_VECS):
+            pscl_floatv acc${b} = accs[item * ${PIX_VECS} + ${b}];
+%   endfor
+            ${nonzero_loop("k * (n_blocks + 1) + blk")}
+%   for b in range(PIX_VECS):
+            accs[item * ${PIX_VECS} + ${b}] = acc${b};
+%   endfor
+        }
+    }
+    for (int item = 0; item < n_items; ++item) {
+        const int k = row_order[slot0 + item];
+        ${store("k", ["accs[item * %d + %d]" % (PIX_VECS, b) for b in range(PIX_VECS)])}
+    }
+% endif
+}
+
+## The hot loop: one broadcast weight, PIX_VECS vector loads and FMAs per nonzero.
+<%def name="nonzero_loop(ptr_index)">
+        {
+            const int j_end = blk_ptr[${ptr_index} + 1];
+% if UNROLL > 1:
+            __attribute__((opencl_unroll_hint(${UNROLL})))
+% endif
+            for (int j = blk_ptr[${ptr_index}]; j < j_end; ++j) {
+                const pscl_floatv w = (pscl_floatv)(w_val[j]);
+                const __global float *src = xbase + w_off[j];
+% for b in range(PIX_VECS):
+                acc${b} = fma(w, PSCL_LOAD_pscl_floatv(0, src + ${b} * PSCL_WG_PIX * PSCL_VEC), acc${b});
+% endfor
+            }
+        }
+</%def>
+
+## Write the accumulators of channel `k`: whole vectors where they fall inside one output
+## row, element by element at row ends and in the thrown-away virtual columns.
+<%def name="store(k, accs)">
+    {
+        __global float *dst = out + out_offset + ((long)n * K + ${k}) * OH * OW;
+% if HAS_BIAS:
+        const pscl_floatv b_k = (pscl_floatv)(bias[${k}]);
+% endif
+% for b, acc in enumerate(accs):
+        {
+            const int p = p0 + ${b} * PSCL_WG_PIX * PSCL_VEC;
+            const pscl_floatv v = ${acc}${" + b_k" if HAS_BIAS else ""};
+            const int oh = p / Wq;
+            const int ow = p - oh * Wq;
+% if VEC > 1:
+            if (oh < OH && ow + PSCL_VEC <= OW) {
+                PSCL_STORE_pscl_floatv(v, 0, dst + oh * OW + ow);
+            } else {
+%   for e in range(VEC):
+                {
+                    const int q = p + ${e};
+                    const int qh = q / Wq;
+                    const int qw = q - qh * Wq;
+                    if (qh < OH && qw < OW)
+                        dst[qh * OW + qw] = ${common.component("v", VEC, e)};
+                }
+%   endfor
+            }
+% else:
+            if (oh < OH && ow < OW)
+                dst[oh * OW + ow] = v;
+% endif
+        }
+% endfor
+    }
+</%def>

@@ -1,0 +1,1 @@
+"""Op wrappers: validate, choose a variant, look up tile parameters, render, launch."""

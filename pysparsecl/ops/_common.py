@@ -1,0 +1,74 @@
+"""Input handling shared by the op wrappers: containers, dtypes, shapes, launches."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Tuple
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cl_array
+
+from .. import runtime
+
+INT32_MAX = np.iinfo(np.int32).max
+
+
+def is_device_array(a) -> bool:
+    return isinstance(a, cl_array.Array)
+
+
+def require_array(a, name: str, dtype, ndim: Optional[int] = None):
+    """Check that ``a`` is a NumPy or pyopencl array of ``dtype`` (and ``ndim``)."""
+    if not isinstance(a, (np.ndarray, cl_array.Array)):
+        raise TypeError(f"{name} must be a numpy.ndarray or pyopencl.array.Array, "
+                        f"got {type(a).__name__}")
+    if a.dtype != np.dtype(dtype):
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {a.dtype}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(a.shape)}")
+    if is_device_array(a) and not a.flags.c_contiguous:
+        raise ValueError(f"{name}: non-contiguous pyopencl arrays are not supported; "
+                         "pass a contiguous copy")
+    return a
+
+
+def int_pair(value, name: str, minimum: int) -> Tuple[int, int]:
+    """An int or a pair of ints, each >= ``minimum``, as a pair."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        pair = (int(value), int(value))
+    elif (isinstance(value, (tuple, list)) and len(value) == 2
+          and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def to_device(a, queue: cl.CommandQueue, name: str) -> cl_array.Array:
+    """``a`` as a device array on ``queue``'s context (NumPy arrays are copied once)."""
+    if is_device_array(a):
+        if a.context != queue.context:
+            raise ValueError(f"{name} belongs to a different OpenCL context than the queue")
+        return a
+    return cl_array.to_device(queue, np.ascontiguousarray(a),
+                              allocator=runtime.memory_pool(queue.context))
+
+
+def check_alloc(queue: cl.CommandQueue, n_bytes: int, what: str) -> None:
+    """Refuse, before enqueueing anything, a buffer the device cannot allocate."""
+    limit = queue.device.max_mem_alloc_size
+    if n_bytes > limit:
+        raise ValueError(f"{what} needs a {n_bytes / 2**20:.1f} MiB buffer, above the device's "
+                         f"maximum allocation of {limit / 2**20:.1f} MiB")
+
+
+def elem_offset(a: cl_array.Array) -> np.int64:
+    """A device array's offset into its buffer, in elements."""
+    return np.int64(a.offset // a.dtype.itemsize)
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple

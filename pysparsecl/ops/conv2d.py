@@ -1,0 +1,407 @@
+"""``conv2d_sparse``: direct sparse convolution with CSR weights (kernels/conv2d_csr.cl.mako)."""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cl_array
+import scipy.sparse as sp
+
+from .. import runtime, tuning
+from ..params import Constraint, ParamSpec, TileParam
+from ._common import (INT32_MAX, check_alloc, elem_offset, int_pair, is_device_array,
+                      require_array, round_up, to_device)
+
+__all__ = ["CONV2D_CSR", "SparseConvWeight", "conv2d_sparse", "conv2d_output_shape"]
+
+CONV2D_CSR = ParamSpec(
+    family="conv2d_csr",
+    params=(
+        TileParam("VEC", 8, (1, 2, 4, 8, 16), "output pixels per vector (one load + FMA each)"),
+        TileParam("PIX_VECS", 4, (1, 2, 3, 4, 6, 8), "vectors of pixels held per work-item"),
+        TileParam("WG_PIX", 1, (1, 2, 4, 8, 16, 32, 64, 128, 256),
+                  "work-items along pixels in a work-group"),
+        TileParam("WG_CH", 1, (1, 2, 4, 8, 16), "work-items along output channels"),
+        TileParam("CH_FASTEST", 0, (0, 1),
+                  "1: NDRange dim 0 walks output channels (input tile reused from cache)"),
+        TileParam("CH_PER_ITEM", 1, (1, 2, 4, 8, 16, 32),
+                  "output channels computed by one work-item, one input-channel block at a time"),
+        TileParam("C_BLOCK", 0, (0, 4, 8, 16, 32, 64),
+                  "input channels per block of a row's nonzeros (0: one block, the whole row)"),
+        TileParam("UNROLL", 1, (1, 2, 4), "unroll hint for the loop over a row's nonzeros"),
+    ),
+    constraints=(
+        Constraint("accumulators_fit_registers", lambda p: p["VEC"] * p["PIX_VECS"] <= 64,
+                   "VEC * PIX_VECS accumulators must fit the register file"),
+        Constraint("blocks_need_several_channels",
+                   lambda p: p["C_BLOCK"] == 0 or p["CH_PER_ITEM"] > 1,
+                   "input-channel blocks only pay off when an item reuses them for >1 channel"),
+    ),
+    work_group_size=lambda p: p["WG_PIX"] * p["WG_CH"],
+)
+
+
+def conv2d_output_shape(in_hw, kernel_size, stride=1, padding=0, dilation=1) -> Tuple[int, int]:
+    """(OH, OW) of a convolution, exactly as torch.nn.functional.conv2d defines it."""
+    (h, w), (r, s) = in_hw, kernel_size
+    (sh, sw), (ph, pw), (dh, dw) = (int_pair(stride, "stride", 1), int_pair(padding, "padding", 0),
+                                    int_pair(dilation, "dilation", 1))
+    return ((h + 2 * ph - dh * (r - 1) - 1) // sh + 1, (w + 2 * pw - dw * (s - 1) - 1) // sw + 1)
+
+
+def _canonical_csr(w_csr, name: str = "w_csr") -> sp.csr_matrix:
+    """Validate a SciPy CSR weight; return a float32 copy, sorted, duplicates summed."""
+    if not sp.issparse(w_csr):
+        raise TypeError(f"{name} must be a scipy.sparse CSR matrix or array, "
+                        f"got {type(w_csr).__name__}")
+    if w_csr.format != "csr":
+        raise TypeError(f"{name} must be in CSR format, got {w_csr.format!r}; convert it with "
+                        ".tocsr()")
+    if len(w_csr.shape) != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {w_csr.shape}")
+    if not np.issubdtype(w_csr.dtype, np.floating):
+        raise TypeError(f"{name} must hold floating-point values, got {w_csr.dtype}")
+    n_rows, n_cols = w_csr.shape
+    indptr, indices, data = (np.asarray(w_csr.indptr), np.asarray(w_csr.indices),
+                             np.asarray(w_csr.data))
+    if indptr.ndim != 1 or indptr.shape[0] != n_rows + 1:
+        raise ValueError(f"{name}.indptr must have length rows + 1 = {n_rows + 1}, "
+                         f"got shape {indptr.shape}")
+    if indptr[0] != 0 or np.any(np.diff(indptr) < 0):
+        raise ValueError(f"{name}.indptr must start at 0 and never decrease")
+    nnz = int(indptr[-1])
+    if indices.shape != (nnz,) or data.shape != (nnz,):
+        raise ValueError(f"{name}: indptr[-1] = {nnz} but indices has {indices.shape[0]} and "
+                         f"data has {data.shape[0]} entries")
+    if nnz and (indices.min() < 0 or indices.max() >= n_cols):
+        raise ValueError(f"{name}.indices must lie in [0, {n_cols}); found "
+                         f"{int(indices.min())}..{int(indices.max())}")
+    if nnz > INT32_MAX:
+        raise ValueError(f"{name} has {nnz} nonzeros, more than int32 indexing allows")
+    # Duplicates are summed and indices sorted: the matrix toarray() would give, canonically.
+    canonical = sp.csr_matrix((data.astype(np.float32), indices.astype(np.int32),
+                               indptr.astype(np.int64)), shape=(n_rows, n_cols))
+    canonical.sum_duplicates()
+    canonical.sort_indices()
+    return canonical
+
+
+def _kernel_size(n_cols: int, cin_per_group: int, kernel_size) -> Tuple[int, int]:
+    if kernel_size is not None:
+        r, s = int_pair(kernel_size, "kernel_size", 1)
+        if cin_per_group * r * s != n_cols:
+            raise ValueError(f"w_csr has {n_cols} columns but kernel_size={(r, s)} needs "
+                             f"in_channels/groups * R * S = {cin_per_group} * {r} * {s} = "
+                             f"{cin_per_group * r * s}")
+        return r, s
+    if cin_per_group == 0 or n_cols % cin_per_group:
+        raise ValueError(f"w_csr has {n_cols} columns, not a multiple of in_channels/groups = "
+                         f"{cin_per_group}: channels and weight columns do not match")
+    taps = n_cols // cin_per_group
+    side = math.isqrt(taps)
+    if side * side != taps:
+        raise ValueError(f"cannot infer a square kernel from {taps} taps per channel; "
+                         "pass kernel_size=(R, S)")
+    return side, side
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Everything a launch needs that depends on the input shape and conv arguments."""
+    N: int
+    H: int
+    W: int
+    OH: int
+    OW: int
+    Hq: int
+    Wq: int
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+
+    @property
+    def phases(self) -> int:
+        return self.stride[0] * self.stride[1]
+
+
+class SparseConvWeight:
+    """A CSR convolution weight prepared once and kept on the device.
+
+    Parameters
+    ----------
+    w_csr : scipy.sparse CSR matrix or array, shape (K, in_channels/groups * R * S)
+        Columns ordered (c, r, s), as ``w.reshape(K, -1)`` orders a dense (K, C/g, R, S)
+        weight.  Duplicate entries are summed and unsorted indices sorted (the matrix
+        ``toarray()`` describes); malformed CSR raises ``ValueError``.
+    in_channels : int
+        C, the input channels of the convolution.
+    kernel_size : int or (R, S), optional
+        Inferred as a square kernel when omitted.
+    groups : int
+        Must divide both ``in_channels`` and K.
+    queue : pyopencl.CommandQueue, optional
+        Where the weight lives; the default queue otherwise.
+
+    The input offsets that the kernel reads are derived from the column indices once per
+    input geometry and cached, so repeated calls on the same shape do no host work.
+    """
+
+    def __init__(self, w_csr, in_channels: int, kernel_size=None, groups: int = 1,
+                 queue: Optional[cl.CommandQueue] = None):
+        if not isinstance(in_channels, (int, np.integer)) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        if not isinstance(groups, (int, np.integer)) or groups < 1:
+            raise ValueError(f"groups must be a positive int, got {groups!r}")
+        csr = _canonical_csr(w_csr)
+        n_out = csr.shape[0]
+        if in_channels % groups:
+            raise ValueError(f"groups={groups} does not divide in_channels={in_channels}")
+        if n_out % groups:
+            raise ValueError(f"groups={groups} does not divide the output channels "
+                             f"K={n_out} (rows of w_csr)")
+        self.in_channels = int(in_channels)
+        self.out_channels = n_out
+        self.groups = int(groups)
+        self.kernel_size = _kernel_size(csr.shape[1], self.in_channels // self.groups,
+                                        kernel_size)
+        self.nnz = csr.nnz
+        self.queue = runtime.get_queue(queue)
+        self._csr = csr
+        # Heaviest rows first: work-groups that start together finish together.
+        row_nnz = np.diff(csr.indptr)
+        order = np.argsort(-row_nnz, kind="stable").astype(np.int32)
+        alloc = runtime.memory_pool(self.queue.context)
+        # Zero-length buffers are not allowed by OpenCL: pad empty arrays with one element.
+        self.values = cl_array.to_device(self.queue, _nonempty(csr.data, np.float32),
+                                         allocator=alloc)
+        self.row_order = cl_array.to_device(self.queue, order, allocator=alloc)
+        self._offsets: Dict[tuple, cl_array.Array] = {}
+        self._block_ptrs: Dict[int, Tuple[int, cl_array.Array]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return self._csr.shape
+
+    def to_dense(self) -> np.ndarray:
+        """The (K, C/groups, R, S) float32 dense weight this object represents."""
+        r, s = self.kernel_size
+        return self._csr.toarray().reshape(self.out_channels, -1, r, s)
+
+    def block_pointers(self, c_block: int) -> Tuple[int, cl_array.Array]:
+        """(n_blocks, K x (n_blocks + 1) starts of each row's input-channel blocks), cached.
+
+        ``c_block`` input channels per block; 0 means one block per row (plain CSR).
+        """
+        cin_g = self.in_channels // self.groups
+        c_block = cin_g if c_block <= 0 else min(c_block, cin_g)
+        with self._lock:
+            cached = self._block_ptrs.get(c_block)
+            if cached is None:
+                n_blocks = -(-cin_g // c_block)
+                csr = self._csr
+                taps = self.kernel_size[0] * self.kernel_size[1]
+                rows = np.repeat(np.arange(self.out_channels), np.diff(csr.indptr))
+                blocks = csr.indices // (c_block * taps)
+                counts = np.zeros((self.out_channels, n_blocks), np.int64)
+                np.add.at(counts, (rows, blocks), 1)
+                ptr = np.empty((self.out_channels, n_blocks + 1), np.int64)
+                ptr[:, 0] = csr.indptr[:-1]
+                ptr[:, 1:] = csr.indptr[:-1, None] + np.cumsum(counts, axis=1)
+                cached = self._block_ptrs[c_block] = (n_blocks, cl_array.to_device(
+                    self.queue, ptr.astype(np.int32).ravel(),
+                    allocator=runtime.memory_pool(self.queue.context)))
+            return cached
+
+    def input_offsets(self, geom: _Geometry) -> cl_array.Array:
+        """Per-nonzero offsets into one group's packed input, for ``geom`` (cached)."""
+        key = (geom.Hq, geom.Wq, geom.stride, geom.dilation)
+        with self._lock:
+            offsets = self._offsets.get(key)
+            if offsets is None:
+                offsets = self._offsets[key] = cl_array.to_device(
+                    self.queue, _nonempty(self._host_offsets(geom), np.int32),
+                    allocator=runtime.memory_pool(self.queue.context))
+            return offsets
+
+    def _host_offsets(self, geom: _Geometry) -> np.ndarray:
+        r_size, s_size = self.kernel_size
+        (sh, sw), (dh, dw) = geom.stride, geom.dilation
+        col = self._csr.indices.astype(np.int64)
+        c, rs = np.divmod(col, r_size * s_size)
+        r, s = np.divmod(rs, s_size)
+        plane = geom.Hq * geom.Wq
+        phase = ((r * dh) % sh) * sw + (s * dw) % sw
+        off = (c * geom.phases + phase) * plane + ((r * dh) // sh) * geom.Wq + (s * dw) // sw
+        return off.astype(np.int32)
+
+
+def _nonempty(a: np.ndarray, dtype) -> np.ndarray:
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a if a.size else np.zeros(1, dtype)
+
+
+def _geometry(x_shape, weight: SparseConvWeight, stride, padding, dilation) -> _Geometry:
+    n, _, h, w = x_shape
+    stride = int_pair(stride, "stride", 1)
+    padding = int_pair(padding, "padding", 0)
+    dilation = int_pair(dilation, "dilation", 1)
+    r, s = weight.kernel_size
+    oh, ow = conv2d_output_shape((h, w), (r, s), stride, padding, dilation)
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"output size would be {oh}x{ow} for input {h}x{w}, kernel {r}x{s}, "
+                         f"stride {stride}, padding {padding}, dilation {dilation}; "
+                         "it must be positive")
+    hq = oh + ((r - 1) * dilation[0]) // stride[0]
+    wq = ow + ((s - 1) * dilation[1]) // stride[1]
+    return _Geometry(n, h, w, oh, ow, hq, wq, stride, padding, dilation)
+
+
+def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0, dilation=1,
+                  groups=1, out=None, queue=None, events=None):
+    """2-D convolution of a dense NCHW input with a sparse (CSR) weight.
+
+    Computes exactly ``torch.nn.functional.conv2d(x, W, bias, stride, padding, dilation,
+    groups)`` with ``W = w_csr.toarray().reshape(K, C // groups, R, S)``, touching only the
+    nonzero weights (direct sparse convolution, no im2col).
+
+    Parameters
+    ----------
+    x : numpy.ndarray or pyopencl.array.Array, float32, shape (N, C, H, W)
+    w_csr : scipy.sparse CSR matrix/array of shape (K, C/groups * R * S), or a
+        :class:`SparseConvWeight` prepared once on the device.
+    bias : array of shape (K,), optional
+    kernel_size : int or (R, S), optional; a square kernel is inferred when omitted.
+    stride, padding, dilation : int or (h, w) pair.
+    groups : int, dividing both C and K.
+    out : array of shape (N, K, OH, OW), float32, optional; the same container kind as x.
+    queue : pyopencl.CommandQueue, optional.
+    events : list, optional; the kernels' OpenCL events are appended (for profiling).
+
+    Returns
+    -------
+    The (N, K, OH, OW) float32 result, in the kind of container ``x`` came in: a device
+    array in gives a device array out, with no host round trip.
+    """
+    require_array(x, "x", np.float32, ndim=4)
+    if isinstance(w_csr, SparseConvWeight):
+        weight = w_csr
+        if queue is None and not is_device_array(x):
+            queue = weight.queue
+        queue = runtime.resolve_queue(queue, x, bias, out)
+        if weight.queue.context != queue.context:
+            raise ValueError("w_csr (a SparseConvWeight) lives in a different OpenCL context "
+                             "than the queue the operation runs on")
+        if kernel_size is not None and int_pair(kernel_size, "kernel_size", 1) != \
+                weight.kernel_size:
+            raise ValueError(f"kernel_size={kernel_size!r} disagrees with the prepared "
+                             f"weight's {weight.kernel_size}")
+        if groups != weight.groups:
+            raise ValueError(f"groups={groups} disagrees with the prepared weight's "
+                             f"groups={weight.groups}")
+    else:
+        queue = runtime.resolve_queue(queue, x, bias, out)
+        weight = SparseConvWeight(w_csr, x.shape[1], kernel_size, groups, queue)
+    if x.shape[1] != weight.in_channels:
+        raise ValueError(f"x has {x.shape[1]} channels but the weight expects "
+                         f"in_channels={weight.in_channels}")
+    geom = _geometry(x.shape, weight, stride, padding, dilation)
+    K = weight.out_channels
+    out_shape = (geom.N, K, geom.OH, geom.OW)
+
+    if bias is not None:
+        require_array(bias, "bias", np.float32, ndim=1)
+        if bias.shape != (K,):
+            raise ValueError(f"bias must have shape ({K},), got {tuple(bias.shape)}")
+    if out is not None:
+        require_array(out, "out", np.float32)
+        if tuple(out.shape) != out_shape:
+            raise ValueError(f"out must have shape {out_shape}, got {tuple(out.shape)}")
+        if is_device_array(out) != is_device_array(x):
+            raise TypeError("out must be the same kind of container as x "
+                            "(both NumPy or both pyopencl arrays)")
+        if not is_device_array(out) and not out.flags.c_contiguous:
+            raise ValueError("out must be C-contiguous")
+
+    alloc = runtime.memory_pool(queue.context)
+    if is_device_array(out):
+        out_dev = out
+    else:
+        check_alloc(queue, 4 * int(np.prod(out_shape)), "the output")
+        out_dev = cl_array.empty(queue, out_shape, np.float32, allocator=alloc)
+    if out_dev.size and weight.nnz == 0 and bias is None:
+        out_dev.fill(np.float32(0), queue=queue)
+    elif out_dev.size:
+        x_dev = to_device(x, queue, "x")
+        bias_dev = to_device(bias, queue, "bias") if bias is not None else None
+        _launch(queue, x_dev, weight, bias_dev, out_dev, geom, events)
+    if is_device_array(x):
+        return out_dev
+    result = out if out is not None else np.empty(out_shape, np.float32)
+    if result.size:
+        out_dev.get(queue=queue, ary=result)
+    return result
+
+
+def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Geometry,
+            events):
+    params = tuning.lookup(CONV2D_CSR, queue.device)
+    K, C = weight.out_channels, weight.in_channels
+    cin_g = C // weight.groups
+    plane = geom.Hq * geom.Wq
+    group_stride = cin_g * geom.phases * plane
+    image_stride = C * geom.phases * plane
+    tile = params["VEC"] * params["PIX_VECS"] * params["WG_PIX"]
+    n_tiles = -(-(geom.OH * geom.Wq) // tile)
+    n_rows = geom.N * C * geom.phases * geom.Hq
+    # Slack rows that the last pixel tile may read past the packed input.
+    n_rows_total = n_rows + -(-(n_tiles * tile) // geom.Wq)
+    n_total = n_rows_total * geom.Wq
+    if group_stride + n_tiles * tile > INT32_MAX or n_total > INT32_MAX:
+        raise ValueError("the padded input is too large for int32 indexing "
+                         f"({n_total} elements); split the batch")
+    check_alloc(queue, 4 * n_total, "the padded input")
+
+    kern = runtime.kernels(queue.context, "conv2d_csr.cl.mako",
+                           ("pscl_pack_input", "pscl_conv2d_csr"),
+                           HAS_BIAS=int(bias_dev is not None), **params)
+    alloc = runtime.memory_pool(queue.context)
+    xpack = cl_array.empty(queue, (n_total,), np.float32, allocator=alloc)
+    pack_wg = min(16, queue.device.max_work_group_size)
+    ev_pack = kern["pscl_pack_input"](queue, (round_up(n_rows_total, pack_wg),), (pack_wg,),
+                   x_dev.base_data, elem_offset(x_dev), xpack.data,
+                   np.int32(n_rows), np.int32(n_rows_total), np.int32(geom.H), np.int32(geom.W),
+                   np.int32(geom.Hq), np.int32(geom.Wq),
+                   np.int32(geom.stride[0]), np.int32(geom.stride[1]),
+                   np.int32(geom.padding[0]), np.int32(geom.padding[1]),
+                   wait_for=x_dev.events)
+
+    wg_pix, wg_ch = params["WG_PIX"], params["WG_CH"]
+    pix_size = n_tiles * wg_pix
+    ch_size = round_up(-(-K // params["CH_PER_ITEM"]), wg_ch)
+    n_blocks, blk_ptr = weight.block_pointers(params["C_BLOCK"])
+    if params["CH_FASTEST"]:
+        global_size, local_size = (ch_size, pix_size, geom.N), (wg_ch, wg_pix, 1)
+    else:
+        global_size, local_size = (pix_size, ch_size, geom.N), (wg_pix, wg_ch, 1)
+    offsets = weight.input_offsets(geom)
+    if bias_dev is not None and bias_dev.offset:
+        bias_dev = bias_dev.copy(queue=queue)
+    bias_buf = bias_dev.data if bias_dev is not None else weight.values.data
+    ev_conv = kern["pscl_conv2d_csr"](queue, global_size, local_size,
+                   xpack.data, weight.values.data, offsets.data, blk_ptr.data,
+                   weight.row_order.data, bias_buf, out_dev.base_data, elem_offset(out_dev),
+                   np.int32(K), np.int32(K // weight.groups), np.int32(n_blocks), np.int32(geom.OH),
+                   np.int32(geom.OW), np.int32(geom.Wq),
+                   np.int64(image_stride), np.int64(group_stride),
+                   wait_for=[ev_pack] + list(out_dev.events))
+    out_dev.add_event(ev_conv)
+    # xpack goes back to the pool when this returns; that is safe because every later use
+    # of the pool's buffers is enqueued on an in-order queue behind ev_conv.
+    if events is not None:
+        events.extend([ev_pack, ev_conv])

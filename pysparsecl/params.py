@@ -1,0 +1,125 @@
+"""Tile-parameter specifications shared by the kernels, the tuner and the tests.
+
+Each kernel family declares its tile parameters exactly once, as a
+:class:`ParamSpec`: every parameter with its default, its candidate values and
+a one-line meaning, plus named constraints over the parameter names.  The
+template renders with the defaults alone; the tuner enumerates the candidates
+that satisfy every constraint.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple
+
+__all__ = ["TileParam", "Constraint", "ParamSpec", "InvalidParamsError"]
+
+
+class InvalidParamsError(ValueError):
+    """A tile configuration names an unknown parameter or breaks a constraint."""
+
+
+@dataclass(frozen=True)
+class TileParam:
+    name: str
+    default: int
+    candidates: Tuple[int, ...]
+    doc: str
+
+    def __post_init__(self):
+        if self.default not in self.candidates:
+            raise ValueError(f"default {self.default} of {self.name} is not among its candidates")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A named predicate over a full parameter dict (and, optionally, device limits)."""
+
+    name: str
+    holds: Callable[[Mapping[str, int]], bool]
+    doc: str
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    family: str
+    params: Tuple[TileParam, ...]
+    constraints: Tuple[Constraint, ...] = ()
+    #: Derived launch quantity: the work-group size in work-items, checked against the device.
+    work_group_size: Optional[Callable[[Mapping[str, int]], int]] = None
+    _by_name: Dict[str, TileParam] = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_by_name", {p.name: p for p in self.params})
+        self.check(self.defaults())
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    def defaults(self) -> Dict[str, int]:
+        return {p.name: p.default for p in self.params}
+
+    def violations(self, values: Mapping[str, int], max_work_group_size: Optional[int] = None):
+        """Names of the constraints that ``values`` (a complete configuration) breaks."""
+        broken = [c.name for c in self.constraints if not c.holds(values)]
+        if (max_work_group_size is not None and self.work_group_size is not None
+                and self.work_group_size(values) > max_work_group_size):
+            broken.append(f"work_group_size<={max_work_group_size}")
+        return broken
+
+    def check(self, values: Mapping[str, int], max_work_group_size: Optional[int] = None
+              ) -> Dict[str, int]:
+        """Complete ``values`` with defaults and validate it; return the full configuration."""
+        unknown = set(values) - set(self._by_name)
+        if unknown:
+            raise InvalidParamsError(
+                f"{self.family}: unknown tile parameter(s) {sorted(unknown)}; "
+                f"known: {list(self.names)}")
+        full = self.defaults()
+        for name, value in values.items():
+            allowed = self._by_name[name].candidates
+            if isinstance(value, bool) or value not in allowed:
+                raise InvalidParamsError(
+                    f"{self.family}: tile parameter {name}={value!r} is not one of {allowed}")
+            full[name] = int(value)
+        broken = self.violations(full, max_work_group_size)
+        if broken:
+            raise InvalidParamsError(
+                f"{self.family}: configuration {full} breaks constraint(s) {broken}")
+        return full
+
+    def candidates(self, max_work_group_size: Optional[int] = None) -> Iterator[Dict[str, int]]:
+        """Every combination of candidate values that satisfies all constraints."""
+        for combo in itertools.product(*(p.candidates for p in self.params)):
+            values = dict(zip(self.names, combo))
+            if not self.violations(values, max_work_group_size):
+                yield values
+
+    def space_size(self) -> int:
+        size = 1
+        for p in self.params:
+            size *= len(p.candidates)
+        return size
+
+
+def parse_overrides(text: str) -> Dict[str, Dict[str, int]]:
+    """Parse ``"family:NAME=V,NAME=V;family2:NAME=V"`` (the PYSPARSECL_PARAMS format)."""
+    result: Dict[str, Dict[str, int]] = {}
+    for chunk in filter(None, (c.strip() for c in text.split(";"))):
+        family, sep, assignments = chunk.partition(":")
+        if not sep:
+            raise InvalidParamsError(f"PYSPARSECL_PARAMS entry {chunk!r} lacks 'family:'")
+        values = result.setdefault(family.strip(), {})
+        for item in filter(None, (a.strip() for a in assignments.split(","))):
+            name, eq, value = item.partition("=")
+            if not eq:
+                raise InvalidParamsError(f"PYSPARSECL_PARAMS item {item!r} is not NAME=VALUE")
+            try:
+                values[name.strip()] = int(value)
+            except ValueError:
+                raise InvalidParamsError(
+                    f"PYSPARSECL_PARAMS item {item!r}: value is not an int") from None
+    return result
+

@@ -1,0 +1,347 @@
+"""The thin OpenCL layer: choose a device, render a template, build, cache, launch.
+
+Device choice, in order: an explicit ``queue=`` argument; pyopencl's own
+``PYOPENCL_CTX`` convention; otherwise the first device (in platform order) that
+builds and runs a trivial probe kernel.  A device that fails the probe is
+skipped with a warning naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cl_array
+import pyopencl.tools as cl_tools
+from mako.lookup import TemplateLookup
+
+from . import __version__
+
+# PoCL's CPU driver otherwise lets its worker threads migrate, and we measured kernels
+# flipping between full and half speed on a 2-core machine.  Users can still set it.
+os.environ.setdefault("POCL_AFFINITY", "1")
+
+__all__ = [
+    "KernelBuildError", "NoDeviceError", "DeviceInfo", "get_queue", "probe_device",
+    "list_devices", "render", "build_program", "device_identity", "device_kind",
+    "memory_pool", "resolve_queue", "queue_for", "kernels", "LockedKernel",
+]
+
+
+class KernelBuildError(RuntimeError):
+    """An OpenCL program failed to build; ``build_log`` holds the compiler's output."""
+
+    def __init__(self, message: str, build_log: str, source: str, options: Tuple[str, ...]):
+        super().__init__(f"{message}\n--- build log ---\n{build_log.strip()}")
+        self.build_log = build_log
+        self.source = source
+        self.options = options
+
+
+class NoDeviceError(RuntimeError):
+    """No OpenCL device that can build and run a kernel was found."""
+
+
+_PROBE_SOURCE = """
+__kernel void pscl_probe(__global float *y) {
+    const int i = get_global_id(0);
+    y[i] = 2.0f * (float)i + 1.0f;
+}
+"""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    platform: str
+    name: str
+    vendor: str
+    kind: str
+    version: str
+    driver_version: str
+    compute_units: int
+    max_work_group_size: int
+    global_mem_mib: int
+    max_alloc_mib: int
+    local_mem_kib: int
+    works: bool
+    problem: str = ""
+
+
+def _device_type_name(device: cl.Device) -> str:
+    if device.type & cl.device_type.GPU:
+        return "gpu"
+    if device.type & cl.device_type.CPU:
+        return "cpu"
+    if device.type & cl.device_type.ACCELERATOR:
+        return "accelerator"
+    return "other"
+
+
+def device_kind(device: cl.Device) -> str:
+    """'cpu', 'gpu', 'accelerator' or 'other'."""
+    return _device_type_name(device)
+
+
+def device_identity(device: cl.Device) -> Tuple[str, str, str, str]:
+    """What identifies a device's compiler output: platform, device, driver and OpenCL versions."""
+    return (device.platform.name.strip(), device.name.strip(), device.driver_version.strip(),
+            device.version.strip())
+
+
+def probe_device(device: cl.Device) -> Optional[str]:
+    """Build and run a trivial kernel on ``device``; return None if it works, else the reason."""
+    try:
+        ctx = cl.Context([device])
+        queue = cl.CommandQueue(ctx)
+        prg = cl.Program(ctx, _PROBE_SOURCE).build()
+        out = np.empty(8, np.float32)
+        buf = cl.Buffer(ctx, cl.mem_flags.WRITE_ONLY, out.nbytes)
+        prg.pscl_probe(queue, (8,), None, buf)
+        cl.enqueue_copy(queue, out, buf)
+        queue.finish()
+    except Exception as exc:  # any failure means: do not use this device
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if not np.array_equal(out, 2.0 * np.arange(8, dtype=np.float32) + 1.0):
+        return "probe kernel ran but returned wrong values"
+    return None
+
+
+def _all_devices() -> List[cl.Device]:
+    try:
+        platforms = cl.get_platforms()
+    except cl.Error:
+        return []
+    devices = []
+    for platform in platforms:
+        try:
+            devices.extend(platform.get_devices())
+        except cl.Error:
+            continue
+    return devices
+
+
+_probe_results: Dict[int, Optional[str]] = {}
+_probe_lock = threading.Lock()
+
+
+def _cached_probe(device: cl.Device) -> Optional[str]:
+    key = device.int_ptr
+    with _probe_lock:
+        if key not in _probe_results:
+            _probe_results[key] = probe_device(device)
+        return _probe_results[key]
+
+
+def working_devices(warn: bool = True) -> List[cl.Device]:
+    """Every device that passes the probe, in platform order; broken ones warn and are skipped."""
+    good = []
+    for device in _all_devices():
+        problem = _cached_probe(device)
+        if problem is None:
+            good.append(device)
+        elif warn:
+            warnings.warn(
+                f"pysparsecl: skipping OpenCL device {device.name.strip()!r} on platform "
+                f"{device.platform.name.strip()!r}: it cannot build and run a trivial kernel "
+                f"({problem})", RuntimeWarning, stacklevel=2)
+    return good
+
+
+def list_devices() -> List[DeviceInfo]:
+    infos = []
+    for device in _all_devices():
+        problem = _cached_probe(device)
+        infos.append(DeviceInfo(
+            platform=device.platform.name.strip(), name=device.name.strip(),
+            vendor=device.vendor.strip(), kind=device_kind(device),
+            version=device.version.strip(), driver_version=device.driver_version.strip(),
+            compute_units=device.max_compute_units,
+            max_work_group_size=device.max_work_group_size,
+            global_mem_mib=device.global_mem_size >> 20,
+            max_alloc_mib=device.max_mem_alloc_size >> 20,
+            local_mem_kib=device.local_mem_size >> 10,
+            works=problem is None, problem=problem or ""))
+    return infos
+
+
+_default_queue: Optional[cl.CommandQueue] = None
+_default_lock = threading.Lock()
+
+
+def _make_queue(ctx: cl.Context) -> cl.CommandQueue:
+    # Profiling is on so that benchmarks and the tuner can time kernels with events.
+    return cl.CommandQueue(ctx, properties=cl.command_queue_properties.PROFILING_ENABLE)
+
+
+def get_queue(queue: Optional[cl.CommandQueue] = None) -> cl.CommandQueue:
+    """Return ``queue`` if given, else the process-wide default queue (created once)."""
+    global _default_queue
+    if queue is not None:
+        if not isinstance(queue, cl.CommandQueue):
+            raise TypeError(f"queue must be a pyopencl.CommandQueue, got {type(queue).__name__}")
+        return queue
+    with _default_lock:
+        if _default_queue is None:
+            if os.environ.get("PYOPENCL_CTX"):
+                ctx = cl.create_some_context(interactive=False)
+            else:
+                devices = working_devices()
+                if not devices:
+                    raise NoDeviceError(
+                        "pysparsecl found no OpenCL device that can build a kernel. Install an "
+                        "OpenCL driver; on Debian/Ubuntu `apt-get install pocl-opencl-icd` gives a "
+                        "CPU device (see README, 'Installing').")
+                ctx = cl.Context([devices[0]])
+            _default_queue = _make_queue(ctx)
+        return _default_queue
+
+
+def queue_for(spec: Optional[str] = None) -> cl.CommandQueue:
+    """A profiling queue for a device named by ``spec``: 'P:D' indices (as PYOPENCL_CTX),
+    or a case-insensitive substring of '<platform> <device>'; None means the default."""
+    if not spec:
+        return get_queue()
+    devices = _all_devices()
+    if ":" in spec and spec.replace(":", "").isdigit():
+        p_index, d_index = (int(v) for v in spec.split(":"))
+        matches = [cl.get_platforms()[p_index].get_devices()[d_index]]
+    else:
+        matches = [d for d in devices
+                   if spec.lower() in f"{d.platform.name} {d.name}".lower()]
+    working = [d for d in matches if _cached_probe(d) is None]
+    if not working:
+        raise NoDeviceError(f"no working OpenCL device matches {spec!r}; "
+                            "see `python -m pysparsecl info`")
+    return _make_queue(cl.Context([working[0]]))
+
+
+def resolve_queue(queue: Optional[cl.CommandQueue], *arrays) -> cl.CommandQueue:
+    """The queue an op runs on: ``queue``, else that of the first device array, else the default.
+
+    Every device array must live in the chosen queue's context.
+    """
+    device_arrays = [a for a in arrays if isinstance(a, cl_array.Array)]
+    if queue is None and device_arrays:
+        queue = device_arrays[0].queue
+        if queue is None:
+            raise ValueError("device array has no queue attached; pass queue=")
+    queue = get_queue(queue)
+    for a in device_arrays:
+        if a.context != queue.context:
+            raise ValueError("a pyopencl array belongs to a different OpenCL context than the "
+                             "queue the operation runs on")
+    return queue
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates and program cache
+
+def kernel_dir() -> Path:
+    """Where the Mako templates live: the package's ``kernels`` data, or the source tree's."""
+    packaged = Path(__file__).resolve().parent / "kernels"
+    if (packaged / "common.cl.mako").is_file():
+        return packaged
+    source_tree = Path(__file__).resolve().parent.parent / "kernels"
+    if (source_tree / "common.cl.mako").is_file():
+        return source_tree
+    raise FileNotFoundError(f"pysparsecl kernel templates not found in {packaged} or {source_tree}")
+
+
+_lookup: Optional[TemplateLookup] = None
+
+
+def render(template_name: str, **params) -> str:
+    """Render ``kernels/<template_name>`` with ``params``; an undefined name raises."""
+    global _lookup
+    if _lookup is None:
+        _lookup = TemplateLookup(directories=[str(kernel_dir())], strict_undefined=True,
+                                 input_encoding="utf-8")
+    return _lookup.get_template(template_name).render(**params)
+
+
+_program_cache: Dict[tuple, cl.Program] = {}
+_build_locks: Dict[tuple, threading.Lock] = {}
+_cache_lock = threading.Lock()
+build_count = 0  # how many programs this process has compiled (tests check cache hits)
+
+
+def build_program(ctx: cl.Context, source: str, options: Tuple[str, ...] = ()) -> cl.Program:
+    """Build ``source`` for every device of ``ctx``; cached on source, options, device, version."""
+    global build_count
+    devices = ctx.devices
+    key = (hashlib.sha256(source.encode()).hexdigest(), tuple(options),
+           tuple(device_identity(d) for d in devices), ctx.int_ptr, __version__)
+    with _cache_lock:
+        program = _program_cache.get(key)
+        if program is not None:
+            return program
+        lock = _build_locks.setdefault(key, threading.Lock())
+    with lock:  # one build per key even when threads race
+        with _cache_lock:
+            program = _program_cache.get(key)
+        if program is not None:
+            return program
+        try:
+            program = cl.Program(ctx, source).build(options=list(options))
+        except cl.RuntimeError as exc:
+            # pyopencl's message already carries each device's compiler log.
+            raise KernelBuildError("pysparsecl: OpenCL program failed to build", str(exc),
+                                   source, tuple(options)) from None
+        with _cache_lock:
+            _program_cache[key] = program
+            build_count += 1
+        return program
+
+
+class LockedKernel:
+    """A kernel object shared by threads: setting its arguments and enqueueing is atomic.
+
+    pyopencl kernel objects are costly to create (each builds an argument invoker), so
+    they are made once per program and reused.
+    """
+
+    def __init__(self, program: cl.Program, name: str):
+        self.kernel = cl.Kernel(program, name)
+        self.name = name
+        self._lock = threading.Lock()
+
+    def __call__(self, queue, global_size, local_size, *args, wait_for=None) -> cl.Event:
+        with self._lock:
+            return self.kernel(queue, global_size, local_size, *args, wait_for=wait_for)
+
+
+_kernel_cache: Dict[tuple, Dict[str, LockedKernel]] = {}
+
+
+def kernels(ctx: cl.Context, template_name: str, names: Tuple[str, ...],
+            options: Tuple[str, ...] = (), **params) -> Dict[str, LockedKernel]:
+    """Render, build and return the named kernels of a template (all cached)."""
+    key = (ctx.int_ptr, template_name, names, options, tuple(sorted(params.items())))
+    with _cache_lock:
+        found = _kernel_cache.get(key)
+    if found is None:
+        program = build_program(ctx, render(template_name, **params), options)
+        found = {name: LockedKernel(program, name) for name in names}
+        with _cache_lock:
+            found = _kernel_cache.setdefault(key, found)
+    return found
+
+
+_pools: Dict[int, cl_tools.MemoryPool] = {}
+
+
+def memory_pool(ctx: cl.Context) -> cl_tools.MemoryPool:
+    """A per-context buffer pool, so scratch allocations in hot calls are reused."""
+    with _cache_lock:
+        pool = _pools.get(ctx.int_ptr)
+        if pool is None:
+            pool = _pools[ctx.int_ptr] = cl_tools.MemoryPool(cl_tools.ImmediateAllocator(
+                cl.CommandQueue(ctx)))
+        return pool

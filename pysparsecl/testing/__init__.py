@@ -1,0 +1,1 @@
+"""Helpers for testing pysparsecl and code built on it."""

@@ -1,0 +1,162 @@
+"""conv2d_sparse against the float64 reference, on every working OpenCL device."""
+
+import numpy as np
+import pyopencl.array as cl_array
+import pytest
+import scipy.sparse as sp
+
+import pysparsecl as ps
+from pysparsecl import runtime
+from pysparsecl.ops.conv2d import CONV2D_CSR
+from pysparsecl.testing.cases import ConvCase
+from pysparsecl.testing.reference import relative_error
+from pysparsecl.tuning import override
+
+TOL = 1e-4
+
+base = ConvCase(N=2, C=6, H=9, W=11, K=5, sparsity=0.5, bias=True)
+CASES = [
+    base.with_(kernel=(1, 1), padding=(0, 0)),
+    base,
+    base.with_(kernel=(5, 5), padding=(2, 2)),
+    base.with_(kernel=(1, 7), padding=(0, 3)),
+    base.with_(stride=(2, 2)),
+    base.with_(stride=(2, 2), kernel=(1, 1), padding=(0, 0)),       # ResNet downsample
+    base.with_(padding=(0, 0)),
+    base.with_(padding=(2, 2)),
+    base.with_(padding=(1, 2)),
+    base.with_(dilation=(2, 2), padding=(2, 2)),
+    base.with_(dilation=(2, 1), stride=(1, 2)),
+    base.with_(C=6, K=4, groups=2),
+    base.with_(C=6, K=6, groups=6),                                    # depthwise
+    base.with_(C=4, K=8, groups=4, stride=(2, 2)),                     # depthwise multiplier 2
+    base.with_(N=1),
+    base.with_(N=3, H=13, W=7),
+    base.with_(H=1, W=1, kernel=(1, 1), padding=(0, 0)),
+    base.with_(H=3, W=3, padding=(0, 0)),                              # 1x1 output
+    base.with_(sparsity=0.0),
+    base.with_(sparsity=0.9, C=16, K=12),
+    base.with_(sparsity=0.99, C=32, K=16),
+    base.with_(sparsity=0.5, empty_rows=2),
+    base.with_(sparsity=1.0),                                          # all-zero weight
+    base.with_(sparsity=1.0, bias=False),
+    base.with_(bias=False, stride=(3, 2), padding=(1, 0), H=17, W=23),
+    base.with_(C=37, K=19, H=15, W=15, sparsity=0.8),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.label() for c in CASES])
+def test_matches_reference(queue, rng, case):
+    x, w, csr, bias = case.make_inputs(rng)
+    y = ps.conv2d_sparse(x, csr, bias, queue=queue, **case.kwargs())
+    ref = case.reference(x, w, bias)
+    assert isinstance(y, np.ndarray) and y.dtype == np.float32
+    assert y.shape == ref.shape
+    assert relative_error(y, ref) < TOL
+
+
+def _sample_configs(n, seed=1234):
+    """The defaults, the edge values of each parameter, and a fixed random sample."""
+    configs = list(CONV2D_CSR.candidates(max_work_group_size=256))
+    rng = np.random.default_rng(seed)
+    picked = [CONV2D_CSR.defaults()]
+    for param in CONV2D_CSR.params:
+        for value in (min(param.candidates), max(param.candidates)):
+            match = [c for c in configs if c[param.name] == value]
+            picked.append(match[rng.integers(len(match))])
+    picked += [configs[i] for i in rng.choice(len(configs), n, replace=False)]
+    return picked
+
+
+@pytest.mark.parametrize("params", _sample_configs(12), ids=lambda p: ",".join(
+    f"{k}={v}" for k, v in p.items()))
+def test_every_tile_configuration_is_correct(queue, rng, params):
+    if CONV2D_CSR.work_group_size(params) > queue.device.max_work_group_size:
+        pytest.skip("work-group larger than this device allows")
+    cases = [ConvCase(2, 20, 11, 13, 18, sparsity=0.7, bias=True, empty_rows=3),
+             ConvCase(1, 8, 9, 9, 6, stride=(2, 2), groups=2, sparsity=0.3)]
+    with override("conv2d_csr", **params):
+        for case in cases:
+            x, w, csr, bias = case.make_inputs(rng)
+            y = ps.conv2d_sparse(x, csr, bias, queue=queue, **case.kwargs())
+            assert relative_error(y, case.reference(x, w, bias)) < TOL, case
+
+
+def test_device_arrays_stay_on_device_and_every_output_is_written(queue, rng):
+    case = ConvCase(3, 8, 10, 12, 7, sparsity=0.6, bias=True)
+    x, w, csr, bias = case.make_inputs(rng)
+    weight = ps.SparseConvWeight(csr, in_channels=8, queue=queue)
+    x_dev = cl_array.to_device(queue, x)
+    bias_dev = cl_array.to_device(queue, bias)
+    out = cl_array.to_device(queue, np.full((3, 7, 10, 12), np.nan, np.float32))
+    result = ps.conv2d_sparse(x_dev, weight, bias_dev, padding=1, out=out)
+    assert result is out
+    y = out.get()
+    assert not np.isnan(y).any()
+    assert relative_error(y, case.reference(x, w, bias)) < TOL
+    # A second call with the prepared weight reuses every built program.
+    builds = runtime.build_count
+    y2 = ps.conv2d_sparse(x_dev, weight, bias_dev, padding=1).get()
+    assert runtime.build_count == builds
+    np.testing.assert_array_equal(y2, y)
+
+
+def test_offset_device_arrays(queue, rng):
+    case = ConvCase(4, 5, 8, 8, 6, sparsity=0.5)
+    x, w, csr, _ = case.make_inputs(rng)
+    x_dev = cl_array.to_device(queue, x)[1:]        # a view that starts inside the buffer
+    out_dev = cl_array.empty(queue, (5, 6, 8, 8), np.float32)[2:]
+    ps.conv2d_sparse(x_dev, csr, padding=1, out=out_dev)
+    assert relative_error(out_dev.get(), case.reference(x[1:], w, None)) < TOL
+
+
+def test_numpy_out_argument(queue, rng):
+    case = ConvCase(2, 4, 7, 7, 3, sparsity=0.5)
+    x, w, csr, _ = case.make_inputs(rng)
+    out = np.full((2, 3, 7, 7), np.nan, np.float32)
+    result = ps.conv2d_sparse(x, csr, padding=1, out=out, queue=queue)
+    assert result is out
+    assert relative_error(out, case.reference(x, w, None)) < TOL
+
+
+def test_unsorted_and_duplicate_entries_are_summed(queue, rng):
+    """Duplicates are summed and indices sorted: the matrix that toarray() describes."""
+    k, c, r = 4, 3, 3
+    rows = rng.integers(0, k, 60)
+    cols = rng.integers(0, c * r * r, 60)
+    vals = rng.standard_normal(60).astype(np.float32)
+    order = rng.permutation(60)
+    coo = sp.coo_matrix((vals[order], (rows[order], cols[order])), shape=(k, c * r * r))
+    # Build CSR by hand so that duplicates and unsorted indices survive into the input.
+    perm = np.argsort(rows[order], kind="stable")
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[order], minlength=k))])
+    csr = sp.csr_matrix((vals[order][perm], cols[order][perm], indptr), shape=(k, c * r * r))
+    assert not csr.has_canonical_format
+    w = coo.toarray().reshape(k, c, r, r)
+    x = rng.standard_normal((2, c, 6, 6), dtype=np.float32)
+    y = ps.conv2d_sparse(x, csr, padding=1, queue=queue)
+    ref = ConvCase(2, c, 6, 6, k).reference(x, w, None)
+    assert relative_error(y, ref) < TOL
+    assert not csr.has_canonical_format  # the caller's matrix is left untouched
+
+
+def test_csr_array_and_kernel_size_inference(queue, rng):
+    case = ConvCase(1, 3, 9, 9, 4, kernel=(5, 5), padding=(2, 2), sparsity=0.4)
+    x, w, csr, _ = case.make_inputs(rng)
+    y = ps.conv2d_sparse(x, sp.csr_array(csr), padding=2, queue=queue)
+    assert relative_error(y, case.reference(x, w, None)) < TOL
+
+
+def test_zero_batch_and_zero_channels(queue, rng):
+    csr = sp.random(4, 27, density=0.5, format="csr", dtype=np.float32, random_state=1)
+    x = np.zeros((0, 3, 5, 5), np.float32)
+    assert ps.conv2d_sparse(x, csr, padding=1, queue=queue).shape == (0, 4, 5, 5)
+    x = rng.standard_normal((2, 3, 5, 5), dtype=np.float32)
+    empty = sp.csr_matrix((0, 27), dtype=np.float32)
+    assert ps.conv2d_sparse(x, empty, padding=1, queue=queue).shape == (2, 0, 5, 5)
+
+
+def test_defaults_render_and_build(queue):
+    source = runtime.render("conv2d_csr.cl.mako", HAS_BIAS=0, **CONV2D_CSR.defaults())
+    assert "pscl_conv2d_csr" in source
+    runtime.build_program(queue.context, source)

@@ -1,0 +1,110 @@
+"""Runtime: device probing, template rendering, the program cache, parameter lookup."""
+
+import json
+import warnings
+
+import mako.exceptions
+import pyopencl as cl
+import pytest
+
+from pysparsecl import runtime, tuning
+from pysparsecl.ops.conv2d import CONV2D_CSR
+from pysparsecl.params import Constraint, InvalidParamsError, ParamSpec, TileParam, \
+    parse_overrides
+
+
+def test_probe_accepts_working_device(queue):
+    assert runtime.probe_device(queue.device) is None
+
+
+def test_broken_device_is_skipped_with_a_warning(monkeypatch):
+    devices = runtime.working_devices(warn=False)
+    assert devices, "no working OpenCL device"
+    victim = devices[0]
+    real = runtime._cached_probe
+    monkeypatch.setattr(runtime, "_cached_probe",
+                        lambda d: "simulated build failure" if d == victim else real(d))
+    with pytest.warns(RuntimeWarning, match=f"skipping OpenCL device '{victim.name.strip()}'"):
+        remaining = runtime.working_devices()
+    assert victim not in remaining
+
+
+def test_list_devices_reports_limits():
+    infos = runtime.list_devices()
+    assert any(info.works for info in infos)
+    for info in infos:
+        assert info.max_work_group_size > 0 and info.name
+
+
+def test_build_failure_carries_the_log(queue):
+    with pytest.raises(runtime.KernelBuildError) as info:
+        runtime.build_program(queue.context, "__kernel void broken(__global float *y) "
+                                             "{ y[0] = undefined_name; }")
+    assert "undefined_name" in info.value.build_log
+    # The runtime still builds and caches good programs afterwards.
+    src = "__kernel void ok(__global float *y) { y[0] = 1.0f; }"
+    first = runtime.build_program(queue.context, src)
+    count = runtime.build_count
+    assert runtime.build_program(queue.context, src) is first
+    assert runtime.build_count == count
+    assert runtime.build_program(queue.context, src, ("-cl-fast-relaxed-math",)) is not first
+
+
+def test_render_is_strict():
+    with pytest.raises(NameError):
+        runtime.render("conv2d_csr.cl.mako", VEC=4)  # the other parameters are undefined
+    params = CONV2D_CSR.defaults()
+    assert "#define PSCL_VEC %d" % params["VEC"] in runtime.render(
+        "conv2d_csr.cl.mako", HAS_BIAS=1, **params)
+
+
+def test_param_spec_checks_names_and_constraints():
+    spec = ParamSpec("demo", (TileParam("A", 2, (1, 2, 4), "a"), TileParam("B", 1, (1, 2), "b")),
+                     (Constraint("a_times_b_small", lambda p: p["A"] * p["B"] <= 4, "doc"),),
+                     work_group_size=lambda p: p["A"] * 64)
+    assert spec.check({"B": 2}) == {"A": 2, "B": 2}
+    with pytest.raises(InvalidParamsError, match="unknown tile parameter"):
+        spec.check({"C": 1})
+    with pytest.raises(InvalidParamsError, match="a_times_b_small"):
+        spec.check({"A": 4, "B": 2})
+    with pytest.raises(InvalidParamsError, match="work_group_size<=128"):
+        spec.check({"A": 4, "B": 1}, max_work_group_size=128)
+    assert {tuple(c.values()) for c in spec.candidates()} == {(1, 1), (1, 2), (2, 1), (2, 2),
+                                                              (4, 1)}
+    with pytest.raises(ValueError, match="not among its candidates"):
+        TileParam("X", 3, (1, 2), "x")
+
+
+def test_overrides_env_and_context(queue, monkeypatch):
+    assert parse_overrides("conv2d_csr:VEC=4, PIX_VECS=2;other:A=1") == {
+        "conv2d_csr": {"VEC": 4, "PIX_VECS": 2}, "other": {"A": 1}}
+    with pytest.raises(InvalidParamsError):
+        parse_overrides("conv2d_csr:VEC")
+    monkeypatch.setenv("PYSPARSECL_PARAMS", "conv2d_csr:VEC=2")
+    assert tuning.lookup(CONV2D_CSR, queue.device)["VEC"] == 2
+    with tuning.override("conv2d_csr", VEC=4):
+        assert tuning.lookup(CONV2D_CSR, queue.device)["VEC"] == 4
+    monkeypatch.setenv("PYSPARSECL_PARAMS", "conv2d_csr:NOPE=2")
+    with pytest.raises(InvalidParamsError, match="NOPE"):
+        tuning.lookup(CONV2D_CSR, queue.device)
+
+
+def test_corrupt_database_entry_is_ignored(queue, monkeypatch, tmp_path):
+    kind = runtime.device_kind(queue.device)
+    monkeypatch.setattr(tuning, "_shipped", {"conv2d_csr": {kind: {"params": {"VEC": 3}}}})
+    monkeypatch.setattr(tuning, "_memo", {})
+    with pytest.warns(RuntimeWarning, match="ignoring tuning entry"):
+        assert tuning.lookup(CONV2D_CSR, queue.device) == CONV2D_CSR.defaults()
+    bad_file = tmp_path / "shipped.json"
+    bad_file.write_text("{not json")
+    monkeypatch.setattr(tuning, "_DATABASE", bad_file)
+    monkeypatch.setattr(tuning, "_shipped", None)
+    monkeypatch.setattr(tuning, "_memo", {})
+    with pytest.warns(RuntimeWarning, match="unreadable tuning database"):
+        assert tuning.lookup(CONV2D_CSR, queue.device) == CONV2D_CSR.defaults()
+
+
+def test_shipped_database_entries_are_valid():
+    data = json.loads(tuning._DATABASE.read_text())
+    for key, entry in data["conv2d_csr"].items():
+        CONV2D_CSR.check(entry["params"])
