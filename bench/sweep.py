@@ -48,6 +48,8 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--best-env", type=Path,
+                        help="write the best configuration as a PYSPARSECL_PARAMS value")
     args = parser.parse_args(argv)
 
     queue = runtime.queue_for(args.device)
@@ -93,6 +95,9 @@ def main(argv=None):
     print("\nbest:")
     for r in results[:5]:
         print(f"{r['total_ms']:9.3f} ms  {r['params']}")
+    if args.best_env and results[0]["status"] == "ok":
+        args.best_env.write_text("conv2d_csr:" + ",".join(
+            f"{k}={v}" for k, v in results[0]["params"].items()) + "\n")
     if args.json:
         args.json.write_text(json.dumps({"device": device.name.strip(), "batch": args.batch,
                                          "sparsity": args.sparsity, "results": results},

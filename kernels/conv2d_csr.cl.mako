@@ -19,17 +19,20 @@ ${common.vector_helpers("pscl_floatv", "float", VEC)}
 // Derived: virtual pixels covered by one work-group along a row of the output plane.
 #define PSCL_TILE_PIX (PSCL_VEC * PSCL_PIX_VECS * PSCL_WG_PIX)
 
-// One work-item per packed row: rows are [plane][iq] with
-// plane = (n*C + c) * stride_h*stride_w + phase.  Rows past n_rows zero the tail slack
-// that the last pixel tile reads beyond the packed input.  Per-row (not per-element)
-// index arithmetic keeps integer division out of the copy loop.
-__kernel void pscl_pack_input(
+// PACK_LANES work-items per packed row (dim 0), rows along dim 1: rows are
+// [plane][iq] with plane = (n*C + c) * stride_h*stride_w + phase.  One lane copies a whole
+// row on CPUs; 32 lanes write neighbouring columns on GPUs (coalesced).  Row index
+// arithmetic is per row, keeping integer division out of the copy loop.  Rows past
+// n_rows zero the slack that the last pixel tile reads beyond the packed input.
+__kernel __attribute__((reqd_work_group_size(${PACK_LANES}, ${PACK_ROWS}, 1)))
+void pscl_pack_input(
     __global const float *restrict x, const long x_offset,
     __global float *restrict xpack, const int n_rows, const int n_rows_total,
     const int H, const int W, const int Hq, const int Wq,
     const int stride_h, const int stride_w, const int pad_top, const int pad_left)
 {
-    const int row_id = get_global_id(0);
+    const int row_id = get_global_id(1);
+    const int lane = get_local_id(0);
     if (row_id >= n_rows_total)
         return;
     __global float *dst = xpack + (long)row_id * Wq;
@@ -42,21 +45,15 @@ __kernel void pscl_pack_input(
     const int pw = phase - ph * stride_w;
     const int row = iq * stride_h + ph - pad_top;
     if (row_id >= n_rows || row < 0 || row >= H) {
-        for (int jq = 0; jq < Wq; ++jq)
+        for (int jq = lane; jq < Wq; jq += ${PACK_LANES})
             dst[jq] = 0.0f;
         return;
     }
-    const __global float *src = x + x_offset + ((long)nc * H + row) * W;
-    // Columns jq with col = jq * stride_w + pw - pad_left inside [0, W).
-    const int jq_lo = min(Wq, max(0, (pad_left - pw + stride_w - 1) / stride_w));
-    const int last_col = W - 1 + pad_left - pw;  // C division truncates: keep it >= 0
-    const int jq_hi = last_col < 0 ? jq_lo : min(Wq, max(jq_lo, last_col / stride_w + 1));
-    for (int jq = 0; jq < jq_lo; ++jq)
-        dst[jq] = 0.0f;
-    for (int jq = jq_lo; jq < jq_hi; ++jq)
-        dst[jq] = src[jq * stride_w + pw - pad_left];
-    for (int jq = jq_hi; jq < Wq; ++jq)
-        dst[jq] = 0.0f;
+    const __global float *src = x + x_offset + ((long)nc * H + row) * W + pw - pad_left;
+    for (int jq = lane; jq < Wq; jq += ${PACK_LANES}) {
+        const int col = jq * stride_w + pw - pad_left;
+        dst[jq] = (col >= 0 && col < W) ? src[jq * stride_w] : 0.0f;
+    }
 }
 
 % if CH_FASTEST:
@@ -76,8 +73,8 @@ __kernel __attribute__((reqd_work_group_size(
     ${"PSCL_WG_CH, PSCL_WG_PIX" if CH_FASTEST else "PSCL_WG_PIX, PSCL_WG_CH"}, 1)))
 void pscl_conv2d_csr(
     __global const float *restrict xpack,
-    __global const float *restrict w_val,     // nnz nonzero values
-    __global const int *restrict w_off,       // nnz offsets into one group's packed input
+    __global const int2 *restrict w_nz,       // nnz (offset into a group's packed input,
+                                              //      bits of the float value): one load
     __global const int *restrict blk_ptr,     // K x (n_blocks + 1): block starts per row
     __global const int *restrict row_order,   // K rows, heaviest first (load balance)
     __global const float *restrict bias,      // K (read only when HAS_BIAS)
@@ -138,8 +135,9 @@ void pscl_conv2d_csr(
             __attribute__((opencl_unroll_hint(${UNROLL})))
 % endif
             for (int j = blk_ptr[${ptr_index}]; j < j_end; ++j) {
-                const pscl_floatv w = (pscl_floatv)(w_val[j]);
-                const __global float *src = xbase + w_off[j];
+                const int2 nz = w_nz[j];
+                const pscl_floatv w = (pscl_floatv)(as_float(nz.y));
+                const __global float *src = xbase + nz.x;
 % for b in range(PIX_VECS):
                 acc${b} = fma(w, PSCL_LOAD_pscl_floatv(0, src + ${b} * PSCL_WG_PIX * PSCL_VEC), acc${b});
 % endfor
@@ -165,14 +163,15 @@ void pscl_conv2d_csr(
             if (oh < OH && ow + PSCL_VEC <= OW) {
                 PSCL_STORE_pscl_floatv(v, 0, dst + oh * OW + ow);
             } else {
+                // Row end or thrown-away columns: walk the elements, wrapping rows
+                // without dividing.
+                int qh = oh, qw = ow;
 %   for e in range(VEC):
-                {
-                    const int q = p + ${e};
-                    const int qh = q / Wq;
-                    const int qw = q - qh * Wq;
-                    if (qh < OH && qw < OW)
-                        dst[qh * OW + qw] = ${common.component("v", VEC, e)};
-                }
+                if (qh < OH && qw < OW)
+                    dst[qh * OW + qw] = ${common.component("v", VEC, e)};
+%     if e < VEC - 1:
+                if (++qw == Wq) { qw = 0; ++qh; }
+%     endif
 %   endfor
             }
 % else:

@@ -55,7 +55,7 @@ def test_render_is_strict():
         runtime.render("conv2d_csr.cl.mako", VEC=4)  # the other parameters are undefined
     params = CONV2D_CSR.defaults()
     assert "#define PSCL_VEC %d" % params["VEC"] in runtime.render(
-        "conv2d_csr.cl.mako", HAS_BIAS=1, **params)
+        "conv2d_csr.cl.mako", HAS_BIAS=1, PACK_ROWS=1, **params)
 
 
 def test_param_spec_checks_names_and_constraints():

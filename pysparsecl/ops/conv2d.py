@@ -34,6 +34,8 @@ CONV2D_CSR = ParamSpec(
         TileParam("C_BLOCK", 0, (0, 4, 8, 16, 32, 64),
                   "input channels per block of a row's nonzeros (0: one block, the whole row)"),
         TileParam("UNROLL", 1, (1, 2, 4), "unroll hint for the loop over a row's nonzeros"),
+        TileParam("PACK_LANES", 1, (1, 8, 32, 64),
+                  "work-items copying one row of the packed input (1 on CPUs, a warp on GPUs)"),
     ),
     constraints=(
         Constraint("accumulators_fit_registers", lambda p: p["VEC"] * p["PIX_VECS"] <= 64,
@@ -42,8 +44,13 @@ CONV2D_CSR = ParamSpec(
                    lambda p: p["C_BLOCK"] == 0 or p["CH_PER_ITEM"] > 1,
                    "input-channel blocks only pay off when an item reuses them for >1 channel"),
     ),
-    work_group_size=lambda p: p["WG_PIX"] * p["WG_CH"],
+    work_group_size=lambda p: max(p["WG_PIX"] * p["WG_CH"], 64),
 )
+
+
+def pack_rows(pack_lanes: int) -> int:
+    """Rows per packing work-group: 64 work-items per group whatever the lanes per row."""
+    return max(1, 64 // pack_lanes)
 
 
 def conv2d_output_shape(in_hw, kernel_size, stride=1, padding=0, dilation=1) -> Tuple[int, int]:
@@ -175,12 +182,9 @@ class SparseConvWeight:
         # Heaviest rows first: work-groups that start together finish together.
         row_nnz = np.diff(csr.indptr)
         order = np.argsort(-row_nnz, kind="stable").astype(np.int32)
-        alloc = runtime.memory_pool(self.queue.context)
-        # Zero-length buffers are not allowed by OpenCL: pad empty arrays with one element.
-        self.values = cl_array.to_device(self.queue, _nonempty(csr.data, np.float32),
-                                         allocator=alloc)
-        self.row_order = cl_array.to_device(self.queue, order, allocator=alloc)
-        self._offsets: Dict[tuple, cl_array.Array] = {}
+        self.row_order = cl_array.to_device(self.queue, _nonempty(order, np.int32),
+                                            allocator=runtime.memory_pool(self.queue.context))
+        self._nonzeros: Dict[tuple, cl_array.Array] = {}
         self._block_ptrs: Dict[int, Tuple[int, cl_array.Array]] = {}
         self._lock = threading.Lock()
 
@@ -218,16 +222,20 @@ class SparseConvWeight:
                     allocator=runtime.memory_pool(self.queue.context)))
             return cached
 
-    def input_offsets(self, geom: _Geometry) -> cl_array.Array:
-        """Per-nonzero offsets into one group's packed input, for ``geom`` (cached)."""
+    def nonzeros(self, geom: _Geometry) -> cl_array.Array:
+        """(nnz, 2) int32 pairs for ``geom``: the offset into one group's packed input and
+        the bits of the float32 value, so the kernel fetches both in one load (cached)."""
         key = (geom.Hq, geom.Wq, geom.stride, geom.dilation)
         with self._lock:
-            offsets = self._offsets.get(key)
-            if offsets is None:
-                offsets = self._offsets[key] = cl_array.to_device(
-                    self.queue, _nonempty(self._host_offsets(geom), np.int32),
-                    allocator=runtime.memory_pool(self.queue.context))
-            return offsets
+            pairs = self._nonzeros.get(key)
+            if pairs is None:
+                host = np.empty((max(self.nnz, 1), 2), np.int32)
+                host[:] = 0
+                host[:self.nnz, 0] = self._host_offsets(geom)
+                host[:self.nnz, 1] = self._csr.data.astype(np.float32).view(np.int32)
+                pairs = self._nonzeros[key] = cl_array.to_device(
+                    self.queue, host, allocator=runtime.memory_pool(self.queue.context))
+            return pairs
 
     def _host_offsets(self, geom: _Geometry) -> np.ndarray:
         r_size, s_size = self.kernel_size
@@ -369,11 +377,13 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
 
     kern = runtime.kernels(queue.context, "conv2d_csr.cl.mako",
                            ("pscl_pack_input", "pscl_conv2d_csr"),
-                           HAS_BIAS=int(bias_dev is not None), **params)
+                           HAS_BIAS=int(bias_dev is not None),
+                           PACK_ROWS=pack_rows(params["PACK_LANES"]), **params)
     alloc = runtime.memory_pool(queue.context)
     xpack = cl_array.empty(queue, (n_total,), np.float32, allocator=alloc)
-    pack_wg = min(16, queue.device.max_work_group_size)
-    ev_pack = kern["pscl_pack_input"](queue, (round_up(n_rows_total, pack_wg),), (pack_wg,),
+    lanes, rows = params["PACK_LANES"], pack_rows(params["PACK_LANES"])
+    ev_pack = kern["pscl_pack_input"](queue, (lanes, round_up(n_rows_total, rows)),
+                                      (lanes, rows),
                    x_dev.base_data, elem_offset(x_dev), xpack.data,
                    np.int32(n_rows), np.int32(n_rows_total), np.int32(geom.H), np.int32(geom.W),
                    np.int32(geom.Hq), np.int32(geom.Wq),
@@ -389,12 +399,12 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
         global_size, local_size = (ch_size, pix_size, geom.N), (wg_ch, wg_pix, 1)
     else:
         global_size, local_size = (pix_size, ch_size, geom.N), (wg_pix, wg_ch, 1)
-    offsets = weight.input_offsets(geom)
+    nonzeros = weight.nonzeros(geom)
     if bias_dev is not None and bias_dev.offset:
         bias_dev = bias_dev.copy(queue=queue)
-    bias_buf = bias_dev.data if bias_dev is not None else weight.values.data
+    bias_buf = bias_dev.data if bias_dev is not None else weight.row_order.data  # unread
     ev_conv = kern["pscl_conv2d_csr"](queue, global_size, local_size,
-                   xpack.data, weight.values.data, offsets.data, blk_ptr.data,
+                   xpack.data, nonzeros.data, blk_ptr.data,
                    weight.row_order.data, bias_buf, out_dev.base_data, elem_offset(out_dev),
                    np.int32(K), np.int32(K // weight.groups), np.int32(n_blocks), np.int32(geom.OH),
                    np.int32(geom.OW), np.int32(geom.Wq),

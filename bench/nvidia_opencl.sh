@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Tests, a tile sweep and the benchmark on an NVIDIA GPU through NVIDIA's OpenCL driver.
+# Usage: OUT=results_dir bash bench/nvidia_opencl.sh [sweep configurations]
+# Carried wheels in .whl/ (pyopencl, pytools, platformdirs, siphash24, mako, ...) are
+# installed to /tmp/site when present, for machines without pyopencl.
+set -uo pipefail
+OUT=${OUT:-bench/results}
+N_SWEEP=${1:-40}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site $(ls .whl/*.whl | grep -v scipy) || exit 1
+    export PYTHONPATH=/tmp/site
+    python3 -c "import scipy" 2>/dev/null || python3 -m pip install -q --no-index --no-deps \
+        --no-compile --no-cache-dir --target /tmp/site .whl/scipy-*.whl || exit 1
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# The driver ships libnvidia-opencl.so.1 but no ICD file: write one and point the loader at it.
+lib=$(ldconfig -p | awk '/libnvidia-opencl.so.1/{print $NF; exit}')
+[ -n "$lib" ] || lib=$(find / -name 'libnvidia-opencl.so.1' -not -path '/proc/*' 2>/dev/null | head -1)
+mkdir -p /tmp/ocl-vendors && echo "$lib" > /tmp/ocl-vendors/nvidia.icd
+export OCL_ICD_VENDORS=/tmp/ocl-vendors
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
+python3 -m pysparsecl info || exit 1
+echo "== tests"; python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -15
+echo "== sweep"; python3 bench/sweep.py --device nvidia --space gpu --batch 32 --n "$N_SWEEP" \
+    --json "$OUT/sweep_conv2d_gpu.json" --best-env "$OUT/best_params.txt" 2>&1 | tail -12
+[ -s "$OUT/best_params.txt" ] && export PYSPARSECL_PARAMS=$(cat "$OUT/best_params.txt")
+echo "== bench with ${PYSPARSECL_PARAMS:-shipped parameters}"
+python3 bench/run.py --device nvidia --batch 1 8 32 --no-scipy --out "$OUT" 2>&1 | tail -40
