@@ -2,7 +2,7 @@
 PYTHON ?= python3
 BENCH_ARGS ?=
 
-.PHONY: install test bench bench-quick bench-deps tune lint info clean
+.PHONY: install test bench bench-quick bench-deps bench-readme tune lint info clean
 
 install:  ## editable install with the test extra, plus a working OpenCL CPU device
 	$(PYTHON) -m pip install -e '.[test]'
@@ -19,6 +19,9 @@ bench: bench-deps  ## full benchmark: table, bench/results/<device>.{json,md,png
 
 bench-quick: bench-deps  ## smoke benchmark, under 2 minutes on a 2-core CPU
 	$(PYTHON) bench/run.py --quick $(BENCH_ARGS)
+
+bench-readme:  ## rewrite README's headline tables from the committed bench/results
+	$(PYTHON) bench/run.py --readme
 
 tune:  ## placeholder until the autotuner lands; says so
 	$(PYTHON) -m pysparsecl tune

@@ -229,6 +229,41 @@ def plot(rows, path, title):
     return True
 
 
+README = Path(__file__).resolve().parent.parent / "README.md"
+HEADLINE_MARKERS = ("<!-- bench:headline:start -->", "<!-- bench:headline:end -->")
+
+
+def readme_headline(results_dir: Path = RESULTS) -> str:
+    """Markdown for the README: per device, the 90%/95% rows at the largest batch."""
+    parts = []
+    for path in sorted(results_dir.glob("*.json")):
+        if path.stem.endswith("-quick") or path.stem.startswith("sweep"):
+            continue
+        data = json.loads(path.read_text())
+        rows = [r for r in data.get("rows", []) if r.get("op") == "conv2d_sparse"]
+        if not rows:
+            continue
+        batch = max(r["N"] for r in rows)
+        rows = [r for r in rows if r["N"] == batch and r["sparsity"] in (0.9, 0.95)]
+        h = data["header"]
+        parts += [f"**{h['device']}** (driver {h['driver']}; {h['date']}; baselines: "
+                  f"{h['baselines']}; full table: [bench/results/{path.stem}.md]"
+                  f"(bench/results/{path.stem}.md))", "", markdown_table(rows), ""]
+        if (results_dir / f"{path.stem}.png").exists():
+            parts += [f"![conv2d_sparse speedup on {h['device']}](bench/results/{path.stem}.png)",
+                      ""]
+    return "\n".join(parts)
+
+
+def update_readme(results_dir: Path = RESULTS) -> None:
+    """Rewrite the README's headline block from the committed results (never by hand)."""
+    text = README.read_text()
+    start, end = HEADLINE_MARKERS
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    README.write_text(f"{head}{start}\n{readme_headline(results_dir)}{end}{tail}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,7 +280,12 @@ def main(argv=None):
                         help="skip the float64 correctness check of each result")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--tag", default="", help="suffix for the result file names")
+    parser.add_argument("--readme", action="store_true",
+                        help="only rewrite README.md's headline tables from bench/results")
     args = parser.parse_args(argv)
+    if args.readme:
+        update_readme()
+        return 0
 
     queue = runtime.queue_for(args.device)
     device = queue.device

@@ -50,10 +50,22 @@ void pscl_pack_input(
         return;
     }
     const __global float *src = x + x_offset + ((long)nc * H + row) * W + pw - pad_left;
-    for (int jq = lane; jq < Wq; jq += ${PACK_LANES}) {
-        const int col = jq * stride_w + pw - pad_left;
-        dst[jq] = (col >= 0 && col < W) ? src[jq * stride_w] : 0.0f;
+    // Columns jq whose source column jq * stride_w + pw - pad_left lies inside [0, W):
+    // zero borders and a copy loop with no per-element test (vectorisable at stride 1).
+    const int jq_lo = min(Wq, max(0, (pad_left - pw + stride_w - 1) / stride_w));
+    const int last_col = W - 1 + pad_left - pw;  // C division truncates: keep it >= 0
+    const int jq_hi = last_col < 0 ? jq_lo : min(Wq, max(jq_lo, last_col / stride_w + 1));
+    for (int jq = lane; jq < jq_lo; jq += ${PACK_LANES})
+        dst[jq] = 0.0f;
+    if (stride_w == 1) {
+        for (int jq = jq_lo + lane; jq < jq_hi; jq += ${PACK_LANES})
+            dst[jq] = src[jq];
+    } else {
+        for (int jq = jq_lo + lane; jq < jq_hi; jq += ${PACK_LANES})
+            dst[jq] = src[jq * stride_w];
     }
+    for (int jq = jq_hi + lane; jq < Wq; jq += ${PACK_LANES})
+        dst[jq] = 0.0f;
 }
 
 % if CH_FASTEST:
