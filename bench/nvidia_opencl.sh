@@ -26,5 +26,6 @@ echo "== tests"; python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -15
 echo "== sweep"; python3 bench/sweep.py --device nvidia --space gpu --batch 32 --n "$N_SWEEP" \
     --json "$OUT/sweep_conv2d_gpu.json" --best-env "$OUT/best_params.txt" 2>&1 | tail -12
 [ -s "$OUT/best_params.txt" ] && export PYSPARSECL_PARAMS=$(cat "$OUT/best_params.txt")
+echo "== call overhead"; python3 bench/profile_call.py --device nvidia 2>&1 | head -22
 echo "== bench with ${PYSPARSECL_PARAMS:-shipped parameters}"
 python3 bench/run.py --device nvidia --batch 1 8 32 --no-scipy --out "$OUT" 2>&1 | tail -40

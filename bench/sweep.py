@@ -30,10 +30,11 @@ from run import event_ms  # noqa: E402
 SPACES = {
     "all": lambda p: True,
     # GPUs: scalar or short vectors, warps along pixels, registers only.
-    "gpu": lambda p: (p["VEC"] <= 4 and p["WG_PIX"] >= 32 and p["CH_PER_ITEM"] == 1
-                      and p["C_BLOCK"] == 0 and p["CH_FASTEST"] == 0),
+    "gpu": lambda p: (p["VEC"] <= 2 and p["WG_PIX"] >= 32 and p["CH_PER_ITEM"] == 1
+                      and p["C_BLOCK"] == 0 and p["CH_FASTEST"] == 0
+                      and p["PACK_LANES"] >= 32),
     # CPUs: wide vectors, one item along pixels.
-    "cpu": lambda p: p["VEC"] >= 8 and p["WG_PIX"] == 1,
+    "cpu": lambda p: p["VEC"] >= 8 and p["WG_PIX"] == 1 and p["PACK_LANES"] <= 8,
 }
 
 
