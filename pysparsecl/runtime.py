@@ -107,7 +107,8 @@ def probe_device(device: cl.Device) -> Optional[str]:
         cl.enqueue_copy(queue, out, buf)
         queue.finish()
     except Exception as exc:  # any failure means: do not use this device
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        return f"{type(exc).__name__}: {first_line}"
     if not np.array_equal(out, 2.0 * np.arange(8, dtype=np.float32) + 1.0):
         return "probe kernel ran but returned wrong values"
     return None

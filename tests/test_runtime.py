@@ -1,16 +1,12 @@
 """Runtime: device probing, template rendering, the program cache, parameter lookup."""
 
 import json
-import warnings
 
-import mako.exceptions
-import pyopencl as cl
 import pytest
 
 from pysparsecl import runtime, tuning
 from pysparsecl.ops.conv2d import CONV2D_CSR
-from pysparsecl.params import Constraint, InvalidParamsError, ParamSpec, TileParam, \
-    parse_overrides
+from pysparsecl.params import Constraint, InvalidParamsError, ParamSpec, TileParam, parse_overrides
 
 
 def test_probe_accepts_working_device(queue):
@@ -106,5 +102,5 @@ def test_corrupt_database_entry_is_ignored(queue, monkeypatch, tmp_path):
 
 def test_shipped_database_entries_are_valid():
     data = json.loads(tuning._DATABASE.read_text())
-    for key, entry in data["conv2d_csr"].items():
+    for entry in data["conv2d_csr"].values():
         CONV2D_CSR.check(entry["params"])

@@ -14,8 +14,16 @@ import scipy.sparse as sp
 
 from .. import runtime, tuning
 from ..params import Constraint, ParamSpec, TileParam
-from ._common import (INT32_MAX, check_alloc, elem_offset, int_pair, is_device_array,
-                      require_array, round_up, to_device)
+from ._common import (
+    INT32_MAX,
+    check_alloc,
+    elem_offset,
+    int_pair,
+    is_device_array,
+    require_array,
+    round_up,
+    to_device,
+)
 
 __all__ = ["CONV2D_CSR", "SparseConvWeight", "conv2d_sparse", "conv2d_output_shape"]
 
