@@ -19,6 +19,38 @@ ${common.vector_helpers("pscl_floatv", "float", VEC)}
 // Derived: virtual pixels covered by one work-group along a row of the output plane.
 #define PSCL_TILE_PIX (PSCL_VEC * PSCL_PIX_VECS * PSCL_WG_PIX)
 
+% if PACK_LANES == 0:
+// One work-item per packed element (GPUs): dim 0 walks one (iq, jq) plane, dim 1 the
+// stride phase, dim 2 the (n, c) image plane.  The extra last dim-2 index zeroes the slack
+// that the last pixel tile reads beyond the packed input (tail_len elements).
+__kernel __attribute__((reqd_work_group_size(${PACK_WG}, 1, 1)))
+void pscl_pack_input(
+    __global const float *restrict x, const long x_offset,
+    __global float *restrict xpack, const int n_planes, const int tail_len,
+    const int H, const int W, const int Hq, const int Wq,
+    const int stride_h, const int stride_w, const int pad_top, const int pad_left)
+{
+    const int i = get_global_id(0);
+    const int phase = get_global_id(1);
+    const int nc = get_global_id(2);
+    const int plane_size = Hq * Wq;
+    const long plane = (long)nc * (stride_h * stride_w) + phase;
+    if (nc == n_planes) {
+        if (phase == 0 && i < tail_len)
+            xpack[plane * plane_size + i] = 0.0f;
+        return;
+    }
+    if (i >= plane_size)
+        return;
+    const int iq = i / Wq;
+    const int jq = i - iq * Wq;
+    const int ph = phase / stride_w;
+    const int row = iq * stride_h + ph - pad_top;
+    const int col = jq * stride_w + (phase - ph * stride_w) - pad_left;
+    xpack[plane * plane_size + i] = (row >= 0 && row < H && col >= 0 && col < W)
+        ? x[x_offset + ((long)nc * H + row) * W + col] : 0.0f;
+}
+% else:
 // PACK_LANES work-items per packed row (dim 0), rows along dim 1: rows are
 // [plane][iq] with plane = (n*C + c) * stride_h*stride_w + phase.  One lane copies a whole
 // row on CPUs; 32 lanes write neighbouring columns on GPUs (coalesced).  Row index
@@ -67,6 +99,7 @@ void pscl_pack_input(
     for (int jq = jq_hi + lane; jq < Wq; jq += ${PACK_LANES})
         dst[jq] = 0.0f;
 }
+% endif
 
 % if CH_FASTEST:
 #define PSCL_CH_DIM 0

@@ -7,7 +7,7 @@ import scipy.sparse as sp
 
 import pysparsecl as ps
 from pysparsecl import runtime
-from pysparsecl.ops.conv2d import CONV2D_CSR, pack_rows
+from pysparsecl.ops.conv2d import CONV2D_CSR, template_args
 from pysparsecl.testing.cases import ConvCase
 from pysparsecl.testing.reference import relative_error
 from pysparsecl.tuning import override
@@ -157,8 +157,7 @@ def test_zero_batch_and_zero_channels(queue, rng):
 
 
 def test_defaults_render_and_build(queue):
-    params = CONV2D_CSR.defaults()
-    source = runtime.render("conv2d_csr.cl.mako", HAS_BIAS=0,
-                            PACK_ROWS=pack_rows(params["PACK_LANES"]), **params)
+    source = runtime.render("conv2d_csr.cl.mako",
+                            **template_args(CONV2D_CSR.defaults(), has_bias=False))
     assert "pscl_conv2d_csr" in source
     runtime.build_program(queue.context, source)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from pysparsecl import runtime, tuning
-from pysparsecl.ops.conv2d import CONV2D_CSR
+from pysparsecl.ops.conv2d import CONV2D_CSR, template_args
 from pysparsecl.params import Constraint, InvalidParamsError, ParamSpec, TileParam, parse_overrides
 
 
@@ -51,7 +51,7 @@ def test_render_is_strict():
         runtime.render("conv2d_csr.cl.mako", VEC=4)  # the other parameters are undefined
     params = CONV2D_CSR.defaults()
     assert "#define PSCL_VEC %d" % params["VEC"] in runtime.render(
-        "conv2d_csr.cl.mako", HAS_BIAS=1, PACK_ROWS=1, **params)
+        "conv2d_csr.cl.mako", **template_args(params, has_bias=True))
 
 
 def test_param_spec_checks_names_and_constraints():

@@ -42,8 +42,8 @@ CONV2D_CSR = ParamSpec(
         TileParam("C_BLOCK", 0, (0, 4, 8, 16, 32, 64),
                   "input channels per block of a row's nonzeros (0: one block, the whole row)"),
         TileParam("UNROLL", 1, (1, 2, 4), "unroll hint for the loop over a row's nonzeros"),
-        TileParam("PACK_LANES", 1, (1, 8, 32, 64),
-                  "work-items copying one row of the packed input (1 on CPUs, a warp on GPUs)"),
+        TileParam("PACK_LANES", 1, (0, 1, 8, 32, 64),
+                  "work-items copying one row of the packed input; 0: one per element (GPUs)"),
     ),
     constraints=(
         Constraint("accumulators_fit_registers", lambda p: p["VEC"] * p["PIX_VECS"] <= 64,
@@ -56,9 +56,18 @@ CONV2D_CSR = ParamSpec(
 )
 
 
+PACK_WG = 64  # work-items per packing work-group, whatever their shape
+
+
 def pack_rows(pack_lanes: int) -> int:
-    """Rows per packing work-group: 64 work-items per group whatever the lanes per row."""
-    return max(1, 64 // pack_lanes)
+    """Rows per packing work-group when PACK_LANES work-items share a row."""
+    return max(1, PACK_WG // pack_lanes) if pack_lanes else 1
+
+
+def template_args(params, has_bias: bool) -> dict:
+    """Everything conv2d_csr.cl.mako renders from: tile parameters, variant, derived sizes."""
+    return dict(params, HAS_BIAS=int(has_bias), PACK_WG=PACK_WG,
+                PACK_ROWS=pack_rows(params["PACK_LANES"]))
 
 
 def conv2d_output_shape(in_hw, kernel_size, stride=1, padding=0, dilation=1) -> Tuple[int, int]:
@@ -385,20 +394,29 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
 
     kern = runtime.kernels(queue.context, "conv2d_csr.cl.mako",
                            ("pscl_pack_input", "pscl_conv2d_csr"),
-                           HAS_BIAS=int(bias_dev is not None),
-                           PACK_ROWS=pack_rows(params["PACK_LANES"]), **params)
+                           **template_args(params, bias_dev is not None))
     alloc = runtime.memory_pool(queue.context)
     xpack = cl_array.empty(queue, (n_total,), np.float32, allocator=alloc)
     lanes, rows = params["PACK_LANES"], pack_rows(params["PACK_LANES"])
-    ev_pack = kern["pscl_pack_input"](queue, (lanes, round_up(n_rows_total, rows)),
-                                      (lanes, rows),
-                   x_dev.base_data, elem_offset(x_dev), xpack.data,
-                   np.int32(n_rows), np.int32(n_rows_total), np.int32(geom.H), np.int32(geom.W),
-                   np.int32(geom.Hq), np.int32(geom.Wq),
-                   np.int32(geom.stride[0]), np.int32(geom.stride[1]),
-                   np.int32(geom.padding[0]), np.int32(geom.padding[1]),
-                   wait_for=x_dev.events)
+    if lanes:
+        pack_grid = (lanes, round_up(n_rows_total, rows)), (lanes, rows)
+        pack_counts = (np.int32(n_rows), np.int32(n_rows_total))
+    else:
+        n_planes = geom.N * C
+        pack_grid = ((round_up(max(plane, n_total - n_rows * geom.Wq), PACK_WG),
+                      geom.phases, n_planes + 1), (PACK_WG, 1, 1))
+        pack_counts = (np.int32(n_planes), np.int32(n_total - n_rows * geom.Wq))
+    ev_pack = kern["pscl_pack_input"](queue, *pack_grid,
+                                      x_dev.base_data, elem_offset(x_dev), xpack.data,
+                                      *pack_counts, np.int32(geom.H), np.int32(geom.W),
+                                      np.int32(geom.Hq), np.int32(geom.Wq),
+                                      np.int32(geom.stride[0]), np.int32(geom.stride[1]),
+                                      np.int32(geom.padding[0]), np.int32(geom.padding[1]),
+                                      wait_for=x_dev.events or None)
 
+    # An in-order queue already runs the convolution after the packing.
+    in_order = not queue.properties & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
+    pack_done = [] if in_order else [ev_pack]
     wg_pix, wg_ch = params["WG_PIX"], params["WG_CH"]
     pix_size = n_tiles * wg_pix
     ch_size = round_up(-(-K // params["CH_PER_ITEM"]), wg_ch)
@@ -417,7 +435,7 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
                    np.int32(K), np.int32(K // weight.groups), np.int32(n_blocks), np.int32(geom.OH),
                    np.int32(geom.OW), np.int32(geom.Wq),
                    np.int64(image_stride), np.int64(group_stride),
-                   wait_for=[ev_pack] + list(out_dev.events))
+                   wait_for=(pack_done + list(out_dev.events)) or None)
     out_dev.add_event(ev_conv)
     # xpack goes back to the pool when this returns; that is safe because every later use
     # of the pool's buffers is enqueued on an in-order queue behind ev_conv.
