@@ -1,14 +1,18 @@
 ## Direct sparse convolution with CSR weights (Park et al. 2017; Escoin 2018).
 ##
 ## The host packs the input once per call into `xpack`: zero-padded and split into
-## stride phases, laid out [n][group][c * phases][Hq][Wq].  In that layout the input
-## element under output pixel (oh, ow) and weight (c, r, s) sits at
-##     image_base + w_off[j] + oh * Wq + ow
-## where w_off[j] was computed once, when the weight was prepared.  Output pixels
-## are walked as a flat "virtual" index p = oh * Wq + ow, so consecutive pixels of a
-## row -- and across rows -- are contiguous for every stride: one vector load and
-## one vector FMA per nonzero per vector of pixels, no im2col and no local memory.
-## Virtual columns ow >= OW are computed and thrown away.
+## stride phases, so that the input element under output pixel (oh, ow) and weight
+## (c, r, s) sits at the precomputed offset w_off[j] (fixed when the weight is prepared)
+## plus the flat "virtual" pixel index p = oh * Wq + ow.  Consecutive pixels of a row --
+## and across rows -- are then contiguous for every stride: one vector load and one
+## vector FMA per nonzero per vector, no im2col and no local memory.  Virtual columns
+## ow >= OW are computed and thrown away.
+##
+## Two layouts of the packed input (tile parameter BATCH_LAYOUT):
+##   0  [n][c * phases][Hq][Wq]          vectors run along VEC output pixels (any batch);
+##   1  [n / VEC][c * phases][Hq][Wq][VEC]  vectors run along VEC images of the batch, so
+##      every load is aligned (used when VEC divides the batch; much faster on CPUs,
+##      where unaligned vector loads split across cache lines).
 <%namespace name="common" file="common.cl.mako"/>\
 ${common.vector_helpers("pscl_floatv", "float", VEC)}
 // Tile parameters: declared once, in pysparsecl/ops/conv2d.py (CONV2D_CSR).
@@ -16,18 +20,27 @@ ${common.vector_helpers("pscl_floatv", "float", VEC)}
 #define PSCL_PIX_VECS ${PIX_VECS}
 #define PSCL_WG_PIX ${WG_PIX}
 #define PSCL_WG_CH ${WG_CH}
-// Derived: virtual pixels covered by one work-group along a row of the output plane.
+% if BATCH_LAYOUT:
+// Derived: floats per packed pixel; pixels between one work-item's vectors; pixels per
+// work-group tile.
+#define PSCL_PIX_FLOATS PSCL_VEC
+#define PSCL_PIX_STEP PSCL_WG_PIX
+#define PSCL_TILE_PIX (PSCL_PIX_VECS * PSCL_WG_PIX)
+% else:
+#define PSCL_PIX_FLOATS 1
+#define PSCL_PIX_STEP (PSCL_WG_PIX * PSCL_VEC)
 #define PSCL_TILE_PIX (PSCL_VEC * PSCL_PIX_VECS * PSCL_WG_PIX)
+% endif
 
 % if PACK_LANES == 0:
 // One work-item per packed element (GPUs): dim 0 walks one (iq, jq) plane, dim 1 the
-// stride phase, dim 2 the (n, c) image plane.  The extra last dim-2 index zeroes the slack
-// that the last pixel tile reads beyond the packed input (tail_len elements).
+// stride phase, dim 2 the (n, c) image plane.  The extra last dim-2 index zeroes the
+// slack that the last pixel tile reads beyond the packed input (tail_len floats).
 __kernel __attribute__((reqd_work_group_size(${PACK_WG}, 1, 1)))
 void pscl_pack_input(
     __global const float *restrict x, const long x_offset,
     __global float *restrict xpack, const int n_planes, const int tail_len,
-    const int H, const int W, const int Hq, const int Wq,
+    const int C, const int H, const int W, const int Hq, const int Wq,
     const int stride_h, const int stride_w, const int pad_top, const int pad_left)
 {
     const int i = get_global_id(0);
@@ -51,44 +64,58 @@ void pscl_pack_input(
         ? x[x_offset + ((long)nc * H + row) * W + col] : 0.0f;
 }
 % else:
-// PACK_LANES work-items per packed row (dim 0), rows along dim 1: rows are
-// [plane][iq] with plane = (n*C + c) * stride_h*stride_w + phase.  One lane copies a whole
-// row on CPUs; 32 lanes write neighbouring columns on GPUs (coalesced).  Row index
-// arithmetic is per row, keeping integer division out of the copy loop.  Rows past
-// n_rows zero the slack that the last pixel tile reads beyond the packed input.
+// PACK_LANES work-items per packed row (dim 0), rows along dim 1.  Rows are
+// [image block][c * phases + phase][iq]; a row holds Wq pixels of PSCL_PIX_FLOATS floats.
+// One lane copies a whole row on CPUs; 32 lanes write neighbouring columns on GPUs.
+// Index arithmetic is per row, keeping integer division out of the copy loop.  Rows
+// past n_rows zero the slack that the last pixel tile reads beyond the packed input.
 __kernel __attribute__((reqd_work_group_size(${PACK_LANES}, ${PACK_ROWS}, 1)))
 void pscl_pack_input(
     __global const float *restrict x, const long x_offset,
     __global float *restrict xpack, const int n_rows, const int n_rows_total,
-    const int H, const int W, const int Hq, const int Wq,
+    const int C, const int H, const int W, const int Hq, const int Wq,
     const int stride_h, const int stride_w, const int pad_top, const int pad_left)
 {
     const int row_id = get_global_id(1);
     const int lane = get_local_id(0);
     if (row_id >= n_rows_total)
         return;
-    __global float *dst = xpack + (long)row_id * Wq;
+    __global float *dst = xpack + (long)row_id * Wq * PSCL_PIX_FLOATS;
     const int iq = row_id % Hq;
     const int plane = row_id / Hq;
     const int phases = stride_h * stride_w;
-    const int nc = plane / phases;
+    const int nc = plane / phases;          // image (block) * C + channel
     const int phase = plane - nc * phases;
     const int ph = phase / stride_w;
     const int pw = phase - ph * stride_w;
     const int row = iq * stride_h + ph - pad_top;
     if (row_id >= n_rows || row < 0 || row >= H) {
-        for (int jq = lane; jq < Wq; jq += ${PACK_LANES})
-            dst[jq] = 0.0f;
+        for (int f = lane; f < Wq * PSCL_PIX_FLOATS; f += ${PACK_LANES})
+            dst[f] = 0.0f;
         return;
     }
-    const __global float *src = x + x_offset + ((long)nc * H + row) * W + pw - pad_left;
     // Columns jq whose source column jq * stride_w + pw - pad_left lies inside [0, W):
-    // zero borders and a copy loop with no per-element test (vectorisable at stride 1).
+    // zero borders and a copy loop with no per-element test.
     const int jq_lo = min(Wq, max(0, (pad_left - pw + stride_w - 1) / stride_w));
     const int last_col = W - 1 + pad_left - pw;  // C division truncates: keep it >= 0
     const int jq_hi = last_col < 0 ? jq_lo : min(Wq, max(jq_lo, last_col / stride_w + 1));
-    for (int jq = lane; jq < jq_lo; jq += ${PACK_LANES})
-        dst[jq] = 0.0f;
+    for (int f = lane; f < jq_lo * PSCL_PIX_FLOATS; f += ${PACK_LANES})
+        dst[f] = 0.0f;
+% if BATCH_LAYOUT:
+    // nc = block * C + c: the VEC images of the block are C * H * W floats apart.
+    const int c = nc % C;
+    const __global float *src = x + x_offset
+        + ((long)(nc - c) * PSCL_VEC * H + (long)c * H + row) * W + pw - pad_left;
+    const long image = (long)C * H * W;
+    for (int jq = jq_lo + lane; jq < jq_hi; jq += ${PACK_LANES}) {
+        pscl_floatv v;
+%   for e in range(VEC):
+        ${common.component("v", VEC, e)} = src[${e} * image + jq * stride_w];
+%   endfor
+        PSCL_STORE_pscl_floatv(v, jq, dst);
+    }
+% else:
+    const __global float *src = x + x_offset + ((long)nc * H + row) * W + pw - pad_left;
     if (stride_w == 1) {
         for (int jq = jq_lo + lane; jq < jq_hi; jq += ${PACK_LANES})
             dst[jq] = src[jq];
@@ -96,8 +123,9 @@ void pscl_pack_input(
         for (int jq = jq_lo + lane; jq < jq_hi; jq += ${PACK_LANES})
             dst[jq] = src[jq * stride_w];
     }
-    for (int jq = jq_hi + lane; jq < Wq; jq += ${PACK_LANES})
-        dst[jq] = 0.0f;
+% endif
+    for (int f = jq_hi * PSCL_PIX_FLOATS + lane; f < Wq * PSCL_PIX_FLOATS; f += ${PACK_LANES})
+        dst[f] = 0.0f;
 }
 % endif
 
@@ -109,121 +137,98 @@ void pscl_pack_input(
 #define PSCL_PIX_DIM 0
 % endif
 
-// Each work-item owns CH_PER_ITEM output channels x PIX_VECS vectors of pixels.  The
-// nonzeros of a row are split by input-channel block (blk_ptr, C_BLOCK channels each):
-// all of the item's channels finish one block before the next starts, so the packed
-// input under one block stays in L1 while every channel reuses it.  With one block
-// and one channel per item this is the plain CSR row loop, kept entirely in registers.
+// Each work-item owns one output channel and PIX_VECS vectors; the CSR row loop keeps
+// the accumulators in registers.  Rows are visited heaviest first (row_order).
 __kernel __attribute__((reqd_work_group_size(
     ${"PSCL_WG_CH, PSCL_WG_PIX" if CH_FASTEST else "PSCL_WG_PIX, PSCL_WG_CH"}, 1)))
 void pscl_conv2d_csr(
     __global const float *restrict xpack,
-    __global const int2 *restrict w_nz,       // nnz (offset into a group's packed input,
-                                              //      bits of the float value): one load
-    __global const int *restrict blk_ptr,     // K x (n_blocks + 1): block starts per row
+    __global const int2 *restrict w_nz,       // nnz (offset in floats into a group's
+                                              //      packed input, float bits): one load
+    __global const int *restrict row_ptr,     // K + 1
     __global const int *restrict row_order,   // K rows, heaviest first (load balance)
     __global const float *restrict bias,      // K (read only when HAS_BIAS)
     __global float *restrict out, const long out_offset,
-    const int K, const int k_per_group, const int n_blocks, const int OH, const int OW,
-    const int Wq, const long x_image_stride, const long x_group_stride)
+    const int K, const int k_per_group, const int OH, const int OW, const int Wq,
+    const long x_image_stride, const long x_group_stride)
 {
-    const int slot0 = get_global_id(PSCL_CH_DIM) * ${CH_PER_ITEM};
-    if (slot0 >= K)
+    const int slot = get_global_id(PSCL_CH_DIM);
+    if (slot >= K)
         return;
-    const int n_items = min(${CH_PER_ITEM}, K - slot0);
-    const int n = get_global_id(2);
+    const int k = row_order[slot];
+    const int n = get_global_id(2);           // image, or image block of VEC images
     const int lane = get_local_id(PSCL_PIX_DIM);
-    // Virtual pixel of this work-item's first vector; its vectors are WG_PIX vectors apart
-    // so that neighbouring work-items read neighbouring memory (coalesced on GPUs).
-    const int p0 = get_group_id(PSCL_PIX_DIM) * PSCL_TILE_PIX + lane * PSCL_VEC;
-    const __global float *ximage = xpack + n * x_image_stride + p0;
+    // Virtual pixel of this work-item's first vector; its vectors are PSCL_PIX_STEP pixels
+    // apart so that neighbouring work-items read neighbouring memory (coalesced on GPUs).
+    const int p0 = get_group_id(PSCL_PIX_DIM) * PSCL_TILE_PIX
+                   + lane * (PSCL_PIX_STEP / PSCL_WG_PIX);
+    const __global float *xbase = xpack + n * x_image_stride
+        + (k / k_per_group) * x_group_stride + (long)p0 * PSCL_PIX_FLOATS;
 
-% if CH_PER_ITEM == 1:
-    const int k = row_order[slot0];
-    const __global float *xbase = ximage + (k / k_per_group) * x_group_stride;
-%   for b in range(PIX_VECS):
+% for b in range(PIX_VECS):
     pscl_floatv acc${b} = (pscl_floatv)(0.0f);
-%   endfor
-    for (int blk = 0; blk < n_blocks; ++blk) {
-        ${nonzero_loop("k * (n_blocks + 1) + blk")}
+% endfor
+    const int j_end = row_ptr[k + 1];
+% if UNROLL > 1:
+    __attribute__((opencl_unroll_hint(${UNROLL})))
+% endif
+    for (int j = row_ptr[k]; j < j_end; ++j) {
+        const int2 nz = w_nz[j];
+        const pscl_floatv w = (pscl_floatv)(as_float(nz.y));
+        const __global float *src = xbase + nz.x;
+% for b in range(PIX_VECS):
+        acc${b} = fma(w, PSCL_LOAD_pscl_floatv(0, src + ${b} * PSCL_PIX_STEP * PSCL_PIX_FLOATS), acc${b});
+% endfor
     }
-    ${store("k", ["acc%d" % b for b in range(PIX_VECS)])}
-% else:
-    pscl_floatv accs[${CH_PER_ITEM * PIX_VECS}];
-    for (int i = 0; i < ${CH_PER_ITEM * PIX_VECS}; ++i)
-        accs[i] = (pscl_floatv)(0.0f);
-    for (int blk = 0; blk < n_blocks; ++blk) {
-        for (int item = 0; item < n_items; ++item) {
-            const int k = row_order[slot0 + item];
-            const __global float *xbase = ximage + (k / k_per_group) * x_group_stride;
+
+% if HAS_BIAS:
+    const pscl_floatv b_k = (pscl_floatv)(bias[k]);
+% endif
+% if BATCH_LAYOUT:
+    // Vector element e belongs to image n * VEC + e: scatter each pixel to VEC images.
+    __global float *dst = out + out_offset + ((long)n * PSCL_VEC * K + k) * OH * OW;
+    const long image = (long)K * OH * OW;
 %   for b in range(PIX_VECS):
-            pscl_floatv acc${b} = accs[item * ${PIX_VECS} + ${b}];
-%   endfor
-            ${nonzero_loop("k * (n_blocks + 1) + blk")}
-%   for b in range(PIX_VECS):
-            accs[item * ${PIX_VECS} + ${b}] = acc${b};
-%   endfor
+    {
+        const int p = p0 + ${b} * PSCL_PIX_STEP;
+        const int oh = p / Wq;
+        const int ow = p - oh * Wq;
+        if (oh < OH && ow < OW) {
+            const pscl_floatv v = acc${b}${" + b_k" if HAS_BIAS else ""};
+%     for e in range(VEC):
+            dst[${e} * image + oh * OW + ow] = ${common.component("v", VEC, e)};
+%     endfor
         }
     }
-    for (int item = 0; item < n_items; ++item) {
-        const int k = row_order[slot0 + item];
-        ${store("k", ["accs[item * %d + %d]" % (PIX_VECS, b) for b in range(PIX_VECS)])}
+%   endfor
+% else:
+    // Whole vectors where they fall inside one output row; element by element at row
+    // ends and in the thrown-away virtual columns.
+    __global float *dst = out + out_offset + ((long)n * K + k) * OH * OW;
+%   for b in range(PIX_VECS):
+    {
+        const int p = p0 + ${b} * PSCL_PIX_STEP;
+        const pscl_floatv v = acc${b}${" + b_k" if HAS_BIAS else ""};
+        const int oh = p / Wq;
+        const int ow = p - oh * Wq;
+%     if VEC > 1:
+        if (oh < OH && ow + PSCL_VEC <= OW) {
+            PSCL_STORE_pscl_floatv(v, 0, dst + oh * OW + ow);
+        } else {
+            int qh = oh, qw = ow;  // walk the elements, wrapping rows without dividing
+%       for e in range(VEC):
+            if (qh < OH && qw < OW)
+                dst[qh * OW + qw] = ${common.component("v", VEC, e)};
+%         if e < VEC - 1:
+            if (++qw == Wq) { qw = 0; ++qh; }
+%         endif
+%       endfor
+        }
+%     else:
+        if (oh < OH && ow < OW)
+            dst[oh * OW + ow] = v;
+%     endif
     }
+%   endfor
 % endif
 }
-
-## The hot loop: one broadcast weight, PIX_VECS vector loads and FMAs per nonzero.
-<%def name="nonzero_loop(ptr_index)">
-        {
-            const int j_end = blk_ptr[${ptr_index} + 1];
-% if UNROLL > 1:
-            __attribute__((opencl_unroll_hint(${UNROLL})))
-% endif
-            for (int j = blk_ptr[${ptr_index}]; j < j_end; ++j) {
-                const int2 nz = w_nz[j];
-                const pscl_floatv w = (pscl_floatv)(as_float(nz.y));
-                const __global float *src = xbase + nz.x;
-% for b in range(PIX_VECS):
-                acc${b} = fma(w, PSCL_LOAD_pscl_floatv(0, src + ${b} * PSCL_WG_PIX * PSCL_VEC), acc${b});
-% endfor
-            }
-        }
-</%def>
-
-## Write the accumulators of channel `k`: whole vectors where they fall inside one output
-## row, element by element at row ends and in the thrown-away virtual columns.
-<%def name="store(k, accs)">
-    {
-        __global float *dst = out + out_offset + ((long)n * K + ${k}) * OH * OW;
-% if HAS_BIAS:
-        const pscl_floatv b_k = (pscl_floatv)(bias[${k}]);
-% endif
-% for b, acc in enumerate(accs):
-        {
-            const int p = p0 + ${b} * PSCL_WG_PIX * PSCL_VEC;
-            const pscl_floatv v = ${acc}${" + b_k" if HAS_BIAS else ""};
-            const int oh = p / Wq;
-            const int ow = p - oh * Wq;
-% if VEC > 1:
-            if (oh < OH && ow + PSCL_VEC <= OW) {
-                PSCL_STORE_pscl_floatv(v, 0, dst + oh * OW + ow);
-            } else {
-                // Row end or thrown-away columns: walk the elements, wrapping rows
-                // without dividing.
-                int qh = oh, qw = ow;
-%   for e in range(VEC):
-                if (qh < OH && qw < OW)
-                    dst[qh * OW + qw] = ${common.component("v", VEC, e)};
-%     if e < VEC - 1:
-                if (++qw == Wq) { qw = 0; ++qh; }
-%     endif
-%   endfor
-            }
-% else:
-            if (oh < OH && ow < OW)
-                dst[oh * OW + ow] = v;
-% endif
-        }
-% endfor
-    }
-</%def>

@@ -82,6 +82,19 @@ def test_every_tile_configuration_is_correct(queue, rng, params):
             assert relative_error(y, case.reference(x, w, bias)) < TOL, case
 
 
+@pytest.mark.parametrize("vec", [2, 4, 8, 16])
+def test_batch_layout(queue, rng, vec):
+    """Vectors along the batch when VEC divides it; the pixel layout serves other batches."""
+    cases = [ConvCase(vec, 6, 9, 10, 7, sparsity=0.6, bias=True),
+             ConvCase(2 * vec, 4, 7, 7, 6, stride=(2, 2), groups=2, sparsity=0.5),
+             ConvCase(vec + 1, 3, 5, 6, 4, kernel=(1, 3), padding=(0, 1), sparsity=0.3)]
+    with override("conv2d_csr", BATCH_LAYOUT=1, VEC=vec, PIX_VECS=3, PACK_LANES=8):
+        for case in cases:
+            x, w, csr, bias = case.make_inputs(rng)
+            y = ps.conv2d_sparse(x, csr, bias, queue=queue, **case.kwargs())
+            assert relative_error(y, case.reference(x, w, bias)) < TOL, case
+
+
 def test_device_arrays_stay_on_device_and_every_output_is_written(queue, rng):
     case = ConvCase(3, 8, 10, 12, 7, sparsity=0.6, bias=True)
     x, w, csr, bias = case.make_inputs(rng)

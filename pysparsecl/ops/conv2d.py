@@ -37,20 +37,19 @@ CONV2D_CSR = ParamSpec(
         TileParam("WG_CH", 1, (1, 2, 4, 8, 16), "work-items along output channels"),
         TileParam("CH_FASTEST", 0, (0, 1),
                   "1: NDRange dim 0 walks output channels (input tile reused from cache)"),
-        TileParam("CH_PER_ITEM", 1, (1, 2, 4, 8, 16, 32),
-                  "output channels computed by one work-item, one input-channel block at a time"),
-        TileParam("C_BLOCK", 0, (0, 4, 8, 16, 32, 64),
-                  "input channels per block of a row's nonzeros (0: one block, the whole row)"),
+        TileParam("BATCH_LAYOUT", 0, (0, 1),
+                  "1: vectors run along VEC images (aligned loads) when VEC divides the batch"),
         TileParam("UNROLL", 1, (1, 2, 4), "unroll hint for the loop over a row's nonzeros"),
         TileParam("PACK_LANES", 1, (0, 1, 8, 32, 64),
                   "work-items copying one row of the packed input; 0: one per element (GPUs)"),
     ),
     constraints=(
-        Constraint("accumulators_fit_registers", lambda p: p["VEC"] * p["PIX_VECS"] <= 64,
-                   "VEC * PIX_VECS accumulators must fit the register file"),
-        Constraint("blocks_need_several_channels",
-                   lambda p: p["C_BLOCK"] == 0 or p["CH_PER_ITEM"] > 1,
-                   "input-channel blocks only pay off when an item reuses them for >1 channel"),
+        Constraint("accumulators_fit_registers", lambda p: p["VEC"] * p["PIX_VECS"] <= 96,
+                   "VEC * PIX_VECS float accumulators must fit the register file "
+                   "(96 = 12 of an x86 core's 16 AVX2 registers)"),
+        Constraint("batch_layout_packs_by_rows",
+                   lambda p: not (p["BATCH_LAYOUT"] and p["PACK_LANES"] == 0),
+                   "the batch layout's packing copies whole rows (PACK_LANES >= 1)"),
     ),
     work_group_size=lambda p: max(p["WG_PIX"] * p["WG_CH"], 64),
 )
@@ -199,10 +198,12 @@ class SparseConvWeight:
         # Heaviest rows first: work-groups that start together finish together.
         row_nnz = np.diff(csr.indptr)
         order = np.argsort(-row_nnz, kind="stable").astype(np.int32)
+        alloc = runtime.memory_pool(self.queue.context)
+        self.row_ptr = cl_array.to_device(self.queue, csr.indptr.astype(np.int32),
+                                          allocator=alloc)
         self.row_order = cl_array.to_device(self.queue, _nonempty(order, np.int32),
-                                            allocator=runtime.memory_pool(self.queue.context))
+                                            allocator=alloc)
         self._nonzeros: Dict[tuple, cl_array.Array] = {}
-        self._block_ptrs: Dict[int, Tuple[int, cl_array.Array]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -214,41 +215,17 @@ class SparseConvWeight:
         r, s = self.kernel_size
         return self._csr.toarray().reshape(self.out_channels, -1, r, s)
 
-    def block_pointers(self, c_block: int) -> Tuple[int, cl_array.Array]:
-        """(n_blocks, K x (n_blocks + 1) starts of each row's input-channel blocks), cached.
-
-        ``c_block`` input channels per block; 0 means one block per row (plain CSR).
-        """
-        cin_g = self.in_channels // self.groups
-        c_block = cin_g if c_block <= 0 else min(c_block, cin_g)
-        with self._lock:
-            cached = self._block_ptrs.get(c_block)
-            if cached is None:
-                n_blocks = -(-cin_g // c_block)
-                csr = self._csr
-                taps = self.kernel_size[0] * self.kernel_size[1]
-                rows = np.repeat(np.arange(self.out_channels), np.diff(csr.indptr))
-                blocks = csr.indices // (c_block * taps)
-                counts = np.zeros((self.out_channels, n_blocks), np.int64)
-                np.add.at(counts, (rows, blocks), 1)
-                ptr = np.empty((self.out_channels, n_blocks + 1), np.int64)
-                ptr[:, 0] = csr.indptr[:-1]
-                ptr[:, 1:] = csr.indptr[:-1, None] + np.cumsum(counts, axis=1)
-                cached = self._block_ptrs[c_block] = (n_blocks, cl_array.to_device(
-                    self.queue, ptr.astype(np.int32).ravel(),
-                    allocator=runtime.memory_pool(self.queue.context)))
-            return cached
-
-    def nonzeros(self, geom: _Geometry) -> cl_array.Array:
-        """(nnz, 2) int32 pairs for ``geom``: the offset into one group's packed input and
-        the bits of the float32 value, so the kernel fetches both in one load (cached)."""
-        key = (geom.Hq, geom.Wq, geom.stride, geom.dilation)
+    def nonzeros(self, geom: _Geometry, pixel_floats: int) -> cl_array.Array:
+        """(nnz, 2) int32 pairs for ``geom``: the offset in floats into one group's packed
+        input (``pixel_floats`` floats per packed pixel) and the bits of the float32 value,
+        so the kernel fetches both in one load (cached)."""
+        key = (geom.Hq, geom.Wq, geom.stride, geom.dilation, pixel_floats)
         with self._lock:
             pairs = self._nonzeros.get(key)
             if pairs is None:
                 host = np.empty((max(self.nnz, 1), 2), np.int32)
                 host[:] = 0
-                host[:self.nnz, 0] = self._host_offsets(geom)
+                host[:self.nnz, 0] = self._host_offsets(geom) * pixel_floats
                 host[:self.nnz, 1] = self._csr.data.astype(np.float32).view(np.int32)
                 pairs = self._nonzeros[key] = cl_array.to_device(
                     self.queue, host, allocator=runtime.memory_pool(self.queue.context))
@@ -263,7 +240,7 @@ class SparseConvWeight:
         plane = geom.Hq * geom.Wq
         phase = ((r * dh) % sh) * sw + (s * dw) % sw
         off = (c * geom.phases + phase) * plane + ((r * dh) // sh) * geom.Wq + (s * dw) // sw
-        return off.astype(np.int32)
+        return off
 
 
 def _nonempty(a: np.ndarray, dtype) -> np.ndarray:
@@ -376,18 +353,24 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
 def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Geometry,
             events):
     params = tuning.lookup(CONV2D_CSR, queue.device)
+    vec = params["VEC"]
+    # The batch layout needs whole vectors of images; otherwise vectors run along pixels.
+    batched = bool(params["BATCH_LAYOUT"]) and geom.N % vec == 0
+    params = dict(params, BATCH_LAYOUT=int(batched))
+    pixel_floats = vec if batched else 1
+    n_blocks = geom.N // vec if batched else geom.N  # NDRange dim 2: images or image blocks
     K, C = weight.out_channels, weight.in_channels
-    cin_g = C // weight.groups
     plane = geom.Hq * geom.Wq
-    group_stride = cin_g * geom.phases * plane
-    image_stride = C * geom.phases * plane
-    tile = params["VEC"] * params["PIX_VECS"] * params["WG_PIX"]
+    group_stride = (C // weight.groups) * geom.phases * plane * pixel_floats
+    image_stride = C * geom.phases * plane * pixel_floats
+    tile = params["PIX_VECS"] * params["WG_PIX"] * (1 if batched else vec)  # pixels
     n_tiles = -(-(geom.OH * geom.Wq) // tile)
-    n_rows = geom.N * C * geom.phases * geom.Hq
+    row_floats = geom.Wq * pixel_floats
+    n_rows = n_blocks * C * geom.phases * geom.Hq
     # Slack rows that the last pixel tile may read past the packed input.
-    n_rows_total = n_rows + -(-(n_tiles * tile) // geom.Wq)
-    n_total = n_rows_total * geom.Wq
-    if group_stride + n_tiles * tile > INT32_MAX or n_total > INT32_MAX:
+    n_rows_total = n_rows + -(-(n_tiles * tile * pixel_floats) // row_floats)
+    n_total = n_rows_total * row_floats
+    if group_stride + n_tiles * tile * pixel_floats > INT32_MAX or n_total > INT32_MAX:
         raise ValueError("the padded input is too large for int32 indexing "
                          f"({n_total} elements); split the batch")
     check_alloc(queue, 4 * n_total, "the padded input")
@@ -395,47 +378,40 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
     kern = runtime.kernels(queue.context, "conv2d_csr.cl.mako",
                            ("pscl_pack_input", "pscl_conv2d_csr"),
                            **template_args(params, bias_dev is not None))
-    alloc = runtime.memory_pool(queue.context)
-    xpack = cl_array.empty(queue, (n_total,), np.float32, allocator=alloc)
+    xpack = cl_array.empty(queue, (n_total,), np.float32,
+                           allocator=runtime.memory_pool(queue.context))
     lanes, rows = params["PACK_LANES"], pack_rows(params["PACK_LANES"])
     if lanes:
         pack_grid = (lanes, round_up(n_rows_total, rows)), (lanes, rows)
         pack_counts = (np.int32(n_rows), np.int32(n_rows_total))
     else:
-        n_planes = geom.N * C
-        pack_grid = ((round_up(max(plane, n_total - n_rows * geom.Wq), PACK_WG),
-                      geom.phases, n_planes + 1), (PACK_WG, 1, 1))
-        pack_counts = (np.int32(n_planes), np.int32(n_total - n_rows * geom.Wq))
-    ev_pack = kern["pscl_pack_input"](queue, *pack_grid,
-                                      x_dev.base_data, elem_offset(x_dev), xpack.data,
-                                      *pack_counts, np.int32(geom.H), np.int32(geom.W),
-                                      np.int32(geom.Hq), np.int32(geom.Wq),
-                                      np.int32(geom.stride[0]), np.int32(geom.stride[1]),
-                                      np.int32(geom.padding[0]), np.int32(geom.padding[1]),
-                                      wait_for=x_dev.events or None)
+        tail = n_total - n_rows * row_floats
+        pack_grid = ((round_up(max(plane, tail), PACK_WG), geom.phases, geom.N * C + 1),
+                     (PACK_WG, 1, 1))
+        pack_counts = (np.int32(geom.N * C), np.int32(tail))
+    ev_pack = kern["pscl_pack_input"](
+        queue, *pack_grid, x_dev.base_data, elem_offset(x_dev), xpack.data, *pack_counts,
+        np.int32(C), np.int32(geom.H), np.int32(geom.W), np.int32(geom.Hq), np.int32(geom.Wq),
+        np.int32(geom.stride[0]), np.int32(geom.stride[1]),
+        np.int32(geom.padding[0]), np.int32(geom.padding[1]), wait_for=x_dev.events or None)
 
-    # An in-order queue already runs the convolution after the packing.
-    in_order = not queue.properties & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
-    pack_done = [] if in_order else [ev_pack]
     wg_pix, wg_ch = params["WG_PIX"], params["WG_CH"]
-    pix_size = n_tiles * wg_pix
-    ch_size = round_up(-(-K // params["CH_PER_ITEM"]), wg_ch)
-    n_blocks, blk_ptr = weight.block_pointers(params["C_BLOCK"])
+    pix_size, ch_size = n_tiles * wg_pix, round_up(K, wg_ch)
     if params["CH_FASTEST"]:
-        global_size, local_size = (ch_size, pix_size, geom.N), (wg_ch, wg_pix, 1)
+        global_size, local_size = (ch_size, pix_size, n_blocks), (wg_ch, wg_pix, 1)
     else:
-        global_size, local_size = (pix_size, ch_size, geom.N), (wg_pix, wg_ch, 1)
-    nonzeros = weight.nonzeros(geom)
+        global_size, local_size = (pix_size, ch_size, n_blocks), (wg_pix, wg_ch, 1)
     if bias_dev is not None and bias_dev.offset:
         bias_dev = bias_dev.copy(queue=queue)
     bias_buf = bias_dev.data if bias_dev is not None else weight.row_order.data  # unread
-    ev_conv = kern["pscl_conv2d_csr"](queue, global_size, local_size,
-                   xpack.data, nonzeros.data, blk_ptr.data,
-                   weight.row_order.data, bias_buf, out_dev.base_data, elem_offset(out_dev),
-                   np.int32(K), np.int32(K // weight.groups), np.int32(n_blocks), np.int32(geom.OH),
-                   np.int32(geom.OW), np.int32(geom.Wq),
-                   np.int64(image_stride), np.int64(group_stride),
-                   wait_for=(pack_done + list(out_dev.events)) or None)
+    # An in-order queue already runs the convolution after the packing.
+    in_order = not queue.properties & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
+    ev_conv = kern["pscl_conv2d_csr"](
+        queue, global_size, local_size, xpack.data, weight.nonzeros(geom, pixel_floats).data,
+        weight.row_ptr.data, weight.row_order.data, bias_buf, out_dev.base_data,
+        elem_offset(out_dev), np.int32(K), np.int32(K // weight.groups), np.int32(geom.OH),
+        np.int32(geom.OW), np.int32(geom.Wq), np.int64(image_stride), np.int64(group_stride),
+        wait_for=(([] if in_order else [ev_pack]) + list(out_dev.events)) or None)
     out_dev.add_event(ev_conv)
     # xpack goes back to the pool when this returns; that is safe because every later use
     # of the pool's buffers is enqueued on an in-order queue behind ev_conv.
