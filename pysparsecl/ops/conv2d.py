@@ -27,10 +27,14 @@ from ._common import (
 
 __all__ = ["CONV2D_CSR", "SparseConvWeight", "conv2d_sparse", "conv2d_output_shape"]
 
+PACK_WG = 64  # work-items per packing work-group, whatever their shape
+
 CONV2D_CSR = ParamSpec(
     family="conv2d_csr",
     params=(
-        TileParam("VEC", 8, (1, 2, 4, 8, 16), "output pixels per vector (one load + FMA each)"),
+        TileParam("VEC", 8, (1, 2, 4, 8, 16),
+                  "floats per vector (one load + FMA each): output pixels, or images of the "
+                  "batch with BATCH_LAYOUT"),
         TileParam("PIX_VECS", 4, (1, 2, 3, 4, 6, 8), "vectors of pixels held per work-item"),
         TileParam("WG_PIX", 1, (1, 2, 4, 8, 16, 32, 64, 128, 256),
                   "work-items along pixels in a work-group"),
@@ -51,11 +55,8 @@ CONV2D_CSR = ParamSpec(
                    lambda p: not (p["BATCH_LAYOUT"] and p["PACK_LANES"] == 0),
                    "the batch layout's packing copies whole rows (PACK_LANES >= 1)"),
     ),
-    work_group_size=lambda p: max(p["WG_PIX"] * p["WG_CH"], 64),
+    work_group_size=lambda p: max(p["WG_PIX"] * p["WG_CH"], PACK_WG),
 )
-
-
-PACK_WG = 64  # work-items per packing work-group, whatever their shape
 
 
 def pack_rows(pack_lanes: int) -> int:
