@@ -6,6 +6,7 @@
 set -uo pipefail
 OUT=${OUT:-bench/results}
 N_SWEEP=${1:-40}
+BENCH_BATCHES=${BENCH_BATCHES:-1 8 32}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -28,4 +29,5 @@ echo "== sweep"; python3 bench/sweep.py --device nvidia --space gpu --batch 32 -
 [ -s "$OUT/best_params.txt" ] && export PYSPARSECL_PARAMS=$(cat "$OUT/best_params.txt")
 echo "== call overhead"; python3 bench/profile_call.py --device nvidia 2>&1 | head -22
 echo "== bench with ${PYSPARSECL_PARAMS:-shipped parameters}"
-python3 bench/run.py --device nvidia --batch 1 8 32 --no-scipy --out "$OUT" 2>&1 | tail -40
+[ "$BENCH_BATCHES" = none ] || python3 bench/run.py --device nvidia --batch $BENCH_BATCHES \
+    --no-scipy --out "$OUT" 2>&1 | tail -40

@@ -30,9 +30,9 @@ from run import event_ms  # noqa: E402
 SPACES = {
     "all": lambda p: True,
     # GPUs: scalar or short vectors, warps along pixels, registers only.
-    "gpu": lambda p: (p["VEC"] <= 2 and p["WG_PIX"] >= 32 and p["CH_PER_ITEM"] == 1
-                      and p["C_BLOCK"] == 0 and p["CH_FASTEST"] == 0
-                      and p["PACK_LANES"] in (0, 32)),
+    "gpu": lambda p: (p["WG_PIX"] >= 32 and p["CH_FASTEST"] == 0
+                      and p["PACK_LANES"] in (0, 32)
+                      and (p["VEC"] <= 2 or p["BATCH_LAYOUT"] and p["VEC"] <= 4)),
     # CPUs: wide vectors, one item along pixels.
     "cpu": lambda p: p["VEC"] >= 8 and p["WG_PIX"] == 1 and p["PACK_LANES"] <= 8,
 }
