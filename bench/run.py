@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,45 +27,17 @@ import pyopencl.array as cl_array  # noqa: E402
 import pysparsecl as ps  # noqa: E402
 from pysparsecl import runtime, tuning  # noqa: E402
 from pysparsecl.ops.conv2d import CONV2D_CSR  # noqa: E402
+from pysparsecl.ops.elementwise import ELEMENTWISE  # noqa: E402
 from pysparsecl.testing.cases import RESNET50_LAYERS  # noqa: E402
 from pysparsecl.testing.reference import relative_error  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import elementwise  # noqa: E402  (bench/elementwise.py)
+from timing import event_ms, interleaved_medians, wall_ms  # noqa: E402,F401  (re-exported)
+
+OPS = ("conv2d", "elementwise")
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def wall_ms(fn):
-    """A timer for ``fn`` (which must block until its work is done): wall ms of one run."""
-    def timed():
-        t0 = time.perf_counter()
-        fn()
-        return 1e3 * (time.perf_counter() - t0)
-    return timed
-
-
-def event_ms(launch, queue):
-    """A timer: summed ms of the OpenCL profiling events that ``launch(events)`` records."""
-    def timed():
-        events = []
-        launch(events)
-        queue.finish()
-        return sum(e.profile.end - e.profile.start for e in events) * 1e-6
-    return timed
-
-
-def interleaved_medians(timers: dict, rounds: int, block: int = 3, slow=()) -> dict:
-    """Median ms of each timer, measured in interleaved blocks.
-
-    Each round runs every timer as a block: one untimed warm-up run, then ``block`` timed
-    runs back to back (a library's threads stay warm within its block, as in real use).
-    Rotating the blocks over ``rounds`` lets a slow spell of a shared, noisy machine hit
-    every contender alike.  Timers named in ``slow`` run one timed run a round.
-    """
-    samples = {name: [] for name in timers}
-    for _ in range(rounds):
-        for name, timer in timers.items():
-            timer()
-            samples[name].extend(timer() for _ in range(1 if name in slow else block))
-    return {name: float(np.median(v)) for name, v in samples.items()}
 
 
 class Torch:
@@ -240,15 +211,19 @@ def readme_headline(results_dir: Path = RESULTS) -> str:
         if path.stem.endswith("-quick") or path.stem.startswith("sweep"):
             continue
         data = json.loads(path.read_text())
-        rows = [r for r in data.get("rows", []) if r.get("op") == "conv2d_sparse"]
-        if not rows:
-            continue
-        batch = max(r["N"] for r in rows)
-        rows = [r for r in rows if r["N"] == batch and r["sparsity"] in (0.9, 0.95)]
         h = data["header"]
         parts += [f"**{h['device']}** (driver {h['driver']}; {h['date']}; baselines: "
-                  f"{h['baselines']}; full table: [bench/results/{path.stem}.md]"
-                  f"(bench/results/{path.stem}.md))", "", markdown_table(rows), ""]
+                  f"{h['baselines']}; full tables: [bench/results/{path.stem}.md]"
+                  f"(bench/results/{path.stem}.md))", ""]
+        conv = [r for r in data.get("rows", []) if r.get("op") == "conv2d_sparse"]
+        if conv:
+            batch = max(r["N"] for r in conv)
+            parts += [markdown_table([r for r in conv if r["N"] == batch
+                                      and r["sparsity"] in (0.9, 0.95)]), ""]
+        add = [r for r in data.get("rows", []) if r.get("op") == "elementwise_add"
+               and r["n"] >= 16 * 2**20]
+        if add:
+            parts += [elementwise.markdown_table(add), ""]
         if (results_dir / f"{path.stem}.png").exists():
             parts += [f"![conv2d_sparse speedup on {h['device']}](bench/results/{path.stem}.png)",
                       ""]
@@ -264,11 +239,21 @@ def update_readme(results_dir: Path = RESULTS) -> None:
     README.write_text(f"{head}{start}\n{readme_headline(results_dir)}{end}{tail}")
 
 
+CONV2D_NOTE = (
+    "'ours ms' is kernel time (OpenCL profiling events: input packing + convolution); "
+    "'call ms' is the whole Python call on device arrays, blocking, as torch and SciPy are "
+    "timed. 'x torch' = torch dense ms / ours ms; 'x torch (call)' = torch dense ms / call ms; "
+    "'x scipy' = SciPy CSR @ im2col ms (im2col included) / ours ms. 'nnz GFLOP/s' counts "
+    "only the nonzero weights' multiply-adds.")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", help="'P:D' indices or a name substring "
                         "(default: the runtime's choice)")
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS),
+                        help="which op suites to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="smoke run, < 2 min on 2 cores")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--sparsity", type=float, nargs="+",
@@ -277,7 +262,7 @@ def main(argv=None):
                         help="interleaved rounds (each: warm-up + 3 timed runs per contender)")
     parser.add_argument("--no-scipy", action="store_true", help="skip the SciPy baseline")
     parser.add_argument("--no-check", dest="check", action="store_false",
-                        help="skip the float64 correctness check of each result")
+                        help="skip the correctness check of each result")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--tag", default="", help="suffix for the result file names")
     parser.add_argument("--readme", action="store_true",
@@ -289,8 +274,7 @@ def main(argv=None):
 
     queue = runtime.queue_for(args.device)
     device = queue.device
-    is_gpu = runtime.device_kind(device) == "gpu"
-    torch_b = Torch(want_gpu=is_gpu)
+    torch_b = Torch(want_gpu=runtime.device_kind(device) == "gpu")
     slug = tuning.device_slug(device) + (f"-{args.tag}" if args.tag else "") + \
         ("-quick" if args.quick else "")
     header = {
@@ -300,33 +284,40 @@ def main(argv=None):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "pysparsecl": ps.__version__,
         "baselines": torch_b.note,
-        "conv2d_params": tuning.lookup(CONV2D_CSR, device),
+        "params": {spec.family: tuning.lookup(spec, device) for spec in (CONV2D_CSR,
+                                                                         ELEMENTWISE)},
         "timing": f"{args.rounds} interleaved rounds x (1 warm-up + 3 timed runs); median",
     }
     print(json.dumps(header, indent=1))
     rng = np.random.default_rng(2026)
-    rows = bench_conv2d(queue, torch_b, args, rng)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{slug}.json").write_text(json.dumps({"header": header, "rows": rows},
-                                                      indent=1))
-    title = f"conv2d_sparse vs torch dense conv2d on {header['device']}"
-    has_plot = plot(rows, args.out / f"{slug}.png", title)
     md = [f"# pysparsecl benchmark: {header['device']}", "",
           "\n".join(f"- {k}: {v}" for k, v in header.items()), "",
-          "Times are medians of repeated runs after a warm-up. 'ours ms' is kernel time "
-          "(OpenCL profiling events: input packing + convolution); 'call ms' is the whole "
-          "Python call on device arrays, blocking, as torch and SciPy are timed. 'x torch' = "
-          "torch dense ms / ours ms; 'x torch (call)' = torch dense ms / call ms; 'x scipy' = "
-          "SciPy CSR @ im2col ms (im2col included) / ours ms. "
-          "'nnz GFLOP/s' counts only the nonzero weights' multiply-adds.", "",
-          "## conv2d_sparse (ResNet-50 layers, random unstructured sparsity)", "",
-          markdown_table(rows), ""]
-    if has_plot:
-        md.append(f"![speedup]({slug}.png)")
+          "Times are medians of repeated runs after a warm-up, all contenders measured in "
+          "the same run in interleaved rounds.", ""]
+    body_start, rows, has_plot = len(md), [], False
+    args.out.mkdir(parents=True, exist_ok=True)
+    if "conv2d" in args.ops:
+        conv_rows = bench_conv2d(queue, torch_b, args, rng)
+        rows += conv_rows
+        has_plot = plot(conv_rows, args.out / f"{slug}.png",
+                        f"conv2d_sparse vs torch dense conv2d on {header['device']}")
+        md += ["## conv2d_sparse (ResNet-50 layers, random unstructured sparsity)", "",
+               CONV2D_NOTE, "", markdown_table(conv_rows), ""]
+        if has_plot:
+            md += [f"![speedup]({slug}.png)", ""]
+    if "elementwise" in args.ops:
+        ew_rows = elementwise.bench_elementwise(queue, args, rng)
+        bc_rows = [] if args.quick else elementwise.bench_broadcast(queue, args, rng)
+        rows += ew_rows + bc_rows
+        md += ["## elementwise add (float32, device-resident)", "",
+               elementwise.__doc__.split("\n\n")[1].replace("\n", " "), "",
+               elementwise.markdown_table(ew_rows), ""]
+        md += [f"- broadcast {r['shape']} + (1, C, 1, 1): ours {r['ours_gbs']:.1f} GB/s, "
+               f"NumPy {r['numpy_gbs']:.1f} GB/s" for r in bc_rows]
+    (args.out / f"{slug}.json").write_text(json.dumps({"header": header, "rows": rows},
+                                                      indent=1))
     (args.out / f"{slug}.md").write_text("\n".join(md) + "\n")
-    print()
-    print(markdown_table(rows))
+    print("\n" + "\n".join(md[body_start:]))
     print(f"\nwrote {args.out / slug}.{{json,md{',png' if has_plot else ''}}}")
     return 0
 

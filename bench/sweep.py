@@ -25,7 +25,7 @@ from pysparsecl.testing.cases import RESNET50_LAYERS  # noqa: E402
 from pysparsecl.testing.reference import relative_error  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import event_ms  # noqa: E402
+from timing import event_ms  # noqa: E402
 
 SPACES = {
     "all": lambda p: True,

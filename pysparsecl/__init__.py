@@ -9,3 +9,7 @@ __all__ = [
     "__version__", "conv2d_sparse", "conv2d_output_shape", "SparseConvWeight",
     "KernelBuildError", "NoDeviceError", "get_queue", "list_devices",
 ]
+
+from .ops.elementwise import add, add_relu, axpby, mul  # noqa: E402
+
+__all__ += ["add", "mul", "axpby", "add_relu"]

@@ -223,21 +223,22 @@ def queue_for(spec: Optional[str] = None) -> cl.CommandQueue:
     return _make_queue(cl.Context([working[0]]))
 
 
-def resolve_queue(queue: Optional[cl.CommandQueue], *arrays) -> cl.CommandQueue:
-    """The queue an op runs on: ``queue``, else that of the first device array, else the default.
-
-    Every device array must live in the chosen queue's context.
-    """
-    device_arrays = [a for a in arrays if isinstance(a, cl_array.Array)]
+def resolve_queue(queue: Optional[cl.CommandQueue], *arrays, **named_arrays) -> cl.CommandQueue:
+    """The queue an op runs on: ``queue``, else that of the first device array, else the
+    default queue.  Every device array (positional, or keyword so that an error can name it)
+    must live in the chosen queue's context."""
+    candidates = [("an input", a) for a in arrays] + list(named_arrays.items())
+    device_arrays = [(name, a) for name, a in candidates if isinstance(a, cl_array.Array)]
     if queue is None and device_arrays:
-        queue = device_arrays[0].queue
-        if queue is None:
-            raise ValueError("device array has no queue attached; pass queue=")
+        name, first = device_arrays[0]
+        if first.queue is None:
+            raise ValueError(f"{name} is a pyopencl array without a queue; pass queue=")
+        queue = first.queue
     queue = get_queue(queue)
-    for a in device_arrays:
+    for name, a in device_arrays:
         if a.context != queue.context:
-            raise ValueError("a pyopencl array belongs to a different OpenCL context than the "
-                             "queue the operation runs on")
+            raise ValueError(f"{name} belongs to a different OpenCL context than the queue the "
+                             "operation runs on (queue=, else the first device array's queue)")
     return queue
 
 

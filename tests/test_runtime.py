@@ -101,6 +101,10 @@ def test_corrupt_database_entry_is_ignored(queue, monkeypatch, tmp_path):
 
 
 def test_shipped_database_entries_are_valid():
+    from pysparsecl.ops.elementwise import ELEMENTWISE
+    specs = {spec.family: spec for spec in (CONV2D_CSR, ELEMENTWISE)}
     data = json.loads(tuning._DATABASE.read_text())
-    for entry in data["conv2d_csr"].values():
-        CONV2D_CSR.check(entry["params"])
+    assert set(data) <= set(specs), set(data) - set(specs)
+    for family, entries in data.items():
+        for entry in entries.values():
+            specs[family].check(entry["params"])

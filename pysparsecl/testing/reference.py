@@ -42,3 +42,35 @@ def relative_error(result, reference) -> float:
     if denom == 0:
         return float(diff)
     return float(diff / denom)
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise ops: float64 for floating-point results, exact (wrapping) NumPy integer
+# arithmetic in the result dtype for integer results.
+
+def _elementwise_operands(dtype, *operands):
+    work = np.float64 if np.issubdtype(np.dtype(dtype), np.floating) else np.dtype(dtype)
+    with np.errstate(over="ignore"):
+        return [np.asarray(x).astype(work) for x in operands]
+
+
+def add_reference(a, b, dtype) -> np.ndarray:
+    """``a + b`` broadcast, in float64 (floating ``dtype``) or wrapping ``dtype`` integers."""
+    a, b = _elementwise_operands(dtype, a, b)
+    return a + b
+
+
+def mul_reference(a, b, dtype) -> np.ndarray:
+    a, b = _elementwise_operands(dtype, a, b)
+    return a * b
+
+
+def axpby_reference(alpha, x, beta, y, dtype) -> np.ndarray:
+    alpha, x, beta, y = _elementwise_operands(dtype, alpha, x, beta, y)
+    return alpha * x + beta * y
+
+
+def add_relu_reference(a, b, dtype) -> np.ndarray:
+    """``max(a + b, 0)``, NaN propagating (``np.maximum``)."""
+    s = add_reference(a, b, dtype)
+    return np.maximum(s, np.zeros((), s.dtype))

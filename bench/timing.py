@@ -1,0 +1,42 @@
+"""Timers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def wall_ms(fn):
+    """A timer for ``fn`` (which must block until its work is done): wall ms of one run."""
+    def timed():
+        t0 = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t0)
+    return timed
+
+
+def event_ms(launch, queue):
+    """A timer: summed ms of the OpenCL profiling events that ``launch(events)`` records."""
+    def timed():
+        events = []
+        launch(events)
+        queue.finish()
+        return sum(e.profile.end - e.profile.start for e in events) * 1e-6
+    return timed
+
+
+def interleaved_medians(timers: dict, rounds: int, block: int = 3, slow=()) -> dict:
+    """Median ms of each timer, measured in interleaved blocks.
+
+    Each round runs every timer as a block: one untimed warm-up run, then ``block`` timed
+    runs back to back (a library's threads stay warm within its block, as in real use).
+    Rotating the blocks over ``rounds`` lets a slow spell of a shared, noisy machine hit
+    every contender alike.  Timers named in ``slow`` run one timed run a round.
+    """
+    samples = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            timer()
+            samples[name].extend(timer() for _ in range(1 if name in slow else block))
+    return {name: float(np.median(v)) for name, v in samples.items()}
