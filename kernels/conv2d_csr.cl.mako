@@ -137,139 +137,98 @@ void pscl_pack_input(
 #define PSCL_PIX_DIM 0
 % endif
 
-// Each work-item owns CH_PER_ITEM output channels x PIX_VECS vectors.  A row's nonzeros
-// are split by input-channel block (blk_ptr, C_BLOCK channels each): all of the item's
-// channels finish one block before the next starts, so the packed input under one block
-// stays in L1 while every channel reuses it.  With one block and one channel per item
-// this is the plain CSR row loop, accumulators in registers.  Rows are visited heaviest
-// first (row_order) so that work-groups that start together finish together.
+// Each work-item owns one output channel and PIX_VECS vectors; the CSR row loop keeps
+// the accumulators in registers.  Rows are visited heaviest first (row_order).
 __kernel __attribute__((reqd_work_group_size(
     ${"PSCL_WG_CH, PSCL_WG_PIX" if CH_FASTEST else "PSCL_WG_PIX, PSCL_WG_CH"}, 1)))
 void pscl_conv2d_csr(
     __global const float *restrict xpack,
     __global const int2 *restrict w_nz,       // nnz (offset in floats into a group's
                                               //      packed input, float bits): one load
-    __global const int *restrict blk_ptr,     // K x (n_blocks + 1): block starts per row
+    __global const int *restrict row_ptr,     // K + 1
     __global const int *restrict row_order,   // K rows, heaviest first (load balance)
     __global const float *restrict bias,      // K (read only when HAS_BIAS)
     __global float *restrict out, const long out_offset,
-    const int K, const int k_per_group, const int n_blocks, const int OH, const int OW,
-    const int Wq, const long x_image_stride, const long x_group_stride)
+    const int K, const int k_per_group, const int OH, const int OW, const int Wq,
+    const long x_image_stride, const long x_group_stride)
 {
-    const int slot0 = get_global_id(PSCL_CH_DIM) * ${CH_PER_ITEM};
-    if (slot0 >= K)
+    const int slot = get_global_id(PSCL_CH_DIM);
+    if (slot >= K)
         return;
+    const int k = row_order[slot];
     const int n = get_global_id(2);           // image, or image block of VEC images
     const int lane = get_local_id(PSCL_PIX_DIM);
     // Virtual pixel of this work-item's first vector; its vectors are PSCL_PIX_STEP pixels
     // apart so that neighbouring work-items read neighbouring memory (coalesced on GPUs).
     const int p0 = get_group_id(PSCL_PIX_DIM) * PSCL_TILE_PIX
                    + lane * (PSCL_PIX_STEP / PSCL_WG_PIX);
-    const __global float *ximage = xpack + n * x_image_stride + (long)p0 * PSCL_PIX_FLOATS;
-% if CH_PER_ITEM == 1:
-    const int k = row_order[slot0];
-    const __global float *xbase = ximage + (k / k_per_group) * x_group_stride;
-%   for b in range(PIX_VECS):
-    pscl_floatv acc${b} = (pscl_floatv)(0.0f);
-%   endfor
-    ${nonzero_loop("blk_ptr[k * (n_blocks + 1)]", "blk_ptr[k * (n_blocks + 1) + n_blocks]")}
-    ${store("k", ["acc%d" % b for b in range(PIX_VECS)])}
-% else:
-    const int n_items = min(${CH_PER_ITEM}, K - slot0);
-    pscl_floatv accs[${CH_PER_ITEM * PIX_VECS}];
-    for (int i = 0; i < ${CH_PER_ITEM * PIX_VECS}; ++i)
-        accs[i] = (pscl_floatv)(0.0f);
-    for (int blk = 0; blk < n_blocks; ++blk) {
-        for (int item = 0; item < n_items; ++item) {
-            const int k = row_order[slot0 + item];
-            const __global float *xbase = ximage + (k / k_per_group) * x_group_stride;
-            const int ptr = k * (n_blocks + 1) + blk;
-%   for b in range(PIX_VECS):
-            pscl_floatv acc${b} = accs[item * ${PIX_VECS} + ${b}];
-%   endfor
-            ${nonzero_loop("blk_ptr[ptr]", "blk_ptr[ptr + 1]")}
-%   for b in range(PIX_VECS):
-            accs[item * ${PIX_VECS} + ${b}] = acc${b};
-%   endfor
-        }
-    }
-    for (int item = 0; item < n_items; ++item) {
-        const int k = row_order[slot0 + item];
-        ${store("k", ["accs[item * %d + %d]" % (PIX_VECS, b) for b in range(PIX_VECS)])}
-    }
-% endif
-}
+    const __global float *xbase = xpack + n * x_image_stride
+        + (k / k_per_group) * x_group_stride + (long)p0 * PSCL_PIX_FLOATS;
 
-## The hot loop: one load of (offset, weight), then PIX_VECS vector loads and FMAs.
-<%def name="nonzero_loop(begin, end)">
-    {
-        const int j_end = ${end};
-% if UNROLL > 1:
-        __attribute__((opencl_unroll_hint(${UNROLL})))
-% endif
-        for (int j = ${begin}; j < j_end; ++j) {
-            const int2 nz = w_nz[j];
-            const pscl_floatv w = (pscl_floatv)(as_float(nz.y));
-            const __global float *src = xbase + nz.x;
 % for b in range(PIX_VECS):
-            acc${b} = fma(w, PSCL_LOAD_pscl_floatv(0, src + ${b} * PSCL_PIX_STEP * PSCL_PIX_FLOATS), acc${b});
+    pscl_floatv acc${b} = (pscl_floatv)(0.0f);
 % endfor
-        }
+    const int j_end = row_ptr[k + 1];
+% if UNROLL > 1:
+    __attribute__((opencl_unroll_hint(${UNROLL})))
+% endif
+    for (int j = row_ptr[k]; j < j_end; ++j) {
+        const int2 nz = w_nz[j];
+        const pscl_floatv w = (pscl_floatv)(as_float(nz.y));
+        const __global float *src = xbase + nz.x;
+% for b in range(PIX_VECS):
+        acc${b} = fma(w, PSCL_LOAD_pscl_floatv(0, src + ${b} * PSCL_PIX_STEP * PSCL_PIX_FLOATS), acc${b});
+% endfor
     }
-</%def>
 
-## Write channel `k`'s accumulators (plus bias).
-<%def name="store(k, accs)">
-    {
 % if HAS_BIAS:
-        const pscl_floatv b_k = (pscl_floatv)(bias[${k}]);
+    const pscl_floatv b_k = (pscl_floatv)(bias[k]);
 % endif
 % if BATCH_LAYOUT:
-        // Vector element e belongs to image n * VEC + e: scatter each pixel to VEC images.
-        __global float *dst = out + out_offset + ((long)n * PSCL_VEC * K + ${k}) * OH * OW;
-        const long image = (long)K * OH * OW;
-%   for b, acc in enumerate(accs):
-        {
-            const int p = p0 + ${b} * PSCL_PIX_STEP;
-            const int oh = p / Wq;
-            const int ow = p - oh * Wq;
-            if (oh < OH && ow < OW) {
-                const pscl_floatv v = ${acc}${" + b_k" if HAS_BIAS else ""};
+    // Vector element e belongs to image n * VEC + e: scatter each pixel to VEC images.
+    __global float *dst = out + out_offset + ((long)n * PSCL_VEC * K + k) * OH * OW;
+    const long image = (long)K * OH * OW;
+%   for b in range(PIX_VECS):
+    {
+        const int p = p0 + ${b} * PSCL_PIX_STEP;
+        const int oh = p / Wq;
+        const int ow = p - oh * Wq;
+        if (oh < OH && ow < OW) {
+            const pscl_floatv v = acc${b}${" + b_k" if HAS_BIAS else ""};
 %     for e in range(VEC):
-                dst[${e} * image + oh * OW + ow] = ${common.component("v", VEC, e)};
+            dst[${e} * image + oh * OW + ow] = ${common.component("v", VEC, e)};
 %     endfor
-            }
         }
+    }
 %   endfor
 % else:
-        // Whole vectors where they fall inside one output row; element by element at row
-        // ends and in the thrown-away virtual columns.
-        __global float *dst = out + out_offset + ((long)n * K + ${k}) * OH * OW;
-%   for b, acc in enumerate(accs):
-        {
-            const int p = p0 + ${b} * PSCL_PIX_STEP;
-            const pscl_floatv v = ${acc}${" + b_k" if HAS_BIAS else ""};
-            const int oh = p / Wq;
-            const int ow = p - oh * Wq;
+    // Whole vectors where they fall inside one output row; element by element at row
+    // ends and in the thrown-away virtual columns.
+    __global float *dst = out + out_offset + ((long)n * K + k) * OH * OW;
+%   for b in range(PIX_VECS):
+    {
+        const int p = p0 + ${b} * PSCL_PIX_STEP;
+        const pscl_floatv v = acc${b}${" + b_k" if HAS_BIAS else ""};
+        const int oh = p / Wq;
+        const int ow = p - oh * Wq;
 %     if VEC > 1:
-            if (oh < OH && ow + PSCL_VEC <= OW) {
-                PSCL_STORE_pscl_floatv(v, 0, dst + oh * OW + ow);
-            } else {
-                int qh = oh, qw = ow;  // walk the elements, wrapping rows without dividing
+        if (oh < OH && ow + PSCL_VEC <= OW) {
+            PSCL_STORE_pscl_floatv(v, 0, dst + oh * OW + ow);
+        } else {
+            int qh = oh, qw = ow;  // walk the elements, wrapping rows without dividing
 %       for e in range(VEC):
-                if (qh < OH && qw < OW)
-                    dst[qh * OW + qw] = ${common.component("v", VEC, e)};
+            if (qh < OH && qw < OW)
+                dst[qh * OW + qw] = ${common.component("v", VEC, e)};
 %         if e < VEC - 1:
-                if (++qw == Wq) { qw = 0; ++qh; }
+            if (++qw == Wq) { qw = 0; ++qh; }
 %         endif
 %       endfor
-            }
-%     else:
-            if (oh < OH && ow < OW)
-                dst[oh * OW + ow] = v;
-%     endif
         }
+%     else:
+        if (oh < OH && ow < OW)
+            dst[oh * OW + ow] = v;
+%     endif
+    }
 %   endfor
 % endif
-    }
-</%def>
+}

@@ -43,10 +43,6 @@ CONV2D_CSR = ParamSpec(
                   "1: NDRange dim 0 walks output channels (input tile reused from cache)"),
         TileParam("BATCH_LAYOUT", 0, (0, 1),
                   "1: vectors run along VEC images (aligned loads) when VEC divides the batch"),
-        TileParam("CH_PER_ITEM", 1, (1, 2, 4, 8, 16, 32),
-                  "output channels per work-item, visited one input-channel block at a time"),
-        TileParam("C_BLOCK", 0, (0, 4, 8, 16, 32),
-                  "input channels per block of a row's nonzeros (0: the whole row)"),
         TileParam("UNROLL", 1, (1, 2, 4), "unroll hint for the loop over a row's nonzeros"),
         TileParam("PACK_LANES", 1, (0, 1, 8, 32, 64),
                   "work-items copying one row of the packed input; 0: one per element (GPUs)"),
@@ -55,9 +51,6 @@ CONV2D_CSR = ParamSpec(
         Constraint("accumulators_fit_registers", lambda p: p["VEC"] * p["PIX_VECS"] <= 96,
                    "VEC * PIX_VECS float accumulators must fit the register file "
                    "(96 = 12 of an x86 core's 16 AVX2 registers)"),
-        Constraint("blocks_need_several_channels",
-                   lambda p: p["C_BLOCK"] == 0 or p["CH_PER_ITEM"] > 1,
-                   "input-channel blocks pay off only when an item reuses them for >1 channel"),
         Constraint("batch_layout_packs_by_rows",
                    lambda p: not (p["BATCH_LAYOUT"] and p["PACK_LANES"] == 0),
                    "the batch layout's packing copies whole rows (PACK_LANES >= 1)"),
@@ -206,10 +199,12 @@ class SparseConvWeight:
         # Heaviest rows first: work-groups that start together finish together.
         row_nnz = np.diff(csr.indptr)
         order = np.argsort(-row_nnz, kind="stable").astype(np.int32)
+        alloc = runtime.memory_pool(self.queue.context)
+        self.row_ptr = cl_array.to_device(self.queue, csr.indptr.astype(np.int32),
+                                          allocator=alloc)
         self.row_order = cl_array.to_device(self.queue, _nonempty(order, np.int32),
-                                            allocator=runtime.memory_pool(self.queue.context))
+                                            allocator=alloc)
         self._nonzeros: Dict[tuple, cl_array.Array] = {}
-        self._block_ptrs: Dict[int, Tuple[int, cl_array.Array]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -220,30 +215,6 @@ class SparseConvWeight:
         """The (K, C/groups, R, S) float32 dense weight this object represents."""
         r, s = self.kernel_size
         return self._csr.toarray().reshape(self.out_channels, -1, r, s)
-
-    def block_pointers(self, c_block: int) -> Tuple[int, cl_array.Array]:
-        """(n_blocks, K x (n_blocks + 1) starts of each row's input-channel blocks), cached.
-
-        ``c_block`` input channels per block; 0 means one block per row (plain CSR).
-        """
-        cin_g = self.in_channels // self.groups
-        c_block = cin_g if c_block <= 0 else min(c_block, cin_g)
-        with self._lock:
-            cached = self._block_ptrs.get(c_block)
-            if cached is None:
-                n_blocks = -(-cin_g // c_block)
-                csr = self._csr
-                taps = self.kernel_size[0] * self.kernel_size[1]
-                rows = np.repeat(np.arange(self.out_channels), np.diff(csr.indptr))
-                counts = np.zeros((self.out_channels, n_blocks), np.int64)
-                np.add.at(counts, (rows, csr.indices // (c_block * taps)), 1)
-                ptr = np.empty((self.out_channels, n_blocks + 1), np.int64)
-                ptr[:, 0] = csr.indptr[:-1]
-                ptr[:, 1:] = csr.indptr[:-1, None] + np.cumsum(counts, axis=1)
-                cached = self._block_ptrs[c_block] = (n_blocks, cl_array.to_device(
-                    self.queue, _nonempty(ptr.ravel(), np.int32),
-                    allocator=runtime.memory_pool(self.queue.context)))
-            return cached
 
     def nonzeros(self, geom: _Geometry, pixel_floats: int) -> cl_array.Array:
         """(nnz, 2) int32 pairs for ``geom``: the offset in floats into one group's packed
@@ -426,9 +397,7 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
         np.int32(geom.padding[0]), np.int32(geom.padding[1]), wait_for=x_dev.events or None)
 
     wg_pix, wg_ch = params["WG_PIX"], params["WG_CH"]
-    pix_size = n_tiles * wg_pix
-    ch_size = round_up(-(-K // params["CH_PER_ITEM"]), wg_ch)
-    n_cblocks, blk_ptr = weight.block_pointers(params["C_BLOCK"])
+    pix_size, ch_size = n_tiles * wg_pix, round_up(K, wg_ch)
     if params["CH_FASTEST"]:
         global_size, local_size = (ch_size, pix_size, n_blocks), (wg_ch, wg_pix, 1)
     else:
@@ -440,9 +409,8 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
     in_order = not queue.properties & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
     ev_conv = kern["pscl_conv2d_csr"](
         queue, global_size, local_size, xpack.data, weight.nonzeros(geom, pixel_floats).data,
-        blk_ptr.data, weight.row_order.data, bias_buf, out_dev.base_data,
-        elem_offset(out_dev), np.int32(K), np.int32(K // weight.groups), np.int32(n_cblocks),
-        np.int32(geom.OH),
+        weight.row_ptr.data, weight.row_order.data, bias_buf, out_dev.base_data,
+        elem_offset(out_dev), np.int32(K), np.int32(K // weight.groups), np.int32(geom.OH),
         np.int32(geom.OW), np.int32(geom.Wq), np.int64(image_stride), np.int64(group_stride),
         wait_for=(([] if in_order else [ev_pack]) + list(out_dev.events)) or None)
     out_dev.add_event(ev_conv)
