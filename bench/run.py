@@ -26,54 +26,19 @@ import pyopencl.array as cl_array  # noqa: E402
 
 import pysparsecl as ps  # noqa: E402
 from pysparsecl import runtime, tuning  # noqa: E402
-from pysparsecl.ops.conv2d import CONV2D_CSR  # noqa: E402
-from pysparsecl.ops.elementwise import ELEMENTWISE  # noqa: E402
+from pysparsecl.params import SPECS  # noqa: E402
 from pysparsecl.testing.cases import RESNET50_LAYERS  # noqa: E402
 from pysparsecl.testing.reference import relative_error  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import elementwise  # noqa: E402  (bench/elementwise.py)
-from timing import event_ms, interleaved_medians, wall_ms  # noqa: E402,F401  (re-exported)
+import masked  # noqa: E402  (bench/masked.py)
+from baselines import Torch  # noqa: E402
+from timing import event_ms, interleaved_medians, wall_ms  # noqa: E402
 
-OPS = ("conv2d", "elementwise")
+OPS = ("conv2d", "elementwise", "masked")
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-class Torch:
-    """PyTorch baselines, on the GPU when our device is one and CUDA is there."""
-
-    def __init__(self, want_gpu: bool):
-        try:
-            import torch
-        except ImportError:
-            self.torch = None
-            self.note = "torch not installed: torch baselines skipped (make bench-deps)"
-            return
-        self.torch = torch
-        self.device = "cuda" if want_gpu and torch.cuda.is_available() else "cpu"
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-        self.note = (f"torch {torch.__version__} on {self.device}"
-                     + (f" ({torch.get_num_threads()} threads)" if self.device == "cpu" else
-                        f" ({torch.cuda.get_device_name()}, cuDNN, TF32 off)"))
-
-    def sync(self):
-        if self.device == "cuda":
-            self.torch.cuda.synchronize()
-
-    def conv2d_fn(self, case, x, w):
-        """A blocking call of torch's dense conv2d on ``case`` (inputs moved once)."""
-        t = self.torch
-        xt = t.from_numpy(x).to(self.device)
-        wt = t.from_numpy(w).to(self.device)
-
-        def run():
-            with t.no_grad():
-                t.nn.functional.conv2d(xt, wt, None, case.stride, case.padding,
-                                       case.dilation, case.groups)
-            self.sync()
-        return run
 
 
 def im2col(x, case):
@@ -284,8 +249,7 @@ def main(argv=None):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "pysparsecl": ps.__version__,
         "baselines": torch_b.note,
-        "params": {spec.family: tuning.lookup(spec, device) for spec in (CONV2D_CSR,
-                                                                         ELEMENTWISE)},
+        "params": {family: tuning.lookup(spec, device) for family, spec in SPECS.items()},
         "timing": f"{args.rounds} interleaved rounds x (1 warm-up + 3 timed runs); median",
     }
     print(json.dumps(header, indent=1))
@@ -313,7 +277,15 @@ def main(argv=None):
                elementwise.__doc__.split("\n\n")[1].replace("\n", " "), "",
                elementwise.markdown_table(ew_rows), ""]
         md += [f"- broadcast {r['shape']} + (1, C, 1, 1): ours {r['ours_gbs']:.1f} GB/s, "
-               f"NumPy {r['numpy_gbs']:.1f} GB/s" for r in bc_rows]
+               f"NumPy {r['numpy_gbs']:.1f} GB/s" for r in bc_rows] + [""]
+    if "masked" in args.ops:
+        # The DSG issue's sparsities, not the convolution sweep's.
+        masked_args = argparse.Namespace(**{**vars(args), "sparsity": [0.5, 0.8, 0.9]})
+        dsg_rows = masked.bench_masked(queue, masked_args, rng)
+        rows += dsg_rows
+        md += ["## DSG: masked VMM/GEMM, conv2d_masked, dimension-reduction search", "",
+               masked.__doc__.split("\n\n")[1].replace("\n", " "), "",
+               masked.markdown_table(dsg_rows), ""]
     (args.out / f"{slug}.json").write_text(json.dumps({"header": header, "rows": rows},
                                                       indent=1))
     (args.out / f"{slug}.md").write_text("\n".join(md) + "\n")

@@ -26,17 +26,26 @@ def event_ms(launch, queue):
     return timed
 
 
-def interleaved_medians(timers: dict, rounds: int, block: int = 3, slow=()) -> dict:
+#: Idle time before each contender's block.  Multithreaded BLAS and OpenMP pools (NumPy's
+#: OpenBLAS, torch) keep their worker threads spinning for a while after a call returns;
+#: whoever runs next on a small machine then competes with them.
+SETTLE_S = 0.2
+
+
+def interleaved_medians(timers: dict, rounds: int, block: int = 3, slow=(),
+                        settle_s: float = SETTLE_S) -> dict:
     """Median ms of each timer, measured in interleaved blocks.
 
-    Each round runs every timer as a block: one untimed warm-up run, then ``block`` timed
-    runs back to back (a library's threads stay warm within its block, as in real use).
-    Rotating the blocks over ``rounds`` lets a slow spell of a shared, noisy machine hit
-    every contender alike.  Timers named in ``slow`` run one timed run a round.
+    Each round runs every timer as a block: a pause of ``settle_s``, one untimed warm-up
+    run, then ``block`` timed runs back to back (a library's threads stay warm within its
+    block, as in real use).  Rotating the blocks over ``rounds`` lets a slow spell of a
+    shared, noisy machine hit every contender alike.  Timers named in ``slow`` run one
+    timed run a round.
     """
     samples = {name: [] for name in timers}
     for _ in range(rounds):
         for name, timer in timers.items():
+            time.sleep(settle_s)
             timer()
             samples[name].extend(timer() for _ in range(1 if name in slow else block))
     return {name: float(np.median(v)) for name, v in samples.items()}

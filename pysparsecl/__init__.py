@@ -3,13 +3,32 @@
 __version__ = "0.1.0"
 
 from .ops.conv2d import SparseConvWeight, conv2d_output_shape, conv2d_sparse  # noqa: E402
+from .ops.drs import (  # noqa: E402
+    ProjectedWeight,
+    SparseRandomProjection,
+    drs_mask,
+    drs_mask_conv2d,
+)
+from .ops.elementwise import add, add_relu, axpby, mul  # noqa: E402
+from .ops.masked import (  # noqa: E402
+    MaskedLinearWeight,
+    conv2d_masked,
+    masked_matmul,
+    masked_matmul_backward,
+    masked_relu_bn,
+)
 from .runtime import KernelBuildError, NoDeviceError, get_queue, list_devices  # noqa: E402
 
 __all__ = [
-    "__version__", "conv2d_sparse", "conv2d_output_shape", "SparseConvWeight",
+    "__version__",
+    # direct sparse convolution
+    "conv2d_sparse", "conv2d_output_shape", "SparseConvWeight",
+    # DSG: masked products, dimension-reduction search, double-mask BatchNorm
+    "masked_matmul", "masked_matmul_backward", "MaskedLinearWeight", "masked_relu_bn",
+    "conv2d_masked", "drs_mask", "drs_mask_conv2d", "SparseRandomProjection",
+    "ProjectedWeight",
+    # elementwise
+    "add", "mul", "axpby", "add_relu",
+    # runtime
     "KernelBuildError", "NoDeviceError", "get_queue", "list_devices",
 ]
-
-from .ops.elementwise import add, add_relu, axpby, mul  # noqa: E402
-
-__all__ += ["add", "mul", "axpby", "add_relu"]

@@ -13,7 +13,10 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple
 
-__all__ = ["TileParam", "Constraint", "ParamSpec", "InvalidParamsError"]
+__all__ = ["TileParam", "Constraint", "ParamSpec", "InvalidParamsError", "SPECS"]
+
+#: Every kernel family's spec, by family name (filled as the op modules are imported).
+SPECS: Dict[str, "ParamSpec"] = {}
 
 
 class InvalidParamsError(ValueError):
@@ -53,6 +56,8 @@ class ParamSpec:
     def __post_init__(self):
         object.__setattr__(self, "_by_name", {p.name: p for p in self.params})
         self.check(self.defaults())
+        if SPECS.setdefault(self.family, self) is not self:
+            raise ValueError(f"two kernel families are named {self.family!r}")
 
     @property
     def names(self) -> Tuple[str, ...]:

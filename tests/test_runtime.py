@@ -6,7 +6,14 @@ import pytest
 
 from pysparsecl import runtime, tuning
 from pysparsecl.ops.conv2d import CONV2D_CSR, template_args
-from pysparsecl.params import Constraint, InvalidParamsError, ParamSpec, TileParam, parse_overrides
+from pysparsecl.params import (
+    SPECS,
+    Constraint,
+    InvalidParamsError,
+    ParamSpec,
+    TileParam,
+    parse_overrides,
+)
 
 
 def test_probe_accepts_working_device(queue):
@@ -101,10 +108,9 @@ def test_corrupt_database_entry_is_ignored(queue, monkeypatch, tmp_path):
 
 
 def test_shipped_database_entries_are_valid():
-    from pysparsecl.ops.elementwise import ELEMENTWISE
-    specs = {spec.family: spec for spec in (CONV2D_CSR, ELEMENTWISE)}
     data = json.loads(tuning._DATABASE.read_text())
-    assert set(data) <= set(specs), set(data) - set(specs)
+    assert set(data) <= set(SPECS), set(data) - set(SPECS)
     for family, entries in data.items():
         for entry in entries.values():
-            specs[family].check(entry["params"])
+            SPECS[family].check(entry["params"])
+

@@ -74,3 +74,96 @@ def add_relu_reference(a, b, dtype) -> np.ndarray:
     """``max(a + b, 0)``, NaN propagating (``np.maximum``)."""
     s = add_reference(a, b, dtype)
     return np.maximum(s, np.zeros((), s.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# DSG: output-masked products, dimension-reduction search, double-mask BatchNorm
+
+def masked_dense(values, mask, n_cols) -> np.ndarray:
+    """A (M, N) float64 array holding ``values`` at the selected entries, 0 elsewhere.
+
+    ``mask`` is a bool (M, N) mask (``values`` is then (M, N)) or int32 (M, n_keep) column
+    indices (``values`` is then the compact (M, n_keep) array, in the order of ``mask``).
+    """
+    values = np.asarray(values, np.float64)
+    mask = np.asarray(mask)
+    if mask.dtype == np.bool_:
+        return np.where(mask, values, 0.0)
+    dense = np.zeros((mask.shape[0], n_cols))
+    np.put_along_axis(dense, mask.astype(np.int64), values, axis=1)
+    return dense
+
+
+def masked_matmul_reference(x, w, mask) -> np.ndarray:
+    """``mask * (x @ w)`` in float64: dense (M, N) for a bool mask, compact (M, n_keep)
+    (``(x @ w)[i, mask[i, s]]``) for int32 column indices; 1-D ``x`` gives 1-D results."""
+    x = np.asarray(x, np.float64)
+    mask = np.asarray(mask)
+    y = np.atleast_2d(x) @ np.asarray(w, np.float64)
+    m = np.atleast_2d(mask)
+    out = np.where(m, y, 0.0) if m.dtype == np.bool_ else np.take_along_axis(
+        y, m.astype(np.int64), axis=1)
+    return out[0] if x.ndim == 1 else out
+
+
+def masked_matmul_backward_reference(dy, x, w, mask):
+    """(dx, dw) of ``y = mask * (x @ w)`` with the mask held constant, in float64:
+    dx = (mask * dy) @ w.T and dw = x.T @ (mask * dy).  ``dy`` is dense (M, N) for a bool
+    mask (unselected entries ignored) and compact (M, n_keep) for column indices."""
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    dym = masked_dense(np.atleast_2d(dy), np.atleast_2d(mask), w.shape[1])
+    dx = dym @ w.T
+    dw = np.atleast_2d(x).T @ dym
+    return (dx[0] if x.ndim == 1 else dx), dw
+
+
+def topk_mask_reference(scores, n_keep) -> np.ndarray:
+    """Bool mask of the ``n_keep`` largest entries of each row of ``scores``; ties go to
+    the lower column index and NaN ranks below every number."""
+    scores = np.atleast_2d(np.asarray(scores, np.float64))
+    key = np.where(np.isnan(scores), np.inf, -scores)    # ascending key; NaN last
+    order = np.argsort(key, axis=1, kind="stable")        # stable: equal keys by index
+    mask = np.zeros(scores.shape, bool)
+    np.put_along_axis(mask, order[:, :n_keep], True, axis=1)
+    return mask
+
+
+def drs_scores_reference(x, w, r_dense, scale) -> np.ndarray:
+    """The approximate output f(x) @ f(w) of the dimension-reduction search, in float64:
+    f(z) = scale * R z applied to the rows of x (M, d) and the columns of w (d, N)."""
+    r = np.asarray(r_dense, np.float64)
+    fx = scale * np.atleast_2d(np.asarray(x, np.float64)) @ r.T
+    fw = scale * r @ np.asarray(w, np.float64)
+    return fx @ fw
+
+
+def relu_bn_reference(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, axis=1):
+    """``mask * BN(ReLU(y))`` in float64, channels along ``axis``.
+
+    With ``mean`` and ``var`` (running statistics) this is the inference form and returns
+    the output.  Without them it is the training form: per-channel mean and biased
+    variance of ReLU(y) over the selected entries only (0 for a channel with none), and it
+    returns (out, mean, var).
+    """
+    y = np.asarray(y, np.float64)
+    mask = np.asarray(mask, bool)
+    shape = [1] * y.ndim
+    shape[axis] = y.shape[axis]
+    r = np.maximum(y, 0.0)
+    training = mean is None
+    if training:
+        others = tuple(a for a in range(y.ndim) if a != axis)
+        count = mask.sum(axis=others)
+        safe = np.maximum(count, 1)
+        mean = np.where(mask, r, 0.0).sum(axis=others) / safe
+        var = np.where(mask, (r - mean.reshape(shape)) ** 2, 0.0).sum(axis=others) / safe
+    g, b, m, v = (np.asarray(a, np.float64).reshape(shape) for a in (gamma, beta, mean, var))
+    out = np.where(mask, (r - m) / np.sqrt(v + eps) * g + b, 0.0)
+    return (out, np.asarray(mean), np.asarray(var)) if training else out
+
+
+def conv2d_masked_reference(x, w, mask, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
+    """``mask * conv2d(x, w)`` in float64: mask is bool (N, K, OH, OW)."""
+    return np.where(np.asarray(mask, bool),
+                    conv2d_reference(x, w, None, stride, padding, dilation), 0.0)

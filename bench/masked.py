@@ -1,0 +1,292 @@
+#!/usr/bin/env python3
+"""DSG benchmark: masked VMM/GEMM, conv2d_masked and the dimension-reduction search.
+
+``python3 bench/masked.py [--device SPEC] [--quick]`` (or ``bench_masked(queue, args, rng)``
+from another driver).  Every contender is measured in the same run, in interleaved rounds
+(bench/run.py's ``interleaved_medians``): our kernels by OpenCL profiling events, dense
+torch and NumPy by wall time of a blocking call.  Each timed call of ours gets a different
+mask (a rotating set), as DSG inference would, so the selected weight rows are not all
+sitting in cache from the previous call.  The search's overhead is reported as a fraction
+of the dense torch layer's time, with the projected weights reused (they change only with
+the weights); projecting the weights once is reported on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pyopencl.array as cl_array  # noqa: E402
+from baselines import Torch  # noqa: E402
+from timing import SETTLE_S, event_ms, interleaved_medians, wall_ms  # noqa: E402
+
+import pysparsecl as ps  # noqa: E402
+from pysparsecl import runtime, tuning  # noqa: E402
+from pysparsecl.ops.drs import keep_count  # noqa: E402
+from pysparsecl.testing.cases import RESNET50_LAYERS  # noqa: E402
+from pysparsecl.testing.reference import (  # noqa: E402
+    conv2d_masked_reference,
+    masked_matmul_reference,
+    relative_error,
+)
+
+VMM_SHAPES = ((1, 4096, 4096), (1, 1024, 1024))
+GEMM_SHAPES = ((128, 4096, 4096), (4096, 1024, 1024), (1568, 2304, 256))
+N_MASKS = 8   # distinct masks rotated over the timed calls
+
+
+def _row_masks(rng, m, n, n_keep, count):
+    """``count`` bool (m, n) masks with exactly n_keep per row (what drs_mask returns)."""
+    masks = []
+    for _ in range(count):
+        idx = np.argpartition(rng.random((m, n)), n_keep - 1, axis=1)[:, :n_keep]
+        mask = np.zeros((m, n), bool)
+        np.put_along_axis(mask, idx, True, axis=1)
+        masks.append(mask)
+    return masks
+
+
+def _rotating(launch_with, items):
+    """A launch(events) that uses the next of ``items`` on every call."""
+    state = {"i": 0}
+
+    def launch(events):
+        state["i"] = (state["i"] + 1) % len(items)
+        launch_with(items[state["i"]], events)
+    return launch
+
+
+def _drs_ms(queue, launch, reps=5):
+    """Median summed event ms of ``launch(events)`` (after the machine settles)."""
+    time.sleep(SETTLE_S)
+    times = []
+    for _ in range(reps + 1):
+        events = []
+        launch(events)
+        queue.finish()
+        times.append(sum(e.profile.end - e.profile.start for e in events) * 1e-6)
+    return float(np.median(times[1:]))
+
+
+def bench_matmul(queue, torch_b, args, rng):
+    shapes = ((VMM_SHAPES + GEMM_SHAPES[:1] + GEMM_SHAPES[2:]) if args.quick
+              else VMM_SHAPES + GEMM_SHAPES)
+    sparsities = (0.9,) if args.quick else tuple(args.sparsity)
+    rows = []
+    for m, k, n in shapes:
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        w = rng.standard_normal((k, n), dtype=np.float32)
+        x_dev = cl_array.to_device(queue, x)
+        weight = ps.MaskedLinearWeight(w, queue=queue)
+        dense = {}
+        if torch_b.torch is not None:
+            t = torch_b.torch
+            xt, wt = t.from_numpy(x).to(torch_b.device), t.from_numpy(w).to(torch_b.device)
+
+            def torch_mm(xt=xt, wt=wt):
+                with t.no_grad():
+                    t.matmul(xt, wt)
+                torch_b.sync()
+            dense["torch"] = wall_ms(torch_mm)
+        if not args.no_numpy:
+            dense["numpy"] = wall_ms(lambda x=x, w=w: x @ w)
+        proj = ps.SparseRandomProjection(k, seed=1, queue=queue)
+        t0 = time.perf_counter()
+        pw_events = []
+        pw = proj.project_weight(weight, events=pw_events)
+        queue.finish()
+        pw_wall = 1e3 * (time.perf_counter() - t0)
+        pw_ms = sum(e.profile.end - e.profile.start for e in pw_events) * 1e-6
+        for sparsity in sparsities:
+            n_keep = keep_count(sparsity, n)
+            masks = [cl_array.to_device(queue, mk)
+                     for mk in _row_masks(rng, m, n, n_keep, N_MASKS)]
+            y = ps.masked_matmul(x_dev, weight, masks[0]).get()
+            err = relative_error(y, masked_matmul_reference(x, w, masks[0].get())) \
+                if args.check else None
+            ours = _rotating(lambda mk, ev: ps.masked_matmul(x_dev, weight, mk, events=ev),
+                             masks)
+            call_state = {"i": 0}
+
+            def call():
+                call_state["i"] = (call_state["i"] + 1) % N_MASKS
+                ps.masked_matmul(x_dev, weight, masks[call_state["i"]])
+                queue.finish()
+            timers = {"ours": event_ms(ours, queue), "call": wall_ms(call), **dense}
+            med = interleaved_medians(timers, args.rounds, slow=("numpy",))
+            drs = _drs_ms(queue, lambda ev: ps.drs_mask(x_dev, None, sparsity, projection=pw,
+                                                        events=ev))
+            torch_ms = med.get("torch")
+            rows.append(dict(
+                op="masked_vmm" if m == 1 else "masked_gemm", shape=f"{m}x{k}x{n}", M=m, K=k,
+                N=n, sparsity=sparsity, n_keep=n_keep, ours_kernel_ms=med["ours"],
+                ours_call_ms=med["call"], torch_dense_ms=torch_ms,
+                numpy_dense_ms=med.get("numpy"),
+                speedup_vs_torch=torch_ms / med["ours"] if torch_ms else None,
+                call_speedup_vs_torch=torch_ms / med["call"] if torch_ms else None,
+                speedup_vs_numpy=med["numpy"] / med["ours"] if "numpy" in med else None,
+                gflops=2.0 * m * k * n_keep / med["ours"] / 1e6,
+                drs_ms=drs, drs_overhead=drs / torch_ms if torch_ms else None,
+                drs_k=proj.k, weight_projection_ms=pw_ms, weight_projection_call_ms=pw_wall,
+                rel_error=err))
+            print(_format(rows[-1]), flush=True)
+    return rows
+
+
+def bench_conv(queue, torch_b, args, rng):
+    layers = RESNET50_LAYERS[1:2] if args.quick else RESNET50_LAYERS[:4]
+    batch = 1 if args.quick else args.conv_batch
+    sparsities = (0.9,) if args.quick else tuple(args.sparsity)
+    rows = []
+    for layer in layers:
+        case = layer.with_(N=batch, sparsity=0.0)
+        x, w, _, _ = case.make_inputs(rng)
+        oh, ow = case.output_hw
+        x_dev, w_dev = cl_array.to_device(queue, x), cl_array.to_device(queue, w)
+        kw = dict(stride=case.stride, padding=case.padding, dilation=case.dilation)
+        dense = {}
+        if torch_b.torch is not None:
+            dense["torch"] = wall_ms(torch_b.conv2d_fn(case, x, w))
+        d = case.C * case.kernel[0] * case.kernel[1]
+        proj = ps.SparseRandomProjection(d, seed=2, queue=queue)
+        pw = proj.project_weight(ps.MaskedLinearWeight(w.reshape(case.K, d), transposed=True,
+                                                       queue=queue))
+        for sparsity in sparsities:
+            out_shape = (batch, case.K, oh, ow)
+            window = [cl_array.to_device(queue, rng.random(out_shape) >= sparsity)
+                      for _ in range(N_MASKS)]
+            channel = [cl_array.to_device(queue, rng.random(out_shape[:2] + (1, 1)) >= sparsity)
+                       for _ in range(N_MASKS)]
+            err = None
+            if args.check:
+                y = ps.conv2d_masked(x_dev, w_dev, window[0], **kw).get()
+                err = relative_error(y, conv2d_masked_reference(
+                    x, w, window[0].get(), case.stride, case.padding, case.dilation))
+            timers = {
+                "window": event_ms(_rotating(lambda mk, ev: ps.conv2d_masked(
+                    x_dev, w_dev, mk, events=ev, **kw), window), queue),
+                "channel": event_ms(_rotating(lambda mk, ev: ps.conv2d_masked(
+                    x_dev, w_dev, mk, events=ev, **kw), channel), queue),
+                **dense}
+            med = interleaved_medians(timers, args.rounds)
+            drs = _drs_ms(queue, lambda ev: ps.drs_mask_conv2d(
+                x_dev, w, sparsity, projection=pw, events=ev, **kw))
+            torch_ms = med.get("torch")
+            rows.append(dict(
+                op="conv2d_masked", shape=f"{layer.label()} N{batch}", M=batch * oh * ow, K=d,
+                N=case.K, sparsity=sparsity, ours_kernel_ms=med["window"],
+                ours_channel_ms=med["channel"], torch_dense_ms=torch_ms,
+                speedup_vs_torch=torch_ms / med["window"] if torch_ms else None,
+                channel_speedup_vs_torch=torch_ms / med["channel"] if torch_ms else None,
+                drs_ms=drs, drs_overhead=drs / torch_ms if torch_ms else None, drs_k=proj.k,
+                rel_error=err))
+            print(_format(rows[-1]), flush=True)
+    return rows
+
+
+def bench_masked(queue, args, rng) -> list:
+    """Every DSG benchmark row (dicts) for ``queue``'s device; see the module docstring.
+
+    ``args`` needs: quick, sparsity, rounds, check, no_numpy, conv_batch (defaults are
+    filled in for a driver that lacks them)."""
+    defaults = dict(quick=False, sparsity=[0.5, 0.8, 0.9], rounds=3, check=True,
+                    no_numpy=False, conv_batch=8, no_conv=False)
+    for name, value in defaults.items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
+    torch_b = Torch(want_gpu=runtime.device_kind(queue.device) == "gpu")
+    rows = bench_matmul(queue, torch_b, args, rng)
+    if not args.no_conv:
+        rows += bench_conv(queue, torch_b, args, rng)
+    return rows
+
+
+COLUMNS = [("op", "op", "{}"), ("shape", "shape", "{}"), ("sparsity", "sparsity", "{:.2f}"),
+           ("ours_kernel_ms", "ours ms", "{:.3f}"), ("ours_call_ms", "call ms", "{:.3f}"),
+           ("ours_channel_ms", "channel-mask ms", "{:.3f}"),
+           ("torch_dense_ms", "torch dense ms", "{:.3f}"),
+           ("numpy_dense_ms", "numpy dense ms", "{:.3f}"),
+           ("speedup_vs_torch", "x torch", "{:.2f}"),
+           ("channel_speedup_vs_torch", "x torch (channel mask)", "{:.2f}"),
+           ("speedup_vs_numpy", "x numpy", "{:.2f}"),
+           ("drs_ms", "DRS ms", "{:.3f}"), ("drs_overhead", "DRS / dense", "{:.1%}"),
+           ("drs_k", "k", "{}"), ("weight_projection_ms", "f(w) once ms", "{:.2f}"),
+           ("rel_error", "rel err", "{:.1e}")]
+
+
+def _fmt(value, fmt):
+    return "-" if value is None else fmt.format(value)
+
+
+def _format(row):
+    return "  ".join(f"{title}={_fmt(row.get(key), fmt)}" for key, title, fmt in COLUMNS
+                     if key in row)
+
+
+def markdown_table(rows):
+    head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    rule = "|" + "---|" * len(COLUMNS)
+    body = ["| " + " | ".join(_fmt(r.get(key), fmt) for key, _, fmt in COLUMNS) + " |"
+            for r in rows]
+    return "\n".join([head, rule] + body)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", help="'P:D' indices or a name substring")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run (90%% only, fewer shapes): well under a minute")
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.8, 0.9])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--conv-batch", type=int, default=8)
+    parser.add_argument("--no-conv", action="store_true", help="skip conv2d_masked")
+    parser.add_argument("--no-numpy", action="store_true", help="skip the NumPy baseline")
+    parser.add_argument("--no-check", dest="check", action="store_false")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds = min(args.rounds, 2)
+    queue = runtime.queue_for(args.device)
+    device = queue.device
+    header = {
+        "device": f"{device.platform.name.strip()} / {device.name.strip()}",
+        "driver": device.driver_version.strip(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "pysparsecl": ps.__version__,
+        "timing": f"{args.rounds} interleaved rounds x (1 warm-up + 3 timed); median; ours "
+                  "by profiling events, baselines by wall time",
+        "params": {spec: tuning.lookup(getattr(__import__(mod, fromlist=[spec]), spec),
+                                       device)
+                   for mod, spec in (("pysparsecl.ops.masked", "MASKED_VMM"),
+                                     ("pysparsecl.ops.masked", "MASKED_GEMM"),
+                                     ("pysparsecl.ops.drs", "DRS_FUSED"))},
+    }
+    print(json.dumps(header, indent=1))
+    t0 = time.perf_counter()
+    rows = bench_masked(queue, args, np.random.default_rng(2026))
+    header["wall_s"] = round(time.perf_counter() - t0, 1)
+    slug = tuning.device_slug(device) + "-masked" + ("-quick" if args.quick else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{slug}.json").write_text(json.dumps({"header": header, "rows": rows},
+                                                      indent=1))
+    table = markdown_table(rows)
+    (args.out / f"{slug}.md").write_text(
+        f"# DSG masked products: {header['device']}\n\n"
+        + "\n".join(f"- {k}: {v}" for k, v in header.items()) + "\n\n" + table + "\n")
+    print()
+    print(table)
+    print(f"\nwrote {args.out / slug}.{{json,md}} in {header['wall_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,726 @@
+"""Dimension-reduction search (DSG, Liu et al., ICLR 2019): kernels/drs.cl.mako.
+
+:func:`drs_mask` predicts, for each row of ``x @ w``, which ``n_keep`` outputs are the
+largest, from a cheap low-dimensional estimate: f(z) = R z / sqrt(k) applied to the rows
+of x and to the columns of w, with R a sparse random sign matrix
+(:class:`SparseRandomProjection`), then Y_hat = f(x) f(w) and an exact top-k per row.
+Everything after the projection of R itself runs on the device.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from fractions import Fraction
+from typing import Optional
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cl_array
+import scipy.sparse as sp
+
+from .. import runtime, tuning
+from ..params import Constraint, ParamSpec, TileParam
+from ._common import (
+    INT32_MAX,
+    check_alloc,
+    elem_offset,
+    is_device_array,
+    require_array,
+    round_up,
+    to_device,
+)
+from .masked import (
+    MaskedLinearWeight,
+    _conv_geometry,
+    _pack_conv_input,
+    _weight_rows,
+    _weight_shape,
+)
+
+__all__ = ["DRS_PROJECT", "DRS_SCORES", "DRS_FUSED", "DRS_TOPK", "JL_CONSTANT",
+           "SparseRandomProjection", "ProjectedWeight", "drs_mask", "drs_mask_conv2d",
+           "default_k", "keep_count", "template_args"]
+
+#: C in the default k = ceil(C * ln(d) / eps^2).  See :func:`default_k` for the choice.
+JL_CONSTANT = 2.0
+
+#: Padding of k (projection output) and N (projected weight columns): every candidate
+#: tile (VEC * KVEC, VEC * NVEC <= PAD) then reads whole vectors inside the buffers.
+PAD = 64
+
+DRS_PROJECT = ParamSpec(
+    family="drs_project",
+    params=(
+        TileParam("VEC", 16, (4, 8, 16), "projected dimensions per vector (one FMA each)"),
+        TileParam("ROWS", 8, (1, 2, 4, 8), "input rows per work-item, sharing each load of R"),
+        TileParam("KVEC", 1, (1, 2, 4), "vectors of projected dimensions per work-item"),
+        TileParam("WG", 1, (1, 2, 4, 8, 16, 32, 64), "work-items per work-group"),
+    ),
+    constraints=(
+        Constraint("tile_within_padding", lambda p: p["VEC"] * p["KVEC"] <= PAD,
+                   "a work-item's k chunk must divide the padded k"),
+        Constraint("accumulators_fit_registers", lambda p: p["ROWS"] * p["KVEC"] <= 16,
+                   "ROWS * KVEC vector accumulators must fit the register file"),
+    ),
+    work_group_size=lambda p: p["WG"],
+)
+
+DRS_SCORES = ParamSpec(
+    family="drs_scores",
+    params=(
+        TileParam("VEC", 16, (4, 8, 16), "output columns per vector (one FMA each)"),
+        TileParam("ROWS", 4, (1, 2, 4, 8), "rows per work-item, sharing each load of f(w)"),
+        TileParam("NVEC", 4, (1, 2, 4), "vectors of output columns per work-item"),
+        TileParam("WG", 1, (1, 2, 4, 8, 16, 32, 64), "work-items per work-group"),
+    ),
+    constraints=(
+        Constraint("tile_within_padding", lambda p: p["VEC"] * p["NVEC"] <= PAD,
+                   "a work-item's column chunk must divide the padded N"),
+        Constraint("accumulators_fit_registers", lambda p: p["ROWS"] * p["NVEC"] <= 16,
+                   "ROWS * NVEC vector accumulators must fit the register file"),
+    ),
+    work_group_size=lambda p: p["WG"],
+)
+
+DRS_FUSED = ParamSpec(
+    family="drs_fused",
+    params=(
+        TileParam("VEC", 16, (4, 8, 16), "projected dimensions / output columns per vector"),
+        TileParam("NVEC", 4, (1, 2, 4), "vectors of output columns per step"),
+        TileParam("ITEMS_PER_CU", 1, (1, 2, 4, 8),
+                  "work-items per compute unit over the columns of one row"),
+        TileParam("MAX_ROWS", 4, (0, 1, 2, 4, 8),
+                  "use this one-launch kernel for at most this many rows (0: never)"),
+        TileParam("WG", 1, (1, 2, 4), "work-items per work-group"),
+    ),
+    constraints=(
+        Constraint("tile_within_padding", lambda p: p["VEC"] * p["NVEC"] <= PAD,
+                   "a column step must divide the padded N"),
+    ),
+    work_group_size=lambda p: p["WG"],
+)
+
+#: The fused kernel keeps the projected row in registers; beyond this k it spills.
+FUSED_MAX_K = 256
+
+DRS_TOPK = ParamSpec(
+    family="drs_topk",
+    params=(
+        TileParam("HIST_BITS", 9, (8, 9, 10, 11, 12),
+                  "top key bits binned by the first pass (capped near 2N bins for short "
+                  "rows)"),
+        TileParam("COPIES", 4, (1, 2, 4),
+                  "interleaved copies of the histogram (runs of one bin do not serialise)"),
+        TileParam("WG", 1, (1, 2, 4, 8, 16, 32, 64), "rows (work-items) per work-group"),
+    ),
+    work_group_size=lambda p: p["WG"],
+)
+
+_SPECS = {"project": DRS_PROJECT, "scores": DRS_SCORES, "fused": DRS_FUSED, "topk": DRS_TOPK}
+
+
+def template_args(kind: str, params=None, **variant) -> dict:
+    """Everything drs.cl.mako renders from, for one ``kind`` of kernel."""
+    if kind == "util":
+        return dict(KIND="util")
+    defaults = {"project": dict(TRANSPOSED=0), "topk": dict(COMPACT=0, PLANE=0),
+                "fused": dict(K_PAD=64)}.get(kind, {})
+    return dict(params if params is not None else _SPECS[kind].defaults(), KIND=kind,
+                **{**defaults, **variant})
+
+
+def default_k(d: int, eps: float = 0.5) -> int:
+    """The default projected dimension: ``min(d, ceil(C * ln(d) / eps**2))``, C = 2.
+
+    Why C = 2: with s = 3, R's entries have the Gaussian fourth moment, so an estimated
+    output <f(x), f(w)> has variance (|x|^2 |w|^2 + <x, w>^2) / k: its one-sigma error is
+    about |x| |w| / sqrt(k) = |x| |w| * eps / sqrt(C ln d).  C = 2 keeps that near eps/4
+    of |x| |w| for layer widths 256..4096 (k = 45..67 at eps = 0.5), while the search
+    costs about k/d of the dense product (18% at d = 256, 5% at 1024, 1.6% at 4096).  The
+    Johnson-Lindenstrauss constant that preserves *all* pairwise distances within 1 +- eps
+    (Dasgupta-Gupta, as in scikit-learn: C = 4 / (1/2 - eps/3), 12 at eps = 0.5) would
+    give k ~ d/3 at d = 1024: the search would cost a third of the layer it is meant to
+    skip, while the mask only needs each row's ranking.  Pass ``k`` to choose otherwise;
+    k is capped at d, where the projection stops saving anything.
+    """
+    if d <= 1:
+        return 1
+    return int(min(d, max(1, math.ceil(JL_CONSTANT * math.log(d) / eps ** 2))))
+
+
+def keep_count(sparsity, n_cols: int) -> int:
+    """n_keep = ceil((1 - sparsity) * N), computed exactly from the decimal value of
+    ``sparsity`` (so 0.8 of 10 keeps 2, not 3 as float rounding would)."""
+    sparsity = _check_sparsity(sparsity)
+    return int(math.ceil((1 - Fraction(repr(float(sparsity)))) * n_cols))
+
+
+def _check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+        raise TypeError(f"sparsity must be a real number in [0, 1), got {sparsity!r}")
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    return float(sparsity)
+
+
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
+        raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
+    return float(eps)
+
+
+class SparseRandomProjection:
+    """The sparse random projection R (k x d) of the dimension-reduction search.
+
+    R's entries are +sqrt(s), 0 and -sqrt(s) with probabilities 1/(2s), 1 - 1/s and
+    1/(2s), s = 3 (Achlioptas), and f(z) = R z / sqrt(k), so E <f(x), f(w)> = <x, w>.
+    R is generated once and kept sparse: the sign pattern as a SciPy CSR matrix on the
+    host (:meth:`matrix`), and on the device the dense (d, k) copy of R^T / sqrt(k) that
+    the projection kernel reads with vector loads.  Reuse one projection across calls.
+
+    Parameters
+    ----------
+    d : int
+        The input dimension (columns of x, rows of w).
+    k : int, optional
+        The projected dimension; :func:`default_k` (``ceil(2 ln(d) / eps^2)``, at most d)
+        when omitted.
+    eps : float in (0, 1)
+        The target relative error that sets the default k.
+    seed : int, optional
+        Seed of the generator (NumPy's default_rng); a fresh one is drawn when omitted and
+        kept in ``self.seed``, so every projection can be rebuilt.
+    exact : bool
+        Test mode: R is the identity (k = d unless a larger k is given, extra rows zero)
+        and f(z) = z, so the search returns the true top-k.
+    queue : pyopencl.CommandQueue, optional
+    """
+
+    S = 3
+
+    def __init__(self, d: int, k: Optional[int] = None, eps: float = 0.5,
+                 seed: Optional[int] = None, *, exact: bool = False,
+                 queue: Optional[cl.CommandQueue] = None):
+        self.d = _positive_int(d, "d")
+        self.eps = _check_eps(eps)
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % 2**63)
+        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+        self.seed = int(seed)
+        self.exact = bool(exact)
+        self.queue = runtime.get_queue(queue)
+        if exact:
+            self.k = self.d if k is None else _positive_int(k, "k")
+            if self.k < self.d:
+                raise ValueError(f"exact=True makes R the identity, which needs k >= d = "
+                                 f"{self.d}; got k={k}")
+            signs = sp.eye(self.k, self.d, dtype=np.int8, format="csr")
+            self.scale = 1.0
+        else:
+            self.k = default_k(self.d, self.eps) if k is None else _positive_int(k, "k")
+            u = np.random.default_rng(self.seed).random((self.k, self.d))
+            half = 1.0 / (2 * self.S)
+            dense = np.zeros((self.k, self.d), np.int8)
+            dense[u < half] = 1
+            dense[u >= 1.0 - half] = -1
+            signs = sp.csr_matrix(dense)
+            self.scale = 1.0 / math.sqrt(self.k)
+        self._signs = signs
+        self._rt = {}
+
+
+    def matrix(self) -> sp.csr_matrix:
+        """R itself, (k, d) CSR float64: entries +-sqrt(s) (1 on the diagonal if exact)."""
+        value = 1.0 if self.exact else math.sqrt(self.S)
+        return sp.csr_matrix(self._signs.astype(np.float64) * value)
+
+    def _device_rt(self, k_pad: int) -> cl_array.Array:
+        """R^T / sqrt(k), dense (d, k_pad) float32 with zero padding columns, on the device
+        (built once per padding that the kernels' tiles need)."""
+        rt = self._rt.get(k_pad)
+        if rt is None:
+            host = np.zeros((self.d, k_pad), np.float32)
+            host[:, :self.k] = (self.matrix().T.toarray() * self.scale).astype(np.float32)
+            check_alloc(self.queue, host.nbytes, "the projection matrix")
+            rt = self._rt[k_pad] = cl_array.to_device(
+                self.queue, host, allocator=runtime.memory_pool(self.queue.context))
+        return rt
+
+    def _check_queue(self, queue):
+        if queue.context != self.queue.context:
+            raise ValueError("the projection lives in a different OpenCL context than the "
+                             "queue the operation runs on")
+
+    def project(self, z, *, queue=None, events=None):
+        """f(z) = R z / sqrt(k) for each row of ``z`` ((d,) or (rows, d), float32).
+
+        Returns (k,) or (rows, k) float32, in the container ``z`` came in.
+        """
+        require_array(z, "z", np.float32)
+        if z.ndim not in (1, 2) or z.shape[-1] != self.d:
+            raise ValueError(f"z must have shape (d,) or (rows, d) with d = {self.d}, got "
+                             f"{tuple(z.shape)}")
+        queue = runtime.resolve_queue(queue or (None if is_device_array(z) else self.queue),
+                                      z)
+        self._check_queue(queue)
+        rows = 1 if z.ndim == 1 else z.shape[0]
+        out_shape = (self.k,) if z.ndim == 1 else (rows, self.k)
+        if self.exact:
+            full = np.zeros((rows, self.k), np.float32)
+            if is_device_array(z):
+                out = cl_array.zeros(queue, out_shape, np.float32)
+                if rows and self.d:
+                    cl.enqueue_copy(queue, out.data, z.base_data, src_origin=(z.offset, 0, 0),
+                                    dst_origin=(0, 0, 0), region=(4 * self.d, rows, 1),
+                                    src_pitches=(4 * self.d, 0), dst_pitches=(4 * self.k, 0))
+                return out
+            full[:, :self.d] = z.reshape(rows, self.d)
+            return full.reshape(out_shape)
+        padded, ld = self._project_rows(queue, to_device(z, queue, "z"), rows, events)
+        if not is_device_array(z):
+            return np.ascontiguousarray(padded.get(queue=queue)[:, :self.k]).reshape(out_shape)
+        out = cl_array.empty(queue, out_shape, np.float32,
+                             allocator=runtime.memory_pool(queue.context))
+        if rows:
+            # Drop the padding columns: a rectangular copy, rows of 4k bytes.
+            cl.enqueue_copy(queue, out.data, padded.data, src_origin=(0, 0, 0),
+                            dst_origin=(0, 0, 0), region=(4 * self.k, rows, 1),
+                            src_pitches=(4 * ld, 0), dst_pitches=(4 * self.k, 0))
+        return out
+
+    def _project_rows(self, queue, a_dev, n_rows, events, *, lda=None, transposed_ld=None):
+        """A @ RT on the device: (n_rows, k_pad), or (k_pad, transposed_ld) when
+        ``transposed_ld`` is given.  Returns (array, its row length)."""
+        lda = self.d if lda is None else lda
+        alloc = runtime.memory_pool(queue.context)
+        params = tuning.lookup(DRS_PROJECT, queue.device)
+        kp = round_up(self.k, params["VEC"] * params["KVEC"])
+        if transposed_ld is None:
+            shape, ld = (n_rows, kp), kp
+        else:
+            shape, ld = (kp, transposed_ld), transposed_ld
+        check_alloc(queue, 4 * shape[0] * shape[1], "the projection")
+        out = cl_array.empty(queue, shape, np.float32, allocator=alloc)
+        wait = list(a_dev.events)
+        if transposed_ld is not None and transposed_ld > n_rows:
+            # Padding columns are read (whole vectors) but never used: keep them finite.
+            wait.append(cl.enqueue_fill_buffer(queue, out.data, np.float32(0), 0, out.nbytes))
+        if n_rows == 0 or out.size == 0:
+            return out, ld
+        kern = runtime.kernels(queue.context, "drs.cl.mako", ("pscl_drs_project",),
+                               **template_args("project", params,
+                                               TRANSPOSED=int(transposed_ld is not None))
+                               )["pscl_drs_project"]
+        rt = self._device_rt(kp)
+        items = -(-n_rows // params["ROWS"])
+        ev = kern(queue, (round_up(items, params["WG"]), kp // (params["VEC"] * params["KVEC"])),
+                  (params["WG"], 1), a_dev.base_data, elem_offset(a_dev), np.int32(n_rows),
+                  np.int32(self.d), np.int32(lda), rt.data, np.int32(kp), out.data,
+                  np.int32(ld), wait_for=(wait + list(rt.events)) or None)
+        out.add_event(ev)
+        if events is not None:
+            events.append(ev)
+        return out, ld
+
+    def project_weight(self, w, *, queue=None, events=None) -> "ProjectedWeight":
+        """f(w) for the columns of ``w`` ((d, N) float32 array or a MaskedLinearWeight),
+        kept on the device for reuse until the weight changes."""
+        return ProjectedWeight(self, w, queue=queue, events=events)
+
+    def __repr__(self):
+        return (f"SparseRandomProjection(d={self.d}, k={self.k}, eps={self.eps}, "
+                f"seed={self.seed}{', exact=True' if self.exact else ''})")
+
+
+class ProjectedWeight:
+    """f(w) = R w / sqrt(k) for a weight w (d, N), on the device, ready for :func:`drs_mask`.
+
+    Build it with :meth:`SparseRandomProjection.project_weight` and pass it as
+    ``drs_mask(..., projection=pw)`` to reuse it across calls; build a new one after the
+    weight changes (it is a snapshot).
+    """
+
+    def __init__(self, projection: SparseRandomProjection, w, *, queue=None, events=None):
+        if not isinstance(projection, SparseRandomProjection):
+            raise TypeError("projection must be a SparseRandomProjection, got "
+                            f"{type(projection).__name__}")
+        d, n_cols = _weight_shape(w)
+        if d != projection.d:
+            raise ValueError(f"w has {d} rows (in_features) but the projection has d = "
+                             f"{projection.d}")
+        if queue is None:
+            queue = w.queue if isinstance(w, MaskedLinearWeight) else (
+                None if is_device_array(w) else projection.queue)
+        queue = runtime.resolve_queue(queue, w if is_device_array(w) else None)
+        projection._check_queue(queue)
+        self.projection = projection
+        self.in_features = d
+        self.out_features = n_cols
+        self.ld = round_up(max(n_cols, 1), PAD)
+        self.queue = queue
+        if isinstance(w, MaskedLinearWeight) and w.queue.context != queue.context:
+            raise ValueError("w (a MaskedLinearWeight) lives in a different OpenCL context "
+                             "than the projection")
+        if projection.exact and not isinstance(w, MaskedLinearWeight) and \
+                not is_device_array(w):
+            host = np.zeros((d, self.ld), np.float32)
+            host[:, :n_cols] = w
+            self.values = cl_array.to_device(queue, host, allocator=runtime.memory_pool(
+                queue.context))
+            return
+        # The columns of w are the rows of W^T (N, d), which the kernels read whole.
+        rows, ld_rows = _weight_rows(w, d, queue, events)
+        if projection.exact:
+            self.values = self._exact(queue, rows, ld_rows, events)
+        else:
+            self.values, _ = projection._project_rows(queue, rows, n_cols, events,
+                                                      lda=ld_rows, transposed_ld=self.ld)
+
+    @property
+    def k(self) -> int:
+        return self.projection.k
+
+    def _exact(self, queue, rows, ld_rows, events):
+        """The identity projection: w itself, as (d, ld) zero padded, from its rows."""
+        d, n_cols = self.in_features, self.out_features
+        out = cl_array.zeros(queue, (d, self.ld), np.float32,
+                             allocator=runtime.memory_pool(queue.context))
+        if d and n_cols:
+            kern = runtime.kernels(queue.context, "drs.cl.mako", ("pscl_drs_pad_transpose",),
+                                   **template_args("util"))["pscl_drs_pad_transpose"]
+            ev = kern(queue, (self.ld, d), None, rows.base_data, elem_offset(rows), out.data,
+                      np.int32(n_cols), np.int32(d), np.int32(ld_rows), np.int32(self.ld),
+                      wait_for=(list(rows.events) + list(out.events)) or None)
+            out.add_event(ev)
+            if events is not None:
+                events.append(ev)
+        return out
+
+    def to_numpy(self) -> np.ndarray:
+        """f(w), (k, N) float32, copied to the host."""
+        return self.values.get(queue=self.queue)[:self.k, :self.out_features].copy()
+
+
+def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, compact=False,
+             out=None, queue=None, events=None):
+    """Dimension-reduction search: predict each row's ``n_keep`` largest outputs of x @ w.
+
+    Y_hat = f(x) f(w) with f(z) = R z / sqrt(k) (see :class:`SparseRandomProjection`),
+    then each row keeps exactly ``n_keep = ceil((1 - sparsity) * N)`` entries, the largest
+    of Y_hat, ties toward the lower column (NaN ranks below every number).  All of it runs
+    on the device.
+
+    Parameters
+    ----------
+    x : float32 array (M, d) or (d,), NumPy or pyopencl.
+    w : float32 array (d, N), or a :class:`MaskedLinearWeight`; when ``projection`` is a
+        :class:`ProjectedWeight`, ``w`` may be None (it is only checked against it).
+    sparsity : float in [0, 1)
+    eps, k, seed : how to build the projection when ``projection`` is None (a new one per
+        call: pass ``projection`` to reuse one).  Given together with ``projection`` they
+        must agree with it.
+    projection : :class:`SparseRandomProjection` (reuse R, project w on this call) or
+        :class:`ProjectedWeight` (reuse R and f(w) between weight updates), optional.
+    compact : bool
+        False: a bool (M, N) mask.  True: int32 (M, n_keep) column indices, ascending in
+        each row (the compact form :func:`masked_matmul` accepts).
+    out : array for the result (bool (M, N) or int32 (M, n_keep)), optional.
+    queue : pyopencl.CommandQueue, optional.
+    events : list, optional; the kernels' OpenCL events are appended (for profiling).
+
+    Returns
+    -------
+    The mask, in the kind of container ``x`` came in; 1-D for a 1-D ``x``.
+    """
+    require_array(x, "x", np.float32)
+    if x.ndim not in (1, 2):
+        raise ValueError(f"x must be 1-D (d,) or 2-D (M, d), got shape {tuple(x.shape)}")
+    vector = x.ndim == 1
+    n_rows, d = (1, x.shape[0]) if vector else x.shape
+    sparsity = _check_sparsity(sparsity)
+    pw = projection if isinstance(projection, ProjectedWeight) else None
+    if pw is not None:
+        n_cols = pw.out_features
+        if w is not None:
+            wd, wn = _weight_shape(w)
+            if (wd, wn) != (pw.in_features, n_cols):
+                raise ValueError(f"w has shape {(wd, wn)} but the projected weight was made "
+                                 f"from one of shape {(pw.in_features, n_cols)}")
+        proj = pw.projection
+    else:
+        if w is None:
+            raise TypeError("w is required unless projection is a ProjectedWeight")
+        wd, n_cols = _weight_shape(w)
+        if wd != d:
+            raise ValueError(f"w must have shape (d, N) with d = {d} (the columns of x), got "
+                             f"{(wd, n_cols)}")
+        proj = projection
+    if proj is not None:
+        if not isinstance(proj, SparseRandomProjection):
+            raise TypeError("projection must be a SparseRandomProjection or a ProjectedWeight"
+                            f", got {type(proj).__name__}")
+        if proj.d != d:
+            raise ValueError(f"x has {d} columns but the projection has d = {proj.d}")
+        if k is not None and k != proj.k:
+            raise ValueError(f"k={k!r} disagrees with the projection's k={proj.k}")
+        if seed is not None and seed != proj.seed:
+            raise ValueError(f"seed={seed!r} disagrees with the projection's seed={proj.seed}")
+        if _check_eps(eps) not in (proj.eps, 0.5):     # 0.5: the default, left alone
+            raise ValueError(f"eps={eps!r} disagrees with the projection's eps={proj.eps}")
+    n_keep = keep_count(sparsity, n_cols)
+    out_shape = (n_rows, n_keep) if compact else (n_rows, n_cols)
+    out_shape = out_shape[1:] if vector else out_shape
+    if out is not None:
+        want = np.int32 if compact else np.bool_
+        require_array(out, "out", want)
+        if tuple(out.shape) != out_shape:
+            raise ValueError(f"out must have shape {out_shape}, got {tuple(out.shape)}")
+        if is_device_array(out) != is_device_array(x):
+            raise TypeError("out must be the same kind of container as x "
+                            "(both NumPy or both pyopencl arrays)")
+    if queue is None and not is_device_array(x) and proj is not None:
+        queue = proj.queue
+    queue = runtime.resolve_queue(queue, x, w if is_device_array(w) else None, out)
+    if n_rows * max(n_cols, 1) > INT32_MAX:
+        raise ValueError(f"the scores have {n_rows * n_cols} elements, more than int32 "
+                         "indexing allows")
+    alloc = runtime.memory_pool(queue.context)
+    dtype = np.int32 if compact else np.bool_
+    out_dev = out if is_device_array(out) else cl_array.empty(
+        queue, out_shape, dtype, allocator=alloc)
+
+    if not out_dev.size:
+        pass
+    elif n_keep == n_cols:          # keep everything: no search needed
+        if compact:
+            out_dev.set(np.broadcast_to(np.arange(n_cols, dtype=np.int32),
+                                        (n_rows, n_cols)).reshape(out_shape).copy())
+        else:
+            cl.enqueue_fill_buffer(queue, out_dev.base_data, np.uint8(1), out_dev.offset,
+                                   out_dev.nbytes)
+    else:
+        if proj is None:
+            proj = SparseRandomProjection(d, k, eps, seed, queue=queue)
+        proj._check_queue(queue)
+        if pw is None:
+            pw = proj.project_weight(w, queue=queue, events=events)
+        elif pw.queue.context != queue.context:
+            raise ValueError("the projected weight lives in a different OpenCL context than "
+                             "the queue the operation runs on")
+        x_dev = to_device(x, queue, "x")
+        _search(queue, x_dev, proj, pw, n_rows, n_keep, out_dev, compact, events)
+    if is_device_array(x):
+        return out_dev
+    result = out if out is not None else np.empty(out_shape, dtype)
+    if result.size:
+        out_dev.get(queue=queue, ary=result)
+    return result
+
+
+def _search(queue, x_dev, proj: SparseRandomProjection, pw: ProjectedWeight, n_rows, n_keep,
+            out_dev, compact, events, projected=None, plane=0):
+    """Scores and top-k for the rows of x (or of ``projected``, (rows, ld) already
+    projected); ``plane`` = P writes a (rows / P, N, P) convolution mask."""
+    ctx = queue.context
+    alloc = runtime.memory_pool(ctx)
+    n_cols = pw.out_features
+    check_alloc(queue, 4 * n_rows * pw.ld, "the search's scores")
+    scores = cl_array.empty(queue, (n_rows, pw.ld), np.uint32, allocator=alloc)
+    fused = tuning.lookup(DRS_FUSED, queue.device)
+    if projected is None and not proj.exact and n_rows <= fused["MAX_ROWS"] and \
+            proj.k <= FUSED_MAX_K:
+        # A few rows: projection and scores in one launch, parallel over columns.
+        k_pad = round_up(proj.k, fused["VEC"])
+        step = fused["VEC"] * fused["NVEC"]
+        per_row = max(1, -(-fused["ITEMS_PER_CU"] * queue.device.max_compute_units
+                           // n_rows))
+        cols_per_item = round_up(-(-n_cols // per_row), step)
+        kern = runtime.kernels(ctx, "drs.cl.mako", ("pscl_drs_fused",),
+                               **template_args("fused", fused, K_PAD=k_pad))["pscl_drs_fused"]
+        rt = proj._device_rt(k_pad)
+        ev = kern(queue, (round_up(-(-n_cols // cols_per_item), fused["WG"]), n_rows),
+                  (fused["WG"], 1), x_dev.base_data, elem_offset(x_dev), np.int32(proj.d),
+                  rt.data, pw.values.data, np.int32(pw.ld), scores.data, np.int32(pw.ld),
+                  np.int32(n_rows), np.int32(proj.k), np.int32(n_cols),
+                  np.int32(cols_per_item),
+                  wait_for=(list(x_dev.events) + list(pw.values.events) + list(rt.events))
+                  or None)
+    else:
+        if projected is not None:
+            (xp, ldx), xp_off, k = projected, np.int64(0), proj.k
+        elif proj.exact:
+            xp, xp_off, ldx, k = x_dev, elem_offset(x_dev), proj.d, proj.d
+        else:
+            xp, ldx = proj._project_rows(queue, x_dev, n_rows, events)
+            xp_off, k = np.int64(0), proj.k
+        params = tuning.lookup(DRS_SCORES, queue.device)
+        chunk = params["VEC"] * params["NVEC"]
+        kern = runtime.kernels(ctx, "drs.cl.mako", ("pscl_drs_scores",),
+                               **template_args("scores", params))["pscl_drs_scores"]
+        items = -(-n_rows // params["ROWS"])
+        ev = kern(queue, (round_up(-(-n_cols // chunk), params["WG"]), items),
+                  (params["WG"], 1), xp.base_data, xp_off, np.int32(ldx), pw.values.data,
+                  np.int32(pw.ld), scores.data, np.int32(pw.ld), np.int32(n_rows),
+                  np.int32(k), np.int32(n_cols),
+                  wait_for=(list(xp.events) + list(pw.values.events)) or None)
+    if events is not None:
+        events.append(ev)
+    tparams = dict(tuning.lookup(DRS_TOPK, queue.device))
+    # Short rows: no more bins than about twice the row (clearing them would dominate).
+    tparams["HIST_BITS"] = min(tparams["HIST_BITS"], max(8, n_cols.bit_length() + 1))
+    kern = runtime.kernels(ctx, "drs.cl.mako", ("pscl_drs_topk",),
+                           **template_args("topk", tparams, COMPACT=int(compact),
+                                           PLANE=int(bool(plane))))["pscl_drs_topk"]
+    cand = cl_array.empty(queue, (n_rows, pw.ld), np.uint32, allocator=alloc)
+    ev = kern(queue, (round_up(n_rows, tparams["WG"]),), (tparams["WG"],), scores.data,
+              np.int32(pw.ld), cand.data, np.int32(n_rows), np.int32(n_cols), np.int32(n_keep),
+              out_dev.base_data, elem_offset(out_dev), *((np.int32(plane),) if plane else ()),
+              wait_for=[ev] + list(out_dev.events))
+    out_dev.add_event(ev)
+    if events is not None:
+        events.append(ev)
+
+
+def drs_mask_conv2d(x, w, sparsity, *, stride=1, padding=0, dilation=1, eps=0.5, k=None,
+                    projection=None, seed=None, out=None, queue=None, events=None):
+    """Dimension-reduction search for a convolution: for each sample and output position,
+    keep the ``n_keep = ceil((1 - sparsity) * K)`` output channels with the largest
+    estimated value, giving the bool (N, K, OH, OW) mask that :func:`conv2d_masked` takes.
+
+    The estimate is f(window) . f(w_k), with f the projection of :func:`drs_mask` applied
+    to the im2col windows (d = C * R * S, ordered (c, r, s) like ``w.reshape(K, -1)``)
+    and to the flattened filters.  The windows are gathered on the device from a padded
+    copy of x; the im2col matrix is never formed.
+
+    Parameters
+    ----------
+    x : float32 (N, C, H, W); w : float32 (K, C, R, S) (or None with a ProjectedWeight).
+    sparsity : float in [0, 1).
+    stride, padding, dilation : as in ``torch.nn.functional.conv2d``.
+    eps, k, seed, projection : as in :func:`drs_mask`, with d = C * R * S; a
+        :class:`ProjectedWeight` is built from ``w.reshape(K, -1).T`` (for example
+        ``proj.project_weight(MaskedLinearWeight(w.reshape(K, -1), transposed=True))``).
+    out : bool (N, K, OH, OW), optional; queue, events : as in :func:`drs_mask`.
+
+    Returns
+    -------
+    The mask, in the kind of container ``x`` came in.  Ties go to the lower channel.
+    """
+    require_array(x, "x", np.float32, ndim=4)
+    sparsity = _check_sparsity(sparsity)
+    n_img, n_ch = x.shape[:2]
+    pw = projection if isinstance(projection, ProjectedWeight) else None
+    if w is not None:
+        require_array(w, "w", np.float32, ndim=4)
+        k_out, wc, r, s = w.shape
+        if wc != n_ch:
+            raise ValueError(f"x has {n_ch} channels but w expects C = {wc} (w must be "
+                             "(K, C, R, S))")
+    elif pw is None:
+        raise TypeError("w is required unless projection is a ProjectedWeight")
+    else:
+        raise TypeError("drs_mask_conv2d needs w (K, C, R, S) for the kernel size, even with "
+                        "a ProjectedWeight")
+    d = n_ch * r * s
+    if pw is not None:
+        if (pw.in_features, pw.out_features) != (d, k_out):
+            raise ValueError(f"the projected weight was made from a ({pw.in_features}, "
+                             f"{pw.out_features}) weight, but w.reshape(K, -1).T is "
+                             f"({d}, {k_out})")
+        proj = pw.projection
+    else:
+        proj = projection
+    if proj is not None:
+        if not isinstance(proj, SparseRandomProjection):
+            raise TypeError("projection must be a SparseRandomProjection or a ProjectedWeight"
+                            f", got {type(proj).__name__}")
+        if proj.d != d:
+            raise ValueError(f"the windows have d = C * R * S = {d} but the projection has "
+                             f"d = {proj.d}")
+        if k is not None and k != proj.k:
+            raise ValueError(f"k={k!r} disagrees with the projection's k={proj.k}")
+        if seed is not None and seed != proj.seed:
+            raise ValueError(f"seed={seed!r} disagrees with the projection's seed={proj.seed}")
+    geom = _conv_geometry(x, k_out, r, s, stride, padding, dilation)
+    out_shape = (n_img, k_out, geom["OH"], geom["OW"])
+    if out is not None:
+        require_array(out, "out", np.bool_)
+        if tuple(out.shape) != out_shape:
+            raise ValueError(f"out must have shape {out_shape}, got {tuple(out.shape)}")
+        if is_device_array(out) != is_device_array(x):
+            raise TypeError("out must be the same kind of container as x "
+                            "(both NumPy or both pyopencl arrays)")
+    if queue is None and not is_device_array(x) and proj is not None:
+        queue = proj.queue
+    queue = runtime.resolve_queue(queue, x, w, out)
+    n_pix = n_img * geom["OH"] * geom["OW"]
+    if n_pix * max(k_out, 1) > INT32_MAX:
+        raise ValueError(f"the scores have {n_pix * k_out} elements, more than int32 "
+                         "indexing allows")
+    n_keep = keep_count(sparsity, k_out)
+    alloc = runtime.memory_pool(queue.context)
+    out_dev = out if is_device_array(out) else cl_array.empty(queue, out_shape, np.bool_,
+                                                              allocator=alloc)
+    if not out_dev.size:
+        pass
+    elif n_keep == k_out:
+        cl.enqueue_fill_buffer(queue, out_dev.base_data, np.uint8(1), out_dev.offset,
+                               out_dev.nbytes)
+    else:
+        if proj is None:
+            proj = SparseRandomProjection(d, k, eps, seed, queue=queue)
+        proj._check_queue(queue)
+        if pw is None:
+            rows = w.reshape(k_out, d)
+            pw = proj.project_weight(MaskedLinearWeight(rows, transposed=True, queue=queue),
+                                     queue=queue, events=events)
+        xp = _pack_conv_input(queue, to_device(x, queue, "x"), n_ch, geom, events)
+        projected = _project_windows(queue, proj, xp, geom, n_ch, r, s, n_pix, events)
+        _search(queue, None, proj, pw, n_pix, n_keep, out_dev, False, events,
+                projected=projected, plane=geom["OH"] * geom["OW"])
+    if is_device_array(x):
+        return out_dev
+    result = out if out is not None else np.empty(out_shape, np.bool_)
+    if result.size:
+        out_dev.get(queue=queue, ary=result)
+    return result
+
+
+def _project_windows(queue, proj: SparseRandomProjection, xp, geom, n_ch, r, s, n_pix,
+                     events):
+    """f(window) for every output pixel: (n_pix, k_pad) on the device, and k_pad."""
+    params = tuning.lookup(DRS_PROJECT, queue.device)
+    k_pad = round_up(proj.k, params["VEC"] * params["KVEC"])
+    key = ("rsc", k_pad, n_ch, r, s)
+    rt = proj._rt.get(key)
+    if rt is None:
+        # RT's rows reordered from (c, r, s) to (r, s, c), the order the kernel walks.
+        host = proj._device_rt(k_pad).get(queue=proj.queue)
+        host = host.reshape(n_ch, r, s, k_pad).transpose(1, 2, 0, 3).reshape(-1, k_pad)
+        rt = proj._rt[key] = cl_array.to_device(proj.queue, np.ascontiguousarray(host),
+                                                allocator=runtime.memory_pool(queue.context))
+    check_alloc(queue, 4 * n_pix * k_pad, "the projected windows")
+    out = cl_array.empty(queue, (n_pix, k_pad), np.float32,
+                         allocator=runtime.memory_pool(queue.context))
+    kern = runtime.kernels(queue.context, "masked_conv.cl.mako", ("pscl_drs_conv_project",),
+                           KIND="project", **params)["pscl_drs_conv_project"]
+    items = -(-n_pix // params["ROWS"])
+    ev = kern(queue, (round_up(items, params["WG"]), k_pad // (params["VEC"] * params["KVEC"])),
+              (params["WG"], 1), xp.data, rt.data, np.int32(k_pad), out.data,
+              np.int32(n_pix), np.int32(n_ch), np.int32(geom["OH"]), np.int32(geom["OW"]),
+              np.int32(geom["Hp"]), np.int32(geom["Wp"]), np.int32(r), np.int32(s),
+              np.int32(geom["stride"][0]), np.int32(geom["stride"][1]),
+              np.int32(geom["dilation"][0]), np.int32(geom["dilation"][1]),
+              wait_for=(list(xp.events) + list(rt.events)) or None)
+    out.add_event(ev)
+    if events is not None:
+        events.append(ev)
+    return out, k_pad

@@ -1,0 +1,480 @@
+"""DSG masked products (masked_matmul, its backward) and the double-mask BatchNorm
+(masked_relu_bn) against independent float64 references."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cl_array
+import pytest
+
+import pysparsecl as ps
+from pysparsecl import runtime
+from pysparsecl.ops.masked import (
+    MASKED_BN,
+    MASKED_DW,
+    MASKED_DX,
+    MASKED_GEMM,
+    MASKED_VMM,
+    template_args,
+)
+from pysparsecl.testing.reference import (
+    masked_matmul_backward_reference,
+    masked_matmul_reference,
+    relative_error,
+    relu_bn_reference,
+)
+from pysparsecl.tuning import override
+
+TOL = 1e-4
+
+
+@dataclass(frozen=True)
+class MaskCase:
+    M: int
+    K: int
+    N: int
+    keep: float = 0.3          # fraction of each row selected (n_keep = ceil(keep * N))
+    form: str = "bool"         # "bool" (M, N) mask or "idx" (M, n_keep) int32 indices
+    vector: bool = False       # 1-D x (M must be 1)
+    empty_rows: int = 0        # bool rows with nothing selected
+
+    def label(self):
+        empty = f" empty{self.empty_rows}" if self.empty_rows else ""
+        return (f"{self.M}x{self.K}x{self.N} keep{self.keep} {self.form}"
+                f"{' 1-D' if self.vector else ''}{empty}")
+
+    @property
+    def n_keep(self):
+        return int(np.ceil(self.keep * self.N))
+
+    def make(self, rng):
+        """Fresh x (M, K), w (K, N) and a mask with exactly n_keep per row (bool or idx)."""
+        x = rng.standard_normal((self.M, self.K), dtype=np.float32)
+        w = rng.standard_normal((self.K, self.N), dtype=np.float32)
+        idx = np.argsort(rng.random((self.M, self.N)), axis=1)[:, :self.n_keep]
+        if self.form == "idx":
+            mask = idx.astype(np.int32)
+        else:
+            mask = np.zeros((self.M, self.N), bool)
+            np.put_along_axis(mask, idx, True, axis=1)
+            mask[:self.empty_rows] = False
+        if self.vector:
+            x, mask = x[0], mask[0]
+        return x, w, mask
+
+
+CASES = [
+    MaskCase(1, 64, 48),
+    MaskCase(1, 64, 48, vector=True),
+    MaskCase(1, 64, 48, form="idx"),
+    MaskCase(1, 64, 48, form="idx", vector=True),
+    MaskCase(1, 37, 29, keep=1.0),                      # n_keep = N
+    MaskCase(1, 37, 29, keep=0.01, form="idx"),         # n_keep = 1
+    MaskCase(1, 300, 97, keep=0.1),
+    MaskCase(1, 5, 7),                                   # K below every vector width
+    MaskCase(2, 45, 33),
+    MaskCase(7, 53, 37, form="idx"),                     # nothing a multiple of a tile
+    MaskCase(9, 131, 61, keep=1.0),
+    MaskCase(9, 131, 61, keep=1.0, form="idx"),
+    MaskCase(16, 64, 50, keep=0.01),                     # n_keep = 1
+    MaskCase(16, 64, 50, keep=0.01, form="idx"),
+    MaskCase(12, 70, 40, empty_rows=3),                  # all-False rows
+    MaskCase(33, 96, 130, keep=0.1),
+    MaskCase(33, 96, 130, keep=0.1, form="idx"),
+    MaskCase(70, 17, 9, keep=0.5),
+    MaskCase(300, 40, 24, keep=0.2, form="idx"),         # several row blocks
+    MaskCase(300, 40, 24, keep=0.2),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.label() for c in CASES])
+def test_matches_reference(queue, rng, case):
+    x, w, mask = case.make(rng)
+    y = ps.masked_matmul(x, w, mask, queue=queue)
+    ref = masked_matmul_reference(x, w, mask)
+    assert isinstance(y, np.ndarray) and y.dtype == np.float32 and y.shape == ref.shape
+    assert relative_error(y, ref) < TOL
+    if mask.dtype == np.bool_:
+        assert np.all(y[~mask] == 0)                        # exact zeros, not small values
+        sel = mask & (ref != 0)
+        assert np.all(np.abs(y[sel] - ref[sel]) <= 1e-4 * np.abs(x).max()
+                      * np.abs(w).max() * case.K)
+    else:
+        # Each selected output within 1e-4 of the dense product, relative to its scale.
+        scale = np.sqrt((np.atleast_2d(x).astype(np.float64) ** 2).sum(1))[:, None] * \
+            np.sqrt((w.astype(np.float64) ** 2).sum(0))[np.atleast_2d(mask)]
+        assert np.all(np.abs(np.atleast_2d(y) - np.atleast_2d(ref)) <= 1e-4 * scale)
+
+
+def _sample_configs(spec, n, seed=4321):
+    """The defaults, each parameter's edge values, and a fixed random sample."""
+    configs = list(spec.candidates(max_work_group_size=256))
+    rng = np.random.default_rng(seed)
+    picked = [spec.defaults()]
+    for param in spec.params:
+        for value in (min(param.candidates), max(param.candidates)):
+            match = [c for c in configs if c[param.name] == value]
+            picked.append(match[rng.integers(len(match))])
+    picked += [configs[i] for i in rng.choice(len(configs), n, replace=False)]
+    return picked
+
+
+def _ids(p):
+    return ",".join(f"{k}={v}" for k, v in p.items())
+
+
+@pytest.mark.parametrize("params", _sample_configs(MASKED_VMM, 6), ids=_ids)
+def test_every_vmm_configuration_is_correct(queue, rng, params):
+    with override("masked_vmm", **params):
+        for case in (MaskCase(1, 83, 300, keep=0.35), MaskCase(1, 40, 77, form="idx")):
+            x, w, mask = case.make(rng)
+            y = ps.masked_matmul(x, w, mask, queue=queue)
+            assert relative_error(y, masked_matmul_reference(x, w, mask)) < TOL, case
+
+
+@pytest.mark.parametrize("params", _sample_configs(MASKED_GEMM, 6), ids=_ids)
+def test_every_gemm_configuration_is_correct(queue, rng, params):
+    with override("masked_gemm", **params):
+        for case in (MaskCase(45, 83, 70, keep=0.35), MaskCase(150, 20, 33, form="idx"),
+                     MaskCase(600, 9, 5, keep=0.5)):
+            x, w, mask = case.make(rng)
+            y = ps.masked_matmul(x, w, mask, queue=queue)
+            assert relative_error(y, masked_matmul_reference(x, w, mask)) < TOL, case
+
+
+@pytest.mark.parametrize("form", ["bool", "idx"])
+@pytest.mark.parametrize("m", [1, 19])
+def test_device_arrays_stay_on_device_and_every_output_is_written(queue, rng, form, m):
+    x, w, mask = MaskCase(m, 70, 45, keep=0.4, form=form).make(rng)
+    weight = ps.MaskedLinearWeight(w, queue=queue)
+    x_dev, mask_dev = cl_array.to_device(queue, x), cl_array.to_device(queue, mask)
+    out = cl_array.to_device(queue, np.full(mask.shape, np.nan, np.float32))
+    events = []
+    result = ps.masked_matmul(x_dev, weight, mask_dev, out=out, events=events)
+    assert result is out and events
+    y = out.get()
+    assert not np.isnan(y).any()            # unselected outputs are written as 0 too
+    assert relative_error(y, masked_matmul_reference(x, w, mask)) < TOL
+    builds = runtime.build_count
+    y2 = ps.masked_matmul(x_dev, weight, mask_dev).get()
+    assert runtime.build_count == builds    # a hot call only launches
+    np.testing.assert_array_equal(y2, y)
+
+
+@pytest.mark.parametrize("form", ["bool", "idx"])
+def test_offset_device_arrays(queue, rng, form):
+    x, w, mask = MaskCase(9, 33, 21, form=form).make(rng)
+    x_dev = cl_array.to_device(queue, np.concatenate([x[:2], x]))[2:]
+    mask_dev = cl_array.to_device(queue, np.concatenate([mask[:1], mask]))[1:]
+    w_dev = cl_array.to_device(queue, np.concatenate([w[:3], w]))[3:]
+    out_dev = cl_array.empty(queue, (12,) + mask.shape[1:], np.float32)[3:]
+    ps.masked_matmul(x_dev, w_dev, mask_dev, out=out_dev)
+    assert relative_error(out_dev.get(), masked_matmul_reference(x, w, mask)) < TOL
+
+
+def test_numpy_out_argument(queue, rng):
+    x, w, mask = MaskCase(5, 30, 20).make(rng)
+    out = np.full(mask.shape, np.nan, np.float32)
+    assert ps.masked_matmul(x, w, mask, out=out, queue=queue) is out
+    assert relative_error(out, masked_matmul_reference(x, w, mask)) < TOL
+
+
+def test_prepared_weight_layouts(queue, rng):
+    x, w, mask = MaskCase(6, 40, 25).make(rng)
+    ref = masked_matmul_reference(x, w, mask)
+    wt = np.ascontiguousarray(w.T)
+    for weight in (ps.MaskedLinearWeight(w, queue=queue),
+                   ps.MaskedLinearWeight(cl_array.to_device(queue, w)),
+                   ps.MaskedLinearWeight(wt, transposed=True, queue=queue),
+                   ps.MaskedLinearWeight(cl_array.to_device(queue, wt), transposed=True)):
+        assert weight.shape == (40, 25)
+        np.testing.assert_array_equal(weight.to_numpy(), w)
+        assert relative_error(ps.masked_matmul(x, weight, mask), ref) < TOL
+    # A device array given as rows is used in place: a weight update is seen.
+    rows = cl_array.to_device(queue, wt)
+    weight = ps.MaskedLinearWeight(rows, transposed=True)
+    rows.set(2 * wt)
+    assert relative_error(ps.masked_matmul(x, weight, mask), 2 * ref) < TOL
+
+
+def test_unselected_outputs_are_exact_zeros_even_with_nan_and_inf(queue, rng):
+    x, w, mask = MaskCase(6, 32, 20, keep=0.5).make(rng)
+    x[2, 5] = np.nan
+    w[3, 7] = np.inf
+    mask[:, 7] = False
+    y = ps.masked_matmul(x, w, mask, queue=queue)
+    assert np.all(y[~mask] == 0)
+    assert np.isnan(y[2][mask[2]]).all()                 # NaN reaches every selected output
+    others = mask.copy()
+    others[2] = False
+    assert np.isfinite(y[others]).all()
+
+
+def test_zero_sizes(queue, rng):
+    w = rng.standard_normal((8, 5), dtype=np.float32)
+    assert ps.masked_matmul(np.zeros((0, 8), np.float32), w, np.zeros((0, 5), bool),
+                            queue=queue).shape == (0, 5)
+    assert ps.masked_matmul(np.ones((3, 8), np.float32), w, np.zeros((3, 0), np.int32),
+                            queue=queue).shape == (3, 0)
+    y = ps.masked_matmul(np.ones((3, 0), np.float32), np.ones((0, 5), np.float32),
+                         np.ones((3, 5), bool), queue=queue)
+    np.testing.assert_array_equal(y, np.zeros((3, 5), np.float32))
+
+
+def test_defaults_render_and_build(queue):
+    for kind, spec, forms in (("vmm", MASKED_VMM, ("bool", "idx")),
+                              ("gemm", MASKED_GEMM, ("bool", "slot"))):
+        for form in forms:
+            source = runtime.render("masked_gemm.cl.mako",
+                                    **template_args(kind, spec.defaults(), form))
+            assert f"pscl_masked_{kind}" in source
+            runtime.build_program(queue.context, source)
+    runtime.build_program(queue.context,
+                          runtime.render("masked_gemm.cl.mako", **template_args("util")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+def _x(m=4, k=6):
+    return np.random.default_rng(0).standard_normal((m, k), dtype=np.float32)
+
+
+def _w(k=6, n=5):
+    return np.random.default_rng(1).standard_normal((k, n), dtype=np.float32)
+
+
+def _mask(m=4, n=5):
+    return np.random.default_rng(2).random((m, n)) < 0.5
+
+
+def _idx(rows):
+    return np.array(rows, np.int32)
+
+
+BAD = [
+    ("x float64", dict(x=_x().astype(np.float64)), TypeError, "x must have dtype float32"),
+    ("x 3-D", dict(x=_x()[None]), ValueError, "x must be 1-D (K,) or 2-D"),
+    ("x list", dict(x=[[1.0]]), TypeError, "x must be a numpy.ndarray"),
+    ("w float64", dict(w=_w().astype(np.float64)), TypeError, "w must have dtype float32"),
+    ("w 1-D", dict(w=_w()[0]), ValueError, "w must be 2-D"),
+    ("w K mismatch", dict(w=_w(k=7)), ValueError, "w must have shape (K, N) with K = 6"),
+    ("mask float", dict(mask=_mask().astype(np.float32)), TypeError, "mask must have dtype bool"),
+    ("mask int64", dict(mask=np.zeros((4, 2), np.int64)), TypeError, "mask must have dtype bool"),
+    ("mask list", dict(mask=[[True]]), TypeError, "mask must be a numpy.ndarray"),
+    ("mask shape", dict(mask=_mask(n=6)), ValueError, "mask (bool) must have shape (4, 5)"),
+    ("mask rows", dict(mask=_mask(m=3)), ValueError, "mask has 3 rows but x has 4"),
+    ("mask 1-D for 2-D x", dict(mask=_mask()[0]), ValueError, "mask must be 2-D"),
+    ("mask 2-D for 1-D x", dict(x=_x()[0], mask=_mask()[:1]), ValueError, "mask must be 1-D"),
+    ("idx too many", dict(mask=np.zeros((4, 6), np.int32)), ValueError, "only N = 5 columns"),
+    ("idx out of range", dict(mask=_idx([[0, 1], [2, 5], [0, 1], [0, 1]])), ValueError,
+     "row 1 holds 5"),
+    ("idx negative", dict(mask=_idx([[0, 1], [2, 3], [0, -1], [0, 1]])), ValueError,
+     "must lie in [0, 5)"),
+    ("idx duplicate", dict(mask=_idx([[0, 1], [2, 3], [0, 1], [4, 4]])), ValueError,
+     "repeats column 4 in row 3"),
+    ("out shape", dict(out=np.empty((4, 6), np.float32)), ValueError, "out must have shape (4, 5)"),
+    ("out dtype", dict(out=np.empty((4, 5))), TypeError, "out must have dtype float32"),
+    ("queue type", dict(queue="cpu"), TypeError, "queue must be a pyopencl.CommandQueue"),
+]
+
+
+@pytest.mark.parametrize("desc,changes,exc,fragment", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_raises_clearly(queue, desc, changes, exc, fragment):
+    kwargs = dict(x=_x(), w=_w(), mask=_mask(), queue=queue)
+    kwargs.update(changes)
+    with pytest.raises(exc) as info:
+        ps.masked_matmul(kwargs.pop("x"), kwargs.pop("w"), kwargs.pop("mask"), **kwargs)
+    assert fragment in str(info.value), str(info.value)
+    # The library stays usable after the error.
+    assert np.isfinite(ps.masked_matmul(_x(), _w(), _mask(), queue=queue)).all()
+
+
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("bad,fragment", [([3, 9], "row 0 holds a value outside"),
+                                          ([2, 2], "repeats a column in row 0")])
+def test_bad_device_indices_are_caught_on_the_device(queue, m, bad, fragment):
+    idx = np.tile(np.array([[0, 1]], np.int32), (m, 1))
+    idx[0] = bad
+    with pytest.raises(ValueError, match=fragment):
+        ps.masked_matmul(cl_array.to_device(queue, _x(m=m)), _w(),
+                         cl_array.to_device(queue, idx))
+    good = cl_array.to_device(queue, np.tile(np.array([[4, 0]], np.int32), (m, 1)))
+    y = ps.masked_matmul(cl_array.to_device(queue, _x(m=m)), _w(), good).get()
+    assert relative_error(y, masked_matmul_reference(_x(m=m), _w(), good.get())) < TOL
+
+
+def test_device_array_from_another_context(queue):
+    other = cl.CommandQueue(cl.Context([queue.device]))
+    with pytest.raises(ValueError, match="different OpenCL context"):
+        ps.masked_matmul(cl_array.to_device(other, _x()), _w(), _mask(), queue=queue)
+    weight = ps.MaskedLinearWeight(_w(), queue=other)
+    with pytest.raises(ValueError, match="different OpenCL context"):
+        ps.masked_matmul(cl_array.to_device(queue, _x()), weight, _mask())
+
+
+def test_mixed_containers_and_prepared_weight_mismatch(queue):
+    with pytest.raises(TypeError, match="out must be the same kind of container"):
+        ps.masked_matmul(_x(), _w(), _mask(), queue=queue,
+                         out=cl_array.empty(queue, (4, 5), np.float32))
+    weight = ps.MaskedLinearWeight(_w(k=7), queue=queue)
+    with pytest.raises(ValueError, match="K = 6"):
+        ps.masked_matmul(_x(), weight, _mask())
+    with pytest.raises(TypeError, match="w must have dtype float32"):
+        ps.MaskedLinearWeight(_w().astype(np.float16), queue=queue)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+
+BWD_CASES = [MaskCase(1, 40, 30), MaskCase(1, 40, 30, vector=True), MaskCase(1, 40, 30, form="idx"),
+             MaskCase(9, 53, 37, keep=0.2), MaskCase(9, 53, 37, keep=0.2, form="idx"),
+             MaskCase(12, 70, 40, empty_rows=4), MaskCase(40, 1024, 20, keep=0.1),
+             MaskCase(20, 33, 50, keep=1.0), MaskCase(70, 17, 90, keep=0.01, form="idx")]
+
+
+@pytest.mark.parametrize("case", BWD_CASES, ids=[c.label() for c in BWD_CASES])
+def test_backward_matches_dense_autograd_formula(queue, rng, case):
+    x, w, mask = case.make(rng)
+    dy = rng.standard_normal(np.shape(masked_matmul_reference(x, w, mask)), dtype=np.float32)
+    dx, dw = ps.masked_matmul_backward(dy, x, w, mask, queue=queue)
+    ref_dx, ref_dw = masked_matmul_backward_reference(dy, x, w, mask)
+    assert dx.shape == x.shape and dw.shape == w.shape
+    assert relative_error(dx, ref_dx) < TOL and relative_error(dw, ref_dw) < TOL
+    if mask.dtype == np.bool_:       # unselected dy entries are ignored, whatever they hold
+        poisoned = np.where(mask, dy, np.nan).astype(np.float32)
+        dx2, dw2 = ps.masked_matmul_backward(poisoned, x, w, mask, queue=queue)
+        np.testing.assert_array_equal(dx2, dx)
+        np.testing.assert_array_equal(dw2, dw)
+
+
+def test_backward_device_arrays_and_prepared_weight(queue, rng):
+    x, w, mask = MaskCase(30, 64, 40, keep=0.25, form="idx").make(rng)
+    dy = rng.standard_normal(mask.shape, dtype=np.float32)
+    weight = ps.MaskedLinearWeight(np.ascontiguousarray(w.T), transposed=True, queue=queue)
+    events = []
+    dx, dw = ps.masked_matmul_backward(cl_array.to_device(queue, dy), cl_array.to_device(queue, x),
+                                       weight, cl_array.to_device(queue, mask), events=events)
+    assert isinstance(dx, cl_array.Array) and isinstance(dw, cl_array.Array) and events
+    ref_dx, ref_dw = masked_matmul_backward_reference(dy, x, w, mask)
+    assert relative_error(dx.get(), ref_dx) < TOL and relative_error(dw.get(), ref_dw) < TOL
+
+
+@pytest.mark.parametrize("family,spec", [("masked_dx", MASKED_DX), ("masked_dw", MASKED_DW)])
+def test_every_backward_configuration_is_correct(queue, rng, family, spec):
+    cases = [MaskCase(33, 200, 45, keep=0.3), MaskCase(20, 37, 70, keep=0.2, form="idx")]
+    data = [(c, *c.make(rng)) for c in cases]
+    for params in _sample_configs(spec, 4):
+        with override(family, **params):
+            for case, x, w, mask in data:
+                dy = rng.standard_normal(np.shape(masked_matmul_reference(x, w, mask)),
+                                         dtype=np.float32)
+                dx, dw = ps.masked_matmul_backward(dy, x, w, mask, queue=queue)
+                ref_dx, ref_dw = masked_matmul_backward_reference(dy, x, w, mask)
+                assert relative_error(dx, ref_dx) < TOL, (params, case)
+                assert relative_error(dw, ref_dw) < TOL, (params, case)
+
+
+def test_backward_bad_input(queue):
+    with pytest.raises(ValueError, match=r"dy must have shape \(4, 5\)"):
+        ps.masked_matmul_backward(np.zeros((4, 6), np.float32), _x(), _w(), _mask(), queue=queue)
+    with pytest.raises(ValueError, match=r"dy must have shape \(4, 2\)"):
+        ps.masked_matmul_backward(np.zeros((4, 5), np.float32), _x(), _w(),
+                                  _idx([[0, 1]] * 4), queue=queue)
+    with pytest.raises(TypeError, match="dy must have dtype float32"):
+        ps.masked_matmul_backward(np.zeros((4, 5)), _x(), _w(), _mask(), queue=queue)
+    with pytest.raises(ValueError, match="repeats column 1 in row 2"):
+        ps.masked_matmul_backward(np.zeros((4, 2), np.float32), _x(), _w(),
+                                  _idx([[0, 1], [0, 1], [1, 1], [0, 1]]), queue=queue)
+    with pytest.raises(ValueError, match="repeats a column in row 0"):
+        ps.masked_matmul_backward(cl_array.zeros(queue, (1, 2), np.float32),
+                                  cl_array.to_device(queue, _x(m=1)), _w(),
+                                  cl_array.to_device(queue, _idx([[3, 3]])))
+
+
+# ---------------------------------------------------------------------------------------------
+# Double-mask BatchNorm
+
+BN_SHAPES = [(1, 16), (7, 37), (64, 256), (2, 5, 7, 9), (3, 16, 8, 8), (1, 3, 1, 1), (4, 6, 5)]
+
+
+def _bn_inputs(rng, shape, keep=0.4):
+    y = rng.standard_normal(shape, dtype=np.float32)
+    mask = rng.random(shape) < keep
+    c = shape[1]
+    gamma, beta, mean = (rng.standard_normal(c, dtype=np.float32) for _ in range(3))
+    var = rng.random(c, dtype=np.float32) + 0.1
+    return y, mask, gamma, beta, mean, var
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=[str(s) for s in BN_SHAPES])
+def test_relu_bn_inference_and_training(queue, rng, shape):
+    y, mask, gamma, beta, mean, var = _bn_inputs(rng, shape)
+    out = ps.masked_relu_bn(y, mask, gamma, beta, mean, var, queue=queue)
+    assert relative_error(out, relu_bn_reference(y, mask, gamma, beta, mean, var)) < TOL
+    assert np.all(out[~mask] == 0)
+    mask[:, 0] = False                       # a channel with nothing selected
+    out, bmean, bvar = ps.masked_relu_bn(y, mask, gamma, beta, eps=1e-3, training=True,
+                                         queue=queue)
+    ref, rmean, rvar = relu_bn_reference(y, mask, gamma, beta, eps=1e-3)
+    assert relative_error(out, ref) < TOL
+    assert relative_error(bmean, rmean) < TOL and relative_error(bvar, rvar) < TOL
+    assert bmean[0] == 0 and bvar[0] == 0 and np.all(out[~mask] == 0)
+
+
+def test_relu_bn_device_arrays_poison_and_nan(queue, rng):
+    y, mask, gamma, beta, mean, var = _bn_inputs(rng, (3, 8, 6, 6))
+    y[~mask] = np.inf                        # unselected entries never reach the arithmetic
+    y[0, 1, 2, 3], mask[0, 1, 2, 3] = np.nan, True
+    dev = [cl_array.to_device(queue, a) for a in (y, mask, gamma, beta, mean, var)]
+    out = cl_array.to_device(queue, np.full(y.shape, np.nan, np.float32))
+    assert ps.masked_relu_bn(*dev, out=out) is out
+    got = out.get()
+    assert np.all(got[~mask] == 0) and np.isnan(got[0, 1, 2, 3])
+    ref = relu_bn_reference(np.where(mask, y, 0), mask, gamma, beta, mean, var)
+    ok = ~np.isnan(ref)
+    assert relative_error(got[ok], ref[ok]) < TOL
+    y, mask, gamma, beta, _, _ = _bn_inputs(rng, (40, 24))
+    res = ps.masked_relu_bn(*(cl_array.to_device(queue, a) for a in (y, mask, gamma, beta)),
+                            training=True)
+    assert all(isinstance(a, cl_array.Array) for a in res)
+    ref = relu_bn_reference(y, mask, gamma, beta)
+    for a, r in zip(res, ref):
+        assert relative_error(a.get(), r) < TOL
+
+
+@pytest.mark.parametrize("params", _sample_configs(MASKED_BN, 3), ids=_ids)
+def test_every_bn_configuration_is_correct(queue, rng, params):
+    with override("masked_bn", **params):
+        for shape in ((9, 45), (2, 5, 7, 9)):
+            y, mask, gamma, beta, mean, var = _bn_inputs(rng, shape)
+            out = ps.masked_relu_bn(y, mask, gamma, beta, mean, var, queue=queue)
+            assert relative_error(out, relu_bn_reference(y, mask, gamma, beta, mean, var)) < TOL
+            out, m, v = ps.masked_relu_bn(y, mask, gamma, beta, training=True, queue=queue)
+            ref, rm, rv = relu_bn_reference(y, mask, gamma, beta)
+            assert relative_error(out, ref) < TOL and relative_error(v, rv) < TOL
+
+
+BN_BAD = [
+    ("y 1-D", dict(y=np.zeros(5, np.float32), mask=np.zeros(5, bool)), ValueError,
+     "y must be at least 2-D"),
+    ("mask shape", dict(mask=np.zeros((4, 6), bool)), ValueError, "mask must have y's shape"),
+    ("mask dtype", dict(mask=np.zeros((4, 5), np.int32)), TypeError, "mask must have dtype bool"),
+    ("gamma shape", dict(gamma=np.ones(4, np.float32)), ValueError, "gamma must have shape (5,)"),
+    ("var dtype", dict(var=np.ones(5)), TypeError, "var must have dtype float32"),
+    ("mean missing", dict(mean=None), ValueError, "needs the running mean and var"),
+    ("training with stats", dict(training=True), ValueError, "pass mean=None and var=None"),
+    ("eps negative", dict(eps=-1.0), ValueError, "eps must be a non-negative number"),
+]
+
+
+@pytest.mark.parametrize("desc,changes,exc,fragment", BN_BAD, ids=[b[0] for b in BN_BAD])
+def test_relu_bn_bad_input(queue, desc, changes, exc, fragment):
+    kwargs = dict(y=np.ones((4, 5), np.float32), mask=np.ones((4, 5), bool),
+                  gamma=np.ones(5, np.float32), beta=np.zeros(5, np.float32),
+                  mean=np.zeros(5, np.float32), var=np.ones(5, np.float32), queue=queue)
+    kwargs.update(changes)
+    with pytest.raises(exc) as info:
+        ps.masked_relu_bn(**kwargs)
+    assert fragment in str(info.value), str(info.value)

@@ -1,0 +1,179 @@
+"""conv2d_masked and drs_mask_conv2d against float64 references."""
+
+import numpy as np
+import pyopencl.array as cl_array
+import pytest
+from numpy.lib.stride_tricks import sliding_window_view
+
+import pysparsecl as ps
+from pysparsecl.ops.conv2d import conv2d_output_shape
+from pysparsecl.ops.drs import keep_count
+from pysparsecl.ops.masked import MASKED_CONV, MASKED_CONV_CH
+from pysparsecl.testing.reference import (
+    conv2d_masked_reference,
+    conv2d_reference,
+    relative_error,
+    topk_mask_reference,
+)
+from pysparsecl.tuning import override
+
+TOL = 1e-4
+
+# (N, C, H, W, K, R, stride, padding, dilation)
+GEOMS = [(2, 5, 9, 11, 7, 3, 1, 1, 1), (1, 16, 8, 8, 20, 3, 2, 1, 1), (2, 3, 10, 10, 4, 1, 1, 0, 1),
+         (1, 17, 12, 9, 6, 3, 1, 2, 2), (3, 32, 7, 7, 5, 3, 1, 1, 1), (1, 2, 5, 5, 3, 5, 2, 2, 1)]
+
+
+def _inputs(rng, geom, integers=False):
+    n, c, h, w, k, r, st, pd, dl = geom
+    if integers:
+        x = rng.integers(-3, 4, (n, c, h, w)).astype(np.float32)
+        wt = rng.integers(-3, 4, (k, c, r, r)).astype(np.float32)
+    else:
+        x = rng.standard_normal((n, c, h, w), dtype=np.float32)
+        wt = rng.standard_normal((k, c, r, r), dtype=np.float32)
+    oh, ow = conv2d_output_shape((h, w), (r, r), st, pd, dl)
+    return x, wt, (n, k, oh, ow), dict(stride=st, padding=pd, dilation=dl)
+
+
+def _ref(x, w, mask, kw):
+    pair = [(kw[a], kw[a]) for a in ("stride", "padding", "dilation")]
+    return conv2d_masked_reference(x, w, mask, *pair)
+
+
+@pytest.mark.parametrize("geom", GEOMS, ids=[str(g) for g in GEOMS])
+def test_conv2d_masked_matches_reference(queue, rng, geom):
+    x, w, out_shape, kw = _inputs(rng, geom)
+    mask = rng.random(out_shape) < 0.3                              # per-window selection
+    y = ps.conv2d_masked(x, w, mask, queue=queue, **kw)
+    assert y.shape == out_shape and relative_error(y, _ref(x, w, mask, kw)) < TOL
+    assert np.all(y[~mask] == 0)
+    channels = rng.random(out_shape[:2] + (1, 1)) < 0.5                # per-sample channels
+    full = np.broadcast_to(channels, out_shape)
+    ref = _ref(x, w, full, kw)
+    for m in (channels, full.copy()):                                 # given, and detected
+        y = ps.conv2d_masked(x, w, m, queue=queue, **kw)
+        assert relative_error(y, ref) < TOL and np.all(y[~full] == 0)
+
+
+@pytest.mark.parametrize("form", ["window", "channel"])
+def test_conv2d_masked_device_arrays_and_poisoned_out(queue, rng, form):
+    x, w, out_shape, kw = _inputs(rng, GEOMS[0])
+    mask = (rng.random(out_shape) < 0.4 if form == "window"
+            else rng.random(out_shape[:2] + (1, 1)) < 0.4)
+    out = cl_array.to_device(queue, np.full(out_shape, np.nan, np.float32))
+    dev = [cl_array.to_device(queue, a) for a in (x, w, mask)]
+    events = []
+    assert ps.conv2d_masked(*dev, out=out, events=events, **kw) is out and events
+    got = out.get()
+    assert not np.isnan(got).any()
+    assert relative_error(got, _ref(x, w, np.broadcast_to(mask, out_shape), kw)) < TOL
+
+
+@pytest.mark.parametrize("family,spec", [("masked_conv", MASKED_CONV),
+                                         ("masked_conv_channels", MASKED_CONV_CH)])
+def test_every_conv_configuration_is_correct(queue, rng, family, spec):
+    x, w, out_shape, kw = _inputs(rng, (2, 19, 8, 9, 11, 3, 1, 1, 1))
+    mask = rng.random(out_shape) < 0.3 if family == "masked_conv" else \
+        np.broadcast_to(rng.random(out_shape[:2] + (1, 1)) < 0.4, out_shape).copy()
+    ref = _ref(x, w, mask, kw)
+    configs = list(spec.candidates(256))
+    picks = [spec.defaults()] + [configs[i] for i in np.random.default_rng(3).choice(
+        len(configs), 6, replace=False)]
+    for params in picks:
+        with override(family, **params):
+            assert relative_error(ps.conv2d_masked(x, w, mask, queue=queue, **kw), ref) < TOL
+
+
+def _windows(x, r, kw):
+    """(N * OH * OW, C * R * S) im2col rows, ordered (c, r, s) as w.reshape(K, -1)."""
+    (st, pd, dl) = (kw["stride"], kw["padding"], kw["dilation"])
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pd, pd), (pd, pd)))
+    win = sliding_window_view(xp, ((r - 1) * dl + 1,) * 2, axis=(2, 3))
+    win = win[:, :, ::st, ::st, ::dl, ::dl]                            # N, C, OH, OW, R, S
+    return win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * r * r)
+
+
+def _as_rows(mask):
+    """(N, K, OH, OW) -> (N * OH * OW, K)."""
+    return mask.transpose(0, 2, 3, 1).reshape(-1, mask.shape[1])
+
+
+@pytest.mark.parametrize("geom", GEOMS[:4], ids=[str(g) for g in GEOMS[:4]])
+def test_drs_mask_conv2d_exact_mode_is_the_true_top_k(queue, rng, geom):
+    x, w, out_shape, kw = _inputs(rng, geom, integers=True)
+    proj = ps.SparseRandomProjection(w[0].size, exact=True, queue=queue)
+    for sparsity in (0.6, 0.0, 0.9):
+        mask = ps.drs_mask_conv2d(x, w, sparsity, projection=proj, **kw)
+        assert mask.shape == out_shape and mask.dtype == np.bool_
+        y = conv2d_reference(x, w, None, *[(kw[a], kw[a]) for a in ("stride", "padding",
+                                                                      "dilation")])
+        n_keep = keep_count(sparsity, w.shape[0])
+        np.testing.assert_array_equal(_as_rows(mask), topk_mask_reference(_as_rows(y), n_keep))
+
+
+def test_drs_mask_conv2d_random_projection(queue, rng):
+    x, w, out_shape, kw = _inputs(rng, (2, 6, 9, 8, 24, 3, 1, 1, 1))
+    d = w[0].size
+    proj = ps.SparseRandomProjection(d, k=16, seed=int(rng.integers(1 << 30)), queue=queue)
+    mask = ps.drs_mask_conv2d(x, w, 0.75, projection=proj, **kw)
+    r = proj.matrix().toarray()
+    scores = (proj.scale * _windows(x, 3, kw) @ r.T) @ (proj.scale * r @ w.reshape(24, d).T)
+    rows = _as_rows(mask)
+    n_keep = keep_count(0.75, 24)
+    np.testing.assert_array_equal(rows.sum(1), n_keep)
+    kth = -np.sort(-scores, axis=1)[:, n_keep - 1]
+    tol = 1e-4 * np.abs(scores).max(axis=1)
+    assert np.all(np.where(rows, scores, np.inf) >= (kth - tol)[:, None])
+    assert np.all(np.where(rows, -np.inf, scores) <= (kth + tol)[:, None])
+    # Reusing the projected filters gives the same mask, on device arrays too.
+    pw = proj.project_weight(ps.MaskedLinearWeight(w.reshape(24, d), transposed=True,
+                                                   queue=queue))
+    again = ps.drs_mask_conv2d(cl_array.to_device(queue, x), w, 0.75, projection=pw, **kw)
+    np.testing.assert_array_equal(again.get(), mask)
+    # And the mask drives conv2d_masked.
+    y = ps.conv2d_masked(x, w, mask, queue=queue, **kw)
+    assert relative_error(y, _ref(x, w, mask, kw)) < TOL
+
+
+def _cx():
+    return np.ones((1, 3, 6, 6), np.float32)
+
+
+def _cw(k=4, c=3, r=3):
+    return np.ones((k, c, r, r), np.float32)
+
+
+CONV_BAD = [
+    ("x 3-D", lambda q: ps.conv2d_masked(_cx()[0], _cw(), np.ones((1, 4, 4, 4), bool), queue=q),
+     ValueError, "x must be 4-D"),
+    ("w float64", lambda q: ps.conv2d_masked(_cx(), _cw().astype(np.float64),
+                                             np.ones((1, 4, 4, 4), bool), queue=q),
+     TypeError, "w must have dtype float32"),
+    ("channels", lambda q: ps.conv2d_masked(_cx(), _cw(c=2), np.ones((1, 4, 4, 4), bool),
+                                            queue=q), ValueError, "x has 3 channels"),
+    ("mask shape", lambda q: ps.conv2d_masked(_cx(), _cw(), np.ones((1, 4, 6, 6), bool),
+                                              queue=q), ValueError, "mask must have shape"),
+    ("mask dtype", lambda q: ps.conv2d_masked(_cx(), _cw(), np.ones((1, 4, 4, 4), np.int32),
+                                              queue=q), TypeError, "mask must have dtype bool"),
+    ("stride", lambda q: ps.conv2d_masked(_cx(), _cw(), np.ones((1, 4, 4, 4), bool), stride=0,
+                                          queue=q), ValueError, "stride must be >= 1"),
+    ("output empty", lambda q: ps.conv2d_masked(_cx(), _cw(r=7), np.ones((1, 4, 1, 1), bool),
+                                                queue=q), ValueError, "output size would be"),
+    ("drs sparsity", lambda q: ps.drs_mask_conv2d(_cx(), _cw(), 1.0, queue=q), ValueError,
+     "sparsity must be in [0, 1)"),
+    ("drs channels", lambda q: ps.drs_mask_conv2d(_cx(), _cw(c=2), 0.5, queue=q), ValueError,
+     "x has 3 channels"),
+    ("drs projection d", lambda q: ps.drs_mask_conv2d(
+        _cx(), _cw(), 0.5, projection=ps.SparseRandomProjection(26, seed=0), queue=q),
+     ValueError, "d = C * R * S = 27"),
+    ("drs out shape", lambda q: ps.drs_mask_conv2d(_cx(), _cw(), 0.5, out=np.zeros(
+        (1, 4, 5, 5), bool), queue=q), ValueError, "out must have shape (1, 4, 4, 4)"),
+]
+
+
+@pytest.mark.parametrize("desc,call,exc,fragment", CONV_BAD, ids=[b[0] for b in CONV_BAD])
+def test_bad_input_raises_clearly(queue, desc, call, exc, fragment):
+    with pytest.raises(exc) as info:
+        call(queue)
+    assert fragment in str(info.value), str(info.value)
