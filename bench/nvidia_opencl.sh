@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Tests, a tile sweep and the benchmark on an NVIDIA GPU through NVIDIA's OpenCL driver.
-# Usage: OUT=results_dir bash bench/nvidia_opencl.sh [sweep configurations]
+# Usage: OUT=results_dir [SWEEP_N=40] [BENCH_BATCHES="1 8 32"|none] bash bench/nvidia_opencl.sh
 # Carried wheels in .whl/ (pyopencl, pytools, platformdirs, siphash24, mako, ...) are
 # installed to /tmp/site when present, for machines without pyopencl.
 set -uo pipefail
 OUT=${OUT:-bench/results}
-N_SWEEP=${1:-40}
+SWEEP_N=${SWEEP_N:-0}
 BENCH_BATCHES=${BENCH_BATCHES:-1 8 32}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -24,10 +24,17 @@ export OCL_ICD_VENDORS=/tmp/ocl-vendors
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
 python3 -m pysparsecl info || exit 1
 echo "== tests"; python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -15
-echo "== sweep"; python3 bench/sweep.py --device nvidia --space gpu --batch 32 --n "$N_SWEEP" \
-    --json "$OUT/sweep_conv2d_gpu.json" --best-env "$OUT/best_params.txt" 2>&1 | tail -12
-[ -s "$OUT/best_params.txt" ] && export PYSPARSECL_PARAMS=$(cat "$OUT/best_params.txt")
+if [ "$SWEEP_N" -gt 0 ]; then
+    echo "== sweep"; python3 bench/sweep.py --device nvidia --space gpu --batch 32 --n "$SWEEP_N" \
+        --json "$OUT/sweep_conv2d_gpu.json" --best-env "$OUT/best_params.txt" 2>&1 | tail -12
+    [ -s "$OUT/best_params.txt" ] && export PYSPARSECL_PARAMS=$(cat "$OUT/best_params.txt")
+fi
 echo "== call overhead"; python3 bench/profile_call.py --device nvidia 2>&1 | head -22
 echo "== bench with ${PYSPARSECL_PARAMS:-shipped parameters}"
-[ "$BENCH_BATCHES" = none ] || python3 bench/run.py --device nvidia --batch $BENCH_BATCHES \
-    --no-scipy --out "$OUT" 2>&1 | tail -40
+if [ "$BENCH_BATCHES" != none ]; then
+    python3 bench/run.py --device nvidia --ops conv2d elementwise --batch $BENCH_BATCHES \
+        --no-scipy --out "$OUT" 2>&1 | tail -40
+    echo "== DSG bench (bounded)"
+    timeout 300 python3 bench/run.py --device nvidia --ops masked --tag dsg --out "$OUT" \
+        2>&1 | tail -20
+fi
