@@ -189,6 +189,11 @@ def readme_headline(results_dir: Path = RESULTS) -> str:
                and r["n"] >= 16 * 2**20]
         if add:
             parts += [elementwise.markdown_table(add), ""]
+        dsg = [r for r in data.get("rows", []) if r.get("op", "").startswith(("masked",
+                                                                             "conv2d_masked"))
+               and r["sparsity"] == 0.9]
+        if dsg:
+            parts += [masked.markdown_table(dsg), ""]
         if (results_dir / f"{path.stem}.png").exists():
             parts += [f"![conv2d_sparse speedup on {h['device']}](bench/results/{path.stem}.png)",
                       ""]
