@@ -269,7 +269,7 @@ class SparseRandomProjection:
             raise ValueError(f"z must have shape (d,) or (rows, d) with d = {self.d}, got "
                              f"{tuple(z.shape)}")
         queue = runtime.resolve_queue(queue or (None if is_device_array(z) else self.queue),
-                                      z)
+                                      z=z)
         self._check_queue(queue)
         rows = 1 if z.ndim == 1 else z.shape[0]
         out_shape = (self.k,) if z.ndim == 1 else (rows, self.k)
@@ -359,7 +359,7 @@ class ProjectedWeight:
         if queue is None:
             queue = w.queue if isinstance(w, MaskedLinearWeight) else (
                 None if is_device_array(w) else projection.queue)
-        queue = runtime.resolve_queue(queue, w if is_device_array(w) else None)
+        queue = runtime.resolve_queue(queue, w=w if is_device_array(w) else None)
         projection._check_queue(queue)
         self.projection = projection
         self.in_features = d
@@ -488,7 +488,7 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
                             "(both NumPy or both pyopencl arrays)")
     if queue is None and not is_device_array(x) and proj is not None:
         queue = proj.queue
-    queue = runtime.resolve_queue(queue, x, w if is_device_array(w) else None, out)
+    queue = runtime.resolve_queue(queue, x=x, w=w if is_device_array(w) else None, out=out)
     if n_rows * max(n_cols, 1) > INT32_MAX:
         raise ValueError(f"the scores have {n_rows * n_cols} elements, more than int32 "
                          "indexing allows")
@@ -660,7 +660,7 @@ def drs_mask_conv2d(x, w, sparsity, *, stride=1, padding=0, dilation=1, eps=0.5,
                             "(both NumPy or both pyopencl arrays)")
     if queue is None and not is_device_array(x) and proj is not None:
         queue = proj.queue
-    queue = runtime.resolve_queue(queue, x, w, out)
+    queue = runtime.resolve_queue(queue, x=x, w=w, out=out)
     n_pix = n_img * geom["OH"] * geom["OW"]
     if n_pix * max(k_out, 1) > INT32_MAX:
         raise ValueError(f"the scores have {n_pix * k_out} elements, more than int32 "

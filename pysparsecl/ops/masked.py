@@ -166,7 +166,7 @@ class MaskedLinearWeight:
     def __init__(self, w, *, transposed: bool = False,
                  queue: Optional[cl.CommandQueue] = None):
         require_array(w, "w", np.float32, ndim=2)
-        self.queue = runtime.resolve_queue(queue, w)
+        self.queue = runtime.resolve_queue(queue, w=w)
         if transposed:
             n_out, k_in = w.shape
             if is_device_array(w):
@@ -425,7 +425,8 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
     _check_out(out, out_shape, x)
     if queue is None and isinstance(w, MaskedLinearWeight) and not is_device_array(x):
         queue = w.queue
-    queue = runtime.resolve_queue(queue, x, w if is_device_array(w) else None, mask, out)
+    queue = runtime.resolve_queue(queue, x=x, w=w if is_device_array(w) else None, mask=mask,
+                                  out=out)
     _check_sizes(x=n_rows * k_in, w=k_in * n_cols, mask=n_rows * n_cols)
 
     alloc = runtime.memory_pool(queue.context)
@@ -565,7 +566,8 @@ def masked_matmul_backward(dy, x, w, mask, *, queue=None, events=None):
                          f"for this mask), got {tuple(dy.shape)}")
     if queue is None and isinstance(w, MaskedLinearWeight) and not is_device_array(x):
         queue = w.queue
-    queue = runtime.resolve_queue(queue, x, dy, w if is_device_array(w) else None, mask)
+    queue = runtime.resolve_queue(queue, x=x, dy=dy, w=w if is_device_array(w) else None,
+                                  mask=mask)
     _check_sizes(x=n_rows * k_in, w=k_in * n_cols, mask=n_rows * n_cols)
     alloc = runtime.memory_pool(queue.context)
     for size, what in ((n_rows * k_in, "dx"), (k_in * n_cols, "dw")):
@@ -709,7 +711,7 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
             not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
     _check_out(out, y.shape, y)
-    queue = runtime.resolve_queue(queue, y, mask, out, *stats.values())
+    queue = runtime.resolve_queue(queue, y=y, mask=mask, out=out, **stats)
     outer, inner = y.shape[0], int(np.prod(y.shape[2:], dtype=np.int64))
     _check_sizes(y=outer * n_ch * inner)
     alloc = runtime.memory_pool(queue.context)
@@ -874,7 +876,7 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
         raise ValueError(f"mask must have shape {out_shape} (N, K, OH, OW) or "
                          f"{out_shape[:2] + (1, 1)} (a channel mask), got {tuple(mask.shape)}")
     _check_out(out, out_shape, x)
-    queue = runtime.resolve_queue(queue, x, w, mask, out)
+    queue = runtime.resolve_queue(queue, x=x, w=w, mask=mask, out=out)
     _check_sizes(out=int(np.prod(out_shape)),
                  packed=geom["N"] * geom["Hp"] * geom["Wp"] * n_ch)
     channels = None
