@@ -30,6 +30,7 @@ from pysparsecl.ops.elementwise import ELEMENTWISE  # noqa: E402
 from pysparsecl.params import parse_overrides  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
 from timing import event_ms, interleaved_medians, wall_ms  # noqa: E402
 
 MI = 2 ** 20
@@ -109,8 +110,7 @@ def bench_elementwise(queue, args, rng) -> list:
         if configs:
             rows[-1]["configs"] = {label: gb_add / med[label] * 1e3 for label in timers
                                    if label not in ("ours", "numpy", "copy")}
-        print("  ".join(f"{title}={fmt.format(rows[-1][key])}" for key, title, fmt in COLUMNS),
-              flush=True)
+        print(report.format_row(rows[-1], COLUMNS), flush=True)
         for label, gbs in rows[-1].get("configs", {}).items():
             print(f"    {label:40s} {gbs:7.1f} GB/s  x copy {gbs / copy_:.2f}  "
                   f"x numpy {gbs / numpy_:.2f}", flush=True)
@@ -146,11 +146,7 @@ def bench_broadcast(queue, args, rng) -> list:
 
 
 def markdown_table(rows) -> str:
-    head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    rule = "|" + "---:|" * len(COLUMNS)
-    body = ["| " + " | ".join(fmt.format(r[key]) for key, _, fmt in COLUMNS) + " |"
-            for r in rows]
-    return "\n".join([head, rule] + body)
+    return report.markdown_table(rows, COLUMNS, numeric=True)
 
 
 def main(argv=None):

@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pyopencl.array as cl_array  # noqa: E402
+import report  # noqa: E402
 from baselines import Torch  # noqa: E402
 from timing import SETTLE_S, event_ms, interleaved_medians, wall_ms  # noqa: E402
 
@@ -137,7 +138,7 @@ def bench_matmul(queue, torch_b, args, rng):
                 drs_ms=drs, drs_overhead=drs / torch_ms if torch_ms else None,
                 drs_k=proj.k, weight_projection_ms=pw_ms, weight_projection_call_ms=pw_wall,
                 rel_error=err))
-            print(_format(rows[-1]), flush=True)
+            print(report.format_row(rows[-1], COLUMNS), flush=True)
     return rows
 
 
@@ -188,7 +189,7 @@ def bench_conv(queue, torch_b, args, rng):
                 channel_speedup_vs_torch=torch_ms / med["channel"] if torch_ms else None,
                 drs_ms=drs, drs_overhead=drs / torch_ms if torch_ms else None, drs_k=proj.k,
                 rel_error=err))
-            print(_format(rows[-1]), flush=True)
+            print(report.format_row(rows[-1], COLUMNS), flush=True)
     return rows
 
 
@@ -222,21 +223,8 @@ COLUMNS = [("op", "op", "{}"), ("shape", "shape", "{}"), ("sparsity", "sparsity"
            ("rel_error", "rel err", "{:.1e}")]
 
 
-def _fmt(value, fmt):
-    return "-" if value is None else fmt.format(value)
-
-
-def _format(row):
-    return "  ".join(f"{title}={_fmt(row.get(key), fmt)}" for key, title, fmt in COLUMNS
-                     if key in row)
-
-
 def markdown_table(rows):
-    head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    rule = "|" + "---|" * len(COLUMNS)
-    body = ["| " + " | ".join(_fmt(r.get(key), fmt) for key, _, fmt in COLUMNS) + " |"
-            for r in rows]
-    return "\n".join([head, rule] + body)
+    return report.markdown_table(rows, COLUMNS)
 
 
 def main(argv=None):

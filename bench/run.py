@@ -33,6 +33,7 @@ from pysparsecl.testing.reference import relative_error  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import elementwise  # noqa: E402  (bench/elementwise.py)
 import masked  # noqa: E402  (bench/masked.py)
+import report  # noqa: E402
 from baselines import Torch  # noqa: E402
 from timing import event_ms, interleaved_medians, wall_ms  # noqa: E402
 
@@ -102,7 +103,7 @@ def bench_conv2d(queue, torch_b, args, rng):
                     call_speedup_vs_torch=(torch_ms / call_ms) if torch_ms else None,
                     speedup_vs_scipy=(scipy_ms / kernel_ms) if scipy_ms else None,
                     rel_error=err))
-                print(_format_row(rows[-1]), flush=True)
+                print(report.format_row(rows[-1], COLUMNS), flush=True)
     return rows
 
 
@@ -117,20 +118,8 @@ COLUMNS = [("layer", "layer", "{}"), ("N", "N", "{}"), ("sparsity", "sparsity", 
            ("nnz_gflops", "nnz GFLOP/s", "{:.1f}")]
 
 
-def _fmt(value, fmt):
-    return "-" if value is None else fmt.format(value)
-
-
-def _format_row(row):
-    return "  ".join(f"{title}={_fmt(row[key], fmt)}" for key, title, fmt in COLUMNS)
-
-
 def markdown_table(rows):
-    head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    rule = "|" + "---|" * len(COLUMNS)
-    body = ["| " + " | ".join(_fmt(r[key], fmt) for key, _, fmt in COLUMNS) + " |"
-            for r in rows]
-    return "\n".join([head, rule] + body)
+    return report.markdown_table(rows, COLUMNS)
 
 
 def plot(rows, path, title):

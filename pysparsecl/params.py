@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 __all__ = ["TileParam", "Constraint", "ParamSpec", "InvalidParamsError", "SPECS"]
 
@@ -101,6 +101,23 @@ class ParamSpec:
             values = dict(zip(self.names, combo))
             if not self.violations(values, max_work_group_size):
                 yield values
+
+    def sample(self, n: int, seed: int = 0, max_work_group_size: Optional[int] = None
+               ) -> List[Dict[str, int]]:
+        """The defaults, each parameter's extreme values (in some valid configuration), and
+        ``n`` more drawn at random with ``seed``; duplicates removed.  Tests run every op on
+        such a sample so that each template branch is built and checked."""
+        import random
+        configs = list(self.candidates(max_work_group_size))
+        rng = random.Random(seed)
+        picked = [self.defaults()]
+        for param in self.params:
+            for value in (min(param.candidates), max(param.candidates)):
+                match = [c for c in configs if c[param.name] == value]
+                if match:
+                    picked.append(rng.choice(match))
+        picked += rng.sample(configs, min(n, len(configs)))
+        return list({tuple(sorted(c.items())): c for c in picked}.values())
 
     def space_size(self) -> int:
         size = 1

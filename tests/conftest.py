@@ -6,6 +6,10 @@ import pytest
 
 from pysparsecl import runtime
 
+#: Work-group limit for the tile configurations the tests sample (devices with a lower
+#: limit skip the larger ones).
+SAMPLE_WG_LIMIT = 256
+
 
 def _device_id(device):
     return f"{device.platform.name.strip()}:{device.name.strip()}".replace(" ", "_")

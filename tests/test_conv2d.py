@@ -4,6 +4,7 @@ import numpy as np
 import pyopencl.array as cl_array
 import pytest
 import scipy.sparse as sp
+from conftest import SAMPLE_WG_LIMIT
 
 import pysparsecl as ps
 from pysparsecl import runtime
@@ -55,20 +56,8 @@ def test_matches_reference(queue, rng, case):
     assert relative_error(y, ref) < TOL
 
 
-def _sample_configs(n, seed=1234):
-    """The defaults, the edge values of each parameter, and a fixed random sample."""
-    configs = list(CONV2D_CSR.candidates(max_work_group_size=256))
-    rng = np.random.default_rng(seed)
-    picked = [CONV2D_CSR.defaults()]
-    for param in CONV2D_CSR.params:
-        for value in (min(param.candidates), max(param.candidates)):
-            match = [c for c in configs if c[param.name] == value]
-            picked.append(match[rng.integers(len(match))])
-    picked += [configs[i] for i in rng.choice(len(configs), n, replace=False)]
-    return picked
-
-
-@pytest.mark.parametrize("params", _sample_configs(12), ids=lambda p: ",".join(
+@pytest.mark.parametrize("params", CONV2D_CSR.sample(
+    12, seed=1234, max_work_group_size=SAMPLE_WG_LIMIT), ids=lambda p: ",".join(
     f"{k}={v}" for k, v in p.items()))
 def test_every_tile_configuration_is_correct(queue, rng, params):
     if CONV2D_CSR.work_group_size(params) > queue.device.max_work_group_size:

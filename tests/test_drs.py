@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pyopencl.array as cl_array
 import pytest
+from conftest import SAMPLE_WG_LIMIT
 
 import pysparsecl as ps
 from pysparsecl import runtime
@@ -229,19 +230,8 @@ def test_projection_reuse(queue, rng):
     _check_search(fresh, x, w, proj, 0.75)
 
 
-def _sample(spec, n, seed=99):
-    configs = list(spec.candidates(max_work_group_size=256))
-    rng = np.random.default_rng(seed)
-    picked = [spec.defaults()]
-    for param in spec.params:
-        for value in (min(param.candidates), max(param.candidates)):
-            match = [c for c in configs if c[param.name] == value]
-            picked.append(match[rng.integers(len(match))])
-    return picked + [configs[i] for i in rng.choice(len(configs), n, replace=False)]
-
-
 CONFIGS = [(spec.family, p) for spec in (DRS_PROJECT, DRS_SCORES, DRS_FUSED, DRS_TOPK)
-           for p in _sample(spec, 3)]
+           for p in spec.sample(3, seed=99, max_work_group_size=SAMPLE_WG_LIMIT)]
 
 
 @pytest.mark.parametrize("family,params", CONFIGS,

@@ -8,6 +8,7 @@ import numpy as np
 import pyopencl as cl
 import pyopencl.array as cl_array
 import pytest
+from conftest import SAMPLE_WG_LIMIT
 
 import pysparsecl as ps
 from pysparsecl import runtime
@@ -311,22 +312,11 @@ def test_axpby_broadcasts_and_follows_numpy_types(queue, rng):
 # ---------------------------------------------------------------------------------------------
 # Tile configurations, poison, indexing
 
-def _sample_configs(n, seed=4321):
-    """The defaults, each parameter's extreme values, and a fixed random sample."""
-    configs = list(ELEMENTWISE.candidates(max_work_group_size=256))
-    rng = np.random.default_rng(seed)
-    picked = [ELEMENTWISE.defaults(), dict(VEC=4, ITEMS=2, WG=256, INTERLEAVE=1)]
-    for param in ELEMENTWISE.params:
-        for value in (min(param.candidates), max(param.candidates)):
-            match = [c for c in configs if c[param.name] == value]
-            if match:
-                picked.append(match[rng.integers(len(match))])
-    picked += [configs[i] for i in rng.choice(len(configs), n, replace=False)]
-    unique = {tuple(sorted(c.items())): c for c in picked}
-    return list(unique.values())
+CONFIGS = ELEMENTWISE.sample(2, seed=4321, max_work_group_size=SAMPLE_WG_LIMIT) + [
+    dict(VEC=4, ITEMS=2, WG=256, INTERLEAVE=1)]   # the interleaved (GPU) layout
 
 
-@pytest.mark.parametrize("params", _sample_configs(2), ids=lambda p: ",".join(
+@pytest.mark.parametrize("params", CONFIGS, ids=lambda p: ",".join(
     f"{k}={v}" for k, v in p.items()))
 def test_every_tile_configuration_is_correct(queue, rng, params):
     if ELEMENTWISE.work_group_size(params) > queue.device.max_work_group_size:

@@ -7,6 +7,7 @@ import numpy as np
 import pyopencl as cl
 import pyopencl.array as cl_array
 import pytest
+from conftest import SAMPLE_WG_LIMIT
 
 import pysparsecl as ps
 from pysparsecl import runtime
@@ -107,24 +108,12 @@ def test_matches_reference(queue, rng, case):
         assert np.all(np.abs(np.atleast_2d(y) - np.atleast_2d(ref)) <= 1e-4 * scale)
 
 
-def _sample_configs(spec, n, seed=4321):
-    """The defaults, each parameter's edge values, and a fixed random sample."""
-    configs = list(spec.candidates(max_work_group_size=256))
-    rng = np.random.default_rng(seed)
-    picked = [spec.defaults()]
-    for param in spec.params:
-        for value in (min(param.candidates), max(param.candidates)):
-            match = [c for c in configs if c[param.name] == value]
-            picked.append(match[rng.integers(len(match))])
-    picked += [configs[i] for i in rng.choice(len(configs), n, replace=False)]
-    return picked
-
-
 def _ids(p):
     return ",".join(f"{k}={v}" for k, v in p.items())
 
 
-@pytest.mark.parametrize("params", _sample_configs(MASKED_VMM, 6), ids=_ids)
+@pytest.mark.parametrize("params", MASKED_VMM.sample(
+    6, seed=4321, max_work_group_size=SAMPLE_WG_LIMIT), ids=_ids)
 def test_every_vmm_configuration_is_correct(queue, rng, params):
     with override("masked_vmm", **params):
         for case in (MaskCase(1, 83, 300, keep=0.35), MaskCase(1, 40, 77, form="idx")):
@@ -133,7 +122,8 @@ def test_every_vmm_configuration_is_correct(queue, rng, params):
             assert relative_error(y, masked_matmul_reference(x, w, mask)) < TOL, case
 
 
-@pytest.mark.parametrize("params", _sample_configs(MASKED_GEMM, 6), ids=_ids)
+@pytest.mark.parametrize("params", MASKED_GEMM.sample(
+    6, seed=4321, max_work_group_size=SAMPLE_WG_LIMIT), ids=_ids)
 def test_every_gemm_configuration_is_correct(queue, rng, params):
     with override("masked_gemm", **params):
         for case in (MaskCase(45, 83, 70, keep=0.35), MaskCase(150, 20, 33, form="idx"),
@@ -365,7 +355,7 @@ def test_backward_device_arrays_and_prepared_weight(queue, rng):
 def test_every_backward_configuration_is_correct(queue, rng, family, spec):
     cases = [MaskCase(33, 200, 45, keep=0.3), MaskCase(20, 37, 70, keep=0.2, form="idx")]
     data = [(c, *c.make(rng)) for c in cases]
-    for params in _sample_configs(spec, 4):
+    for params in spec.sample(4, seed=4321, max_work_group_size=SAMPLE_WG_LIMIT):
         with override(family, **params):
             for case, x, w, mask in data:
                 dy = rng.standard_normal(np.shape(masked_matmul_reference(x, w, mask)),
@@ -444,7 +434,8 @@ def test_relu_bn_device_arrays_poison_and_nan(queue, rng):
         assert relative_error(a.get(), r) < TOL
 
 
-@pytest.mark.parametrize("params", _sample_configs(MASKED_BN, 3), ids=_ids)
+@pytest.mark.parametrize("params", MASKED_BN.sample(
+    3, seed=4321, max_work_group_size=SAMPLE_WG_LIMIT), ids=_ids)
 def test_every_bn_configuration_is_correct(queue, rng, params):
     with override("masked_bn", **params):
         for shape in ((9, 45), (2, 5, 7, 9)):

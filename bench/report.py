@@ -1,0 +1,25 @@
+"""Formatting of benchmark rows: one-line progress and markdown tables.
+
+``columns`` is a list of (row key, title, format) triples; a missing or None value
+prints as "-".
+"""
+
+from __future__ import annotations
+
+
+def fmt_value(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def format_row(row: dict, columns) -> str:
+    return "  ".join(f"{title}={fmt_value(row.get(key), fmt)}" for key, title, fmt in columns
+                     if key in row)
+
+
+def markdown_table(rows, columns, numeric: bool = False) -> str:
+    """A markdown table; ``numeric`` right-aligns every column."""
+    head = "| " + " | ".join(title for _, title, _ in columns) + " |"
+    rule = "|" + ("---:|" if numeric else "---|") * len(columns)
+    body = ["| " + " | ".join(fmt_value(r.get(key), fmt) for key, _, fmt in columns) + " |"
+            for r in rows]
+    return "\n".join([head, rule] + body)
