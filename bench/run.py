@@ -162,7 +162,7 @@ def readme_headline(results_dir: Path = RESULTS) -> str:
     """Markdown for the README: per device, the 90%/95% rows at the largest batch."""
     parts = []
     for path in sorted(results_dir.glob("*.json")):
-        if path.stem.endswith("-quick") or path.stem.startswith("sweep"):
+        if path.stem.endswith("-quick") or path.stem.startswith(("sweep", "tvm-overhead")):
             continue
         data = json.loads(path.read_text())
         h = data["header"]

@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""The overhead TVM adds over a direct pysparsecl call, for one convolution.
+
+``python3 bench/tvm_overhead.py [--layer 0..4] [--rounds N]`` times, in the same run and in
+interleaved rounds (bench/timing.py), the wall time of:
+
+- ``direct``: ``pysparsecl.conv2d_sparse`` on NumPy arrays with a prepared
+  ``SparseConvWeight`` and a preallocated ``out`` (the best a Python caller can do);
+- ``te``: the same layer through a compiled TE PrimFunc built by
+  ``pysparsecl.tvm.conv2d_sparse_extern`` (packed call, tensor views, weight-cache lookup
+  with its content hash);
+- ``callback``: our packed function's Python body called directly on TVM tensors (no
+  TVM dispatch), which splits the overhead into ours and TVM's;
+- ``relax``: a one-op Relax function on ``relax.VirtualMachine`` (adds output allocation).
+
+Both TVM paths copy the input to the OpenCL device and the output back, exactly as the
+direct call does, so the difference is TVM's and the callback's own cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved_medians, wall_ms  # noqa: E402
+
+import pysparsecl as ps  # noqa: E402
+from pysparsecl import runtime, tuning  # noqa: E402
+from pysparsecl.testing.cases import RESNET50_LAYERS  # noqa: E402
+from pysparsecl.testing.reference import relative_error  # noqa: E402
+
+try:
+    import tvm
+    from tvm import relax, te
+
+    import pysparsecl.tvm as pst
+except ImportError:
+    sys.exit("this benchmark needs apache-tvm: pip install -e '.[tvm]'")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layer", type=int, default=0,
+                        help="index into RESNET50_LAYERS (default 0: res2 3x3 64@56)")
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                        help="where tvm-overhead-<device>.{json,md} are written")
+    args = parser.parse_args()
+
+    case = RESNET50_LAYERS[args.layer].with_(sparsity=args.sparsity, N=1)
+    rng = np.random.default_rng(0)
+    x, w, csr, _ = case.make_inputs(rng)
+    queue = runtime.get_queue()
+    out_shape = (case.N, case.K) + case.output_hw
+    kw = case.kwargs()
+
+    # (a) direct
+    weight = ps.SparseConvWeight(csr, case.C, case.kernel, case.groups, queue)
+    y_direct = np.empty(out_shape, np.float32)
+
+    def direct():
+        ps.conv2d_sparse(x, weight, out=y_direct, **kw)
+
+    # (b) TE extern PrimFunc
+    X = te.placeholder(x.shape, "float32", name="x")
+    WD = te.placeholder(csr.data.shape, "float32", name="w_data")
+    WI = te.placeholder(csr.indices.shape, "int32", name="w_indices")
+    WP = te.placeholder(csr.indptr.shape, "int32", name="w_indptr")
+    Y = pst.conv2d_sparse_extern(X, WD, WI, WP, **kw)
+    f_te = tvm.compile(te.create_prim_func([X, WD, WI, WP, Y]), target="llvm")
+    dev = tvm.cpu()
+    tx, twd, twi, twp = (tvm.runtime.tensor(a, dev) for a in
+                         (x, csr.data, csr.indices, csr.indptr))
+    ty = tvm.runtime.tensor(np.empty(out_shape, np.float32), dev)
+
+    def via_te():
+        f_te(tx, twd, twi, twp, ty)
+
+    def callback():          # the callback alone, without TVM's dispatch: splits the cost
+        pst._conv2d_callback(tx, twd, twi, twp, *pst._conv_scalars(**{
+            k: kw[k] for k in ("kernel_size", "stride", "padding", "dilation", "groups")}), ty)
+
+    # (c) Relax VM
+    params = [relax.Var(n, relax.TensorType(a.shape, str(a.dtype))) for n, a in
+              (("x", x), ("w_data", csr.data), ("w_indices", csr.indices),
+               ("w_indptr", csr.indptr))]
+    bb = relax.BlockBuilder()
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(pst.relax_conv2d_sparse(*params, **kw)))
+        bb.emit_func_output(out)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target="llvm"), dev)
+    relax_main = vm["main"]
+    y_relax = []
+
+    def via_relax():
+        y_relax[:] = [relax_main(tx, twd, twi, twp)]
+
+    for fn in (direct, via_te, via_relax):
+        fn()
+    ref = case.reference(x, w, None)
+    for name, got in (("direct", y_direct), ("te", ty.numpy()), ("relax", y_relax[0].numpy())):
+        err = relative_error(got, ref)
+        assert err < 1e-4, f"{name} result is wrong: relative error {err:.2e}"
+
+    pst.clear_cache()
+    med = interleaved_medians({"direct": wall_ms(direct), "callback": wall_ms(callback),
+                               "te": wall_ms(via_te),
+                               "relax": wall_ms(via_relax)}, rounds=args.rounds, block=5)
+    assert pst.cache_stats["builds"] <= 1, pst.cache_stats   # the weight was reused
+
+    device = queue.device
+    header = (f"device: {device.platform.name.strip()} / {device.name.strip()}; "
+              f"tvm {tvm.__version__}; layer: {case.label()}, batch {case.N}, sparsity "
+              f"{args.sparsity:.0%}, nnz {csr.nnz}; medians of {args.rounds} interleaved "
+              "rounds x 5 calls, wall clock")
+    rows = [dict(path=name, median_ms=med[name], overhead_ms=med[name] - med["direct"],
+                 overhead_pct=100 * (med[name] - med["direct"]) / med["direct"])
+            for name in ("direct", "callback", "te", "relax")]
+    lines = [header, "", "| path | median ms | overhead ms | overhead % |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['path']} | {r['median_ms']:.3f} | {r['overhead_ms']:.3f} | "
+              f"{r['overhead_pct']:.1f}% |" for r in rows]
+    print("\n".join(lines))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"tvm-overhead-{tuning.device_slug(device)}"
+    stem.with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    stem.with_suffix(".md").write_text("# TVM overhead over a direct call\n\n"
+                                       + "\n".join(lines) + "\n")
+    print(f"wrote {stem}.{{json,md}}")
+
+
+if __name__ == "__main__":
+    main()
