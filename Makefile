@@ -1,6 +1,7 @@
 # pysparsecl: `make install` then `make test` on a fresh machine.
 PYTHON ?= python3
 BENCH_ARGS ?=
+TUNE_ARGS ?=
 
 .PHONY: install test bench bench-quick bench-deps bench-readme tune lint info clean
 
@@ -28,8 +29,8 @@ bench-quick: bench-deps  ## smoke benchmark, under 2 minutes on a 2-core CPU
 bench-readme:  ## rewrite README's headline tables from the committed bench/results
 	$(PYTHON) bench/run.py --readme
 
-tune:  ## placeholder until the autotuner lands; says so
-	$(PYTHON) -m pysparsecl tune
+tune:  ## autotune every tunable kernel family for the default device (TUNE_ARGS=...)
+	$(PYTHON) -m pysparsecl tune $(TUNE_ARGS)
 
 lint:
 	$(PYTHON) -m ruff --version >/dev/null 2>&1 || $(PYTHON) -m pip install -q ruff

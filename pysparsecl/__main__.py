@@ -30,10 +30,29 @@ def _info(_args) -> int:
     return 0 if any(info.works for info in infos) else 1
 
 
-def _tune(_args) -> int:
-    print("pysparsecl tune: the autotuner is not implemented yet (issue: per-device "
-          "autotuning). Kernels use pysparsecl/tuning/database/shipped.json and the spec "
-          "defaults; set PYSPARSECL_PARAMS to experiment.")
+def _tune(args) -> int:
+    import math
+
+    from . import runtime
+    from .tuning import tuner, user_database_path
+    queue = runtime.queue_for(args.device)
+    families = args.op or sorted(tuner.TUNABLES)
+    for family in families:
+        result = tuner.tune_family(family, queue, budget_s=args.budget_s,
+                                   max_candidates=args.max_candidates, seed=args.seed,
+                                   quick=args.quick, write=not (args.dry_run or args.quick))
+        failed = [c for c in result.tried if c.error]
+        print(f"{family} on {result.device}: {len(result.tried)} configurations in "
+              f"{result.seconds:.0f} s, {len(failed)} failed")
+        for cand in failed[:5]:
+            print(f"  failed {cand.params}: {cand.error}")
+        if result.best is None:
+            print("  no configuration passed the check; nothing written")
+            continue
+        before = result.baseline.total_ms if result.baseline else math.inf
+        print(f"  best {result.best.total_ms:.3f} ms (was {before:.3f} ms): {result.best.params}")
+        if not (args.dry_run or args.quick):
+            print(f"  written to {user_database_path(queue.device)}")
     return 0
 
 
@@ -41,7 +60,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pysparsecl")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="list OpenCL devices, their limits and whether each works")
-    sub.add_parser("tune", help="autotune kernels for a device (placeholder)")
+    tune = sub.add_parser("tune", help="autotune kernel families for a device")
+    tune.add_argument("--op", nargs="+", help="kernel families (default: every tunable one)")
+    tune.add_argument("--device", help="'P:D' indices or a name substring")
+    tune.add_argument("--budget-s", type=float, default=120.0,
+                      help="seconds per family (default 120)")
+    tune.add_argument("--max-candidates", type=int, default=200)
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--quick", action="store_true",
+                      help="small problems, nothing written (a smoke test)")
+    tune.add_argument("--dry-run", action="store_true", help="do not write the database")
     args = parser.parse_args(argv)
     return {"info": _info, "tune": _tune}[args.command](args)
 

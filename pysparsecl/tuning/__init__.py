@@ -1,14 +1,17 @@
-"""Tile-parameter lookup: per-call overrides, then the tuning database, then spec defaults.
+"""Tile-parameter lookup: per-call overrides, then the tuning databases, then spec defaults.
 
 Lookup order for a kernel family on a device:
 
 1. an active :func:`override` block, then the ``PYSPARSECL_PARAMS`` environment variable
    (``"conv2d_csr:VEC=8,PIX_VECS=4;other_family:..."``), for experiments;
-2. the shipped database ``pysparsecl/tuning/database/shipped.json``, by normalised device
+2. the user's database, written by ``python -m pysparsecl tune`` for this device and driver
+   version (``user_database_path``; ``PYSPARSECL_CACHE_DIR`` moves it);
+3. the shipped database ``pysparsecl/tuning/database/shipped.json``, by normalised device
    slug, then ``<vendor>/<device type>``, then ``<device type>``;
-3. the family's spec defaults.
+4. the family's spec defaults.
 
-An entry that names unknown parameters or breaks a constraint is ignored with a warning.
+An unreadable database, or an entry that names unknown parameters or breaks a constraint,
+is ignored with a warning.
 """
 
 from __future__ import annotations
@@ -17,22 +20,25 @@ import contextlib
 import json
 import os
 import re
+import tempfile
 import threading
 import warnings
 from pathlib import Path
 from typing import Dict, Optional
 
+import platformdirs
 import pyopencl as cl
 
 from ..params import InvalidParamsError, ParamSpec, parse_overrides
 from ..runtime import device_kind
 
-__all__ = ["lookup", "override", "device_slug", "vendor_slug"]
+__all__ = ["lookup", "override", "device_slug", "vendor_slug", "user_database_path",
+           "read_user_database", "write_user_entry"]
 
 _DATABASE = Path(__file__).resolve().parent / "database" / "shipped.json"
 _local = threading.local()
 _memo: Dict[tuple, Dict[str, int]] = {}
-_memo_lock = threading.Lock()
+_memo_lock = threading.RLock()
 _shipped: Optional[dict] = None
 
 
@@ -93,7 +99,62 @@ def _active_overrides(family: str) -> Dict[str, int]:
     return merged
 
 
+def user_database_path(device: cl.Device) -> Path:
+    """This device's tuning database: one JSON file per device and driver version."""
+    base = os.environ.get("PYSPARSECL_CACHE_DIR") or platformdirs.user_cache_dir("pysparsecl")
+    return Path(base) / "tuning" / f"{device_slug(device)}--{_slug(device.driver_version)}.json"
+
+
+def read_user_database(device: cl.Device) -> dict:
+    """The user database's content ({} if absent; {} with a warning if unreadable)."""
+    path = user_database_path(device)
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("families", {}), dict):
+            raise ValueError("not a pysparsecl tuning database")
+        return data
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"pysparsecl: ignoring unreadable tuning database {path}: {exc}",
+                      RuntimeWarning, stacklevel=3)
+        return {}
+
+
+def write_user_entry(device: cl.Device, family: str, entry: dict) -> Path:
+    """Merge ``entry`` for ``family`` into the user database, atomically.
+
+    The file is re-read just before the write and replaced with ``os.replace``, so a
+    reader never sees a partial file and concurrent tuners cannot corrupt it (the last
+    writer of a family wins)."""
+    path = user_database_path(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _memo_lock:
+        data = read_user_database(device) or {
+            "platform": device.platform.name.strip(), "device": device.name.strip(),
+            "driver": device.driver_version.strip(), "families": {}}
+        data.setdefault("families", {})[family] = entry
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _memo.clear()
+    return path
+
+
 def _database_params(spec: ParamSpec, device: cl.Device) -> Dict[str, int]:
+    tuned = read_user_database(device).get("families", {}).get(spec.family)
+    if tuned is not None:
+        try:
+            return spec.check(tuned.get("params", {}), device.max_work_group_size)
+        except (InvalidParamsError, AttributeError) as exc:
+            warnings.warn(f"pysparsecl: ignoring tuned entry {spec.family} in "
+                          f"{user_database_path(device)}: {exc}", RuntimeWarning, stacklevel=3)
     entries = _load_shipped().get(spec.family, {})
     kind = device_kind(device)
     for key in (device_slug(device), f"{vendor_slug(device)}/{kind}", kind):
