@@ -39,8 +39,10 @@ def _conv2d_problems(queue: cl.CommandQueue, rng: np.random.Generator, quick: bo
                      ) -> List[Problem]:
     from .. import SparseConvWeight, conv2d_sparse
     from ..testing.cases import RESNET50_LAYERS
+    # The batches the targets name: 8 on CPUs, 32 on GPUs.
+    batch = 32 if queue.device.type & cl.device_type.GPU else 8
     layers = [c.with_(H=14, W=14, N=2) for c in RESNET50_LAYERS[:2]] if quick else \
-        [c.with_(N=8) for c in RESNET50_LAYERS[:4]]
+        [c.with_(N=batch) for c in RESNET50_LAYERS[:4]]
     problems = []
     for case in layers:
         case = case.with_(sparsity=0.9)
