@@ -3,7 +3,7 @@ PYTHON ?= python3
 BENCH_ARGS ?=
 TUNE_ARGS ?=
 
-.PHONY: install test bench bench-quick bench-deps bench-readme tune lint info clean
+.PHONY: install test verify verify-deps bench bench-quick bench-deps bench-readme tune lint info clean
 
 # TVM is optional for users (its tests skip without it) but required in CI (CI=true).
 install:  ## editable install with the test and TVM extras, plus a working OpenCL CPU device
@@ -14,6 +14,17 @@ install:  ## editable install with the test and TVM extras, plus a working OpenC
 
 test:  ## the test suite, on every working OpenCL device
 	$(PYTHON) -m pytest -q
+
+verify-deps:  ## the Oclgrind simulator (Debian's oclgrind) when it is missing
+	@command -v oclgrind >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO=sudo; \
+		else echo "install Oclgrind: sudo apt-get install oclgrind"; exit 1; fi; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$$SUDO apt-get install -y --no-install-recommends oclgrind \
+		|| { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends oclgrind; }; }
+
+verify: verify-deps  ## every kernel family x tile configurations under Oclgrind (memory, races, API)
+	$(PYTHON) scripts/verify.py
 
 bench-deps:  ## baselines (torch) and plotting (matplotlib); the benchmark skips what is missing
 	-$(PYTHON) -m pip install -q -e '.[bench]'

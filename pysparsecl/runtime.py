@@ -181,12 +181,26 @@ def _make_queue(ctx: cl.Context) -> cl.CommandQueue:
     return cl.CommandQueue(ctx, properties=cl.command_queue_properties.PROFILING_ENABLE)
 
 
+def _check_open(queue: cl.CommandQueue) -> None:
+    """Refuse a queue released by its ``with`` block: using it can crash the process.
+
+    pyopencl only warns (CommandQueueUsedAfterExit) when such a queue is touched, so the
+    warning is turned into an error here, before anything is enqueued."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        queue.int_ptr  # noqa: B018  (reading the handle makes pyopencl report a release)
+    if any(type(w.message).__name__ == "CommandQueueUsedAfterExit" for w in caught):
+        raise ValueError("queue was released when its `with` block ended; create a new "
+                         "pyopencl.CommandQueue")
+
+
 def get_queue(queue: Optional[cl.CommandQueue] = None) -> cl.CommandQueue:
     """Return ``queue`` if given, else the process-wide default queue (created once)."""
     global _default_queue
     if queue is not None:
         if not isinstance(queue, cl.CommandQueue):
             raise TypeError(f"queue must be a pyopencl.CommandQueue, got {type(queue).__name__}")
+        _check_open(queue)
         return queue
     with _default_lock:
         if _default_queue is None:

@@ -1,5 +1,7 @@
 """Every test that takes ``queue`` runs once on each working OpenCL device."""
 
+import os
+
 import numpy as np
 import pyopencl as cl
 import pytest
@@ -13,6 +15,16 @@ SAMPLE_WG_LIMIT = 256
 
 def _device_id(device):
     return f"{device.platform.name.strip()}:{device.name.strip()}".replace(" ", "_")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="property tests with 5,000 examples per op instead of 200")
+
+
+def pytest_configure(config):
+    if config.getoption("--slow"):
+        os.environ["HYPOTHESIS_PROFILE"] = "slow"   # read by tests/test_properties.py
 
 
 def pytest_generate_tests(metafunc):

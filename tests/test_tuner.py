@@ -98,3 +98,27 @@ def test_cli_smoke(capsys):
     assert main(["tune", "--op", "elementwise", "--quick", "--budget-s", "5",
                  "--max-candidates", "2"]) == 0
     assert "elementwise on" in capsys.readouterr().out
+
+
+_WRITER = r"""
+import sys
+import pyopencl as cl
+from pysparsecl import runtime, tuning
+device = runtime.working_devices(warn=False)[0]
+for i in range(25):
+    tuning.write_user_entry(device, f"{sys.argv[1]}{i % 3}", {"params": {"I": i}})
+"""
+
+
+def test_two_processes_writing_never_corrupt_the_database(queue, tmp_path):
+    """Atomic replacement: readers and concurrent writers only ever see whole files."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, PYSPARSECL_CACHE_DIR=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, name], env=env)
+             for name in ("a", "b")]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    path = tuning.user_database_path(queue.device)
+    data = json.loads(path.read_text())
+    assert data["families"] and not list(path.parent.glob("*.tmp"))

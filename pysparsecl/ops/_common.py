@@ -53,6 +53,7 @@ def to_device(a, queue: cl.CommandQueue, name: str) -> cl_array.Array:
         if a.context != queue.context:
             raise ValueError(f"{name} belongs to a different OpenCL context than the queue")
         return a
+    check_alloc(queue, a.nbytes, name)
     return cl_array.to_device(queue, np.ascontiguousarray(a),
                               allocator=runtime.memory_pool(queue.context))
 

@@ -309,6 +309,8 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
                              f"groups={weight.groups}")
     else:
         queue = runtime.resolve_queue(queue, x=x, bias=bias, out=out)
+        if not is_device_array(x):  # refuse an oversized x before the weight is uploaded
+            check_alloc(queue, x.nbytes, "x")
         weight = SparseConvWeight(w_csr, x.shape[1], kernel_size, groups, queue)
     if x.shape[1] != weight.in_channels:
         raise ValueError(f"x has {x.shape[1]} channels but the weight expects "

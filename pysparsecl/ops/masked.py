@@ -428,6 +428,8 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
     queue = runtime.resolve_queue(queue, x=x, w=w if is_device_array(w) else None, mask=mask,
                                   out=out)
     _check_sizes(x=n_rows * k_in, w=k_in * n_cols, mask=n_rows * n_cols)
+    if not is_device_array(x):  # refuse an oversized x before the output is allocated
+        check_alloc(queue, x.nbytes, "x")
 
     alloc = runtime.memory_pool(queue.context)
     if is_device_array(out):
@@ -714,6 +716,7 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
     queue = runtime.resolve_queue(queue, y=y, mask=mask, out=out, **stats)
     outer, inner = y.shape[0], int(np.prod(y.shape[2:], dtype=np.int64))
     _check_sizes(y=outer * n_ch * inner)
+    check_alloc(queue, 4 * outer * n_ch * inner, "the output")
     alloc = runtime.memory_pool(queue.context)
     out_dev = out if is_device_array(out) else cl_array.empty(queue, y.shape, np.float32,
                                                               allocator=alloc)
@@ -886,6 +889,7 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
         host = np.asarray(mask)
         if host.size and np.array_equal(host, np.broadcast_to(host[:, :, :1, :1], host.shape)):
             channels = host[:, :, :1, :1]
+    check_alloc(queue, 4 * int(np.prod(out_shape)), "the output")
     alloc = runtime.memory_pool(queue.context)
     out_dev = out if is_device_array(out) else cl_array.empty(queue, out_shape, np.float32,
                                                               allocator=alloc)

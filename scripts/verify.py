@@ -1,0 +1,480 @@
+#!/usr/bin/env python3
+"""Run every kernel family, at several tile configurations, under the Oclgrind simulator.
+
+    python3 scripts/verify.py            # what `make verify` runs
+    python3 scripts/verify.py -j 1 --family conv2d_csr --configs 2
+
+Each family runs in its own child process whose only OpenCL platform is Oclgrind
+(OCL_ICD_VENDORS points at an .icd file naming liboclgrind-rt-icd.so), with
+
+* invalid memory accesses and barrier divergence (always on in Oclgrind),
+* OCLGRIND_CHECK_API=1      (API misuse),
+* OCLGRIND_DATA_RACES=1     (global and local data races),
+* OCLGRIND_UNINITIALIZED=1  (uses of uninitialised values) only with --uninitialized:
+  Oclgrind 21.10's Uninitialized plugin stops with "OCLGRIND FATAL ERROR
+  (src/plugins/Uninitialized.cpp:1805) Unsupported instruction: freeze" on the LLVM
+  `freeze` instructions its own clang emits at -O2 (e.g. in pscl_pack_input), which
+  aborts the kernel and cascades into reports in the kernels that read its output; with
+  OCLGRIND_BUILD_OPTIONS=-cl-opt-disable it reports thousands of private-memory
+  "Uninitialized address" hits instead.  Uninitialised *outputs* are caught anyway: the
+  tests poison every output with NaN (tests/test_canaries.py).
+
+For every (family, configuration) the child runs tiny workloads that still hit partial
+tiles, empty rows, one work-group and several, compares the result with the float64
+reference, and captures everything Oclgrind writes to stderr (file descriptor 2) during
+that case.  Any Oclgrind diagnostic, any wrong result and any crash of a child fails the
+run.  The only text tolerated on stderr is listed in BENIGN (pyopencl querying device
+properties Oclgrind does not implement, and compiler warnings).
+
+Prints "N kernel families x configurations run under Oclgrind with zero reports".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ICD_LIBRARY_CANDIDATES = (
+    "/usr/lib/oclgrind/liboclgrind-rt-icd.so",
+    "/usr/lib/x86_64-linux-gnu/oclgrind/liboclgrind-rt-icd.so",
+    "/usr/local/lib/liboclgrind-rt-icd.so",
+)
+
+#: Configurations per family: the spec's defaults and extremes plus this many random ones.
+DEFAULT_RANDOM_CONFIGS = 8
+SEED = 7
+WG_LIMIT = 256  # as tests/conftest.py's SAMPLE_WG_LIMIT
+
+#: stderr blocks that are not Oclgrind diagnostics about our kernels.
+BENIGN = (
+    # pyopencl asks for optional device properties (e.g. vendor extensions) that Oclgrind
+    # does not implement; --check-api reports each refused query.
+    re.compile(r"Oclgrind - OpenCL runtime error detected\s*\n\s*Function: clGetDeviceInfo\s*\n"
+               r"\s*Error:\s*CL_INVALID_VALUE\s*\n\s*For argument 'param_name'\s*"),
+    # Compiler warnings that pyopencl turns into Python warnings or clang prints.
+    re.compile(r"^\d+ warnings? generated\.\s*$", re.M),
+    re.compile(r"^.*CompilerWarning: Non-empty compiler output.*\n.*\n?", re.M),
+)
+
+
+def find_icd_library() -> str:
+    for path in ICD_LIBRARY_CANDIDATES:
+        if os.path.isfile(path):
+            return path
+    raise SystemExit("verify: Oclgrind not found; install it with `apt-get install oclgrind` "
+                     "(Debian/Ubuntu), or see https://github.com/jrprice/Oclgrind")
+
+
+# ---------------------------------------------------------------------------------------------
+# Child side: workloads per family
+
+def _workloads():
+    """family -> list of (name, callable(rng) that runs the op and checks the result)."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    import pysparsecl as ps
+    from pysparsecl.ops.drs import keep_count
+    from pysparsecl.testing.reference import (
+        conv2d_masked_reference,
+        conv2d_reference,
+        drs_scores_reference,
+        masked_matmul_backward_reference,
+        masked_matmul_reference,
+        relative_error,
+        relu_bn_reference,
+    )
+
+    tol = 1e-4
+
+    def close(result, reference, what):
+        err = relative_error(result, reference)
+        if not err <= tol:
+            raise AssertionError(f"{what}: relative error {err:.3g} > {tol}")
+
+    def conv(n, c, h, w_, k, r, stride, pad, dil, groups, empty, bias):
+        def run(rng):
+            x = rng.standard_normal((n, c, h, w_), dtype=np.float32)
+            w = rng.standard_normal((k, c // groups, r, r), dtype=np.float32)
+            w[rng.random(w.shape) < 0.6] = 0
+            w[:empty] = 0                                       # empty CSR rows
+            b = rng.standard_normal(k, dtype=np.float32) if bias else None
+            y = ps.conv2d_sparse(x, sp.csr_matrix(w.reshape(k, -1)), b, kernel_size=r,
+                                 stride=stride, padding=pad, dilation=dil, groups=groups)
+            close(y, conv2d_reference(x, w, b, (stride,) * 2, (pad,) * 2, (dil,) * 2, groups),
+                  "conv2d_sparse")
+        return run
+
+    def matmul(m, k, n, form, empty=0, vector=False):
+        def run(rng):
+            x = rng.standard_normal((m, k), dtype=np.float32)
+            w = rng.standard_normal((k, n), dtype=np.float32)
+            n_keep = max(1, n // 3)
+            idx = np.argsort(rng.random((m, n)), axis=1)[:, :n_keep]
+            if form == "idx":
+                mask = idx.astype(np.int32)
+            else:
+                mask = np.zeros((m, n), bool)
+                np.put_along_axis(mask, idx, True, axis=1)
+                mask[:empty] = False
+            if vector:
+                x, mask = x[0], mask[0]
+            close(ps.masked_matmul(x, w, mask), masked_matmul_reference(x, w, mask),
+                  "masked_matmul")
+        return run
+
+    def backward(m, k, n, form, empty=0):
+        def run(rng):
+            x = rng.standard_normal((m, k), dtype=np.float32)
+            w = rng.standard_normal((k, n), dtype=np.float32)
+            n_keep = max(1, n // 3)
+            idx = np.argsort(rng.random((m, n)), axis=1)[:, :n_keep]
+            if form == "idx":
+                mask = idx.astype(np.int32)
+                dy = rng.standard_normal((m, n_keep), dtype=np.float32)
+            else:
+                mask = np.zeros((m, n), bool)
+                np.put_along_axis(mask, idx, True, axis=1)
+                mask[:empty] = False
+                dy = rng.standard_normal((m, n), dtype=np.float32)
+            dx, dw = ps.masked_matmul_backward(dy, x, w, mask)
+            rdx, rdw = masked_matmul_backward_reference(dy, x, w, mask)
+            close(dx, rdx, "masked_matmul_backward dx")
+            close(dw, rdw, "masked_matmul_backward dw")
+        return run
+
+    def bn(shape, training):
+        def run(rng):
+            y = rng.standard_normal(shape, dtype=np.float32)
+            mask = rng.random(shape) < 0.5
+            mask[:, 0] = False                                   # a channel with nothing
+            c = shape[1]
+            g, b = (rng.standard_normal(c, dtype=np.float32) for _ in range(2))
+            if training:
+                out, mean, var = ps.masked_relu_bn(y, mask, g, b, training=True)
+                rout, rmean, rvar = relu_bn_reference(y, mask, g, b)
+                close(out, rout, "masked_relu_bn out")
+                close(mean, rmean, "masked_relu_bn mean")
+                close(var, rvar, "masked_relu_bn var")
+            else:
+                mean = rng.standard_normal(c, dtype=np.float32)
+                var = rng.random(c, dtype=np.float32) + 0.5
+                close(ps.masked_relu_bn(y, mask, g, b, mean, var),
+                      relu_bn_reference(y, mask, g, b, mean, var), "masked_relu_bn")
+        return run
+
+    def masked_conv(n, c, h, w_, k, r, stride, pad, dil, channels):
+        def run(rng):
+            x = rng.standard_normal((n, c, h, w_), dtype=np.float32)
+            w = rng.standard_normal((k, c, r, r), dtype=np.float32)
+            oh = (h + 2 * pad - dil * (r - 1) - 1) // stride + 1
+            ow = (w_ + 2 * pad - dil * (r - 1) - 1) // stride + 1
+            if channels:
+                mask = rng.random((n, k, 1, 1)) < 0.5
+                mask[0] = False                                  # a sample with nothing
+                full = np.broadcast_to(mask, (n, k, oh, ow))
+            else:
+                mask = full = rng.random((n, k, oh, ow)) < 0.4
+            y = ps.conv2d_masked(x, w, mask, stride, pad, dil)
+            close(y, conv2d_masked_reference(x, w, full, (stride,) * 2, (pad,) * 2, (dil,) * 2),
+                  "conv2d_masked")
+        return run
+
+    def search(m, d, n, k, sparsity, compact):
+        def run(rng):
+            x = rng.standard_normal((m, d), dtype=np.float32)
+            w = rng.standard_normal((d, n), dtype=np.float32)
+            proj = ps.SparseRandomProjection(d, k=k, seed=5)
+            mask = ps.drs_mask(x, w, sparsity, projection=proj, compact=compact)
+            n_keep = keep_count(sparsity, n)
+            if compact:
+                dense = np.zeros((m, n), bool)
+                np.put_along_axis(dense, mask.astype(np.int64), True, axis=1)
+            else:
+                dense = mask
+            if not np.array_equal(dense.sum(1), np.full(m, n_keep)):
+                raise AssertionError("drs_mask: wrong number of kept entries per row")
+            scores = drs_scores_reference(x, w, proj.matrix().toarray(), proj.scale)
+            slack = 1e-4 * np.abs(scores).max(axis=1)
+            kth = -np.sort(-scores, axis=1)[:, n_keep - 1]
+            if not (np.all(np.where(dense, scores, np.inf) >= (kth - slack)[:, None]) and
+                    np.all(np.where(dense, -np.inf, scores) <= (kth + slack)[:, None])):
+                raise AssertionError("drs_mask: kept entries are not the largest scores")
+        return run
+
+    def search_conv(rng):
+        x = rng.standard_normal((1, 2, 4, 5), dtype=np.float32)
+        w = rng.standard_normal((6, 2, 3, 3), dtype=np.float32)
+        mask = ps.drs_mask_conv2d(x, w, 0.5, padding=1, seed=3)
+        if mask.shape != (1, 6, 4, 5) or not np.all(mask.sum(1) == keep_count(0.5, 6)):
+            raise AssertionError("drs_mask_conv2d: wrong number of kept channels")
+
+    def elementwise(rng):
+        a = rng.standard_normal((3, 1, 37), dtype=np.float32)
+        b = rng.standard_normal((4, 37), dtype=np.float32)
+        m = rng.random((3, 4, 1)) < 0.5
+        close(ps.add(a, b), a.astype(np.float64) + b, "add")
+        close(ps.mul(a, b), a.astype(np.float64) * b, "mul")
+        close(ps.axpby(2.0, a, -0.5, b), 2.0 * a.astype(np.float64) - 0.5 * b, "axpby")
+        ref = np.where(m, np.maximum(a.astype(np.float64) + b, 0), 0)
+        close(ps.add_relu(a, b, mask=m), ref, "add_relu masked")
+        ai = rng.integers(-1000, 1000, (5, 1), dtype=np.int32)
+        bi = rng.integers(-1000, 1000, (1, 300), dtype=np.int32)
+        if not np.array_equal(ps.add(ai, bi), ai + bi):
+            raise AssertionError("add int32")
+        t = rng.standard_normal((6, 9), dtype=np.float32)
+        close(ps.add(t.T, 1.5), t.T.astype(np.float64) + 1.5, "add strided")
+
+    conv_loads = [
+        ("conv 1x3x5x7 K5 3x3 p1, 2 empty rows", conv(1, 3, 5, 7, 5, 3, 1, 1, 1, 1, 2, False)),
+        ("conv 2x4x6x5 K6 3x3 s2 p1 g2 bias", conv(2, 4, 6, 5, 6, 3, 2, 1, 1, 2, 1, True)),
+        ("conv 1x2x7x6 K3 3x3 d2 p2", conv(1, 2, 7, 6, 3, 3, 1, 2, 2, 1, 0, False)),
+        ("conv 1x5x3x3 K17 1x1", conv(1, 5, 3, 3, 17, 1, 1, 0, 1, 1, 3, True)),
+    ]
+    return {
+        "conv2d_csr": conv_loads,
+        "masked_vmm": [("vmm 1x37x29 bool", matmul(1, 37, 29, "bool")),
+                       ("vmm 1-D 37x29 idx", matmul(1, 37, 29, "idx", vector=True)),
+                       ("vmm 1x5x3 bool", matmul(1, 5, 3, "bool"))],
+        "masked_gemm": [("gemm 5x37x29 bool, 2 empty rows", matmul(5, 37, 29, "bool", 2)),
+                        ("gemm 7x19x40 idx", matmul(7, 19, 40, "idx"))],
+        "masked_dx": [("backward 5x37x29 bool, 1 empty row", backward(5, 37, 29, "bool", 1)),
+                      ("backward 3x17x40 idx", backward(3, 17, 40, "idx")),
+                      ("backward 1x9x7 bool", backward(1, 9, 7, "bool"))],
+        "masked_bn": [("bn (2,3,4,5) inference", bn((2, 3, 4, 5), False)),
+                      ("bn (2,3,4,5) training", bn((2, 3, 4, 5), True)),
+                      ("bn (6,37) training", bn((6, 37), True)),
+                      ("bn (6,37) inference", bn((6, 37), False))],
+        "masked_conv": [("masked conv 1x3x5x6 K4 3x3 p1", masked_conv(1, 3, 5, 6, 4, 3, 1, 1, 1,
+                                                                      False)),
+                        ("masked conv 2x2x7x5 K5 3x3 s2 d1", masked_conv(2, 2, 7, 5, 5, 3, 2, 0,
+                                                                         1, False))],
+        "masked_conv_channels": [("channel-masked conv 2x3x5x6 K5 3x3 p1",
+                                  masked_conv(2, 3, 5, 6, 5, 3, 1, 1, 1, True)),
+                                 ("channel-masked conv 2x2x6x7 K19 3x3 s2 d2 p2",
+                                  masked_conv(2, 2, 6, 7, 19, 3, 2, 2, 2, True))],
+        "drs_project": [("drs 9x40x30 k7 (projected)", search(9, 40, 30, 7, 0.7, False))],
+        "drs_scores": [("drs 9x40x30 k7 compact", search(9, 40, 30, 7, 0.7, True)),
+                       ("drs 6x20x70 k5", search(6, 20, 70, 5, 0.9, False))],
+        "drs_fused": [("drs 1x40x30 k7", search(1, 40, 30, 7, 0.5, False)),
+                      ("drs 2x20x70 k5 compact", search(2, 20, 70, 5, 0.9, True))],
+        "drs_topk": [("drs 3x33x50 k6", search(3, 33, 50, 6, 0.8, False)),
+                     ("drs 9x20x300 k5 compact", search(9, 20, 300, 5, 0.95, True)),
+                     ("drs_mask_conv2d 1x2x4x5 K6", search_conv)],
+        "elementwise": [("add/mul/axpby/add_relu, broadcast, mask, int32, strided",
+                         elementwise)],
+    }
+
+
+class _Stderr:
+    """Capture what C code writes to file descriptor 2, case by case."""
+
+    def __init__(self):
+        self.file = tempfile.TemporaryFile(mode="w+b")
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        self.pos = 0
+
+    def take(self) -> str:
+        sys.stderr.flush()
+        self.file.seek(self.pos)
+        data = self.file.read()
+        self.pos += len(data)
+        return data.decode("utf-8", "replace")
+
+    def restore(self):
+        os.dup2(self.saved, 2)
+
+
+def diagnostics(text: str) -> str:
+    for pattern in BENIGN:
+        text = pattern.sub("", text)
+    return text.strip()
+
+
+_SELF_TEST = """
+__kernel void pscl_verify_self_test(__global float *y, int n) {
+    const int i = get_global_id(0);
+    y[i + 1] = (float)n;          /* the last work-item writes one past the end */
+}
+"""
+
+
+def _self_test(queue, cap) -> None:
+    """Make sure Oclgrind's checks are active and that this harness sees their reports."""
+    import numpy as np
+    import pyopencl as cl
+
+    buf = cl.Buffer(queue.context, cl.mem_flags.READ_WRITE, 16 * 4)
+    prg = cl.Program(queue.context, _SELF_TEST).build()
+    prg.pscl_verify_self_test(queue, (16,), None, buf, np.int32(16))
+    queue.finish()
+    report = diagnostics(cap.take())
+    if "Invalid write" not in report:
+        raise SystemExit("verify: Oclgrind did not report a deliberate out-of-bounds write; "
+                         f"its checks are not active (stderr: {report[:500]!r})")
+
+
+def child(family: str, n_random: int) -> int:
+    import warnings
+
+    import numpy as np
+
+    warnings.simplefilter("ignore")  # python-level warnings are not Oclgrind reports
+    cap = _Stderr()
+    results = []
+    try:
+        import pyopencl as cl
+
+        import pysparsecl  # noqa: F401  (fills SPECS)
+        from pysparsecl import runtime, tuning
+        from pysparsecl.params import SPECS
+
+        queue = runtime.get_queue()
+        if "oclgrind" not in queue.device.platform.name.lower():
+            raise SystemExit(f"verify: expected the Oclgrind platform, got "
+                             f"{queue.device.platform.name!r}")
+        # The memory pool rounds allocations up to its bin sizes, which would hide an
+        # out-of-bounds access just past the end of an array: allocate every buffer at
+        # its exact size instead.
+        import pyopencl.tools as cl_tools
+        exact = cl_tools.ImmediateAllocator(queue)
+        runtime.memory_pool = lambda ctx: exact
+        _self_test(queue, cap)
+        loads = _workloads()[family]
+        configs = SPECS[family].sample(n_random, seed=SEED,
+                                       max_work_group_size=min(WG_LIMIT,
+                                                               queue.device.max_work_group_size))
+        families = [family, "masked_dw"] if family == "masked_dx" else [family]
+        for i, params in enumerate(configs):
+            for name, run in loads:
+                rng = np.random.default_rng([SEED, i])
+                error = None
+                t0 = time.time()
+                try:
+                    with tuning.override(family, **params):
+                        if family == "masked_dx":
+                            # masked_dw shares the backward call: give it a configuration too
+                            dw_cfgs = SPECS["masked_dw"].sample(
+                                n_random, seed=SEED, max_work_group_size=WG_LIMIT)
+                            with tuning.override("masked_dw", **dw_cfgs[i % len(dw_cfgs)]):
+                                run(rng)
+                        else:
+                            run(rng)
+                    queue.finish()
+                except Exception:
+                    error = traceback.format_exc(limit=4)
+                report = diagnostics(cap.take())
+                results.append({"family": family, "families": families, "config": params,
+                                "workload": name, "error": error, "report": report,
+                                "seconds": round(time.time() - t0, 2)})
+        del cl
+    finally:
+        cap.restore()
+    print(json.dumps(results))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent side
+
+def run_family(family: str, args, icd_dir: str) -> dict:
+    env = dict(os.environ)
+    env.update(OCL_ICD_VENDORS=icd_dir, OCLGRIND_CHECK_API="1", OCLGRIND_DATA_RACES="1",
+               PYTHONWARNINGS="ignore", OCLGRIND_NUM_THREADS="1", PYOPENCL_NO_CACHE="1")
+    env.pop("PYOPENCL_CTX", None)
+    if args.uninitialized:
+        env["OCLGRIND_UNINITIALIZED"] = "1"
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", family,
+           "--configs", str(args.configs)]
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                          timeout=args.timeout)
+    out = {"family": family, "rc": proc.returncode, "seconds": round(time.time() - t0, 1),
+           "stderr": proc.stderr[-4000:], "cases": []}
+    if proc.returncode == 0:
+        try:
+            out["cases"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            out["rc"] = -999
+            out["stderr"] += "\n(could not parse the child's results)\n" + proc.stdout[-2000:]
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", action="append", help="only these families (repeatable)")
+    parser.add_argument("--configs", type=int, default=DEFAULT_RANDOM_CONFIGS,
+                        help="random configurations per family beyond defaults and extremes")
+    parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--uninitialized", action="store_true",
+                        help="also run Oclgrind's uninitialised-value check (experimental in "
+                             "Oclgrind 21.10: it aborts on LLVM's `freeze` instruction, see "
+                             "the module docstring)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per family")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args.child, args.configs)
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import pysparsecl  # noqa: F401
+    from pysparsecl.params import SPECS
+
+    families = args.family or [f for f in SPECS if f != "masked_dw"]  # dw rides with dx
+    icd_dir = tempfile.mkdtemp(prefix="pscl-oclgrind-")
+    Path(icd_dir, "oclgrind.icd").write_text(find_icd_library() + "\n")
+    t0 = time.time()
+    try:
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            results = list(pool.map(lambda f: run_family(f, args, icd_dir), families))
+    finally:
+        shutil.rmtree(icd_dir, ignore_errors=True)
+    failures, clean, kernel_configs = [], 0, set()
+    for res in results:
+        if res["rc"] != 0:
+            failures.append(f"[{res['family']}] child process failed (rc={res['rc']}), "
+                            f"Oclgrind or the op crashed:\n{res['stderr']}")
+            continue
+        configs_ok = {}
+        for case in res["cases"]:
+            key = json.dumps(case["config"], sort_keys=True)
+            ok = not case["error"] and not case["report"]
+            configs_ok[key] = configs_ok.get(key, True) and ok
+            if case["error"]:
+                failures.append(f"[{case['family']} {case['config']}] {case['workload']}: "
+                                f"wrong result or error:\n{case['error']}")
+            if case["report"]:
+                failures.append(f"[{case['family']} {case['config']}] {case['workload']}: "
+                                f"Oclgrind report:\n{case['report']}")
+        n_ok = sum(configs_ok.values())
+        clean += n_ok
+        fams = res["cases"][0]["families"] if res["cases"] else [res["family"]]
+        for fam in fams:
+            kernel_configs.add(fam)
+        print(f"  {res['family']:22s} {n_ok}/{len(configs_ok)} configurations clean, "
+              f"{len(res['cases'])} cases, {res['seconds']:.0f} s", flush=True)
+    checks = "memory access, barrier divergence, API, data races" + (
+        ", uninitialised values" if args.uninitialized else "")
+    elapsed = time.time() - t0
+    for failure in failures:
+        print("FAIL " + failure, file=sys.stderr)
+    n_families = len(kernel_configs) if not failures else len(families)
+    print(f"verify: {clean} kernel-family x tile-configuration pairs ({n_families} families) "
+          f"run under Oclgrind with zero reports ({checks}); {len(failures)} failures; "
+          f"{elapsed:.0f} s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
