@@ -33,6 +33,21 @@ def require_array(a, name: str, dtype, ndim: Optional[int] = None):
     return a
 
 
+def check_out(out, shape, dtype, like, name: str = "out") -> None:
+    """Validate an ``out=`` argument: dtype, shape, contiguity, and the same kind of
+    container (NumPy or pyopencl) as the input ``like``."""
+    if out is None:
+        return
+    require_array(out, name, dtype)
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(out.shape)}")
+    if is_device_array(out) != is_device_array(like):
+        raise TypeError(f"{name} must be the same kind of container as the input "
+                        "(both NumPy or both pyopencl arrays)")
+    if not is_device_array(out) and not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+
+
 def int_pair(value, name: str, minimum: int) -> Tuple[int, int]:
     """An int or a pair of ints, each >= ``minimum``, as a pair."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):

@@ -17,6 +17,7 @@ from ..params import Constraint, ParamSpec, TileParam
 from ._common import (
     INT32_MAX,
     check_alloc,
+    check_out,
     elem_offset,
     int_pair,
     is_device_array,
@@ -323,15 +324,7 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
         require_array(bias, "bias", np.float32, ndim=1)
         if bias.shape != (K,):
             raise ValueError(f"bias must have shape ({K},), got {tuple(bias.shape)}")
-    if out is not None:
-        require_array(out, "out", np.float32)
-        if tuple(out.shape) != out_shape:
-            raise ValueError(f"out must have shape {out_shape}, got {tuple(out.shape)}")
-        if is_device_array(out) != is_device_array(x):
-            raise TypeError("out must be the same kind of container as x "
-                            "(both NumPy or both pyopencl arrays)")
-        if not is_device_array(out) and not out.flags.c_contiguous:
-            raise ValueError("out must be C-contiguous")
+    check_out(out, out_shape, np.float32, like=x)
 
     alloc = runtime.memory_pool(queue.context)
     if is_device_array(out):

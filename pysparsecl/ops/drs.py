@@ -24,6 +24,7 @@ from ..params import Constraint, ParamSpec, TileParam
 from ._common import (
     INT32_MAX,
     check_alloc,
+    check_out,
     elem_offset,
     is_device_array,
     require_array,
@@ -478,14 +479,7 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
     n_keep = keep_count(sparsity, n_cols)
     out_shape = (n_rows, n_keep) if compact else (n_rows, n_cols)
     out_shape = out_shape[1:] if vector else out_shape
-    if out is not None:
-        want = np.int32 if compact else np.bool_
-        require_array(out, "out", want)
-        if tuple(out.shape) != out_shape:
-            raise ValueError(f"out must have shape {out_shape}, got {tuple(out.shape)}")
-        if is_device_array(out) != is_device_array(x):
-            raise TypeError("out must be the same kind of container as x "
-                            "(both NumPy or both pyopencl arrays)")
+    check_out(out, out_shape, np.int32 if compact else np.bool_, like=x)
     if queue is None and not is_device_array(x) and proj is not None:
         queue = proj.queue
     queue = runtime.resolve_queue(queue, x=x, w=w if is_device_array(w) else None, out=out)
@@ -651,13 +645,7 @@ def drs_mask_conv2d(x, w, sparsity, *, stride=1, padding=0, dilation=1, eps=0.5,
             raise ValueError(f"seed={seed!r} disagrees with the projection's seed={proj.seed}")
     geom = _conv_geometry(x, k_out, r, s, stride, padding, dilation)
     out_shape = (n_img, k_out, geom["OH"], geom["OW"])
-    if out is not None:
-        require_array(out, "out", np.bool_)
-        if tuple(out.shape) != out_shape:
-            raise ValueError(f"out must have shape {out_shape}, got {tuple(out.shape)}")
-        if is_device_array(out) != is_device_array(x):
-            raise TypeError("out must be the same kind of container as x "
-                            "(both NumPy or both pyopencl arrays)")
+    check_out(out, out_shape, np.bool_, like=x)
     if queue is None and not is_device_array(x) and proj is not None:
         queue = proj.queue
     queue = runtime.resolve_queue(queue, x=x, w=w, out=out)

@@ -19,6 +19,7 @@ from ..params import Constraint, ParamSpec, TileParam
 from ._common import (
     INT32_MAX,
     check_alloc,
+    check_out,
     elem_offset,
     int_pair,
     is_device_array,
@@ -359,19 +360,6 @@ def _raise_if_bad(queue, bad: cl_array.Array, n_cols: int, name: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Forward
 
-def _check_out(out, shape, x, name="out"):
-    if out is None:
-        return
-    require_array(out, name, np.float32)
-    if tuple(out.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(out.shape)}")
-    if is_device_array(out) != is_device_array(x):
-        raise TypeError(f"{name} must be the same kind of container as x "
-                        "(both NumPy or both pyopencl arrays)")
-    if not is_device_array(out) and not out.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous")
-
-
 def _check_sizes(**sizes) -> None:
     for what, n in sizes.items():
         if n > INT32_MAX:
@@ -422,7 +410,7 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
                          f"{(wk, n_cols)}")
     sel = check_mask(mask, n_rows, n_cols, vector)
     out_shape = (sel.n_entries,) if vector else (n_rows, sel.n_entries)
-    _check_out(out, out_shape, x)
+    check_out(out, out_shape, np.float32, like=x)
     if queue is None and isinstance(w, MaskedLinearWeight) and not is_device_array(x):
         queue = w.queue
     queue = runtime.resolve_queue(queue, x=x, w=w if is_device_array(w) else None, mask=mask,
@@ -712,7 +700,7 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or \
             not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-    _check_out(out, y.shape, y)
+    check_out(out, y.shape, np.float32, like=y)
     queue = runtime.resolve_queue(queue, y=y, mask=mask, out=out, **stats)
     outer, inner = y.shape[0], int(np.prod(y.shape[2:], dtype=np.int64))
     _check_sizes(y=outer * n_ch * inner)
@@ -878,7 +866,7 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
     if tuple(mask.shape) != out_shape and not channel_form:
         raise ValueError(f"mask must have shape {out_shape} (N, K, OH, OW) or "
                          f"{out_shape[:2] + (1, 1)} (a channel mask), got {tuple(mask.shape)}")
-    _check_out(out, out_shape, x)
+    check_out(out, out_shape, np.float32, like=x)
     queue = runtime.resolve_queue(queue, x=x, w=w, mask=mask, out=out)
     _check_sizes(out=int(np.prod(out_shape)),
                  packed=geom["N"] * geom["Hp"] * geom["Wp"] * n_ch)
