@@ -211,7 +211,8 @@ def _sanity(queue):
 def test_catalogue(queue, desc, call, exc, fragment):
     with pytest.raises(exc) as info:
         call(queue)
-    assert fragment in str(info.value), f"{desc}: {info.value}"
+    fragments = (fragment,) if isinstance(fragment, str) else fragment
+    assert any(f in str(info.value) for f in fragments), f"{desc}: {info.value}"
     _sanity(queue)
 
 
@@ -225,6 +226,11 @@ def _forbid_enqueueing(monkeypatch):
     for module, name in [(cl_array, "to_device"), (cl_array, "empty"), (cl_array, "zeros"),
                          (runtime, "kernels")]:
         monkeypatch.setattr(module, name, refuse)
+
+
+#: On devices with a large maximum allocation (35 GiB on an H200) the same inputs also
+#: exceed int32 indexing; either clear refusal is right.
+TOO_BIG = ("maximum allocation", "more than int32 indexing allows")
 
 
 def _limits(q):
@@ -241,26 +247,26 @@ def _limits(q):
         ("masked_matmul above max allocation",
          lambda: ps.masked_matmul(_big((side, side)), _big((side, 4)),
                                   _big((side, 4), True, bool), queue=q),
-         "maximum allocation"),
+         TOO_BIG),
         ("masked_matmul_backward above max allocation",
          lambda: ps.masked_matmul_backward(_big((side, 4)), _big((side, side)),
                                            _big((side, 4)), _big((side, 4), True, bool),
                                            queue=q),
-         "maximum allocation"),
+         TOO_BIG),
         ("conv2d_sparse above max allocation",
          lambda: ps.conv2d_sparse(_big((1, 3, side, side)), _csr(), queue=q),
-         "maximum allocation"),
+         TOO_BIG),
         ("conv2d_masked above max allocation",
          lambda: ps.conv2d_masked(_big((1, 3, side, side)), _r(4, 3, 3, 3),
                                   _big((1, 4, 1, 1), True, bool), queue=q),
-         "maximum allocation"),
+         TOO_BIG),
         ("masked_relu_bn above max allocation",
          lambda: ps.masked_relu_bn(_big((side, side)), _big((side, side), True, bool),
                                    np.ones(side, F), np.zeros(side, F), np.zeros(side, F),
                                    np.ones(side, F), queue=q),
-         "maximum allocation"),
+         TOO_BIG),
         ("add above max allocation",
-         lambda: ps.add(_big((giant,)), 1.0, queue=q), "maximum allocation"),
+         lambda: ps.add(_big((giant,)), 1.0, queue=q), TOO_BIG),
     ]
 
 
@@ -283,7 +289,8 @@ def test_limits_are_refused_before_any_kernel_runs(queue, monkeypatch, which):
         mp.setattr(runtime, "kernels", refuse)
         with pytest.raises(ValueError) as info:
             call()
-    assert fragment in str(info.value), f"{desc}: {info.value}"
+    fragments = (fragment,) if isinstance(fragment, str) else fragment
+    assert any(f in str(info.value) for f in fragments), f"{desc}: {info.value}"
     _sanity(queue)
 
 
@@ -294,7 +301,8 @@ def test_limits_are_refused_before_anything_is_allocated(queue, monkeypatch, whi
         _forbid_enqueueing(mp)
         with pytest.raises(ValueError) as info:
             call()
-    assert fragment in str(info.value), f"{desc}: {info.value}"
+    fragments = (fragment,) if isinstance(fragment, str) else fragment
+    assert any(f in str(info.value) for f in fragments), f"{desc}: {info.value}"
     _sanity(queue)
 
 
