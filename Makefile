@@ -45,7 +45,7 @@ tune:  ## autotune every tunable kernel family for the default device (TUNE_ARGS
 
 lint:
 	$(PYTHON) -m ruff --version >/dev/null 2>&1 || $(PYTHON) -m pip install -q ruff
-	$(PYTHON) -m ruff check pysparsecl tests bench
+	$(PYTHON) -m ruff check pysparsecl tests bench scripts
 
 info:
 	$(PYTHON) -m pysparsecl info
