@@ -24,7 +24,8 @@ def test_tuning_writes_the_best_configuration_and_lookup_uses_it(queue):
                                quick=True, progress=None)
     assert len(result.tried) == 4 and result.best is not None
     assert result.baseline.params == result.tried[0].params  # the configuration in use
-    assert result.best.total_ms == min(c.total_ms for c in result.tried)
+    # The winner was re-timed against the configuration in use and beat it, or is it.
+    assert result.best is result.baseline or result.best.total_ms < result.baseline.total_ms
     data = json.loads(tuning.user_database_path(queue.device).read_text())
     assert data["families"]["elementwise"]["params"] == result.best.params
     assert tuning.lookup(ELEMENTWISE, queue.device) == result.best.params
