@@ -48,6 +48,17 @@ def check_out(out, shape, dtype, like, name: str = "out") -> None:
         raise ValueError(f"{name} must be C-contiguous")
 
 
+def deliver(out_dev: cl_array.Array, like, out, queue: cl.CommandQueue):
+    """The result in the container the input ``like`` came in: ``out_dev`` itself for a
+    device array (no host round trip), else ``out`` (or a new NumPy array) filled from it."""
+    if is_device_array(like):
+        return out_dev
+    result = out if out is not None else np.empty(out_dev.shape, out_dev.dtype)
+    if result.size:
+        out_dev.get(queue=queue, ary=result)
+    return result
+
+
 def int_pair(value, name: str, minimum: int) -> Tuple[int, int]:
     """An int or a pair of ints, each >= ``minimum``, as a pair."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):

@@ -18,6 +18,7 @@ from ._common import (
     INT32_MAX,
     check_alloc,
     check_out,
+    deliver,
     elem_offset,
     int_pair,
     is_device_array,
@@ -338,12 +339,7 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
         x_dev = to_device(x, queue, "x")
         bias_dev = to_device(bias, queue, "bias") if bias is not None else None
         _launch(queue, x_dev, weight, bias_dev, out_dev, geom, events)
-    if is_device_array(x):
-        return out_dev
-    result = out if out is not None else np.empty(out_shape, np.float32)
-    if result.size:
-        out_dev.get(queue=queue, ary=result)
-    return result
+    return deliver(out_dev, x, out, queue)
 
 
 def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Geometry,

@@ -25,6 +25,7 @@ from ._common import (
     INT32_MAX,
     check_alloc,
     check_out,
+    deliver,
     elem_offset,
     is_device_array,
     require_array,
@@ -511,12 +512,7 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
                              "the queue the operation runs on")
         x_dev = to_device(x, queue, "x")
         _search(queue, x_dev, proj, pw, n_rows, n_keep, out_dev, compact, events)
-    if is_device_array(x):
-        return out_dev
-    result = out if out is not None else np.empty(out_shape, dtype)
-    if result.size:
-        out_dev.get(queue=queue, ary=result)
-    return result
+    return deliver(out_dev, x, out, queue)
 
 
 def _search(queue, x_dev, proj: SparseRandomProjection, pw: ProjectedWeight, n_rows, n_keep,
@@ -674,12 +670,7 @@ def drs_mask_conv2d(x, w, sparsity, *, stride=1, padding=0, dilation=1, eps=0.5,
         projected = _project_windows(queue, proj, xp, geom, n_ch, r, s, n_pix, events)
         _search(queue, None, proj, pw, n_pix, n_keep, out_dev, False, events,
                 projected=projected, plane=geom["OH"] * geom["OW"])
-    if is_device_array(x):
-        return out_dev
-    result = out if out is not None else np.empty(out_shape, np.bool_)
-    if result.size:
-        out_dev.get(queue=queue, ary=result)
-    return result
+    return deliver(out_dev, x, out, queue)
 
 
 def _project_windows(queue, proj: SparseRandomProjection, xp, geom, n_ch, r, s, n_pix,

@@ -20,6 +20,7 @@ from ._common import (
     INT32_MAX,
     check_alloc,
     check_out,
+    deliver,
     elem_offset,
     int_pair,
     is_device_array,
@@ -433,12 +434,7 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
         mask_dev = to_device(mask, queue, "mask")
         _launch_forward(queue, x_dev, rows, ldw, sel, mask_dev, out_dev, n_rows, n_cols,
                         k_in, events)
-    if is_device_array(x):
-        return out_dev
-    result = out if out is not None else np.empty(out_shape, np.float32)
-    if result.size:
-        out_dev.get(queue=queue, ary=result)
-    return result
+    return deliver(out_dev, x, out, queue)
 
 
 def _launch_forward(queue, x_dev, rows, ldw, sel: _Selection, mask_dev, out_dev, n_rows,
@@ -716,16 +712,12 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
         y_dev, mask_dev = to_device(y, queue, "y"), to_device(mask, queue, "mask")
         _launch_bn(queue, y_dev, mask_dev, dev, out_dev, outer, n_ch, inner, float(eps),
                    training, events)
+    result = deliver(out_dev, y, out, queue)
+    if not training:
+        return result
     if is_device_array(y):
-        result = out_dev
-        batch = (dev["mean"], dev["var"])
-    else:
-        result = out if out is not None else np.empty(y.shape, np.float32)
-        if result.size:
-            out_dev.get(queue=queue, ary=result)
-        batch = (dev["mean"].get(queue=queue), dev["var"].get(queue=queue)) if training \
-            else None
-    return (result,) + batch if training else result
+        return result, dev["mean"], dev["var"]
+    return result, dev["mean"].get(queue=queue), dev["var"].get(queue=queue)
 
 
 def _launch_bn(queue, y_dev, mask_dev, dev, out_dev, outer, n_ch, inner, eps, training,
@@ -891,12 +883,7 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
         else:
             _launch_conv_general(queue, xp, wk, to_device(mask, queue, "mask"), out_dev, geom,
                                  n_ch, k_out, r, s, events)
-    if is_device_array(x):
-        return out_dev
-    result = out if out is not None else np.empty(out_shape, np.float32)
-    if result.size:
-        out_dev.get(queue=queue, ary=result)
-    return result
+    return deliver(out_dev, x, out, queue)
 
 
 def _launch_conv_general(queue, xp, wk, mask_dev, out_dev, geom, n_ch, k_out, r, s, events):
