@@ -115,18 +115,22 @@ def _workloads():
                   "conv2d_sparse")
         return run
 
+    def row_mask(rng, m, n, form, empty):
+        """A third of each row's columns: int32 indices ("idx") or a bool mask whose first
+        ``empty`` rows select nothing."""
+        idx = np.argsort(rng.random((m, n)), axis=1)[:, :max(1, n // 3)]
+        if form == "idx":
+            return idx.astype(np.int32)
+        mask = np.zeros((m, n), bool)
+        np.put_along_axis(mask, idx, True, axis=1)
+        mask[:empty] = False
+        return mask
+
     def matmul(m, k, n, form, empty=0, vector=False):
         def run(rng):
             x = rng.standard_normal((m, k), dtype=np.float32)
             w = rng.standard_normal((k, n), dtype=np.float32)
-            n_keep = max(1, n // 3)
-            idx = np.argsort(rng.random((m, n)), axis=1)[:, :n_keep]
-            if form == "idx":
-                mask = idx.astype(np.int32)
-            else:
-                mask = np.zeros((m, n), bool)
-                np.put_along_axis(mask, idx, True, axis=1)
-                mask[:empty] = False
+            mask = row_mask(rng, m, n, form, empty)
             if vector:
                 x, mask = x[0], mask[0]
             close(ps.masked_matmul(x, w, mask), masked_matmul_reference(x, w, mask),
@@ -137,16 +141,8 @@ def _workloads():
         def run(rng):
             x = rng.standard_normal((m, k), dtype=np.float32)
             w = rng.standard_normal((k, n), dtype=np.float32)
-            n_keep = max(1, n // 3)
-            idx = np.argsort(rng.random((m, n)), axis=1)[:, :n_keep]
-            if form == "idx":
-                mask = idx.astype(np.int32)
-                dy = rng.standard_normal((m, n_keep), dtype=np.float32)
-            else:
-                mask = np.zeros((m, n), bool)
-                np.put_along_axis(mask, idx, True, axis=1)
-                mask[:empty] = False
-                dy = rng.standard_normal((m, n), dtype=np.float32)
+            mask = row_mask(rng, m, n, form, empty)
+            dy = rng.standard_normal(mask.shape, dtype=np.float32)  # compact for idx masks
             dx, dw = ps.masked_matmul_backward(dy, x, w, mask)
             rdx, rdw = masked_matmul_backward_reference(dy, x, w, mask)
             close(dx, rdx, "masked_matmul_backward dx")
