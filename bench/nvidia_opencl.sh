@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# Tests, a tile sweep and the benchmark on an NVIDIA GPU through NVIDIA's OpenCL driver.
-# Usage: OUT=results_dir [SWEEP_N=40] [BENCH_BATCHES="1 8 32"|none] bash bench/nvidia_opencl.sh
+# Tests, tuning, tile sweeps and the benchmark on an NVIDIA GPU through NVIDIA's OpenCL driver.
+# Usage: OUT=results_dir [TESTS=1|0] [TUNE_OPS="conv2d_csr ..."] [TUNE_BUDGET=120]
+#        [SWEEP_N=40] [MASKED_SWEEP=0|1] [BENCH_BATCHES="1 8 32"|none] [DSG_BENCH=1|0]
+#        bash bench/nvidia_opencl.sh
+# Tuned entries land in $OUT/cache/tuning/*.json (scripts/ship_tuning.py ships them).
 # Carried wheels in .whl/ (pyopencl, pytools, platformdirs, siphash24, mako, ...) are
 # installed to /tmp/site when present, for machines without pyopencl.
 set -uo pipefail
 OUT=${OUT:-bench/results}
 SWEEP_N=${SWEEP_N:-0}
+TESTS=${TESTS:-1}
+TUNE_OPS=${TUNE_OPS:-}
+TUNE_BUDGET=${TUNE_BUDGET:-120}
+MASKED_SWEEP=${MASKED_SWEEP:-0}
 BENCH_BATCHES=${BENCH_BATCHES:-1 8 32}
+DSG_BENCH=${DSG_BENCH:-1}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -23,17 +31,29 @@ mkdir -p /tmp/ocl-vendors && echo "$lib" > /tmp/ocl-vendors/nvidia.icd
 export OCL_ICD_VENDORS=/tmp/ocl-vendors
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
 python3 -m pysparsecl info || exit 1
-echo "== tests"; python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -15
+export PYSPARSECL_CACHE_DIR=$OUT/cache
+if [ "$TESTS" = 1 ]; then
+    echo "== tests"; python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -15
+fi
+if [ -n "$TUNE_OPS" ]; then
+    echo "== tune"; python3 -m pysparsecl tune --device nvidia --op $TUNE_OPS \
+        --budget-s "$TUNE_BUDGET" 2>&1 | tr '\r' '\n' | grep -v "tried, " | tail -40
+fi
+if [ "$MASKED_SWEEP" = 1 ]; then
+    echo "== masked sweep"; python3 bench/masked_sweep.py --device nvidia 2>&1 | tail -60
+fi
 if [ "$SWEEP_N" -gt 0 ]; then
     echo "== sweep"; python3 bench/sweep.py --device nvidia --space gpu --batch 32 --n "$SWEEP_N" \
         --json "$OUT/sweep_conv2d_gpu.json" --best-env "$OUT/best_params.txt" 2>&1 | tail -12
     [ -s "$OUT/best_params.txt" ] && export PYSPARSECL_PARAMS=$(cat "$OUT/best_params.txt")
 fi
-echo "== call overhead"; python3 bench/profile_call.py --device nvidia 2>&1 | head -22
 echo "== bench with ${PYSPARSECL_PARAMS:-shipped parameters}"
 if [ "$BENCH_BATCHES" != none ]; then
+    echo "== call overhead"; python3 bench/profile_call.py --device nvidia 2>&1 | head -22
     python3 bench/run.py --device nvidia --ops conv2d elementwise --batch $BENCH_BATCHES \
         --no-scipy --out "$OUT" 2>&1 | tail -40
+fi
+if [ "$DSG_BENCH" = 1 ]; then
     echo "== DSG bench (bounded)"
     timeout 300 python3 bench/run.py --device nvidia --ops masked --tag dsg --out "$OUT" \
         2>&1 | tail -20

@@ -34,13 +34,28 @@ def _tune(args) -> int:
     import math
 
     from . import runtime
-    from .tuning import tuner, user_database_path
+    from .tuning import problems, tuner, user_database_path
+    try:
+        shapes = problems.read_shapes_file(args.shapes) if args.shapes else {}
+    except problems.ShapesError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    unknown = sorted(set(args.op or ()) - set(tuner.TUNABLES))
+    if unknown:
+        print(f"error: no tuner driver for {unknown}; tunable: {sorted(tuner.TUNABLES)}",
+              file=sys.stderr)
+        return 2
     queue = runtime.queue_for(args.device)
-    families = args.op or sorted(tuner.TUNABLES)
+    families = args.op or (sorted(shapes) if shapes else sorted(tuner.TUNABLES))
     for family in families:
-        result = tuner.tune_family(family, queue, budget_s=args.budget_s,
-                                   max_candidates=args.max_candidates, seed=args.seed,
-                                   quick=args.quick, write=not (args.dry_run or args.quick))
+        try:
+            result = tuner.tune_family(family, queue, budget_s=args.budget_s,
+                                       max_candidates=args.max_candidates, seed=args.seed,
+                                       quick=args.quick, shapes=shapes.get(family),
+                                       write=not (args.dry_run or args.quick))
+        except problems.ShapesError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         failed = [c for c in result.tried if c.error]
         print(f"{family} on {result.device}: {len(result.tried)} configurations in "
               f"{result.seconds:.0f} s, {len(failed)} failed")
@@ -51,6 +66,9 @@ def _tune(args) -> int:
             continue
         before = result.baseline.total_ms if result.baseline else math.inf
         print(f"  best {result.best.total_ms:.3f} ms (was {before:.3f} ms): {result.best.params}")
+        for shape_class, cand in sorted(result.by_class.items()):
+            if cand is not result.best:
+                print(f"  [{shape_class}] {cand.params}")
         if not (args.dry_run or args.quick):
             print(f"  written to {user_database_path(queue.device)}")
     return 0
@@ -61,7 +79,12 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="list OpenCL devices, their limits and whether each works")
     tune = sub.add_parser("tune", help="autotune kernel families for a device")
-    tune.add_argument("--op", nargs="+", help="kernel families (default: every tunable one)")
+    tune.add_argument("--op", nargs="+",
+                      help="kernel families (default: those in --shapes, else every tunable "
+                           "one)")
+    tune.add_argument("--shapes", metavar="FILE",
+                      help="JSON file of problem shapes per family (see "
+                           "pysparsecl/tuning/problems.py) instead of the built-in ones")
     tune.add_argument("--device", help="'P:D' indices or a name substring")
     tune.add_argument("--budget-s", type=float, default=120.0,
                       help="seconds per family (default 120)")

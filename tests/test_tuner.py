@@ -1,14 +1,17 @@
 """The autotuner and the user's tuning database."""
 
 import json
+import re
 import threading
 
 import pytest
 
 from pysparsecl import tuning
 from pysparsecl.__main__ import main
+from pysparsecl.ops.conv2d import CONV2D_CSR
 from pysparsecl.ops.elementwise import ELEMENTWISE
-from pysparsecl.tuning import tuner
+from pysparsecl.params import SPECS, ParamSpec
+from pysparsecl.tuning import problems, tuner
 
 
 @pytest.fixture(autouse=True)
@@ -34,16 +37,16 @@ def test_tuning_writes_the_best_configuration_and_lookup_uses_it(queue):
 def test_failing_and_wrong_candidates_score_infinitely_slow(queue, monkeypatch):
     real = tuner.TUNABLES["elementwise"]
 
-    def sabotaged(q, rng, quick):
-        problems = real(q, rng, quick)
+    def sabotaged(q, rng, quick, shapes):
+        (problem,) = real(q, rng, quick, shapes)
 
-        def launch(events, inner=problems[0][1]):
+        def launch(events, inner=problem.launch):
             params = tuning.lookup(ELEMENTWISE, q.device)
             if params["VEC"] == 16 and params["ITEMS"] != 4:
                 raise RuntimeError("simulated build failure")
             out = inner(events)
             return out * 2 if params["VEC"] == 1 else out   # a wrong answer
-        return [(problems[0][0], launch)]
+        return [problems.Problem(problem.label, launch)]
 
     monkeypatch.setitem(tuner.TUNABLES, "elementwise", sabotaged)
     result = tuner.tune_family("elementwise", queue, budget_s=60, max_candidates=40, reps=1,
@@ -54,11 +57,29 @@ def test_failing_and_wrong_candidates_score_infinitely_slow(queue, monkeypatch):
     assert result.best is not None and result.best.params["VEC"] != 1
 
 
-def test_unknown_family_and_missing_driver(queue):
+def test_unknown_family_and_missing_driver(queue, monkeypatch):
     with pytest.raises(ValueError, match="unknown kernel family"):
         tuner.tune_family("nope", queue)
+    monkeypatch.delitem(tuner.TUNABLES, "masked_bn")
     with pytest.raises(ValueError, match="no driver"):
         tuner.tune_family("masked_bn", queue)
+
+
+def test_every_kernel_family_has_a_tuner_driver():
+    from pysparsecl.ops import conv2d, drs, elementwise, masked
+    families = {v.family for m in (conv2d, drs, elementwise, masked) for v in vars(m).values()
+                if isinstance(v, ParamSpec)}
+    assert len(families) == 13 and families == set(tuner.TUNABLES)
+    assert families <= set(SPECS)
+
+
+@pytest.mark.parametrize("family", sorted(tuner.TUNABLES))
+def test_every_driver_tunes_its_family(queue, family):
+    """Quick problems, two candidates: the driver's problems run, check and time."""
+    result = tuner.tune_family(family, queue, budget_s=60, max_candidates=2, reps=1,
+                               quick=True, write=False, progress=None)
+    assert result.best is not None, [c.error for c in result.tried]
+    assert all(t > 0 for t in result.best.times_ms)
 
 
 def test_corrupt_database_is_ignored_then_replaced(queue):
@@ -76,7 +97,7 @@ def test_corrupt_database_is_ignored_then_replaced(queue):
 
 def test_invalid_tuned_entry_falls_back_with_a_warning(queue):
     tuning.write_user_entry(queue.device, "elementwise", {"params": {"VEC": 3}})
-    with pytest.warns(RuntimeWarning, match="ignoring tuned entry"):
+    with pytest.warns(RuntimeWarning, match="ignoring tuning entry"):
         params = tuning.lookup(ELEMENTWISE, queue.device)
     assert params["VEC"] != 3
 
@@ -123,3 +144,85 @@ def test_two_processes_writing_never_corrupt_the_database(queue, tmp_path):
     path = tuning.user_database_path(queue.device)
     data = json.loads(path.read_text())
     assert data["families"] and not list(path.parent.glob("*.tmp"))
+
+
+def test_shape_class_entries_come_before_the_family_entry(queue):
+    generic = dict(CONV2D_CSR.defaults(), UNROLL=1)
+    per_class = dict(CONV2D_CSR.defaults(), UNROLL=4)
+    tuning.write_user_entry(queue.device, "conv2d_csr", {
+        "params": generic, "shapes": {"k3x3-s1x1-c64-px2048-b8": {"params": per_class}}})
+    assert tuning.lookup(CONV2D_CSR, queue.device) == generic
+    assert tuning.lookup(CONV2D_CSR, queue.device, "k3x3-s1x1-c64-px2048-b8") == per_class
+    assert tuning.lookup(CONV2D_CSR, queue.device, "k1x1-s1x1-c64-px2048-b8") == generic
+
+
+def test_invalid_shape_class_entry_falls_back_to_the_family_entry(queue):
+    generic = dict(CONV2D_CSR.defaults(), UNROLL=1)
+    tuning.write_user_entry(queue.device, "conv2d_csr", {
+        "params": generic, "shapes": {"c": {"params": {"VEC": 3}}}})
+    with pytest.warns(RuntimeWarning, match=r"ignoring tuning entry .*\[c\]"):
+        assert tuning.lookup(CONV2D_CSR, queue.device, "c") == generic
+
+
+def test_shipped_shape_class_entries(queue, monkeypatch):
+    per_class = dict(CONV2D_CSR.defaults(), UNROLL=4)
+    kind = tuning.device_kind(queue.device)
+    monkeypatch.setattr(tuning, "_shipped", {"conv2d_csr": {
+        kind: {"params": CONV2D_CSR.defaults(), "shapes": {"c": {"params": per_class}}}}})
+    assert tuning.lookup(CONV2D_CSR, queue.device, "c") == per_class
+    assert tuning.lookup(CONV2D_CSR, queue.device) == CONV2D_CSR.defaults()
+
+
+def test_conv2d_calls_look_up_their_shape_class(queue, monkeypatch):
+    from pysparsecl.ops.conv2d import conv2d_shape_class
+    seen = []
+    real = tuning.lookup
+
+    def spy(spec, device, shape_class=None):
+        seen.append((spec.family, shape_class))
+        return real(spec, device, shape_class)
+    monkeypatch.setattr(tuning, "lookup", spy)
+    import numpy as np
+    import scipy.sparse as sp
+
+    import pysparsecl as ps
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 9, 9), dtype=np.float32)
+    w = sp.random(4, 8 * 9, density=0.3, format="csr", dtype=np.float32, random_state=1)
+    ps.conv2d_sparse(x, w, kernel_size=3, stride=2, padding=1, queue=queue)
+    assert ("conv2d_csr", conv2d_shape_class(2, 8, (5, 5), 3, 2)) in seen
+    assert conv2d_shape_class(2, 8, (5, 5), 3, 2) == "k3x3-s2x2-c8-px16-b2"
+
+
+def test_tuning_writes_per_class_winners(queue):
+    result = tuner.tune_family("conv2d_csr", queue, budget_s=60, max_candidates=3, reps=1,
+                               quick=True, progress=None, write=True)
+    data = json.loads(tuning.user_database_path(queue.device).read_text())
+    entry = data["families"]["conv2d_csr"]
+    assert set(entry["shapes"]) == set(result.by_class) and len(result.by_class) == 2
+    for shape_class, cand in result.by_class.items():
+        assert entry["shapes"][shape_class]["params"] == cand.params
+        assert tuning.lookup(CONV2D_CSR, queue.device, shape_class) == cand.params
+
+
+def test_cli_shapes_file(tmp_path, capsys, queue):
+    path = tmp_path / "shapes.json"
+    path.write_text(json.dumps({"elementwise": [{"n": 1000}, {"n": 4099}]}))
+    assert main(["tune", "--shapes", str(path), "--budget-s", "5", "--max-candidates", "2",
+                 "--dry-run"]) == 0
+    assert "elementwise on" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "cannot read shapes file"),
+    ('{"nope": [{"n": 1}]}', "unknown families"),
+    ('{"elementwise": []}', "non-empty lists"),
+    ('{"elementwise": [{"m": 1}]}', "unknown keys"),
+    ('{"elementwise": [{"n": -1}]}', "positive integer"),
+    ('{"masked_gemm": [{"M": 2, "K": 3, "N": 4, "keep": 2}]}', r"keep must be in \[0, 1\]"),
+])
+def test_cli_rejects_bad_shapes_files(tmp_path, capsys, content, message):
+    path = tmp_path / "shapes.json"
+    path.write_text(content)
+    assert main(["tune", "--shapes", str(path), "--dry-run"]) == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -72,6 +72,15 @@ def template_args(params, has_bias: bool) -> dict:
                 PACK_ROWS=pack_rows(params["PACK_LANES"]))
 
 
+def conv2d_shape_class(batch: int, cin_per_group: int, out_hw, kernel_size, stride) -> str:
+    """The tuning database's shape class of a convolution: kernel, stride, and input
+    channels per group, output pixels per image and batch, each rounded down to a power of
+    two (batch capped at 32), e.g. ``k3x3-s1x1-c64-px2048-b32``."""
+    (r, s), (sh, sw) = int_pair(kernel_size, "kernel_size", 1), int_pair(stride, "stride", 1)
+    return (f"k{r}x{s}-s{sh}x{sw}-c{tuning.pow2_floor(cin_per_group)}"
+            f"-px{tuning.pow2_floor(out_hw[0] * out_hw[1])}-b{tuning.pow2_floor(min(batch, 32))}")
+
+
 def conv2d_output_shape(in_hw, kernel_size, stride=1, padding=0, dilation=1) -> Tuple[int, int]:
     """(OH, OW) of a convolution, exactly as torch.nn.functional.conv2d defines it."""
     (h, w), (r, s) = in_hw, kernel_size
@@ -344,7 +353,9 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
 
 def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Geometry,
             events):
-    params = tuning.lookup(CONV2D_CSR, queue.device)
+    shape_class = conv2d_shape_class(geom.N, weight.in_channels // weight.groups,
+                                     (geom.OH, geom.OW), weight.kernel_size, geom.stride)
+    params = tuning.lookup(CONV2D_CSR, queue.device, shape_class)
     vec = params["VEC"]
     # The batch layout needs whole vectors of images; otherwise vectors run along pixels.
     batched = bool(params["BATCH_LAYOUT"]) and geom.N % vec == 0

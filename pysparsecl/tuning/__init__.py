@@ -10,6 +10,11 @@ Lookup order for a kernel family on a device:
    slug, then ``<vendor>/<device type>``, then ``<device type>``;
 4. the family's spec defaults.
 
+Within a database entry, a problem's *shape class* (a short string the op computes from
+its shapes, e.g. ``k3x3-s1x1-c64-px2048-b32`` for a convolution) picks a per-class entry
+under ``"shapes"`` before the entry's own parameters: the best tile configuration for a
+56x56 layer is rarely the best for a 7x7 one.
+
 An unreadable database, or an entry that names unknown parameters or breaks a constraint,
 is ignored with a warning.
 """
@@ -33,13 +38,18 @@ from ..params import InvalidParamsError, ParamSpec, parse_overrides
 from ..runtime import device_kind
 
 __all__ = ["lookup", "override", "device_slug", "vendor_slug", "user_database_path",
-           "read_user_database", "write_user_entry"]
+           "read_user_database", "write_user_entry", "pow2_floor"]
 
 _DATABASE = Path(__file__).resolve().parent / "database" / "shipped.json"
 _local = threading.local()
 _memo: Dict[tuple, Dict[str, int]] = {}
 _memo_lock = threading.RLock()
 _shipped: Optional[dict] = None
+
+
+def pow2_floor(n: int) -> int:
+    """The largest power of two <= n (1 for n < 1): the bucket of a size in a shape class."""
+    return 1 << max(0, int(n).bit_length() - 1)
 
 
 def _slug(text: str) -> str:
@@ -147,35 +157,47 @@ def write_user_entry(device: cl.Device, family: str, entry: dict) -> Path:
     return path
 
 
-def _database_params(spec: ParamSpec, device: cl.Device) -> Dict[str, int]:
-    tuned = read_user_database(device).get("families", {}).get(spec.family)
-    if tuned is not None:
-        try:
-            return spec.check(tuned.get("params", {}), device.max_work_group_size)
-        except (InvalidParamsError, AttributeError) as exc:
-            warnings.warn(f"pysparsecl: ignoring tuned entry {spec.family} in "
-                          f"{user_database_path(device)}: {exc}", RuntimeWarning, stacklevel=3)
-    entries = _load_shipped().get(spec.family, {})
+def _entries(spec: ParamSpec, device: cl.Device, shape_class: Optional[str]):
+    """(where, entry) pairs for ``spec`` on ``device``, most specific first."""
+    def with_class(where, entry):
+        if not isinstance(entry, dict):
+            return
+        shapes = entry.get("shapes")
+        if shape_class is not None and isinstance(shapes, dict) and shape_class in shapes:
+            yield f"{where} [{shape_class}]", shapes[shape_class]
+        if "params" in entry:
+            yield where, entry
+
+    user = read_user_database(device).get("families", {}).get(spec.family)
+    if user is not None:
+        yield from with_class(f"{spec.family} in {user_database_path(device)}", user)
+    shipped = _load_shipped().get(spec.family, {})
     kind = device_kind(device)
     for key in (device_slug(device), f"{vendor_slug(device)}/{kind}", kind):
-        entry = entries.get(key)
-        if entry is None:
-            continue
+        if key in shipped:
+            yield from with_class(f"{spec.family}/{key} (shipped)", shipped[key])
+
+
+def _database_params(spec: ParamSpec, device: cl.Device,
+                     shape_class: Optional[str]) -> Dict[str, int]:
+    for where, entry in _entries(spec, device, shape_class):
         try:
             return spec.check(entry.get("params", {}), device.max_work_group_size)
         except (InvalidParamsError, AttributeError) as exc:
-            warnings.warn(f"pysparsecl: ignoring tuning entry {spec.family}/{key}: {exc}",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(f"pysparsecl: ignoring tuning entry {where}: {exc}",
+                          RuntimeWarning, stacklevel=4)
     return spec.defaults()
 
 
-def lookup(spec: ParamSpec, device: cl.Device) -> Dict[str, int]:
-    """The tile configuration to use for ``spec`` on ``device`` (see module docstring)."""
-    key = (spec.family, device.int_ptr)
+def lookup(spec: ParamSpec, device: cl.Device, shape_class: Optional[str] = None
+           ) -> Dict[str, int]:
+    """The tile configuration to use for ``spec`` on ``device`` (see module docstring);
+    ``shape_class``, when the op has one, selects per-shape entries of the databases."""
+    key = (spec.family, device.int_ptr, shape_class)
     with _memo_lock:
         params = _memo.get(key)
     if params is None:
-        params = _database_params(spec, device)
+        params = _database_params(spec, device, shape_class)
         with _memo_lock:
             _memo[key] = params
     forced = _active_overrides(spec.family)

@@ -1,7 +1,8 @@
 """The autotuner: search a kernel family's tile configurations on one device.
 
-For each family with a driver in :data:`TUNABLES`, the tuner runs the spec-default
-configuration on representative problems to get reference outputs, then tries the
+For each family with a driver in :data:`TUNABLES` (:mod:`pysparsecl.tuning.problems`), the
+tuner runs the spec-default configuration on representative problems to get reference
+outputs, then tries the
 current configuration and a random subset of the candidates the spec allows on this
 device (constraints and the work-group limit).  A candidate that fails to build, raises,
 or disagrees with the reference scores as infinitely slow and is reported; it never stops
@@ -10,7 +11,9 @@ until ``budget_s`` runs out.  The fastest few and the configuration in use are t
 re-timed in interleaved rounds, and the winner -- the configuration in use unless another
 beats it by more than ``min_gain`` -- is written to the user's database
 (:func:`pysparsecl.tuning.write_user_entry`), which :func:`pysparsecl.tuning.lookup`
-consults first from then on.
+consults first from then on.  Every shape class among the problems also gets its own
+winner (the overall winner unless beaten on that class by ``min_gain``), found from the
+same timings at no extra search cost.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyopencl as cl
@@ -29,60 +32,25 @@ import pyopencl.array as cl_array
 
 from ..params import SPECS
 from . import lookup, override, write_user_entry
+from .problems import TUNABLES, Problem
 
 __all__ = ["TUNABLES", "Candidate", "TuneResult", "tune_family"]
-
-#: A problem: a label (its shape class) and a launch that appends its OpenCL events to the
-#: list it is given and returns the op's output.
-Problem = Tuple[str, Callable[[list], object]]
-
-
-def _conv2d_problems(queue: cl.CommandQueue, rng: np.random.Generator, quick: bool
-                     ) -> List[Problem]:
-    from .. import SparseConvWeight, conv2d_sparse
-    from ..testing.cases import RESNET50_LAYERS
-    # The batches the targets name: 8 on CPUs, 32 on GPUs.
-    batch = 32 if queue.device.type & cl.device_type.GPU else 8
-    layers = [c.with_(H=14, W=14, N=2) for c in RESNET50_LAYERS[:2]] if quick else \
-        [c.with_(N=batch) for c in RESNET50_LAYERS[:4]]
-    problems = []
-    for case in layers:
-        case = case.with_(sparsity=0.9)
-        x, _, csr, _ = case.make_inputs(rng)
-        x_dev = cl_array.to_device(queue, x)
-        weight = SparseConvWeight(csr, case.C, case.kernel, case.groups, queue)
-        kw = dict(stride=case.stride, padding=case.padding)
-        problems.append((case.label(), lambda ev, x_dev=x_dev, weight=weight, kw=kw:
-                         conv2d_sparse(x_dev, weight, events=ev, **kw)))
-    return problems
-
-
-def _elementwise_problems(queue: cl.CommandQueue, rng: np.random.Generator, quick: bool
-                          ) -> List[Problem]:
-    from .. import add
-    n = 1 << (18 if quick else 24)
-    a, b = (cl_array.to_device(queue, rng.standard_normal(n, dtype=np.float32))
-            for _ in range(2))
-    out = cl_array.empty_like(a)
-    return [(f"add float32 n={n}", lambda ev: add(a, b, out=out, events=ev))]
-
-
-#: Families the tuner knows how to exercise.  (The DSG families still need drivers.)
-TUNABLES: Dict[str, Callable[[cl.CommandQueue, np.random.Generator, bool], List[Problem]]] = {
-    "conv2d_csr": _conv2d_problems,
-    "elementwise": _elementwise_problems,
-}
-
 
 @dataclass
 class Candidate:
     params: Dict[str, int]
-    times_ms: List[float] = field(default_factory=list)
+    times_ms: List[float] = field(default_factory=list)   # one per problem
     error: str = ""
 
     @property
     def total_ms(self) -> float:
         return math.inf if self.error or not self.times_ms else float(sum(self.times_ms))
+
+    def class_ms(self, indices: Sequence[int]) -> float:
+        """Summed time of the problems at ``indices`` (one shape class)."""
+        if self.error or not self.times_ms:
+            return math.inf
+        return float(sum(self.times_ms[i] for i in indices))
 
 
 @dataclass
@@ -94,6 +62,8 @@ class TuneResult:
     best: Optional[Candidate]
     baseline: Optional[Candidate]      # the configuration in use before tuning
     seconds: float
+    #: shape class -> the configuration that wins on that class's problems
+    by_class: Dict[str, Candidate] = field(default_factory=dict)
 
 
 def _host(result) -> np.ndarray:
@@ -101,66 +71,97 @@ def _host(result) -> np.ndarray:
 
 
 def _run(problems: Sequence[Problem], reference, queue, reps: int) -> List[float]:
+    """Check every problem's output against the reference, then time it: the median of
+    ``reps`` runs' summed event times, in ms."""
     times = []
-    for (label, launch), ref in zip(problems, reference):
-        got = _host(launch([]))
+    for problem, ref in zip(problems, reference):
+        got = _host(problem.launch([]))
         queue.finish()
-        denom = np.linalg.norm(ref.astype(np.float64))
-        err = np.linalg.norm(got.astype(np.float64) - ref) / (denom or 1.0)
-        if not err < 1e-4:
-            raise ArithmeticError(f"relative error {err:.2e} on {label}")
+        failure = problem.check(got, ref)
+        if failure:
+            raise ArithmeticError(f"{failure} on {problem.label}")
         samples = []
         for _ in range(reps):
             events: list = []
-            launch(events)
+            problem.launch(events)
             queue.finish()
             samples.append(sum(e.profile.end - e.profile.start for e in events) * 1e-6)
         times.append(float(np.median(samples)))
     return times
 
 
+def _classes(problems: Sequence[Problem]) -> Dict[str, List[int]]:
+    """Shape class -> indices of its problems (problems without a class are left out)."""
+    classes: Dict[str, List[int]] = {}
+    for i, problem in enumerate(problems):
+        if problem.shape_class is not None:
+            classes.setdefault(problem.shape_class, []).append(i)
+    return classes
+
+
+def _keep_unless_beaten(best: Candidate, incumbent: Optional[Candidate], score,
+                        min_gain: float) -> Candidate:
+    if incumbent is not None and best is not incumbent and \
+            score(best) > score(incumbent) * (1.0 - min_gain):
+        return incumbent
+    return best
+
+
 def _confirm(family, problems, reference, queue, tried: List[Candidate], reps: int, top: int,
-             min_gain: float) -> Optional[Candidate]:
-    """Re-time the fastest few candidates and the baseline (the first tried) in interleaved
-    rounds; a single sequential timing on a shared machine can crown a lucky candidate.
-    The baseline is kept unless the winner beats it by more than ``min_gain``."""
+             min_gain: float) -> Tuple[Optional[Candidate], Dict[str, Candidate]]:
+    """Re-time the finalists -- the fastest few overall, the fastest two of every shape
+    class, and the baseline (the first tried) -- in interleaved rounds: a single sequential
+    timing on a shared machine can crown a lucky candidate.  The baseline is kept unless
+    the winner beats it by more than ``min_gain``; a class keeps the overall winner unless
+    its own winner beats it on that class by as much."""
     ok = [c for c in tried if not c.error]
     if not ok:
-        return None
+        return None, {}
+    classes = _classes(problems)
     finalists = sorted(ok, key=lambda c: c.total_ms)[:top]
+    for indices in classes.values():
+        for cand in sorted(ok, key=lambda c: c.class_ms(indices))[:2]:
+            if cand not in finalists:
+                finalists.append(cand)
     baseline = tried[0] if not tried[0].error else None
     if baseline is not None and baseline not in finalists:
         finalists.append(baseline)
-    if len(finalists) == 1:
-        return finalists[0]
-    rounds: Dict[int, List[List[float]]] = {id(c): [] for c in finalists}
-    for _ in range(3):
-        for cand in finalists:
-            if cand.error:
-                continue
-            try:
-                with override(family, **cand.params):
-                    rounds[id(cand)].append(_run(problems, reference, queue, reps))
-            except Exception as exc:  # failing now: out of the running, as in the search
-                cand.error = f"{type(exc).__name__} on re-timing: {exc}"
-    finalists = [c for c in finalists if not c.error]
-    if not finalists:
-        return None
+    if len(finalists) > 1:
+        rounds: Dict[int, List[List[float]]] = {id(c): [] for c in finalists}
+        for _ in range(3):
+            for cand in finalists:
+                if cand.error:
+                    continue
+                try:
+                    with override(family, **cand.params):
+                        rounds[id(cand)].append(_run(problems, reference, queue, reps))
+                except Exception as exc:  # failing now: out of the running, as in the search
+                    cand.error = f"{type(exc).__name__} on re-timing: {exc}"
+        finalists = [c for c in finalists if not c.error]
+        if not finalists:
+            return None, {}
+        for cand in finalists:  # confirmed per-problem times: medians over the rounds
+            cand.times_ms = [float(t) for t in np.median(np.array(rounds[id(cand)]), axis=0)]
     baseline = baseline if baseline in finalists else None
-    for cand in finalists:  # confirmed per-problem times: medians over the rounds
-        cand.times_ms = [float(t) for t in np.median(np.array(rounds[id(cand)]), axis=0)]
-    best = min(finalists, key=lambda c: c.total_ms)
-    if baseline is not None and best is not baseline and \
-            best.total_ms > baseline.total_ms * (1.0 - min_gain):
-        return baseline
-    return best
+    best = _keep_unless_beaten(min(finalists, key=lambda c: c.total_ms), baseline,
+                               lambda c: c.total_ms, min_gain)
+    by_class = {}
+    for shape_class, indices in classes.items():
+        def score(c, indices=indices):
+            return c.class_ms(indices)
+        by_class[shape_class] = _keep_unless_beaten(min(finalists, key=score), best, score,
+                                                    min_gain)
+    return best, by_class
 
 
 def tune_family(family: str, queue: cl.CommandQueue, *, budget_s: float = 120.0,
                 max_candidates: int = 200, reps: int = 5, seed: int = 0, quick: bool = False,
-                write: bool = True, progress=sys.stderr, confirm_top: int = 3,
-                min_gain: float = 0.03) -> TuneResult:
-    """Search ``family``'s configurations on ``queue``'s device; see the module docstring."""
+                shapes: Optional[list] = None, write: bool = True, progress=sys.stderr,
+                confirm_top: int = 3, min_gain: float = 0.03) -> TuneResult:
+    """Search ``family``'s configurations on ``queue``'s device; see the module docstring.
+
+    ``shapes``: the family's list from a shapes file (:mod:`pysparsecl.tuning.problems`)
+    instead of its representative problems."""
     if family not in SPECS:
         raise ValueError(f"unknown kernel family {family!r}; known: {sorted(SPECS)}")
     if family not in TUNABLES:
@@ -170,9 +171,9 @@ def tune_family(family: str, queue: cl.CommandQueue, *, budget_s: float = 120.0,
         raise ValueError("queue must have profiling enabled (pysparsecl.get_queue() does)")
     spec, device = SPECS[family], queue.device
     start = time.perf_counter()
-    problems = TUNABLES[family](queue, np.random.default_rng(seed), quick)
+    problems = TUNABLES[family](queue, np.random.default_rng(seed), quick, shapes)
     with override(family, **spec.defaults()):
-        reference = [_host(launch([])).astype(np.float64) for _, launch in problems]
+        reference = [_host(p.launch([])) for p in problems]
     current = lookup(spec, device)
     space = list(spec.candidates(device.max_work_group_size))
     random.Random(seed).shuffle(space)
@@ -199,15 +200,22 @@ def tune_family(family: str, queue: cl.CommandQueue, *, budget_s: float = 120.0,
             progress.flush()
     if progress is not None:
         progress.write("\n")
-    best = _confirm(family, problems, reference, queue, tried, reps, confirm_top, min_gain)
-    result = TuneResult(family, device.name.strip(), [label for label, _ in problems], tried,
-                        best, tried[0] if tried else None, time.perf_counter() - start)
+    best, by_class = _confirm(family, problems, reference, queue, tried, reps, confirm_top,
+                              min_gain)
+    result = TuneResult(family, device.name.strip(), [p.label for p in problems], tried,
+                        best, tried[0] if tried else None, time.perf_counter() - start,
+                        by_class)
     if write and result.best is not None:
+        classes = _classes(problems)
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         write_user_entry(device, family, {
             "params": result.best.params, "total_ms": result.best.total_ms,
             "times_ms": dict(zip(result.problems, result.best.times_ms)),
             "baseline_ms": result.baseline.total_ms if result.baseline else None,
-            "candidates_tried": len(tried), "quick": quick,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "candidates_tried": len(tried), "quick": quick, "date": now,
+            "shapes": {cls: {"params": cand.params,
+                             "ms": cand.class_ms(classes[cls]),
+                             "overall_winner_ms": result.best.class_ms(classes[cls])}
+                       for cls, cand in by_class.items()},
         })
     return result

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Copy tuned entries from user tuning databases into the shipped database.
+
+    python scripts/ship_tuning.py DB.json [DB.json ...] [--also nvidia/gpu] [--dry-run]
+
+Each DB.json is a file ``python -m pysparsecl tune`` wrote (``<device slug>--<driver>.json``
+in the tuning cache directory).  Its families' entries -- parameters, per-shape-class
+parameters and what the tuner measured -- go into
+``pysparsecl/tuning/database/shipped.json`` under the device slug, and, with ``--also
+KEY``, under KEY as well (e.g. ``nvidia/gpu``, the fallback for the vendor's other GPUs).
+Entries are written as the tuner measured them, never edited by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+SHIPPED = Path(__file__).resolve().parent.parent / "pysparsecl" / "tuning" / "database" / \
+    "shipped.json"
+
+
+def shipped_entry(tuned: dict, driver: str) -> dict:
+    """The shipped form of one family's tuned entry."""
+    entry = {"params": tuned["params"], "measured": {
+        "by": "python -m pysparsecl tune", "date": tuned.get("date"), "driver": driver,
+        "total_ms": tuned.get("total_ms"), "baseline_ms": tuned.get("baseline_ms"),
+        "problems_ms": tuned.get("times_ms"),
+        "candidates_tried": tuned.get("candidates_tried")}}
+    if tuned.get("shapes"):
+        entry["shapes"] = tuned["shapes"]
+    return entry
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("databases", nargs="+", type=Path)
+    parser.add_argument("--also", action="append", default=[], metavar="KEY",
+                        help="also write the entries under KEY (e.g. nvidia/gpu)")
+    parser.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args(argv)
+    shipped = json.loads(SHIPPED.read_text())
+    for path in args.databases:
+        data = json.loads(path.read_text())
+        slug = path.name.split("--")[0]
+        for family, tuned in sorted(data.get("families", {}).items()):
+            if tuned.get("quick"):
+                print(f"skip {family} from {path.name}: a --quick run", file=sys.stderr)
+                continue
+            entry = shipped_entry(tuned, data.get("driver", ""))
+            for key in [slug] + args.also:
+                shipped.setdefault(family, {})[key] = entry
+                print(f"{family}/{key}: {entry['params']}"
+                      f" (+{len(entry.get('shapes', {}))} shape classes)")
+    if not args.dry_run:
+        SHIPPED.write_text(json.dumps(shipped, indent=1, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
