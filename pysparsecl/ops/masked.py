@@ -937,3 +937,12 @@ def _launch_conv_channels(queue, xp, wk, channels, out_dev, geom, n_ch, k_out, r
     out_dev.add_event(ev)
     if events is not None:
         events.append(ev)
+
+
+def masked_matmul_shape_class(n_rows: int, k_in: int, n_cols: int, keep: float) -> str:
+    """The tuning database's shape class of a masked product: M, K and N rounded down to
+    powers of two, and the kept fraction rounded up to 1, 2, 5, 10, 20, 50 or 100 percent,
+    e.g. ``m128-k4096-n4096-keep10``."""
+    pct = next(p for p in (1, 2, 5, 10, 20, 50, 100) if keep * 100 <= p + 1e-9)
+    return (f"m{tuning.pow2_floor(n_rows)}-k{tuning.pow2_floor(k_in)}"
+            f"-n{tuning.pow2_floor(n_cols)}-keep{pct}")
