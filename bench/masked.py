@@ -4,11 +4,14 @@
 ``python3 bench/masked.py [--device SPEC] [--quick]`` (or ``bench_masked(queue, args, rng)``
 from another driver).  Every contender is measured in the same run, in interleaved rounds
 (bench/run.py's ``interleaved_medians``): our kernels by OpenCL profiling events, dense
-torch and NumPy by wall time of a blocking call.  Each timed call of ours gets a different
-mask (a rotating set), as DSG inference would, so the selected weight rows are not all
-sitting in cache from the previous call.  The search's overhead is reported as a fraction
-of the dense torch layer's time, with the projected weights reused (they change only with
-the weights); projecting the weights once is reported on its own.
+torch and NumPy by wall time of a blocking call, and so the sparse baseline for output
+masks: torch's SDDMM, ``torch.sparse.sampled_addmm`` (cuSPARSE on CUDA), which computes
+x @ w only at the positions of the same mask held as CSR (built once per mask, untimed;
+its result is checked against ours).  Each timed call of ours, and of the SDDMM, gets a
+different mask (a rotating set), as DSG inference would, so the selected weight rows are
+not all sitting in cache from the previous call.  The search's overhead is reported as a
+fraction of the dense torch layer's time, with the projected weights reused (they change
+only with the weights); projecting the weights once is reported on its own.
 """
 
 from __future__ import annotations
@@ -108,11 +111,16 @@ def bench_matmul(queue, torch_b, args, rng):
         pw_ms = sum(e.profile.end - e.profile.start for e in pw_events) * 1e-6
         for sparsity in sparsities:
             n_keep = keep_count(sparsity, n)
-            masks = [cl_array.to_device(queue, mk)
-                     for mk in _row_masks(rng, m, n, n_keep, N_MASKS)]
+            host_masks = _row_masks(rng, m, n, n_keep, N_MASKS)
+            masks = [cl_array.to_device(queue, mk) for mk in host_masks]
             y = ps.masked_matmul(x_dev, weight, masks[0]).get()
-            err = relative_error(y, masked_matmul_reference(x, w, masks[0].get())) \
+            err = relative_error(y, masked_matmul_reference(x, w, host_masks[0])) \
                 if args.check else None
+            # The CSR masks are built here, untimed; the SDDMM's result is checked once.
+            sddmm, sddmm_diff = torch_b.checked(
+                "sampled_addmm", f"{m}x{k}x{n} {sparsity:.2f}",
+                lambda: torch_b.sddmm_fn(x, w, torch_b.csr_masks(host_masks)),
+                lambda run: run(0).to_dense().cpu().numpy(), y)
             ours = _rotating(lambda mk, ev: ps.masked_matmul(x_dev, weight, mk, events=ev),
                              masks)
             call_state = {"i": 0}
@@ -122,18 +130,22 @@ def bench_matmul(queue, torch_b, args, rng):
                 ps.masked_matmul(x_dev, weight, masks[call_state["i"]])
                 queue.finish()
             timers = {"ours": event_ms(ours, queue), "call": wall_ms(call), **dense}
+            if sddmm is not None:
+                timers["sddmm"] = wall_ms(sddmm)
             med = interleaved_medians(timers, args.rounds, slow=("numpy",))
             drs = _drs_ms(queue, lambda ev: ps.drs_mask(x_dev, None, sparsity, projection=pw,
                                                         events=ev))
-            torch_ms = med.get("torch")
+            torch_ms, sddmm_ms = med.get("torch"), med.get("sddmm")
             rows.append(dict(
                 op="masked_vmm" if m == 1 else "masked_gemm", shape=f"{m}x{k}x{n}", M=m, K=k,
                 N=n, sparsity=sparsity, n_keep=n_keep, ours_kernel_ms=med["ours"],
                 ours_call_ms=med["call"], torch_dense_ms=torch_ms,
-                numpy_dense_ms=med.get("numpy"),
+                numpy_dense_ms=med.get("numpy"), sddmm_ms=sddmm_ms,
                 speedup_vs_torch=torch_ms / med["ours"] if torch_ms else None,
                 call_speedup_vs_torch=torch_ms / med["call"] if torch_ms else None,
                 speedup_vs_numpy=med["numpy"] / med["ours"] if "numpy" in med else None,
+                speedup_vs_sddmm=sddmm_ms / med["ours"] if sddmm_ms else None,
+                sddmm_rel_diff=sddmm_diff,
                 gflops=2.0 * m * k * n_keep / med["ours"] / 1e6,
                 drs_ms=drs, drs_overhead=drs / torch_ms if torch_ms else None,
                 drs_k=proj.k, weight_projection_ms=pw_ms, weight_projection_call_ms=pw_wall,
@@ -193,17 +205,19 @@ def bench_conv(queue, torch_b, args, rng):
     return rows
 
 
-def bench_masked(queue, args, rng) -> list:
+def bench_masked(queue, args, rng, torch_b=None) -> list:
     """Every DSG benchmark row (dicts) for ``queue``'s device; see the module docstring.
 
     ``args`` needs: quick, sparsity, rounds, check, no_numpy, conv_batch (defaults are
-    filled in for a driver that lacks them)."""
+    filled in for a driver that lacks them).  ``torch_b``: the driver's
+    :class:`baselines.Torch`, whose ``notes`` then tell which baselines were skipped."""
     defaults = dict(quick=False, sparsity=[0.5, 0.8, 0.9], rounds=3, check=True,
                     no_numpy=False, conv_batch=8, no_conv=False)
     for name, value in defaults.items():
         if not hasattr(args, name):
             setattr(args, name, value)
-    torch_b = Torch(want_gpu=runtime.device_kind(queue.device) == "gpu")
+    if torch_b is None:
+        torch_b = Torch(want_gpu=runtime.device_kind(queue.device) == "gpu")
     rows = bench_matmul(queue, torch_b, args, rng)
     if not args.no_conv:
         rows += bench_conv(queue, torch_b, args, rng)
@@ -215,16 +229,19 @@ COLUMNS = [("op", "op", "{}"), ("shape", "shape", "{}"), ("sparsity", "sparsity"
            ("ours_channel_ms", "channel-mask ms", "{:.3f}"),
            ("torch_dense_ms", "torch dense ms", "{:.3f}"),
            ("numpy_dense_ms", "numpy dense ms", "{:.3f}"),
+           ("sddmm_ms", "sddmm ms", "{:.3f}"),
            ("speedup_vs_torch", "x torch", "{:.2f}"),
            ("channel_speedup_vs_torch", "x torch (channel mask)", "{:.2f}"),
            ("speedup_vs_numpy", "x numpy", "{:.2f}"),
+           ("speedup_vs_sddmm", "x sddmm", "{:.2f}"),
            ("drs_ms", "DRS ms", "{:.3f}"), ("drs_overhead", "DRS / dense", "{:.1%}"),
            ("drs_k", "k", "{}"), ("weight_projection_ms", "f(w) once ms", "{:.2f}"),
            ("rel_error", "rel err", "{:.1e}")]
 
 
-def markdown_table(rows):
-    return report.markdown_table(rows, COLUMNS)
+def markdown_table(rows, drop_absent: bool = False):
+    """``drop_absent``: leave out columns that no row has (results from before the field)."""
+    return report.markdown_table(rows, COLUMNS, drop_absent=drop_absent)
 
 
 def main(argv=None):
@@ -245,11 +262,13 @@ def main(argv=None):
         args.rounds = min(args.rounds, 2)
     queue = runtime.queue_for(args.device)
     device = queue.device
+    torch_b = Torch(want_gpu=runtime.device_kind(device) == "gpu")
     header = {
         "device": f"{device.platform.name.strip()} / {device.name.strip()}",
         "driver": device.driver_version.strip(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "pysparsecl": ps.__version__,
+        "baselines": torch_b.note,
         "timing": f"{args.rounds} interleaved rounds x (1 warm-up + 3 timed); median; ours "
                   "by profiling events, baselines by wall time",
         "params": {spec: tuning.lookup(getattr(__import__(mod, fromlist=[spec]), spec),
@@ -260,8 +279,9 @@ def main(argv=None):
     }
     print(json.dumps(header, indent=1))
     t0 = time.perf_counter()
-    rows = bench_masked(queue, args, np.random.default_rng(2026))
+    rows = bench_masked(queue, args, np.random.default_rng(2026), torch_b=torch_b)
     header["wall_s"] = round(time.perf_counter() - t0, 1)
+    header["baselines"] = torch_b.notes   # with the baselines skipped on the way, if any
     slug = tuning.device_slug(device) + "-masked" + ("-quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{slug}.json").write_text(json.dumps({"header": header, "rows": rows},
@@ -272,6 +292,7 @@ def main(argv=None):
         + "\n".join(f"- {k}: {v}" for k, v in header.items()) + "\n\n" + table + "\n")
     print()
     print(table)
+    print(f"baselines: {header['baselines']}")
     print(f"\nwrote {args.out / slug}.{{json,md}} in {header['wall_s']} s")
     return 0
 

@@ -1,7 +1,7 @@
 """Formatting of benchmark rows: one-line progress and markdown tables.
 
 ``columns`` is a list of (row key, title, format) triples; a missing or None value
-prints as "-".
+prints as "-" (rows written before a column existed lack its key: treated as missing).
 """
 
 from __future__ import annotations
@@ -16,8 +16,12 @@ def format_row(row: dict, columns) -> str:
                      if key in row)
 
 
-def markdown_table(rows, columns, numeric: bool = False) -> str:
-    """A markdown table; ``numeric`` right-aligns every column."""
+def markdown_table(rows, columns, numeric: bool = False, drop_absent: bool = False) -> str:
+    """A markdown table; ``numeric`` right-aligns every column.  ``drop_absent`` leaves out
+    the columns whose key no row has (e.g. a baseline added after those results were
+    taken); a key present with value None (a baseline skipped in that run) still prints."""
+    if drop_absent:
+        columns = [c for c in columns if any(c[0] in r for r in rows)]
     head = "| " + " | ".join(title for _, title, _ in columns) + " |"
     rule = "|" + ("---:|" if numeric else "---|") * len(columns)
     body = ["| " + " | ".join(fmt_value(r.get(key), fmt) for key, _, fmt in columns) + " |"

@@ -2,7 +2,8 @@
 """pysparsecl benchmark suite: ``make bench`` (or ``python bench/run.py --help``).
 
 Times our kernels against what a user would otherwise run, in the same process:
-PyTorch dense conv2d (oneDNN on CPU, cuDNN on NVIDIA; TF32 off) and SciPy CSR x im2col.
+PyTorch dense conv2d (oneDNN on CPU, cuDNN on NVIDIA; TF32 off), PyTorch CSR weight x
+unfold (torch.sparse.mm: MKL/native on CPU, cuSPARSE on NVIDIA) and SciPy CSR x im2col.
 Kernel time comes from OpenCL profiling events, whole calls from time.perf_counter;
 every figure is the median of repeated runs after a warm-up.  Results go to
 bench/results/<device>.{json,md,png}.
@@ -72,6 +73,11 @@ def bench_conv2d(queue, torch_b, args, rng):
                           groups=case.groups)
                 y = ps.conv2d_sparse(x_dev, weight, **kw).get()
                 err = relative_error(y, case.reference(x, w, None)) if args.check else None
+                # Checked against ours once per case; skipped with a note where unsupported.
+                torch_csr, csr_diff = torch_b.checked(
+                    "torch csr", f"{layer.label()} N{n} {sparsity:.2f}",
+                    lambda: torch_b.csr_conv2d_fn(case, x, csr),
+                    lambda run: run().transpose(0, 1).cpu().numpy(), y)
                 timers = {
                     "kernel": event_ms(lambda ev: ps.conv2d_sparse(x_dev, weight, events=ev,
                                                                    **kw), queue),
@@ -80,6 +86,8 @@ def bench_conv2d(queue, torch_b, args, rng):
                 }
                 if torch_fn is not None:
                     timers["torch"] = wall_ms(torch_fn)
+                if torch_csr is not None:
+                    timers["torch_csr"] = wall_ms(torch_csr)
                 if not args.no_scipy:
                     timers["scipy"] = wall_ms(
                         lambda: (csr @ im2col(x, case)).reshape(case.K, n, *case.output_hw))
@@ -92,17 +100,19 @@ def bench_conv2d(queue, torch_b, args, rng):
                     pack_ms.append((events[0].profile.end - events[0].profile.start) * 1e-6)
                 kernel_ms, call_ms = med["kernel"], med["call"]
                 torch_ms, scipy_ms = med.get("torch"), med.get("scipy")
+                csr_ms = med.get("torch_csr")
                 nnz_flops = 2.0 * csr.nnz * n * np.prod(case.output_hw)
                 rows.append(dict(
                     op="conv2d_sparse", layer=layer.label(), N=n, sparsity=sparsity,
                     nnz=int(csr.nnz), ours_kernel_ms=kernel_ms, ours_call_ms=call_ms,
                     pack_ms=float(np.median(pack_ms)),
-                    torch_dense_ms=torch_ms, scipy_csr_im2col_ms=scipy_ms,
+                    torch_dense_ms=torch_ms, scipy_csr_im2col_ms=scipy_ms, torch_csr_ms=csr_ms,
                     nnz_gflops=nnz_flops / kernel_ms / 1e6,
                     speedup_vs_torch=(torch_ms / kernel_ms) if torch_ms else None,
                     call_speedup_vs_torch=(torch_ms / call_ms) if torch_ms else None,
                     speedup_vs_scipy=(scipy_ms / kernel_ms) if scipy_ms else None,
-                    rel_error=err))
+                    speedup_vs_torch_csr=(csr_ms / kernel_ms) if csr_ms else None,
+                    rel_error=err, torch_csr_rel_diff=csr_diff))
                 print(report.format_row(rows[-1], COLUMNS), flush=True)
     return rows
 
@@ -112,14 +122,17 @@ COLUMNS = [("layer", "layer", "{}"), ("N", "N", "{}"), ("sparsity", "sparsity", 
            ("ours_call_ms", "call ms", "{:.3f}"),
            ("torch_dense_ms", "torch dense ms", "{:.3f}"),
            ("scipy_csr_im2col_ms", "scipy ms", "{:.2f}"),
+           ("torch_csr_ms", "torch csr ms", "{:.3f}"),
            ("speedup_vs_torch", "x torch", "{:.2f}"),
            ("call_speedup_vs_torch", "x torch (call)", "{:.2f}"),
            ("speedup_vs_scipy", "x scipy", "{:.1f}"),
+           ("speedup_vs_torch_csr", "x torch csr", "{:.2f}"),
            ("nnz_gflops", "nnz GFLOP/s", "{:.1f}")]
 
 
-def markdown_table(rows):
-    return report.markdown_table(rows, COLUMNS)
+def markdown_table(rows, drop_absent: bool = False):
+    """``drop_absent``: leave out columns that no row has (results from before the field)."""
+    return report.markdown_table(rows, COLUMNS, drop_absent=drop_absent)
 
 
 def plot(rows, path, title):
@@ -173,7 +186,7 @@ def readme_headline(results_dir: Path = RESULTS) -> str:
         if conv:
             batch = max(r["N"] for r in conv)
             parts += [markdown_table([r for r in conv if r["N"] == batch
-                                      and r["sparsity"] in (0.9, 0.95)]), ""]
+                                      and r["sparsity"] in (0.9, 0.95)], drop_absent=True), ""]
         add = [r for r in data.get("rows", []) if r.get("op") == "elementwise_add"
                and r["n"] >= 16 * 2**20]
         if add:
@@ -182,7 +195,7 @@ def readme_headline(results_dir: Path = RESULTS) -> str:
                                                                              "conv2d_masked"))
                and r["sparsity"] == 0.9]
         if dsg:
-            parts += [masked.markdown_table(dsg), ""]
+            parts += [masked.markdown_table(dsg, drop_absent=True), ""]
         if (results_dir / f"{path.stem}.png").exists():
             parts += [f"![conv2d_sparse speedup on {h['device']}](bench/results/{path.stem}.png)",
                       ""]
@@ -202,8 +215,9 @@ CONV2D_NOTE = (
     "'ours ms' is kernel time (OpenCL profiling events: input packing + convolution); "
     "'call ms' is the whole Python call on device arrays, blocking, as torch and SciPy are "
     "timed. 'x torch' = torch dense ms / ours ms; 'x torch (call)' = torch dense ms / call ms; "
-    "'x scipy' = SciPy CSR @ im2col ms (im2col included) / ours ms. 'nnz GFLOP/s' counts "
-    "only the nonzero weights' multiply-adds.")
+    "'x scipy' = SciPy CSR @ im2col ms (im2col included) / ours ms; 'x torch csr' = torch CSR "
+    "weight @ unfold(x) ms (torch.sparse.mm, unfold included, on torch's device) / ours ms. "
+    "'nnz GFLOP/s' counts only the nonzero weights' multiply-adds.")
 
 
 def main(argv=None):
@@ -248,11 +262,7 @@ def main(argv=None):
     }
     print(json.dumps(header, indent=1))
     rng = np.random.default_rng(2026)
-    md = [f"# pysparsecl benchmark: {header['device']}", "",
-          "\n".join(f"- {k}: {v}" for k, v in header.items()), "",
-          "Times are medians of repeated runs after a warm-up, all contenders measured in "
-          "the same run in interleaved rounds.", ""]
-    body_start, rows, has_plot = len(md), [], False
+    md, rows, has_plot = [], [], False   # the markdown header goes on top at the end
     args.out.mkdir(parents=True, exist_ok=True)
     if "conv2d" in args.ops:
         conv_rows = bench_conv2d(queue, torch_b, args, rng)
@@ -275,15 +285,21 @@ def main(argv=None):
     if "masked" in args.ops:
         # The DSG issue's sparsities, not the convolution sweep's.
         masked_args = argparse.Namespace(**{**vars(args), "sparsity": [0.5, 0.8, 0.9]})
-        dsg_rows = masked.bench_masked(queue, masked_args, rng)
+        dsg_rows = masked.bench_masked(queue, masked_args, rng, torch_b=torch_b)
         rows += dsg_rows
         md += ["## DSG: masked VMM/GEMM, conv2d_masked, dimension-reduction search", "",
                masked.__doc__.split("\n\n")[1].replace("\n", " "), "",
                masked.markdown_table(dsg_rows), ""]
+    header["baselines"] = torch_b.notes   # with the baselines skipped on the way, if any
+    head = [f"# pysparsecl benchmark: {header['device']}", "",
+            "\n".join(f"- {k}: {v}" for k, v in header.items()), "",
+            "Times are medians of repeated runs after a warm-up, all contenders measured in "
+            "the same run in interleaved rounds.", ""]
     (args.out / f"{slug}.json").write_text(json.dumps({"header": header, "rows": rows},
                                                       indent=1))
-    (args.out / f"{slug}.md").write_text("\n".join(md) + "\n")
-    print("\n" + "\n".join(md[body_start:]))
+    (args.out / f"{slug}.md").write_text("\n".join(head + md) + "\n")
+    print("\n" + "\n".join(md))
+    print(f"baselines: {header['baselines']}")
     print(f"\nwrote {args.out / slug}.{{json,md{',png' if has_plot else ''}}}")
     return 0
 

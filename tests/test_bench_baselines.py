@@ -1,0 +1,97 @@
+"""The benchmark's torch baselines (bench/baselines.py) and its table/README helpers.
+
+Small shapes on torch's CPU only: these check that each baseline computes what ours does
+and that an unsupported one becomes a note, not that anything is fast.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import report  # noqa: E402  (bench/report.py)
+from baselines import Torch  # noqa: E402
+
+from pysparsecl.testing.cases import ConvCase  # noqa: E402
+from pysparsecl.testing.reference import masked_matmul_reference  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def torch_b():
+    pytest.importorskip("torch")
+    return Torch(want_gpu=False)
+
+
+@pytest.mark.parametrize("n, stride, kernel, padding", [(1, (1, 1), (3, 3), (1, 1)),
+                                                        (3, (2, 2), (3, 3), (1, 1)),
+                                                        (2, (1, 1), (1, 1), (0, 0))])
+def test_csr_conv2d_matches_reference(torch_b, n, stride, kernel, padding):
+    case = ConvCase(n, 6, 9, 8, 5, kernel=kernel, stride=stride, padding=padding,
+                    sparsity=0.7)
+    x, w, csr, _ = case.make_inputs(np.random.default_rng(1))
+    ref = case.reference(x, w, None)
+    run, diff = torch_b.checked("torch csr", "t", lambda: torch_b.csr_conv2d_fn(case, x, csr),
+                                lambda r: r().transpose(0, 1).numpy(), ref)
+    assert run is not None and diff < 1e-5
+    run()   # the timed form runs again
+
+
+def test_sddmm_matches_reference_and_rotates(torch_b):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 16), dtype=np.float32)
+    w = rng.standard_normal((16, 10), dtype=np.float32)
+    masks = [rng.random((4, 10)) < 0.3 for _ in range(3)]
+    run = torch_b.sddmm_fn(x, w, torch_b.csr_masks(masks))
+    for i, mask in enumerate(masks):
+        got = run(i).to_dense().numpy()
+        np.testing.assert_allclose(got, masked_matmul_reference(x, w, mask), rtol=1e-5,
+                                   atol=1e-5)
+    assert run().layout == torch_b.torch.sparse_csr   # the rotating form
+
+
+def test_unsupported_or_wrong_baseline_is_a_note(torch_b):
+    tb = Torch(want_gpu=False)
+
+    def refuse():
+        raise RuntimeError("not implemented for this device\nsecond line")
+    assert tb.checked("sampled_addmm", "a", refuse, None, np.ones(3)) == (None, None)
+    assert tb.checked("torch csr", "b", lambda: None, lambda r: np.zeros(3),
+                      np.ones(3)) == (None, None)
+    notes = tb.notes
+    assert notes.startswith(tb.note)
+    assert "sampled_addmm skipped for a (RuntimeError: not implemented for this device)" in notes
+    assert "torch csr skipped for b (result differs from ours" in notes
+
+
+def test_no_torch_skips_everything():
+    tb = Torch.__new__(Torch)
+    tb.torch, tb.skipped, tb.note = None, {}, "torch not installed"
+    assert tb.checked("x", "y", lambda: 1 / 0, None, None) == (None, None)
+    assert tb.notes == "torch not installed"
+
+
+def test_markdown_table_drop_absent():
+    cols = [("a", "A", "{}"), ("b", "B", "{}"), ("new", "NEW", "{}")]
+    rows = [{"a": 1, "b": None}, {"a": 2, "b": 3}]
+    assert "NEW" in report.markdown_table(rows, cols)
+    table = report.markdown_table(rows, cols, drop_absent=True)
+    assert table.splitlines()[0] == "| A | B |" and "| 1 | - |" in table
+    assert "NEW" in report.markdown_table(rows + [{"new": None}], cols, drop_absent=True)
+
+
+def test_readme_headline_on_results_without_new_fields(tmp_path):
+    import run  # bench/run.py
+    old_conv = {"op": "conv2d_sparse", "layer": "L", "N": 1, "sparsity": 0.9,
+                "ours_kernel_ms": 1.0, "torch_dense_ms": 2.0, "speedup_vs_torch": 2.0}
+    old_dsg = {"op": "masked_gemm", "shape": "2x3x4", "sparsity": 0.9, "ours_kernel_ms": 1.0}
+    header = {"device": "D", "driver": "1", "date": "today", "baselines": "torch"}
+    (tmp_path / "dev.json").write_text(json.dumps({"header": header,
+                                                   "rows": [old_conv, old_dsg]}))
+    text = run.readme_headline(tmp_path)
+    assert "torch csr" not in text and "sddmm" not in text
+    assert "| L | 1 | 0.90 | 1.000 |" in text
