@@ -23,7 +23,7 @@ verify-deps:  ## the Oclgrind simulator (Debian's oclgrind) when it is missing
 		$$SUDO apt-get install -y --no-install-recommends oclgrind \
 		|| { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends oclgrind; }; }
 
-verify: verify-deps  ## every kernel family x tile configurations under Oclgrind (memory, races, API)
+verify: verify-deps  ## every kernel family x tile configurations under Oclgrind (memory, races, API, uninitialised values)
 	$(PYTHON) scripts/verify.py
 
 bench-deps:  ## baselines (torch) and plotting (matplotlib); the benchmark skips what is missing

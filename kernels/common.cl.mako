@@ -1,6 +1,22 @@
 ## Helpers shared by every pysparsecl kernel family.  Import with
 ##   <%namespace name="common" file="common.cl.mako"/>
 ## Internal identifiers carry the PSCL_/pscl_ prefix so they cannot clash with user names.
+##
+## `make verify` runs every kernel under Oclgrind 21.10's uninitialised-value check, which
+## sees the LLVM IR that Oclgrind's own clang makes at -O2 and mishandles four patterns
+## (each found in one of our kernels; none costs speed to avoid):
+##  1. `freeze`: the plugin aborts the kernel.  LLVM emits it when a kernel computes both
+##     x / y and x % y (y not a constant power of two; x from a call: get_global_id, min):
+##     write the remainder as x - (x / y) * y.
+##  2. A vector shuffle with an undef lane: the plugin crashes.  LLVM makes one of a sum of
+##     two lanes of one vector (v.x + v.y: use fma(v.x, 1.0f, v.y), exactly v.x + v.y) and
+##     of a vector literal built from lanes of other vectors ((float16)(a.s0, b.s0, ...):
+##     assemble it in a private array and vloadN it).
+##  3. A shuffle that takes lane 11 of its first operand (e.g. .hi of a float16) marks that
+##     lane uninitialised: read lanes of 16-wide vectors with .sN components.  (2 and 3: the
+##     plugin compares each mask lane with llvm::Value::UndefValueVal, 11, instead of -1.)
+##  4. A store of a vector literal with non-constant lanes, p[i] = (int2)(a, b), becomes a
+##     store of an undef vector and lane stores; the former is reported: use vstoreN.
 
 <%def name="vector_type(scalar, width)">${scalar if width == 1 else "%s%d" % (scalar, width)}</%def>
 

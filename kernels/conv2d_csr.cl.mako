@@ -81,8 +81,8 @@ void pscl_pack_input(
     if (row_id >= n_rows_total)
         return;
     __global float *dst = xpack + (long)row_id * Wq * PSCL_PIX_FLOATS;
-    const int iq = row_id % Hq;
     const int plane = row_id / Hq;
+    const int iq = row_id - plane * Hq;     // not row_id % Hq: see common.cl.mako, 1.
     const int phases = stride_h * stride_w;
     const int nc = plane / phases;          // image (block) * C + channel
     const int phase = plane - nc * phases;

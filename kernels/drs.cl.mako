@@ -310,8 +310,10 @@ void pscl_drs_topk(
             o[taken++] = n;
     }
 % elif PLANE:
-    // Row i is pixel p of image i / P; its channel n goes to out[image, n, p].
-    __global uchar *o = out + out_off + (long)(i / P) * N * P + (i % P);
+    // Row i is pixel p of image i / P; its channel n goes to out[image, n, p].  (No i % P:
+    // see common.cl.mako, 1.)
+    const int image = i / P;
+    __global uchar *o = out + out_off + (long)image * N * P + (i - image * P);
     for (n = 0; n < N; ++n) {
         const uint key = row[n] & mask;
         o[(long)n * P] = (key > thresh || (key == thresh && want-- > 0)) ? 1 : 0;

@@ -202,9 +202,11 @@ void pscl_masked_conv_channels(
     const int n_sel = counts[n];
     if (p0 >= P || g0 >= n_sel)
         return;
+    // Output column = pix - oh * OW, not pix % OW: see common.cl.mako, 1.
 % for q in range(PIX):
     const int pix${q} = min(p0 + ${q}, P - 1);
-    const long b${q} = (((long)n * Hp + (pix${q} / OW) * str_h) * Wp + (pix${q} % OW) * str_w)
+    const int oh${q} = pix${q} / OW;
+    const long b${q} = (((long)n * Hp + oh${q} * str_h) * Wp + (pix${q} - oh${q} * OW) * str_w)
                        * C;
 % endfor
 % for kb in range(KB):
@@ -277,10 +279,14 @@ void pscl_drs_conv_project(
     if (i0 >= n_pix || c0 >= k_pad)
         return;
     const int P = OH * OW;
+    // Remainders as x - (x / y) * y, not x % y: see common.cl.mako, 1.
 % for q in range(ROWS):
     const int pix${q} = min(i0 + ${q}, n_pix - 1);
-    const long b${q} = ((((long)(pix${q} / P)) * Hp + ((pix${q} % P) / OW) * str_h) * Wp
-                        + ((pix${q} % P) % OW) * str_w) * C;
+    const int n${q} = pix${q} / P;
+    const int p${q} = pix${q} - n${q} * P;
+    const int oh${q} = p${q} / OW;
+    const long b${q} = (((long)n${q} * Hp + oh${q} * str_h) * Wp + (p${q} - oh${q} * OW) * str_w)
+                       * C;
 %   for v in range(KVEC):
     pscl_floatv acc${q}_${v} = (pscl_floatv)(0.0f);
 %   endfor

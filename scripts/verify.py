@@ -10,14 +10,14 @@ Each family runs in its own child process whose only OpenCL platform is Oclgrind
 * invalid memory accesses and barrier divergence (always on in Oclgrind),
 * OCLGRIND_CHECK_API=1      (API misuse),
 * OCLGRIND_DATA_RACES=1     (global and local data races),
-* OCLGRIND_UNINITIALIZED=1  (uses of uninitialised values) only with --uninitialized:
-  Oclgrind 21.10's Uninitialized plugin stops with "OCLGRIND FATAL ERROR
-  (src/plugins/Uninitialized.cpp:1805) Unsupported instruction: freeze" on the LLVM
-  `freeze` instructions its own clang emits at -O2 (e.g. in pscl_pack_input), which
-  aborts the kernel and cascades into reports in the kernels that read its output; with
-  OCLGRIND_BUILD_OPTIONS=-cl-opt-disable it reports thousands of private-memory
-  "Uninitialized address" hits instead.  Uninitialised *outputs* are caught anyway: the
-  tests poison every output with NaN (tests/test_canaries.py).
+* OCLGRIND_UNINITIALIZED=1  (uses of uninitialised values: a branch, an address, a
+  builtin's argument or a store to __global/__local memory that depends on a value never
+  written; off with --no-uninitialized).  Oclgrind 21.10's plugin has bugs that a kernel
+  must steer clear of, listed in kernels/common.cl.mako (e.g. it aborts on LLVM's
+  `freeze`, which clang emits when a kernel computes both x / y and x % y), and two in its
+  bookkeeping of global memory that this harness works around (_track_definedness).
+  Unwritten *outputs* are also caught by the tests, which poison every output with NaN
+  (tests/test_canaries.py); Oclgrind does not check what the host reads back.
 
 For every (family, configuration) the child runs tiny workloads that still hit partial
 tiles, empty rows, one work-group and several, compares the result with the float64
@@ -44,6 +44,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+REPO = str(Path(__file__).resolve().parent.parent)
 ICD_LIBRARY_CANDIDATES = (
     "/usr/lib/oclgrind/liboclgrind-rt-icd.so",
     "/usr/lib/x86_64-linux-gnu/oclgrind/liboclgrind-rt-icd.so",
@@ -303,6 +304,11 @@ __kernel void pscl_verify_self_test(__global float *y, int n) {
     const int i = get_global_id(0);
     y[i + 1] = (float)n;          /* the last work-item writes one past the end */
 }
+
+__kernel void pscl_verify_self_test_uninit(__global const float *x, __global float *y) {
+    const int i = get_global_id(0);
+    y[i] = x[i] > 0.0f ? 1.0f : 0.0f;   /* x was never written */
+}
 """
 
 
@@ -319,6 +325,157 @@ def _self_test(queue, cap) -> None:
     if "Invalid write" not in report:
         raise SystemExit("verify: Oclgrind did not report a deliberate out-of-bounds write; "
                          f"its checks are not active (stderr: {report[:500]!r})")
+    if os.environ.get("OCLGRIND_UNINITIALIZED") == "1":
+        fresh = cl.Buffer(queue.context, cl.mem_flags.READ_WRITE, 16 * 4)
+        prg.pscl_verify_self_test_uninit(queue, (16,), None, fresh, buf)
+        queue.finish()
+        report = diagnostics(cap.take())
+        if "ninitialized" not in report:
+            raise SystemExit("verify: Oclgrind did not report a deliberate read of an "
+                             "unwritten buffer; its uninitialised-value check is not active "
+                             f"(stderr: {report[:500]!r})")
+
+
+def _exact_allocations(queue) -> None:
+    """The memory pool rounds allocations up to its bin sizes, which would hide an
+    out-of-bounds access just past the end of an array: allocate every buffer at its exact
+    size instead."""
+    import pyopencl.tools as cl_tools
+
+    from pysparsecl import runtime
+
+    exact = cl_tools.ImmediateAllocator(queue)
+    runtime.memory_pool = lambda ctx: exact
+
+
+# Oclgrind 21.10's Uninitialized plugin keeps a shadow (which bytes are defined) per global
+# buffer *index*, and mishandles two things a correct program does (both reproduced with a
+# 20-line pyopencl script; a kernel that writes a whole buffer and one that then reads it
+# get 60 reports):
+#
+# 1. It has no memoryAllocated/memoryDeallocated hooks, and Oclgrind gives a released
+#    buffer's index to the next buffer, which then inherits the old shadow, sized as the
+#    old buffer: kernel stores past that size are dropped and loads past it are reported.
+# 2. A store from the host side (clEnqueueWriteBuffer, clEnqueueFillBuffer, which stores
+#    the pattern once per repetition, and clEnqueueCopyBuffer[Rect], which stores row by
+#    row) re-creates the buffer's shadow with the size of that one store, at offset 0.
+#    Only a store of the whole buffer from offset 0 leaves a correct shadow.
+#
+# With checks of uninitialised values on, the child therefore never releases a buffer, and
+# performs every other host-side store with a kernel, whose stores the plugin tracks byte
+# by byte (a copy carries the source bytes' state along; bytes outside the region keep
+# theirs).  What a host-side store means is unchanged; only how the simulator performs it.
+_STORE_KERNELS = """
+__kernel void pscl_verify_fill(__global uchar *dst, const ulong offset,
+                               __global const uchar *pattern, const uint pattern_size)
+{
+    const size_t i = get_global_id(0);
+    dst[offset + i] = pattern[i % pattern_size];
+}
+
+__kernel void pscl_verify_copy(__global uchar *dst, const ulong dst_offset,
+                               const ulong dst_row, const ulong dst_slice,
+                               __global const uchar *src, const ulong src_offset,
+                               const ulong src_row, const ulong src_slice)
+{
+    const size_t x = get_global_id(0), y = get_global_id(1), z = get_global_id(2);
+    dst[dst_offset + x + y * dst_row + z * dst_slice] =
+        src[src_offset + x + y * src_row + z * src_slice];
+}
+"""
+
+
+def _track_definedness(queue) -> None:
+    """Install the two work-arounds described above, for this child process."""
+    import numpy as np
+    import pyopencl as cl
+
+    kept = []
+    plain_buffer = cl.Buffer
+
+    class KeptBuffer(plain_buffer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            kept.append(self)
+
+    # pyopencl.array's default allocation, and the ops', go through cl.Buffer.
+    cl.Buffer = KeptBuffer
+    from pysparsecl import runtime
+    exact = runtime.memory_pool(queue.context)
+
+    def allocate(nbytes):
+        kept.append(exact(nbytes))
+        return kept[-1]
+
+    runtime.memory_pool = lambda ctx: allocate
+
+    real_copy = cl.enqueue_copy
+    programs = {}
+
+    def kernel(q, name):
+        key = q.context.int_ptr
+        if key not in programs:
+            programs[key] = cl.Program(q.context, _STORE_KERNELS).build()
+        return getattr(programs[key], name)
+
+    def device_copy(q, dst, dst_origin, dst_pitches, src, src_origin, src_pitches, region,
+                    wait_for):
+        region = tuple(int(r) for r in region) + (1,) * (3 - len(region))
+        if not all(region):
+            return cl.enqueue_marker(q, wait_for=wait_for)
+        dst_row, dst_slice = (tuple(dst_pitches or ()) + (0, 0))[:2]
+        src_row, src_slice = (tuple(src_pitches or ()) + (0, 0))[:2]
+        dst_row, src_row = dst_row or region[0], src_row or region[0]
+        dst_slice, src_slice = dst_slice or dst_row * region[1], src_slice or src_row * region[1]
+        origin = [tuple(o) + (0,) * (3 - len(o)) for o in (dst_origin, src_origin)]
+        dst_off = origin[0][0] + origin[0][1] * dst_row + origin[0][2] * dst_slice
+        src_off = origin[1][0] + origin[1][1] * src_row + origin[1][2] * src_slice
+        u = np.uint64
+        return kernel(q, "pscl_verify_copy")(
+            q, region, None, dst, u(dst_off), u(dst_row), u(dst_slice),
+            src, u(src_off), u(src_row), u(src_slice), wait_for=wait_for)
+
+    def enqueue_copy(q, dest, src, **kw):
+        if not isinstance(dest, plain_buffer):
+            return real_copy(q, dest, src, **kw)                    # device to host
+        wait_for = kw.get("wait_for")
+        if isinstance(src, plain_buffer):
+            if "region" in kw:
+                return device_copy(q, dest, kw.get("dst_origin", (0,)), kw.get("dst_pitches"),
+                                   src, kw.get("src_origin", (0,)), kw.get("src_pitches"),
+                                   kw["region"], wait_for)
+            src_off, dst_off = kw.get("src_offset", 0), kw.get("dst_offset", 0)
+            nbytes = kw.get("byte_count") or min(src.size - src_off, dest.size - dst_off)
+            return device_copy(q, dest, (dst_off,), None, src, (src_off,), None, (nbytes,),
+                               wait_for)
+        if "region" in kw:                      # rectangular host writes: the ops use none
+            return real_copy(q, dest, src, **kw)
+        host = memoryview(src).cast("B")
+        if kw.get("dst_offset", 0) == 0 and host.nbytes == dest.size:
+            return real_copy(q, dest, src, **kw)                    # whole buffer: tracked
+        staged = plain_buffer(q.context, cl.mem_flags.READ_ONLY, max(host.nbytes, 1))
+        kept.append(staged)
+        real_copy(q, staged, host, wait_for=wait_for)               # blocking, whole buffer
+        ev = device_copy(q, dest, (kw.get("dst_offset", 0),), None, staged, (0,), None,
+                         (host.nbytes,), None)
+        if kw.get("is_blocking", True):
+            ev.wait()
+        return ev
+
+    def fill(q, mem, pattern, offset, size, wait_for=None):
+        pattern = np.ascontiguousarray(pattern).tobytes()
+        if not size:
+            return cl.enqueue_marker(q, wait_for=wait_for)
+        staged = plain_buffer(q.context, cl.mem_flags.READ_ONLY, len(pattern))
+        kept.append(staged)
+        real_copy(q, staged, np.frombuffer(pattern, np.uint8), wait_for=wait_for)
+        return kernel(q, "pscl_verify_fill")(q, (int(size),), None, mem, np.uint64(offset),
+                                             staged, np.uint32(len(pattern)))
+
+    cl.enqueue_copy = enqueue_copy
+    cl.enqueue_fill_buffer = fill
+    cl.enqueue_fill = lambda q, dest, pattern, size, *, offset=0, wait_for=None: fill(
+        q, dest, pattern, offset, size, wait_for)
 
 
 def child(family: str, n_random: int) -> int:
@@ -340,12 +497,9 @@ def child(family: str, n_random: int) -> int:
         if "oclgrind" not in queue.device.platform.name.lower():
             raise SystemExit(f"verify: expected the Oclgrind platform, got "
                              f"{queue.device.platform.name!r}")
-        # The memory pool rounds allocations up to its bin sizes, which would hide an
-        # out-of-bounds access just past the end of an array: allocate every buffer at
-        # its exact size instead.
-        import pyopencl.tools as cl_tools
-        exact = cl_tools.ImmediateAllocator(queue)
-        runtime.memory_pool = lambda ctx: exact
+        _exact_allocations(queue)
+        if os.environ.get("OCLGRIND_UNINITIALIZED") == "1":
+            _track_definedness(queue)
         _self_test(queue, cap)
         loads = _workloads()[family]
         configs = SPECS[family].sample(n_random, seed=SEED,
@@ -389,6 +543,8 @@ def run_family(family: str, args, icd_dir: str) -> dict:
     env.update(OCL_ICD_VENDORS=icd_dir, OCLGRIND_CHECK_API="1", OCLGRIND_DATA_RACES="1",
                PYTHONWARNINGS="ignore", OCLGRIND_NUM_THREADS="1", PYOPENCL_NO_CACHE="1")
     env.pop("PYOPENCL_CTX", None)
+    # the child imports this checkout's pysparsecl, installed or not
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (REPO, env.get("PYTHONPATH"))))
     if args.uninitialized:
         env["OCLGRIND_UNINITIALIZED"] = "1"
     cmd = [sys.executable, os.path.abspath(__file__), "--child", family,
@@ -413,17 +569,16 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", type=int, default=DEFAULT_RANDOM_CONFIGS,
                         help="random configurations per family beyond defaults and extremes")
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--uninitialized", action="store_true",
-                        help="also run Oclgrind's uninitialised-value check (experimental in "
-                             "Oclgrind 21.10: it aborts on LLVM's `freeze` instruction, see "
-                             "the module docstring)")
+    parser.add_argument("--uninitialized", action=argparse.BooleanOptionalAction,
+                        default=True,
+                        help="Oclgrind's check of uses of uninitialised values (default: on)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per family")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(args.child, args.configs)
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, REPO)
     import pysparsecl  # noqa: F401
     from pysparsecl.params import SPECS
 
@@ -439,8 +594,12 @@ def main(argv=None) -> int:
     failures, clean, kernel_configs = [], 0, set()
     for res in results:
         if res["rc"] != 0:
+            hint = ("\n(a crash under the uninitialised-value check: see the Oclgrind 21.10 "
+                    "pitfalls in kernels/common.cl.mako, e.g. a vector shuffle with an undef "
+                    "lane; --no-uninitialized tells whether it is that plugin)"
+                    if args.uninitialized and res["rc"] < 0 else "")
             failures.append(f"[{res['family']}] child process failed (rc={res['rc']}), "
-                            f"Oclgrind or the op crashed:\n{res['stderr']}")
+                            f"Oclgrind or the op crashed:\n{res['stderr']}{hint}")
             continue
         configs_ok = {}
         for case in res["cases"]:
