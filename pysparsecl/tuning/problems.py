@@ -289,7 +289,7 @@ def _drs_problems(family):
             if family == "drs_project":   # the weight's projection is the op timed
                 problems.append(Problem(
                     f"project w {k}x{n}", lambda ev, proj=proj, weight=weight:
-                    proj.project_weight(weight, events=ev).values))
+                    proj.project_weight(weight, events=ev).to_numpy()))
             pw = proj.project_weight(weight)
             problems.append(Problem(
                 f"search {m}x{k}x{n} keep {keep:g}",
