@@ -25,7 +25,18 @@
 ## (-1 elsewhere), whose output is compact (M, n_keep).  The vmm and dx kernels read the
 ## compact index list ("idx") directly instead of the slot map.
 ##
-## No local memory and no barriers: PoCL runs a work-group as a loop over its items.
+## These kernels use no local memory and no barriers: PoCL runs a work-group as a loop over
+## its items.  Two GPU-shaped variants, chosen by tile parameters (the spec defaults keep the
+## kernels above), use both:
+##
+##   KIND == "vmm", SPLIT > 1    SPLIT work-items share each selected output: they read its
+##                               weight row in coalesced vectors, x comes from local memory,
+##                               and the partial sums meet in a tree in local memory.
+##   KIND == "gemm", TILE > 0    a work-group owns a TILE_M x TILE output tile (SDDMM-like):
+##                               x and W^T are staged through local memory KC columns at a
+##                               time, and each work-item accumulates a few selected outputs
+##                               of one row in registers.
+## (pscl_bool_compact, a util kernel, turns a bool mask into the split VMM's list.)
 <%namespace name="common" file="common.cl.mako"/>\
 ## Only KIND is read at the top: each kind's parameters are read inside its def, so a kind
 ## renders from its own parameters alone.
@@ -34,9 +45,9 @@ ${util_kernels()}
 % else:
 ${prelude()}
 %   if KIND == "vmm":
-${vmm_kernel()}
+${vmm_variant()}
 %   elif KIND == "gemm":
-${gemm_kernel()}
+${gemm_variant()}
 %   elif KIND == "dx":
 ${dx_kernel()}
 %   elif KIND == "dw":
@@ -62,8 +73,15 @@ __kernel void pscl_transpose(__global const float *restrict src, const long src_
         const float16 t${r} = vload16(0, s + (long)${r} * ld_src);
 % endfor
 % for c in range(16):
-        vstore16((float16)(${", ".join("t%d.s%x" % (r, c) for r in range(16))}), 0,
-                 d + (long)${c} * ld_dst);
+        {   // column c, assembled in a private array (not a float16 literal of lanes of
+            // other vectors, which Oclgrind's uninitialised-value check crashes on:
+            // common.cl.mako, 2)
+            float col[16];
+%   for r in range(16):
+            col[${r}] = t${r}.s${"%x" % c};
+%   endfor
+            vstore16(vload16(0, col), 0, d + (long)${c} * ld_dst);
+        }
 % endfor
         return;
     }
@@ -127,7 +145,8 @@ __kernel void pscl_cols_list_${form}(
     const int j0 = get_global_id(0) * 16;
     if (j0 >= N)
         return;
-    __global int2 *r = rows + (long)j0 * M;
+    // (row, dy) pairs are stored with vstore2, not as int2 literals: common.cl.mako, 4.
+    __global int *ri = (__global int *)(rows + (long)j0 * M);
     const int width = min(16, N - j0);
     if (width == 16) {
 %   for c in range(16):
@@ -138,10 +157,10 @@ __kernel void pscl_cols_list_${form}(
             const __global float *g = dy + dy_off + (long)i * dy_cols;
 %   for c in range(16):
 %     if form == "bool":
-            r[${c}L * M + n${c}] = (int2)(i, as_int(g[j0 + ${c}]));
+            vstore2((int2)(i, as_int(g[j0 + ${c}])), ${c}L * M + n${c}, ri);
             n${c} += e[${c}] != 0;
 %     else:
-            r[${c}L * M + n${c}] = (int2)(i, as_int(g[max(e[${c}], 0)]));
+            vstore2((int2)(i, as_int(g[max(e[${c}], 0)])), ${c}L * M + n${c}, ri);
             n${c} += e[${c}] >= 0;
 %     endif
 %   endfor
@@ -157,10 +176,10 @@ __kernel void pscl_cols_list_${form}(
             const ${sel_t} v = sel[sel_off + (long)i * N + j0 + c];
             const __global float *g = dy + dy_off + (long)i * dy_cols;
 %   if form == "bool":
-            r[(long)c * M + n] = (int2)(i, as_int(g[j0 + c]));
+            vstore2((int2)(i, as_int(g[j0 + c])), (long)c * M + n, ri);
             n += v != 0;
 %   else:
-            r[(long)c * M + n] = (int2)(i, as_int(g[max(v, 0)]));
+            vstore2((int2)(i, as_int(g[max(v, 0)])), (long)c * M + n, ri);
             n += v >= 0;
 %   endif
         }
@@ -168,6 +187,61 @@ __kernel void pscl_cols_list_${form}(
     }
 }
 % endfor
+
+// The selected columns of each row of a bool mask, in column order, and zeros for the
+// unselected outputs (the split VMM's list).  A work-group per row: each work-item takes
+// 16 neighbouring entries, and an exclusive scan of the items' counts places its columns,
+// so the list comes out in order without atomics.
+__kernel __attribute__((reqd_work_group_size(256, 1, 1)))
+void pscl_bool_compact(__global const uchar *restrict mask, const long mask_off,
+                       __global int *restrict cols, __global int *restrict counts,
+                       __global float *restrict out, const long out_off, const int N)
+{
+    __local int sums[256];
+    const int lid = get_local_id(0);
+    const long row = get_group_id(0);
+    const __global uchar *m = mask + mask_off + row * N;
+    __global float *o = out + out_off + row * N;
+    __global int *c = cols + row * N;
+    int total = 0;
+    for (int b0 = 0; b0 < N; b0 += 256 * 16) {
+        const int e0 = b0 + lid * 16;
+        uint bits = 0;
+        if (e0 + 16 <= N) {                  // one vector load, then the zeros
+            const uchar16 v = vload16(0, m + e0);
+% for u in range(16):
+            bits |= (uint)(v.s${"%x" % u} != 0) << ${u};
+% endfor
+        } else {
+            for (int u = 0; u < N - e0; ++u)
+                bits |= (uint)(m[e0 + u] != 0) << u;
+        }
+        for (int u = 0; u < min(16, N - e0); ++u)
+            if (!(bits >> u & 1u))
+                o[e0 + u] = 0.0f;
+        const int n = popcount(bits);
+        sums[lid] = n;
+        barrier(CLK_LOCAL_MEM_FENCE);
+% for off in (1, 2, 4, 8, 16, 32, 64, 128):
+        {
+            const int t = lid >= ${off} ? sums[lid - ${off}] : 0;
+            barrier(CLK_LOCAL_MEM_FENCE);
+            sums[lid] += t;
+            barrier(CLK_LOCAL_MEM_FENCE);
+        }
+% endfor
+        int pos = total + sums[lid] - n;
+        while (bits) {
+            const uint low = bits & (0u - bits);
+            c[pos++] = e0 + 31 - (int)clz(low);
+            bits ^= low;
+        }
+        total += sums[255];
+        barrier(CLK_LOCAL_MEM_FENCE);   // sums is rewritten by the next step
+    }
+    if (lid == 0)
+        counts[row] = total;
+}
 </%def>
 
 <%def name="prelude()">
@@ -175,19 +249,30 @@ ${common.vector_helpers("pscl_floatv", "float", VEC)}
 // Tile parameters: declared once, in pysparsecl/ops/masked.py.
 #define PSCL_VEC ${VEC}
 
-// Sum of the lanes of a vector, as a tree of half-width adds.
+// Sum of the lanes of a vector, as a tree of half-width adds: lane i + lane i + width / 2,
+// written lane by lane, each add as fma(a, 1.0f, b) (exactly a + b), so that no vector
+// shuffle appears for Oclgrind to mishandle (common.cl.mako, 2 and 3).
 inline float pscl_hsum(const pscl_floatv v)
 {
 % if VEC == 1:
     return v;
 % else:
-<%  width = VEC %>\
-%   while width > 2:
-<%      half = width // 2 %>\
-    const float${half} h${half} = ${"v" if width == VEC else "h%d" % width}.lo + ${"v" if width == VEC else "h%d" % width}.hi;
-<%      width = half %>\
+<%
+    terms = ["v.s%x" % i for i in range(VEC)]
+    level = 0
+%>\
+%   while len(terms) > 1:
+<%
+        half = len(terms) // 2
+        pairs = [(terms[i], terms[i + half]) for i in range(half)]
+        terms = ["h%d_%d" % (level, i) for i in range(half)]
+        level += 1
+%>\
+%     for name, (a, b) in zip(terms, pairs):
+    const float ${name} = fma(${a}, 1.0f, ${b});
+%     endfor
 %   endwhile
-    return ${"v" if VEC == 2 else "h2"}.x + ${"v" if VEC == 2 else "h2"}.y;
+    return ${terms[0]};
 % endif
 }
 </%def>
@@ -291,6 +376,121 @@ void pscl_masked_vmm(
 }
 </%def>
 
+## The VMM and GEMM variants, chosen by a tile parameter (read here, not at the top).
+<%def name="vmm_variant()">
+${vmm_kernel() if SPLIT == 1 else vmm_split_kernel()}
+</%def>
+
+<%def name="gemm_variant()">
+${gemm_kernel() if TILE == 0 else gemm_tiled_kernel()}
+</%def>
+
+<%def name="vmm_split_kernel()">
+<%
+    items = SPLIT * TEAMS       # work-items per work-group
+    outs = TEAMS * GROUP        # selected outputs per work-group
+    xvecs = XCHUNK // VEC       # vectors of x staged per step
+    halvings = []
+    h = SPLIT // 2
+    while h:
+        halvings.append(h)
+        h //= 2
+%>\
+// Split VMM (GPU-shaped): a team of SPLIT work-items computes GROUP selected outputs
+// together.  Item t of a team reads vectors t, t + SPLIT, ... of each of its weight rows,
+// so a team's loads are coalesced, and shares each x vector between its GROUP rows.  A
+// work-group holds TEAMS teams: TEAMS * GROUP consecutive entries of the row's selection
+// list (idx, or the bool mask compacted by pscl_bool_compact), entry e going to team
+// e % TEAMS so that a short last list spreads over every team.  The x row is staged in
+// local memory XCHUNK floats at a time, read from memory once per work-group.  Partial
+// sums meet in a tree in local memory.  ALIGNED: the weight rows start at multiples of
+// VEC floats, so a vector is read through a vector pointer (one wide load).
+% if ALIGNED:
+#define PSCL_WLOAD(v, p) (((const __global pscl_floatv *)(p))[v])
+% else:
+#define PSCL_WLOAD(v, p) PSCL_LOAD_pscl_floatv(v, p)
+% endif
+__kernel __attribute__((reqd_work_group_size(${items}, 1, 1)))
+void pscl_masked_vmm_split(
+    __global const float *restrict x, const long x_off,     // (M, K)
+    __global const float *restrict wt,                       // (N, K), row stride ldw
+    __global const int *restrict list, const long list_off,  // (M, n_entries) columns
+% if MASK == "bool":
+    __global const int *restrict counts,                     // (M,) list lengths
+% endif
+    __global float *restrict out, const long out_off,        // (M, N) or (M, n_keep)
+    const int N, const int K, const int ldw,
+    const int n_entries)                                     // N (bool) or n_keep (idx)
+{
+    __local pscl_floatv xs[${xvecs}];
+    __local float red[${GROUP * items}];
+    __local float *xs1 = (__local float *)xs;
+    const int lid = get_local_id(0);
+    const int lane = lid & ${SPLIT - 1};      // bit operations, not / and %: common.cl.mako, 1
+    const int team = lid >> ${SPLIT.bit_length() - 1};
+    const int row = get_global_id(1);
+    const long row_base = (long)row * n_entries;
+    const int n_sel = ${"counts[row]" if MASK == "bool" else "n_entries"};
+    const int group0 = get_group_id(0) * ${outs};
+    // A work-group past the end of the list skips the K loop (no early return before the
+    // barriers: PoCL then mis-runs the work-group).
+    const int k_end = group0 < n_sel ? K : 0;
+    const int first = group0 + team;          // this team's entries: first + q * TEAMS
+    const int ng = clamp((n_sel - first + ${TEAMS - 1}) / ${TEAMS}, 0, ${GROUP});
+% for q in range(GROUP):
+    int c${q} = 0;
+    if (${q} < ng)
+        c${q} = list[list_off + row_base + first + ${q * TEAMS}];
+    const int ok${q} = (uint)c${q} < (uint)N;   // idx is validated before launch;
+    const __global float *w${q} = wt + (long)(ok${q} ? c${q} : 0) * ldw;  // memory stays safe
+    pscl_floatv acc${q} = (pscl_floatv)(0.0f);
+    float tail${q} = 0.0f;
+% endfor
+    const __global float *xr = x + x_off + (long)row * K;
+    for (int k0 = 0; k0 < k_end; k0 += ${XCHUNK}) {
+        const int len = min(${XCHUNK}, K - k0);
+        barrier(CLK_LOCAL_MEM_FENCE);         // the previous piece of x is consumed
+        for (int e = lid; e < len; e += ${items})
+            xs1[e] = xr[k0 + e];
+        barrier(CLK_LOCAL_MEM_FENCE);
+        const int nv = len / PSCL_VEC;
+        for (int v = lane; v < nv; v += ${SPLIT}) {
+            const pscl_floatv xv = xs[v];
+% for q in range(GROUP):
+            if (${q} < ng)
+                acc${q} = fma(PSCL_WLOAD(v, w${q} + k0), xv, acc${q});
+% endfor
+        }
+        for (int e = nv * PSCL_VEC + lane; e < len; e += ${SPLIT}) {   // K % VEC at the end
+            const float xe = xs1[e];
+% for q in range(GROUP):
+            if (${q} < ng)
+                tail${q} = fma(w${q}[k0 + e], xe, tail${q});
+% endfor
+        }
+    }
+% for q in range(GROUP):
+    red[${q * items} + lid] = pscl_hsum(acc${q}) + tail${q};
+% endfor
+    barrier(CLK_LOCAL_MEM_FENCE);
+% for h in halvings:
+    if (lane < ${h}) {
+%   for q in range(GROUP):
+        red[${q * items} + lid] += red[${q * items} + lid + ${h}];
+%   endfor
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+% endfor
+    if (lane == 0) {
+% for q in range(GROUP):
+        if (${q} < ng)
+            out[out_off + row_base + ${"c%d" % q if MASK == "bool" else "first + %d" % (q * TEAMS)}] =
+                ok${q} ? red[${q * items} + lid] : NAN;
+% endfor
+    }
+}
+</%def>
+
 <%def name="gemm_kernel()">
 // Column-oriented masked product.  Work-item (j, b) owns column j within row block b: it
 // scans the selection of column j down the block and computes the selected outputs
@@ -343,6 +543,271 @@ void pscl_masked_gemm(
                  lambda q, v: "o[dsts[%s]] = %s" % (q, v))}
 % endif
 }
+</%def>
+
+<%def name="gemm_tiled_kernel()">
+<%
+    TM, TN, P, UN, IT = TILE_M, TILE, GROUP, UNITS, WG
+    words = TN // 32            # selection bits per tile row, in uints
+    g4 = KC // 4                # float4s per staged row
+    cap = IT * UN               # units per round
+    width = 4 if ALIGNED else 1 # floats per staging load
+    per_row = KC // width       # staging loads per row of a chunk
+    step = IT // per_row        # rows a pass of the work-group stages
+    nx = -(-TM // step)         # staging loads per work-item per chunk: x ...
+    nw = -(-TN // step)         # ... and wt
+    ptype = "float4" if ALIGNED else "float"
+    sel_t = "uchar" if MASK == "bool" else "int"
+    picked = "!= 0" if MASK == "bool" else ">= 0"
+    scan_offsets = [1 << b for b in range(IT.bit_length() - 1)]
+    # One local buffer, used in turn for the scan, a round's units and the staged chunks.
+    lds_f4 = max((TM + TN) * g4, -(-IT // 4), -(-cap * (2 + P) // 16))
+%>\
+// Tiled masked product (GPU-shaped, SDDMM-like).  A work-group owns the TILE_M x TILE
+// output tile (i0.., j0..) and, with SPLITK > 1, one slice of K.  Work-item r < TILE_M
+// reads the selection of tile row r into registers (a bit per entry) and cuts it into
+// "units": up to GROUP selected columns of the row, so that each x value read feeds GROUP
+// FMAs.  An exclusive scan over the rows places each row's units, in order, without
+// atomics.  Each work-item owns UNITS units per round (a tile with more units than
+// WG * UNITS runs the K loop once per round).  The K loop stages x[tile rows, chunk]
+// and wt[tile columns, chunk] in local memory KC columns at a time, with coalesced loads
+// issued one chunk ahead; the sums stay in registers.
+//
+// Bank conflicts: the columns of a work-item's units are arbitrary, so neighbouring items
+// would hit the same bank in lock-step.  Each item instead walks the chunk's float4s
+// starting at its own offset (item id mod KC / 4): at every step the items of a
+// quarter-warp read distinct float4 slots, whatever rows or columns they hold.
+__kernel __attribute__((reqd_work_group_size(${IT}, 1, 1)))
+void pscl_masked_gemm_tiled(
+    __global const float *restrict x, const long x_off,     // (M, K), row stride ldx
+    __global const float *restrict wt,                       // (N, K), row stride ldw
+    __global const ${sel_t} *restrict sel, const long sel_off,
+                                                             // bool mask or slot map, (M, N)
+% if SPLITK > 1:
+    __global float *restrict part, const long part_stride,   // (slices, M, out_cols) sums
+% else:
+    __global float *restrict out, const long out_off,        // (M, N) or (M, n_keep)
+% endif
+    const int M, const int N, const int K, const int ldx, const int ldw,
+    const int out_cols, const int k_len)                     // k_len: K per slice
+{
+    __local float4 lds[${lds_f4}];
+    __local float4 *xs = lds;                // x[i0 + r, k0 + k] at r * KC + k
+    __local float4 *ws = lds + ${TM * g4};   // wt[j0 + c, k0 + k] at c * KC + k
+    __local float *xs1 = (__local float *)xs;
+    __local float *ws1 = (__local float *)ws;
+    __local int *scan = (__local int *)lds;
+    __local uchar *urow = (__local uchar *)lds;
+    __local uchar *ucnt = urow + ${cap};
+    __local uchar *ucol = ucnt + ${cap};
+    const int lid = get_local_id(0);
+    const int j0 = get_group_id(0) * ${TN};
+    const int i0 = get_group_id(1) * ${TM};
+    const int kb = get_group_id(2) * k_len;
+    const int ke = min(K, kb + k_len);
+
+% if MASK == "bool" and SPLITK == 1:
+    // Dense output: zeros where the tile selects nothing (coalesced; the selected entries
+    // are written by their owners, never twice).
+    for (int e = lid; e < ${TM * TN}; e += ${IT}) {
+        const int i = i0 + (e >> ${TN.bit_length() - 1}), j = j0 + (e & ${TN - 1});
+        if (i < M && j < N && !sel[sel_off + (long)i * N + j])
+            out[out_off + (long)i * N + j] = 0.0f;
+    }
+% endif
+    // Work-item r < TILE_M: the selection of tile row r, a bit per entry, in registers.
+% for w in range(words):
+    uint b${w} = 0;
+% endfor
+    if (lid < ${TM} && i0 + lid < M) {
+        const __global ${sel_t} *s = sel + sel_off + (long)(i0 + lid) * N + j0;
+% for w in range(words):
+        if (j0 + ${32 * w + 32} <= N) {
+%   if MASK == "bool":
+%     for h in range(2):
+            const uchar16 v${h} = vload16(${2 * w + h}, s);
+%       for c in range(16):
+            b${w} |= (uint)(v${h}.s${"%x" % c} != 0) << ${16 * h + c};
+%       endfor
+%     endfor
+%   else:
+%     for h in range(8):
+            const int4 v${h} = vload4(${8 * w + h}, s);
+%       for c, comp in enumerate("xyzw"):
+            b${w} |= (uint)(v${h}.${comp} >= 0) << ${4 * h + c};
+%       endfor
+%     endfor
+%   endif
+        } else {
+            for (int c = 0; c < N - j0 - ${32 * w}; ++c)
+                b${w} |= (uint)(s[${32 * w} + c] ${picked}) << c;
+        }
+% endfor
+    }
+    const int cnt = ${" + ".join("popcount(b%d)" % w for w in range(words))};
+    const int nu = (cnt + ${P - 1}) >> ${P.bit_length() - 1};  // units of this row
+    scan[lid] = nu;
+    barrier(CLK_LOCAL_MEM_FENCE);
+% for off in scan_offsets:
+    {
+        const int t = lid >= ${off} ? scan[lid - ${off}] : 0;
+        barrier(CLK_LOCAL_MEM_FENCE);
+        scan[lid] += t;
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+% endfor
+    const int first_unit = scan[lid] - nu;
+    const int n_units = scan[${IT - 1}];
+
+    // This work-item's part of the staging: rows sr + n * step, columns sk .. sk + width.
+    const int sk = (lid & ${per_row - 1}) * ${width};   // bit operations: common.cl.mako, 1
+    const int sr = lid >> ${per_row.bit_length() - 1};
+    const int rot = lid & ${g4 - 1};
+
+    for (int base = 0; base < n_units; base += ${cap}) {
+        barrier(CLK_LOCAL_MEM_FENCE);         // the scan, or the last chunk, is consumed
+        // The units of this round: row owners write those inside [base, base + cap).
+        if (nu > 0 && first_unit < base + ${cap} && first_unit + nu > base) {
+            int n = 0;
+% for w in range(words):
+            for (uint b = b${w}; b; ) {
+                const uint low = b & (0u - b);
+                b ^= low;
+                const int u = first_unit + (n >> ${P.bit_length() - 1}) - base;
+                if (u >= 0 && u < ${cap}) {
+                    ucol[u * ${P} + (n & ${P - 1})] = (uchar)(${32 * w} + 31 - (int)clz(low));
+                    if ((n & ${P - 1}) == 0) {
+                        urow[u] = (uchar)lid;
+                        ucnt[u] = (uchar)min(${P}, cnt - n);
+                    }
+                }
+                ++n;
+            }
+% endfor
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+% for s in range(UN):
+        const int un${s} = lid + ${s * IT};
+        const int n${s} = base + un${s} < n_units ? ucnt[un${s}] : 0;
+        const int r${s} = n${s} ? urow[un${s}] : 0;
+        const int xo${s} = r${s} * ${g4};
+%   for q in range(P):
+        const int c${s}_${q} = ${q} < n${s} ? ucol[un${s} * ${P} + ${q}] : 0;
+        const int wo${s}_${q} = c${s}_${q} * ${g4};
+        float acc${s}_${q} = 0.0f;
+%   endfor
+% endfor
+
+        // The K loop; the first chunk is loaded here, each next one during the FMAs.
+% for n in range(nx):
+        ${ptype} px${n};
+% endfor
+% for n in range(nw):
+        ${ptype} pw${n};
+% endfor
+        ${stage_load("kb")}
+        for (int k0 = kb; k0 < ke; k0 += ${KC}) {
+            barrier(CLK_LOCAL_MEM_FENCE);     // the units, or the previous chunk, are read
+% for name, dst, n_rows, count in (("px", "xs", TM, nx), ("pw", "ws", TN, nw)):
+%   for n in range(count):
+%     if n_rows % step:
+            if (sr + ${n * step} < ${n_rows})
+%     endif
+            ${dst if ALIGNED else dst + "1"}[(sr + ${n * step}) * ${per_row} + (lid & ${per_row - 1})] = ${name}${n};
+%   endfor
+% endfor
+            barrier(CLK_LOCAL_MEM_FENCE);
+            if (k0 + ${KC} < ke) {
+                ${stage_load("k0 + %d" % KC)}
+            }
+% for g in range(g4):
+            {
+                const int kk = (${g} + rot) & ${g4 - 1};
+%   for s in range(UN):
+                if (n${s}) {
+                    const float4 xv = xs[xo${s} + kk];
+%     for q in range(P):
+                    if (${q} < n${s}) {
+                        const float4 wv = ws[wo${s}_${q} + kk];
+                        acc${s}_${q} = fma(xv.x, wv.x, acc${s}_${q});
+                        acc${s}_${q} = fma(xv.y, wv.y, acc${s}_${q});
+                        acc${s}_${q} = fma(xv.z, wv.z, acc${s}_${q});
+                        acc${s}_${q} = fma(xv.w, wv.w, acc${s}_${q});
+                    }
+%     endfor
+                }
+%   endfor
+            }
+% endfor
+        }
+% for s in range(UN):
+%   for q in range(P):
+        if (${q} < n${s}) {
+            const long i = i0 + r${s}, j = j0 + c${s}_${q};
+%     if MASK == "bool":
+            const long dst = i * N + j;
+%     else:
+            const long dst = i * out_cols + sel[sel_off + i * N + j];
+%     endif
+%     if SPLITK > 1:
+            part[get_group_id(2) * part_stride + dst] = acc${s}_${q};
+%     else:
+            out[out_off + dst] = acc${s}_${q};
+%     endif
+        }
+%   endfor
+% endfor
+    }
+}
+% if SPLITK > 1:
+
+// The sum of the K slices' partial products, in slice order (deterministic); a bool mask's
+// unselected outputs get zeros.
+__kernel void pscl_gemm_splitk_sum(
+    __global const float *restrict part, const long part_stride, const int n_slices,
+% if MASK == "bool":
+    __global const uchar *restrict sel, const long sel_off,
+% endif
+    __global float *restrict out, const long out_off, const long total)
+{
+    const long e = get_global_id(0);
+    if (e >= total)
+        return;
+% if MASK == "bool":
+    if (!sel[sel_off + e]) {
+        out[out_off + e] = 0.0f;
+        return;
+    }
+% endif
+    float s = part[e];
+    for (int t = 1; t < n_slices; ++t)
+        s += part[t * part_stride + e];
+    out[out_off + e] = s;
+}
+% endif
+</%def>
+
+## Load one chunk (columns kb.. of the tile's x rows and wt rows) into px*, pw*: zeros
+## past the matrix edges, so the FMAs need no bounds.  ALIGNED: whole float4s (every row
+## and kb start at a multiple of 4 floats, and so does K).
+<%def name="stage_load(kb)">
+<%
+    width = 4 if ALIGNED else 1
+    step = WG * width // KC
+    ptype = "float4" if ALIGNED else "float"
+%>\
+            {
+                const int kq = ${kb} + sk;
+% for name, rows, n_rows, limit, src in (("px", "i", TILE_M, "M", "x + x_off + (long)i * ldx"), ("pw", "j", TILE, "N", "wt + (long)j * ldw")):
+%   for n in range(-(-n_rows // step)):
+                {
+                    const int ${rows} = ${"i0" if rows == "i" else "j0"} + sr + ${n * step};
+                    ${name}${n} = ${"sr + %d < %d && " % (n * step, n_rows) if n_rows % step else ""}${rows} < ${limit} && kq < ke ?
+                        *(const __global ${ptype} *)(${src} + kq) : (${ptype})(0.0f);
+                }
+%   endfor
+% endfor
+            }
 </%def>
 
 ## acc_v += a * src[v * VEC ...] over one K chunk (KVEC vectors), whole or, at the end of a

@@ -12,13 +12,17 @@ from conftest import SAMPLE_WG_LIMIT
 import pysparsecl as ps
 from pysparsecl import runtime
 from pysparsecl.ops.masked import (
+    LOCAL_MEM_BYTES,
     MASKED_BN,
     MASKED_DW,
     MASKED_DX,
     MASKED_GEMM,
     MASKED_VMM,
+    gemm_local_bytes,
     template_args,
+    vmm_local_bytes,
 )
+from pysparsecl.params import InvalidParamsError
 from pysparsecl.testing.reference import (
     masked_matmul_backward_reference,
     masked_matmul_reference,
@@ -132,6 +136,118 @@ def test_every_gemm_configuration_is_correct(queue, rng, params):
             y = ps.masked_matmul(x, w, mask, queue=queue)
             assert relative_error(y, masked_matmul_reference(x, w, mask)) < TOL, case
 
+
+# ---------------------------------------------------------------------------------------------
+# The GPU-shaped variants (split VMM, tiled GEMM), forced by tile overrides
+
+def _check(y, x, w, mask):
+    ref = masked_matmul_reference(x, w, mask)
+    assert y.shape == ref.shape and relative_error(y, ref) < TOL
+    if mask.dtype == np.bool_:
+        assert np.all(y[~mask] == 0)                    # exact zeros, every one written
+
+
+def _poisoned_call(queue, x, w, mask):
+    """masked_matmul into a device output filled with NaN: every output must be written."""
+    out = cl_array.to_device(queue, np.full(np.shape(mask), np.nan, np.float32))
+    ps.masked_matmul(cl_array.to_device(queue, x), w, mask, out=out)
+    return out.get()
+
+
+SPLIT_VMM = [dict(SPLIT=16, TEAMS=1, GROUP=1, VEC=1, XCHUNK=512),
+             dict(SPLIT=32, TEAMS=2, GROUP=2, VEC=4, XCHUNK=512),
+             dict(SPLIT=16, TEAMS=8, GROUP=4, VEC=16, XCHUNK=512),
+             dict(SPLIT=64, TEAMS=2, GROUP=8, VEC=8, XCHUNK=1024),
+             dict(SPLIT=256, TEAMS=1, GROUP=1, VEC=4, XCHUNK=1024)]
+SPLIT_CASES = [MaskCase(1, 1300, 97, keep=0.1),                      # x staged in 2-3 pieces
+               MaskCase(1, 1030, 61, keep=0.3, form="idx", vector=True),
+               MaskCase(1, 37, 29, keep=1.0),                        # K % VEC, unaligned rows
+               MaskCase(1, 5, 3, keep=0.01, form="idx"),             # n_keep = 1, tiny K
+               MaskCase(1, 64, 300, keep=0.5, vector=True),          # many work-groups
+               MaskCase(1, 48, 40, keep=1.0, form="idx")]
+
+
+@pytest.mark.parametrize("params", SPLIT_VMM, ids=_ids)
+def test_split_vmm_variants(queue, rng, params):
+    with override("masked_vmm", **params):
+        for case in SPLIT_CASES:
+            x, w, mask = case.make(rng)
+            _check(_poisoned_call(queue, x, w, mask), x, w, mask)
+        # An all-False bool mask: nothing selected, every output a zero.
+        x, w, _ = MaskCase(1, 70, 45).make(rng)
+        y = _poisoned_call(queue, x, w, np.zeros((1, 45), bool))
+        np.testing.assert_array_equal(y, np.zeros((1, 45), np.float32))
+
+
+TILED_GEMM = [dict(TILE=32, TILE_M=16, KC=32, GROUP=1, UNITS=1, WG=128),
+              dict(TILE=32, TILE_M=32, KC=32, GROUP=4, UNITS=2, WG=128, SPLITK=2),
+              dict(TILE=64, TILE_M=64, KC=64, GROUP=8, UNITS=1, WG=256),
+              dict(TILE=64, TILE_M=32, KC=32, GROUP=2, UNITS=4, WG=256, SPLITK=4),
+              dict(TILE=128, TILE_M=128, KC=32, GROUP=4, UNITS=1, WG=256, SPLITK=4),
+              dict(TILE=128, TILE_M=64, KC=32, GROUP=8, UNITS=2, WG=256)]
+TILED_CASES = [MaskCase(2, 45, 33),                                  # one partial tile
+               MaskCase(7, 53, 37, form="idx"),                      # K % 4: unaligned rows
+               MaskCase(33, 130, 70, keep=0.1),                      # several tiles, K chunks
+               MaskCase(45, 96, 130, keep=0.05, form="idx"),
+               MaskCase(19, 3, 140, keep=0.3),                       # K below every chunk
+               MaskCase(70, 40, 64, keep=1.0),                       # full: several rounds
+               MaskCase(40, 71, 35, keep=1.0, form="idx"),
+               MaskCase(12, 70, 40, keep=0.5, empty_rows=12)]        # all False: zeros only
+
+
+@pytest.mark.parametrize("params", TILED_GEMM, ids=_ids)
+def test_tiled_gemm_variants(queue, rng, params):
+    with override("masked_gemm", **params):
+        for case in TILED_CASES:
+            x, w, mask = case.make(rng)
+            _check(_poisoned_call(queue, x, w, mask), x, w, mask)
+
+
+@pytest.mark.parametrize("form", ["bool", "idx"])
+def test_gpu_variants_on_device_arrays_with_offsets(queue, rng, form):
+    """Offset device arrays (x unaligned for float4 loads), an output poisoned with NaN that
+    must be fully overwritten, and repeated calls (split-K included) that agree exactly."""
+    for m, family, params in ((1, "masked_vmm", SPLIT_VMM[1]),
+                              (29, "masked_gemm", TILED_GEMM[1]),
+                              (29, "masked_gemm", TILED_GEMM[5])):
+        x, w, mask = MaskCase(m, 68, 50, keep=0.4, form=form).make(rng)
+        padded = np.concatenate([np.zeros(1, np.float32), x.ravel()])
+        x_dev = cl_array.to_device(queue, padded)[1:].reshape(x.shape)   # offset: 1 float
+        mask_dev = cl_array.to_device(queue, np.concatenate([mask[:1], mask]))[1:]
+        out = cl_array.to_device(queue, np.full(mask.shape, np.nan, np.float32))
+        weight = ps.MaskedLinearWeight(w, queue=queue)
+        with override(family, **params):
+            ps.masked_matmul(x_dev, weight, mask_dev, out=out)
+            first = out.get()
+            again = ps.masked_matmul(x_dev, weight, mask_dev).get()
+        _check(first, x, w, mask)
+        np.testing.assert_array_equal(again, first)
+
+
+def test_gpu_variant_parameters_are_declared_once():
+    """Each GPU-shaped configuration leaves the parameters only the CPU kernel reads at
+    their defaults (no duplicate configurations), fits 32 KiB of local memory and renders;
+    the spec defaults stay the CPU kernels."""
+    for spec, switch, idle, local_bytes in (
+            (MASKED_VMM, "SPLIT", ("CHUNK", "WG"), vmm_local_bytes),
+            (MASKED_GEMM, "TILE", ("VEC", "BLOCK_KIB"), gemm_local_bytes)):
+        defaults = spec.defaults()
+        assert defaults[switch] in (0, 1)
+        gpu = [c for c in spec.candidates() if c[switch] > 1]
+        assert gpu
+        assert all(c[n] == defaults[n] for c in gpu for n in idle)
+        assert all(local_bytes(c) <= LOCAL_MEM_BYTES for c in gpu)
+    with pytest.raises(InvalidParamsError, match="unused_at_default"):
+        MASKED_GEMM.check(dict(TILE=64, WG=256, BLOCK_KIB=512))
+    with pytest.raises(InvalidParamsError, match="local_memory"):
+        MASKED_GEMM.check(dict(TILE=128, TILE_M=128, KC=64, WG=512))
+    for form in ("bool", "slot"):
+        for split in (1, 2):
+            params = MASKED_GEMM.check(dict(TILE=64, WG=256, SPLITK=split))
+            source = runtime.render("masked_gemm.cl.mako",
+                                    **template_args("gemm", dict(params, ALIGNED=1), form))
+            assert "pscl_masked_gemm_tiled" in source
+            assert ("pscl_gemm_splitk_sum" in source) == (split > 1)
 
 @pytest.mark.parametrize("form", ["bool", "idx"])
 @pytest.mark.parametrize("m", [1, 19])

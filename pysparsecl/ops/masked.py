@@ -36,34 +36,137 @@ __all__ = ["MASKED_VMM", "MASKED_GEMM", "MASKED_DX", "MASKED_DW", "MASKED_BN", "
 
 _VEC = TileParam("VEC", 16, (1, 4, 8, 16), "floats per vector load of a row (one FMA each)")
 
+# The VMM and GEMM specs each hold two kernels: the CPU-shaped one (the defaults: SPLIT = 1,
+# TILE = 0) and a GPU-shaped one.  A parameter that only one kernel reads must keep its
+# default in the other kernel's configurations, so that the tuner never times one kernel
+# twice under two names.
+
+def _unused_at_default(params, gpu_kernel, cpu_only, gpu_only):
+    """True when the parameters the chosen kernel does not read hold their defaults."""
+    for p in (cpu_only if gpu_kernel else gpu_only):
+        if params[p.name] != p.default:
+            return False
+    return True
+
+
+#: Local memory every OpenCL GPU and Oclgrind provide (the OpenCL minimum for a full
+#: profile device): the GPU kernels stay inside it, so they build everywhere.
+LOCAL_MEM_BYTES = 32 * 1024
+
+_VMM_CHUNK = TileParam("CHUNK", 128, (8, 16, 32, 64, 128, 256, 512),
+                       "mask columns (or idx slots) scanned by one work-item (SPLIT = 1)")
+_VMM_WG = TileParam("WG", 1, (1, 2, 4, 8, 16, 32, 64, 128),
+                    "work-items per work-group (SPLIT = 1)")
+_VMM_TEAMS = TileParam("TEAMS", 4, (1, 2, 4, 8),
+                       "teams of SPLIT work-items per work-group (SPLIT > 1)")
+_VMM_XCHUNK = TileParam("XCHUNK", 2048, (512, 1024, 2048, 4096),
+                        "floats of the x row staged in local memory per step (SPLIT > 1)")
+
+
+def vmm_local_bytes(p) -> int:
+    """Local memory of the split VMM: the staged x and the reduction tree."""
+    return 4 * (p["XCHUNK"] + p["GROUP"] * p["SPLIT"] * p["TEAMS"])
+
+
 MASKED_VMM = ParamSpec(
     family="masked_vmm",
     params=(
         _VEC,
         TileParam("GROUP", 4, (1, 2, 4, 8),
                   "selected outputs computed together, sharing each load of the x row"),
-        TileParam("CHUNK", 128, (8, 16, 32, 64, 128, 256, 512),
-                  "mask columns (or idx slots) scanned by one work-item"),
-        TileParam("WG", 1, (1, 2, 4, 8, 16, 32, 64, 128), "work-items per work-group"),
+        _VMM_CHUNK,
+        _VMM_WG,
+        TileParam("SPLIT", 1, (1, 16, 32, 64, 128, 256),
+                  "work-items sharing one selected output's dot product: 1 = the CPU kernel "
+                  "(one item per output); > 1 = the GPU kernel (coalesced row loads)"),
+        _VMM_TEAMS,
+        _VMM_XCHUNK,
     ),
     constraints=(
         Constraint("group_within_chunk", lambda p: p["GROUP"] <= p["CHUNK"],
                    "a work-item cannot fill a group larger than the entries it scans"),
+        Constraint("unused_at_default",
+                   lambda p: _unused_at_default(p, p["SPLIT"] > 1, (_VMM_CHUNK, _VMM_WG),
+                                                (_VMM_TEAMS, _VMM_XCHUNK)),
+                   "the parameters the chosen kernel does not read keep their defaults"),
+        Constraint("split_vectors_fit_chunk",
+                   lambda p: p["SPLIT"] == 1 or p["XCHUNK"] % (p["VEC"] * p["SPLIT"]) == 0,
+                   "every team item reads the same number of vectors of a staged piece of x"),
+        Constraint("local_memory", lambda p: p["SPLIT"] == 1 or
+                   vmm_local_bytes(p) <= LOCAL_MEM_BYTES,
+                   "the staged x and the reduction tree fit 32 KiB of local memory"),
     ),
-    work_group_size=lambda p: p["WG"],
+    work_group_size=lambda p: p["WG"] if p["SPLIT"] == 1 else p["SPLIT"] * p["TEAMS"],
 )
+
+_GEMM_BLOCK = TileParam("BLOCK_KIB", 2048, (0, 128, 256, 512, 1024, 2048, 4096),
+                        "x rows per block, sized to about this many KiB of x, so that the "
+                        "block stays in cache while every column passes over it; 0: a single "
+                        "block (TILE = 0)")
+_GEMM_TILE_M = TileParam("TILE_M", 64, (16, 32, 64, 128), "rows of an output tile (TILE > 0)")
+_GEMM_KC = TileParam("KC", 32, (32, 64),
+                     "K columns of x and W^T staged in local memory per step (TILE > 0)")
+_GEMM_UNITS = TileParam("UNITS", 2, (1, 2, 4),
+                        "units (GROUP columns of one row) per work-item and round (TILE > 0)")
+_GEMM_SPLITK = TileParam("SPLITK", 1, (1, 2, 4),
+                         "slices of K, one work-group each, whose partial sums a second "
+                         "kernel adds in slice order: more work-groups for few tiles "
+                         "(TILE > 0)")
+
+
+def gemm_local_bytes(p) -> int:
+    """Local memory of the tiled GEMM: one buffer holds, in turn, the row scan, a round's
+    units (row, count and GROUP columns, a byte each) and the staged x and W^T chunks."""
+    staged = 4 * p["KC"] * (p["TILE_M"] + p["TILE"])
+    units = p["WG"] * p["UNITS"] * (2 + p["GROUP"])
+    return max(staged, 4 * p["WG"], -(-units // 16) * 16)
+
 
 MASKED_GEMM = ParamSpec(
     family="masked_gemm",
     params=(
         _VEC,
         TileParam("GROUP", 4, (1, 2, 4, 8),
-                  "x rows selecting one column computed together, sharing each load of "
-                  "its weight row"),
-        TileParam("BLOCK_KIB", 2048, (0, 128, 256, 512, 1024, 2048, 4096),
-                  "x rows per block, sized to about this many KiB of x, so that the block "
-                  "stays in cache while every column passes over it; 0: a single block"),
-        TileParam("WG", 16, (1, 2, 4, 8, 16, 32, 64, 128), "columns per work-group"),
+                  "selected outputs computed together that share one operand row: the x "
+                  "rows selecting one column (TILE = 0), the columns one row selects "
+                  "(TILE > 0)"),
+        _GEMM_BLOCK,
+        TileParam("WG", 16, (1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+                  "work-items per work-group: one column each (TILE = 0, up to 128), or "
+                  "sharing an output tile (TILE > 0, 128 and up)"),
+        TileParam("TILE", 0, (0, 32, 64, 128),
+                  "columns of an output tile: 0 = the CPU kernel (column streaming); > 0 = "
+                  "the GPU kernel (tiles staged through local memory)"),
+        _GEMM_TILE_M,
+        _GEMM_KC,
+        _GEMM_UNITS,
+        _GEMM_SPLITK,
+    ),
+    # (The tiled kernel shares WG and GROUP with the CPU kernel rather than declaring its
+    # own: fewer parameters keep the enumerated product, and so the tuner, quick.)
+    constraints=(
+        Constraint("unused_at_default",
+                   lambda p: _unused_at_default(p, p["TILE"] > 0, (_VEC, _GEMM_BLOCK),
+                                                (_GEMM_TILE_M, _GEMM_KC, _GEMM_UNITS,
+                                                 _GEMM_SPLITK)),
+                   "the parameters the chosen kernel does not read keep their defaults"),
+        Constraint("work_group_per_kernel",
+                   lambda p: p["WG"] <= 128 if p["TILE"] == 0 else p["WG"] >= 128,
+                   "the CPU kernel takes up to 128 columns per work-group, the tiled kernel "
+                   "128 or more work-items"),
+        Constraint("row_owners", lambda p: p["TILE"] == 0 or p["TILE_M"] <= p["WG"],
+                   "one work-item per tile row builds that row's units"),
+        Constraint("accumulators_fit_registers",
+                   lambda p: p["TILE"] == 0 or p["UNITS"] * p["GROUP"] <= 16,
+                   "a work-item's UNITS * GROUP sums stay in registers"),
+        Constraint("staging_fits_registers",
+                   lambda p: p["TILE"] == 0 or
+                   (p["TILE_M"] + p["TILE"]) * p["KC"] <= 32 * p["WG"],
+                   "the next chunk, loaded during the FMAs, takes <= 32 registers per item"),
+        Constraint("local_memory", lambda p: p["TILE"] == 0 or
+                   gemm_local_bytes(p) <= LOCAL_MEM_BYTES,
+                   "the staged chunks (or the scan, or the units) fit 32 KiB of local "
+                   "memory"),
     ),
     work_group_size=lambda p: p["WG"],
 )
@@ -447,35 +550,118 @@ def _launch_forward(queue, x_dev, rows, ldw, sel: _Selection, mask_dev, out_dev,
         slots, bad = _idx_slots(queue, mask_dev, n_rows, n_cols, sel.n_entries, events)
         wait += list(slots.events)
     if n_rows == 1:
-        params = tuning.lookup(MASKED_VMM, queue.device)
-        kern = runtime.kernels(ctx, "masked_gemm.cl.mako", ("pscl_masked_vmm",),
-                               **template_args("vmm", params, sel.form))["pscl_masked_vmm"]
-        n_items = -(-sel.n_entries // params["CHUNK"])
-        ev = kern(queue, (round_up(n_items, params["WG"]), 1), (params["WG"], 1),
-                  x_dev.base_data, elem_offset(x_dev), rows.data, mask_dev.base_data,
-                  elem_offset(mask_dev), out_dev.base_data, elem_offset(out_dev),
-                  np.int32(n_cols), np.int32(k_in), np.int32(ldw), np.int32(sel.n_entries),
-                  wait_for=wait or None)
+        shape_class = masked_matmul_shape_class(n_rows, k_in, n_cols)
+        params = tuning.lookup(MASKED_VMM, queue.device, shape_class)
+        if params["SPLIT"] > 1:
+            ev = _launch_vmm_split(queue, params, x_dev, rows, ldw, sel, mask_dev, out_dev,
+                                   n_cols, k_in, wait, events)
+        else:
+            kern = runtime.kernels(ctx, "masked_gemm.cl.mako", ("pscl_masked_vmm",),
+                                   **template_args("vmm", params, sel.form))["pscl_masked_vmm"]
+            n_items = -(-sel.n_entries // params["CHUNK"])
+            ev = kern(queue, (round_up(n_items, params["WG"]), 1), (params["WG"], 1),
+                      x_dev.base_data, elem_offset(x_dev), rows.data, mask_dev.base_data,
+                      elem_offset(mask_dev), out_dev.base_data, elem_offset(out_dev),
+                      np.int32(n_cols), np.int32(k_in), np.int32(ldw),
+                      np.int32(sel.n_entries), wait_for=wait or None)
     else:
-        params = tuning.lookup(MASKED_GEMM, queue.device)
+        shape_class = masked_matmul_shape_class(n_rows, k_in, n_cols)
+        params = tuning.lookup(MASKED_GEMM, queue.device, shape_class)
         form = "bool" if sel.form == "bool" else "slot"
-        kern = runtime.kernels(ctx, "masked_gemm.cl.mako", ("pscl_masked_gemm",),
-                               **template_args("gemm", params, form))["pscl_masked_gemm"]
-        block = rows_per_block(params, n_rows, k_in)
         sel_buf, sel_off = ((mask_dev.base_data, elem_offset(mask_dev)) if form == "bool"
                             else (slots.data, np.int64(0)))
-        # (Padding x's rows, as the backward does, measured no gain here.)
-        ev = kern(queue, (round_up(n_cols, params["WG"]), -(-n_rows // block)),
-                  (params["WG"], 1), x_dev.base_data, elem_offset(x_dev), rows.data,
-                  sel_buf, sel_off, out_dev.base_data, elem_offset(out_dev),
-                  np.int32(n_rows), np.int32(n_cols), np.int32(k_in), np.int32(k_in),
-                  np.int32(ldw),
-                  np.int32(sel.n_entries), np.int32(block), wait_for=wait or None)
+        if params["TILE"]:
+            ev = _launch_gemm_tiled(queue, params, form, x_dev, rows, ldw, sel_buf, sel_off,
+                                    out_dev, n_rows, n_cols, k_in, sel.n_entries, wait,
+                                    events)
+        else:
+            kern = runtime.kernels(ctx, "masked_gemm.cl.mako", ("pscl_masked_gemm",),
+                                   **template_args("gemm", params, form))["pscl_masked_gemm"]
+            block = rows_per_block(params, n_rows, k_in)
+            # (Padding x's rows, as the backward does, measured no gain here.)
+            ev = kern(queue, (round_up(n_cols, params["WG"]), -(-n_rows // block)),
+                      (params["WG"], 1), x_dev.base_data, elem_offset(x_dev), rows.data,
+                      sel_buf, sel_off, out_dev.base_data, elem_offset(out_dev),
+                      np.int32(n_rows), np.int32(n_cols), np.int32(k_in), np.int32(k_in),
+                      np.int32(ldw),
+                      np.int32(sel.n_entries), np.int32(block), wait_for=wait or None)
     out_dev.add_event(ev)
     if events is not None:
         events.append(ev)
     if bad is not None and is_device_array(sel.array):
         _raise_if_bad(queue, bad, n_cols, "mask")
+
+
+def _launch_gemm_tiled(queue, params, form, x_dev, rows, ldw, sel_buf, sel_off, out_dev,
+                       n_rows, n_cols, k_in, out_cols, wait, events):
+    """The tiled GEMM; with SPLITK > 1 each K slice writes its partial sums to a scratch
+    array that a second kernel adds up.  Returns the event of the last kernel."""
+    ctx = queue.context
+    kc, split = params["KC"], params["SPLITK"]
+    k_len = round_up(-(-k_in // split), kc)        # whole chunks per slice
+    n_slices = -(-k_in // k_len)                   # none of them empty
+    names = ("pscl_masked_gemm_tiled",) + (("pscl_gemm_splitk_sum",) if split > 1 else ())
+    # Whole float4 staging loads need every x and wt row, and K, to be float4-aligned.
+    aligned = k_in % 4 == 0 and ldw % 4 == 0 and elem_offset(x_dev) % 4 == 0
+    kerns = runtime.kernels(ctx, "masked_gemm.cl.mako", names,
+                            **template_args("gemm", dict(params, ALIGNED=int(aligned)), form))
+    total = n_rows * out_cols
+    if split > 1:
+        check_alloc(queue, 4 * n_slices * total, "the split-K partial sums")
+        part = cl_array.empty(queue, (n_slices * total,), np.float32,
+                              allocator=runtime.memory_pool(ctx))
+        dest = (part.data, np.int64(total))
+    else:
+        dest = (out_dev.base_data, elem_offset(out_dev))
+    ev = kerns[names[0]](
+        queue, (-(-n_cols // params["TILE"]) * params["WG"], -(-n_rows // params["TILE_M"]),
+                n_slices), (params["WG"], 1, 1),
+        x_dev.base_data, elem_offset(x_dev), rows.data, sel_buf, sel_off, *dest,
+        np.int32(n_rows), np.int32(n_cols), np.int32(k_in), np.int32(k_in), np.int32(ldw),
+        np.int32(out_cols), np.int32(k_len), wait_for=wait or None)
+    if split == 1:
+        return ev
+    if events is not None:
+        events.append(ev)
+    mask_args = (sel_buf, sel_off) if form == "bool" else ()
+    wg = 256
+    return kerns[names[1]](queue, (round_up(total, wg),), (wg,), part.data, np.int64(total),
+                           np.int32(n_slices), *mask_args, out_dev.base_data,
+                           elem_offset(out_dev), np.int64(total), wait_for=[ev])
+
+
+def _launch_vmm_split(queue, params, x_dev, rows, ldw, sel: _Selection, mask_dev, out_dev,
+                      n_cols, k_in, wait, events):
+    """The split VMM (one row).  A bool mask is first compacted into its list of selected
+    columns (which also writes the zeros); an index mask is that list already.  Returns the
+    product's event."""
+    ctx = queue.context
+    if sel.form == "bool":
+        alloc = runtime.memory_pool(ctx)
+        cols = cl_array.empty(queue, (n_cols,), np.int32, allocator=alloc)
+        counts = cl_array.empty(queue, (1,), np.int32, allocator=alloc)
+        compact = runtime.kernels(ctx, "masked_gemm.cl.mako", ("pscl_bool_compact",),
+                                  **template_args("util"))["pscl_bool_compact"]
+        ev = compact(queue, (256,), (256,), mask_dev.base_data, elem_offset(mask_dev),
+                     cols.data, counts.data, out_dev.base_data, elem_offset(out_dev),
+                     np.int32(n_cols), wait_for=wait or None)
+        wait = [ev]
+        if events is not None:
+            events.append(ev)
+        list_args = (cols.data, np.int64(0), counts.data)
+    else:
+        list_args = (mask_dev.base_data, elem_offset(mask_dev))
+    name = "pscl_masked_vmm_split"
+    aligned = ldw % params["VEC"] == 0          # weight rows start at whole vectors
+    kern = runtime.kernels(ctx, "masked_gemm.cl.mako", (name,),
+                           **template_args("vmm", dict(params, ALIGNED=int(aligned)),
+                                           sel.form))[name]
+    items = params["SPLIT"] * params["TEAMS"]
+    groups = -(-sel.n_entries // (params["TEAMS"] * params["GROUP"]))
+    return kern(queue, (groups * items, 1), (items, 1), x_dev.base_data, elem_offset(x_dev),
+                rows.data, *list_args, out_dev.base_data, elem_offset(out_dev),
+                np.int32(n_cols), np.int32(k_in), np.int32(ldw), np.int32(sel.n_entries),
+                wait_for=wait or None)
 
 
 def _padded_rows(queue, a_dev, n_rows, k_in, wait, events):
@@ -939,10 +1125,9 @@ def _launch_conv_channels(queue, xp, wk, channels, out_dev, geom, n_ch, k_out, r
         events.append(ev)
 
 
-def masked_matmul_shape_class(n_rows: int, k_in: int, n_cols: int, keep: float) -> str:
+def masked_matmul_shape_class(n_rows: int, k_in: int, n_cols: int) -> str:
     """The tuning database's shape class of a masked product: M, K and N rounded down to
-    powers of two, and the kept fraction rounded up to 1, 2, 5, 10, 20, 50 or 100 percent,
-    e.g. ``m128-k4096-n4096-keep10``."""
-    pct = next(p for p in (1, 2, 5, 10, 20, 50, 100) if keep * 100 <= p + 1e-9)
+    powers of two, e.g. ``m128-k4096-n4096``.  (Not the kept fraction: a device mask's
+    count is unknown without a synchronisation.)"""
     return (f"m{tuning.pow2_floor(n_rows)}-k{tuning.pow2_floor(k_in)}"
-            f"-n{tuning.pow2_floor(n_cols)}-keep{pct}")
+            f"-n{tuning.pow2_floor(n_cols)}")
