@@ -45,6 +45,15 @@ def _tune(args) -> int:
         print(f"error: no tuner driver for {unknown}; tunable: {sorted(tuner.TUNABLES)}",
               file=sys.stderr)
         return 2
+    from .params import InvalidParamsError, parse_overrides
+    tried_first: dict = {}
+    try:
+        for text in args.try_params or ():
+            for family, params in parse_overrides(text).items():
+                tried_first.setdefault(family, []).append(params)
+    except InvalidParamsError as exc:
+        print(f"error: --try: {exc}", file=sys.stderr)
+        return 2
     queue = runtime.queue_for(args.device)
     families = args.op or (sorted(shapes) if shapes else sorted(tuner.TUNABLES))
     for family in families:
@@ -52,8 +61,9 @@ def _tune(args) -> int:
             result = tuner.tune_family(family, queue, budget_s=args.budget_s,
                                        max_candidates=args.max_candidates, seed=args.seed,
                                        quick=args.quick, shapes=shapes.get(family),
+                                       first=tried_first.get(family, ()),
                                        write=not (args.dry_run or args.quick))
-        except problems.ShapesError as exc:
+        except (problems.ShapesError, InvalidParamsError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         failed = [c for c in result.tried if c.error]
@@ -89,6 +99,9 @@ def main(argv=None) -> int:
     tune.add_argument("--budget-s", type=float, default=120.0,
                       help="seconds per family (default 120)")
     tune.add_argument("--max-candidates", type=int, default=200)
+    tune.add_argument("--try", dest="try_params", action="append", metavar="FAMILY:K=V,...",
+                      help="a configuration to try first (repeatable; partial ones are "
+                           "completed with the defaults), e.g. an earlier sweep's winner")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--quick", action="store_true",
                       help="small problems, nothing written (a smoke test)")

@@ -226,3 +226,17 @@ def test_cli_rejects_bad_shapes_files(tmp_path, capsys, content, message):
     path.write_text(content)
     assert main(["tune", "--shapes", str(path), "--dry-run"]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_start_configurations_are_tried_after_the_current_one(queue):
+    result = tuner.tune_family("elementwise", queue, budget_s=30, max_candidates=2, reps=1,
+                               quick=True, write=False, progress=None,
+                               first=[{"VEC": 1, "ITEMS": 2}])
+    assert [c.params for c in result.tried][1] == ELEMENTWISE.check({"VEC": 1, "ITEMS": 2})
+
+
+@pytest.mark.parametrize("text, message", [("VEC=1", "lacks 'family:'"),
+                                           ("elementwise:VEC=3", "VEC")])
+def test_cli_rejects_bad_try_configurations(capsys, text, message):
+    assert main(["tune", "--op", "elementwise", "--try", text, "--quick"]) == 2
+    assert message in capsys.readouterr().err

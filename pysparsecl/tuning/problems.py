@@ -186,7 +186,7 @@ def _masked_matmul_problems(family, default):
                 f"{m}x{k}x{n} keep {keep:g}",
                 lambda ev, x=x, weight=weight, mask=mask:
                 masked_matmul(x, weight, mask, events=ev),
-                masked_matmul_shape_class(m, k, n, keep)))
+                masked_matmul_shape_class(m, k, n)))
         return problems
     return build
 

@@ -156,12 +156,15 @@ def _confirm(family, problems, reference, queue, tried: List[Candidate], reps: i
 
 def tune_family(family: str, queue: cl.CommandQueue, *, budget_s: float = 120.0,
                 max_candidates: int = 200, reps: int = 5, seed: int = 0, quick: bool = False,
-                shapes: Optional[list] = None, write: bool = True, progress=sys.stderr,
-                confirm_top: int = 3, min_gain: float = 0.03) -> TuneResult:
+                shapes: Optional[list] = None, first: Sequence[Dict[str, int]] = (),
+                write: bool = True, progress=sys.stderr, confirm_top: int = 3,
+                min_gain: float = 0.03) -> TuneResult:
     """Search ``family``'s configurations on ``queue``'s device; see the module docstring.
 
     ``shapes``: the family's list from a shapes file (:mod:`pysparsecl.tuning.problems`)
-    instead of its representative problems."""
+    instead of its representative problems.  ``first``: configurations (partial ones are
+    completed with the spec defaults) to try right after the one in use, e.g. the winners
+    of an earlier sweep; they count towards ``max_candidates``."""
     if family not in SPECS:
         raise ValueError(f"unknown kernel family {family!r}; known: {sorted(SPECS)}")
     if family not in TUNABLES:
@@ -175,9 +178,14 @@ def tune_family(family: str, queue: cl.CommandQueue, *, budget_s: float = 120.0,
     with override(family, **spec.defaults()):
         reference = [_host(p.launch([])) for p in problems]
     current = lookup(spec, device)
+    leading = [current]
+    for params in first:
+        full = spec.check(params, device.max_work_group_size)
+        if full not in leading:
+            leading.append(full)
     space = list(spec.candidates(device.max_work_group_size))
     random.Random(seed).shuffle(space)
-    order = [current] + [c for c in space if c != current][:max(0, max_candidates - 1)]
+    order = (leading + [c for c in space if c not in leading])[:max(1, max_candidates)]
     tried: List[Candidate] = []
     best: Optional[Candidate] = None
     for i, params in enumerate(order):
