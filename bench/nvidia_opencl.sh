@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Tests, tuning, tile sweeps and the benchmark on an NVIDIA GPU through NVIDIA's OpenCL driver.
-# Usage: OUT=results_dir [TESTS=1|0] [TUNE_OPS="conv2d_csr ..."] [TUNE_BUDGET=120]
+# Usage: OUT=results_dir [TESTS=tests|"tests/test_x.py ..."|0] [TUNE_OPS="conv2d_csr ..."]
+#        [TUNE_BUDGET=120] [TUNE_ARGS="--try masked_gemm:TILE=32 ..."]
 #        [SWEEP_N=40] [MASKED_SWEEP=0|1] [BENCH_BATCHES="1 8 32"|none] [DSG_BENCH=1|0]
 #        bash bench/nvidia_opencl.sh
 # Tuned entries land in $OUT/cache/tuning/*.json (scripts/ship_tuning.py ships them).
@@ -9,9 +10,10 @@
 set -uo pipefail
 OUT=${OUT:-bench/results}
 SWEEP_N=${SWEEP_N:-0}
-TESTS=${TESTS:-1}
+TESTS=${TESTS:-tests}
 TUNE_OPS=${TUNE_OPS:-}
 TUNE_BUDGET=${TUNE_BUDGET:-120}
+TUNE_ARGS=${TUNE_ARGS:-}
 MASKED_SWEEP=${MASKED_SWEEP:-0}
 BENCH_BATCHES=${BENCH_BATCHES:-1 8 32}
 DSG_BENCH=${DSG_BENCH:-1}
@@ -32,12 +34,12 @@ export OCL_ICD_VENDORS=/tmp/ocl-vendors
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
 python3 -m pysparsecl info || exit 1
 export PYSPARSECL_CACHE_DIR=$OUT/cache
-if [ "$TESTS" = 1 ]; then
-    echo "== tests"; python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -15
+if [ "$TESTS" != 0 ]; then
+    echo "== tests"; python3 -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tail -15
 fi
 if [ -n "$TUNE_OPS" ]; then
     echo "== tune"; python3 -m pysparsecl tune --device nvidia --op $TUNE_OPS \
-        --budget-s "$TUNE_BUDGET" 2>&1 | tr '\r' '\n' | grep -v "tried, " | tail -40
+        --budget-s "$TUNE_BUDGET" $TUNE_ARGS 2>&1 | tr '\r' '\n' | grep -v "tried, " | tail -40
 fi
 if [ "$MASKED_SWEEP" = 1 ]; then
     echo "== masked sweep"; python3 bench/masked_sweep.py --device nvidia 2>&1 | tail -60
