@@ -2,6 +2,7 @@
 # Tests, tuning, tile sweeps and the benchmark on an NVIDIA GPU through NVIDIA's OpenCL driver.
 # Usage: OUT=results_dir [TESTS=tests|"tests/test_x.py ..."|0] [TUNE_OPS="conv2d_csr ..."]
 #        [TUNE_BUDGET=120] [TUNE_ARGS="--try masked_gemm:TILE=32 ..."]
+#        [MASKED_BENCH_ARGS="--no-conv --sparsity 0.5 0.9"]
 #        [SWEEP_N=40] [MASKED_SWEEP=0|1] [BENCH_BATCHES="1 8 32"|none] [DSG_BENCH=1|0]
 #        bash bench/nvidia_opencl.sh
 # Tuned entries land in $OUT/cache/tuning/*.json (scripts/ship_tuning.py ships them).
@@ -54,6 +55,10 @@ if [ "$BENCH_BATCHES" != none ]; then
     echo "== call overhead"; python3 bench/profile_call.py --device nvidia 2>&1 | head -22
     python3 bench/run.py --device nvidia --ops conv2d elementwise --batch $BENCH_BATCHES \
         --no-scipy --out "$OUT" 2>&1 | tail -40
+fi
+if [ -n "${MASKED_BENCH_ARGS:-}" ]; then   # bench/masked.py alone, e.g. "--no-conv"
+    echo "== masked products bench"
+    python3 bench/masked.py --device nvidia $MASKED_BENCH_ARGS --out "$OUT" 2>&1 | tail -30
 fi
 if [ "$DSG_BENCH" = 1 ]; then
     echo "== DSG bench (bounded)"
