@@ -498,10 +498,15 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
 
     Notes
     -----
-    With one row (M == 1 or a 1-D ``x``) a dedicated VMM kernel runs: the x row stays in
-    cache and each selected output streams one weight row.  With more rows the kernel works
+    With one row (M == 1 or a 1-D ``x``) a VMM kernel runs, otherwise a GEMM kernel; each
+    comes in two shapes, chosen by the tuning database for the device and shape class
+    (``SPLIT`` of ``masked_vmm``, ``TILE`` of ``masked_gemm``).  CPU-shaped: the VMM keeps
+    the x row in cache while each selected output streams one weight row; the GEMM works
     column by column within blocks of rows, so a weight row is read once per block and
-    shared by every row of the block that selects it.
+    shared by every row of the block that selects it.  GPU-shaped: a team of work-items
+    shares each selected output of the VMM, reading its weight row coalesced; a GEMM
+    work-group owns an output tile, stages chunks of x and W^T in local memory and
+    computes only the tile's selected outputs.
     """
     require_array(x, "x", np.float32)
     if x.ndim not in (1, 2):
