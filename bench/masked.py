@@ -35,7 +35,7 @@ from timing import SETTLE_S, event_ms, interleaved_medians, wall_ms  # noqa: E40
 import pysparsecl as ps  # noqa: E402
 from pysparsecl import runtime, tuning  # noqa: E402
 from pysparsecl.ops.drs import keep_count  # noqa: E402
-from pysparsecl.testing.cases import RESNET50_LAYERS  # noqa: E402
+from pysparsecl.testing.cases import RESNET50_LAYERS, row_masks  # noqa: E402
 from pysparsecl.testing.reference import (  # noqa: E402
     conv2d_masked_reference,
     masked_matmul_reference,
@@ -45,17 +45,6 @@ from pysparsecl.testing.reference import (  # noqa: E402
 VMM_SHAPES = ((1, 4096, 4096), (1, 1024, 1024))
 GEMM_SHAPES = ((128, 4096, 4096), (4096, 1024, 1024), (1568, 2304, 256))
 N_MASKS = 8   # distinct masks rotated over the timed calls
-
-
-def _row_masks(rng, m, n, n_keep, count):
-    """``count`` bool (m, n) masks with exactly n_keep per row (what drs_mask returns)."""
-    masks = []
-    for _ in range(count):
-        idx = np.argpartition(rng.random((m, n)), n_keep - 1, axis=1)[:, :n_keep]
-        mask = np.zeros((m, n), bool)
-        np.put_along_axis(mask, idx, True, axis=1)
-        masks.append(mask)
-    return masks
 
 
 def _rotating(launch_with, items):
@@ -111,7 +100,7 @@ def bench_matmul(queue, torch_b, args, rng):
         pw_ms = sum(e.profile.end - e.profile.start for e in pw_events) * 1e-6
         for sparsity in sparsities:
             n_keep = keep_count(sparsity, n)
-            host_masks = _row_masks(rng, m, n, n_keep, N_MASKS)
+            host_masks = row_masks(rng, m, n, n_keep, N_MASKS)
             masks = [cl_array.to_device(queue, mk) for mk in host_masks]
             y = ps.masked_matmul(x_dev, weight, masks[0]).get()
             err = relative_error(y, masked_matmul_reference(x, w, host_masks[0])) \

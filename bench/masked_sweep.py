@@ -42,6 +42,7 @@ import pysparsecl as ps  # noqa: E402
 from pysparsecl import runtime, tuning  # noqa: E402
 from pysparsecl.ops.drs import keep_count  # noqa: E402
 from pysparsecl.ops.masked import MASKED_GEMM, MASKED_VMM  # noqa: E402
+from pysparsecl.testing.cases import row_masks  # noqa: E402
 from pysparsecl.testing.reference import relative_error  # noqa: E402
 
 VMM_SHAPES = ((1, 4096, 4096), (1, 1024, 1024))
@@ -114,17 +115,6 @@ def config_lists(args, device):
             body = random.Random(args.seed).sample(body, min(args.n, len(body)))
         lists[family] = valid(spec, head + body, max_wg)
     return lists
-
-
-def row_masks(rng, m, n, n_keep, count):
-    """``count`` bool (m, n) masks with exactly n_keep per row (what drs_mask returns)."""
-    masks = []
-    for _ in range(count):
-        idx = np.argpartition(rng.random((m, n)), n_keep - 1, axis=1)[:, :n_keep]
-        mask = np.zeros((m, n), bool)
-        np.put_along_axis(mask, idx, True, axis=1)
-        masks.append(mask)
-    return masks
 
 
 def time_ours(queue, x_dev, weight, masks, out_dev, reps):

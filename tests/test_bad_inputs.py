@@ -395,6 +395,9 @@ def test_queue_used_after_its_with_block_does_not_crash(queue, tmp_path):
     script.write_text(_AFTER_EXIT_CHILD)
     env = dict(os.environ)
     env.setdefault("POCL_CACHE_DIR", str(tmp_path / "pocl-cache"))  # cold: the crashing case
+    # The child imports this checkout's pysparsecl, whatever is installed.
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, str(script), os.path.dirname(__file__)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0 and "all done" in proc.stdout, (

@@ -80,3 +80,15 @@ RESNET50_LAYERS = (
     ConvCase(1, 512, 7, 7, 512, name="res5 3x3 512@7"),
     ConvCase(1, 1024, 14, 14, 256, kernel=(1, 1), padding=(0, 0), name="res4 1x1 1024->256@14"),
 )
+
+
+def row_masks(rng: np.random.Generator, m: int, n: int, n_keep: int, count: int = 1):
+    """``count`` fresh bool (m, n) masks keeping exactly ``n_keep`` random entries per row,
+    as ``drs_mask`` returns them (the tuner's, the benchmarks' and the sweep's masks)."""
+    masks = []
+    for _ in range(count):
+        idx = np.argpartition(rng.random((m, n)), n_keep - 1, axis=1)[:, :n_keep]
+        mask = np.zeros((m, n), bool)
+        np.put_along_axis(mask, idx, True, axis=1)
+        masks.append(mask)
+    return masks

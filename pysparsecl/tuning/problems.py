@@ -86,20 +86,6 @@ def _fields(entry: dict, family: str, required: Sequence[str], optional: dict) -
     return values
 
 
-def _keep_masks(rng, m: int, n: int, keep: float, count: int = 1) -> List[np.ndarray]:
-    """Bool (m, n) masks with the same number of entries kept in every row, as drs_mask
-    makes them."""
-    from ..ops.drs import keep_count
-    n_keep = keep_count(1.0 - keep, n)
-    masks = []
-    for _ in range(count):
-        idx = np.argpartition(rng.random((m, n)), n_keep - 1, axis=1)[:, :n_keep]
-        mask = np.zeros((m, n), bool)
-        np.put_along_axis(mask, idx, True, axis=1)
-        masks.append(mask)
-    return masks
-
-
 # ---------------------------------------------------------------------------------------------
 # Direct sparse convolution and elementwise
 
@@ -171,7 +157,9 @@ def _matmul_inputs(queue, rng, m, k, n, keep):
     from .. import MaskedLinearWeight
     x = cl_array.to_device(queue, rng.standard_normal((m, k), dtype=np.float32))
     weight = MaskedLinearWeight(rng.standard_normal((k, n), dtype=np.float32), queue=queue)
-    mask = cl_array.to_device(queue, _keep_masks(rng, m, n, keep)[0])
+    from ..ops.drs import keep_count
+    from ..testing.cases import row_masks
+    mask = cl_array.to_device(queue, row_masks(rng, m, n, keep_count(1.0 - keep, n))[0])
     return x, weight, mask
 
 
