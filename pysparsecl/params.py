@@ -13,7 +13,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
-__all__ = ["TileParam", "Constraint", "ParamSpec", "InvalidParamsError", "SPECS"]
+__all__ = ["TileParam", "Constraint", "ParamSpec", "InvalidParamsError", "SPECS",
+           "device_limits"]
 
 #: Every kernel family's spec, by family name (filled as the op modules are imported).
 SPECS: Dict[str, "ParamSpec"] = {}
@@ -51,6 +52,9 @@ class ParamSpec:
     constraints: Tuple[Constraint, ...] = ()
     #: Derived launch quantity: the work-group size in work-items, checked against the device.
     work_group_size: Optional[Callable[[Mapping[str, int]], int]] = None
+    #: Derived launch quantity: the local memory a work-group uses, in bytes, checked
+    #: against the device (families without local memory leave it None).
+    local_memory: Optional[Callable[[Mapping[str, int]], int]] = None
     _by_name: Dict[str, TileParam] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -66,16 +70,21 @@ class ParamSpec:
     def defaults(self) -> Dict[str, int]:
         return {p.name: p.default for p in self.params}
 
-    def violations(self, values: Mapping[str, int], max_work_group_size: Optional[int] = None):
-        """Names of the constraints that ``values`` (a complete configuration) breaks."""
+    def violations(self, values: Mapping[str, int], max_work_group_size: Optional[int] = None,
+                   max_local_memory: Optional[int] = None):
+        """Names of the constraints that ``values`` (a complete configuration) breaks,
+        including the device limits given."""
         broken = [c.name for c in self.constraints if not c.holds(values)]
         if (max_work_group_size is not None and self.work_group_size is not None
                 and self.work_group_size(values) > max_work_group_size):
             broken.append(f"work_group_size<={max_work_group_size}")
+        if (max_local_memory is not None and self.local_memory is not None
+                and self.local_memory(values) > max_local_memory):
+            broken.append(f"local_memory<={max_local_memory}")
         return broken
 
-    def check(self, values: Mapping[str, int], max_work_group_size: Optional[int] = None
-              ) -> Dict[str, int]:
+    def check(self, values: Mapping[str, int], max_work_group_size: Optional[int] = None,
+              max_local_memory: Optional[int] = None) -> Dict[str, int]:
         """Complete ``values`` with defaults and validate it; return the full configuration."""
         unknown = set(values) - set(self._by_name)
         if unknown:
@@ -89,17 +98,18 @@ class ParamSpec:
                 raise InvalidParamsError(
                     f"{self.family}: tile parameter {name}={value!r} is not one of {allowed}")
             full[name] = int(value)
-        broken = self.violations(full, max_work_group_size)
+        broken = self.violations(full, max_work_group_size, max_local_memory)
         if broken:
             raise InvalidParamsError(
                 f"{self.family}: configuration {full} breaks constraint(s) {broken}")
         return full
 
-    def candidates(self, max_work_group_size: Optional[int] = None) -> Iterator[Dict[str, int]]:
+    def candidates(self, max_work_group_size: Optional[int] = None,
+                   max_local_memory: Optional[int] = None) -> Iterator[Dict[str, int]]:
         """Every combination of candidate values that satisfies all constraints."""
         for combo in itertools.product(*(p.candidates for p in self.params)):
             values = dict(zip(self.names, combo))
-            if not self.violations(values, max_work_group_size):
+            if not self.violations(values, max_work_group_size, max_local_memory):
                 yield values
 
     def sample(self, n: int, seed: int = 0, max_work_group_size: Optional[int] = None
@@ -124,6 +134,13 @@ class ParamSpec:
         for p in self.params:
             size *= len(p.candidates)
         return size
+
+
+def device_limits(device) -> Dict[str, int]:
+    """The keyword arguments of :meth:`ParamSpec.check` / :meth:`ParamSpec.candidates` for
+    a pyopencl device: its work-group size and local memory limits."""
+    return dict(max_work_group_size=device.max_work_group_size,
+                max_local_memory=device.local_mem_size)
 
 
 def parse_overrides(text: str) -> Dict[str, Dict[str, int]]:

@@ -114,3 +114,13 @@ def test_shipped_database_entries_are_valid():
         for entry in entries.values():
             SPECS[family].check(entry["params"])
 
+
+
+def test_device_local_memory_limit_drops_configurations():
+    from pysparsecl.ops.masked import MASKED_GEMM, gemm_local_bytes
+    tiled = dict(TILE=128, TILE_M=128, KC=32, GROUP=4, UNITS=1, WG=512, SPLITK=4)
+    need = gemm_local_bytes(MASKED_GEMM.check(tiled))
+    assert MASKED_GEMM.check(tiled, max_local_memory=need)["TILE"] == 128
+    with pytest.raises(InvalidParamsError, match="local_memory<="):
+        MASKED_GEMM.check(tiled, max_local_memory=need - 1)
+    assert MASKED_GEMM.check({}, max_local_memory=0)["TILE"] == 0   # the CPU kernel: none

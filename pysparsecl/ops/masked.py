@@ -50,7 +50,9 @@ def _unused_at_default(params, gpu_kernel, cpu_only, gpu_only):
 
 
 #: Local memory every OpenCL GPU and Oclgrind provide (the OpenCL minimum for a full
-#: profile device): the GPU kernels stay inside it, so they build everywhere.
+#: profile device): the GPU kernels stay inside it, so they build everywhere.  (The specs'
+#: ``local_memory`` also lets the tuner and lookup drop configurations beyond a smaller
+#: device's limit.)
 LOCAL_MEM_BYTES = 32 * 1024
 
 _VMM_CHUNK = TileParam("CHUNK", 128, (8, 16, 32, 64, 128, 256, 512),
@@ -97,6 +99,7 @@ MASKED_VMM = ParamSpec(
                    "the staged x and the reduction tree fit 32 KiB of local memory"),
     ),
     work_group_size=lambda p: p["WG"] if p["SPLIT"] == 1 else p["SPLIT"] * p["TEAMS"],
+    local_memory=lambda p: 0 if p["SPLIT"] == 1 else vmm_local_bytes(p),
 )
 
 _GEMM_BLOCK = TileParam("BLOCK_KIB", 2048, (0, 128, 256, 512, 1024, 2048, 4096),
@@ -169,6 +172,7 @@ MASKED_GEMM = ParamSpec(
                    "memory"),
     ),
     work_group_size=lambda p: p["WG"],
+    local_memory=lambda p: 0 if p["TILE"] == 0 else gemm_local_bytes(p),
 )
 
 MASKED_DX = ParamSpec(

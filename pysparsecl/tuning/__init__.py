@@ -34,7 +34,7 @@ from typing import Dict, Optional
 import platformdirs
 import pyopencl as cl
 
-from ..params import InvalidParamsError, ParamSpec, parse_overrides
+from ..params import InvalidParamsError, ParamSpec, device_limits, parse_overrides
 from ..runtime import device_kind
 
 __all__ = ["lookup", "override", "device_slug", "vendor_slug", "user_database_path",
@@ -182,7 +182,7 @@ def _database_params(spec: ParamSpec, device: cl.Device,
                      shape_class: Optional[str]) -> Dict[str, int]:
     for where, entry in _entries(spec, device, shape_class):
         try:
-            return spec.check(entry.get("params", {}), device.max_work_group_size)
+            return spec.check(entry.get("params", {}), **device_limits(device))
         except (InvalidParamsError, AttributeError) as exc:
             warnings.warn(f"pysparsecl: ignoring tuning entry {where}: {exc}",
                           RuntimeWarning, stacklevel=4)
@@ -202,5 +202,5 @@ def lookup(spec: ParamSpec, device: cl.Device, shape_class: Optional[str] = None
             _memo[key] = params
     forced = _active_overrides(spec.family)
     if forced:
-        return spec.check({**params, **forced}, device.max_work_group_size)
+        return spec.check({**params, **forced}, **device_limits(device))
     return dict(params)

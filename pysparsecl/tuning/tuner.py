@@ -30,7 +30,7 @@ import numpy as np
 import pyopencl as cl
 import pyopencl.array as cl_array
 
-from ..params import SPECS
+from ..params import SPECS, device_limits
 from . import lookup, override, write_user_entry
 from .problems import TUNABLES, Problem
 
@@ -180,10 +180,10 @@ def tune_family(family: str, queue: cl.CommandQueue, *, budget_s: float = 120.0,
     current = lookup(spec, device)
     leading = [current]
     for params in first:
-        full = spec.check(params, device.max_work_group_size)
+        full = spec.check(params, **device_limits(device))
         if full not in leading:
             leading.append(full)
-    space = list(spec.candidates(device.max_work_group_size))
+    space = list(spec.candidates(**device_limits(device)))
     random.Random(seed).shuffle(space)
     order = (leading + [c for c in space if c not in leading])[:max(1, max_candidates)]
     tried: List[Candidate] = []
