@@ -3,7 +3,7 @@ PYTHON ?= python3
 BENCH_ARGS ?=
 TUNE_ARGS ?=
 
-.PHONY: install test verify verify-deps bench bench-quick bench-deps bench-readme tune lint info clean
+.PHONY: install test verify verify-readme verify-deps bench bench-quick bench-deps bench-readme tune lint info clean
 
 # TVM is optional for users (its tests skip without it) but required in CI (CI=true).
 install:  ## editable install with the test and TVM extras, plus a working OpenCL CPU device
@@ -25,6 +25,9 @@ verify-deps:  ## the Oclgrind simulator (Debian's oclgrind) when it is missing
 
 verify: verify-deps  ## every kernel family x tile configurations under Oclgrind (memory, races, API, uninitialised values)
 	$(PYTHON) scripts/verify.py
+
+verify-readme: verify-deps  ## make verify, the verification tests, and their figures into README.md
+	$(PYTHON) scripts/verify.py --readme
 
 bench-deps:  ## baselines (torch) and plotting (matplotlib); the benchmark skips what is missing
 	-$(PYTHON) -m pip install -q -e '.[bench]'

@@ -3,6 +3,8 @@
 
     python3 scripts/verify.py            # what `make verify` runs
     python3 scripts/verify.py -j 1 --family conv2d_csr --configs 2
+    python3 scripts/verify.py --readme   # also run the suite's verification tests and
+                                         # write the figures into README.md (make verify-readme)
 
 Each family runs in its own child process whose only OpenCL platform is Oclgrind
 (OCL_ICD_VENDORS points at an .icd file naming liboclgrind-rt-icd.so), with
@@ -573,6 +575,9 @@ def main(argv=None) -> int:
                         default=True,
                         help="Oclgrind's check of uses of uninitialised values (default: on)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per family")
+    parser.add_argument("--readme", action="store_true",
+                        help="after a clean run, run the verification tests too and write "
+                             "all the figures into README.md's 'How we test' block")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -625,10 +630,63 @@ def main(argv=None) -> int:
     for failure in failures:
         print("FAIL " + failure, file=sys.stderr)
     n_families = len(kernel_configs) if not failures else len(families)
-    print(f"verify: {clean} kernel-family x tile-configuration pairs ({n_families} families) "
-          f"run under Oclgrind with zero reports ({checks}); {len(failures)} failures; "
-          f"{elapsed:.0f} s")
-    return 1 if failures else 0
+    summary = (f"{clean} kernel-family x tile-configuration pairs ({n_families} families) "
+               f"run under Oclgrind with zero reports ({checks})")
+    print(f"verify: {summary}; {len(failures)} failures; {elapsed:.0f} s")
+    if failures:
+        return 1
+    return write_readme_figures(summary, elapsed) if args.readme else 0
+
+
+README = Path(REPO) / "README.md"
+FIGURE_MARKERS = ("<!-- verify:figures:start -->", "<!-- verify:figures:end -->")
+
+
+def _pytest(*args: str):
+    """(passed count, output) of a pytest run over this checkout's tests."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
+        REPO, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           *args], cwd=REPO, env=env, capture_output=True, text=True)
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    if proc.returncode != 0 or not passed:
+        raise RuntimeError(f"pytest {' '.join(args)} failed:\n{proc.stdout[-3000:]}")
+    return int(passed.group(1)), proc.stdout
+
+
+def write_readme_figures(oclgrind_summary: str, oclgrind_s: float) -> int:
+    """Run the suite's verification tests and write every figure into the README."""
+    try:
+        n_props, _ = _pytest("tests/test_properties.py")
+        n_bad, _ = _pytest("tests/test_bad_inputs.py")
+        n_canary, _ = _pytest("tests/test_canaries.py")
+        _, out = _pytest("-s", "tests/test_concurrency.py")
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    sys.path.insert(0, str(Path(REPO) / "tests"))
+    from test_properties import EXAMPLES  # the "ci" profile unless HYPOTHESIS_PROFILE says
+    survived = re.findall(r"^(.*concurrent calls survived)", out, re.M)
+    lines = [
+        f"- Oclgrind: {oclgrind_summary}, in {oclgrind_s:.0f} s.",
+        f"- Properties: {n_props} hypothesis tests over every public op, {EXAMPLES} random "
+        f"examples each, all matching the float64 reference.",
+        f"- Bad inputs: {n_bad} catalogued cases raise the expected exception and message; "
+        f"the library works after each.",
+        f"- Canaries: {n_canary} guarded, poisoned outputs intact and fully written.",
+        f"- Concurrency: {'; '.join(survived) or 'see tests/test_concurrency.py'}, no program "
+        f"built twice.",
+    ]
+    text = README.read_text()
+    start, end = FIGURE_MARKERS
+    if start not in text or end not in text:
+        print(f"README.md lacks the markers {FIGURE_MARKERS}", file=sys.stderr)
+        return 1
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    README.write_text(f"{head}{start}\n" + "\n".join(lines) + f"\n{end}{tail}")
+    print("\n".join(lines) + f"\nwrote the figures into {README}")
+    return 0
 
 
 if __name__ == "__main__":
