@@ -163,8 +163,9 @@ def _entries(spec: ParamSpec, device: cl.Device, shape_class: Optional[str]):
         if not isinstance(entry, dict):
             return
         shapes = entry.get("shapes")
-        if shape_class is not None and isinstance(shapes, dict) and shape_class in shapes:
-            yield f"{where} [{shape_class}]", shapes[shape_class]
+        per_class = shapes.get(shape_class) if isinstance(shapes, dict) else None
+        if shape_class is not None and isinstance(per_class, dict) and "params" in per_class:
+            yield f"{where} [{shape_class}]", per_class
         if "params" in entry:
             yield where, entry
 
