@@ -240,3 +240,17 @@ def test_start_configurations_are_tried_after_the_current_one(queue):
 def test_cli_rejects_bad_try_configurations(capsys, text, message):
     assert main(["tune", "--op", "elementwise", "--try", text, "--quick"]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family, entry", [
+    ("conv2d_csr", {"N": 2, "C": 4, "H": 7, "W": 6, "K": 3, "stride": 2, "sparsity": 0.5}),
+    ("masked_conv", {"N": 2, "C": 4, "H": 7, "W": 6, "K": 3, "kernel": [1, 3], "keep": 0.3}),
+])
+def test_convolution_shapes_from_a_shapes_file(queue, family, entry):
+    result = tuner.tune_family(family, queue, shapes=[entry], budget_s=30, max_candidates=1,
+                               reps=1, write=False, progress=None)
+    assert result.best is not None and len(result.problems) == 1
+    assert result.problems[0].startswith("N2 C4 7x6 K3")
+    with pytest.raises(problems.ShapesError, match="stride must be an int or"):
+        tuner.tune_family(family, queue, shapes=[dict(entry, stride="2")], write=False,
+                          progress=None)

@@ -86,30 +86,33 @@ def _fields(entry: dict, family: str, required: Sequence[str], optional: dict) -
     return values
 
 
+def _conv_case(entry: dict, family: str, fraction: str, default: float):
+    """A shapes-file convolution entry as (ConvCase, its ``fraction`` value): N, C, H, W, K,
+    optional kernel, stride, padding (3, 1, 1) and ``fraction`` (``default``)."""
+    from ..testing.cases import ConvCase
+    v = _fields(entry, family, ("N", "C", "H", "W", "K"),
+                {"kernel": 3, "stride": 1, "padding": 1, fraction: default})
+    return (ConvCase(v["N"], v["C"], v["H"], v["W"], v["K"], kernel=v["kernel"],
+                     stride=v["stride"], padding=v["padding"]), v[fraction])
+
+
 # ---------------------------------------------------------------------------------------------
 # Direct sparse convolution and elementwise
 
 def _conv2d_problems(queue, rng, quick, shapes) -> List[Problem]:
     from .. import SparseConvWeight, conv2d_sparse
     from ..ops.conv2d import conv2d_shape_class
-    from ..testing.cases import RESNET50_LAYERS, ConvCase
+    from ..testing.cases import RESNET50_LAYERS
     if shapes is not None:
-        cases = []
-        for entry in shapes:
-            v = _fields(entry, "conv2d_csr", ("N", "C", "H", "W", "K"),
-                        dict(kernel=3, stride=1, padding=1, sparsity=0.9))
-            cases.append(ConvCase(v["N"], v["C"], v["H"], v["W"], v["K"], kernel=v["kernel"],
-                                  stride=v["stride"], padding=v["padding"],
-                                  sparsity=v["sparsity"]))
+        cases = [case.with_(sparsity=sparsity) for case, sparsity in
+                 (_conv_case(entry, "conv2d_csr", "sparsity", 0.9) for entry in shapes)]
     elif quick:
-        cases = [c.with_(H=14, W=14, N=2) for c in RESNET50_LAYERS[:2]]
+        cases = [c.with_(H=14, W=14, N=2, sparsity=0.9) for c in RESNET50_LAYERS[:2]]
     else:   # the batches the targets name: 8 on CPUs, 32 on GPUs
         batch = 32 if _is_gpu(queue) else 8
-        cases = [c.with_(N=batch) for c in RESNET50_LAYERS[:4]]
+        cases = [c.with_(N=batch, sparsity=0.9) for c in RESNET50_LAYERS[:4]]
     problems = []
     for case in cases:
-        if shapes is None:
-            case = case.with_(sparsity=0.9)
         x, _, csr, _ = case.make_inputs(rng)
         x_dev = cl_array.to_device(queue, x)
         weight = SparseConvWeight(csr, case.C, case.kernel, case.groups, queue)
@@ -148,8 +151,8 @@ def _matmul_shapes(family, shapes, quick, default):
     if shapes is not None:
         return [tuple(_fields(e, family, ("M", "K", "N"), dict(keep=0.1))[k]
                       for k in ("M", "K", "N", "keep")) for e in shapes]
-    if quick:
-        return [(1 if default is _VMM_SHAPES else 64, 300, 500, 0.1)]
+    if quick:   # one small problem, a single row for the VMM
+        return [(1 if default[0][0] == 1 else 64, 300, 500, 0.1)]
     return [shape + (0.1,) for shape in default]
 
 
@@ -196,15 +199,9 @@ def _masked_backward_problems(family):
 
 
 def _conv_cases(family, shapes, quick, queue):
-    from ..testing.cases import RESNET50_LAYERS, ConvCase
+    from ..testing.cases import RESNET50_LAYERS
     if shapes is not None:
-        cases = []
-        for entry in shapes:
-            v = _fields(entry, family, ("N", "C", "H", "W", "K"),
-                        dict(kernel=3, stride=1, padding=1, keep=0.1))
-            cases.append((ConvCase(v["N"], v["C"], v["H"], v["W"], v["K"], kernel=v["kernel"],
-                                   stride=v["stride"], padding=v["padding"]), v["keep"]))
-        return cases
+        return [_conv_case(entry, family, "keep", 0.1) for entry in shapes]
     if quick:
         return [(RESNET50_LAYERS[1].with_(N=2, H=14, W=14), 0.1)]
     batch = 32 if _is_gpu(queue) else 8
