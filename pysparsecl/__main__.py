@@ -45,11 +45,14 @@ def _tune(args) -> int:
         print(f"error: no tuner driver for {unknown}; tunable: {sorted(tuner.TUNABLES)}",
               file=sys.stderr)
         return 2
-    from .params import InvalidParamsError, parse_overrides
+    from .params import SPECS, InvalidParamsError, parse_overrides
     tried_first: dict = {}
-    try:
+    try:   # checked before any device work (device limits are checked when tuning)
         for text in args.try_params or ():
             for family, params in parse_overrides(text).items():
+                if family not in tuner.TUNABLES:
+                    raise InvalidParamsError(f"unknown kernel family {family!r}")
+                SPECS[family].check(params)
                 tried_first.setdefault(family, []).append(params)
     except InvalidParamsError as exc:
         print(f"error: --try: {exc}", file=sys.stderr)

@@ -236,7 +236,8 @@ def test_start_configurations_are_tried_after_the_current_one(queue):
 
 
 @pytest.mark.parametrize("text, message", [("VEC=1", "lacks 'family:'"),
-                                           ("elementwise:VEC=3", "VEC")])
+                                           ("elementwise:VEC=3", "VEC"),
+                                           ("nope:VEC=4", "unknown kernel family 'nope'")])
 def test_cli_rejects_bad_try_configurations(capsys, text, message):
     assert main(["tune", "--op", "elementwise", "--try", text, "--quick"]) == 2
     assert message in capsys.readouterr().err
