@@ -508,6 +508,8 @@ def child(family: str, n_random: int) -> int:
                                        max_work_group_size=min(WG_LIMIT,
                                                                queue.device.max_work_group_size))
         families = [family, "masked_dw"] if family == "masked_dx" else [family]
+        # masked_dw shares the backward call with masked_dx: it gets configurations too
+        dw_cfgs = SPECS["masked_dw"].sample(n_random, seed=SEED, max_work_group_size=WG_LIMIT)
         for i, params in enumerate(configs):
             for name, run in loads:
                 rng = np.random.default_rng([SEED, i])
@@ -516,9 +518,6 @@ def child(family: str, n_random: int) -> int:
                 try:
                     with tuning.override(family, **params):
                         if family == "masked_dx":
-                            # masked_dw shares the backward call: give it a configuration too
-                            dw_cfgs = SPECS["masked_dw"].sample(
-                                n_random, seed=SEED, max_work_group_size=WG_LIMIT)
                             with tuning.override("masked_dw", **dw_cfgs[i % len(dw_cfgs)]):
                                 run(rng)
                         else:
