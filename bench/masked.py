@@ -35,6 +35,8 @@ from timing import SETTLE_S, event_ms, interleaved_medians, wall_ms  # noqa: E40
 import pysparsecl as ps  # noqa: E402
 from pysparsecl import runtime, tuning  # noqa: E402
 from pysparsecl.ops.drs import keep_count  # noqa: E402
+from pysparsecl.ops.masked import masked_matmul_shape_class  # noqa: E402
+from pysparsecl.params import SPECS  # noqa: E402
 from pysparsecl.testing.cases import RESNET50_LAYERS, row_masks  # noqa: E402
 from pysparsecl.testing.reference import (  # noqa: E402
     conv2d_masked_reference,
@@ -125,8 +127,12 @@ def bench_matmul(queue, torch_b, args, rng):
             drs = _drs_ms(queue, lambda ev: ps.drs_mask(x_dev, None, sparsity, projection=pw,
                                                         events=ev))
             torch_ms, sddmm_ms = med.get("torch"), med.get("sddmm")
+            family = "masked_vmm" if m == 1 else "masked_gemm"
+            shape_class = masked_matmul_shape_class(m, k, n)
             rows.append(dict(
-                op="masked_vmm" if m == 1 else "masked_gemm", shape=f"{m}x{k}x{n}", M=m, K=k,
+                family=family, shape_class=shape_class,
+                params=tuning.lookup(SPECS[family], queue.device, shape_class),
+                op=family, shape=f"{m}x{k}x{n}", M=m, K=k,
                 N=n, sparsity=sparsity, n_keep=n_keep, ours_kernel_ms=med["ours"],
                 ours_call_ms=med["call"], torch_dense_ms=torch_ms,
                 numpy_dense_ms=med.get("numpy"), sddmm_ms=sddmm_ms,
@@ -278,7 +284,8 @@ def main(argv=None):
     table = markdown_table(rows)
     (args.out / f"{slug}.md").write_text(
         f"# DSG masked products: {header['device']}\n\n"
-        + "\n".join(f"- {k}: {v}" for k, v in header.items()) + "\n\n" + table + "\n")
+        + "\n".join(f"- {k}: {v}" for k, v in header.items()) + "\n\n" + table + "\n\n"
+        + "\n".join(report.params_by_class(rows)))
     print()
     print(table)
     print(f"baselines: {header['baselines']}")

@@ -27,3 +27,15 @@ def markdown_table(rows, columns, numeric: bool = False, drop_absent: bool = Fal
     body = ["| " + " | ".join(fmt_value(r.get(key), fmt) for key, _, fmt in columns) + " |"
             for r in rows]
     return "\n".join([head, rule] + body)
+
+
+def params_by_class(rows):
+    """Markdown lines naming the tile parameters that each (family, shape class) of
+    ``rows`` ran with, as the tuning database's lookup gave them (the header lists only
+    each family's entry for the device)."""
+    used = {(r["family"], r["shape_class"]): r["params"] for r in rows if r.get("shape_class")}
+    if not used:
+        return []
+    return (["Tile parameters by shape class, as looked up for these rows:", ""]
+            + [f"- {family} `{cls}`: {params}" for (family, cls), params in sorted(used.items())]
+            + [""])

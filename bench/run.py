@@ -27,6 +27,7 @@ import pyopencl.array as cl_array  # noqa: E402
 
 import pysparsecl as ps  # noqa: E402
 from pysparsecl import runtime, tuning  # noqa: E402
+from pysparsecl.ops.conv2d import CONV2D_CSR, conv2d_shape_class  # noqa: E402
 from pysparsecl.params import SPECS  # noqa: E402
 from pysparsecl.testing.cases import RESNET50_LAYERS  # noqa: E402
 from pysparsecl.testing.reference import relative_error  # noqa: E402
@@ -102,8 +103,12 @@ def bench_conv2d(queue, torch_b, args, rng):
                 torch_ms, scipy_ms = med.get("torch"), med.get("scipy")
                 csr_ms = med.get("torch_csr")
                 nnz_flops = 2.0 * csr.nnz * n * np.prod(case.output_hw)
+                shape_class = conv2d_shape_class(n, case.C // case.groups, case.output_hw,
+                                                 case.kernel, case.stride)
                 rows.append(dict(
                     op="conv2d_sparse", layer=layer.label(), N=n, sparsity=sparsity,
+                    family="conv2d_csr", shape_class=shape_class,
+                    params=tuning.lookup(CONV2D_CSR, queue.device, shape_class),
                     nnz=int(csr.nnz), ours_kernel_ms=kernel_ms, ours_call_ms=call_ms,
                     pack_ms=float(np.median(pack_ms)),
                     torch_dense_ms=torch_ms, scipy_csr_im2col_ms=scipy_ms, torch_csr_ms=csr_ms,
@@ -257,6 +262,8 @@ def main(argv=None):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "pysparsecl": ps.__version__,
         "baselines": torch_b.note,
+        # Each family's entry for this device; per-shape-class entries are listed with
+        # the tables whose rows used them.
         "params": {family: tuning.lookup(spec, device) for family, spec in SPECS.items()},
         "timing": f"{args.rounds} interleaved rounds x (1 warm-up + 3 timed runs); median",
     }
@@ -271,6 +278,7 @@ def main(argv=None):
                         f"conv2d_sparse vs torch dense conv2d on {header['device']}")
         md += ["## conv2d_sparse (ResNet-50 layers, random unstructured sparsity)", "",
                CONV2D_NOTE, "", markdown_table(conv_rows), ""]
+        md += report.params_by_class(conv_rows)
         if has_plot:
             md += [f"![speedup]({slug}.png)", ""]
     if "elementwise" in args.ops:
@@ -289,7 +297,7 @@ def main(argv=None):
         rows += dsg_rows
         md += ["## DSG: masked VMM/GEMM, conv2d_masked, dimension-reduction search", "",
                masked.__doc__.split("\n\n")[1].replace("\n", " "), "",
-               masked.markdown_table(dsg_rows), ""]
+               masked.markdown_table(dsg_rows), ""] + report.params_by_class(dsg_rows)
     header["baselines"] = torch_b.notes   # with the baselines skipped on the way, if any
     head = [f"# pysparsecl benchmark: {header['device']}", "",
             "\n".join(f"- {k}: {v}" for k, v in header.items()), "",

@@ -34,3 +34,13 @@ typedef ${vector_type(scalar, width)} ${alias};
 #define PSCL_STORE_${alias}(v, i, p) vstore${width}((v), (i), (p))
 % endif
 </%def>
+
+## x / d for 0 <= x < 2^31 and any 0 < d < 2^31, as (x * m) >> s with m, s from
+## pysparsecl.ops._common.udiv_magic(d) (Granlund-Montgomery, one spare bit): exact, and a
+## few instructions where GPUs spend ~20 on an integer division by a runtime value.
+<%def name="udiv_helper()">
+inline uint pscl_udiv(const uint x, const uint m, const uint s)
+{
+    return (uint)(((ulong)x * m) >> s);
+}
+</%def>

@@ -33,35 +33,58 @@ ${common.vector_helpers("pscl_floatv", "float", VEC)}
 % endif
 
 % if PACK_LANES == 0:
-// One work-item per packed element (GPUs): dim 0 walks one (iq, jq) plane, dim 1 the
-// stride phase, dim 2 the (n, c) image plane.  The extra last dim-2 index zeroes the
-// slack that the last pixel tile reads beyond the packed input (tail_len floats).
+${common.udiv_helper()}
+// GPUs: one flat NDRange over the whole packed array, PACK_ITEMS elements per work-item
+// PACK_WG apart (coalesced), so that the work-groups are few and full however small the
+// planes (one work-group per plane row was launch-bound).  Packed pixel q lies in plane
+// q / plane_size (plane = (image or image block) * C * phases + channel * phases + phase);
+// with the batch layout, element e holds pixel e / VEC of image e % VEC of its block.
+// Elements past n_packed are the slack that the last pixel tile reads, zeroed.  The
+// divisions are multiplications by host-computed magic numbers (pscl_udiv).
 __kernel __attribute__((reqd_work_group_size(${PACK_WG}, 1, 1)))
 void pscl_pack_input(
     __global const float *restrict x, const long x_offset,
-    __global float *restrict xpack, const int n_planes, const int tail_len,
-    const int C, const int H, const int W, const int Hq, const int Wq,
-    const int stride_h, const int stride_w, const int pad_top, const int pad_left)
+    __global float *restrict xpack, const uint n_packed, const uint n_total,
+    const int C, const int H, const int W, const uint plane_size, const uint Wq,
+    const uint phases, const int stride_h, const int stride_w, const int pad_top,
+    const int pad_left, const uint div_plane_m, const uint div_plane_s, const uint div_wq_m,
+    const uint div_wq_s, const uint div_phases_m, const uint div_phases_s,
+    const uint div_sw_m, const uint div_sw_s, const uint div_c_m, const uint div_c_s)
 {
-    const int i = get_global_id(0);
-    const int phase = get_global_id(1);
-    const int nc = get_global_id(2);
-    const int plane_size = Hq * Wq;
-    const long plane = (long)nc * (stride_h * stride_w) + phase;
-    if (nc == n_planes) {
-        if (phase == 0 && i < tail_len)
-            xpack[plane * plane_size + i] = 0.0f;
-        return;
+    const uint first = get_group_id(0) * (${PACK_WG} * ${PACK_ITEMS}) + get_local_id(0);
+    __attribute__((opencl_unroll_hint(${PACK_ITEMS})))
+    for (int u = 0; u < ${PACK_ITEMS}; ++u) {
+        const uint e = first + u * ${PACK_WG};
+        if (e >= n_total)
+            return;
+        float v = 0.0f;
+        if (e < n_packed) {
+% if BATCH_LAYOUT:
+            const uint q = e >> ${VEC.bit_length() - 1};
+% else:
+            const uint q = e;
+% endif
+            const uint plane = pscl_udiv(q, div_plane_m, div_plane_s);
+            const uint i = q - plane * plane_size;
+            const uint iq = pscl_udiv(i, div_wq_m, div_wq_s);
+            const uint nc = pscl_udiv(plane, div_phases_m, div_phases_s);
+            const uint phase = plane - nc * phases;
+            const uint ph = pscl_udiv(phase, div_sw_m, div_sw_s);
+            const int row = (int)(iq * stride_h + ph) - pad_top;
+            const int col = (int)((i - iq * Wq) * stride_w + (phase - ph * stride_w)) - pad_left;
+% if BATCH_LAYOUT:
+            // nc = block * C + c; the source image is block * VEC + e % VEC.
+            const uint block = pscl_udiv(nc, div_c_m, div_c_s);
+            const long image = (long)block * ${VEC} + (e & ${VEC - 1});
+            const long src = (image * C + (nc - block * C)) * H;
+% else:
+            const long src = (long)nc * H;
+% endif
+            if (row >= 0 && row < H && col >= 0 && col < W)
+                v = x[x_offset + (src + row) * W + col];
+        }
+        xpack[e] = v;
     }
-    if (i >= plane_size)
-        return;
-    const int iq = i / Wq;
-    const int jq = i - iq * Wq;
-    const int ph = phase / stride_w;
-    const int row = iq * stride_h + ph - pad_top;
-    const int col = jq * stride_w + (phase - ph * stride_w) - pad_left;
-    xpack[plane * plane_size + i] = (row >= 0 && row < H && col >= 0 && col < W)
-        ? x[x_offset + ((long)nc * H + row) * W + col] : 0.0f;
 }
 % else:
 // PACK_LANES work-items per packed row (dim 0), rows along dim 1.  Rows are
@@ -140,7 +163,7 @@ void pscl_pack_input(
 // Each work-item owns one output channel and PIX_VECS vectors; the CSR row loop keeps
 // the accumulators in registers.  Rows are visited heaviest first (row_order).
 __kernel __attribute__((reqd_work_group_size(
-    ${"PSCL_WG_CH, PSCL_WG_PIX" if CH_FASTEST else "PSCL_WG_PIX, PSCL_WG_CH"}, 1)))
+    ${"PSCL_WG_CH, PSCL_WG_PIX" if CH_FASTEST else "PSCL_WG_PIX, PSCL_WG_CH"}, ${WG_IMG})))
 void pscl_conv2d_csr(
     __global const float *restrict xpack,
     __global const int2 *restrict w_nz,       // nnz (offset in floats into a group's
@@ -149,14 +172,14 @@ void pscl_conv2d_csr(
     __global const int *restrict row_order,   // K rows, heaviest first (load balance)
     __global const float *restrict bias,      // K (read only when HAS_BIAS)
     __global float *restrict out, const long out_offset,
-    const int K, const int k_per_group, const int OH, const int OW, const int Wq,
+    const int K, const int k_per_group, const int n_blocks, const int OH, const int OW, const int Wq,
     const long x_image_stride, const long x_group_stride)
 {
     const int slot = get_global_id(PSCL_CH_DIM);
-    if (slot >= K)
+    const int n = get_global_id(2);           // image, or image block of VEC images
+    if (slot >= K || n >= n_blocks)
         return;
     const int k = row_order[slot];
-    const int n = get_global_id(2);           // image, or image block of VEC images
     const int lane = get_local_id(PSCL_PIX_DIM);
     // Virtual pixel of this work-item's first vector; its vectors are PSCL_PIX_STEP pixels
     // apart so that neighbouring work-items read neighbouring memory (coalesced on GPUs).

@@ -8,6 +8,7 @@ from conftest import SAMPLE_WG_LIMIT
 
 import pysparsecl as ps
 from pysparsecl import runtime
+from pysparsecl.ops._common import udiv_magic
 from pysparsecl.ops.conv2d import CONV2D_CSR, template_args
 from pysparsecl.testing.cases import ConvCase
 from pysparsecl.testing.reference import relative_error
@@ -71,13 +72,44 @@ def test_every_tile_configuration_is_correct(queue, rng, params):
             assert relative_error(y, case.reference(x, w, bias)) < TOL, case
 
 
+GPU_SHAPED = dict(VEC=1, PIX_VECS=2, WG_PIX=8, WG_CH=2, WG_IMG=2, CH_FASTEST=0, BATCH_LAYOUT=0,
+                  UNROLL=2, PACK_LANES=0, PACK_ITEMS=8)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.label() for c in CASES])
+def test_flat_packing_and_image_work_groups(queue, rng, case):
+    """The GPU configuration's flat packing pass (magic-number divisions) and work-groups
+    spanning images, on every geometry: strides, dilations, paddings, groups, odd batches."""
+    with override("conv2d_csr", **GPU_SHAPED):
+        x, w, csr, bias = case.make_inputs(rng)
+        y = ps.conv2d_sparse(x, csr, bias, queue=queue, **case.kwargs())
+    assert relative_error(y, case.reference(x, w, bias)) < TOL
+
+
+def test_magic_division_is_exact(rng):
+    divisors = np.concatenate([np.arange(1, 600), rng.integers(1, 2 ** 31 - 1, 300),
+                               [2 ** k + j for k in range(10, 31) for j in (-1, 0, 1)]])
+    for d in divisors[divisors < 2 ** 31].astype(np.int64):
+        m, s = udiv_magic(int(d))
+        x = np.concatenate([rng.integers(0, 2 ** 31, 200), [0, 1, d - 1, d, d + 1, 2 ** 31 - 1,
+                            (2 ** 31 - 1) // d * d, (2 ** 31 - 1) // d * d - 1]])
+        x = x[(x >= 0) & (x < 2 ** 31)].astype(np.uint64)
+        np.testing.assert_array_equal((x * np.uint64(m)) >> np.uint64(s), x // np.uint64(d),
+                                      err_msg=f"divisor {d}")
+    for bad in (0, -3, 2 ** 31):
+        with pytest.raises(ValueError, match="divisor"):
+            udiv_magic(bad)
+
+
+@pytest.mark.parametrize("pack_lanes", [8, 0])
 @pytest.mark.parametrize("vec", [2, 4, 8, 16])
-def test_batch_layout(queue, rng, vec):
-    """Vectors along the batch when VEC divides it; the pixel layout serves other batches."""
+def test_batch_layout(queue, rng, vec, pack_lanes):
+    """Vectors along the batch when VEC divides it; the pixel layout serves other batches.
+    Packed by rows (PACK_LANES 8) and by the flat pass (0)."""
     cases = [ConvCase(vec, 6, 9, 10, 7, sparsity=0.6, bias=True),
              ConvCase(2 * vec, 4, 7, 7, 6, stride=(2, 2), groups=2, sparsity=0.5),
              ConvCase(vec + 1, 3, 5, 6, 4, kernel=(1, 3), padding=(0, 1), sparsity=0.3)]
-    with override("conv2d_csr", BATCH_LAYOUT=1, VEC=vec, PIX_VECS=3, PACK_LANES=8):
+    with override("conv2d_csr", BATCH_LAYOUT=1, VEC=vec, PIX_VECS=3, PACK_LANES=pack_lanes):
         for case in cases:
             x, w, csr, bias = case.make_inputs(rng)
             y = ps.conv2d_sparse(x, csr, bias, queue=queue, **case.kwargs())

@@ -99,3 +99,14 @@ def elem_offset(a: cl_array.Array) -> np.int64:
 
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
+
+
+def udiv_magic(divisor: int) -> Tuple[np.uint32, np.uint32]:
+    """(m, s) such that x // divisor == (x * m) >> s for every 0 <= x < 2**31: the kernels'
+    pscl_udiv (common.cl.mako).  With l = ceil(log2(divisor)), m = ceil(2**(31 + l) /
+    divisor) < 2**32 and s = 31 + l; the error m * divisor - 2**(31 + l) < divisor <= 2**l
+    keeps the quotient exact over 31-bit dividends (Granlund & Montgomery 1994, Thm 4.2)."""
+    if not 0 < divisor < 2 ** 31:
+        raise ValueError(f"divisor must be in [1, 2**31), got {divisor}")
+    shift = 31 + (divisor - 1).bit_length()
+    return np.uint32(-(-(1 << shift) // divisor)), np.uint32(shift)

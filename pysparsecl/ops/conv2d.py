@@ -25,6 +25,7 @@ from ._common import (
     require_array,
     round_up,
     to_device,
+    udiv_magic,
 )
 
 __all__ = ["CONV2D_CSR", "SparseConvWeight", "conv2d_sparse", "conv2d_output_shape"]
@@ -46,18 +47,25 @@ CONV2D_CSR = ParamSpec(
         TileParam("BATCH_LAYOUT", 0, (0, 1),
                   "1: vectors run along VEC images (aligned loads) when VEC divides the batch"),
         TileParam("UNROLL", 1, (1, 2, 4), "unroll hint for the loop over a row's nonzeros"),
+        TileParam("WG_IMG", 1, (1, 2, 4, 8),
+                  "work-items along images (or image blocks): fuller work-groups on small "
+                  "planes"),
         TileParam("PACK_LANES", 1, (0, 1, 8, 32, 64),
-                  "work-items copying one row of the packed input; 0: one per element (GPUs)"),
+                  "work-items copying one row of the packed input; 0: a flat pass, "
+                  "PACK_ITEMS elements per work-item (GPUs)"),
+        TileParam("PACK_ITEMS", 4, (1, 2, 4, 8, 16),
+                  "elements per work-item of the flat packing pass (PACK_LANES = 0)"),
     ),
     constraints=(
         Constraint("accumulators_fit_registers", lambda p: p["VEC"] * p["PIX_VECS"] <= 96,
                    "VEC * PIX_VECS float accumulators must fit the register file "
                    "(96 = 12 of an x86 core's 16 AVX2 registers)"),
-        Constraint("batch_layout_packs_by_rows",
-                   lambda p: not (p["BATCH_LAYOUT"] and p["PACK_LANES"] == 0),
-                   "the batch layout's packing copies whole rows (PACK_LANES >= 1)"),
+        Constraint("pack_items_only_in_flat_pass",
+                   lambda p: p["PACK_LANES"] == 0 or p["PACK_ITEMS"] == 4,
+                   "PACK_ITEMS applies to the flat packing pass (PACK_LANES = 0) only; "
+                   "keep its default otherwise"),
     ),
-    work_group_size=lambda p: max(p["WG_PIX"] * p["WG_CH"], PACK_WG),
+    work_group_size=lambda p: max(p["WG_PIX"] * p["WG_CH"] * p["WG_IMG"], PACK_WG),
 )
 
 
@@ -384,26 +392,30 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
     xpack = cl_array.empty(queue, (n_total,), np.float32,
                            allocator=runtime.memory_pool(queue.context))
     lanes, rows = params["PACK_LANES"], pack_rows(params["PACK_LANES"])
+    conv_args = (np.int32(geom.stride[0]), np.int32(geom.stride[1]),
+                 np.int32(geom.padding[0]), np.int32(geom.padding[1]))
     if lanes:
-        pack_grid = (lanes, round_up(n_rows_total, rows)), (lanes, rows)
-        pack_counts = (np.int32(n_rows), np.int32(n_rows_total))
+        pack_args = ((lanes, round_up(n_rows_total, rows)), (lanes, rows),
+                     x_dev.base_data, elem_offset(x_dev), xpack.data, np.int32(n_rows),
+                     np.int32(n_rows_total), np.int32(C), np.int32(geom.H), np.int32(geom.W),
+                     np.int32(geom.Hq), np.int32(geom.Wq), *conv_args)
     else:
-        tail = n_total - n_rows * row_floats
-        pack_grid = ((round_up(max(plane, tail), PACK_WG), geom.phases, geom.N * C + 1),
-                     (PACK_WG, 1, 1))
-        pack_counts = (np.int32(geom.N * C), np.int32(tail))
-    ev_pack = kern["pscl_pack_input"](
-        queue, *pack_grid, x_dev.base_data, elem_offset(x_dev), xpack.data, *pack_counts,
-        np.int32(C), np.int32(geom.H), np.int32(geom.W), np.int32(geom.Hq), np.int32(geom.Wq),
-        np.int32(geom.stride[0]), np.int32(geom.stride[1]),
-        np.int32(geom.padding[0]), np.int32(geom.padding[1]), wait_for=x_dev.events or None)
+        per_group = PACK_WG * params["PACK_ITEMS"]
+        magic = [m for d in (plane, geom.Wq, geom.phases, geom.stride[1], C)
+                 for m in udiv_magic(d)]
+        pack_args = ((-(-n_total // per_group) * PACK_WG,), (PACK_WG,),
+                     x_dev.base_data, elem_offset(x_dev), xpack.data,
+                     np.uint32(n_rows * row_floats), np.uint32(n_total), np.int32(C),
+                     np.int32(geom.H), np.int32(geom.W), np.uint32(plane), np.uint32(geom.Wq),
+                     np.uint32(geom.phases), *conv_args, *magic)
+    ev_pack = kern["pscl_pack_input"](queue, *pack_args, wait_for=x_dev.events or None)
 
-    wg_pix, wg_ch = params["WG_PIX"], params["WG_CH"]
-    pix_size, ch_size = n_tiles * wg_pix, round_up(K, wg_ch)
+    wg_pix, wg_ch, wg_img = params["WG_PIX"], params["WG_CH"], params["WG_IMG"]
+    pix_size, ch_size, img_size = n_tiles * wg_pix, round_up(K, wg_ch), round_up(n_blocks, wg_img)
     if params["CH_FASTEST"]:
-        global_size, local_size = (ch_size, pix_size, n_blocks), (wg_ch, wg_pix, 1)
+        global_size, local_size = (ch_size, pix_size, img_size), (wg_ch, wg_pix, wg_img)
     else:
-        global_size, local_size = (pix_size, ch_size, n_blocks), (wg_pix, wg_ch, 1)
+        global_size, local_size = (pix_size, ch_size, img_size), (wg_pix, wg_ch, wg_img)
     if bias_dev is not None and bias_dev.offset:
         bias_dev = bias_dev.copy(queue=queue)
     bias_buf = bias_dev.data if bias_dev is not None else weight.row_order.data  # unread
@@ -412,7 +424,8 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
     ev_conv = kern["pscl_conv2d_csr"](
         queue, global_size, local_size, xpack.data, weight.nonzeros(geom, pixel_floats).data,
         weight.row_ptr.data, weight.row_order.data, bias_buf, out_dev.base_data,
-        elem_offset(out_dev), np.int32(K), np.int32(K // weight.groups), np.int32(geom.OH),
+        elem_offset(out_dev), np.int32(K), np.int32(K // weight.groups), np.int32(n_blocks),
+        np.int32(geom.OH),
         np.int32(geom.OW), np.int32(geom.Wq), np.int64(image_stride), np.int64(group_stride),
         wait_for=(([] if in_order else [ev_pack]) + list(out_dev.events)) or None)
     out_dev.add_event(ev_conv)
