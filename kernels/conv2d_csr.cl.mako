@@ -162,24 +162,35 @@ void pscl_pack_input(
 
 // Each work-item owns one output channel and PIX_VECS vectors; the CSR row loop keeps
 // the accumulators in registers.  Rows are visited heaviest first (row_order).
+//
+// CBLOCK > 0 (CPUs): each row is cut into segments of CBLOCK input channels (seg_ptr,
+// n_seg + 1 per row) with a barrier between segments, so that the work-group's items all
+// finish one block of input channels before any starts the next: PoCL runs the items one
+// after another between barriers, and the block's input tile stays in L1 for all of them.
 __kernel __attribute__((reqd_work_group_size(
     ${"PSCL_WG_CH, PSCL_WG_PIX" if CH_FASTEST else "PSCL_WG_PIX, PSCL_WG_CH"}, ${WG_IMG})))
 void pscl_conv2d_csr(
     __global const float *restrict xpack,
     __global const int2 *restrict w_nz,       // nnz (offset in floats into a group's
                                               //      packed input, float bits): one load
-    __global const int *restrict row_ptr,     // K + 1
+    __global const int *restrict row_ptr,     // K + 1, or K * (n_seg + 1) with CBLOCK
     __global const int *restrict row_order,   // K rows, heaviest first (load balance)
     __global const float *restrict bias,      // K (read only when HAS_BIAS)
     __global float *restrict out, const long out_offset,
-    const int K, const int k_per_group, const int n_blocks, const int OH, const int OW, const int Wq,
-    const long x_image_stride, const long x_group_stride)
+    const int K, const int k_per_group, const int n_blocks, const int n_seg, const int OH,
+    const int OW, const int Wq, const long x_image_stride, const long x_group_stride)
 {
     const int slot = get_global_id(PSCL_CH_DIM);
     const int n = get_global_id(2);           // image, or image block of VEC images
+% if CBLOCK:
+    // Every item reaches every barrier; the ones past the edges do no work.
+    const int active = slot < K && n < n_blocks;
+    const int k = active ? row_order[slot] : 0;
+% else:
     if (slot >= K || n >= n_blocks)
         return;
     const int k = row_order[slot];
+% endif
     const int lane = get_local_id(PSCL_PIX_DIM);
     // Virtual pixel of this work-item's first vector; its vectors are PSCL_PIX_STEP pixels
     // apart so that neighbouring work-items read neighbouring memory (coalesced on GPUs).
@@ -191,18 +202,19 @@ void pscl_conv2d_csr(
 % for b in range(PIX_VECS):
     pscl_floatv acc${b} = (pscl_floatv)(0.0f);
 % endfor
-    const int j_end = row_ptr[k + 1];
-% if UNROLL > 1:
-    __attribute__((opencl_unroll_hint(${UNROLL})))
-% endif
-    for (int j = row_ptr[k]; j < j_end; ++j) {
-        const int2 nz = w_nz[j];
-        const pscl_floatv w = (pscl_floatv)(as_float(nz.y));
-        const __global float *src = xbase + nz.x;
-% for b in range(PIX_VECS):
-        acc${b} = fma(w, PSCL_LOAD_pscl_floatv(0, src + ${b} * PSCL_PIX_STEP * PSCL_PIX_FLOATS), acc${b});
-% endfor
+% if CBLOCK:
+    const __global int *seg = row_ptr + (long)k * (n_seg + 1);
+    for (int blk = 0; blk < n_seg; ++blk) {
+        const int j_end = active ? seg[blk + 1] : 0;
+        ${row_loop("active ? seg[blk] : 0", "j_end")}
+        barrier(CLK_LOCAL_MEM_FENCE);
     }
+    if (!active)
+        return;
+% else:
+    const int j_end = row_ptr[k + 1];
+    ${row_loop("row_ptr[k]", "j_end")}
+% endif
 
 % if HAS_BIAS:
     const pscl_floatv b_k = (pscl_floatv)(bias[k]);
@@ -255,3 +267,18 @@ void pscl_conv2d_csr(
 %   endfor
 % endif
 }
+
+## acc_b += w * x over the nonzeros [begin, end) of row k.
+<%def name="row_loop(begin, end)">
+% if UNROLL > 1:
+    __attribute__((opencl_unroll_hint(${UNROLL})))
+% endif
+    for (int j = ${begin}; j < ${end}; ++j) {
+        const int2 nz = w_nz[j];
+        const pscl_floatv w = (pscl_floatv)(as_float(nz.y));
+        const __global float *src = xbase + nz.x;
+% for b in range(PIX_VECS):
+        acc${b} = fma(w, PSCL_LOAD_pscl_floatv(0, src + ${b} * PSCL_PIX_STEP * PSCL_PIX_FLOATS), acc${b});
+% endfor
+    }
+</%def>

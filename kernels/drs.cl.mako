@@ -35,18 +35,34 @@ ${common.vector_helpers("pscl_floatv", "float", VEC)}
 #define PSCL_VEC ${VEC}
 #define PSCL_KCHUNK (${VEC} * ${KVEC})
 
+% if DSPLIT == 1:
 // Work-item (row block, k chunk): ROWS rows of A times KVEC vectors of RT's columns.
 __kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
+% else:
+// Work-group (row block, k chunk) of DSPLIT items (GPUs): item t sums the products over
+// j = t, t + DSPLIT, ... (coalesced reads of A's rows), then the partial sums meet in a
+// tree in local memory.  A serial loop over all of d left a GPU mostly idle.
+__kernel __attribute__((reqd_work_group_size(${DSPLIT}, 1, 1)))
+% endif
 void pscl_drs_project(
     __global const float *restrict a, const long a_off,      // (n_rows, d), row stride lda
     const int n_rows, const int d, const int lda,
     __global const float *restrict rt, const int k_pad,        // (d, k_pad)
     __global float *restrict out, const int ld_out)            // (n_rows, ld) or (k_pad, ld)
 {
+% if DSPLIT == 1:
     const int r0 = get_global_id(0) * ${ROWS};
     const int c0 = get_global_id(1) * PSCL_KCHUNK;
     if (r0 >= n_rows || c0 >= k_pad)
         return;
+    const int j0 = 0, j_step = 1;
+% else:
+    // The grid is exact (one work-group per row block and k chunk): no item returns early.
+    const int r0 = get_group_id(0) * ${ROWS};
+    const int c0 = get_group_id(1) * PSCL_KCHUNK;
+    const int t = get_local_id(0);
+    const int j0 = t, j_step = ${DSPLIT};
+% endif
 % for r in range(ROWS):
     // Rows past the end repeat the last row (no branch in the loop); they are not stored.
     const __global float *a${r} = a + a_off + (long)min(r0 + ${r}, n_rows - 1) * lda;
@@ -54,8 +70,8 @@ void pscl_drs_project(
     pscl_floatv acc${r}_${v} = (pscl_floatv)(0.0f);
 %   endfor
 % endfor
-    const __global float *rc = rt + c0;
-    for (int j = 0; j < d; ++j, rc += k_pad) {
+    const __global float *rc = rt + (long)j0 * k_pad + c0;
+    for (int j = j0; j < d; j += j_step, rc += (long)j_step * k_pad) {
 % for v in range(KVEC):
         const pscl_floatv rv${v} = PSCL_LOAD_pscl_floatv(${v}, rc);
 % endfor
@@ -68,6 +84,30 @@ void pscl_drs_project(
         }
 % endfor
     }
+% if DSPLIT > 1:
+    __local pscl_floatv red[${DSPLIT * ROWS * KVEC}];   // [slot][t]
+%   for r in range(ROWS):
+%     for v in range(KVEC):
+    red[${(r * KVEC + v) * DSPLIT} + t] = acc${r}_${v};
+%     endfor
+%   endfor
+    barrier(CLK_LOCAL_MEM_FENCE);
+%   for half in [DSPLIT >> (b + 1) for b in range(DSPLIT.bit_length() - 1)]:
+    if (t < ${half}) {
+%     for slot in range(ROWS * KVEC):
+        red[${slot * DSPLIT} + t] += red[${slot * DSPLIT + half} + t];
+%     endfor
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+%   endfor
+    if (t != 0)
+        return;
+%   for r in range(ROWS):
+%     for v in range(KVEC):
+    acc${r}_${v} = red[${(r * KVEC + v) * DSPLIT}];
+%     endfor
+%   endfor
+% endif
 % for r in range(ROWS):
     if (r0 + ${r} < n_rows) {
 %   for v in range(KVEC):
@@ -218,6 +258,14 @@ inline uint${VEC} pscl_key${VEC}(const float${VEC} f)
 </%def>
 
 <%def name="topk_kernel()">
+% if TEAM > 1:
+${topk_team_kernel()}
+% else:
+${topk_serial_kernel()}
+% endif
+</%def>
+
+<%def name="topk_serial_kernel()">
 // Tile parameters (declared once, in pysparsecl/ops/drs.py: DRS_TOPK; the wrapper caps
 // HIST_BITS for short rows).
 #define PSCL_HIST_BITS ${HIST_BITS}
@@ -339,6 +387,133 @@ void pscl_drs_topk(
     }
 % endif
 }
+</%def>
+
+<%def name="topk_team_kernel()">
+<% per_item = 256 // TEAM %>\
+// GPU-shaped top-k: a work-group of TEAM items per row (the serial kernel leaves a GPU
+// with one thread per row).  The same selection as the serial kernel -- exactly n_keep
+// keys, ties toward the lower column -- found by radix passes of 8 bits from the top:
+// each pass histograms, in local memory, the keys that share the prefix found so far;
+// a scan over the bins (item t owns ${per_item} bins, counted from the top) finds the
+// digit of the n_keep-th key.  The passes stop once the keys sharing the prefix are
+// exactly the ones wanted.  Output: coalesced when every key sharing the prefix is
+// taken; otherwise (ties) and for compact lists, item t owns a contiguous segment of
+// columns and a scan of per-segment counts orders the ties and places the columns.
+__kernel __attribute__((reqd_work_group_size(${TEAM}, 1, 1)))
+void pscl_drs_topk(
+    __global const uint *restrict keys, const int ldk,    // (M, ldk) from pscl_drs_scores
+    __global uint *restrict cand,                          // unused (the serial kernel's)
+    const int M, const int N, const int n_keep,
+% if COMPACT:
+    __global int *restrict out, const long out_off        // (M, n_keep) ascending columns
+% elif PLANE:
+    __global uchar *restrict out, const long out_off,     // (M / P, N, P): conv layout
+    const int P                                           // rows are (image, pixel)
+% else:
+    __global uchar *restrict out, const long out_off      // (M, N) mask
+% endif
+    )
+{
+    __local uint hist[256];
+    __local int part[${TEAM}];
+    __local int pick[3];
+    const int i = get_group_id(0);        // the row: the grid is exactly M work-groups
+    const int lid = get_local_id(0);
+    const __global uint *row = keys + (long)i * ldk;
+    uint thresh = 0u, mask = 0u;
+    int want = n_keep, matching = N;
+    for (int shift = 24; shift >= 0 && matching != want; shift -= 8) {
+        for (int b = lid; b < 256; b += ${TEAM})
+            hist[b] = 0u;
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int n = lid; n < N; n += ${TEAM}) {
+            const uint key = row[n];
+            if ((key & mask) == thresh)
+                atomic_inc(&hist[(key >> shift) & 255u]);
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        int own = 0;
+        for (int q = 0; q < ${per_item}; ++q)
+            own += (int)hist[255 - lid * ${per_item} - q];
+        ${inclusive_scan("part", "own")}
+        const int above = part[lid] - own;  // keys in bins above this item's bins
+        if (above < want && part[lid] >= want) {   // exactly one item holds the digit
+            int b = 255 - lid * ${per_item}, acc = above;
+            while (acc + (int)hist[b] < want)
+                acc += (int)hist[b--];
+            pick[0] = b;
+            pick[1] = want - acc;
+            pick[2] = (int)hist[b];
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        thresh |= (uint)pick[0] << shift;
+        mask |= 255u << shift;
+        want = pick[1];
+        matching = pick[2];
+        barrier(CLK_LOCAL_MEM_FENCE);         // pick and hist are read before the next pass
+    }
+% if not COMPACT:
+%   if PLANE:
+    // Row i is pixel p of image i / P; its channel n goes to out[image, n, p].
+    const int image = i / P;
+    __global uchar *o = out + out_off + (long)image * N * P + (i - image * P);
+#define PSCL_OUT(n) o[(long)(n) * P]
+%   else:
+    __global uchar *o = out + out_off + (long)i * N;
+#define PSCL_OUT(n) o[n]
+%   endif
+    if (matching == want) {   // every key sharing the prefix is taken: no ties to order
+        for (int n = lid; n < N; n += ${TEAM})
+            PSCL_OUT(n) = (row[n] & mask) >= thresh ? 1 : 0;
+        return;
+    }
+% endif
+    // Item lid's segment of columns; the ties before it, then (compact) the taken ones.
+    const int seg = (N + ${TEAM - 1}) / ${TEAM};
+    const int n0 = min(N, lid * seg), n1 = min(N, n0 + seg);
+    int ties = 0, above_thresh = 0;
+    for (int n = n0; n < n1; ++n) {
+        const uint key = row[n] & mask;
+        ties += key == thresh;
+        above_thresh += key > thresh;
+    }
+    ${inclusive_scan("part", "ties")}
+    int ties_left = want - (part[lid] - ties);  // ties this segment may still take
+% if COMPACT:
+    const int taken = above_thresh + clamp(ties_left, 0, ties);
+    barrier(CLK_LOCAL_MEM_FENCE);             // part is reused
+    ${inclusive_scan("part", "taken")}
+    __global int *o = out + out_off + (long)i * n_keep + (part[lid] - taken);
+    int q = 0;
+    for (int n = n0; n < n1; ++n) {
+        const uint key = row[n] & mask;
+        if (key > thresh || (key == thresh && ties_left-- > 0))
+            o[q++] = n;
+    }
+% else:
+    for (int n = n0; n < n1; ++n) {
+        const uint key = row[n] & mask;
+        PSCL_OUT(n) = (key > thresh || (key == thresh && ties_left-- > 0)) ? 1 : 0;
+    }
+#undef PSCL_OUT
+% endif
+}
+</%def>
+
+## part[lid] = the sum of `value` over items 0..lid (Hillis-Steele in local memory);
+## ends with a barrier, so every item may read part[] after it.
+<%def name="inclusive_scan(part, value)">
+        ${part}[lid] = ${value};
+        barrier(CLK_LOCAL_MEM_FENCE);
+% for off in [1 << b for b in range(TEAM.bit_length() - 1)]:
+        {
+            const int t = lid >= ${off} ? ${part}[lid - ${off}] : 0;
+            barrier(CLK_LOCAL_MEM_FENCE);
+            ${part}[lid] += t;
+            barrier(CLK_LOCAL_MEM_FENCE);
+        }
+% endfor
 </%def>
 
 <%def name="util_kernels()">

@@ -86,6 +86,18 @@ def test_flat_packing_and_image_work_groups(queue, rng, case):
     assert relative_error(y, case.reference(x, w, bias)) < TOL
 
 
+@pytest.mark.parametrize("case", CASES, ids=[c.label() for c in CASES])
+def test_channel_blocked_rows(queue, rng, case):
+    """Rows cut into barrier-separated input-channel segments (CBLOCK), on every geometry,
+    with work-groups that overhang the channels, pixels and images (idle items must still
+    reach every barrier)."""
+    with override("conv2d_csr", VEC=4, PIX_VECS=2, WG_PIX=2, WG_CH=4, WG_IMG=2, CH_FASTEST=1,
+                  BATCH_LAYOUT=0, UNROLL=1, PACK_LANES=1, CBLOCK=4):
+        x, w, csr, bias = case.make_inputs(rng)
+        y = ps.conv2d_sparse(x, csr, bias, queue=queue, **case.kwargs())
+    assert relative_error(y, case.reference(x, w, bias)) < TOL
+
+
 def test_magic_division_is_exact(rng):
     divisors = np.concatenate([np.arange(1, 600), rng.integers(1, 2 ** 31 - 1, 300),
                                [2 ** k + j for k in range(10, 31) for j in (-1, 0, 1)]])

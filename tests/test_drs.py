@@ -19,6 +19,7 @@ from pysparsecl.ops.drs import (
     keep_count,
     template_args,
 )
+from pysparsecl.testing.cases import ConvCase
 from pysparsecl.testing.reference import drs_scores_reference, relative_error, topk_mask_reference
 from pysparsecl.tuning import override
 
@@ -78,6 +79,25 @@ def test_default_k_and_exact_mode():
     np.testing.assert_array_equal(exact.matrix().toarray(), np.eye(12))
     np.testing.assert_array_equal(ps.SparseRandomProjection(5, k=7, exact=True).matrix()
                                   .toarray(), np.eye(7, 5))
+
+
+@pytest.mark.parametrize("split,rows_per_tile,vec,kvec",
+                         [(32, 1, 4, 1), (64, 2, 8, 2), (128, 4, 4, 4), (256, 1, 16, 1)])
+def test_split_d_projection(queue, rng, split, rows_per_tile, vec, kvec):
+    """The GPU-shaped projection (DSPLIT items per output tile, reduced in local memory):
+    rows and weights, d shorter and longer than DSPLIT, row counts that leave a partial
+    row block."""
+    with override("drs_project", DSPLIT=split, ROWS=rows_per_tile, VEC=vec, KVEC=kvec):
+        for d, rows, k in ((17, 3, 5), (300, 7, 21), (1030, 1, 40)):
+            proj = ps.SparseRandomProjection(d, k=k, seed=int(rng.integers(1 << 30)),
+                                             queue=queue)
+            z = rng.standard_normal((rows, d), dtype=np.float32)
+            r = proj.matrix().toarray()
+            assert relative_error(proj.project(z), proj.scale * z.astype(np.float64) @ r.T) \
+                < 1e-5
+            w = rng.standard_normal((d, 19), dtype=np.float32)
+            assert relative_error(proj.project_weight(w).to_numpy(),
+                                  proj.scale * r @ w.astype(np.float64)) < 1e-5
 
 
 @pytest.mark.parametrize("rows", [1, 5, 37])
@@ -228,6 +248,37 @@ def test_projection_reuse(queue, rng):
     np.testing.assert_array_equal(ps.drs_mask(x, None, 0.75, projection=pw), fresh)
     assert runtime.build_count == builds                      # a hot call only launches
     _check_search(fresh, x, w, proj, 0.75)
+
+
+@pytest.mark.parametrize("team", [64, 128, 256])
+def test_team_topk_selects_exactly_what_the_serial_kernel_does(queue, rng, team):
+    """The GPU-shaped top-k (a work-group per row) against the serial one, on scores full
+    of ties (duplicated weight columns, small integers), for every output form: a bool
+    mask, compact lists and the convolution layout; rows shorter and longer than TEAM."""
+    # The serial kernel with this device's parameters; the team kernel reads none of them.
+    TEAMS = {1: dict(TEAM=1), team: dict(TEAM=team, HIST_BITS=9, COPIES=4, WG=1)}
+    for n, n_rows in ((7, 3), (150, 5), (1000, 4)):
+        d = 6
+        proj = ps.SparseRandomProjection(d, exact=True, queue=queue)
+        base = rng.integers(-2, 3, (d, max(1, n // 3))).astype(np.float32)
+        w = base[:, rng.integers(0, base.shape[1], n)]        # many equal scores per row
+        x = rng.integers(-2, 3, (n_rows, d)).astype(np.float32)
+        for sparsity in (0.0, 0.5, 0.9, 0.99):
+            got = {}
+            for t in (1, team):
+                with override("drs_topk", **TEAMS[t]):
+                    got[t] = (ps.drs_mask(x, w, sparsity, projection=proj),
+                              ps.drs_mask(x, w, sparsity, projection=proj, compact=True))
+            for serial, teamed in zip(got[1], got[team]):
+                np.testing.assert_array_equal(teamed, serial, err_msg=f"n={n} s={sparsity}")
+    case = ConvCase(2, 3, 5, 6, 40, sparsity=0.0)
+    x, w4, _, _ = case.make_inputs(rng)
+    w4 = np.round(w4 * 2)                                       # ties across channels
+    masks = []
+    for t in (1, team):
+        with override("drs_topk", **TEAMS[t]):
+            masks.append(ps.drs_mask_conv2d(x, w4, 0.7, padding=1, k=8, seed=3))
+    np.testing.assert_array_equal(masks[1], masks[0])
 
 
 CONFIGS = [(spec.family, p) for spec in (DRS_PROJECT, DRS_SCORES, DRS_FUSED, DRS_TOPK)

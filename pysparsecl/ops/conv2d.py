@@ -47,6 +47,9 @@ CONV2D_CSR = ParamSpec(
         TileParam("BATCH_LAYOUT", 0, (0, 1),
                   "1: vectors run along VEC images (aligned loads) when VEC divides the batch"),
         TileParam("UNROLL", 1, (1, 2, 4), "unroll hint for the loop over a row's nonzeros"),
+        TileParam("CBLOCK", 0, (0, 4, 8, 16, 32),
+                  "input channels per barrier-separated segment of each row, so a work-group "
+                  "shares each block's input tile in cache (CPUs); 0: no segments"),
         TileParam("WG_IMG", 1, (1, 2, 4, 8),
                   "work-items along images (or image blocks): fuller work-groups on small "
                   "planes"),
@@ -224,6 +227,7 @@ class SparseConvWeight:
         self.row_order = cl_array.to_device(self.queue, _nonempty(order, np.int32),
                                             allocator=alloc)
         self._nonzeros: Dict[tuple, cl_array.Array] = {}
+        self._segments: Dict[int, cl_array.Array] = {}
         self._lock = threading.Lock()
 
     @property
@@ -250,6 +254,30 @@ class SparseConvWeight:
                 pairs = self._nonzeros[key] = cl_array.to_device(
                     self.queue, host, allocator=runtime.memory_pool(self.queue.context))
             return pairs
+
+    def n_segments(self, cblock: int) -> int:
+        """Segments of CBLOCK input channels per row (the last one may be shorter)."""
+        return -(-(self.in_channels // self.groups) // cblock)
+
+    def segments(self, cblock: int) -> cl_array.Array:
+        """(K, n_segments + 1) int32: where each row's nonzeros for input channels
+        [b * cblock, (b + 1) * cblock) start, and the row's end (cached per cblock)."""
+        with self._lock:
+            seg = self._segments.get(cblock)
+            if seg is None:
+                n_rows, n_seg = self.out_channels, self.n_segments(cblock)
+                r, s = self.kernel_size
+                indptr = self._csr.indptr.astype(np.int64)
+                block = self._csr.indices // (cblock * r * s)
+                row = np.repeat(np.arange(n_rows), np.diff(indptr))
+                counts = np.bincount(row * n_seg + block, minlength=n_rows * n_seg)
+                host = np.empty((n_rows, n_seg + 1), np.int64)
+                host[:, 0] = indptr[:-1]
+                host[:, 1:] = indptr[:-1, None] + np.cumsum(counts.reshape(n_rows, n_seg), 1)
+                seg = self._segments[cblock] = cl_array.to_device(
+                    self.queue, _nonempty(host.ravel(), np.int32),
+                    allocator=runtime.memory_pool(self.queue.context))
+            return seg
 
     def _host_offsets(self, geom: _Geometry) -> np.ndarray:
         r_size, s_size = self.kernel_size
@@ -421,11 +449,14 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
     bias_buf = bias_dev.data if bias_dev is not None else weight.row_order.data  # unread
     # An in-order queue already runs the convolution after the packing.
     in_order = not queue.properties & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
+    cblock = params["CBLOCK"]
+    row_ptr, n_seg = ((weight.segments(cblock), weight.n_segments(cblock)) if cblock
+                      else (weight.row_ptr, 0))
     ev_conv = kern["pscl_conv2d_csr"](
         queue, global_size, local_size, xpack.data, weight.nonzeros(geom, pixel_floats).data,
-        weight.row_ptr.data, weight.row_order.data, bias_buf, out_dev.base_data,
+        row_ptr.data, weight.row_order.data, bias_buf, out_dev.base_data,
         elem_offset(out_dev), np.int32(K), np.int32(K // weight.groups), np.int32(n_blocks),
-        np.int32(geom.OH),
+        np.int32(n_seg), np.int32(geom.OH),
         np.int32(geom.OW), np.int32(geom.Wq), np.int64(image_stride), np.int64(group_stride),
         wait_for=(([] if in_order else [ev_pack]) + list(out_dev.events)) or None)
     out_dev.add_event(ev_conv)

@@ -51,21 +51,35 @@ JL_CONSTANT = 2.0
 #: tile (VEC * KVEC, VEC * NVEC <= PAD) then reads whole vectors inside the buffers.
 PAD = 64
 
+def project_local_bytes(p) -> int:
+    """Local memory of the rows' projection: DSPLIT partial (ROWS, VEC * KVEC) tiles."""
+    return 0 if p["DSPLIT"] == 1 else 4 * p["DSPLIT"] * p["ROWS"] * p["VEC"] * p["KVEC"]
+
+
 DRS_PROJECT = ParamSpec(
     family="drs_project",
     params=(
         TileParam("VEC", 16, (4, 8, 16), "projected dimensions per vector (one FMA each)"),
         TileParam("ROWS", 8, (1, 2, 4, 8), "input rows per work-item, sharing each load of R"),
         TileParam("KVEC", 1, (1, 2, 4), "vectors of projected dimensions per work-item"),
-        TileParam("WG", 1, (1, 2, 4, 8, 16, 32, 64), "work-items per work-group"),
+        TileParam("WG", 1, (1, 2, 4, 8, 16, 32, 64),
+                  "work-items per work-group (DSPLIT = 1, and the convolution windows' "
+                  "projection)"),
+        TileParam("DSPLIT", 1, (1, 32, 64, 128, 256),
+                  "work-items sharing one output tile of the rows' projection, each summing "
+                  "a d / DSPLIT share, reduced in local memory (GPUs); 1: one item per tile"),
     ),
     constraints=(
         Constraint("tile_within_padding", lambda p: p["VEC"] * p["KVEC"] <= PAD,
                    "a work-item's k chunk must divide the padded k"),
         Constraint("accumulators_fit_registers", lambda p: p["ROWS"] * p["KVEC"] <= 16,
                    "ROWS * KVEC vector accumulators must fit the register file"),
+        Constraint("reduction_fits_local_memory",
+                   lambda p: project_local_bytes(p) <= 32 * 1024,
+                   "the DSPLIT partial tiles fit 32 KiB of local memory"),
     ),
-    work_group_size=lambda p: p["WG"],
+    work_group_size=lambda p: max(p["WG"], p["DSPLIT"]),
+    local_memory=lambda p: project_local_bytes(p),
 )
 
 DRS_SCORES = ParamSpec(
@@ -115,8 +129,20 @@ DRS_TOPK = ParamSpec(
         TileParam("COPIES", 4, (1, 2, 4),
                   "interleaved copies of the histogram (runs of one bin do not serialise)"),
         TileParam("WG", 1, (1, 2, 4, 8, 16, 32, 64), "rows (work-items) per work-group"),
+        TileParam("TEAM", 1, (1, 64, 128, 256),
+                  "1: a work-item per row (CPUs); > 1: a work-group of TEAM items per row, "
+                  "histograms in local memory (GPUs)"),
     ),
-    work_group_size=lambda p: p["WG"],
+    constraints=(
+        Constraint("team_reads_no_serial_params",
+                   lambda p: p["TEAM"] == 1 or all(
+                       p[name] == DEFAULT for name, DEFAULT in
+                       (("HIST_BITS", 9), ("COPIES", 4), ("WG", 1))),
+                   "the team kernel reads none of HIST_BITS, COPIES, WG: they keep their "
+                   "defaults"),
+    ),
+    work_group_size=lambda p: p["WG"] if p["TEAM"] == 1 else p["TEAM"],
+    local_memory=lambda p: 0 if p["TEAM"] == 1 else 4 * (256 + p["TEAM"] + 3),
 )
 
 _SPECS = {"project": DRS_PROJECT, "scores": DRS_SCORES, "fused": DRS_FUSED, "topk": DRS_TOPK}
@@ -322,9 +348,11 @@ class SparseRandomProjection:
                                                TRANSPOSED=int(transposed_ld is not None))
                                )["pscl_drs_project"]
         rt = self._device_rt(kp)
-        items = -(-n_rows // params["ROWS"])
-        ev = kern(queue, (round_up(items, params["WG"]), kp // (params["VEC"] * params["KVEC"])),
-                  (params["WG"], 1), a_dev.base_data, elem_offset(a_dev), np.int32(n_rows),
+        items, chunks = -(-n_rows // params["ROWS"]), kp // (params["VEC"] * params["KVEC"])
+        split = params["DSPLIT"]
+        grid = (((items * split, chunks), (split, 1)) if split > 1 else
+                ((round_up(items, params["WG"]), chunks), (params["WG"], 1)))
+        ev = kern(queue, *grid, a_dev.base_data, elem_offset(a_dev), np.int32(n_rows),
                   np.int32(self.d), np.int32(lda), rt.data, np.int32(kp), out.data,
                   np.int32(ld), wait_for=(wait + list(rt.events)) or None)
         out.add_event(ev)
@@ -569,8 +597,12 @@ def _search(queue, x_dev, proj: SparseRandomProjection, pw: ProjectedWeight, n_r
     kern = runtime.kernels(ctx, "drs.cl.mako", ("pscl_drs_topk",),
                            **template_args("topk", tparams, COMPACT=int(compact),
                                            PLANE=int(bool(plane))))["pscl_drs_topk"]
-    cand = cl_array.empty(queue, (n_rows, pw.ld), np.uint32, allocator=alloc)
-    ev = kern(queue, (round_up(n_rows, tparams["WG"]),), (tparams["WG"],), scores.data,
+    team = tparams["TEAM"]
+    cand = cl_array.empty(queue, (n_rows, pw.ld) if team == 1 else (1,), np.uint32,
+                          allocator=alloc)
+    grid = ((n_rows * team,), (team,)) if team > 1 else \
+        ((round_up(n_rows, tparams["WG"]),), (tparams["WG"],))
+    ev = kern(queue, *grid, scores.data,
               np.int32(pw.ld), cand.data, np.int32(n_rows), np.int32(n_cols), np.int32(n_keep),
               out_dev.base_data, elem_offset(out_dev), *((np.int32(plane),) if plane else ()),
               wait_for=[ev] + list(out_dev.events))
