@@ -8,7 +8,9 @@ in the tuning cache directory).  Its families' entries -- parameters, per-shape-
 parameters and what the tuner measured -- go into
 ``pysparsecl/tuning/database/shipped.json`` under the device slug, and, with ``--also
 KEY``, under KEY as well (e.g. ``nvidia/gpu``, the fallback for the vendor's other GPUs).
-Entries are written as the tuner measured them, never edited by hand.
+Entries are written as the tuner measured them, never edited by hand.  An entry measured
+earlier than the one already shipped is skipped (a stale cache file must not undo a newer
+tuning run) unless ``--force`` is given.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def main(argv=None) -> int:
     parser.add_argument("databases", nargs="+", type=Path)
     parser.add_argument("--also", action="append", default=[], metavar="KEY",
                         help="also write the entries under KEY (e.g. nvidia/gpu)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace shipped entries even with older measurements")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
     shipped = json.loads(SHIPPED.read_text())
@@ -51,6 +55,13 @@ def main(argv=None) -> int:
                 continue
             entry = shipped_entry(tuned, data.get("driver", ""))
             for key in [slug] + args.also:
+                current = shipped.get(family, {}).get(key, {}).get("measured", {})
+                if (not args.force and current.get("date") and entry["measured"]["date"]
+                        and entry["measured"]["date"] < current["date"]):
+                    print(f"skip {family}/{key}: {path.name} was measured "
+                          f"{entry['measured']['date']}, before the shipped entry "
+                          f"({current['date']}); --force replaces it", file=sys.stderr)
+                    continue
                 shipped.setdefault(family, {})[key] = entry
                 print(f"{family}/{key}: {entry['params']}"
                       f" (+{len(entry.get('shapes', {}))} shape classes)")

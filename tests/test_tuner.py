@@ -255,3 +255,32 @@ def test_convolution_shapes_from_a_shapes_file(queue, family, entry):
     with pytest.raises(problems.ShapesError, match="stride must be an int or"):
         tuner.tune_family(family, queue, shapes=[dict(entry, stride="2")], write=False,
                           progress=None)
+
+
+def test_ship_tuning_keeps_newer_shipped_entries(tmp_path, monkeypatch):
+    """scripts/ship_tuning.py copies a tuned database into the shipped one, but a stale
+    cache file (measured before the shipped entry) does not undo a newer tuning run."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "scripts" / "ship_tuning.py"
+    spec = importlib.util.spec_from_file_location("ship_tuning", path)
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    shipped = tmp_path / "shipped.json"
+    shipped.write_text(json.dumps({"elementwise": {"dev": {
+        "params": {"VEC": 16}, "measured": {"date": "2026-11-27T02:13:15+00:00"}}}}))
+    monkeypatch.setattr(ship, "SHIPPED", shipped)
+
+    def tuned(date, vec):
+        db = tmp_path / f"dev--1-0-{vec}.json"
+        db.write_text(json.dumps({"driver": "1.0", "families": {"elementwise": {
+            "params": {"VEC": vec}, "date": date, "total_ms": 1.0, "times_ms": {}}}}))
+        return str(db)
+
+    ship.main([tuned("2026-11-27T02:11:46+00:00", 8)])            # older: skipped
+    assert json.loads(shipped.read_text())["elementwise"]["dev"]["params"] == {"VEC": 16}
+    ship.main([tuned("2026-11-27T02:11:46+00:00", 8), "--force"])
+    assert json.loads(shipped.read_text())["elementwise"]["dev"]["params"] == {"VEC": 8}
+    ship.main([tuned("2026-11-28T00:00:00+00:00", 4), "--also", "vendor/gpu"])
+    entries = json.loads(shipped.read_text())["elementwise"]
+    assert entries["dev"]["params"] == entries["vendor/gpu"]["params"] == {"VEC": 4}
