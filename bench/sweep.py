@@ -56,9 +56,9 @@ def main(argv=None):
     queue = runtime.queue_for(args.device)
     device = queue.device
     rng = np.random.default_rng(args.seed)
-    space = [c for c in CONV2D_CSR.candidates(device.max_work_group_size)
-             if SPACES[args.space](c)]
-    picks = [space[i] for i in rng.choice(len(space), min(args.n, len(space)), replace=False)]
+    # A random draw from the (millions-strong) space, filtered to the chosen region.
+    space = CONV2D_CSR.random_candidates(200 * args.n, args.seed, device.max_work_group_size)
+    picks = [c for c in space if SPACES[args.space](c)][:args.n]
     current = tuning.lookup(CONV2D_CSR, device)
     configs = [CONV2D_CSR.defaults(), current] + picks
     problems = []

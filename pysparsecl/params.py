@@ -10,6 +10,7 @@ that satisfy every constraint.
 from __future__ import annotations
 
 import itertools
+import random
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -18,6 +19,9 @@ __all__ = ["TileParam", "Constraint", "ParamSpec", "InvalidParamsError", "SPECS"
 
 #: Every kernel family's spec, by family name (filled as the op modules are imported).
 SPECS: Dict[str, "ParamSpec"] = {}
+
+#: Spaces up to this many combinations are enumerated; larger ones are sampled.
+ENUMERATE_LIMIT = 50_000
 
 
 class InvalidParamsError(ValueError):
@@ -56,16 +60,18 @@ class ParamSpec:
     #: against the device (families without local memory leave it None).
     local_memory: Optional[Callable[[Mapping[str, int]], int]] = None
     _by_name: Dict[str, TileParam] = field(default=None, init=False, repr=False, compare=False)
+    _names: Tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "_by_name", {p.name: p for p in self.params})
+        object.__setattr__(self, "_names", tuple(p.name for p in self.params))
         self.check(self.defaults())
         if SPECS.setdefault(self.family, self) is not self:
             raise ValueError(f"two kernel families are named {self.family!r}")
 
     @property
     def names(self) -> Tuple[str, ...]:
-        return tuple(p.name for p in self.params)
+        return self._names
 
     def defaults(self) -> Dict[str, int]:
         return {p.name: p.default for p in self.params}
@@ -105,28 +111,62 @@ class ParamSpec:
         return full
 
     def candidates(self, max_work_group_size: Optional[int] = None,
-                   max_local_memory: Optional[int] = None) -> Iterator[Dict[str, int]]:
-        """Every combination of candidate values that satisfies all constraints."""
-        for combo in itertools.product(*(p.candidates for p in self.params)):
-            values = dict(zip(self.names, combo))
+                   max_local_memory: Optional[int] = None,
+                   fixed: Optional[Mapping[str, int]] = None) -> Iterator[Dict[str, int]]:
+        """Every combination of candidate values (with the parameters in ``fixed`` held at
+        those values) that satisfies all constraints.  A space can hold millions of
+        combinations: :meth:`random_candidates` draws from it without walking it."""
+        fixed = dict(fixed or {})
+        names = self.names
+        choices = [(fixed[p.name],) if p.name in fixed else p.candidates for p in self.params]
+        for combo in itertools.product(*choices):
+            values = dict(zip(names, combo))
             if not self.violations(values, max_work_group_size, max_local_memory):
                 yield values
+
+    def random_candidates(self, n: int, seed=0, max_work_group_size: Optional[int] = None,
+                          max_local_memory: Optional[int] = None,
+                          fixed: Optional[Mapping[str, int]] = None) -> List[Dict[str, int]]:
+        """Up to ``n`` distinct valid configurations in a random order set by ``seed``.
+
+        Spaces of up to ENUMERATE_LIMIT combinations are enumerated and shuffled; larger
+        ones are sampled -- random combinations, those that break a constraint rejected --
+        so that neither the tuner nor a test walks millions of combinations.  A sampled
+        space may yield fewer than ``n`` when valid configurations are rare."""
+        rng = random.Random(seed)
+        fixed = dict(fixed or {})
+        free = [p for p in self.params if p.name not in fixed]
+        size = 1
+        for p in free:
+            size *= len(p.candidates)
+        limits = (max_work_group_size, max_local_memory)
+        if size <= ENUMERATE_LIMIT:
+            configs = list(self.candidates(*limits, fixed=fixed))
+            rng.shuffle(configs)
+            return configs[:n]
+        picked: Dict[tuple, Dict[str, int]] = {}
+        for _ in range(max(1000, 200 * n)):
+            if len(picked) >= n:
+                break
+            values = dict(fixed, **{p.name: rng.choice(p.candidates) for p in free})
+            values = {name: values[name] for name in self.names}
+            key = tuple(values.values())
+            if key not in picked and not self.violations(values, *limits):
+                picked[key] = values
+        return list(picked.values())
 
     def sample(self, n: int, seed: int = 0, max_work_group_size: Optional[int] = None
                ) -> List[Dict[str, int]]:
         """The defaults, each parameter's extreme values (in some valid configuration), and
         ``n`` more drawn at random with ``seed``; duplicates removed.  Tests run every op on
         such a sample so that each template branch is built and checked."""
-        import random
-        configs = list(self.candidates(max_work_group_size))
         rng = random.Random(seed)
         picked = [self.defaults()]
         for param in self.params:
             for value in (min(param.candidates), max(param.candidates)):
-                match = [c for c in configs if c[param.name] == value]
-                if match:
-                    picked.append(rng.choice(match))
-        picked += rng.sample(configs, min(n, len(configs)))
+                picked += self.random_candidates(1, rng.random(), max_work_group_size,
+                                                 fixed={param.name: value})
+        picked += self.random_candidates(n, rng.random(), max_work_group_size)
         return list({tuple(sorted(c.items())): c for c in picked}.values())
 
     def space_size(self) -> int:

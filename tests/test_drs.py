@@ -256,7 +256,7 @@ def test_team_topk_selects_exactly_what_the_serial_kernel_does(queue, rng, team)
     of ties (duplicated weight columns, small integers), for every output form: a bool
     mask, compact lists and the convolution layout; rows shorter and longer than TEAM."""
     # The serial kernel with this device's parameters; the team kernel reads none of them.
-    TEAMS = {1: dict(TEAM=1), team: dict(TEAM=team, HIST_BITS=9, COPIES=4, WG=1)}
+    TEAMS = {1: dict(TEAM=1), team: dict(DRS_TOPK.defaults(), TEAM=team)}
     for n, n_rows in ((7, 3), (150, 5), (1000, 4)):
         d = 6
         proj = ps.SparseRandomProjection(d, exact=True, queue=queue)

@@ -4,6 +4,7 @@ import json
 import re
 import threading
 
+import numpy as np
 import pytest
 
 from pysparsecl import tuning
@@ -284,3 +285,22 @@ def test_ship_tuning_keeps_newer_shipped_entries(tmp_path, monkeypatch):
     ship.main([tuned("2026-11-28T00:00:00+00:00", 4), "--also", "vendor/gpu"])
     entries = json.loads(shipped.read_text())["elementwise"]
     assert entries["dev"]["params"] == entries["vendor/gpu"]["params"] == {"VEC": 4}
+
+
+def test_a_challenger_must_win_every_interleaved_round():
+    """The confirmation keeps the configuration in use unless a challenger is faster by
+    more than min_gain in the median *and* in every paired round: one slow spell that hit
+    only the incumbent's timings does not crown the challenger."""
+    def cand(rounds):
+        c = tuner.Candidate({"VEC": 1}, times_ms=list(np.median(rounds, axis=0)))
+        c.rounds_ms = rounds
+        return c
+    incumbent = cand([[10.0, 5.0], [10.0, 5.0], [10.0, 5.0]])
+    steady = cand([[9.0, 5.0], [9.1, 5.0], [8.9, 5.0]])
+    lucky = cand([[9.0, 5.0], [8.0, 5.0], [10.5, 5.0]])     # median faster, lost round 3
+    marginal = cand([[9.9, 5.0], [9.9, 5.0], [9.9, 5.0]])  # 0.7% faster overall: under 3%
+    assert tuner._keep_unless_beaten(steady, incumbent, [0, 1], 0.03) is steady
+    assert tuner._keep_unless_beaten(lucky, incumbent, [0, 1], 0.03) is incumbent
+    assert tuner._keep_unless_beaten(marginal, incumbent, [0, 1], 0.03) is incumbent
+    assert tuner._keep_unless_beaten(marginal, incumbent, [0], 0.0) is marginal
+    assert tuner._keep_unless_beaten(steady, None, [0, 1], 0.03) is steady

@@ -32,6 +32,9 @@ __all__ = ["CONV2D_CSR", "SparseConvWeight", "conv2d_sparse", "conv2d_output_sha
 
 PACK_WG = 64  # work-items per packing work-group, whatever their shape
 
+_PACK_ITEMS = TileParam("PACK_ITEMS", 4, (1, 2, 4, 8, 16),
+                        "elements per work-item of the flat packing pass (PACK_LANES = 0)")
+
 CONV2D_CSR = ParamSpec(
     family="conv2d_csr",
     params=(
@@ -56,15 +59,14 @@ CONV2D_CSR = ParamSpec(
         TileParam("PACK_LANES", 1, (0, 1, 8, 32, 64),
                   "work-items copying one row of the packed input; 0: a flat pass, "
                   "PACK_ITEMS elements per work-item (GPUs)"),
-        TileParam("PACK_ITEMS", 4, (1, 2, 4, 8, 16),
-                  "elements per work-item of the flat packing pass (PACK_LANES = 0)"),
+        _PACK_ITEMS,
     ),
     constraints=(
         Constraint("accumulators_fit_registers", lambda p: p["VEC"] * p["PIX_VECS"] <= 96,
                    "VEC * PIX_VECS float accumulators must fit the register file "
                    "(96 = 12 of an x86 core's 16 AVX2 registers)"),
         Constraint("pack_items_only_in_flat_pass",
-                   lambda p: p["PACK_LANES"] == 0 or p["PACK_ITEMS"] == 4,
+                   lambda p: p["PACK_LANES"] == 0 or p["PACK_ITEMS"] == _PACK_ITEMS.default,
                    "PACK_ITEMS applies to the flat packing pass (PACK_LANES = 0) only; "
                    "keep its default otherwise"),
     ),
@@ -420,13 +422,13 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
     xpack = cl_array.empty(queue, (n_total,), np.float32,
                            allocator=runtime.memory_pool(queue.context))
     lanes, rows = params["PACK_LANES"], pack_rows(params["PACK_LANES"])
-    conv_args = (np.int32(geom.stride[0]), np.int32(geom.stride[1]),
+    stride_pad = (np.int32(geom.stride[0]), np.int32(geom.stride[1]),
                  np.int32(geom.padding[0]), np.int32(geom.padding[1]))
     if lanes:
         pack_args = ((lanes, round_up(n_rows_total, rows)), (lanes, rows),
                      x_dev.base_data, elem_offset(x_dev), xpack.data, np.int32(n_rows),
                      np.int32(n_rows_total), np.int32(C), np.int32(geom.H), np.int32(geom.W),
-                     np.int32(geom.Hq), np.int32(geom.Wq), *conv_args)
+                     np.int32(geom.Hq), np.int32(geom.Wq), *stride_pad)
     else:
         per_group = PACK_WG * params["PACK_ITEMS"]
         magic = [m for d in (plane, geom.Wq, geom.phases, geom.stride[1], C)
@@ -435,7 +437,7 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
                      x_dev.base_data, elem_offset(x_dev), xpack.data,
                      np.uint32(n_rows * row_floats), np.uint32(n_total), np.int32(C),
                      np.int32(geom.H), np.int32(geom.W), np.uint32(plane), np.uint32(geom.Wq),
-                     np.uint32(geom.phases), *conv_args, *magic)
+                     np.uint32(geom.phases), *stride_pad, *magic)
     ev_pack = kern["pscl_pack_input"](queue, *pack_args, wait_for=x_dev.events or None)
 
     wg_pix, wg_ch, wg_img = params["WG_PIX"], params["WG_CH"], params["WG_IMG"]

@@ -36,6 +36,7 @@ from .masked import (
     MaskedLinearWeight,
     _conv_geometry,
     _pack_conv_input,
+    _unused_at_default,
     _weight_rows,
     _weight_shape,
 )
@@ -50,6 +51,7 @@ JL_CONSTANT = 2.0
 #: Padding of k (projection output) and N (projected weight columns): every candidate
 #: tile (VEC * KVEC, VEC * NVEC <= PAD) then reads whole vectors inside the buffers.
 PAD = 64
+
 
 def project_local_bytes(p) -> int:
     """Local memory of the rows' projection: DSPLIT partial (ROWS, VEC * KVEC) tiles."""
@@ -120,24 +122,28 @@ DRS_FUSED = ParamSpec(
 #: The fused kernel keeps the projected row in registers; beyond this k it spills.
 FUSED_MAX_K = 256
 
+_TOPK_HIST_BITS = TileParam("HIST_BITS", 9, (8, 9, 10, 11, 12),
+                            "top key bits binned by the first pass (capped near 2N bins for "
+                            "short rows)")
+_TOPK_COPIES = TileParam("COPIES", 4, (1, 2, 4),
+                         "interleaved copies of the histogram (runs of one bin do not "
+                         "serialise)")
+_TOPK_WG = TileParam("WG", 1, (1, 2, 4, 8, 16, 32, 64), "rows (work-items) per work-group")
+
 DRS_TOPK = ParamSpec(
     family="drs_topk",
     params=(
-        TileParam("HIST_BITS", 9, (8, 9, 10, 11, 12),
-                  "top key bits binned by the first pass (capped near 2N bins for short "
-                  "rows)"),
-        TileParam("COPIES", 4, (1, 2, 4),
-                  "interleaved copies of the histogram (runs of one bin do not serialise)"),
-        TileParam("WG", 1, (1, 2, 4, 8, 16, 32, 64), "rows (work-items) per work-group"),
+        _TOPK_HIST_BITS,
+        _TOPK_COPIES,
+        _TOPK_WG,
         TileParam("TEAM", 1, (1, 64, 128, 256),
                   "1: a work-item per row (CPUs); > 1: a work-group of TEAM items per row, "
                   "histograms in local memory (GPUs)"),
     ),
     constraints=(
-        Constraint("team_reads_no_serial_params",
-                   lambda p: p["TEAM"] == 1 or all(
-                       p[name] == DEFAULT for name, DEFAULT in
-                       (("HIST_BITS", 9), ("COPIES", 4), ("WG", 1))),
+        Constraint("unused_at_default",
+                   lambda p: _unused_at_default(p, p["TEAM"] > 1,
+                                                (_TOPK_HIST_BITS, _TOPK_COPIES, _TOPK_WG), ()),
                    "the team kernel reads none of HIST_BITS, COPIES, WG: they keep their "
                    "defaults"),
     ),

@@ -9,10 +9,10 @@ or disagrees with the reference scores as infinitely slow and is reported; it ne
 the search.  Candidates are timed with OpenCL profiling events (median after a warm-up)
 until ``budget_s`` runs out.  The fastest few and the configuration in use are then
 re-timed in interleaved rounds, and the winner -- the configuration in use unless another
-beats it by more than ``min_gain`` -- is written to the user's database
+beats it by more than ``min_gain`` and in every round -- is written to the user's database
 (:func:`pysparsecl.tuning.write_user_entry`), which :func:`pysparsecl.tuning.lookup`
 consults first from then on.  Every shape class among the problems also gets its own
-winner (the overall winner unless beaten on that class by ``min_gain``), found from the
+winner (the overall winner unless beaten on that class in the same way), found from the
 same timings at no extra search cost.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,6 +40,8 @@ class Candidate:
     params: Dict[str, int]
     times_ms: List[float] = field(default_factory=list)   # one per problem
     error: str = ""
+    #: The interleaved confirmation's times: one list (per problem) per round.
+    rounds_ms: List[List[float]] = field(default_factory=list)
 
     @property
     def total_ms(self) -> float:
@@ -99,10 +100,18 @@ def _classes(problems: Sequence[Problem]) -> Dict[str, List[int]]:
     return classes
 
 
-def _keep_unless_beaten(best: Candidate, incumbent: Optional[Candidate], score,
-                        min_gain: float) -> Candidate:
-    if incumbent is not None and best is not incumbent and \
-            score(best) > score(incumbent) * (1.0 - min_gain):
+def _keep_unless_beaten(best: Candidate, incumbent: Optional[Candidate],
+                        indices: Sequence[int], min_gain: float) -> Candidate:
+    """``best`` if it beats ``incumbent`` on the problems at ``indices`` by more than
+    ``min_gain`` in the median and is faster in every interleaved round (each round
+    times both in the same stretch, so a slow spell on a shared machine cannot crown it);
+    else ``incumbent``."""
+    if incumbent is None or best is incumbent:
+        return best
+    if best.class_ms(indices) > incumbent.class_ms(indices) * (1.0 - min_gain):
+        return incumbent
+    paired = zip(best.rounds_ms, incumbent.rounds_ms)
+    if any(sum(b[i] for i in indices) >= sum(a[i] for i in indices) for b, a in paired):
         return incumbent
     return best
 
@@ -141,16 +150,17 @@ def _confirm(family, problems, reference, queue, tried: List[Candidate], reps: i
         if not finalists:
             return None, {}
         for cand in finalists:  # confirmed per-problem times: medians over the rounds
+            cand.rounds_ms = rounds[id(cand)]
             cand.times_ms = [float(t) for t in np.median(np.array(rounds[id(cand)]), axis=0)]
     baseline = baseline if baseline in finalists else None
-    best = _keep_unless_beaten(min(finalists, key=lambda c: c.total_ms), baseline,
-                               lambda c: c.total_ms, min_gain)
+    every = range(len(problems))
+    best = _keep_unless_beaten(min(finalists, key=lambda c: c.total_ms), baseline, every,
+                               min_gain)
     by_class = {}
     for shape_class, indices in classes.items():
-        def score(c, indices=indices):
-            return c.class_ms(indices)
-        by_class[shape_class] = _keep_unless_beaten(min(finalists, key=score), best, score,
-                                                    min_gain)
+        by_class[shape_class] = _keep_unless_beaten(
+            min(finalists, key=lambda c, indices=indices: c.class_ms(indices)), best, indices,
+            min_gain)
     return best, by_class
 
 
@@ -183,8 +193,7 @@ def tune_family(family: str, queue: cl.CommandQueue, *, budget_s: float = 120.0,
         full = spec.check(params, **device_limits(device))
         if full not in leading:
             leading.append(full)
-    space = list(spec.candidates(**device_limits(device)))
-    random.Random(seed).shuffle(space)
+    space = spec.random_candidates(max(1, max_candidates), seed, **device_limits(device))
     order = (leading + [c for c in space if c not in leading])[:max(1, max_candidates)]
     tried: List[Candidate] = []
     best: Optional[Candidate] = None
