@@ -163,8 +163,8 @@ void pscl_pack_input(
 // Each work-item owns one output channel and PIX_VECS vectors; the CSR row loop keeps
 // the accumulators in registers.  Rows are visited heaviest first (row_order).
 //
-// CBLOCK > 0 (CPUs): each row is cut into segments of CBLOCK input channels (seg_ptr,
-// n_seg + 1 per row) with a barrier between segments, so that the work-group's items all
+// CBLOCK > 0 (CPUs): each row is cut into segments of CBLOCK input channels (row_ptr then
+// holds n_seg + 1 offsets per row) with a barrier between segments, so that the work-group's items all
 // finish one block of input channels before any starts the next: PoCL runs the items one
 // after another between barriers, and the block's input tile stays in L1 for all of them.
 __kernel __attribute__((reqd_work_group_size(
