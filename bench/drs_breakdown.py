@@ -6,7 +6,7 @@ python bench/drs_breakdown.py [--device SPEC] [--sparsity 0.9] [--runs 7]
 For each DSG shape of bench/masked.py, the median (after a warm-up) of each kernel of one
 ``drs_mask`` call with the weight projected beforehand, by OpenCL profiling events.  The
 kernels run in this order: the projection of x's rows and the scores (or, for a few rows,
-the fused kernel doing both), then the top-k.
+the fused kernel doing both; or only the scores for an exact projection), then the top-k.
 """
 
 import argparse
@@ -48,7 +48,8 @@ def main(argv=None):
             if run:   # the first call builds and warms up
                 times.append([(e.profile.end - e.profile.start) * 1e-6 for e in events])
         med = np.median(np.array(times), axis=0)
-        names = (["fused", "topk"] if len(med) == 2 else ["project", "scores", "topk"])
+        names = (["project", "scores", "topk"] if len(med) == 3 else
+                 ["scores", "topk"] if proj.exact else ["fused", "topk"])
         parts = "  ".join(f"{name} {t:.3f}" for name, t in zip(names, med))
         print(f"  {m}x{k}x{n} (k={proj.k}): total {med.sum():.3f} ms = {parts}")
     return 0
