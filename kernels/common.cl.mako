@@ -44,3 +44,34 @@ inline uint pscl_udiv(const uint x, const uint m, const uint s)
     return (uint)(((ulong)x * m) >> s);
 }
 </%def>
+
+## part[lid] = the sum of `value` over work-items 0..lid of a work-group of `items` (a power
+## of two), Hillis-Steele in local memory; `lid` is the caller's local id.  Ends with a
+## barrier, so every item may read part[] after it.
+<%def name="inclusive_scan(part, value, items)">
+    ${part}[lid] = ${value};
+    barrier(CLK_LOCAL_MEM_FENCE);
+% for off in [1 << b for b in range(items.bit_length() - 1)]:
+    {
+        const int t = lid >= ${off} ? ${part}[lid - ${off}] : 0;
+        barrier(CLK_LOCAL_MEM_FENCE);
+        ${part}[lid] += t;
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+% endfor
+</%def>
+
+## Sums red[s * stride + index], for each s < slots, over a team of `width` work-items whose
+## indices run consecutively (`lane`, 0..width-1, is an item's place in its team): a tree of
+## halvings in local memory, after which lane 0 holds the sums.  Every level ends with a
+## barrier, so the whole work-group must reach it.
+<%def name="tree_sum(red, slots, stride, index, lane, width)">
+% for half in [width >> (b + 1) for b in range(width.bit_length() - 1)]:
+    if (${lane} < ${half}) {
+%   for s in range(slots):
+        ${red}[${s * stride} + ${index}] += ${red}[${s * stride} + ${index} + ${half}];
+%   endfor
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+% endfor
+</%def>

@@ -92,14 +92,7 @@ void pscl_drs_project(
 %     endfor
 %   endfor
     barrier(CLK_LOCAL_MEM_FENCE);
-%   for half in [DSPLIT >> (b + 1) for b in range(DSPLIT.bit_length() - 1)]:
-    if (t < ${half}) {
-%     for slot in range(ROWS * KVEC):
-        red[${slot * DSPLIT} + t] += red[${slot * DSPLIT + half} + t];
-%     endfor
-    }
-    barrier(CLK_LOCAL_MEM_FENCE);
-%   endfor
+    ${common.tree_sum("red", ROWS * KVEC, DSPLIT, "t", "t", DSPLIT)}
     if (t != 0)
         return;
 %   for r in range(ROWS):
@@ -436,7 +429,7 @@ void pscl_drs_topk(
         int own = 0;
         for (int q = 0; q < ${per_item}; ++q)
             own += (int)hist[255 - lid * ${per_item} - q];
-        ${inclusive_scan("part", "own")}
+        ${common.inclusive_scan("part", "own", TEAM)}
         const int above = part[lid] - own;  // keys in bins above this item's bins
         if (above < want && part[lid] >= want) {   // exactly one item holds the digit
             int b = 255 - lid * ${per_item}, acc = above;
@@ -478,12 +471,12 @@ void pscl_drs_topk(
         ties += key == thresh;
         above_thresh += key > thresh;
     }
-    ${inclusive_scan("part", "ties")}
+    ${common.inclusive_scan("part", "ties", TEAM)}
     int ties_left = want - (part[lid] - ties);  // ties this segment may still take
 % if COMPACT:
     const int taken = above_thresh + clamp(ties_left, 0, ties);
     barrier(CLK_LOCAL_MEM_FENCE);             // part is reused
-    ${inclusive_scan("part", "taken")}
+    ${common.inclusive_scan("part", "taken", TEAM)}
     __global int *o = out + out_off + (long)i * n_keep + (part[lid] - taken);
     int q = 0;
     for (int n = n0; n < n1; ++n) {
@@ -499,21 +492,6 @@ void pscl_drs_topk(
 #undef PSCL_OUT
 % endif
 }
-</%def>
-
-## part[lid] = the sum of `value` over items 0..lid (Hillis-Steele in local memory);
-## ends with a barrier, so every item may read part[] after it.
-<%def name="inclusive_scan(part, value)">
-        ${part}[lid] = ${value};
-        barrier(CLK_LOCAL_MEM_FENCE);
-% for off in [1 << b for b in range(TEAM.bit_length() - 1)]:
-        {
-            const int t = lid >= ${off} ? ${part}[lid - ${off}] : 0;
-            barrier(CLK_LOCAL_MEM_FENCE);
-            ${part}[lid] += t;
-            barrier(CLK_LOCAL_MEM_FENCE);
-        }
-% endfor
 </%def>
 
 <%def name="util_kernels()">

@@ -220,16 +220,7 @@ void pscl_bool_compact(__global const uchar *restrict mask, const long mask_off,
             if (!(bits >> u & 1u))
                 o[e0 + u] = 0.0f;
         const int n = popcount(bits);
-        sums[lid] = n;
-        barrier(CLK_LOCAL_MEM_FENCE);
-% for off in (1, 2, 4, 8, 16, 32, 64, 128):
-        {
-            const int t = lid >= ${off} ? sums[lid - ${off}] : 0;
-            barrier(CLK_LOCAL_MEM_FENCE);
-            sums[lid] += t;
-            barrier(CLK_LOCAL_MEM_FENCE);
-        }
-% endfor
+        ${common.inclusive_scan("sums", "n", 256)}
         int pos = total + sums[lid] - n;
         while (bits) {
             const uint low = bits & (0u - bits);
@@ -390,11 +381,6 @@ ${gemm_kernel() if TILE == 0 else gemm_tiled_kernel()}
     items = SPLIT * TEAMS       # work-items per work-group
     outs = TEAMS * GROUP        # selected outputs per work-group
     xvecs = XCHUNK // VEC       # vectors of x staged per step
-    halvings = []
-    h = SPLIT // 2
-    while h:
-        halvings.append(h)
-        h //= 2
 %>\
 // Split VMM (GPU-shaped): a team of SPLIT work-items computes GROUP selected outputs
 // together.  Item t of a team reads vectors t, t + SPLIT, ... of each of its weight rows,
@@ -473,14 +459,7 @@ void pscl_masked_vmm_split(
     red[${q * items} + lid] = pscl_hsum(acc${q}) + tail${q};
 % endfor
     barrier(CLK_LOCAL_MEM_FENCE);
-% for h in halvings:
-    if (lane < ${h}) {
-%   for q in range(GROUP):
-        red[${q * items} + lid] += red[${q * items} + lid + ${h}];
-%   endfor
-    }
-    barrier(CLK_LOCAL_MEM_FENCE);
-% endfor
+    ${common.tree_sum("red", GROUP, items, "lid", "lane", SPLIT)}
     if (lane == 0) {
 % for q in range(GROUP):
         if (${q} < ng)
@@ -559,7 +538,6 @@ void pscl_masked_gemm(
     ptype = "float4" if ALIGNED else "float"
     sel_t = "uchar" if MASK == "bool" else "int"
     picked = "!= 0" if MASK == "bool" else ">= 0"
-    scan_offsets = [1 << b for b in range(IT.bit_length() - 1)]
     # One local buffer, used in turn for the scan, a round's units and the staged chunks.
     lds_f4 = max((TM + TN) * g4, -(-IT // 4), -(-cap * (2 + P) // 16))
 %>\
@@ -646,16 +624,7 @@ void pscl_masked_gemm_tiled(
     }
     const int cnt = ${" + ".join("popcount(b%d)" % w for w in range(words))};
     const int nu = (cnt + ${P - 1}) >> ${P.bit_length() - 1};  // units of this row
-    scan[lid] = nu;
-    barrier(CLK_LOCAL_MEM_FENCE);
-% for off in scan_offsets:
-    {
-        const int t = lid >= ${off} ? scan[lid - ${off}] : 0;
-        barrier(CLK_LOCAL_MEM_FENCE);
-        scan[lid] += t;
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
-% endfor
+    ${common.inclusive_scan("scan", "nu", IT)}
     const int first_unit = scan[lid] - nu;
     const int n_units = scan[${IT - 1}];
 
