@@ -252,7 +252,8 @@ def test_projection_reuse(queue, rng):
 
 @pytest.mark.parametrize("team", [64, 128, 256])
 def test_team_topk_selects_exactly_what_the_serial_kernel_does(queue, rng, team):
-    """The GPU-shaped top-k (a work-group per row) against the serial one, on scores full
+    """The GPU-shaped top-k (a work-group per row) against the serial one and the float64
+    reference, on scores full
     of ties (duplicated weight columns, small integers), for every output form: a bool
     mask, compact lists and the convolution layout; rows shorter and longer than TEAM."""
     # The serial kernel with this device's parameters; the team kernel reads none of them.
@@ -271,6 +272,11 @@ def test_team_topk_selects_exactly_what_the_serial_kernel_does(queue, rng, team)
                               ps.drs_mask(x, w, sparsity, projection=proj, compact=True))
             for serial, teamed in zip(got[1], got[team]):
                 np.testing.assert_array_equal(teamed, serial, err_msg=f"n={n} s={sparsity}")
+            # The scores are small integers, exact in float32: the float64 reference's
+            # selection (ties to the lower column) must come out bit for bit.
+            reference = topk_mask_reference(x.astype(np.float64) @ w,
+                                            keep_count(sparsity, n))
+            np.testing.assert_array_equal(got[team][0], reference, err_msg=f"n={n}")
     case = ConvCase(2, 3, 5, 6, 40, sparsity=0.0)
     x, w4, _, _ = case.make_inputs(rng)
     w4 = np.round(w4 * 2)                                       # ties across channels
