@@ -253,9 +253,9 @@ def test_projection_reuse(queue, rng):
 @pytest.mark.parametrize("team", [64, 128, 256])
 def test_team_topk_selects_exactly_what_the_serial_kernel_does(queue, rng, team):
     """The GPU-shaped top-k (a work-group per row) against the serial one and the float64
-    reference, on scores full
-    of ties (duplicated weight columns, small integers), for every output form: a bool
-    mask, compact lists and the convolution layout; rows shorter and longer than TEAM."""
+    reference, on scores full of ties (duplicated weight columns, small integers), for
+    every output form: a bool mask, compact lists and the convolution layout; rows shorter
+    and longer than TEAM."""
     # The serial kernel with this device's parameters; the team kernel reads none of them.
     TEAMS = {1: dict(TEAM=1), team: dict(DRS_TOPK.defaults(), TEAM=team)}
     for n, n_rows in ((7, 3), (150, 5), (1000, 4)):
