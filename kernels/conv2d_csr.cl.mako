@@ -12,7 +12,9 @@
 ##   0  [n][c * phases][Hq][Wq]          vectors run along VEC output pixels (any batch);
 ##   1  [n / VEC][c * phases][Hq][Wq][VEC]  vectors run along VEC images of the batch, so
 ##      every load is aligned (used when VEC divides the batch; much faster on CPUs,
-##      where unaligned vector loads split across cache lines).
+##      where unaligned vector loads split across cache lines).  The loads go through a
+##      vector-typed pointer, not vloadN: vloadN promises only scalar alignment, and
+##      NVIDIA's compiler then splits it into VEC scalar loads.
 <%namespace name="common" file="common.cl.mako"/>\
 ${common.vector_helpers("pscl_floatv", "float", VEC)}
 // Tile parameters: declared once, in pysparsecl/ops/conv2d.py (CONV2D_CSR).
@@ -278,7 +280,11 @@ void pscl_conv2d_csr(
         const pscl_floatv w = (pscl_floatv)(as_float(nz.y));
         const __global float *src = xbase + nz.x;
 % for b in range(PIX_VECS):
+%   if BATCH_LAYOUT:
+        acc${b} = fma(w, *(const __global pscl_floatv *)(src + ${b} * PSCL_PIX_STEP * PSCL_PIX_FLOATS), acc${b});
+%   else:
         acc${b} = fma(w, PSCL_LOAD_pscl_floatv(0, src + ${b} * PSCL_PIX_STEP * PSCL_PIX_FLOATS), acc${b});
+%   endif
 % endfor
     }
 </%def>

@@ -632,8 +632,15 @@ void pscl_masked_gemm_tiled(
     const int sk = (lid & ${per_row - 1}) * ${width};   // bit operations: common.cl.mako, 1
     const int sr = lid >> ${per_row.bit_length() - 1};
     const int rot = lid & ${g4 - 1};
+% if DENSE:
+    // The same for the whole group.  A dense tile then skips the unit loop below rather than
+    // returning early: with an early return here, PoCL 3.1 left outputs of the *sparse*
+    // tiles unwritten.
+    const int dense = n_units * ${P * 100} >= ${DENSE * TM * TN};
+${dense_tile()}
+% endif
 
-    for (int base = 0; base < n_units; base += ${cap}) {
+    for (int base = 0; base < ${"(dense ? 0 : n_units)" if DENSE else "n_units"}; base += ${cap}) {
         barrier(CLK_LOCAL_MEM_FENCE);         // the scan, or the last chunk, is consumed
         // The units of this round: row owners write those inside [base, base + cap).
         if (nu > 0 && first_unit < base + ${cap} && first_unit + nu > base) {
@@ -754,6 +761,100 @@ __kernel void pscl_gemm_splitk_sum(
     out[out_off + e] = s;
 }
 % endif
+</%def>
+
+## DENSE > 0: a tile whose units cover at least DENSE% of its entries is computed whole, as
+## a dense product blocked in registers, and only its selected entries are written.  There
+## every LDS value feeds DR (or DC) FMAs instead of about one, which beats skipping the
+## unselected work once the tile is dense enough.  The choice is per tile and inside the
+## kernel, since the host does not know how dense a device mask is.
+<%def name="dense_tile()">
+<%
+    TM, TN, IT, P = TILE_M, TILE, WG, GROUP
+    g4 = KC // 4
+    per_item = TM * TN // IT     # outputs per work-item
+    DC = min(8, per_item)        # columns per work-item: dc + c * n_col
+    DR = per_item // DC          # rows per work-item: dr + r * n_row
+    n_col = TN // DC
+    n_row = IT // n_col
+    ptype = "float4" if ALIGNED else "float"
+    nx, nw = -(-TM // (IT * (4 if ALIGNED else 1) // KC)), -(-TN // (IT * (4 if ALIGNED else 1) // KC))
+    per_row = KC // (4 if ALIGNED else 1)
+    step = IT // per_row
+%>    if (dense) {
+        // Work-item (dr, dc) owns rows dr + r * ${n_row} and columns dc + c * ${n_col}: the
+        // neighbours of a row write neighbouring outputs.
+        const int dc = lid & ${n_col - 1};
+        const int dr = lid >> ${n_col.bit_length() - 1};
+% for r in range(DR):
+%   for c in range(DC):
+        float d${r}_${c} = 0.0f;
+%   endfor
+% endfor
+% for n in range(nx):
+        ${ptype} px${n};
+% endfor
+% for n in range(nw):
+        ${ptype} pw${n};
+% endfor
+        ${stage_load("kb")}
+        for (int k0 = kb; k0 < ke; k0 += ${KC}) {
+            barrier(CLK_LOCAL_MEM_FENCE);     // the scan, or the previous chunk, is read
+% for name, dst, n_rows, count in (("px", "xs", TM, nx), ("pw", "ws", TN, nw)):
+%   for n in range(count):
+%     if n_rows % step:
+            if (sr + ${n * step} < ${n_rows})
+%     endif
+            ${dst if ALIGNED else dst + "1"}[(sr + ${n * step}) * ${per_row} + (lid & ${per_row - 1})] = ${name}${n};
+%   endfor
+% endfor
+            barrier(CLK_LOCAL_MEM_FENCE);
+            if (k0 + ${KC} < ke) {
+                ${stage_load("k0 + %d" % KC)}
+            }
+% for g in range(g4):
+            {
+                const int kk = (${g} + rot) & ${g4 - 1};   // bank-conflict free, as above
+%   for r in range(DR):
+                const float4 xv${r} = xs[(dr + ${r * n_row}) * ${g4} + kk];
+%   endfor
+%   for c in range(DC):
+                {
+                    const float4 wv = ws[(dc + ${c * n_col}) * ${g4} + kk];
+%     for r in range(DR):
+                    d${r}_${c} = fma(xv${r}.x, wv.x, d${r}_${c});
+                    d${r}_${c} = fma(xv${r}.y, wv.y, d${r}_${c});
+                    d${r}_${c} = fma(xv${r}.z, wv.z, d${r}_${c});
+                    d${r}_${c} = fma(xv${r}.w, wv.w, d${r}_${c});
+%     endfor
+                }
+%   endfor
+            }
+% endfor
+        }
+% for r in range(DR):
+%   for c in range(DC):
+        {
+            const long i = i0 + dr + ${r * n_row}, j = j0 + dc + ${c * n_col};
+            if (i < M && j < N) {
+                const ${"uchar" if MASK == "bool" else "int"} s = sel[sel_off + i * N + j];
+%     if MASK == "bool":
+                const long dst = i * N + j;
+                if (s)
+%     else:
+                const long dst = i * out_cols + s;
+                if (s >= 0)
+%     endif
+%     if SPLITK > 1:
+                    part[get_group_id(2) * part_stride + dst] = d${r}_${c};
+%     else:
+                    out[out_off + dst] = d${r}_${c};
+%     endif
+            }
+        }
+%   endfor
+% endfor
+    }
 </%def>
 
 ## Load one chunk (columns kb.. of the tile's x rows and wt rows) into px*, pw*: zeros

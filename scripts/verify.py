@@ -118,10 +118,10 @@ def _workloads():
                   "conv2d_sparse")
         return run
 
-    def row_mask(rng, m, n, form, empty):
-        """A third of each row's columns: int32 indices ("idx") or a bool mask whose first
-        ``empty`` rows select nothing."""
-        idx = np.argsort(rng.random((m, n)), axis=1)[:, :max(1, n // 3)]
+    def row_mask(rng, m, n, form, empty, full=False):
+        """A third of each row's columns (all of them if ``full``): int32 indices ("idx") or
+        a bool mask whose first ``empty`` rows select nothing."""
+        idx = np.argsort(rng.random((m, n)), axis=1)[:, :n if full else max(1, n // 3)]
         if form == "idx":
             return idx.astype(np.int32)
         mask = np.zeros((m, n), bool)
@@ -129,11 +129,11 @@ def _workloads():
         mask[:empty] = False
         return mask
 
-    def matmul(m, k, n, form, empty=0, vector=False):
+    def matmul(m, k, n, form, empty=0, vector=False, full=False):
         def run(rng):
             x = rng.standard_normal((m, k), dtype=np.float32)
             w = rng.standard_normal((k, n), dtype=np.float32)
-            mask = row_mask(rng, m, n, form, empty)
+            mask = row_mask(rng, m, n, form, empty, full)
             if vector:
                 x, mask = x[0], mask[0]
             close(ps.masked_matmul(x, w, mask), masked_matmul_reference(x, w, mask),
@@ -246,7 +246,9 @@ def _workloads():
                        ("vmm 1-D 37x29 idx", matmul(1, 37, 29, "idx", vector=True)),
                        ("vmm 1x5x3 bool", matmul(1, 5, 3, "bool"))],
         "masked_gemm": [("gemm 5x37x29 bool, 2 empty rows", matmul(5, 37, 29, "bool", 2)),
-                        ("gemm 7x19x40 idx", matmul(7, 19, 40, "idx"))],
+                        ("gemm 7x19x40 idx", matmul(7, 19, 40, "idx")),
+                        # dense enough for the tiled kernel's dense tiles (DENSE > 0)
+                        ("gemm 70x37x130 all selected", matmul(70, 37, 130, "bool", full=True))],
         "masked_dx": [("backward 5x37x29 bool, 1 empty row", backward(5, 37, 29, "bool", 1)),
                       ("backward 3x17x40 idx", backward(3, 17, 40, "idx")),
                       ("backward 1x9x7 bool", backward(1, 9, 7, "bool"))],

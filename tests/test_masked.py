@@ -184,7 +184,11 @@ TILED_GEMM = [dict(TILE=32, TILE_M=16, KC=32, GROUP=1, UNITS=1, WG=128),
               dict(TILE=64, TILE_M=64, KC=64, GROUP=8, UNITS=1, WG=256),
               dict(TILE=64, TILE_M=32, KC=32, GROUP=2, UNITS=4, WG=256, SPLITK=4),
               dict(TILE=128, TILE_M=128, KC=32, GROUP=4, UNITS=1, WG=256, SPLITK=4),
-              dict(TILE=128, TILE_M=64, KC=32, GROUP=8, UNITS=2, WG=256)]
+              dict(TILE=128, TILE_M=64, KC=32, GROUP=8, UNITS=2, WG=256),
+              # Dense tiles (the cases at keep >= 0.5 take that path; the others do not).
+              dict(TILE=32, TILE_M=16, KC=32, GROUP=1, UNITS=1, WG=128, DENSE=50),
+              dict(TILE=64, TILE_M=32, KC=32, GROUP=2, UNITS=1, WG=256, DENSE=25),
+              dict(TILE=128, TILE_M=64, KC=32, GROUP=4, UNITS=1, WG=256, SPLITK=2, DENSE=35)]
 TILED_CASES = [MaskCase(2, 45, 33),                                  # one partial tile
                MaskCase(7, 53, 37, form="idx"),                      # K % 4: unaligned rows
                MaskCase(33, 130, 70, keep=0.1),                      # several tiles, K chunks
@@ -201,6 +205,26 @@ def test_tiled_gemm_variants(queue, rng, params):
         for case in TILED_CASES:
             x, w, mask = case.make(rng)
             _check(_poisoned_call(queue, x, w, mask), x, w, mask)
+
+
+@pytest.mark.parametrize("form", ["bool", "idx"])
+@pytest.mark.parametrize("params", TILED_GEMM[-2:], ids=_ids)
+def test_dense_and_sparse_tiles_in_one_launch(queue, rng, form, params):
+    """Every row selects all of the first 64 columns and 5 of the rest: the tiles over the
+    first columns take the dense path and the others the sparse one, in the same launch."""
+    m, k, n = 45, 70, 150
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((k, n), dtype=np.float32)
+    rest = 64 + np.argsort(rng.random((m, n - 64)), axis=1)[:, :5]
+    idx = np.concatenate([np.tile(np.arange(64), (m, 1)), rest], axis=1).astype(np.int32)
+    idx = np.take_along_axis(idx, np.argsort(rng.random(idx.shape), axis=1), axis=1)
+    if form == "idx":
+        mask = idx
+    else:
+        mask = np.zeros((m, n), bool)
+        np.put_along_axis(mask, idx, True, axis=1)
+    with override("masked_gemm", **params):
+        _check(_poisoned_call(queue, x, w, mask), x, w, mask)
 
 
 @pytest.mark.parametrize("form", ["bool", "idx"])

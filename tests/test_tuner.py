@@ -304,3 +304,22 @@ def test_a_challenger_must_win_every_interleaved_round():
     assert tuner._keep_unless_beaten(marginal, incumbent, [0, 1], 0.03) is incumbent
     assert tuner._keep_unless_beaten(marginal, incumbent, [0], 0.0) is marginal
     assert tuner._keep_unless_beaten(steady, None, [0, 1], 0.03) is steady
+
+
+def test_problem_weights_set_the_score():
+    """A candidate's score is the weighted sum of its times, in the search, per class and in
+    every confirmation round: weighting a slow problem down lets a candidate that wins the
+    light problem win, though it loses the heavy one by more milliseconds."""
+    def cand(times, weights):
+        c = tuner.Candidate({"VEC": 1}, times_ms=list(times), weights=list(weights))
+        c.rounds_ms = [list(times)] * 3
+        return c
+    even, light = [1.0, 1.0], [1.0, 0.2]
+    incumbent_times, challenger_times = [1.0, 5.0], [0.5, 5.6]   # 6.0 vs 6.1 ms in all
+    assert cand(challenger_times, light).total_ms == pytest.approx(0.5 + 0.2 * 5.6)
+    assert cand(challenger_times, light).class_ms([1]) == pytest.approx(0.2 * 5.6)
+    assert tuner.Candidate({}, times_ms=[2.0, 3.0]).total_ms == 5.0   # no weights: all 1
+    incumbent, challenger = cand(incumbent_times, even), cand(challenger_times, even)
+    assert tuner._keep_unless_beaten(challenger, incumbent, [0, 1], 0.03) is incumbent
+    incumbent, challenger = cand(incumbent_times, light), cand(challenger_times, light)
+    assert tuner._keep_unless_beaten(challenger, incumbent, [0, 1], 0.03) is challenger

@@ -111,6 +111,10 @@ _GEMM_KC = TileParam("KC", 32, (32, 64),
                      "K columns of x and W^T staged in local memory per step (TILE > 0)")
 _GEMM_UNITS = TileParam("UNITS", 2, (1, 2, 4),
                         "units (GROUP columns of one row) per work-item and round (TILE > 0)")
+_GEMM_DENSE = TileParam("DENSE", 0, (0, 25, 35, 50),
+                        "a tile whose selected entries (counted in units) reach this percentage "
+                        "of it is computed whole, blocked in registers, and only its selected "
+                        "outputs written; 0: never (TILE > 0)")
 _GEMM_SPLITK = TileParam("SPLITK", 1, (1, 2, 4),
                          "slices of K, one work-group each, whose partial sums a second "
                          "kernel adds in slice order: more work-groups for few tiles "
@@ -144,6 +148,7 @@ MASKED_GEMM = ParamSpec(
         _GEMM_KC,
         _GEMM_UNITS,
         _GEMM_SPLITK,
+        _GEMM_DENSE,
     ),
     # (The tiled kernel shares WG and GROUP with the CPU kernel rather than declaring its
     # own: fewer parameters keep the enumerated product, and so the tuner, quick.)
@@ -151,7 +156,7 @@ MASKED_GEMM = ParamSpec(
         Constraint("unused_at_default",
                    lambda p: _unused_at_default(p, p["TILE"] > 0, (_VEC, _GEMM_BLOCK),
                                                 (_GEMM_TILE_M, _GEMM_KC, _GEMM_UNITS,
-                                                 _GEMM_SPLITK)),
+                                                 _GEMM_SPLITK, _GEMM_DENSE)),
                    "the parameters the chosen kernel does not read keep their defaults"),
         Constraint("work_group_per_kernel",
                    lambda p: p["WG"] <= 128 if p["TILE"] == 0 else p["WG"] >= 128,
@@ -162,6 +167,9 @@ MASKED_GEMM = ParamSpec(
         Constraint("accumulators_fit_registers",
                    lambda p: p["TILE"] == 0 or p["UNITS"] * p["GROUP"] <= 16,
                    "a work-item's UNITS * GROUP sums stay in registers"),
+        Constraint("dense_sums_fit_registers",
+                   lambda p: p["DENSE"] == 0 or p["TILE_M"] * p["TILE"] <= 32 * p["WG"],
+                   "a dense tile's sums, TILE_M * TILE / WG per work-item, stay in registers"),
         Constraint("staging_fits_registers",
                    lambda p: p["TILE"] == 0 or
                    (p["TILE_M"] + p["TILE"]) * p["KC"] <= 32 * p["WG"],

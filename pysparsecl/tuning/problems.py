@@ -53,6 +53,9 @@ class Problem:
     launch: Callable[[list], object]
     shape_class: Optional[str] = None
     check: Callable[[np.ndarray, np.ndarray], str] = relative_error_check()
+    #: The problem's weight in a candidate's score (the weighted sum of its times), so
+    #: that problems whose work differs many-fold count alike.
+    weight: float = 1.0
 
 
 class ShapesError(ValueError):
@@ -147,13 +150,13 @@ _VMM_SHAPES = ((1, 4096, 4096), (1, 1024, 1024))
 _GEMM_SHAPES = ((128, 4096, 4096), (4096, 1024, 1024), (1568, 2304, 256))
 
 
-def _matmul_shapes(family, shapes, quick, default):
+def _matmul_shapes(family, shapes, quick, default, keeps=(0.1,)):
     if shapes is not None:
         return [tuple(_fields(e, family, ("M", "K", "N"), dict(keep=0.1))[k]
                       for k in ("M", "K", "N", "keep")) for e in shapes]
     if quick:   # one small problem, a single row for the VMM
         return [(1 if default[0][0] == 1 else 64, 300, 500, 0.1)]
-    return [shape + (0.1,) for shape in default]
+    return [shape + (keep,) for shape in default for keep in keeps]
 
 
 def _matmul_inputs(queue, rng, m, k, n, keep):
@@ -166,18 +169,25 @@ def _matmul_inputs(queue, rng, m, k, n, keep):
     return x, weight, mask
 
 
-def _masked_matmul_problems(family, default):
+def _masked_matmul_problems(family, default, gpu_keeps=(0.1,)):
+    """Each shape at keep 0.1, and on GPUs at each keep ratio in ``gpu_keeps``, weighted by
+    0.1 / keep: the shape class does not know the keep ratio (a mask on the device is not
+    counted before launch), so its entry must serve every ratio, and the weights give each
+    ratio's time per selected output an equal say.  (The GPU GEMM's dense tiles are what
+    a denser mask tunes; on a CPU, its kernel has none, and 50% problems would stretch a
+    tuning run past its budget.)"""
     def build(queue, rng, quick, shapes) -> List[Problem]:
         from .. import masked_matmul
         from ..ops.masked import masked_matmul_shape_class
+        keeps = gpu_keeps if _is_gpu(queue) else (0.1,)
         problems = []
-        for m, k, n, keep in _matmul_shapes(family, shapes, quick, default):
+        for m, k, n, keep in _matmul_shapes(family, shapes, quick, default, keeps):
             x, weight, mask = _matmul_inputs(queue, rng, m, k, n, keep)
             problems.append(Problem(
                 f"{m}x{k}x{n} keep {keep:g}",
                 lambda ev, x=x, weight=weight, mask=mask:
                 masked_matmul(x, weight, mask, events=ev),
-                masked_matmul_shape_class(m, k, n)))
+                masked_matmul_shape_class(m, k, n), weight=0.1 / keep))
         return problems
     return build
 
@@ -290,7 +300,7 @@ TUNABLES: Dict[str, Callable[..., List[Problem]]] = {
     "conv2d_csr": _conv2d_problems,
     "elementwise": _elementwise_problems,
     "masked_vmm": _masked_matmul_problems("masked_vmm", _VMM_SHAPES),
-    "masked_gemm": _masked_matmul_problems("masked_gemm", _GEMM_SHAPES),
+    "masked_gemm": _masked_matmul_problems("masked_gemm", _GEMM_SHAPES, gpu_keeps=(0.1, 0.5)),
     "masked_dx": _masked_backward_problems("masked_dx"),
     "masked_dw": _masked_backward_problems("masked_dw"),
     "masked_bn": _masked_bn_problems,

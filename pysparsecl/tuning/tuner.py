@@ -2,12 +2,13 @@
 
 For each family with a driver in :data:`TUNABLES` (:mod:`pysparsecl.tuning.problems`), the
 tuner runs the spec-default configuration on representative problems to get reference
-outputs, then tries the
-current configuration and a random subset of the candidates the spec allows on this
-device (constraints and the work-group limit).  A candidate that fails to build, raises,
-or disagrees with the reference scores as infinitely slow and is reported; it never stops
-the search.  Candidates are timed with OpenCL profiling events (median after a warm-up)
-until ``budget_s`` runs out.  The fastest few and the configuration in use are then
+outputs, then tries the current configuration and a random subset of the candidates the
+spec allows on this device (constraints and the work-group limit).  A candidate that fails
+to build, raises, or disagrees with the reference scores as infinitely slow and is
+reported; it never stops the search.  Candidates are timed with OpenCL profiling events
+(median after a warm-up) until ``budget_s`` runs out; a candidate's score is the sum of
+its problems' times, each times the problem's weight (:attr:`Problem.weight`).  The
+fastest few and the configuration in use are then
 re-timed in interleaved rounds, and the winner -- the configuration in use unless another
 beats it by more than ``min_gain`` and in every round -- is written to the user's database
 (:func:`pysparsecl.tuning.write_user_entry`), which :func:`pysparsecl.tuning.lookup`
@@ -42,16 +43,26 @@ class Candidate:
     error: str = ""
     #: The interleaved confirmation's times: one list (per problem) per round.
     rounds_ms: List[List[float]] = field(default_factory=list)
+    #: Each problem's weight in the score (Problem.weight); empty: all 1.
+    weights: List[float] = field(default_factory=list)
+
+    def score(self, times_ms: Sequence[float], indices: Sequence[int]) -> float:
+        """The weighted sum of ``times_ms`` over the problems at ``indices``."""
+        return float(sum(times_ms[i] * (self.weights[i] if self.weights else 1.0)
+                         for i in indices))
 
     @property
     def total_ms(self) -> float:
-        return math.inf if self.error or not self.times_ms else float(sum(self.times_ms))
-
-    def class_ms(self, indices: Sequence[int]) -> float:
-        """Summed time of the problems at ``indices`` (one shape class)."""
+        """The score over every problem: the weighted sum of their times."""
         if self.error or not self.times_ms:
             return math.inf
-        return float(sum(self.times_ms[i] for i in indices))
+        return self.score(self.times_ms, range(len(self.times_ms)))
+
+    def class_ms(self, indices: Sequence[int]) -> float:
+        """The score over the problems at ``indices`` (one shape class)."""
+        if self.error or not self.times_ms:
+            return math.inf
+        return self.score(self.times_ms, indices)
 
 
 @dataclass
@@ -111,7 +122,7 @@ def _keep_unless_beaten(best: Candidate, incumbent: Optional[Candidate],
     if best.class_ms(indices) > incumbent.class_ms(indices) * (1.0 - min_gain):
         return incumbent
     paired = zip(best.rounds_ms, incumbent.rounds_ms)
-    if any(sum(b[i] for i in indices) >= sum(a[i] for i in indices) for b, a in paired):
+    if any(best.score(b, indices) >= incumbent.score(a, indices) for b, a in paired):
         return incumbent
     return best
 
@@ -200,7 +211,7 @@ def tune_family(family: str, queue: cl.CommandQueue, *, budget_s: float = 120.0,
     for i, params in enumerate(order):
         if i and time.perf_counter() - start > budget_s:
             break
-        cand = Candidate(dict(params))
+        cand = Candidate(dict(params), weights=[p.weight for p in problems])
         try:
             with override(family, **params):
                 cand.times_ms = _run(problems, reference, queue, reps)
