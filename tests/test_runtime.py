@@ -92,6 +92,29 @@ def test_overrides_env_and_context(queue, monkeypatch):
         tuning.lookup(CONV2D_CSR, queue.device)
 
 
+def test_override_that_clashes_with_the_database_entry(queue, monkeypatch):
+    """A partial override completes with the database entry; where the two together break
+    a constraint, with the spec defaults instead (warned); an override invalid on its own
+    still raises."""
+    from pysparsecl.ops.masked import MASKED_GEMM
+    kind = runtime.device_kind(queue.device)
+    entry = MASKED_GEMM.check(dict(TILE=128, TILE_M=64, WG=256, DENSE=35, UNITS=1))
+    monkeypatch.setattr(tuning, "_shipped", {"masked_gemm": {kind: {"params": entry}}})
+    monkeypatch.setattr(tuning, "_memo", {})
+    monkeypatch.setattr(tuning, "read_user_database", lambda device: {})
+    assert tuning.lookup(MASKED_GEMM, queue.device) == entry
+    with tuning.override("masked_gemm", UNITS=2):              # fits the entry: completed
+        assert tuning.lookup(MASKED_GEMM, queue.device) == dict(entry, UNITS=2)
+    tile = dict(TILE=128, TILE_M=128, WG=256)                  # too many dense sums
+    with tuning.override("masked_gemm", **tile):
+        with pytest.warns(RuntimeWarning, match="dense_sums_fit_registers"):
+            got = tuning.lookup(MASKED_GEMM, queue.device)
+    assert got == MASKED_GEMM.check(tile) and got["DENSE"] == 0 and got["UNITS"] == 2
+    with tuning.override("masked_gemm", TILE=128, TILE_M=128, WG=128, DENSE=25):
+        with pytest.raises(InvalidParamsError, match="staging_fits_registers"):
+            tuning.lookup(MASKED_GEMM, queue.device)
+
+
 def test_corrupt_database_entry_is_ignored(queue, monkeypatch, tmp_path):
     kind = runtime.device_kind(queue.device)
     monkeypatch.setattr(tuning, "_shipped", {"conv2d_csr": {kind: {"params": {"VEC": 3}}}})

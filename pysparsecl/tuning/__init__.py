@@ -15,6 +15,12 @@ its shapes, e.g. ``k3x3-s1x1-c64-px2048-b32`` for a convolution) picks a per-cla
 under ``"shapes"`` before the entry's own parameters: the best tile configuration for a
 56x56 layer is rarely the best for a 7x7 one.
 
+An override may name only some parameters: the others come from steps 2-4.  Where the
+override and that configuration together break a constraint (an override of the tiled
+GEMM's tile against an entry whose dense-tile threshold needs another one), the others come
+from the spec defaults instead, with a warning; an override that is invalid even then
+raises :class:`~pysparsecl.params.InvalidParamsError`.
+
 An unreadable database, or an entry that names unknown parameters or breaks a constraint,
 is ignored with a warning.
 """
@@ -203,5 +209,14 @@ def lookup(spec: ParamSpec, device: cl.Device, shape_class: Optional[str] = None
             _memo[key] = params
     forced = _active_overrides(spec.family)
     if forced:
-        return spec.check({**params, **forced}, **device_limits(device))
+        limits = device_limits(device)
+        try:
+            return spec.check({**params, **forced}, **limits)
+        except InvalidParamsError as exc:
+            completed = spec.check(forced, **limits)   # raises if the override is invalid
+            warnings.warn(f"pysparsecl: the override {forced} with the database's "
+                          f"{spec.family} configuration is invalid ({exc}); its other "
+                          "parameters come from the spec defaults instead",
+                          RuntimeWarning, stacklevel=3)
+            return completed
     return dict(params)
