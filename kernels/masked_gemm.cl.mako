@@ -55,6 +55,17 @@ ${dw_kernel()}
 %   endif
 % endif
 
+<%!
+def staging(tile_m, tile, items, kc, aligned):
+    """How the tiled GEMM's work-group stages a KC-column chunk of its x and wt rows: floats
+    per load, loads per row, rows per pass of the group, and each item's loads of x and wt
+    (the px* / pw* registers)."""
+    width = 4 if aligned else 1
+    per_row = kc // width
+    step = items // per_row
+    return dict(width=width, per_row=per_row, step=step, nx=-(-tile_m // step),
+                nw=-(-tile // step), ptype="float4" if aligned else "float")
+%>\
 <%def name="util_kernels()">
 // dst[c, r] = src[r, c] for an (R, C) source, both with row strides of their own.  A
 // work-item moves one 16 x 16 tile: 16 whole lines in, 16 whole lines out.
@@ -530,12 +541,7 @@ void pscl_masked_gemm(
     words = TN // 32            # selection bits per tile row, in uints
     g4 = KC // 4                # float4s per staged row
     cap = IT * UN               # units per round
-    width = 4 if ALIGNED else 1 # floats per staging load
-    per_row = KC // width       # staging loads per row of a chunk
-    step = IT // per_row        # rows a pass of the work-group stages
-    nx = -(-TM // step)         # staging loads per work-item per chunk: x ...
-    nw = -(-TN // step)         # ... and wt
-    ptype = "float4" if ALIGNED else "float"
+    st = staging(TM, TN, IT, KC, ALIGNED)
     sel_t = "uchar" if MASK == "bool" else "int"
     picked = "!= 0" if MASK == "bool" else ">= 0"
     # One local buffer, used in turn for the scan, a round's units and the staged chunks.
@@ -629,8 +635,8 @@ void pscl_masked_gemm_tiled(
     const int n_units = scan[${IT - 1}];
 
     // This work-item's part of the staging: rows sr + n * step, columns sk .. sk + width.
-    const int sk = (lid & ${per_row - 1}) * ${width};   // bit operations: common.cl.mako, 1
-    const int sr = lid >> ${per_row.bit_length() - 1};
+    const int sk = (lid & ${st["per_row"] - 1}) * ${st["width"]};   // bit operations: common.cl.mako, 1
+    const int sr = lid >> ${st["per_row"].bit_length() - 1};
     const int rot = lid & ${g4 - 1};
 % if DENSE:
     // The same for the whole group.  A dense tile then skips the unit loop below rather than
@@ -675,23 +681,11 @@ ${dense_tile()}
 % endfor
 
         // The K loop; the first chunk is loaded here, each next one during the FMAs.
-% for n in range(nx):
-        ${ptype} px${n};
-% endfor
-% for n in range(nw):
-        ${ptype} pw${n};
-% endfor
+${stage_registers()}
         ${stage_load("kb")}
         for (int k0 = kb; k0 < ke; k0 += ${KC}) {
             barrier(CLK_LOCAL_MEM_FENCE);     // the units, or the previous chunk, are read
-% for name, dst, n_rows, count in (("px", "xs", TM, nx), ("pw", "ws", TN, nw)):
-%   for n in range(count):
-%     if n_rows % step:
-            if (sr + ${n * step} < ${n_rows})
-%     endif
-            ${dst if ALIGNED else dst + "1"}[(sr + ${n * step}) * ${per_row} + (lid & ${per_row - 1})] = ${name}${n};
-%   endfor
-% endfor
+${stage_store()}
             barrier(CLK_LOCAL_MEM_FENCE);
             if (k0 + ${KC} < ke) {
                 ${stage_load("k0 + %d" % KC)}
@@ -777,10 +771,6 @@ __kernel void pscl_gemm_splitk_sum(
     DR = per_item // DC          # rows per work-item: dr + r * n_row
     n_col = TN // DC
     n_row = IT // n_col
-    ptype = "float4" if ALIGNED else "float"
-    nx, nw = -(-TM // (IT * (4 if ALIGNED else 1) // KC)), -(-TN // (IT * (4 if ALIGNED else 1) // KC))
-    per_row = KC // (4 if ALIGNED else 1)
-    step = IT // per_row
 %>    if (dense) {
         // Work-item (dr, dc) owns rows dr + r * ${n_row} and columns dc + c * ${n_col}: the
         // neighbours of a row write neighbouring outputs.
@@ -791,23 +781,11 @@ __kernel void pscl_gemm_splitk_sum(
         float d${r}_${c} = 0.0f;
 %   endfor
 % endfor
-% for n in range(nx):
-        ${ptype} px${n};
-% endfor
-% for n in range(nw):
-        ${ptype} pw${n};
-% endfor
+${stage_registers()}
         ${stage_load("kb")}
         for (int k0 = kb; k0 < ke; k0 += ${KC}) {
             barrier(CLK_LOCAL_MEM_FENCE);     // the scan, or the previous chunk, is read
-% for name, dst, n_rows, count in (("px", "xs", TM, nx), ("pw", "ws", TN, nw)):
-%   for n in range(count):
-%     if n_rows % step:
-            if (sr + ${n * step} < ${n_rows})
-%     endif
-            ${dst if ALIGNED else dst + "1"}[(sr + ${n * step}) * ${per_row} + (lid & ${per_row - 1})] = ${name}${n};
-%   endfor
-% endfor
+${stage_store()}
             barrier(CLK_LOCAL_MEM_FENCE);
             if (k0 + ${KC} < ke) {
                 ${stage_load("k0 + %d" % KC)}
@@ -857,14 +835,37 @@ __kernel void pscl_gemm_splitk_sum(
     }
 </%def>
 
+## The registers that carry a chunk from its load to its store (px*: x, pw*: wt).
+<%def name="stage_registers()">
+<% st = staging(TILE_M, TILE, WG, KC, ALIGNED) %>\
+% for n in range(st["nx"]):
+        ${st["ptype"]} px${n};
+% endfor
+% for n in range(st["nw"]):
+        ${st["ptype"]} pw${n};
+% endfor
+</%def>
+
+## Store the chunk in px*, pw* to local memory: x rows at xs, wt rows at ws, KC floats each.
+<%def name="stage_store()">
+<% st = staging(TILE_M, TILE, WG, KC, ALIGNED); step, per_row = st["step"], st["per_row"] %>\
+% for name, dst, n_rows, count in (("px", "xs", TILE_M, st["nx"]), ("pw", "ws", TILE, st["nw"])):
+%   for n in range(count):
+%     if n_rows % step:
+            if (sr + ${n * step} < ${n_rows})
+%     endif
+            ${dst if ALIGNED else dst + "1"}[(sr + ${n * step}) * ${per_row} + (lid & ${per_row - 1})] = ${name}${n};
+%   endfor
+% endfor
+</%def>
+
 ## Load one chunk (columns kb.. of the tile's x rows and wt rows) into px*, pw*: zeros
 ## past the matrix edges, so the FMAs need no bounds.  ALIGNED: whole float4s (every row
 ## and kb start at a multiple of 4 floats, and so does K).
 <%def name="stage_load(kb)">
 <%
-    width = 4 if ALIGNED else 1
-    step = WG * width // KC
-    ptype = "float4" if ALIGNED else "float"
+    st = staging(TILE_M, TILE, WG, KC, ALIGNED)
+    step, ptype = st["step"], st["ptype"]
 %>\
             {
                 const int kq = ${kb} + sk;

@@ -248,7 +248,7 @@ def _workloads():
         "masked_gemm": [("gemm 5x37x29 bool, 2 empty rows", matmul(5, 37, 29, "bool", 2)),
                         ("gemm 7x19x40 idx", matmul(7, 19, 40, "idx")),
                         # dense enough for the tiled kernel's dense tiles (DENSE > 0)
-                        ("gemm 70x37x130 all selected", matmul(70, 37, 130, "bool", full=True))],
+                        ("gemm 45x37x70 all selected", matmul(45, 37, 70, "bool", full=True))],
         "masked_dx": [("backward 5x37x29 bool, 1 empty row", backward(5, 37, 29, "bool", 1)),
                       ("backward 3x17x40 idx", backward(3, 17, 40, "idx")),
                       ("backward 1x9x7 bool", backward(1, 9, 7, "bool"))],
