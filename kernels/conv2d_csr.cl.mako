@@ -198,8 +198,23 @@ void pscl_conv2d_csr(
     // apart so that neighbouring work-items read neighbouring memory (coalesced on GPUs).
     const int p0 = get_group_id(PSCL_PIX_DIM) * PSCL_TILE_PIX
                    + lane * (PSCL_PIX_STEP / PSCL_WG_PIX);
+% if COMPACT:
+    // COMPACT: p0 counts real output pixels (oh * OW + ow), so the Wq - OW padding columns
+    // cost nothing; each vector then has its own base in the packed input, at its virtual
+    // pixel oh * Wq + ow (a vector past the last pixel reads pixel 0 and is not stored).
+    const __global float *xgroup = xpack + n * x_image_stride
+        + (k / k_per_group) * x_group_stride;
+%   for b in range(PIX_VECS):
+    const int v${b} = p0 + ${b} * PSCL_PIX_STEP;
+    const int live${b} = v${b} < OH * OW;
+    const int oh${b} = v${b} / OW;
+    const __global float *xb${b} = xgroup
+        + (live${b} ? (long)oh${b} * Wq + (v${b} - oh${b} * OW) : 0) * PSCL_PIX_FLOATS;
+%   endfor
+% else:
     const __global float *xbase = xpack + n * x_image_stride
         + (k / k_per_group) * x_group_stride + (long)p0 * PSCL_PIX_FLOATS;
+% endif
 
 % for b in range(PIX_VECS):
     pscl_floatv acc${b} = (pscl_floatv)(0.0f);
@@ -227,13 +242,19 @@ void pscl_conv2d_csr(
     const long image = (long)K * OH * OW;
 %   for b in range(PIX_VECS):
     {
+%     if COMPACT:
+        if (live${b}) {
+            const int q = v${b};
+%     else:
         const int p = p0 + ${b} * PSCL_PIX_STEP;
         const int oh = p / Wq;
         const int ow = p - oh * Wq;
         if (oh < OH && ow < OW) {
+            const int q = oh * OW + ow;
+%     endif
             const pscl_floatv v = acc${b}${" + b_k" if HAS_BIAS else ""};
 %     for e in range(VEC):
-            dst[${e} * image + oh * OW + ow] = ${common.component("v", VEC, e)};
+            dst[${e} * image + q] = ${common.component("v", VEC, e)};
 %     endfor
         }
     }
@@ -278,9 +299,13 @@ void pscl_conv2d_csr(
     for (int j = ${begin}; j < ${end}; ++j) {
         const int2 nz = w_nz[j];
         const pscl_floatv w = (pscl_floatv)(as_float(nz.y));
+% if not COMPACT:
         const __global float *src = xbase + nz.x;
+% endif
 % for b in range(PIX_VECS):
-%   if BATCH_LAYOUT:
+%   if COMPACT:
+        acc${b} = fma(w, *(const __global pscl_floatv *)(xb${b} + nz.x), acc${b});
+%   elif BATCH_LAYOUT:
         acc${b} = fma(w, *(const __global pscl_floatv *)(src + ${b} * PSCL_PIX_STEP * PSCL_PIX_FLOATS), acc${b});
 %   else:
         acc${b} = fma(w, PSCL_LOAD_pscl_floatv(0, src + ${b} * PSCL_PIX_STEP * PSCL_PIX_FLOATS), acc${b});

@@ -98,6 +98,20 @@ def test_channel_blocked_rows(queue, rng, case):
     assert relative_error(y, case.reference(x, w, bias)) < TOL
 
 
+@pytest.mark.parametrize("case", CASES, ids=[c.label() for c in CASES])
+def test_compact_pixels(queue, rng, case):
+    """COMPACT on every geometry, into an output poisoned with NaN: each real pixel is
+    computed and stored once, from its own place in the packed input (odd batches fall
+    back to the pixel layout, where COMPACT does not apply)."""
+    x, w, csr, bias = case.make_inputs(rng)
+    out = cl_array.to_device(queue, np.full(case.reference(x, w, bias).shape, np.nan,
+                                            np.float32))
+    with override("conv2d_csr", VEC=2, PIX_VECS=3, WG_PIX=4, WG_CH=2, BATCH_LAYOUT=1,
+                  COMPACT=1, PACK_LANES=0, UNROLL=2):
+        ps.conv2d_sparse(cl_array.to_device(queue, x), csr, bias, out=out, **case.kwargs())
+    assert relative_error(out.get(), case.reference(x, w, bias)) < TOL
+
+
 def test_magic_division_is_exact(rng):
     divisors = np.concatenate([np.arange(1, 600), rng.integers(1, 2 ** 31 - 1, 300),
                                [2 ** k + j for k in range(10, 31) for j in (-1, 0, 1)]])
@@ -113,15 +127,18 @@ def test_magic_division_is_exact(rng):
             udiv_magic(bad)
 
 
+@pytest.mark.parametrize("compact", [0, 1])
 @pytest.mark.parametrize("pack_lanes", [8, 0])
 @pytest.mark.parametrize("vec", [2, 4, 8, 16])
-def test_batch_layout(queue, rng, vec, pack_lanes):
+def test_batch_layout(queue, rng, vec, pack_lanes, compact):
     """Vectors along the batch when VEC divides it; the pixel layout serves other batches.
-    Packed by rows (PACK_LANES 8) and by the flat pass (0)."""
+    Packed by rows (PACK_LANES 8) and by the flat pass (0); pixels walked virtually or
+    compactly (COMPACT)."""
     cases = [ConvCase(vec, 6, 9, 10, 7, sparsity=0.6, bias=True),
              ConvCase(2 * vec, 4, 7, 7, 6, stride=(2, 2), groups=2, sparsity=0.5),
              ConvCase(vec + 1, 3, 5, 6, 4, kernel=(1, 3), padding=(0, 1), sparsity=0.3)]
-    with override("conv2d_csr", BATCH_LAYOUT=1, VEC=vec, PIX_VECS=3, PACK_LANES=pack_lanes):
+    with override("conv2d_csr", BATCH_LAYOUT=1, VEC=vec, PIX_VECS=3, PACK_LANES=pack_lanes,
+                  COMPACT=compact):
         for case in cases:
             x, w, csr, bias = case.make_inputs(rng)
             y = ps.conv2d_sparse(x, csr, bias, queue=queue, **case.kwargs())

@@ -49,6 +49,9 @@ CONV2D_CSR = ParamSpec(
                   "1: NDRange dim 0 walks output channels (input tile reused from cache)"),
         TileParam("BATCH_LAYOUT", 0, (0, 1),
                   "1: vectors run along VEC images (aligned loads) when VEC divides the batch"),
+        TileParam("COMPACT", 0, (0, 1),
+                  "1 (with BATCH_LAYOUT): work-items walk only the real output pixels, not "
+                  "the padding columns of the packed rows (2 of 9 on a 7x7 layer)"),
         TileParam("UNROLL", 1, (1, 2, 4), "unroll hint for the loop over a row's nonzeros"),
         TileParam("CBLOCK", 0, (0, 4, 8, 16, 32),
                   "input channels per barrier-separated segment of each row, so a work-group "
@@ -65,6 +68,9 @@ CONV2D_CSR = ParamSpec(
         Constraint("accumulators_fit_registers", lambda p: p["VEC"] * p["PIX_VECS"] <= 96,
                    "VEC * PIX_VECS float accumulators must fit the register file "
                    "(96 = 12 of an x86 core's 16 AVX2 registers)"),
+        Constraint("compact_needs_batch_layout",
+                   lambda p: p["COMPACT"] == 0 or p["BATCH_LAYOUT"] == 1,
+                   "COMPACT applies to the batch layout only"),
         Constraint("pack_items_only_in_flat_pass",
                    lambda p: p["PACK_LANES"] == 0 or p["PACK_ITEMS"] == _PACK_ITEMS.default,
                    "PACK_ITEMS applies to the flat packing pass (PACK_LANES = 0) only; "
@@ -397,7 +403,7 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
     vec = params["VEC"]
     # The batch layout needs whole vectors of images; otherwise vectors run along pixels.
     batched = bool(params["BATCH_LAYOUT"]) and geom.N % vec == 0
-    params = dict(params, BATCH_LAYOUT=int(batched))
+    params = dict(params, BATCH_LAYOUT=int(batched), COMPACT=params["COMPACT"] * batched)
     pixel_floats = vec if batched else 1
     n_blocks = geom.N // vec if batched else geom.N  # NDRange dim 2: images or image blocks
     K, C = weight.out_channels, weight.in_channels
@@ -405,7 +411,8 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
     group_stride = (C // weight.groups) * geom.phases * plane * pixel_floats
     image_stride = C * geom.phases * plane * pixel_floats
     tile = params["PIX_VECS"] * params["WG_PIX"] * (1 if batched else vec)  # pixels
-    n_tiles = -(-(geom.OH * geom.Wq) // tile)
+    # Pixels the tiles cover: real ones (COMPACT) or virtual ones (padding columns too).
+    n_tiles = -(-(geom.OH * (geom.OW if params["COMPACT"] else geom.Wq)) // tile)
     row_floats = geom.Wq * pixel_floats
     n_rows = n_blocks * C * geom.phases * geom.Hq
     # Slack rows that the last pixel tile may read past the packed input.
