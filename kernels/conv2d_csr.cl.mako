@@ -6,7 +6,8 @@
 ## plus the flat "virtual" pixel index p = oh * Wq + ow.  Consecutive pixels of a row --
 ## and across rows -- are then contiguous for every stride: one vector load and one
 ## vector FMA per nonzero per vector, no im2col and no local memory.  Virtual columns
-## ow >= OW are computed and thrown away.
+## ow >= OW are computed and thrown away (with COMPACT, in the batch layout, they are
+## skipped: each vector then keeps its own base pointer).
 ##
 ## Two layouts of the packed input (tile parameter BATCH_LAYOUT):
 ##   0  [n][c * phases][Hq][Wq]          vectors run along VEC output pixels (any batch);
