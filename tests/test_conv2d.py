@@ -98,15 +98,16 @@ def test_channel_blocked_rows(queue, rng, case):
     assert relative_error(y, case.reference(x, w, bias)) < TOL
 
 
+@pytest.mark.parametrize("layout", [1, 0])
 @pytest.mark.parametrize("case", CASES, ids=[c.label() for c in CASES])
-def test_compact_pixels(queue, rng, case):
+def test_compact_pixels(queue, rng, case, layout):
     """COMPACT on every geometry, into an output poisoned with NaN: each real pixel is
-    computed and stored once, from its own place in the packed input (odd batches fall
-    back to the pixel layout, where COMPACT does not apply)."""
+    computed and stored once, from its own place in the packed input.  The pixel layout
+    (and odd batches, which fall back to it) ignores COMPACT."""
     x, w, csr, bias = case.make_inputs(rng)
     out = cl_array.to_device(queue, np.full(case.reference(x, w, bias).shape, np.nan,
                                             np.float32))
-    with override("conv2d_csr", VEC=2, PIX_VECS=3, WG_PIX=4, WG_CH=2, BATCH_LAYOUT=1,
+    with override("conv2d_csr", VEC=2, PIX_VECS=3, WG_PIX=4, WG_CH=2, BATCH_LAYOUT=layout,
                   COMPACT=1, PACK_LANES=0, UNROLL=2):
         ps.conv2d_sparse(cl_array.to_device(queue, x), csr, bias, out=out, **case.kwargs())
     assert relative_error(out.get(), case.reference(x, w, bias)) < TOL

@@ -50,8 +50,9 @@ CONV2D_CSR = ParamSpec(
         TileParam("BATCH_LAYOUT", 0, (0, 1),
                   "1: vectors run along VEC images (aligned loads) when VEC divides the batch"),
         TileParam("COMPACT", 0, (0, 1),
-                  "1 (with BATCH_LAYOUT): work-items walk only the real output pixels, not "
-                  "the padding columns of the packed rows (2 of 9 on a 7x7 layer)"),
+                  "1: in the batch layout, work-items walk only the real output pixels, not "
+                  "the padding columns of the packed rows (2 of 9 on a 7x7 layer); ignored "
+                  "in the pixel layout, so that an override of the layout never clashes"),
         TileParam("UNROLL", 1, (1, 2, 4), "unroll hint for the loop over a row's nonzeros"),
         TileParam("CBLOCK", 0, (0, 4, 8, 16, 32),
                   "input channels per barrier-separated segment of each row, so a work-group "
@@ -68,9 +69,6 @@ CONV2D_CSR = ParamSpec(
         Constraint("accumulators_fit_registers", lambda p: p["VEC"] * p["PIX_VECS"] <= 96,
                    "VEC * PIX_VECS float accumulators must fit the register file "
                    "(96 = 12 of an x86 core's 16 AVX2 registers)"),
-        Constraint("compact_needs_batch_layout",
-                   lambda p: p["COMPACT"] == 0 or p["BATCH_LAYOUT"] == 1,
-                   "COMPACT applies to the batch layout only"),
         Constraint("pack_items_only_in_flat_pass",
                    lambda p: p["PACK_LANES"] == 0 or p["PACK_ITEMS"] == _PACK_ITEMS.default,
                    "PACK_ITEMS applies to the flat packing pass (PACK_LANES = 0) only; "
