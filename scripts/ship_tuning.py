@@ -20,8 +20,11 @@ import json
 import sys
 from pathlib import Path
 
-SHIPPED = Path(__file__).resolve().parent.parent / "pysparsecl" / "tuning" / "database" / \
-    "shipped.json"
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from pysparsecl.tuning import names_slug  # noqa: E402
+
+SHIPPED = ROOT / "pysparsecl" / "tuning" / "database" / "shipped.json"
 
 
 def shipped_entry(tuned: dict, driver: str) -> dict:
@@ -48,7 +51,10 @@ def main(argv=None) -> int:
     shipped = json.loads(SHIPPED.read_text())
     for path in args.databases:
         data = json.loads(path.read_text())
-        slug = path.name.split("--")[0]
+        # The device the database names (a renamed or copied file keeps its key); older
+        # files without those fields are keyed by their name, <device slug>--<driver>.json.
+        slug = (names_slug(data["platform"], data["device"])
+                if data.get("platform") and data.get("device") else path.name.split("--")[0])
         for family, tuned in sorted(data.get("families", {}).items()):
             if tuned.get("quick"):
                 print(f"skip {family} from {path.name}: a --quick run", file=sys.stderr)

@@ -285,6 +285,17 @@ def test_ship_tuning_keeps_newer_shipped_entries(tmp_path, monkeypatch):
     ship.main([tuned("2026-11-28T00:00:00+00:00", 4), "--also", "vendor/gpu"])
     entries = json.loads(shipped.read_text())["elementwise"]
     assert entries["dev"]["params"] == entries["vendor/gpu"]["params"] == {"VEC": 4}
+    # A database that names its device is keyed by that device, whatever the file's name.
+    renamed = tmp_path / "copy_of_a_tuning_run.json"
+    renamed.write_text(json.dumps({
+        "platform": "Portable Computing Language", "device": "pthread-skylake-AMD EPYC",
+        "driver": "3.1", "families": {"elementwise": {
+            "params": {"VEC": 2}, "date": "2026-11-29T00:00:00+00:00", "total_ms": 1.0,
+            "times_ms": {}}}}))
+    ship.main([str(renamed)])
+    entries = json.loads(shipped.read_text())["elementwise"]
+    assert entries["pocl-pthread-skylake-amd-epyc"]["params"] == {"VEC": 2}
+    assert "copy_of_a_tuning_run.json" not in entries
 
 
 def test_a_challenger_must_win_every_interleaved_round():

@@ -43,8 +43,8 @@ import pyopencl as cl
 from ..params import InvalidParamsError, ParamSpec, device_limits, parse_overrides
 from ..runtime import device_kind
 
-__all__ = ["lookup", "override", "device_slug", "vendor_slug", "user_database_path",
-           "read_user_database", "write_user_entry", "pow2_floor"]
+__all__ = ["lookup", "override", "device_slug", "names_slug", "vendor_slug",
+           "user_database_path", "read_user_database", "write_user_entry", "pow2_floor"]
 
 _DATABASE = Path(__file__).resolve().parent / "database" / "shipped.json"
 _local = threading.local()
@@ -72,11 +72,17 @@ def vendor_slug(device: cl.Device) -> str:
     return _slug(device.vendor) or "unknown"
 
 
+def names_slug(platform_name: str, device_name: str) -> str:
+    """A file-name-safe identity from a platform and a device name, as a tuned database
+    records them (e.g. 'pocl-pthread-...-amd-epyc')."""
+    platform = platform_name.lower()
+    prefix = "pocl" if "portable computing language" in platform else _slug(platform)
+    return f"{prefix}-{_slug(device_name)}"
+
+
 def device_slug(device: cl.Device) -> str:
     """A file-name-safe identity: platform and device name (e.g. 'pocl-pthread-...-amd-epyc')."""
-    platform = device.platform.name.lower()
-    prefix = "pocl" if "portable computing language" in platform else _slug(platform)
-    return f"{prefix}-{_slug(device.name)}"
+    return names_slug(device.platform.name, device.name)
 
 
 def _load_shipped() -> dict:
