@@ -7,7 +7,8 @@
 ## and across rows -- are then contiguous for every stride: one vector load and one
 ## vector FMA per nonzero per vector, no im2col and no local memory.  Virtual columns
 ## ow >= OW are computed and thrown away (with COMPACT, in the batch layout, they are
-## skipped: each vector then keeps its own base pointer; COMPACT is ignored otherwise).
+## skipped: each vector then keeps its own base pointer; template_args sets COMPACT to 0 in
+## the pixel layout).
 ##
 ## Two layouts of the packed input (tile parameter BATCH_LAYOUT):
 ##   0  [n][c * phases][Hq][Wq]          vectors run along VEC output pixels (any batch);
@@ -199,7 +200,7 @@ void pscl_conv2d_csr(
     // apart so that neighbouring work-items read neighbouring memory (coalesced on GPUs).
     const int p0 = get_group_id(PSCL_PIX_DIM) * PSCL_TILE_PIX
                    + lane * (PSCL_PIX_STEP / PSCL_WG_PIX);
-% if COMPACT and BATCH_LAYOUT:
+% if COMPACT:
     // COMPACT: p0 counts real output pixels (oh * OW + ow), so the Wq - OW padding columns
     // cost nothing; each vector then has its own base in the packed input, at its virtual
     // pixel oh * Wq + ow (a vector past the last pixel reads pixel 0 and is not stored).
@@ -243,7 +244,7 @@ void pscl_conv2d_csr(
     const long image = (long)K * OH * OW;
 %   for b in range(PIX_VECS):
     {
-%     if COMPACT and BATCH_LAYOUT:
+%     if COMPACT:
         if (live${b}) {
             const int q = v${b};
 %     else:
@@ -300,11 +301,11 @@ void pscl_conv2d_csr(
     for (int j = ${begin}; j < ${end}; ++j) {
         const int2 nz = w_nz[j];
         const pscl_floatv w = (pscl_floatv)(as_float(nz.y));
-% if not (COMPACT and BATCH_LAYOUT):
+% if not COMPACT:
         const __global float *src = xbase + nz.x;
 % endif
 % for b in range(PIX_VECS):
-%   if COMPACT and BATCH_LAYOUT:
+%   if COMPACT:
         acc${b} = fma(w, *(const __global pscl_floatv *)(xb${b} + nz.x), acc${b});
 %   elif BATCH_LAYOUT:
         acc${b} = fma(w, *(const __global pscl_floatv *)(src + ${b} * PSCL_PIX_STEP * PSCL_PIX_FLOATS), acc${b});

@@ -84,9 +84,11 @@ def pack_rows(pack_lanes: int) -> int:
 
 
 def template_args(params, has_bias: bool) -> dict:
-    """Everything conv2d_csr.cl.mako renders from: tile parameters, variant, derived sizes."""
+    """Everything conv2d_csr.cl.mako renders from: tile parameters, variant, derived sizes.
+    COMPACT is the one that applies: it is ignored in the pixel layout."""
     return dict(params, HAS_BIAS=int(has_bias), PACK_WG=PACK_WG,
-                PACK_ROWS=pack_rows(params["PACK_LANES"]))
+                PACK_ROWS=pack_rows(params["PACK_LANES"]),
+                COMPACT=int(bool(params["COMPACT"] and params["BATCH_LAYOUT"])))
 
 
 def conv2d_shape_class(batch: int, cin_per_group: int, out_hw, kernel_size, stride) -> str:
@@ -401,7 +403,8 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
     vec = params["VEC"]
     # The batch layout needs whole vectors of images; otherwise vectors run along pixels.
     batched = bool(params["BATCH_LAYOUT"]) and geom.N % vec == 0
-    params = dict(params, BATCH_LAYOUT=int(batched), COMPACT=params["COMPACT"] * batched)
+    params = dict(params, BATCH_LAYOUT=int(batched))
+    args = template_args(params, bias_dev is not None)
     pixel_floats = vec if batched else 1
     n_blocks = geom.N // vec if batched else geom.N  # NDRange dim 2: images or image blocks
     K, C = weight.out_channels, weight.in_channels
@@ -410,7 +413,7 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
     image_stride = C * geom.phases * plane * pixel_floats
     tile = params["PIX_VECS"] * params["WG_PIX"] * (1 if batched else vec)  # pixels
     # Pixels the tiles cover: real ones (COMPACT) or virtual ones (padding columns too).
-    n_tiles = -(-(geom.OH * (geom.OW if params["COMPACT"] else geom.Wq)) // tile)
+    n_tiles = -(-(geom.OH * (geom.OW if args["COMPACT"] else geom.Wq)) // tile)
     row_floats = geom.Wq * pixel_floats
     n_rows = n_blocks * C * geom.phases * geom.Hq
     # Slack rows that the last pixel tile may read past the packed input.
@@ -422,8 +425,7 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
     check_alloc(queue, 4 * n_total, "the padded input")
 
     kern = runtime.kernels(queue.context, "conv2d_csr.cl.mako",
-                           ("pscl_pack_input", "pscl_conv2d_csr"),
-                           **template_args(params, bias_dev is not None))
+                           ("pscl_pack_input", "pscl_conv2d_csr"), **args)
     xpack = cl_array.empty(queue, (n_total,), np.float32,
                            allocator=runtime.memory_pool(queue.context))
     lanes, rows = params["PACK_LANES"], pack_rows(params["PACK_LANES"])
