@@ -6,9 +6,10 @@
 ## plus the flat "virtual" pixel index p = oh * Wq + ow.  Consecutive pixels of a row --
 ## and across rows -- are then contiguous for every stride: one vector load and one
 ## vector FMA per nonzero per vector, no im2col and no local memory.  Virtual columns
-## ow >= OW are computed and thrown away (with COMPACT, in the batch layout, they are
-## skipped: each vector then keeps its own base pointer; template_args sets COMPACT to 0 in
-## the pixel layout).
+## ow >= OW are computed and thrown away, unless COMPACT (batch layout only; template_args
+## sets it to 0 in the pixel layout): then the work-items walk one flat range of the real
+## output pixels of all image blocks, each vector with its own base pointer, so that
+## neither the padding columns nor a part-filled last tile per image cost anything.
 ##
 ## Two layouts of the packed input (tile parameter BATCH_LAYOUT):
 ##   0  [n][c * phases][Hq][Wq]          vectors run along VEC output pixels (any batch);
@@ -36,15 +37,22 @@ ${common.vector_helpers("pscl_floatv", "float", VEC)}
 #define PSCL_TILE_PIX (PSCL_VEC * PSCL_PIX_VECS * PSCL_WG_PIX)
 % endif
 
-% if PACK_LANES == 0:
 ${common.udiv_helper()}
-// GPUs: one flat NDRange over the whole packed array, PACK_ITEMS elements per work-item
-// PACK_WG apart (coalesced), so that the work-groups are few and full however small the
-// planes (one work-group per plane row was launch-bound).  Packed pixel q lies in plane
-// q / plane_size (plane = (image or image block) * C * phases + channel * phases + phase);
-// with the batch layout, element e holds pixel e / VEC of image e % VEC of its block.
-// Elements past n_packed are the slack that the last pixel tile reads, zeroed.  The
-// divisions are multiplications by host-computed magic numbers (pscl_udiv).
+% if PACK_LANES == 0:
+// GPUs: one flat NDRange over the whole packed array, PACK_ITEMS packed pixels per
+// work-item PACK_WG apart (coalesced), so that the work-groups are few and full however
+// small the planes (one work-group per plane row was launch-bound).  Packed pixel q lies in
+// plane q / plane_size (plane = (image or image block) * C * phases + channel * phases +
+// phase); with the batch layout a packed pixel is VEC floats, one per image of its block,
+// so the index arithmetic is paid once per VEC floats (it, not memory, bounded the pass
+// when it was paid per float) and the store is one aligned vector.  Pixels past n_packed
+// are the slack that the last pixel tile reads, zeroed.  The divisions are
+// multiplications by host-computed magic numbers (pscl_udiv).
+% if BATCH_LAYOUT:
+typedef pscl_floatv pscl_packed;
+% else:
+typedef float pscl_packed;
+% endif
 __kernel __attribute__((reqd_work_group_size(${PACK_WG}, 1, 1)))
 void pscl_pack_input(
     __global const float *restrict x, const long x_offset,
@@ -58,16 +66,11 @@ void pscl_pack_input(
     const uint first = get_group_id(0) * (${PACK_WG} * ${PACK_ITEMS}) + get_local_id(0);
     __attribute__((opencl_unroll_hint(${PACK_ITEMS})))
     for (int u = 0; u < ${PACK_ITEMS}; ++u) {
-        const uint e = first + u * ${PACK_WG};
-        if (e >= n_total)
+        const uint q = first + u * ${PACK_WG};
+        if (q >= n_total)
             return;
-        float v = 0.0f;
-        if (e < n_packed) {
-% if BATCH_LAYOUT:
-            const uint q = e >> ${VEC.bit_length() - 1};
-% else:
-            const uint q = e;
-% endif
+        pscl_packed v = (pscl_packed)(0.0f);
+        if (q < n_packed) {
             const uint plane = pscl_udiv(q, div_plane_m, div_plane_s);
             const uint i = q - plane * plane_size;
             const uint iq = pscl_udiv(i, div_wq_m, div_wq_s);
@@ -76,18 +79,22 @@ void pscl_pack_input(
             const uint ph = pscl_udiv(phase, div_sw_m, div_sw_s);
             const int row = (int)(iq * stride_h + ph) - pad_top;
             const int col = (int)((i - iq * Wq) * stride_w + (phase - ph * stride_w)) - pad_left;
+            if (row >= 0 && row < H && col >= 0 && col < W) {
 % if BATCH_LAYOUT:
-            // nc = block * C + c; the source image is block * VEC + e % VEC.
-            const uint block = pscl_udiv(nc, div_c_m, div_c_s);
-            const long image = (long)block * ${VEC} + (e & ${VEC - 1});
-            const long src = (image * C + (nc - block * C)) * H;
+                // nc = block * C + c: image e of the block is C * H * W floats after image 0.
+                const uint block = pscl_udiv(nc, div_c_m, div_c_s);
+                const long image = (long)C * H * W;
+                const __global float *src = x + x_offset
+                    + (((long)block * ${VEC} * C + (nc - block * C)) * H + row) * W + col;
+%   for e in range(VEC):
+                ${common.component("v", VEC, e)} = src[${e} * image];
+%   endfor
 % else:
-            const long src = (long)nc * H;
+                v = x[x_offset + ((long)nc * H + row) * W + col];
 % endif
-            if (row >= 0 && row < H && col >= 0 && col < W)
-                v = x[x_offset + (src + row) * W + col];
+            }
         }
-        xpack[e] = v;
+        ((__global pscl_packed *)xpack)[q] = v;
     }
 }
 % else:
@@ -182,38 +189,51 @@ void pscl_conv2d_csr(
     __global const float *restrict bias,      // K (read only when HAS_BIAS)
     __global float *restrict out, const long out_offset,
     const int K, const int k_per_group, const int n_blocks, const int n_seg, const int OH,
-    const int OW, const int Wq, const long x_image_stride, const long x_group_stride)
+    const int OW, const int Wq, const long x_image_stride, const long x_group_stride,
+    const uint div_plane_m, const uint div_plane_s, const uint div_ow_m, const uint div_ow_s)
 {
     const int slot = get_global_id(PSCL_CH_DIM);
+% if COMPACT:
+    // The image blocks are part of the flat pixel range; dim 2 splits a work-group's share
+    // of it into WG_IMG tiles.
+<%  item_works = "slot < K" %>
+% else:
     const int n = get_global_id(2);           // image, or image block of VEC images
+<%  item_works = "slot < K && n < n_blocks" %>
+% endif
 % if CBLOCK:
     // Every item reaches every barrier; the ones past the edges do no work.
-    const int active = slot < K && n < n_blocks;
+    const int active = ${item_works};
     const int k = active ? row_order[slot] : 0;
 % else:
-    if (slot >= K || n >= n_blocks)
+    if (!(${item_works}))
         return;
     const int k = row_order[slot];
 % endif
     const int lane = get_local_id(PSCL_PIX_DIM);
-    // Virtual pixel of this work-item's first vector; its vectors are PSCL_PIX_STEP pixels
-    // apart so that neighbouring work-items read neighbouring memory (coalesced on GPUs).
-    const int p0 = get_group_id(PSCL_PIX_DIM) * PSCL_TILE_PIX
-                   + lane * (PSCL_PIX_STEP / PSCL_WG_PIX);
 % if COMPACT:
-    // COMPACT: p0 counts real output pixels (oh * OW + ow), so the Wq - OW padding columns
-    // cost nothing; each vector then has its own base in the packed input, at its virtual
-    // pixel oh * Wq + ow (a vector past the last pixel reads pixel 0 and is not stored).
-    const __global float *xgroup = xpack + n * x_image_stride
-        + (k / k_per_group) * x_group_stride;
+    // Real output pixel (block * OH * OW + oh * OW + ow) of this work-item's first vector;
+    // its vectors are PSCL_PIX_STEP pixels apart, so that neighbouring work-items read
+    // neighbouring memory (coalesced on GPUs).  Each vector has its own base in the packed
+    // input, at virtual pixel oh * Wq + ow of its block; one past the last pixel reads
+    // pixel 0 and is not stored.  The divisions are pscl_udiv by host magic numbers.
+    const int p0 = (get_group_id(PSCL_PIX_DIM) * ${WG_IMG} + get_local_id(2)) * PSCL_TILE_PIX
+                   + lane * (PSCL_PIX_STEP / PSCL_WG_PIX);
+    const int out_plane = OH * OW;
+    const __global float *xgroup = xpack + (k / k_per_group) * x_group_stride;
 %   for b in range(PIX_VECS):
-    const int v${b} = p0 + ${b} * PSCL_PIX_STEP;
-    const int live${b} = v${b} < OH * OW;
-    const int oh${b} = v${b} / OW;
-    const __global float *xb${b} = xgroup
-        + (live${b} ? (long)oh${b} * Wq + (v${b} - oh${b} * OW) : 0) * PSCL_PIX_FLOATS;
+    const int live${b} = p0 + ${b} * PSCL_PIX_STEP < n_blocks * out_plane;
+    const uint v${b} = live${b} ? p0 + ${b} * PSCL_PIX_STEP : 0;
+    const uint blk${b} = pscl_udiv(v${b}, div_plane_m, div_plane_s);
+    const uint q${b} = v${b} - blk${b} * out_plane;  // oh * OW + ow
+    const uint oh${b} = pscl_udiv(q${b}, div_ow_m, div_ow_s);
+    const __global float *xb${b} = xgroup + blk${b} * x_image_stride
+        + ((long)oh${b} * Wq + (q${b} - oh${b} * OW)) * PSCL_PIX_FLOATS;
 %   endfor
 % else:
+    // Virtual pixel of this work-item's first vector, as above.
+    const int p0 = get_group_id(PSCL_PIX_DIM) * PSCL_TILE_PIX
+                   + lane * (PSCL_PIX_STEP / PSCL_WG_PIX);
     const __global float *xbase = xpack + n * x_image_stride
         + (k / k_per_group) * x_group_stride + (long)p0 * PSCL_PIX_FLOATS;
 % endif
@@ -238,22 +258,30 @@ void pscl_conv2d_csr(
 % if HAS_BIAS:
     const pscl_floatv b_k = (pscl_floatv)(bias[k]);
 % endif
-% if BATCH_LAYOUT:
+% if COMPACT:
+    // Vector element e belongs to image blk * VEC + e: scatter each pixel to VEC images.
+    const long image = (long)K * out_plane;
+%   for b in range(PIX_VECS):
+    if (live${b}) {
+        __global float *dst = out + out_offset
+            + ((long)blk${b} * PSCL_VEC * K + k) * out_plane + q${b};
+        const pscl_floatv v = acc${b}${" + b_k" if HAS_BIAS else ""};
+%     for e in range(VEC):
+        dst[${e} * image] = ${common.component("v", VEC, e)};
+%     endfor
+    }
+%   endfor
+% elif BATCH_LAYOUT:
     // Vector element e belongs to image n * VEC + e: scatter each pixel to VEC images.
     __global float *dst = out + out_offset + ((long)n * PSCL_VEC * K + k) * OH * OW;
     const long image = (long)K * OH * OW;
 %   for b in range(PIX_VECS):
     {
-%     if COMPACT:
-        if (live${b}) {
-            const int q = v${b};
-%     else:
         const int p = p0 + ${b} * PSCL_PIX_STEP;
         const int oh = p / Wq;
         const int ow = p - oh * Wq;
         if (oh < OH && ow < OW) {
             const int q = oh * OW + ow;
-%     endif
             const pscl_floatv v = acc${b}${" + b_k" if HAS_BIAS else ""};
 %     for e in range(VEC):
             dst[${e} * image + q] = ${common.component("v", VEC, e)};

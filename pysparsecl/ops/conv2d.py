@@ -33,7 +33,7 @@ __all__ = ["CONV2D_CSR", "SparseConvWeight", "conv2d_sparse", "conv2d_output_sha
 PACK_WG = 64  # work-items per packing work-group, whatever their shape
 
 _PACK_ITEMS = TileParam("PACK_ITEMS", 4, (1, 2, 4, 8, 16),
-                        "elements per work-item of the flat packing pass (PACK_LANES = 0)")
+                        "packed pixels per work-item of the flat packing pass (PACK_LANES = 0)")
 
 CONV2D_CSR = ParamSpec(
     family="conv2d_csr",
@@ -50,9 +50,10 @@ CONV2D_CSR = ParamSpec(
         TileParam("BATCH_LAYOUT", 0, (0, 1),
                   "1: vectors run along VEC images (aligned loads) when VEC divides the batch"),
         TileParam("COMPACT", 0, (0, 1),
-                  "1: in the batch layout, work-items walk only the real output pixels, not "
-                  "the padding columns of the packed rows (2 of 9 on a 7x7 layer); ignored "
-                  "in the pixel layout, so that an override of the layout never clashes"),
+                  "1: in the batch layout, work-items walk one flat range over the real "
+                  "output pixels of all image blocks: no padding columns (2 of 9 on a 7x7 "
+                  "layer), no part-filled tile per image; ignored in the pixel layout, so "
+                  "that an override of the layout never clashes"),
         TileParam("UNROLL", 1, (1, 2, 4), "unroll hint for the loop over a row's nonzeros"),
         TileParam("CBLOCK", 0, (0, 4, 8, 16, 32),
                   "input channels per barrier-separated segment of each row, so a work-group "
@@ -412,12 +413,15 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
     group_stride = (C // weight.groups) * geom.phases * plane * pixel_floats
     image_stride = C * geom.phases * plane * pixel_floats
     tile = params["PIX_VECS"] * params["WG_PIX"] * (1 if batched else vec)  # pixels
-    # Pixels the tiles cover: real ones (COMPACT) or virtual ones (padding columns too).
-    n_tiles = -(-(geom.OH * (geom.OW if args["COMPACT"] else geom.Wq)) // tile)
+    compact = bool(args["COMPACT"])
+    # Pixels the tiles cover: the real ones of all image blocks in one range (COMPACT), or
+    # the virtual ones of each image (padding columns too).
+    n_tiles = -(-(geom.OH * geom.OW * n_blocks if compact else geom.OH * geom.Wq) // tile)
     row_floats = geom.Wq * pixel_floats
     n_rows = n_blocks * C * geom.phases * geom.Hq
-    # Slack rows that the last pixel tile may read past the packed input.
-    n_rows_total = n_rows + -(-(n_tiles * tile * pixel_floats) // row_floats)
+    # Slack rows that the last pixel tile of an image may read past the packed input
+    # (none with COMPACT, whose vectors past the end read pixel 0).
+    n_rows_total = n_rows + (0 if compact else -(-(n_tiles * tile * pixel_floats) // row_floats))
     n_total = n_rows_total * row_floats
     if group_stride + n_tiles * tile * pixel_floats > INT32_MAX or n_total > INT32_MAX:
         raise ValueError("the padded input is too large for int32 indexing "
@@ -437,18 +441,24 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
                      np.int32(n_rows_total), np.int32(C), np.int32(geom.H), np.int32(geom.W),
                      np.int32(geom.Hq), np.int32(geom.Wq), *stride_pad)
     else:
+        # Counted in packed pixels (pixel_floats floats each), as the flat pass walks them.
         per_group = PACK_WG * params["PACK_ITEMS"]
+        n_pixels = n_total // pixel_floats
         magic = [m for d in (plane, geom.Wq, geom.phases, geom.stride[1], C)
                  for m in udiv_magic(d)]
-        pack_args = ((-(-n_total // per_group) * PACK_WG,), (PACK_WG,),
+        pack_args = ((-(-n_pixels // per_group) * PACK_WG,), (PACK_WG,),
                      x_dev.base_data, elem_offset(x_dev), xpack.data,
-                     np.uint32(n_rows * row_floats), np.uint32(n_total), np.int32(C),
+                     np.uint32(n_rows * geom.Wq), np.uint32(n_pixels), np.int32(C),
                      np.int32(geom.H), np.int32(geom.W), np.uint32(plane), np.uint32(geom.Wq),
                      np.uint32(geom.phases), *stride_pad, *magic)
     ev_pack = kern["pscl_pack_input"](queue, *pack_args, wait_for=x_dev.events or None)
 
     wg_pix, wg_ch, wg_img = params["WG_PIX"], params["WG_CH"], params["WG_IMG"]
-    pix_size, ch_size, img_size = n_tiles * wg_pix, round_up(K, wg_ch), round_up(n_blocks, wg_img)
+    if compact:  # WG_IMG consecutive tiles per work-group, one per dim-2 slice
+        pix_size, img_size = -(-n_tiles // wg_img) * wg_pix, wg_img
+    else:
+        pix_size, img_size = n_tiles * wg_pix, round_up(n_blocks, wg_img)
+    ch_size = round_up(K, wg_ch)
     if params["CH_FASTEST"]:
         global_size, local_size = (ch_size, pix_size, img_size), (wg_ch, wg_pix, wg_img)
     else:
@@ -467,6 +477,7 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
         elem_offset(out_dev), np.int32(K), np.int32(K // weight.groups), np.int32(n_blocks),
         np.int32(n_seg), np.int32(geom.OH),
         np.int32(geom.OW), np.int32(geom.Wq), np.int64(image_stride), np.int64(group_stride),
+        *udiv_magic(geom.OH * geom.OW), *udiv_magic(geom.OW),
         wait_for=(([] if in_order else [ev_pack]) + list(out_dev.events)) or None)
     out_dev.add_event(ev_conv)
     # xpack goes back to the pool when this returns; that is safe because every later use
