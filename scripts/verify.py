@@ -246,7 +246,9 @@ def _workloads():
                        ("vmm 1-D 37x29 idx", matmul(1, 37, 29, "idx", vector=True)),
                        ("vmm 1x5x3 bool", matmul(1, 5, 3, "bool"))],
         "masked_gemm": [("gemm 5x37x29 bool, 2 empty rows", matmul(5, 37, 29, "bool", 2)),
-                        ("gemm 7x19x40 idx", matmul(7, 19, 40, "idx")),
+                        ("gemm 7x19x48 idx", matmul(7, 19, 48, "idx")),
+                        # N % 16 == 0: the tiled kernel reads the selection 16 at a time
+                        ("gemm 9x21x64 bool", matmul(9, 21, 64, "bool")),
                         # dense enough for the tiled kernel's dense tiles (DENSE > 0)
                         ("gemm 45x37x70 all selected", matmul(45, 37, 70, "bool", full=True))],
         "masked_dx": [("backward 5x37x29 bool, 1 empty row", backward(5, 37, 29, "bool", 1)),

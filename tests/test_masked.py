@@ -197,7 +197,9 @@ TILED_CASES = [MaskCase(2, 45, 33),                                  # one parti
                MaskCase(19, 3, 140, keep=0.3),                       # K below every chunk
                MaskCase(70, 40, 64, keep=1.0),                       # full: several rounds
                MaskCase(40, 71, 35, keep=1.0, form="idx"),
-               MaskCase(12, 70, 40, keep=0.5, empty_rows=12)]        # all False: zeros only
+               MaskCase(12, 70, 40, keep=0.5, empty_rows=12),        # all False: zeros only
+               MaskCase(37, 40, 128, keep=0.1),                      # N % 16 == 0: whole
+               MaskCase(21, 36, 96, keep=0.3, form="idx")]           # 16-entry mask loads
 
 
 @pytest.mark.parametrize("params", TILED_GEMM, ids=_ids)
@@ -228,14 +230,16 @@ def test_dense_and_sparse_tiles_in_one_launch(queue, rng, form, params):
         _check(_poisoned_call(queue, x, w, mask), x, w, mask)
 
 
+@pytest.mark.parametrize("n", [50, 64])
 @pytest.mark.parametrize("form", ["bool", "idx"])
-def test_gpu_variants_on_device_arrays_with_offsets(queue, rng, form):
-    """Offset device arrays (x unaligned for float4 loads), an output poisoned with NaN that
-    must be fully overwritten, and repeated calls (split-K included) that agree exactly."""
+def test_gpu_variants_on_device_arrays_with_offsets(queue, rng, form, n):
+    """Offset device arrays (x unaligned for float4 loads; a mask one row in, which keeps
+    16-entry loads aligned when N = 64), an output poisoned with NaN that must be fully
+    overwritten, and repeated calls (split-K included) that agree exactly."""
     for m, family, params in ((1, "masked_vmm", SPLIT_VMM[1]),
                               (29, "masked_gemm", TILED_GEMM[1]),
                               (29, "masked_gemm", TILED_GEMM[5])):
-        x, w, mask = MaskCase(m, 68, 50, keep=0.4, form=form).make(rng)
+        x, w, mask = MaskCase(m, 68, n, keep=0.4, form=form).make(rng)
         padded = np.concatenate([np.zeros(1, np.float32), x.ravel()])
         x_dev = cl_array.to_device(queue, padded)[1:].reshape(x.shape)   # offset: 1 float
         mask_dev = cl_array.to_device(queue, np.concatenate([mask[:1], mask]))[1:]
@@ -270,7 +274,8 @@ def test_gpu_variant_parameters_are_declared_once():
         for split in (1, 2):
             params = MASKED_GEMM.check(dict(TILE=64, WG=256, SPLITK=split))
             source = runtime.render("masked_gemm.cl.mako",
-                                    **template_args("gemm", dict(params, ALIGNED=1), form))
+                                    **template_args("gemm", dict(params, ALIGNED=1,
+                                                                 MASK_ALIGNED=1), form))
             assert "pscl_masked_gemm_tiled" in source
             assert ("pscl_gemm_splitk_sum" in source) == (split > 1)
 

@@ -122,11 +122,13 @@ _GEMM_SPLITK = TileParam("SPLITK", 1, (1, 2, 4),
 
 
 def gemm_local_bytes(p) -> int:
-    """Local memory of the tiled GEMM: one buffer holds, in turn, the row scan, a round's
-    units (row, count and GROUP columns, a byte each) and the staged x and W^T chunks."""
+    """Local memory of the tiled GEMM: one buffer holds, in turn, the tile's selection bits
+    beside the row scan, a round's units (row, count and GROUP columns, a byte each) and the
+    staged x and W^T chunks."""
     staged = 4 * p["KC"] * (p["TILE_M"] + p["TILE"])
     units = p["WG"] * p["UNITS"] * (2 + p["GROUP"])
-    return max(staged, 4 * p["WG"], -(-units // 16) * 16)
+    selection = 4 * p["WG"] + p["TILE_M"] * p["TILE"] // 8
+    return max(staged, -(-selection // 16) * 16, -(-units // 16) * 16)
 
 
 MASKED_GEMM = ParamSpec(
@@ -618,10 +620,14 @@ def _launch_gemm_tiled(queue, params, form, x_dev, rows, ldw, sel_buf, sel_off, 
     k_len = round_up(-(-k_in // split), kc)        # whole chunks per slice
     n_slices = -(-k_in // k_len)                   # none of them empty
     names = ("pscl_masked_gemm_tiled",) + (("pscl_gemm_splitk_sum",) if split > 1 else ())
-    # Whole float4 staging loads need every x and wt row, and K, to be float4-aligned.
+    # Whole float4 staging loads need every x and wt row, and K, to be float4-aligned;
+    # whole 16-entry loads of the selection need its rows and offset to be 16-aligned.
     aligned = k_in % 4 == 0 and ldw % 4 == 0 and elem_offset(x_dev) % 4 == 0
+    mask_aligned = n_cols % 16 == 0 and int(sel_off) % 16 == 0
     kerns = runtime.kernels(ctx, "masked_gemm.cl.mako", names,
-                            **template_args("gemm", dict(params, ALIGNED=int(aligned)), form))
+                            **template_args("gemm", dict(params, ALIGNED=int(aligned),
+                                                         MASK_ALIGNED=int(mask_aligned)),
+                                            form))
     total = n_rows * out_cols
     if split > 1:
         check_alloc(queue, 4 * n_slices * total, "the split-K partial sums")
