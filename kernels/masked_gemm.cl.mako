@@ -482,6 +482,25 @@ void pscl_masked_vmm_split(
 </%def>
 
 <%def name="gemm_kernel()">
+% if ZEROED:
+// A bool mask's dense output, zeroed row-major before the column kernel runs, which then
+// writes only the selected outputs.  Written by the column kernel, one column at a time,
+// the zeros of a 4096 x 1024 output took about 5.7 ms on the 2-core PoCL CPU, against
+// 0.3-0.6 ms here (the whole product at 10% keep: 19 ms).  A work-item zeroes
+// ${ZERO_CHUNK} floats.
+__kernel void pscl_zero_fill(__global float *restrict out, const long out_off, const long n)
+{
+    const long begin = (long)get_global_id(0) * ${ZERO_CHUNK};
+    const long end = min(n, begin + ${ZERO_CHUNK});
+    __global float *o = out + out_off;
+    long e = begin;
+    for (; e + 16 <= end; e += 16)
+        vstore16((float16)(0.0f), 0, o + e);
+    for (; e < end; ++e)
+        o[e] = 0.0f;
+}
+
+% endif
 // Column-oriented masked product.  Work-item (j, b) owns column j within row block b: it
 // scans the selection of column j down the block and computes the selected outputs
 // GROUP rows at a time, each group sharing the loads of wt[j, :].  Dim 0 walks columns,
@@ -511,7 +530,9 @@ void pscl_masked_gemm(
 % if MASK == "bool":
         const long e = (long)i * N + j;
         if (!sel[sel_off + e]) {
+%   if not ZEROED:
             o[e] = 0.0f;
+%   endif
             continue;
         }
         dsts[g] = e;

@@ -245,11 +245,16 @@ MASKED_CONV_CH = ParamSpec(
 TRANSPOSE_WG = 4      # 16 x 16 tiles per transpose work-group
 
 
+ZERO_CHUNK = 4096     # floats zeroed per work-item before the column kernel (bool masks)
+
+
 def template_args(kind: str, params=None, mask: str = "bool") -> dict:
     """Everything masked_gemm.cl.mako renders from, for one ``kind`` of kernel."""
     if kind == "util":
         return dict(KIND="util")
-    return dict(params, KIND=kind, MASK=mask)
+    # Variants the wrappers choose per call (not tile parameters); off unless given.
+    return dict(dict(ZEROED=0, MASK_ALIGNED=0), **params, KIND=kind, MASK=mask,
+                ZERO_CHUNK=ZERO_CHUNK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -594,8 +599,20 @@ def _launch_forward(queue, x_dev, rows, ldw, sel: _Selection, mask_dev, out_dev,
                                     out_dev, n_rows, n_cols, k_in, sel.n_entries, wait,
                                     events)
         else:
-            kern = runtime.kernels(ctx, "masked_gemm.cl.mako", ("pscl_masked_gemm",),
-                                   **template_args("gemm", params, form))["pscl_masked_gemm"]
+            # A bool mask's zeros are written by a row-major pass first (see the template).
+            zeroed = form == "bool"
+            names = ("pscl_masked_gemm",) + (("pscl_zero_fill",) if zeroed else ())
+            kerns = runtime.kernels(ctx, "masked_gemm.cl.mako", names,
+                                    **template_args("gemm", dict(params, ZEROED=int(zeroed)),
+                                                    form))
+            kern = kerns["pscl_masked_gemm"]
+            if zeroed:
+                ev = kerns["pscl_zero_fill"](
+                    queue, (-(-out_dev.size // ZERO_CHUNK),), None, out_dev.base_data,
+                    elem_offset(out_dev), np.int64(out_dev.size), wait_for=wait or None)
+                wait = [ev]                   # it waited for everything before it
+                if events is not None:
+                    events.append(ev)
             block = rows_per_block(params, n_rows, k_in)
             # (Padding x's rows, as the backward does, measured no gain here.)
             ev = kern(queue, (round_up(n_cols, params["WG"]), -(-n_rows // block)),
