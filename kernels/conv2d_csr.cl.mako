@@ -175,9 +175,10 @@ void pscl_pack_input(
 // the accumulators in registers.  Rows are visited heaviest first (row_order).
 //
 // CBLOCK > 0 (CPUs): each row is cut into segments of CBLOCK input channels (row_ptr then
-// holds n_seg + 1 offsets per row) with a barrier between segments, so that the work-group's items all
-// finish one block of input channels before any starts the next: PoCL runs the items one
-// after another between barriers, and the block's input tile stays in L1 for all of them.
+// holds n_seg + 1 offsets per row) with a barrier between segments, so that the
+// work-group's items all finish one block of input channels before any starts the next:
+// PoCL runs the items one after another between barriers, and the block's input tile
+// stays in L1 for all of them.
 __kernel __attribute__((reqd_work_group_size(
     ${"PSCL_WG_CH, PSCL_WG_PIX" if CH_FASTEST else "PSCL_WG_PIX, PSCL_WG_CH"}, ${WG_IMG})))
 void pscl_conv2d_csr(

@@ -63,7 +63,7 @@ CONV2D_CSR = ParamSpec(
                   "planes"),
         TileParam("PACK_LANES", 1, (0, 1, 8, 32, 64),
                   "work-items copying one row of the packed input; 0: a flat pass, "
-                  "PACK_ITEMS elements per work-item (GPUs)"),
+                  "PACK_ITEMS packed pixels per work-item (GPUs)"),
         _PACK_ITEMS,
     ),
     constraints=(

@@ -33,6 +33,7 @@ from ._common import (
     to_device,
 )
 from .masked import (
+    LOCAL_MEM_BYTES,
     MaskedLinearWeight,
     _conv_geometry,
     _pack_conv_input,
@@ -77,7 +78,7 @@ DRS_PROJECT = ParamSpec(
         Constraint("accumulators_fit_registers", lambda p: p["ROWS"] * p["KVEC"] <= 16,
                    "ROWS * KVEC vector accumulators must fit the register file"),
         Constraint("reduction_fits_local_memory",
-                   lambda p: project_local_bytes(p) <= 32 * 1024,
+                   lambda p: project_local_bytes(p) <= LOCAL_MEM_BYTES,
                    "the DSPLIT partial tiles fit 32 KiB of local memory"),
     ),
     work_group_size=lambda p: max(p["WG"], p["DSPLIT"]),

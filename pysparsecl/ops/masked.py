@@ -253,8 +253,8 @@ def template_args(kind: str, params=None, mask: str = "bool") -> dict:
     if kind == "util":
         return dict(KIND="util")
     # Variants the wrappers choose per call (not tile parameters); off unless given.
-    return dict(dict(ZEROED=0, MASK_ALIGNED=0), **params, KIND=kind, MASK=mask,
-                ZERO_CHUNK=ZERO_CHUNK)
+    return {"ZEROED": 0, "MASK_ALIGNED": 0, **params, "KIND": kind, "MASK": mask,
+            "ZERO_CHUNK": ZERO_CHUNK}
 
 
 # ---------------------------------------------------------------------------------------------

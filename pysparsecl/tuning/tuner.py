@@ -54,9 +54,7 @@ class Candidate:
     @property
     def total_ms(self) -> float:
         """The score over every problem: the weighted sum of their times."""
-        if self.error or not self.times_ms:
-            return math.inf
-        return self.score(self.times_ms, range(len(self.times_ms)))
+        return self.class_ms(range(len(self.times_ms)))
 
     def class_ms(self, indices: Sequence[int]) -> float:
         """The score over the problems at ``indices`` (one shape class)."""
