@@ -5,6 +5,14 @@ Dense: ``conv2d`` and ``matmul``.  Sparse (CSR): the pruned conv weight times
 for DSG's output masks, ``torch.sparse.sampled_addmm`` (SDDMM: only the outputs at the
 mask's CSR positions).  A sparse baseline that this torch build or device does not offer
 is skipped, and the reason lands in :attr:`Torch.notes` (the results header), never a crash.
+
+Timing (:meth:`Torch.timer`): our kernels are timed by OpenCL profiling events, which hold
+device time only, so torch on CUDA is timed by device time too -- a CUDA graph of
+back-to-back calls replayed between two CUDA events, per call -- never by the host's wall
+clock around a launch and a synchronize, which adds the launch latency (tens of
+microseconds, as much as a small kernel) to torch's side alone.  On the CPU, where torch
+blocks, the wall time of a call is its time.  Whole calls are compared with whole calls
+(:meth:`Torch.call_timer`).
 """
 
 from __future__ import annotations
@@ -12,9 +20,12 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from timing import wall_ms
 
 #: A baseline whose result differs from ours by more than this is not reported.
 MATCH_TOL = 1e-3
+#: Back-to-back calls per CUDA-graph replay in :meth:`Torch.timer`.
+GRAPH_CALLS = 10
 
 
 def _first_line(exc: BaseException) -> str:
@@ -70,8 +81,56 @@ class Torch:
         if self.device == "cuda":
             self.torch.cuda.synchronize()
 
+    @property
+    def timing_note(self) -> str:
+        return ("torch by CUDA-graph replays between CUDA events (device time per call)"
+                if self.device == "cuda" else "torch by wall time")
+
+    def timer(self, enqueue, calls: int = GRAPH_CALLS):
+        """A timer (no arguments, returns ms) of ``enqueue()``, which queues one torch call
+        and does not wait for it.  On CUDA: ``calls`` back-to-back calls captured once in a
+        CUDA graph, each sample one replay between CUDA events, divided by ``calls``
+        (device time; the graph also keeps host launch gaps out).  Where capture fails
+        (an op torch cannot capture), the same calls are queued directly between the
+        events instead.  On the CPU: the wall time of one call."""
+        if self.device != "cuda":
+            return wall_ms(enqueue)
+        cuda = self.torch.cuda
+        start, end = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)
+        side = cuda.Stream()
+        side.wait_stream(cuda.current_stream())
+        with cuda.stream(side):      # capture wants its warm-up on a side stream
+            for _ in range(3):
+                enqueue()
+        cuda.current_stream().wait_stream(side)
+        self.sync()
+        graph = cuda.CUDAGraph()
+        try:
+            with cuda.graph(graph):
+                for _ in range(calls):
+                    enqueue()
+            replay = graph.replay
+        except Exception:            # e.g. cuSPARSE's workspace: queue the calls directly
+            self.sync()
+
+            def replay():
+                for _ in range(calls):
+                    enqueue()
+
+        def timed():
+            start.record()
+            replay()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / calls
+        return timed
+
+    def call_timer(self, enqueue):
+        """A timer of one whole blocking call: ``enqueue()``, then wait (wall time)."""
+        return wall_ms(lambda: (enqueue(), self.sync()))
+
     def checked(self, name: str, case: str, make, result_of, ours):
-        """``make()`` builds a blocking ``run()`` that returns its result; compare
+        """``make()`` builds a ``run()`` that queues one call and returns its result; compare
         ``result_of(run)`` (one call, as a NumPy array in the layout of ``ours``) with ours.
         Returns ``(run, rel_diff)``, or ``(None, None)`` with a note when torch lacks the
         op, the device refuses it or its result does not match ours."""
@@ -89,7 +148,7 @@ class Torch:
         return run, diff
 
     def conv2d_fn(self, case, x, w):
-        """A blocking call of torch's dense conv2d on ``case`` (inputs moved once)."""
+        """``run()`` queues torch's dense conv2d on ``case`` (inputs moved once)."""
         t = self.torch
         xt = t.from_numpy(x).to(self.device)
         wt = t.from_numpy(w).to(self.device)
@@ -98,11 +157,10 @@ class Torch:
             with t.no_grad():
                 t.nn.functional.conv2d(xt, wt, None, case.stride, case.padding,
                                        case.dilation, case.groups)
-            self.sync()
         return run
 
     def csr_conv2d_fn(self, case, x, csr):
-        """A blocking ``run()`` of torch CSR weight (K, C*R*S) @ unfold(x), the unfold
+        """``run()`` queues torch CSR weight (K, C*R*S) @ unfold(x), the unfold
         included in the time (as SciPy's im2col is); returns (K, N, OH, OW) like the SciPy
         baseline.  Inputs are moved to the device once, outside the timed call."""
         t = self.torch
@@ -122,7 +180,6 @@ class Torch:
                                               case.stride)        # (N, C*R*S, OH*OW)
                 cols = cols[0] if n == 1 else cols.transpose(0, 1).reshape(crs, -1)
                 y = t.sparse.mm(wt, cols).reshape(out_shape)
-            self.sync()
             return y
         return run
 
@@ -133,7 +190,7 @@ class Torch:
                 .to_sparse_csr() for m in masks]
 
     def sddmm_fn(self, x, w, csr_masks):
-        """A blocking ``run()`` of ``sampled_addmm(mask, x, w, beta=0)``: x @ w only at the
+        """``run()`` queues ``sampled_addmm(mask, x, w, beta=0)``: x @ w only at the
         CSR mask's positions.  Each call takes the next of ``csr_masks`` (rotating, as our
         timed calls do); ``run(0)`` uses the first."""
         t = self.torch
@@ -146,6 +203,5 @@ class Torch:
                 i = state["i"]
             with t.no_grad():
                 y = t.sparse.sampled_addmm(csr_masks[i], xt, wt, beta=0.0)
-            self.sync()
             return y
         return run

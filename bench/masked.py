@@ -3,9 +3,10 @@
 
 ``python3 bench/masked.py [--device SPEC] [--quick]`` (or ``bench_masked(queue, args, rng)``
 from another driver).  Every contender is measured in the same run, in interleaved rounds
-(bench/run.py's ``interleaved_medians``): our kernels by OpenCL profiling events, dense
-torch and NumPy by wall time of a blocking call, and so the sparse baseline for output
-masks: torch's SDDMM, ``torch.sparse.sampled_addmm`` (cuSPARSE on CUDA), which computes
+(bench/timing.py's ``interleaved_medians``): our kernels by OpenCL profiling events,
+torch by device time on CUDA and wall time on the CPU (``baselines.Torch.timer``), NumPy by
+wall time; whole calls against whole calls.  The sparse baseline for output masks is
+torch's SDDMM, ``torch.sparse.sampled_addmm`` (cuSPARSE on CUDA), which computes
 x @ w only at the positions of the same mask held as CSR (built once per mask, untimed;
 its result is checked against ours).  Each timed call of ours, and of the SDDMM, gets a
 different mask (a rotating set), as DSG inference would, so the selected weight rows are
@@ -89,8 +90,9 @@ def bench_matmul(queue, torch_b, args, rng):
             def torch_mm(xt=xt, wt=wt):
                 with t.no_grad():
                     t.matmul(xt, wt)
-                torch_b.sync()
-            dense["torch"] = wall_ms(torch_mm)
+            dense["torch"] = torch_b.timer(torch_mm)
+            if torch_b.device == "cuda":   # on the CPU the same as "torch"
+                dense["torch_call"] = torch_b.call_timer(torch_mm)
         if not args.no_numpy:
             dense["numpy"] = wall_ms(lambda x=x, w=w: x @ w)
         proj = ps.SparseRandomProjection(k, seed=1, queue=queue)
@@ -122,11 +124,12 @@ def bench_matmul(queue, torch_b, args, rng):
                 queue.finish()
             timers = {"ours": event_ms(ours, queue), "call": wall_ms(call), **dense}
             if sddmm is not None:
-                timers["sddmm"] = wall_ms(sddmm)
+                timers["sddmm"] = torch_b.timer(sddmm)
             med = interleaved_medians(timers, args.rounds, slow=("numpy",))
             drs = _drs_ms(queue, lambda ev: ps.drs_mask(x_dev, None, sparsity, projection=pw,
                                                         events=ev))
             torch_ms, sddmm_ms = med.get("torch"), med.get("sddmm")
+            torch_call_ms = med.get("torch_call")   # measured apart on CUDA only
             family = "masked_vmm" if m == 1 else "masked_gemm"
             shape_class = masked_matmul_shape_class(m, k, n)
             rows.append(dict(
@@ -137,7 +140,9 @@ def bench_matmul(queue, torch_b, args, rng):
                 ours_call_ms=med["call"], torch_dense_ms=torch_ms,
                 numpy_dense_ms=med.get("numpy"), sddmm_ms=sddmm_ms,
                 speedup_vs_torch=torch_ms / med["ours"] if torch_ms else None,
-                call_speedup_vs_torch=torch_ms / med["call"] if torch_ms else None,
+                **({"torch_call_ms": torch_call_ms} if torch_call_ms else {}),
+                call_speedup_vs_torch=((torch_call_ms or torch_ms) / med["call"]) if torch_ms
+                else None,
                 speedup_vs_numpy=med["numpy"] / med["ours"] if "numpy" in med else None,
                 speedup_vs_sddmm=sddmm_ms / med["ours"] if sddmm_ms else None,
                 sddmm_rel_diff=sddmm_diff,
@@ -162,7 +167,7 @@ def bench_conv(queue, torch_b, args, rng):
         kw = dict(stride=case.stride, padding=case.padding, dilation=case.dilation)
         dense = {}
         if torch_b.torch is not None:
-            dense["torch"] = wall_ms(torch_b.conv2d_fn(case, x, w))
+            dense["torch"] = torch_b.timer(torch_b.conv2d_fn(case, x, w))
         d = case.C * case.kernel[0] * case.kernel[1]
         proj = ps.SparseRandomProjection(d, seed=2, queue=queue)
         pw = proj.project_weight(ps.MaskedLinearWeight(w.reshape(case.K, d), transposed=True,
@@ -223,6 +228,7 @@ COLUMNS = [("op", "op", "{}"), ("shape", "shape", "{}"), ("sparsity", "sparsity"
            ("ours_kernel_ms", "ours ms", "{:.3f}"), ("ours_call_ms", "call ms", "{:.3f}"),
            ("ours_channel_ms", "channel-mask ms", "{:.3f}"),
            ("torch_dense_ms", "torch dense ms", "{:.3f}"),
+           ("torch_call_ms", "torch call ms", "{:.3f}"),
            ("numpy_dense_ms", "numpy dense ms", "{:.3f}"),
            ("sddmm_ms", "sddmm ms", "{:.3f}"),
            ("speedup_vs_torch", "x torch", "{:.2f}"),
@@ -234,7 +240,7 @@ COLUMNS = [("op", "op", "{}"), ("shape", "shape", "{}"), ("sparsity", "sparsity"
            ("rel_error", "rel err", "{:.1e}")]
 
 
-def markdown_table(rows, drop_absent: bool = False):
+def markdown_table(rows, drop_absent: bool = True):
     """``drop_absent``: leave out columns that no row has (results from before the field)."""
     return report.markdown_table(rows, COLUMNS, drop_absent=drop_absent)
 
@@ -265,7 +271,7 @@ def main(argv=None):
         "pysparsecl": ps.__version__,
         "baselines": torch_b.note,
         "timing": f"{args.rounds} interleaved rounds x (1 warm-up + 3 timed); median; ours "
-                  "by profiling events, baselines by wall time",
+                  f"by profiling events, {torch_b.timing_note}, NumPy by wall time",
         "params": {spec: tuning.lookup(getattr(__import__(mod, fromlist=[spec]), spec),
                                        device)
                    for mod, spec in (("pysparsecl.ops.masked", "MASKED_VMM"),

@@ -13,8 +13,8 @@ that fails to build, run or agree is recorded with its error and the sweep goes 
 
 In the same run, when torch is installed: the dense product (``torch.matmul``, TF32 off) and
 ``torch.sparse.sampled_addmm`` with the mask as a CSR matrix, on CUDA when our device is a
-GPU and CUDA is there (else on the CPU), timed by wall clock between
-``torch.cuda.synchronize()`` calls, median of --reps.
+GPU and CUDA is there (else on the CPU), timed as bench/baselines.py's ``Torch.timer``
+does (device time on CUDA, wall time on the CPU), median of --reps.
 
 Prints a table per shape and writes JSON ($OUT/masked_sweep.json when OUT is set, else
 bench/results/masked-sweep-<device>.json, or --json) with every timing, the best
@@ -30,13 +30,14 @@ import os
 import random
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pyopencl.array as cl_array  # noqa: E402
+from baselines import Torch  # noqa: E402
 
 import pysparsecl as ps  # noqa: E402
 from pysparsecl import runtime, tuning  # noqa: E402
@@ -131,37 +132,17 @@ def time_ours(queue, x_dev, weight, masks, out_dev, reps):
     return float(np.median([sum(t) for t in times])), [round(float(t), 5) for t in per_kernel]
 
 
-class TorchBaselines:
-    """Dense torch.matmul and torch.sparse.sampled_addmm, when torch is there."""
+class TorchBaselines(Torch):
+    """Dense torch.matmul and torch.sparse.sampled_addmm, when torch is there, timed as
+    bench/baselines.py's :meth:`Torch.timer` times them (device time on CUDA)."""
 
     def __init__(self, want_cuda: bool):
-        try:
-            import torch
-        except ImportError:
-            self.torch, self.note = None, "torch not installed: baselines skipped"
-            return
-        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-        self.torch = torch
-        self.device = "cuda" if want_cuda and torch.cuda.is_available() else "cpu"
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        self.note = f"torch {torch.__version__} on {self.device}" + (
-            f" ({torch.cuda.get_device_name()}, TF32 off)" if self.device == "cuda" else
-            f" ({torch.get_num_threads()} threads)")
+        super().__init__(want_gpu=want_cuda)
 
     def _median_ms(self, fn, reps):
-        t = self.torch
-        sync = t.cuda.synchronize if self.device == "cuda" else (lambda: None)
-        fn()
-        sync()
-        times = []
-        for _ in range(reps):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append(1e3 * (time.perf_counter() - t0))
-        return float(np.median(times))
+        timer = self.timer(fn)
+        timer()
+        return float(np.median([timer() for _ in range(reps)]))
 
     def operands(self, x, w):
         t = self.torch

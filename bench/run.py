@@ -86,9 +86,11 @@ def bench_conv2d(queue, torch_b, args, rng):
                                              queue.finish())),
                 }
                 if torch_fn is not None:
-                    timers["torch"] = wall_ms(torch_fn)
+                    timers["torch"] = torch_b.timer(torch_fn)
+                    if torch_b.device == "cuda":   # on the CPU the same as "torch"
+                        timers["torch_call"] = torch_b.call_timer(torch_fn)
                 if torch_csr is not None:
-                    timers["torch_csr"] = wall_ms(torch_csr)
+                    timers["torch_csr"] = torch_b.timer(torch_csr)
                 if not args.no_scipy:
                     timers["scipy"] = wall_ms(
                         lambda: (csr @ im2col(x, case)).reshape(case.K, n, *case.output_hw))
@@ -101,6 +103,7 @@ def bench_conv2d(queue, torch_b, args, rng):
                     pack_ms.append((events[0].profile.end - events[0].profile.start) * 1e-6)
                 kernel_ms, call_ms = med["kernel"], med["call"]
                 torch_ms, scipy_ms = med.get("torch"), med.get("scipy")
+                torch_call_ms = med.get("torch_call")   # measured apart on CUDA only
                 csr_ms = med.get("torch_csr")
                 nnz_flops = 2.0 * csr.nnz * n * np.prod(case.output_hw)
                 shape_class = conv2d_shape_class(n, case.C // case.groups, case.output_hw,
@@ -114,7 +117,9 @@ def bench_conv2d(queue, torch_b, args, rng):
                     torch_dense_ms=torch_ms, scipy_csr_im2col_ms=scipy_ms, torch_csr_ms=csr_ms,
                     nnz_gflops=nnz_flops / kernel_ms / 1e6,
                     speedup_vs_torch=(torch_ms / kernel_ms) if torch_ms else None,
-                    call_speedup_vs_torch=(torch_ms / call_ms) if torch_ms else None,
+                    **({"torch_call_ms": torch_call_ms} if torch_call_ms else {}),
+                    call_speedup_vs_torch=((torch_call_ms or torch_ms) / call_ms) if torch_ms
+                    else None,
                     speedup_vs_scipy=(scipy_ms / kernel_ms) if scipy_ms else None,
                     speedup_vs_torch_csr=(csr_ms / kernel_ms) if csr_ms else None,
                     rel_error=err, torch_csr_rel_diff=csr_diff))
@@ -126,6 +131,7 @@ COLUMNS = [("layer", "layer", "{}"), ("N", "N", "{}"), ("sparsity", "sparsity", 
            ("ours_kernel_ms", "ours ms", "{:.3f}"), ("pack_ms", "of which pack", "{:.3f}"),
            ("ours_call_ms", "call ms", "{:.3f}"),
            ("torch_dense_ms", "torch dense ms", "{:.3f}"),
+           ("torch_call_ms", "torch call ms", "{:.3f}"),
            ("scipy_csr_im2col_ms", "scipy ms", "{:.2f}"),
            ("torch_csr_ms", "torch csr ms", "{:.3f}"),
            ("speedup_vs_torch", "x torch", "{:.2f}"),
@@ -135,7 +141,7 @@ COLUMNS = [("layer", "layer", "{}"), ("N", "N", "{}"), ("sparsity", "sparsity", 
            ("nnz_gflops", "nnz GFLOP/s", "{:.1f}")]
 
 
-def markdown_table(rows, drop_absent: bool = False):
+def markdown_table(rows, drop_absent: bool = True):
     """``drop_absent``: leave out columns that no row has (results from before the field)."""
     return report.markdown_table(rows, COLUMNS, drop_absent=drop_absent)
 
@@ -184,8 +190,9 @@ def readme_headline(results_dir: Path = RESULTS) -> str:
             continue
         data = json.loads(path.read_text())
         h = data["header"]
+        timing = f"; timing: {h['timing']}" if h.get("timing") else ""
         parts += [f"**{h['device']}** (driver {h['driver']}; {h['date']}; baselines: "
-                  f"{h['baselines']}; full tables: [bench/results/{path.stem}.md]"
+                  f"{h['baselines']}{timing}; full tables: [bench/results/{path.stem}.md]"
                   f"(bench/results/{path.stem}.md))", ""]
         conv = [r for r in data.get("rows", []) if r.get("op") == "conv2d_sparse"]
         if conv:
@@ -265,7 +272,8 @@ def main(argv=None):
         # Each family's entry for this device; per-shape-class entries are listed with
         # the tables whose rows used them.
         "params": {family: tuning.lookup(spec, device) for family, spec in SPECS.items()},
-        "timing": f"{args.rounds} interleaved rounds x (1 warm-up + 3 timed runs); median",
+        "timing": f"{args.rounds} interleaved rounds x (1 warm-up + 3 timed runs); median; "
+                  f"ours by profiling events, {torch_b.timing_note}",
     }
     print(json.dumps(header, indent=1))
     rng = np.random.default_rng(2026)
