@@ -402,6 +402,13 @@ ${gemm_kernel() if TILE == 0 else gemm_tiled_kernel()}
 // local memory XCHUNK floats at a time, read from memory once per work-group.  Partial
 // sums meet in a tree in local memory.  ALIGNED: the weight rows start at multiples of
 // VEC floats, so a vector is read through a vector pointer (one wide load).
+//
+// LIST_IN_KERNEL (bool masks up to a host limit on N): no pscl_bool_compact before this
+// kernel.  Every work-group scans the whole mask row itself, 16 entries per item and step,
+// and an exclusive scan of the items' counts places the selected columns; the group keeps
+// only its own TEAMS * GROUP entries of the list, and writes the zeros of its own
+// TEAMS * GROUP columns.  On NVIDIA's OpenCL even a tiny kernel takes 6-7 us, which the
+// redundant scan (N bytes per work-group, from cache) undercuts while N is small.
 % if ALIGNED:
 #define PSCL_WLOAD(v, p) (((const __global pscl_floatv *)(p))[v])
 % else:
@@ -411,9 +418,13 @@ __kernel __attribute__((reqd_work_group_size(${items}, 1, 1)))
 void pscl_masked_vmm_split(
     __global const float *restrict x, const long x_off,     // (M, K)
     __global const float *restrict wt,                       // (N, K), row stride ldw
+% if LIST_IN_KERNEL:
+    __global const uchar *restrict mask, const long mask_off, // (M, N) bool
+% else:
     __global const int *restrict list, const long list_off,  // (M, n_entries) columns
-% if MASK == "bool":
+%   if MASK == "bool":
     __global const int *restrict counts,                     // (M,) list lengths
+%   endif
 % endif
     __global float *restrict out, const long out_off,        // (M, N) or (M, n_keep)
     const int N, const int K, const int ldw,
@@ -427,8 +438,49 @@ void pscl_masked_vmm_split(
     const int team = lid >> ${SPLIT.bit_length() - 1};
     const int row = get_global_id(1);
     const long row_base = (long)row * n_entries;
-    const int n_sel = ${"counts[row]" if MASK == "bool" else "n_entries"};
     const int group0 = get_group_id(0) * ${outs};
+% if LIST_IN_KERNEL:
+    // red and xs are free until the K loop: red holds the scan, xs this group's entries.
+    __local int *sums = (__local int *)red;
+    __local int *sel = (__local int *)xs;
+    const __global uchar *m = mask + mask_off + (long)row * N;
+    __global float *o = out + out_off + row_base;
+    int n_sel = 0;
+    for (int b0 = 0; b0 < N; b0 += ${items * 16}) {
+        const int e0 = b0 + lid * 16;
+        uint bits = 0;
+        if (e0 + 16 <= N) {
+            const uchar16 v = vload16(0, m + e0);
+%   for u in range(16):
+            bits |= (uint)(v.s${"%x" % u} != 0) << ${u};
+%   endfor
+        } else {
+            for (int u = 0; u < N - e0; ++u)
+                bits |= (uint)(m[e0 + u] != 0) << u;
+        }
+        if (e0 < group0 + ${outs} && e0 + 16 > group0) {  // this group's columns: zeros
+            for (int u = max(group0 - e0, 0); u < min(min(16, N - e0), group0 + ${outs} - e0); ++u)
+                if (!(bits >> u & 1u))
+                    o[e0 + u] = 0.0f;
+        }
+        const int n = popcount(bits);
+        ${common.inclusive_scan("sums", "n", items)}
+        int pos = n_sel + sums[lid] - n;
+        if (pos < group0 + ${outs} && pos + n > group0) {
+            while (bits) {
+                const uint low = bits & (0u - bits);
+                if (pos >= group0 && pos < group0 + ${outs})
+                    sel[pos - group0] = e0 + 31 - (int)clz(low);
+                ++pos;
+                bits ^= low;
+            }
+        }
+        n_sel += sums[${items - 1}];
+        barrier(CLK_LOCAL_MEM_FENCE);   // sums is rewritten by the next step; sel is complete
+    }
+% else:
+    const int n_sel = ${"counts[row]" if MASK == "bool" else "n_entries"};
+% endif
     // A work-group past the end of the list skips the K loop (no early return before the
     // barriers: PoCL then mis-runs the work-group).
     const int k_end = group0 < n_sel ? K : 0;
@@ -437,7 +489,11 @@ void pscl_masked_vmm_split(
 % for q in range(GROUP):
     int c${q} = 0;
     if (${q} < ng)
+%   if LIST_IN_KERNEL:
+        c${q} = sel[team + ${q * TEAMS}];
+%   else:
         c${q} = list[list_off + row_base + first + ${q * TEAMS}];
+%   endif
     const int ok${q} = (uint)c${q} < (uint)N;   // idx is validated before launch;
     const __global float *w${q} = wt + (long)(ok${q} ? c${q} : 0) * ldw;  // memory stays safe
     pscl_floatv acc${q} = (pscl_floatv)(0.0f);

@@ -140,6 +140,18 @@ def _workloads():
                   "masked_matmul")
         return run
 
+    def compact_first(run):
+        """``run`` with the split VMM's bool list made by pscl_bool_compact, not in-kernel."""
+        from pysparsecl.ops import masked
+
+        def patched(rng):
+            limit, masked.LIST_IN_KERNEL_MAX_N = masked.LIST_IN_KERNEL_MAX_N, 0
+            try:
+                run(rng)
+            finally:
+                masked.LIST_IN_KERNEL_MAX_N = limit
+        return patched
+
     def backward(m, k, n, form, empty=0):
         def run(rng):
             x = rng.standard_normal((m, k), dtype=np.float32)
@@ -244,7 +256,11 @@ def _workloads():
         "conv2d_csr": conv_loads,
         "masked_vmm": [("vmm 1x37x29 bool", matmul(1, 37, 29, "bool")),
                        ("vmm 1-D 37x29 idx", matmul(1, 37, 29, "idx", vector=True)),
-                       ("vmm 1x5x3 bool", matmul(1, 5, 3, "bool"))],
+                       ("vmm 1x5x3 bool", matmul(1, 5, 3, "bool")),
+                       # the split VMM's in-kernel scan of a bool row in several steps
+                       ("vmm 1x9x600 bool", matmul(1, 9, 600, "bool")),
+                       ("vmm 1x37x29 bool, compacted first", compact_first(matmul(1, 37, 29,
+                                                                                  "bool")))],
         "masked_gemm": [("gemm 5x37x29 bool, 2 empty rows", matmul(5, 37, 29, "bool", 2)),
                         ("gemm 7x19x48 idx", matmul(7, 19, 48, "idx")),
                         # N % 16 == 0: the tiled kernel reads the selection 16 at a time

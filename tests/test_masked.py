@@ -11,6 +11,7 @@ from conftest import SAMPLE_WG_LIMIT
 
 import pysparsecl as ps
 from pysparsecl import runtime
+from pysparsecl.ops import masked as masked_ops
 from pysparsecl.ops.masked import (
     LOCAL_MEM_BYTES,
     MASKED_BN,
@@ -164,11 +165,17 @@ SPLIT_CASES = [MaskCase(1, 1300, 97, keep=0.1),                      # x staged 
                MaskCase(1, 37, 29, keep=1.0),                        # K % VEC, unaligned rows
                MaskCase(1, 5, 3, keep=0.01, form="idx"),             # n_keep = 1, tiny K
                MaskCase(1, 64, 300, keep=0.5, vector=True),          # many work-groups
-               MaskCase(1, 48, 40, keep=1.0, form="idx")]
+               MaskCase(1, 48, 40, keep=1.0, form="idx"),
+               MaskCase(1, 20, 2100, keep=0.05)]                     # bool scan in 1-9 steps
 
 
+@pytest.mark.parametrize("list_in_kernel", [True, False], ids=["list-in-kernel", "compact-first"])
 @pytest.mark.parametrize("params", SPLIT_VMM, ids=_ids)
-def test_split_vmm_variants(queue, rng, params):
+def test_split_vmm_variants(queue, rng, params, list_in_kernel, monkeypatch):
+    """Both ways of listing a bool mask's columns: in the product's kernel, and by
+    pscl_bool_compact first (forced by a column limit of 0)."""
+    if not list_in_kernel:
+        monkeypatch.setattr(masked_ops, "LIST_IN_KERNEL_MAX_N", 0)
     with override("masked_vmm", **params):
         for case in SPLIT_CASES:
             x, w, mask = case.make(rng)
