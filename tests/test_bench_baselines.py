@@ -95,3 +95,79 @@ def test_readme_headline_on_results_without_new_fields(tmp_path):
     text = run.readme_headline(tmp_path)
     assert "torch csr" not in text and "sddmm" not in text
     assert "| L | 1 | 0.90 | 1.000 |" in text
+
+
+def test_timer_on_the_cpu_is_the_wall_time_of_one_call(torch_b):
+    calls = []
+    timer = torch_b.timer(lambda: calls.append(1))
+    assert timer() >= 0.0 and len(calls) == 1
+    assert torch_b.call_timer(lambda: calls.append(1))() >= 0.0 and len(calls) == 2
+    assert torch_b.timing_note == "torch by wall time"
+
+
+class _FakeCuda:
+    """Just enough of torch.cuda for Torch.timer: events 12 ms apart; graph capture that
+    either works (replay runs the captured calls) or fails like an uncapturable op."""
+
+    def __init__(self, capture_works):
+        self.capture_works = capture_works
+        self.captured = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            pass
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 12.0
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    def current_stream(self):
+        return self.Stream()
+
+    def stream(self, s):
+        import contextlib
+        return contextlib.nullcontext()
+
+    def synchronize(self):
+        pass
+
+    def CUDAGraph(self):  # noqa: N802 (torch's name)
+        fake = self
+
+        class Graph:
+            def replay(self):
+                for fn in fake.captured:
+                    fn()
+        return Graph()
+
+    def graph(self, g):
+        import contextlib
+        if not self.capture_works:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("capture_works", [True, False])
+def test_timer_on_cuda_divides_one_replay_by_its_calls(capture_works):
+    tb = Torch.__new__(Torch)
+    tb.device = "cuda"
+    cuda = _FakeCuda(capture_works)
+    tb.torch = type("FakeTorch", (), {"cuda": cuda})()
+    runs = []
+    timer = tb.timer(lambda: runs.append(1), calls=4)
+    warmed = len(runs)                       # 3 warm-up calls (+ 4 if captured)
+    assert warmed == (7 if capture_works else 3)
+    if capture_works:                        # the captured calls are what replay runs
+        cuda.captured = [lambda: runs.append(1)] * 4
+    assert timer() == pytest.approx(3.0)     # 12 ms between the events / 4 calls
+    assert len(runs) == warmed + 4
+    assert tb.timing_note.startswith("torch by CUDA-graph replays")
