@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+import pyopencl.array as cl_array
 import pytest
 
 from pysparsecl import runtime, tuning
@@ -147,3 +149,24 @@ def test_device_local_memory_limit_drops_configurations():
     with pytest.raises(InvalidParamsError, match="local_memory<="):
         MASKED_GEMM.check(tiled, max_local_memory=need - 1)
     assert MASKED_GEMM.check({}, max_local_memory=0)["TILE"] == 0   # the CPU kernel: none
+
+
+def test_kernel_declares_scalar_kinds_on_first_call_and_holds_to_them(queue):
+    src = ("__kernel void axpb(__global float *y, const long off, const int n, const float a,"
+           " const uint b) { int i = get_global_id(0); if (i < n) y[off + i] = a * i + b; }")
+    kern = runtime.LockedKernel(runtime.build_program(queue.context, src), "axpb")
+    y = cl_array.zeros(queue, 10, np.float32)
+    kern(queue, (8,), None, y.data, np.int64(2), np.int32(7), np.float32(1.5), np.uint32(3))
+    expected = np.zeros(10, np.float32)
+    expected[2:9] = 1.5 * np.arange(7) + 3
+    np.testing.assert_array_equal(y.get(), expected)
+    # The declared kinds are the first call's: another kind is the caller's bug, not a
+    # value for pyopencl to convert silently.
+    with pytest.raises(TypeError, match="argument kinds"):
+        kern(queue, (8,), None, y.data, np.int32(2), np.int32(7), np.float32(1.5),
+             np.uint32(3))
+    with pytest.raises(TypeError, match="argument kinds"):
+        kern(queue, (8,), None, y.data, y.data, np.int32(7), np.float32(1.5), np.uint32(3))
+    kern(queue, (8,), None, y.data, np.int64(0), np.int32(2), np.float32(-1.0), np.uint32(5))
+    expected[0:2] = [5.0, 4.0]
+    np.testing.assert_array_equal(y.get(), expected)
