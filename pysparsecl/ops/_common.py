@@ -61,7 +61,12 @@ def deliver(out_dev: cl_array.Array, like, out, queue: cl.CommandQueue):
 
 def int_pair(value, name: str, minimum: int) -> Tuple[int, int]:
     """An int or a pair of ints, each >= ``minimum``, as a pair."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    if type(value) is int:       # the common cases first: the ABC checks below are slow
+        pair = (value, value)
+    elif type(value) is tuple and len(value) == 2 and type(value[0]) is int \
+            and type(value[1]) is int:
+        pair = value
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
         pair = (int(value), int(value))
     elif (isinstance(value, (tuple, list)) and len(value) == 2
           and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)):

@@ -385,7 +385,7 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
     if is_device_array(out):
         out_dev = out
     else:
-        check_alloc(queue, 4 * int(np.prod(out_shape)), "the output")
+        check_alloc(queue, 4 * math.prod(out_shape), "the output")
         out_dev = cl_array.empty(queue, out_shape, np.float32, allocator=alloc)
     if out_dev.size and weight.nnz == 0 and bias is None:
         out_dev.fill(np.float32(0), queue=queue)
@@ -430,14 +430,13 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
 
     kern = runtime.kernels(queue.context, "conv2d_csr.cl.mako",
                            ("pscl_pack_input", "pscl_conv2d_csr"), **args)
-    xpack = cl_array.empty(queue, (n_total,), np.float32,
-                           allocator=runtime.memory_pool(queue.context))
+    xpack = runtime.memory_pool(queue.context)(4 * n_total)  # a bare buffer: no Array
     lanes, rows = params["PACK_LANES"], pack_rows(params["PACK_LANES"])
     stride_pad = (np.int32(geom.stride[0]), np.int32(geom.stride[1]),
                  np.int32(geom.padding[0]), np.int32(geom.padding[1]))
     if lanes:
         pack_args = ((lanes, round_up(n_rows_total, rows)), (lanes, rows),
-                     x_dev.base_data, elem_offset(x_dev), xpack.data, np.int32(n_rows),
+                     x_dev.base_data, elem_offset(x_dev), xpack, np.int32(n_rows),
                      np.int32(n_rows_total), np.int32(C), np.int32(geom.H), np.int32(geom.W),
                      np.int32(geom.Hq), np.int32(geom.Wq), *stride_pad)
     else:
@@ -447,7 +446,7 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
         magic = [m for d in (plane, geom.Wq, geom.phases, geom.stride[1], C)
                  for m in udiv_magic(d)]
         pack_args = ((-(-n_pixels // per_group) * PACK_WG,), (PACK_WG,),
-                     x_dev.base_data, elem_offset(x_dev), xpack.data,
+                     x_dev.base_data, elem_offset(x_dev), xpack,
                      np.uint32(n_rows * geom.Wq), np.uint32(n_pixels), np.int32(C),
                      np.int32(geom.H), np.int32(geom.W), np.uint32(plane), np.uint32(geom.Wq),
                      np.uint32(geom.phases), *stride_pad, *magic)
@@ -472,7 +471,7 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
     row_ptr, n_seg = ((weight.segments(cblock), weight.n_segments(cblock)) if cblock
                       else (weight.row_ptr, 0))
     ev_conv = kern["pscl_conv2d_csr"](
-        queue, global_size, local_size, xpack.data, weight.nonzeros(geom, pixel_floats).data,
+        queue, global_size, local_size, xpack, weight.nonzeros(geom, pixel_floats).data,
         row_ptr.data, weight.row_order.data, bias_buf, out_dev.base_data,
         elem_offset(out_dev), np.int32(K), np.int32(K // weight.groups), np.int32(n_blocks),
         np.int32(n_seg), np.int32(geom.OH),
