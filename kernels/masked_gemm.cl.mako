@@ -66,6 +66,19 @@ def staging(tile_m, tile, items, kc, aligned):
     return dict(width=width, per_row=per_row, step=step, nx=-(-tile_m // step),
                 nw=-(-tile // step), ptype="float4" if aligned else "float")
 %>\
+## uint `bits`: bit u set where bool entry m[e0 + u] of a row of N is true, u < 16 (one
+## vector load for a whole 16, entry by entry at the row's end).
+<%def name="bool_bits16(bits, m, e0, N)">uint ${bits} = 0;
+        if (${e0} + 16 <= ${N}) {
+            const uchar16 v = vload16(0, ${m} + ${e0});
+% for u in range(16):
+            ${bits} |= (uint)(v.s${"%x" % u} != 0) << ${u};
+% endfor
+        } else {
+            for (int u = 0; u < ${N} - ${e0}; ++u)
+                ${bits} |= (uint)(${m}[${e0} + u] != 0) << u;
+        }\
+</%def>\
 <%def name="util_kernels()">
 // dst[c, r] = src[r, c] for an (R, C) source, both with row strides of their own.  A
 // work-item moves one 16 x 16 tile: 16 whole lines in, 16 whole lines out.
@@ -217,16 +230,7 @@ void pscl_bool_compact(__global const uchar *restrict mask, const long mask_off,
     int total = 0;
     for (int b0 = 0; b0 < N; b0 += 256 * 16) {
         const int e0 = b0 + lid * 16;
-        uint bits = 0;
-        if (e0 + 16 <= N) {                  // one vector load, then the zeros
-            const uchar16 v = vload16(0, m + e0);
-% for u in range(16):
-            bits |= (uint)(v.s${"%x" % u} != 0) << ${u};
-% endfor
-        } else {
-            for (int u = 0; u < N - e0; ++u)
-                bits |= (uint)(m[e0 + u] != 0) << u;
-        }
+        ${bool_bits16("bits", "m", "e0", "N")}
         for (int u = 0; u < min(16, N - e0); ++u)
             if (!(bits >> u & 1u))
                 o[e0 + u] = 0.0f;
@@ -448,16 +452,7 @@ void pscl_masked_vmm_split(
     int n_sel = 0;
     for (int b0 = 0; b0 < N; b0 += ${items * 16}) {
         const int e0 = b0 + lid * 16;
-        uint bits = 0;
-        if (e0 + 16 <= N) {
-            const uchar16 v = vload16(0, m + e0);
-%   for u in range(16):
-            bits |= (uint)(v.s${"%x" % u} != 0) << ${u};
-%   endfor
-        } else {
-            for (int u = 0; u < N - e0; ++u)
-                bits |= (uint)(m[e0 + u] != 0) << u;
-        }
+        ${bool_bits16("bits", "m", "e0", "N")}
         if (e0 < group0 + ${outs} && e0 + 16 > group0) {  // this group's columns: zeros
             for (int u = max(group0 - e0, 0); u < min(min(16, N - e0), group0 + ${outs} - e0); ++u)
                 if (!(bits >> u & 1u))

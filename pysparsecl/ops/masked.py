@@ -262,8 +262,7 @@ def template_args(kind: str, params=None, mask: str = "bool") -> dict:
         return dict(KIND="util")
     # Variants the wrappers choose per call (not tile parameters); off unless given.
     return {"ZEROED": 0, "MASK_ALIGNED": 0, "LIST_IN_KERNEL": 0, **params, "KIND": kind,
-            "MASK": mask,
-            "ZERO_CHUNK": ZERO_CHUNK}
+            "MASK": mask, "ZERO_CHUNK": ZERO_CHUNK}
 
 
 # ---------------------------------------------------------------------------------------------
