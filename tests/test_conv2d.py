@@ -8,6 +8,7 @@ from conftest import SAMPLE_WG_LIMIT
 
 import pysparsecl as ps
 from pysparsecl import runtime
+from pysparsecl.ops import conv2d as conv2d_module
 from pysparsecl.ops._common import udiv_magic
 from pysparsecl.ops.conv2d import CONV2D_CSR, template_args
 from pysparsecl.testing.cases import ConvCase
@@ -170,6 +171,36 @@ def test_device_arrays_stay_on_device_and_every_output_is_written(queue, rng):
     y2 = ps.conv2d_sparse(x_dev, weight, bias_dev, padding=1).get()
     assert runtime.build_count == builds
     np.testing.assert_array_equal(y2, y)
+
+
+def test_one_weight_across_geometries_bias_and_parameters(queue, rng):
+    """A prepared weight keeps a launch plan per input geometry, bias and tile parameters:
+    interleaved calls that differ in any of them each get the right answer, and an override
+    that changes the parameters takes effect on the next call."""
+    case = ConvCase(2, 6, 9, 11, 5, sparsity=0.5, bias=True)
+    _, w, csr, bias = case.make_inputs(rng)
+    weight = ps.SparseConvWeight(csr, in_channels=6, queue=queue)
+    calls = [dict(shape=(2, 6, 9, 11), padding=1, stride=1, bias=True),
+             dict(shape=(3, 6, 7, 5), padding=0, stride=1, bias=False),
+             dict(shape=(2, 6, 9, 11), padding=1, stride=2, bias=True),
+             dict(shape=(2, 6, 9, 11), padding=1, stride=1, bias=False)]
+    for params in ({}, dict(VEC=2, PIX_VECS=3, WG_PIX=2), {}):
+        with override("conv2d_csr", **params):
+            for call in calls * 2:
+                x = rng.standard_normal(call["shape"], dtype=np.float32)
+                b = bias if call["bias"] else None
+                y = ps.conv2d_sparse(x, weight, b, padding=call["padding"],
+                                     stride=call["stride"])
+                ref = case.with_(N=x.shape[0], H=x.shape[2], W=x.shape[3],
+                                 padding=(call["padding"],) * 2,
+                                 stride=(call["stride"],) * 2).reference(x, w, b)
+                assert relative_error(y, ref) < TOL, (params, call)
+    # Every distinct (geometry, bias, parameters) got its own plan, and only those.
+    assert len(weight._plans) == 2 * len(calls)
+    for n in range(1, 40):                           # many geometries: the oldest go
+        ps.conv2d_sparse(rng.standard_normal((1, 6, n, 3), dtype=np.float32), weight,
+                         padding=1)
+    assert len(weight._plans) == conv2d_module._PLANS_PER_WEIGHT
 
 
 def test_offset_device_arrays(queue, rng):

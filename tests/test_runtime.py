@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pyopencl as cl
 import pyopencl.array as cl_array
 import pytest
 
@@ -170,3 +171,10 @@ def test_kernel_declares_scalar_kinds_on_first_call_and_holds_to_them(queue):
     kern(queue, (8,), None, y.data, np.int64(0), np.int32(2), np.float32(-1.0), np.uint32(5))
     expected[0:2] = [5.0, 4.0]
     np.testing.assert_array_equal(y.get(), expected)
+    # A buffer of another Python type (a pool's) is the same kind of argument.
+    pooled = runtime.memory_pool(queue.context)(40)
+    cl.enqueue_copy(queue, pooled, np.zeros(10, np.float32))
+    kern(queue, (8,), None, pooled, np.int64(1), np.int32(3), np.float32(2.0), np.uint32(1))
+    got = np.empty(10, np.float32)
+    cl.enqueue_copy(queue, got, pooled)
+    np.testing.assert_array_equal(got, [0, 1, 3, 5, 0, 0, 0, 0, 0, 0])

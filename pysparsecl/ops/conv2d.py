@@ -203,7 +203,9 @@ class SparseConvWeight:
         Where the weight lives; the default queue otherwise.
 
     The input offsets that the kernel reads are derived from the column indices once per
-    input geometry and cached, so repeated calls on the same shape do no host work.
+    input geometry and cached, and so is each geometry's launch plan (kernels, work sizes,
+    arguments; the 32 most recently used), so repeated calls on the same shape do no host
+    work beyond the two enqueues.
     """
 
     def __init__(self, w_csr, in_channels: int, kernel_size=None, groups: int = 1,
@@ -237,6 +239,7 @@ class SparseConvWeight:
                                             allocator=alloc)
         self._nonzeros: Dict[tuple, cl_array.Array] = {}
         self._segments: Dict[int, cl_array.Array] = {}
+        self._plans: Dict[tuple, "_Plan"] = {}   # launch plans, least recently used first
         self._lock = threading.Lock()
 
     @property
@@ -396,16 +399,53 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
     return deliver(out_dev, x, out, queue)
 
 
-def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Geometry,
-            events):
+@dataclass(frozen=True)
+class _Plan:
+    """Everything one launch needs that depends only on the device, the input geometry,
+    the tile parameters and whether there is a bias: built once per such key and kept by
+    the weight, so that a repeated call does no host arithmetic beyond the enqueues."""
+    pack: runtime.LockedKernel
+    conv: runtime.LockedKernel
+    pack_sizes: tuple         # (global, local)
+    pack_args: tuple          # the packing kernel's arguments after (x, x offset, xpack)
+    conv_sizes: tuple
+    nonzeros: cl.Buffer
+    row_ptr: cl.Buffer
+    conv_args: tuple          # the convolution's arguments after (out, out offset)
+    xpack_bytes: int
+
+
+_PLANS_PER_WEIGHT = 32  # input geometries remembered per weight (least recently used go)
+
+
+def _plan(queue, weight: SparseConvWeight, geom: _Geometry, has_bias: bool) -> _Plan:
+    """The launch plan for this call, from the weight's cache or built (and checked)."""
     shape_class = conv2d_shape_class(geom.N, weight.in_channels // weight.groups,
                                      (geom.OH, geom.OW), weight.kernel_size, geom.stride)
+    # Looked up on every call: an override block, the environment or a new tuning result
+    # takes effect at once, and is part of the key.
     params = tuning.lookup(CONV2D_CSR, queue.device, shape_class)
+    key = (queue.device.int_ptr, geom, has_bias, tuple(sorted(params.items())))
+    with weight._lock:
+        plan = weight._plans.pop(key, None)
+        if plan is not None:
+            weight._plans[key] = plan  # most recently used last
+            return plan
+    plan = _build_plan(queue, weight, geom, has_bias, params)
+    with weight._lock:
+        weight._plans[key] = plan
+        while len(weight._plans) > _PLANS_PER_WEIGHT:
+            weight._plans.pop(next(iter(weight._plans)))
+    return plan
+
+
+def _build_plan(queue, weight: SparseConvWeight, geom: _Geometry, has_bias: bool,
+                params) -> _Plan:
     vec = params["VEC"]
     # The batch layout needs whole vectors of images; otherwise vectors run along pixels.
     batched = bool(params["BATCH_LAYOUT"]) and geom.N % vec == 0
     params = dict(params, BATCH_LAYOUT=int(batched))
-    args = template_args(params, bias_dev is not None)
+    args = template_args(params, has_bias)
     pixel_floats = vec if batched else 1
     n_blocks = geom.N // vec if batched else geom.N  # NDRange dim 2: images or image blocks
     K, C = weight.out_channels, weight.in_channels
@@ -430,27 +470,23 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
 
     kern = runtime.kernels(queue.context, "conv2d_csr.cl.mako",
                            ("pscl_pack_input", "pscl_conv2d_csr"), **args)
-    xpack = runtime.memory_pool(queue.context)(4 * n_total)  # a bare buffer: no Array
     lanes, rows = params["PACK_LANES"], pack_rows(params["PACK_LANES"])
     stride_pad = (np.int32(geom.stride[0]), np.int32(geom.stride[1]),
-                 np.int32(geom.padding[0]), np.int32(geom.padding[1]))
+                  np.int32(geom.padding[0]), np.int32(geom.padding[1]))
     if lanes:
-        pack_args = ((lanes, round_up(n_rows_total, rows)), (lanes, rows),
-                     x_dev.base_data, elem_offset(x_dev), xpack, np.int32(n_rows),
-                     np.int32(n_rows_total), np.int32(C), np.int32(geom.H), np.int32(geom.W),
-                     np.int32(geom.Hq), np.int32(geom.Wq), *stride_pad)
+        pack_sizes = ((lanes, round_up(n_rows_total, rows)), (lanes, rows))
+        pack_args = (np.int32(n_rows), np.int32(n_rows_total), np.int32(C), np.int32(geom.H),
+                     np.int32(geom.W), np.int32(geom.Hq), np.int32(geom.Wq), *stride_pad)
     else:
         # Counted in packed pixels (pixel_floats floats each), as the flat pass walks them.
         per_group = PACK_WG * params["PACK_ITEMS"]
         n_pixels = n_total // pixel_floats
         magic = [m for d in (plane, geom.Wq, geom.phases, geom.stride[1], C)
                  for m in udiv_magic(d)]
-        pack_args = ((-(-n_pixels // per_group) * PACK_WG,), (PACK_WG,),
-                     x_dev.base_data, elem_offset(x_dev), xpack,
-                     np.uint32(n_rows * geom.Wq), np.uint32(n_pixels), np.int32(C),
+        pack_sizes = ((-(-n_pixels // per_group) * PACK_WG,), (PACK_WG,))
+        pack_args = (np.uint32(n_rows * geom.Wq), np.uint32(n_pixels), np.int32(C),
                      np.int32(geom.H), np.int32(geom.W), np.uint32(plane), np.uint32(geom.Wq),
                      np.uint32(geom.phases), *stride_pad, *magic)
-    ev_pack = kern["pscl_pack_input"](queue, *pack_args, wait_for=x_dev.events or None)
 
     wg_pix, wg_ch, wg_img = params["WG_PIX"], params["WG_CH"], params["WG_IMG"]
     if compact:  # WG_IMG consecutive tiles per work-group, one per dim-2 slice
@@ -459,25 +495,37 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
         pix_size, img_size = n_tiles * wg_pix, round_up(n_blocks, wg_img)
     ch_size = round_up(K, wg_ch)
     if params["CH_FASTEST"]:
-        global_size, local_size = (ch_size, pix_size, img_size), (wg_ch, wg_pix, wg_img)
+        conv_sizes = ((ch_size, pix_size, img_size), (wg_ch, wg_pix, wg_img))
     else:
-        global_size, local_size = (pix_size, ch_size, img_size), (wg_pix, wg_ch, wg_img)
+        conv_sizes = ((pix_size, ch_size, img_size), (wg_pix, wg_ch, wg_img))
+    cblock = params["CBLOCK"]
+    row_ptr, n_seg = ((weight.segments(cblock), weight.n_segments(cblock)) if cblock
+                      else (weight.row_ptr, 0))
+    conv_args = (np.int32(K), np.int32(K // weight.groups), np.int32(n_blocks), np.int32(n_seg),
+                 np.int32(geom.OH), np.int32(geom.OW), np.int32(geom.Wq),
+                 np.int64(image_stride), np.int64(group_stride),
+                 *udiv_magic(geom.OH * geom.OW), *udiv_magic(geom.OW))
+    return _Plan(kern["pscl_pack_input"], kern["pscl_conv2d_csr"], pack_sizes, pack_args,
+                 conv_sizes, weight.nonzeros(geom, pixel_floats).data, row_ptr.data, conv_args,
+                 4 * n_total)
+
+
+def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Geometry,
+            events):
+    plan = _plan(queue, weight, geom, bias_dev is not None)
+    xpack = runtime.memory_pool(queue.context)(plan.xpack_bytes)  # a bare buffer: no Array
+    ev_pack = plan.pack(queue, *plan.pack_sizes, x_dev.base_data, elem_offset(x_dev), xpack,
+                        *plan.pack_args, wait_for=x_dev.events or None)
     if bias_dev is not None and bias_dev.offset:
         bias_dev = bias_dev.copy(queue=queue)
     bias_buf = bias_dev.data if bias_dev is not None else weight.row_order.data  # unread
     # An in-order queue already runs the convolution after the packing.
     in_order = not queue.properties & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
-    cblock = params["CBLOCK"]
-    row_ptr, n_seg = ((weight.segments(cblock), weight.n_segments(cblock)) if cblock
-                      else (weight.row_ptr, 0))
-    ev_conv = kern["pscl_conv2d_csr"](
-        queue, global_size, local_size, xpack, weight.nonzeros(geom, pixel_floats).data,
-        row_ptr.data, weight.row_order.data, bias_buf, out_dev.base_data,
-        elem_offset(out_dev), np.int32(K), np.int32(K // weight.groups), np.int32(n_blocks),
-        np.int32(n_seg), np.int32(geom.OH),
-        np.int32(geom.OW), np.int32(geom.Wq), np.int64(image_stride), np.int64(group_stride),
-        *udiv_magic(geom.OH * geom.OW), *udiv_magic(geom.OW),
-        wait_for=(([] if in_order else [ev_pack]) + list(out_dev.events)) or None)
+    ev_conv = plan.conv(queue, *plan.conv_sizes, xpack, plan.nonzeros, plan.row_ptr,
+                        weight.row_order.data, bias_buf, out_dev.base_data,
+                        elem_offset(out_dev), *plan.conv_args,
+                        wait_for=(([] if in_order else [ev_pack]) + list(out_dev.events))
+                        or None)
     out_dev.add_event(ev_conv)
     # xpack goes back to the pool when this returns; that is safe because every later use
     # of the pool's buffers is enqueued on an in-order queue behind ev_conv.
