@@ -142,6 +142,25 @@ def test_result_dtype_follows_numpy(queue, rng, left, right, expected):
           scale=np.abs(f64(a)) + np.abs(f64(b)))
 
 
+def test_strong_coefficients_promote_device_arrays(queue, rng):
+    """A NumPy float64 coefficient makes axpby of float32 device arrays float64, as NumPy
+    would; a Python float does not."""
+    x, y = rand(rng, (300,), np.float32), rand(rng, (300,), np.float32)
+    x_dev, y_dev = cl_array.to_device(queue, x), cl_array.to_device(queue, y)
+    weak = ps.axpby(0.5, x_dev, 2.0, y_dev)
+    assert weak.dtype == np.float32
+    check(weak, axpby_reference(0.5, x, 2.0, y, np.float32), np.float32,
+          scale=0.5 * np.abs(f64(x)) + 2 * np.abs(f64(y)), ulps=3)
+    if not supports(queue, np.float64):
+        with pytest.raises(TypeError, match="does not report cl_khr_fp64"):
+            ps.axpby(np.float64(0.5), x_dev, 2.0, y_dev)
+        return
+    strong = ps.axpby(np.float64(0.5), x_dev, 2.0, y_dev)
+    assert strong.dtype == np.float64
+    check(strong, axpby_reference(np.float64(0.5), x, 2.0, y, np.float64), np.float64,
+          scale=0.5 * np.abs(f64(x)) + 2 * np.abs(f64(y)), ulps=3)
+
+
 def test_zero_d_device_arrays(queue, rng):
     x = rand(rng, (4, 33), np.float32)
     s = rand(rng, (), np.float32)
@@ -205,6 +224,20 @@ def test_overlapping_views_give_numpy_semantics(queue, rng):
         np.add(host[src], 1.0, out=host[dst])
         dev = cl_array.to_device(queue, a)
         ps.add(dev[src], 1.0, out=dev[dst])
+        np.testing.assert_array_equal(dev.get(), host)
+    # Two contiguous device operands of out's shape, one a shifted view of out: not the
+    # contiguous fast path's in-place case.
+    other = rand(rng, (999,), np.float32)
+    for src, dst in [(slice(0, -1), slice(1, None)), (slice(1, None), slice(0, -1))]:
+        host = a.copy()
+        np.multiply(host[src], other, out=host[dst])
+        dev = cl_array.to_device(queue, a)
+        ps.mul(dev[src], cl_array.to_device(queue, other), out=dev[dst])
+        np.testing.assert_array_equal(dev.get(), host)
+        host = a.copy()
+        np.add(host[dst], host[src], out=host[dst])       # one input is out itself
+        dev = cl_array.to_device(queue, a)
+        ps.add(dev[dst], dev[src], out=dev[dst])
         np.testing.assert_array_equal(dev.get(), host)
     # A broadcast view of out's own first row, and a transposed view of itself.
     m = rand(rng, (8, 8), np.float32)

@@ -11,11 +11,14 @@ wrapper therefore
 - picks the vectorised contiguous kernel when, after merging dimensions that are
   contiguous in every operand, the problem is one flat run; the strided kernel otherwise;
 - indexes in 32 bits unless some extent or offset needs 64, and checks every allocation
-  against the device's limits before anything is enqueued.
+  against the device's limits before anything is enqueued;
+- sends the commonest call (contiguous device arrays of one shape and dtype, no mask)
+  straight to the contiguous kernel, without the analysis above (``_contiguous_call``).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -243,16 +246,22 @@ def _next_pow2(n: int) -> int:
 
 
 def _launch(queue: cl.CommandQueue, op: str, dtype: np.dtype, inputs: List[_Slot],
-            out: _Slot, mask: Optional[_Slot], mask_mode: int, coeffs, events) -> cl.Event:
-    """Choose the kernel for one planned operation, render and build it (cached), enqueue."""
+            out: _Slot, mask: Optional[_Slot], mask_mode: int, coeffs, events,
+            flat: bool = False) -> cl.Event:
+    """Choose the kernel for one planned operation, render and build it (cached), enqueue.
+    ``flat``: every array is known to be one C-contiguous run of the output's size (the
+    caller checked), so the dimension merging is skipped."""
     device = queue.device
     params = tuning.lookup(ELEMENTWISE, device)
     vec, items, wg = params["VEC"], params["ITEMS"], params["WG"]
     arrays = [s for s in inputs if s.array is not None] + ([mask] if mask else [])
-    shape, sets = _coalesce(out.array.shape, [out.strides] + [s.strides for s in arrays])
+    if flat:
+        shape, sets = [out.array.size], [[1]] * (1 + len(arrays))
+    else:
+        shape, sets = _coalesce(out.array.shape, [out.strides] + [s.strides for s in arrays])
     coal = {s.name: st for s, st in zip([out] + arrays, sets)}
     cls = {name: _stride_class(st[-1]) for name, st in coal.items()}
-    n = int(np.prod(shape))
+    n = math.prod(shape)
     # The contiguous kernel when the merged problem is one run that every array either
     # walks with stride 1 or reads one element of.
     fast = len(shape) == 1 and cls["out"] == "1" and all(c in "01" for c in cls.values())
@@ -288,8 +297,9 @@ def _launch(queue: cl.CommandQueue, op: str, dtype: np.dtype, inputs: List[_Slot
     if fast:
         # Vector pointer casts when every contiguous pointer starts on a vector boundary
         # (buffers themselves are aligned to mem_base_addr_align bits).
+        align_bits = device.mem_base_addr_align
         aligned = vec > 1 and all(
-            s.offset % vec == 0 and vec * s.array.dtype.itemsize * 8 <= device.mem_base_addr_align
+            s.offset % vec == 0 and vec * s.array.dtype.itemsize * 8 <= align_bits
             for s in [out] + arrays if cls[s.name] == "1")
         variant.update(PATH="fast", ALIGNED=int(aligned))
         args.append(idx_np(n))
@@ -323,8 +333,51 @@ def _launch(queue: cl.CommandQueue, op: str, dtype: np.dtype, inputs: List[_Slot
 # ---------------------------------------------------------------------------------------------
 # The shared driver: validate -> plan buffers -> move host data -> launch -> deliver
 
+#: Dtypes every device supports: the contiguous fast path needs no device check for them.
+_PLAIN_DTYPES = frozenset(np.dtype(t) for t in (np.float32, np.int32, np.int64))
+
+
+def _contiguous_call(op: str, named, out, queue, events, coeffs):
+    """The most common call, launched without the general path's broadcasting, dtype,
+    overlap and layout analysis: device arrays of one shape and one plain dtype, each one
+    C-contiguous run, no mask, and ``out`` absent or another such array that no input
+    overlaps except by being ``out`` itself.  It picks the kernel the general path would.
+    Returns None, having done nothing, for any other call."""
+    arrays = [x for _, x in named] + ([out] if out is not None else [])
+    first = arrays[0]
+    if not isinstance(first, cl_array.Array):
+        return None
+    shape, dtype = first.shape, first.dtype
+    if dtype not in _PLAIN_DTYPES or not first.size or len(shape) > MAX_NDIM:
+        return None
+    for x in arrays:
+        if not (isinstance(x, cl_array.Array) and x.shape == shape and x.dtype == dtype
+                and x.flags.c_contiguous and x.offset % dtype.itemsize == 0):
+            return None
+    if coeffs and np.result_type(dtype, *coeffs) != dtype:
+        return None
+    queue = runtime.resolve_queue(queue, **dict(named), out=out)
+    if out is None:
+        check_alloc(queue, first.nbytes, "the output")
+        out = cl_array.empty(queue, shape, dtype, allocator=runtime.memory_pool(queue.context))
+    else:
+        out_lo, out_hi = out.offset, out.offset + out.nbytes
+        for _, x in named:
+            if x.base_data.int_ptr == out.base_data.int_ptr and x.offset != out.offset and \
+                    x.offset < out_hi and out_lo < x.offset + x.nbytes:
+                return None  # a shifted view of out: the general path copies it first
+    coeffs = [_scalar_value(c, dtype, name) for c, name in zip(coeffs, ("alpha", "beta"))]
+    inputs = [_Slot(letter, x) for (_, x), letter in zip(named, "ab")]
+    _launch(queue, op, dtype, inputs, _Slot("out", out), None, 0, coeffs, events, flat=True)
+    return out
+
+
 def _elementwise(op: str, named: Sequence[Tuple[str, object]], out, mask, queue, events,
                  coeffs=()):
+    if mask is None:
+        result = _contiguous_call(op, named, out, queue, events, coeffs)
+        if result is not None:
+            return result
     args = [_classify(x, name) for name, x in named]
     try:
         out_shape = tuple(np.broadcast_shapes(*(a.shape for a in args)))
