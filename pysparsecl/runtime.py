@@ -9,6 +9,7 @@ skipped with a warning naming it.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 import warnings
@@ -372,6 +373,28 @@ def kernels(ctx: cl.Context, template_name: str, names: Tuple[str, ...],
         with _cache_lock:
             found = _kernel_cache.setdefault(key, found)
     return found
+
+
+def empty(queue: cl.CommandQueue, shape: Tuple[int, ...], dtype,
+          allocator=None) -> cl_array.Array:
+    """``pyopencl.array.empty(queue, shape, dtype, allocator=...)``, C-contiguous, made
+    through the constructor's internal fast path (the one ``empty_like`` takes): the public
+    path spends about 13 us of host time (20 on the H100's host) validating the shape with
+    NumPy, more than a small op's whole launch.  ``shape`` must be a tuple of ints >= 0
+    (every caller passes a shape it has already checked).  Should a pyopencl release drop
+    the fast path, this falls back to the public constructor."""
+    dtype = np.dtype(dtype)
+    shape = tuple(int(n) for n in shape)
+    strides, step = [], dtype.itemsize
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    try:
+        return cl_array.Array(None, shape, dtype, allocator=allocator,
+                              strides=tuple(reversed(strides)), _fast=True,
+                              _size=math.prod(shape), _context=queue.context, _queue=queue)
+    except TypeError:  # no fast path in this pyopencl
+        return cl_array.empty(queue, shape, dtype, allocator=allocator)
 
 
 _pools: Dict[int, cl_tools.MemoryPool] = {}

@@ -178,3 +178,38 @@ def test_kernel_declares_scalar_kinds_on_first_call_and_holds_to_them(queue):
     got = np.empty(10, np.float32)
     cl.enqueue_copy(queue, got, pooled)
     np.testing.assert_array_equal(got, [0, 1, 3, 5, 0, 0, 0, 0, 0, 0])
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (5,), (2, 0, 4), (3, 7, 2), (1, 1)], ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.int64, np.bool_], ids=lambda d: d.__name__)
+def test_empty_is_pyopencls_empty(queue, shape, dtype):
+    """runtime.empty makes what pyopencl.array.empty makes (through pyopencl's internal
+    fast path), and the arrays work: written, read back, on their own buffers."""
+    pool = runtime.memory_pool(queue.context)
+    for allocator in (None, pool):
+        ours = runtime.empty(queue, shape, dtype, allocator=allocator)
+        ref = cl_array.empty(queue, shape, dtype, allocator=allocator)
+        for attr in ("shape", "dtype", "strides", "nbytes", "size", "offset", "queue",
+                     "context", "allocator"):
+            assert getattr(ours, attr) == getattr(ref, attr), attr
+        assert ours.flags.c_contiguous and ours.events == []
+        if ours.size:
+            assert ours.base_data.int_ptr != ref.base_data.int_ptr
+            values = (np.arange(ours.size) % 3).astype(dtype).reshape(shape)
+            ours.set(values)
+            np.testing.assert_array_equal(ours.get(), values)
+
+
+def test_empty_without_pyopencls_fast_path(queue, monkeypatch):
+    """A pyopencl without the constructor's fast path gets the public constructor."""
+    real = cl_array.Array
+
+    class NoFastPath(real):
+        def __init__(self, *args, _fast=False, **kwargs):
+            if _fast:
+                raise TypeError("unexpected keyword argument '_fast'")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(cl_array, "Array", NoFastPath)
+    got = runtime.empty(queue, (4, 3), np.float32)
+    assert isinstance(got, real) and got.shape == (4, 3) and got.strides == (12, 4)

@@ -389,7 +389,7 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
         out_dev = out
     else:
         check_alloc(queue, 4 * math.prod(out_shape), "the output")
-        out_dev = cl_array.empty(queue, out_shape, np.float32, allocator=alloc)
+        out_dev = runtime.empty(queue, out_shape, np.float32, allocator=alloc)
     if out_dev.size and weight.nnz == 0 and bias is None:
         out_dev.fill(np.float32(0), queue=queue)
     elif out_dev.size:

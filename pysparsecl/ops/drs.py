@@ -322,7 +322,7 @@ class SparseRandomProjection:
         padded, ld = self._project_rows(queue, to_device(z, queue, "z"), rows, events)
         if not is_device_array(z):
             return np.ascontiguousarray(padded.get(queue=queue)[:, :self.k]).reshape(out_shape)
-        out = cl_array.empty(queue, out_shape, np.float32,
+        out = runtime.empty(queue, out_shape, np.float32,
                              allocator=runtime.memory_pool(queue.context))
         if rows:
             # Drop the padding columns: a rectangular copy, rows of 4k bytes.
@@ -343,7 +343,7 @@ class SparseRandomProjection:
         else:
             shape, ld = (kp, transposed_ld), transposed_ld
         check_alloc(queue, 4 * shape[0] * shape[1], "the projection")
-        out = cl_array.empty(queue, shape, np.float32, allocator=alloc)
+        out = runtime.empty(queue, shape, np.float32, allocator=alloc)
         wait = list(a_dev.events)
         if transposed_ld is not None and transposed_ld > n_rows:
             # Padding columns are read (whole vectors) but never used: keep them finite.
@@ -524,7 +524,7 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
                          "indexing allows")
     alloc = runtime.memory_pool(queue.context)
     dtype = np.int32 if compact else np.bool_
-    out_dev = out if is_device_array(out) else cl_array.empty(
+    out_dev = out if is_device_array(out) else runtime.empty(
         queue, out_shape, dtype, allocator=alloc)
 
     if not out_dev.size:
@@ -558,7 +558,7 @@ def _search(queue, x_dev, proj: SparseRandomProjection, pw: ProjectedWeight, n_r
     alloc = runtime.memory_pool(ctx)
     n_cols = pw.out_features
     check_alloc(queue, 4 * n_rows * pw.ld, "the search's scores")
-    scores = cl_array.empty(queue, (n_rows, pw.ld), np.uint32, allocator=alloc)
+    scores = runtime.empty(queue, (n_rows, pw.ld), np.uint32, allocator=alloc)
     fused = tuning.lookup(DRS_FUSED, queue.device)
     if projected is None and not proj.exact and n_rows <= fused["MAX_ROWS"] and \
             proj.k <= FUSED_MAX_K:
@@ -605,7 +605,7 @@ def _search(queue, x_dev, proj: SparseRandomProjection, pw: ProjectedWeight, n_r
                            **template_args("topk", tparams, COMPACT=int(compact),
                                            PLANE=int(bool(plane))))["pscl_drs_topk"]
     team = tparams["TEAM"]
-    cand = cl_array.empty(queue, (n_rows, pw.ld) if team == 1 else (1,), np.uint32,
+    cand = runtime.empty(queue, (n_rows, pw.ld) if team == 1 else (1,), np.uint32,
                           allocator=alloc)
     grid = ((n_rows * team,), (team,)) if team > 1 else \
         ((round_up(n_rows, tparams["WG"]),), (tparams["WG"],))
@@ -690,7 +690,7 @@ def drs_mask_conv2d(x, w, sparsity, *, stride=1, padding=0, dilation=1, eps=0.5,
                          "indexing allows")
     n_keep = keep_count(sparsity, k_out)
     alloc = runtime.memory_pool(queue.context)
-    out_dev = out if is_device_array(out) else cl_array.empty(queue, out_shape, np.bool_,
+    out_dev = out if is_device_array(out) else runtime.empty(queue, out_shape, np.bool_,
                                                               allocator=alloc)
     if not out_dev.size:
         pass
@@ -726,7 +726,7 @@ def _project_windows(queue, proj: SparseRandomProjection, xp, geom, n_ch, r, s, 
         rt = proj._rt[key] = cl_array.to_device(proj.queue, np.ascontiguousarray(host),
                                                 allocator=runtime.memory_pool(queue.context))
     check_alloc(queue, 4 * n_pix * k_pad, "the projected windows")
-    out = cl_array.empty(queue, (n_pix, k_pad), np.float32,
+    out = runtime.empty(queue, (n_pix, k_pad), np.float32,
                          allocator=runtime.memory_pool(queue.context))
     kern = runtime.kernels(queue.context, "masked_conv.cl.mako", ("pscl_drs_conv_project",),
                            KIND="project", **params)["pscl_drs_conv_project"]

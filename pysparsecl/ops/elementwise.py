@@ -359,7 +359,7 @@ def _contiguous_call(op: str, named, out, queue, events, coeffs):
     queue = runtime.resolve_queue(queue, **dict(named), out=out)
     if out is None:
         check_alloc(queue, first.nbytes, "the output")
-        out = cl_array.empty(queue, shape, dtype, allocator=runtime.memory_pool(queue.context))
+        out = runtime.empty(queue, shape, dtype, allocator=runtime.memory_pool(queue.context))
     else:
         out_lo, out_hi = out.offset, out.offset + out.nbytes
         for _, x in named:
@@ -420,7 +420,7 @@ def _elementwise(op: str, named: Sequence[Tuple[str, object]], out, mask, queue,
     if 0 in out_shape:
         if out is not None:
             return out
-        return cl_array.empty(queue, out_shape, dtype) if device_result else \
+        return runtime.empty(queue, out_shape, dtype) if device_result else \
             np.empty(out_shape, dtype)
 
     dev, out_dev = _device_operands(queue, named, mask, out, uploads, dtype, out_shape, keep,
@@ -525,7 +525,7 @@ def _device_operands(queue, named, mask, out, uploads, dtype, out_shape, keep, d
     elif keep:  # the kernel reads the values that masked-off elements keep
         out_dev = cl_array.to_device(queue, np.ascontiguousarray(out), allocator=alloc)
     else:
-        out_dev = cl_array.empty(queue, out_shape, dtype, allocator=pool)
+        out_dev = runtime.empty(queue, out_shape, dtype, allocator=pool)
     return dev, out_dev
 
 
@@ -550,7 +550,7 @@ def _copy_overlapping_inputs(queue, dev, out_dev, out_shape, events) -> None:
 
 def _copy(queue, x: cl_array.Array, events) -> cl_array.Array:
     """A fresh C-contiguous copy of a (possibly strided) device array."""
-    copy = cl_array.empty(queue, x.shape, x.dtype)
+    copy = runtime.empty(queue, x.shape, x.dtype)
     src = _Slot("a", x, _element_strides(x, "a"))
     _launch(queue, "copy", x.dtype, [src], _Slot("out", copy, _element_strides(copy, "out")),
             None, 0, (), events)

@@ -460,8 +460,8 @@ def _idx_slots(queue, idx_dev: cl_array.Array, n_rows: int, n_cols: int, n_keep:
     the first row with an out-of-range value and the first with a repeated column."""
     alloc = runtime.memory_pool(queue.context)
     check_alloc(queue, 4 * n_rows * n_cols, "the slot map of the index mask")
-    slots = cl_array.empty(queue, (n_rows, n_cols), np.int32, allocator=alloc)
-    bad = cl_array.empty(queue, (2,), np.int32, allocator=alloc)
+    slots = runtime.empty(queue, (n_rows, n_cols), np.int32, allocator=alloc)
+    bad = runtime.empty(queue, (2,), np.int32, allocator=alloc)
     fill_events = [cl.enqueue_fill_buffer(queue, slots.data, np.int32(-1), 0, slots.nbytes),
                    cl.enqueue_fill_buffer(queue, bad.data, np.int32(INT32_MAX), 0, bad.nbytes)]
     kern = runtime.kernels(queue.context, "masked_gemm.cl.mako", ("pscl_idx_slots",),
@@ -560,7 +560,7 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
         out_dev = out
     else:
         check_alloc(queue, 4 * n_rows * sel.n_entries, "the output")
-        out_dev = cl_array.empty(queue, out_shape, np.float32, allocator=alloc)
+        out_dev = runtime.empty(queue, out_shape, np.float32, allocator=alloc)
     if out_dev.size and k_in == 0:
         out_dev.fill(np.float32(0), queue=queue)   # every dot product is empty
     elif out_dev.size:
@@ -656,7 +656,7 @@ def _launch_gemm_tiled(queue, params, form, x_dev, rows, ldw, sel_buf, sel_off, 
     total = n_rows * out_cols
     if split > 1:
         check_alloc(queue, 4 * n_slices * total, "the split-K partial sums")
-        part = cl_array.empty(queue, (n_slices * total,), np.float32,
+        part = runtime.empty(queue, (n_slices * total,), np.float32,
                               allocator=runtime.memory_pool(ctx))
         dest = (part.data, np.int64(total))
     else:
@@ -690,8 +690,8 @@ def _launch_vmm_split(queue, params, x_dev, rows, ldw, sel: _Selection, mask_dev
         list_args = (mask_dev.base_data, elem_offset(mask_dev))
     elif sel.form == "bool":
         alloc = runtime.memory_pool(ctx)
-        cols = cl_array.empty(queue, (n_cols,), np.int32, allocator=alloc)
-        counts = cl_array.empty(queue, (1,), np.int32, allocator=alloc)
+        cols = runtime.empty(queue, (n_cols,), np.int32, allocator=alloc)
+        counts = runtime.empty(queue, (1,), np.int32, allocator=alloc)
         compact = runtime.kernels(ctx, "masked_gemm.cl.mako", ("pscl_bool_compact",),
                                   **template_args("util"))["pscl_bool_compact"]
         ev = compact(queue, (256,), (256,), mask_dev.base_data, elem_offset(mask_dev),
@@ -725,7 +725,7 @@ def _padded_rows(queue, a_dev, n_rows, k_in, wait, events):
     ld = row_stride(k_in)
     if ld == k_in or n_rows * k_in * 4 <= (1 << 20):
         return a_dev.base_data, elem_offset(a_dev), k_in
-    padded = cl_array.empty(queue, (n_rows, ld), np.float32,
+    padded = runtime.empty(queue, (n_rows, ld), np.float32,
                             allocator=runtime.memory_pool(queue.context))
     ev = cl.enqueue_copy(queue, padded.data, a_dev.base_data, src_origin=(a_dev.offset, 0, 0),
                          dst_origin=(0, 0, 0), region=(4 * k_in, n_rows, 1),
@@ -823,16 +823,16 @@ def _launch_backward(queue, dy_dev, x_dev, rows, ldw, sel: _Selection, mask_dev,
     bad = None
     # Lists of the selection, built once: each row's columns (dx), each column's rows (dw).
     check_alloc(queue, 8 * n_rows * n_cols, "the backward's column lists")
-    col_rows = cl_array.empty(queue, (n_cols, n_rows, 2), np.int32, allocator=alloc)
-    col_counts = cl_array.empty(queue, (n_cols,), np.int32, allocator=alloc)
+    col_rows = runtime.empty(queue, (n_cols, n_rows, 2), np.int32, allocator=alloc)
+    col_counts = runtime.empty(queue, (n_cols,), np.int32, allocator=alloc)
     if sel.form == "idx":
         slots, bad = _idx_slots(queue, mask_dev, n_rows, n_cols, sel.n_entries, events)
         wait += list(slots.events)
         row_cols, row_cols_off, row_counts = mask_dev.base_data, elem_offset(mask_dev), None
         cols_list, sel_buf, sel_off = util["pscl_cols_list_slot"], slots.data, np.int64(0)
     else:
-        row_list = cl_array.empty(queue, (n_rows, n_cols), np.int32, allocator=alloc)
-        row_counts = cl_array.empty(queue, (n_rows,), np.int32, allocator=alloc)
+        row_list = runtime.empty(queue, (n_rows, n_cols), np.int32, allocator=alloc)
+        row_counts = runtime.empty(queue, (n_rows,), np.int32, allocator=alloc)
         list_events.append(util["pscl_bool_rows"](
             queue, (n_rows,), None, mask_dev.base_data, elem_offset(mask_dev), row_list.data,
             row_counts.data, np.int32(n_rows), np.int32(n_cols), wait_for=wait or None))
@@ -861,7 +861,7 @@ def _launch_backward(queue, dy_dev, x_dev, rows, ldw, sel: _Selection, mask_dev,
     kern = runtime.kernels(ctx, "masked_gemm.cl.mako", ("pscl_masked_dw",),
                            **template_args("dw", params, sel.form))["pscl_masked_dw"]
     x_src, x_off, ldx = _padded_rows(queue, x_dev, n_rows, k_in, wait, list_events)
-    dwt = cl_array.empty(queue, (n_cols, k_in), np.float32, allocator=alloc)
+    dwt = runtime.empty(queue, (n_cols, k_in), np.float32, allocator=alloc)
     ev_dw = kern(queue, (round_up(n_cols, params["WG"]), -(-k_in // chunk)),
                  (params["WG"], 1), x_src, x_off, col_rows.data, col_counts.data, dwt.data,
                  np.int32(n_rows), np.int32(n_cols), np.int32(k_in), np.int32(ldx),
@@ -941,7 +941,7 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
     _check_sizes(y=outer * n_ch * inner)
     check_alloc(queue, 4 * outer * n_ch * inner, "the output")
     alloc = runtime.memory_pool(queue.context)
-    out_dev = out if is_device_array(out) else cl_array.empty(queue, y.shape, np.float32,
+    out_dev = out if is_device_array(out) else runtime.empty(queue, y.shape, np.float32,
                                                               allocator=alloc)
     dev = {name: to_device(a, queue, name) for name, a in stats.items()}
     if training:
@@ -1019,7 +1019,7 @@ def _pack_conv_input(queue, x_dev, n_ch, geom, events):
     """x (N, C, H, W) -> zero-padded NHWC (N, Hp, Wp, C) on the device."""
     size = geom["N"] * geom["Hp"] * geom["Wp"] * n_ch
     check_alloc(queue, 4 * size, "the packed input")
-    xp = cl_array.empty(queue, (max(size, 1),), np.float32,
+    xp = runtime.empty(queue, (max(size, 1),), np.float32,
                         allocator=runtime.memory_pool(queue.context))
     kern = runtime.kernels(queue.context, "masked_conv.cl.mako", ("pscl_conv_pack",),
                            **conv_template_args("pack"))["pscl_conv_pack"]
@@ -1040,7 +1040,7 @@ def _pack_conv_weight(queue, w, events):
     if not is_device_array(w):
         host = np.ascontiguousarray(np.asarray(w).transpose(0, 2, 3, 1))
         return cl_array.to_device(queue, host, allocator=runtime.memory_pool(queue.context))
-    wk = cl_array.empty(queue, (k_out, r, s, n_ch), np.float32,
+    wk = runtime.empty(queue, (k_out, r, s, n_ch), np.float32,
                         allocator=runtime.memory_pool(queue.context))
     kern = runtime.kernels(queue.context, "masked_conv.cl.mako", ("pscl_conv_weight_pack",),
                            **conv_template_args("pack"))["pscl_conv_weight_pack"]
@@ -1110,7 +1110,7 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
             channels = host[:, :, :1, :1]
     check_alloc(queue, 4 * int(np.prod(out_shape)), "the output")
     alloc = runtime.memory_pool(queue.context)
-    out_dev = out if is_device_array(out) else cl_array.empty(queue, out_shape, np.float32,
+    out_dev = out if is_device_array(out) else runtime.empty(queue, out_shape, np.float32,
                                                               allocator=alloc)
     if out_dev.size:
         x_dev = to_device(x, queue, "x")
