@@ -323,7 +323,7 @@ class SparseRandomProjection:
         if not is_device_array(z):
             return np.ascontiguousarray(padded.get(queue=queue)[:, :self.k]).reshape(out_shape)
         out = runtime.empty(queue, out_shape, np.float32,
-                             allocator=runtime.memory_pool(queue.context))
+                            allocator=runtime.memory_pool(queue.context))
         if rows:
             # Drop the padding columns: a rectangular copy, rows of 4k bytes.
             cl.enqueue_copy(queue, out.data, padded.data, src_origin=(0, 0, 0),
@@ -606,7 +606,7 @@ def _search(queue, x_dev, proj: SparseRandomProjection, pw: ProjectedWeight, n_r
                                            PLANE=int(bool(plane))))["pscl_drs_topk"]
     team = tparams["TEAM"]
     cand = runtime.empty(queue, (n_rows, pw.ld) if team == 1 else (1,), np.uint32,
-                          allocator=alloc)
+                         allocator=alloc)
     grid = ((n_rows * team,), (team,)) if team > 1 else \
         ((round_up(n_rows, tparams["WG"]),), (tparams["WG"],))
     ev = kern(queue, *grid, scores.data,
@@ -691,7 +691,7 @@ def drs_mask_conv2d(x, w, sparsity, *, stride=1, padding=0, dilation=1, eps=0.5,
     n_keep = keep_count(sparsity, k_out)
     alloc = runtime.memory_pool(queue.context)
     out_dev = out if is_device_array(out) else runtime.empty(queue, out_shape, np.bool_,
-                                                              allocator=alloc)
+                                                             allocator=alloc)
     if not out_dev.size:
         pass
     elif n_keep == k_out:
@@ -727,7 +727,7 @@ def _project_windows(queue, proj: SparseRandomProjection, xp, geom, n_ch, r, s, 
                                                 allocator=runtime.memory_pool(queue.context))
     check_alloc(queue, 4 * n_pix * k_pad, "the projected windows")
     out = runtime.empty(queue, (n_pix, k_pad), np.float32,
-                         allocator=runtime.memory_pool(queue.context))
+                        allocator=runtime.memory_pool(queue.context))
     kern = runtime.kernels(queue.context, "masked_conv.cl.mako", ("pscl_drs_conv_project",),
                            KIND="project", **params)["pscl_drs_conv_project"]
     items = -(-n_pix // params["ROWS"])

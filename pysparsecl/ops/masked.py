@@ -657,7 +657,7 @@ def _launch_gemm_tiled(queue, params, form, x_dev, rows, ldw, sel_buf, sel_off, 
     if split > 1:
         check_alloc(queue, 4 * n_slices * total, "the split-K partial sums")
         part = runtime.empty(queue, (n_slices * total,), np.float32,
-                              allocator=runtime.memory_pool(ctx))
+                             allocator=runtime.memory_pool(ctx))
         dest = (part.data, np.int64(total))
     else:
         dest = (out_dev.base_data, elem_offset(out_dev))
@@ -726,7 +726,7 @@ def _padded_rows(queue, a_dev, n_rows, k_in, wait, events):
     if ld == k_in or n_rows * k_in * 4 <= (1 << 20):
         return a_dev.base_data, elem_offset(a_dev), k_in
     padded = runtime.empty(queue, (n_rows, ld), np.float32,
-                            allocator=runtime.memory_pool(queue.context))
+                           allocator=runtime.memory_pool(queue.context))
     ev = cl.enqueue_copy(queue, padded.data, a_dev.base_data, src_origin=(a_dev.offset, 0, 0),
                          dst_origin=(0, 0, 0), region=(4 * k_in, n_rows, 1),
                          src_pitches=(4 * k_in, 0), dst_pitches=(4 * ld, 0),
@@ -942,7 +942,7 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
     check_alloc(queue, 4 * outer * n_ch * inner, "the output")
     alloc = runtime.memory_pool(queue.context)
     out_dev = out if is_device_array(out) else runtime.empty(queue, y.shape, np.float32,
-                                                              allocator=alloc)
+                                                             allocator=alloc)
     dev = {name: to_device(a, queue, name) for name, a in stats.items()}
     if training:
         dev["mean"] = cl_array.zeros(queue, (n_ch,), np.float32, allocator=alloc)
@@ -1020,7 +1020,7 @@ def _pack_conv_input(queue, x_dev, n_ch, geom, events):
     size = geom["N"] * geom["Hp"] * geom["Wp"] * n_ch
     check_alloc(queue, 4 * size, "the packed input")
     xp = runtime.empty(queue, (max(size, 1),), np.float32,
-                        allocator=runtime.memory_pool(queue.context))
+                       allocator=runtime.memory_pool(queue.context))
     kern = runtime.kernels(queue.context, "masked_conv.cl.mako", ("pscl_conv_pack",),
                            **conv_template_args("pack"))["pscl_conv_pack"]
     ev = kern(queue, (round_up(geom["Wp"], 16), geom["Hp"], geom["N"]), (16, 1, 1),
@@ -1041,7 +1041,7 @@ def _pack_conv_weight(queue, w, events):
         host = np.ascontiguousarray(np.asarray(w).transpose(0, 2, 3, 1))
         return cl_array.to_device(queue, host, allocator=runtime.memory_pool(queue.context))
     wk = runtime.empty(queue, (k_out, r, s, n_ch), np.float32,
-                        allocator=runtime.memory_pool(queue.context))
+                       allocator=runtime.memory_pool(queue.context))
     kern = runtime.kernels(queue.context, "masked_conv.cl.mako", ("pscl_conv_weight_pack",),
                            **conv_template_args("pack"))["pscl_conv_weight_pack"]
     ev = kern(queue, (r * s, k_out), None, w.base_data, elem_offset(w), wk.data,
@@ -1111,7 +1111,7 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
     check_alloc(queue, 4 * int(np.prod(out_shape)), "the output")
     alloc = runtime.memory_pool(queue.context)
     out_dev = out if is_device_array(out) else runtime.empty(queue, out_shape, np.float32,
-                                                              allocator=alloc)
+                                                             allocator=alloc)
     if out_dev.size:
         x_dev = to_device(x, queue, "x")
         xp = _pack_conv_input(queue, x_dev, n_ch, geom, events)
