@@ -379,8 +379,8 @@ def empty(queue: cl.CommandQueue, shape: Tuple[int, ...], dtype,
           allocator=None) -> cl_array.Array:
     """``pyopencl.array.empty(queue, shape, dtype, allocator=...)``, C-contiguous, made
     through the constructor's internal fast path (the one ``empty_like`` takes): the public
-    path spends about 13 us of host time (20 on the H100's host) validating the shape with
-    NumPy, more than a small op's whole launch.  ``shape`` must be a tuple of ints >= 0
+    path spends about 13 us per array (2-core CI host) validating the shape with NumPy, as
+    much as the rest of a small op's Python path.  ``shape`` must be a tuple of ints >= 0
     (every caller passes a shape it has already checked).  Should a pyopencl release drop
     the fast path, this falls back to the public constructor."""
     dtype = np.dtype(dtype)
