@@ -15,6 +15,8 @@ from pysparsecl.ops.drs import (
     DRS_SCORES,
     DRS_TOPK,
     JL_CONSTANT,
+    PROJECT_ROWS,
+    PROJECT_WEIGHT,
     default_k,
     keep_count,
     template_args,
@@ -200,6 +202,39 @@ def test_random_projection_search_matches_reference(queue, rng, m):
                               sparsity)
         idx = ps.drs_mask(x, w, sparsity, projection=proj, compact=True)
         np.testing.assert_array_equal(_dense(idx, n), dense)
+
+
+def test_row_and_weight_projections_use_their_own_shape_classes(queue, rng, monkeypatch):
+    """The weight's projection and the rows' look up DRS_PROJECT under their own shape
+    classes; entries that differ (here in the padding of k, VEC * KVEC) still give the
+    reference search."""
+    from pysparsecl import tuning
+    weight_p = DRS_PROJECT.check(dict(VEC=16, KVEC=4, ROWS=2, WG=2))      # k padded to 64
+    rows_p = DRS_PROJECT.check(dict(VEC=4, KVEC=1, ROWS=4, WG=1))         # k padded to 4s
+    kind = runtime.device_kind(queue.device)
+    entry = {"params": DRS_PROJECT.defaults(),
+             "shapes": {PROJECT_WEIGHT: {"params": weight_p}, PROJECT_ROWS: {"params": rows_p}}}
+    monkeypatch.setattr(tuning, "_shipped", {"drs_project": {kind: entry}})
+    monkeypatch.setattr(tuning, "_memo", {})
+    monkeypatch.setattr(tuning, "read_user_database", lambda device: {})
+    seen = []
+    real_lookup = tuning.lookup
+
+    def spy(spec, device, shape_class=None):
+        if spec is DRS_PROJECT:
+            seen.append(shape_class)
+        return real_lookup(spec, device, shape_class)
+
+    monkeypatch.setattr(tuning, "lookup", spy)
+    d, n, m = 96, 131, 40
+    x = rng.standard_normal((m, d), dtype=np.float32)
+    w = rng.standard_normal((d, n), dtype=np.float32)
+    proj = ps.SparseRandomProjection(d, k=22, seed=int(rng.integers(1 << 30)), queue=queue)
+    pw = proj.project_weight(w)
+    assert seen == [PROJECT_WEIGHT]
+    with override("drs_fused", MAX_ROWS=0):      # the rows' own projection, on any device
+        _check_search(ps.drs_mask(x, None, 0.8, projection=pw), x, w, proj, 0.8)
+    assert seen == [PROJECT_WEIGHT, PROJECT_ROWS]
 
 
 def test_one_dimensional_x_and_device_arrays(queue, rng):

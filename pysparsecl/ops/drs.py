@@ -49,6 +49,9 @@ __all__ = ["DRS_PROJECT", "DRS_SCORES", "DRS_FUSED", "DRS_TOPK", "JL_CONSTANT",
 #: C in the default k = ceil(C * ln(d) / eps^2).  See :func:`default_k` for the choice.
 JL_CONSTANT = 2.0
 
+#: Shape classes of DRS_PROJECT: the weight's projection and the rows' (x's) projection.
+PROJECT_WEIGHT, PROJECT_ROWS = "weight", "rows"
+
 #: Padding of k (projection output) and N (projected weight columns): every candidate
 #: tile (VEC * KVEC, VEC * NVEC <= PAD) then reads whole vectors inside the buffers.
 PAD = 64
@@ -336,7 +339,11 @@ class SparseRandomProjection:
         ``transposed_ld`` is given.  Returns (array, its row length)."""
         lda = self.d if lda is None else lda
         alloc = runtime.memory_pool(queue.context)
-        params = tuning.lookup(DRS_PROJECT, queue.device)
+        # Two shape classes: the weight's projection (once per weight update, d x N) and
+        # the rows' (every search), whose best tiles differ; tuned together, the weight's
+        # larger time chose for both.
+        params = tuning.lookup(DRS_PROJECT, queue.device,
+                               PROJECT_WEIGHT if transposed_ld is not None else PROJECT_ROWS)
         kp = round_up(self.k, params["VEC"] * params["KVEC"])
         if transposed_ld is None:
             shape, ld = (n_rows, kp), kp

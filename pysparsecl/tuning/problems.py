@@ -269,6 +269,7 @@ def _drs_problems(family):
     rows (the fused one-launch kernel)."""
     def build(queue, rng, quick, shapes) -> List[Problem]:
         from .. import MaskedLinearWeight, SparseRandomProjection, drs_mask
+        from ..ops.drs import PROJECT_ROWS, PROJECT_WEIGHT
         if shapes is None and not quick and family == "drs_fused":
             dims = [(1, 4096, 4096, 0.1), (4, 1024, 1024, 0.1)]
         else:
@@ -284,12 +285,14 @@ def _drs_problems(family):
             if family == "drs_project":   # the weight's projection is the op timed
                 problems.append(Problem(
                     f"project w {k}x{n}", lambda ev, proj=proj, weight=weight:
-                    proj.project_weight(weight, events=ev).to_numpy()))
+                    proj.project_weight(weight, events=ev).to_numpy(),
+                    shape_class=PROJECT_WEIGHT))
             pw = proj.project_weight(weight)
             problems.append(Problem(
                 f"search {m}x{k}x{n} keep {keep:g}",
                 lambda ev, x=x, pw=pw, keep=keep:
                 drs_mask(x, None, 1.0 - keep, projection=pw, events=ev),
+                shape_class=PROJECT_ROWS if family == "drs_project" else None,
                 check=selection_check()))
         return problems
     return build
