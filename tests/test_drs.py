@@ -15,10 +15,9 @@ from pysparsecl.ops.drs import (
     DRS_SCORES,
     DRS_TOPK,
     JL_CONSTANT,
-    PROJECT_ROWS,
-    PROJECT_WEIGHT,
     default_k,
     keep_count,
+    project_shape_class,
     template_args,
 )
 from pysparsecl.testing.cases import ConvCase
@@ -213,7 +212,8 @@ def test_row_and_weight_projections_use_their_own_shape_classes(queue, rng, monk
     rows_p = DRS_PROJECT.check(dict(VEC=4, KVEC=1, ROWS=4, WG=1))         # k padded to 4s
     kind = runtime.device_kind(queue.device)
     entry = {"params": DRS_PROJECT.defaults(),
-             "shapes": {PROJECT_WEIGHT: {"params": weight_p}, PROJECT_ROWS: {"params": rows_p}}}
+             "shapes": {project_shape_class(None, 96): {"params": weight_p},
+                        project_shape_class(40, 96): {"params": rows_p}}}
     monkeypatch.setattr(tuning, "_shipped", {"drs_project": {kind: entry}})
     monkeypatch.setattr(tuning, "_memo", {})
     monkeypatch.setattr(tuning, "read_user_database", lambda device: {})
@@ -231,10 +231,10 @@ def test_row_and_weight_projections_use_their_own_shape_classes(queue, rng, monk
     w = rng.standard_normal((d, n), dtype=np.float32)
     proj = ps.SparseRandomProjection(d, k=22, seed=int(rng.integers(1 << 30)), queue=queue)
     pw = proj.project_weight(w)
-    assert seen == [PROJECT_WEIGHT]
+    assert seen == ["weight"]
     with override("drs_fused", MAX_ROWS=0):      # the rows' own projection, on any device
         _check_search(ps.drs_mask(x, None, 0.8, projection=pw), x, w, proj, 0.8)
-    assert seen == [PROJECT_WEIGHT, PROJECT_ROWS]
+    assert seen == ["weight", "rows-m32-d64"]
 
 
 def test_one_dimensional_x_and_device_arrays(queue, rng):

@@ -43,14 +43,24 @@ from .masked import (
 )
 
 __all__ = ["DRS_PROJECT", "DRS_SCORES", "DRS_FUSED", "DRS_TOPK", "JL_CONSTANT",
+           "project_shape_class",
            "SparseRandomProjection", "ProjectedWeight", "drs_mask", "drs_mask_conv2d",
            "default_k", "keep_count", "template_args"]
 
 #: C in the default k = ceil(C * ln(d) / eps^2).  See :func:`default_k` for the choice.
 JL_CONSTANT = 2.0
 
-#: Shape classes of DRS_PROJECT: the weight's projection and the rows' (x's) projection.
-PROJECT_WEIGHT, PROJECT_ROWS = "weight", "rows"
+#: Shape class of DRS_PROJECT for the weight's projection (see project_shape_class).
+PROJECT_WEIGHT = "weight"
+
+
+def project_shape_class(n_rows: Optional[int], d: int) -> str:
+    """DRS_PROJECT's shape class: ``weight`` for the weight's projection (n_rows None),
+    done once per weight update; for the rows' projection, done on every search, the rows
+    and d rounded down to powers of two, e.g. ``rows-m1024-d2048``."""
+    if n_rows is None:
+        return PROJECT_WEIGHT
+    return f"rows-m{tuning.pow2_floor(n_rows)}-d{tuning.pow2_floor(d)}"
 
 #: Padding of k (projection output) and N (projected weight columns): every candidate
 #: tile (VEC * KVEC, VEC * NVEC <= PAD) then reads whole vectors inside the buffers.
@@ -339,11 +349,11 @@ class SparseRandomProjection:
         ``transposed_ld`` is given.  Returns (array, its row length)."""
         lda = self.d if lda is None else lda
         alloc = runtime.memory_pool(queue.context)
-        # Two shape classes: the weight's projection (once per weight update, d x N) and
-        # the rows' (every search), whose best tiles differ; tuned together, the weight's
-        # larger time chose for both.
-        params = tuning.lookup(DRS_PROJECT, queue.device,
-                               PROJECT_WEIGHT if transposed_ld is not None else PROJECT_ROWS)
+        # The weight's projection (once per weight update) and the rows' (every search)
+        # have their own shape classes: tuned together, the weight's larger time chose the
+        # tiles for both.
+        params = tuning.lookup(DRS_PROJECT, queue.device, project_shape_class(
+            None if transposed_ld is not None else n_rows, self.d))
         kp = round_up(self.k, params["VEC"] * params["KVEC"])
         if transposed_ld is None:
             shape, ld = (n_rows, kp), kp

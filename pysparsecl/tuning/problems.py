@@ -269,7 +269,7 @@ def _drs_problems(family):
     rows (the fused one-launch kernel)."""
     def build(queue, rng, quick, shapes) -> List[Problem]:
         from .. import MaskedLinearWeight, SparseRandomProjection, drs_mask
-        from ..ops.drs import PROJECT_ROWS, PROJECT_WEIGHT
+        from ..ops.drs import project_shape_class
         if shapes is None and not quick and family == "drs_fused":
             dims = [(1, 4096, 4096, 0.1), (4, 1024, 1024, 0.1)]
         else:
@@ -286,13 +286,13 @@ def _drs_problems(family):
                 problems.append(Problem(
                     f"project w {k}x{n}", lambda ev, proj=proj, weight=weight:
                     proj.project_weight(weight, events=ev).to_numpy(),
-                    shape_class=PROJECT_WEIGHT))
+                    shape_class=project_shape_class(None, k)))
             pw = proj.project_weight(weight)
             problems.append(Problem(
                 f"search {m}x{k}x{n} keep {keep:g}",
                 lambda ev, x=x, pw=pw, keep=keep:
                 drs_mask(x, None, 1.0 - keep, projection=pw, events=ev),
-                shape_class=PROJECT_ROWS if family == "drs_project" else None,
+                shape_class=project_shape_class(m, k) if family == "drs_project" else None,
                 check=selection_check()))
         return problems
     return build
