@@ -361,10 +361,11 @@ def _contiguous_call(op: str, named, out, queue, events, coeffs):
         check_alloc(queue, first.nbytes, "the output")
         out = runtime.empty(queue, shape, dtype, allocator=runtime.memory_pool(queue.context))
     else:
-        out_lo, out_hi = out.offset, out.offset + out.nbytes
+        out_lo, out_hi = _byte_span(out)
         for _, x in named:
+            lo, hi = _byte_span(x)
             if x.base_data.int_ptr == out.base_data.int_ptr and x.offset != out.offset and \
-                    x.offset < out_hi and out_lo < x.offset + x.nbytes:
+                    lo < out_hi and out_lo < hi:
                 return None  # a shifted view of out: the general path copies it first
     coeffs = [_scalar_value(c, dtype, name) for c, name in zip(coeffs, ("alpha", "beta"))]
     inputs = [_Slot(letter, x) for (_, x), letter in zip(named, "ab")]
