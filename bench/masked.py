@@ -122,7 +122,13 @@ def bench_matmul(queue, torch_b, args, rng):
                 call_state["i"] = (call_state["i"] + 1) % N_MASKS
                 ps.masked_matmul(x_dev, weight, masks[call_state["i"]])
                 queue.finish()
-            timers = {"ours": event_ms(ours, queue), "call": wall_ms(call), **dense}
+            host_state = {"i": 0}
+
+            def host_call():   # NumPy x and masks, the prepared weight: the result to NumPy
+                host_state["i"] = (host_state["i"] + 1) % N_MASKS
+                ps.masked_matmul(x, weight, host_masks[host_state["i"]], queue=queue)
+            timers = {"ours": event_ms(ours, queue), "call": wall_ms(call),
+                      "host_call": wall_ms(host_call), **dense}
             if sddmm is not None:
                 timers["sddmm"] = torch_b.timer(sddmm)
             med = interleaved_medians(timers, args.rounds, slow=("numpy",))
@@ -137,7 +143,8 @@ def bench_matmul(queue, torch_b, args, rng):
                 params=tuning.lookup(SPECS[family], queue.device, shape_class),
                 op=family, shape=f"{m}x{k}x{n}", M=m, K=k,
                 N=n, sparsity=sparsity, n_keep=n_keep, ours_kernel_ms=med["ours"],
-                ours_call_ms=med["call"], torch_dense_ms=torch_ms,
+                ours_call_ms=med["call"], host_call_ms=med["host_call"],
+                prepared_over_host=med["call"] / med["host_call"], torch_dense_ms=torch_ms,
                 numpy_dense_ms=med.get("numpy"), sddmm_ms=sddmm_ms,
                 speedup_vs_torch=torch_ms / med["ours"] if torch_ms else None,
                 **({"torch_call_ms": torch_call_ms} if torch_call_ms else {}),
@@ -226,6 +233,8 @@ def bench_masked(queue, args, rng, torch_b=None) -> list:
 
 COLUMNS = [("op", "op", "{}"), ("shape", "shape", "{}"), ("sparsity", "sparsity", "{:.2f}"),
            ("ours_kernel_ms", "ours ms", "{:.3f}"), ("ours_call_ms", "call ms", "{:.3f}"),
+           ("host_call_ms", "NumPy call ms", "{:.3f}"),
+           ("prepared_over_host", "call / NumPy call", "{:.2f}"),
            ("ours_channel_ms", "channel-mask ms", "{:.3f}"),
            ("torch_dense_ms", "torch dense ms", "{:.3f}"),
            ("torch_call_ms", "torch call ms", "{:.3f}"),

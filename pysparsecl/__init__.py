@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .ops._prepared import clear_weight_cache  # noqa: E402
 from .ops.conv2d import SparseConvWeight, conv2d_output_shape, conv2d_sparse  # noqa: E402
 from .ops.drs import (  # noqa: E402
     ProjectedWeight,
@@ -30,5 +31,5 @@ __all__ = [
     # elementwise
     "add", "mul", "axpby", "add_relu",
     # runtime
-    "KernelBuildError", "NoDeviceError", "get_queue", "list_devices",
+    "clear_weight_cache", "KernelBuildError", "NoDeviceError", "get_queue", "list_devices",
 ]

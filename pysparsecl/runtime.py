@@ -8,6 +8,7 @@ skipped with a warning naming it.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import math
 import os
@@ -32,7 +33,10 @@ os.environ.setdefault("POCL_AFFINITY", "1")
 __all__ = [
     "KernelBuildError", "NoDeviceError", "DeviceInfo", "get_queue", "probe_device",
     "list_devices", "render", "build_program", "device_identity", "device_kind",
-    "memory_pool", "resolve_queue", "queue_for", "kernels", "LockedKernel",
+    "memory_pool", "resolve_queue", "queue_for", "kernels", "LockedKernel", "empty",
+    "shares_host_memory", "wrap_host", "sync_host", "kernels_use_host_memory",
+    "base_alignment", "aligned_empty", "set_host_memory_mode", "staging",
+    "release_staging",
 ]
 
 
@@ -408,3 +412,213 @@ def memory_pool(ctx: cl.Context) -> cl_tools.MemoryPool:
             pool = _pools[ctx.int_ptr] = cl_tools.MemoryPool(cl_tools.ImmediateAllocator(
                 cl.CommandQueue(ctx)))
         return pool
+
+
+_shares_host: Dict[int, bool] = {}
+_in_place: Dict[int, bool] = {}
+_HOST_MODES = ("copy", "map", "in_place")
+
+
+def shares_host_memory(device: cl.Device) -> bool:
+    """Whether ``device`` works in the host's own memory (CPU devices such as PoCL's,
+    integrated GPUs): then a NumPy operand of a call that waits for its result can be
+    lent to the kernels in place (:func:`wrap_host`) instead of copied.  Set
+    ``PYSPARSECL_ZERO_COPY=0`` to copy anyway (read once per device), or see
+    :func:`set_host_memory_mode`."""
+    key = device.int_ptr
+    found = _shares_host.get(key)
+    if found is None:
+        try:
+            found = bool(device.host_unified_memory)
+        except cl.Error:  # deprecated since OpenCL 2.0: a driver may not answer
+            found = False
+        found = found and os.environ.get("PYSPARSECL_ZERO_COPY", "1") != "0"
+        _shares_host[key] = found
+    return found
+
+
+def set_host_memory_mode(device: cl.Device, mode: Optional[str]) -> None:
+    """How NumPy calls on ``device`` move their operands, for tests and measurements:
+    ``"copy"`` (to and from device buffers), ``"map"`` (lent in place, results synced by
+    a map), ``"in_place"`` (lent in place, results read after the wait alone: only sound
+    where :func:`kernels_use_host_memory` holds), or None to decide from the device again."""
+    if mode is not None and mode not in _HOST_MODES:
+        raise ValueError(f"mode must be one of {_HOST_MODES} or None, got {mode!r}")
+    key = device.int_ptr
+    _shares_host.pop(key, None)
+    _in_place.pop(key, None)
+    if mode is not None:
+        _shares_host[key] = mode != "copy"
+        _in_place[key] = mode == "in_place"
+
+
+_alignments: Dict[int, int] = {}
+
+
+def base_alignment(device: cl.Device) -> int:
+    """The alignment in bytes that OpenCL gives every buffer's start on ``device``
+    (``CL_DEVICE_MEM_BASE_ADDR_ALIGN``, at least 64), which kernels may rely on for
+    vector loads."""
+    key = device.int_ptr
+    found = _alignments.get(key)
+    if found is None:
+        found = _alignments[key] = max(device.mem_base_addr_align // 8, 64)
+    return found
+
+
+def aligned_empty(shape, dtype, alignment: int, zeros: bool = False) -> np.ndarray:
+    """A new C-contiguous NumPy array whose data starts on an ``alignment``-byte boundary
+    (a view into a slightly larger allocation)."""
+    dtype = np.dtype(dtype)
+    n_bytes = math.prod(shape) * dtype.itemsize
+    raw = (np.zeros if zeros else np.empty)(n_bytes + alignment, np.uint8)
+    start = -raw.__array_interface__["data"][0] % alignment
+    return raw[start:start + n_bytes].view(dtype).reshape(shape)
+
+
+def wrap_host(queue: cl.CommandQueue, host: np.ndarray, writable: bool) -> cl_array.Array:
+    """A device array over the C-contiguous NumPy array ``host``'s own memory
+    (``CL_MEM_USE_HOST_PTR``), made without a copy.
+
+    OpenCL starts every buffer on the device's base alignment (:func:`base_alignment`)
+    and kernels may rely on it: the ops pick aligned vector loads from an array's offset
+    into its buffer.  So the buffer starts at ``host``'s address rounded down to that
+    alignment (the same page: the alignment divides 4 KiB), and the array lies at the
+    remainder as its offset; the few bytes before it are never touched.
+
+    The buffer keeps ``host`` alive.  The caller must wait for every command that uses it
+    before ``host`` is read (for a written one: through :func:`sync_host`) or changed by
+    anyone else; the ops lend host memory only to calls that block until their result is
+    on the host.  ``host`` must be aligned to its own item size (NumPy's ``aligned``)."""
+    if not (host.flags.c_contiguous and host.flags.aligned):
+        raise ValueError("wrap_host needs a C-contiguous, aligned array")
+    alignment = base_alignment(queue.device)
+    if alignment > 4096:
+        raise ValueError(f"wrap_host: a base alignment of {alignment} bytes spans pages")
+    address = host.__array_interface__["data"][0]   # (cheaper than host.ctypes.data)
+    lead = address % alignment
+    region = host
+    if lead:
+        region = (ctypes.c_char * (lead + host.nbytes)).from_address(address - lead)
+        region.owner = host   # the buffer holds region, region holds host
+    flags = cl.mem_flags.USE_HOST_PTR | (cl.mem_flags.READ_WRITE if writable
+                                         else cl.mem_flags.READ_ONLY)
+    buf = cl.Buffer(queue.context, flags, hostbuf=region)
+    strides, step = [], host.dtype.itemsize
+    for n in reversed(host.shape):
+        strides.append(step)
+        step *= max(n, 1)
+    try:
+        return cl_array.Array(None, host.shape, host.dtype, data=buf, offset=lead,
+                              strides=tuple(reversed(strides)), _fast=True, _size=host.size,
+                              _context=queue.context, _queue=queue)
+    except TypeError:  # no fast path in this pyopencl
+        return cl_array.Array(queue, host.shape, host.dtype, data=buf, offset=lead)
+
+
+#: Operands of NumPy calls up to this size go through the thread's staging buffers.
+STAGING_MAX_BYTES = 256 * 1024
+_staging = threading.local()
+
+
+def staging(queue: cl.CommandQueue, slot: str, shape, dtype
+            ) -> Tuple[cl_array.Array, np.ndarray]:
+    """A device array and a NumPy view of the same memory, in a buffer that this thread
+    keeps for ``slot`` (one per operand name) in ``queue``'s context.
+
+    For the small operands of NumPy calls on devices whose kernels work in host memory
+    itself (:func:`kernels_use_host_memory`): copying a small operand into a buffer made
+    once costs a memcpy, where a new buffer per call costs PoCL ~40 us at its first
+    launch (a third of a 1024 x 1024 masked VMM).  The call must be done with the memory
+    (a NumPy call waits for its kernels) before the thread uses ``slot`` again."""
+    slots = getattr(_staging, "slots", None)
+    if slots is None:
+        slots = _staging.slots = {}
+    dtype = np.dtype(dtype)
+    n_bytes = math.prod(shape) * dtype.itemsize
+    key = (queue.context.int_ptr, slot)   # the buffer holds its context: no reused pointer
+    found = slots.get(key)
+    if found is None or found[0].nbytes < n_bytes:
+        capacity = max(4096, 1 << (n_bytes - 1).bit_length())
+        host = aligned_empty((capacity,), np.uint8, base_alignment(queue.device))
+        buf = cl.Buffer(queue.context, cl.mem_flags.READ_WRITE | cl.mem_flags.USE_HOST_PTR,
+                        hostbuf=host)
+        found = slots[key] = (host, buf)
+    host, buf = found
+    view = host[:n_bytes].view(dtype).reshape(shape)
+    strides, step = [], dtype.itemsize
+    for n in reversed(view.shape):
+        strides.append(step)
+        step *= max(n, 1)
+    try:
+        dev = cl_array.Array(None, view.shape, dtype, data=buf,
+                             strides=tuple(reversed(strides)), _fast=True, _size=view.size,
+                             _context=queue.context, _queue=queue)
+    except TypeError:  # no fast path in this pyopencl
+        dev = cl_array.Array(queue, view.shape, dtype, data=buf)
+    return dev, view
+
+
+def release_staging() -> None:
+    """Drop this thread's staging buffers (see :func:`staging`)."""
+    _staging.slots = {}
+
+
+_IN_PLACE_PROBE = """
+__kernel void pscl_in_place_probe(__global const float *src, __global float *dst) {
+    const int i = get_global_id(0);
+    dst[i] = src[i] + 1.0f;
+}
+"""
+
+
+def _probe_in_place(device: cl.Device) -> bool:
+    """Whether kernels on ``device`` read and write a ``CL_MEM_USE_HOST_PTR`` buffer's
+    host memory itself: a kernel must see a host write made after the buffer was created,
+    and its own writes must be in host memory after ``finish`` with no map.  Tried at
+    element offsets that break every alignment above 4 bytes, small and large."""
+    try:
+        ctx = cl.Context([device])
+        queue = cl.CommandQueue(ctx)
+        kernel = cl.Kernel(cl.Program(ctx, _IN_PLACE_PROBE).build(), "pscl_in_place_probe")
+        for n, shift in ((17, 1), (1 << 18, 3)):
+            src_raw, dst_raw = np.zeros(n + shift, np.float32), np.zeros(n + shift, np.float32)
+            src, dst = src_raw[shift:], dst_raw[shift:]
+            flags = cl.mem_flags.USE_HOST_PTR | cl.mem_flags.READ_WRITE
+            src_buf = cl.Buffer(ctx, flags, hostbuf=src)
+            dst_buf = cl.Buffer(ctx, flags, hostbuf=dst)
+            src[:] = np.arange(n, dtype=np.float32)     # after the buffer was made
+            kernel(queue, (n,), None, src_buf, dst_buf)
+            queue.finish()
+            if not np.array_equal(dst, np.arange(1, n + 1, dtype=np.float32)):
+                return False
+        return True
+    except Exception:  # any failure: use the map, which OpenCL promises
+        return False
+
+
+def kernels_use_host_memory(device: cl.Device) -> bool:
+    """True for a CPU device whose kernels work in lent host memory itself (probed once,
+    see :func:`_probe_in_place`; PoCL's CPU driver does): a ``finish`` then makes their
+    results visible, and :func:`sync_host` needs no map, which costs ~75 us a call on
+    PoCL.  Other devices (an integrated GPU may copy or cache) always map."""
+    key = device.int_ptr
+    found = _in_place.get(key)
+    if found is None:
+        found = _in_place[key] = bool(device.type & cl.device_type.CPU) and \
+            _probe_in_place(device)
+    return found
+
+
+def sync_host(queue: cl.CommandQueue, dev: cl_array.Array) -> None:
+    """Wait until the kernels writing ``dev`` (from :func:`wrap_host`) are done and their
+    results are in its host memory: a blocking map and its unmap, which is what OpenCL
+    promises coherence by, or only the wait where the kernels write host memory itself
+    (:func:`kernels_use_host_memory`)."""
+    if kernels_use_host_memory(queue.device):
+        queue.finish()
+        return
+    mapped, _ = cl.enqueue_map_buffer(queue, dev.base_data, cl.map_flags.READ, 0, (dev.size,),
+                                      dev.dtype, is_blocking=True,
+                                      wait_for=list(dev.events) or None)
+    mapped.base.release(queue)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import pyopencl as cl
@@ -48,14 +49,56 @@ def check_out(out, shape, dtype, like, name: str = "out") -> None:
         raise ValueError(f"{name} must be C-contiguous")
 
 
-def deliver(out_dev: cl_array.Array, like, out, queue: cl.CommandQueue):
+def new_output(queue: cl.CommandQueue, shape, dtype, out, like, zeros: bool = False, *,
+               slot: str = "out") -> Tuple[cl_array.Array, Optional[Callable[[], np.ndarray]]]:
+    """The device array an op writes its result into, and, when the result will be a new
+    NumPy array that the kernels write in place, how :func:`deliver` takes it (else
+    None); ``zeros``: the result starts zeroed; ``slot``: a name unique among the call's
+    operands (see :func:`runtime.staging`).
+
+    - ``out`` a device array: itself.
+    - A NumPy call (``like`` not a device array) with no ``out``, on a device that shares
+      host memory: a small result is written to the thread's staging buffer and copied
+      out, a larger one into a new NumPy array lent to the kernels in place.
+    - Otherwise a new pooled device array."""
+    if is_device_array(out):
+        return out, None
+    n_bytes = math.prod(shape) * np.dtype(dtype).itemsize
+    check_alloc(queue, n_bytes, "the output")
+    if out is None and n_bytes and not is_device_array(like) and \
+            runtime.shares_host_memory(queue.device):
+        if n_bytes <= runtime.STAGING_MAX_BYTES and runtime.kernels_use_host_memory(
+                queue.device):
+            dev, view = runtime.staging(queue, slot, shape, dtype)
+            if zeros:
+                view.fill(0)
+            return dev, view.copy
+        host = runtime.aligned_empty(shape, dtype, runtime.base_alignment(queue.device), zeros)
+        return runtime.wrap_host(queue, host, writable=True), lambda: host
+    alloc = runtime.memory_pool(queue.context)
+    if zeros:
+        return cl_array.zeros(queue, shape, dtype, allocator=alloc), None
+    return runtime.empty(queue, shape, dtype, allocator=alloc), None
+
+
+def deliver(out_dev: cl_array.Array, like, out, queue: cl.CommandQueue,
+            take: Optional[Callable[[], np.ndarray]] = None):
     """The result in the container the input ``like`` came in: ``out_dev`` itself for a
-    device array (no host round trip), else ``out`` (or a new NumPy array) filled from it."""
+    device array (no host round trip), else a NumPy array: ``take()`` once the kernels are
+    done, where they wrote host memory (see :func:`new_output`), or ``out`` (or a new
+    array) filled from ``out_dev``.  A NumPy call returns only when every command it
+    enqueued is done, so host memory lent to it (:func:`to_device` with ``borrow``) is
+    free again."""
     if is_device_array(like):
         return out_dev
-    result = out if out is not None else np.empty(out_dev.shape, out_dev.dtype)
-    if result.size:
-        out_dev.get(queue=queue, ary=result)
+    if take is not None:
+        runtime.sync_host(queue, out_dev)
+        result = take()
+    else:
+        result = out if out is not None else np.empty(out_dev.shape, out_dev.dtype)
+        if result.size:
+            out_dev.get(queue=queue, ary=result)
+    queue.finish()
     return result
 
 
@@ -78,13 +121,38 @@ def int_pair(value, name: str, minimum: int) -> Tuple[int, int]:
     return pair
 
 
-def to_device(a, queue: cl.CommandQueue, name: str) -> cl_array.Array:
-    """``a`` as a device array on ``queue``'s context (NumPy arrays are copied once)."""
+def to_device(a, queue: cl.CommandQueue, name: str, borrow: bool = False,
+              at_offset: bool = True) -> cl_array.Array:
+    """``a`` as a device array on ``queue``'s context.
+
+    A NumPy array is copied once to the device; with ``borrow`` on a device that shares
+    host memory, a small one is copied into the thread's staging buffer named ``name``
+    (:func:`runtime.staging`; a memcpy) and a larger one lent to the kernels in place
+    (:func:`runtime.wrap_host`; no copy unless strided).  A lent array usually lies at an
+    offset into its buffer; a kernel argument that takes no offset passes
+    ``at_offset=False``, and such an array is first copied on the host into one that
+    starts on the base alignment.  Only a call that waits for all its commands before it
+    returns (a NumPy call, see :func:`deliver`) may borrow, its kernels must only read
+    the array, and ``name`` must be unique among the call's operands."""
     if is_device_array(a):
         if a.context != queue.context:
             raise ValueError(f"{name} belongs to a different OpenCL context than the queue")
         return a
     check_alloc(queue, a.nbytes, name)
+    if borrow and a.nbytes and runtime.shares_host_memory(queue.device):
+        if a.nbytes <= runtime.STAGING_MAX_BYTES and \
+                runtime.kernels_use_host_memory(queue.device):
+            dev, view = runtime.staging(queue, name, a.shape, a.dtype)
+            view[...] = a
+            return dev
+        host = np.ascontiguousarray(a)
+        alignment = runtime.base_alignment(queue.device)
+        if not host.flags.aligned or (
+                not at_offset and host.__array_interface__["data"][0] % alignment):
+            staged = runtime.aligned_empty(host.shape, host.dtype, alignment)
+            staged[...] = host
+            host = staged
+        return runtime.wrap_host(queue, host, writable=False)
     return cl_array.to_device(queue, np.ascontiguousarray(a),
                               allocator=runtime.memory_pool(queue.context))
 

@@ -28,10 +28,12 @@ from ._common import (
     deliver,
     elem_offset,
     is_device_array,
+    new_output,
     require_array,
     round_up,
     to_device,
 )
+from ._prepared import PreparedCache
 from .masked import (
     LOCAL_MEM_BYTES,
     MaskedLinearWeight,
@@ -493,6 +495,18 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
     Returns
     -------
     The mask, in the kind of container ``x`` came in; 1-D for a 1-D ``x``.
+
+    Copies and caches
+    -----------------
+    With a :class:`SparseRandomProjection` as ``projection`` and a NumPy ``w``, f(w) is
+    kept for the array while it lives and is unchanged (compared on each call; see
+    ``pysparsecl.clear_weight_cache``); a :class:`ProjectedWeight` avoids even the
+    comparison.
+    On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
+    lends its inputs (those C-contiguous and aligned to the device's base alignment) and
+    its new results to the kernels in place, with no copy; elsewhere they are copied to and
+    from the device.  A NumPy call returns when its result is ready; a device-array call
+    returns once it is enqueued.
     """
     require_array(x, "x", np.float32)
     if x.ndim not in (1, 2):
@@ -539,10 +553,8 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
     if n_rows * max(n_cols, 1) > INT32_MAX:
         raise ValueError(f"the scores have {n_rows * n_cols} elements, more than int32 "
                          "indexing allows")
-    alloc = runtime.memory_pool(queue.context)
     dtype = np.int32 if compact else np.bool_
-    out_dev = out if is_device_array(out) else runtime.empty(
-        queue, out_shape, dtype, allocator=alloc)
+    out_dev, host = new_output(queue, out_shape, dtype, out, like=x)
 
     if not out_dev.size:
         pass
@@ -557,14 +569,23 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
         if proj is None:
             proj = SparseRandomProjection(d, k, eps, seed, queue=queue)
         proj._check_queue(queue)
-        if pw is None:
+        if pw is None and projection is not None and isinstance(w, np.ndarray):
+            # The caller's projection and a NumPy w: f(w) is kept while w is unchanged.
+            pw = _PROJECTED.get(w, (w,), (queue.context.int_ptr, id(proj)),
+                                lambda: proj.project_weight(w, queue=queue, events=events))
+        elif pw is None:
             pw = proj.project_weight(w, queue=queue, events=events)
         elif pw.queue.context != queue.context:
             raise ValueError("the projected weight lives in a different OpenCL context than "
                              "the queue the operation runs on")
-        x_dev = to_device(x, queue, "x")
+        x_dev = to_device(x, queue, "x", borrow=not is_device_array(x))
         _search(queue, x_dev, proj, pw, n_rows, n_keep, out_dev, compact, events)
-    return deliver(out_dev, x, out, queue)
+    return deliver(out_dev, x, out, queue, host)
+
+
+#: ProjectedWeights kept for the NumPy weights passed with a SparseRandomProjection (each
+#: holds its projection, so the id in the key is not reused while the entry lives).
+_PROJECTED = PreparedCache("drs_mask projected weights")
 
 
 def _search(queue, x_dev, proj: SparseRandomProjection, pw: ProjectedWeight, n_rows, n_keep,
@@ -659,6 +680,12 @@ def drs_mask_conv2d(x, w, sparsity, *, stride=1, padding=0, dilation=1, eps=0.5,
     Returns
     -------
     The mask, in the kind of container ``x`` came in.  Ties go to the lower channel.
+
+    On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
+    lends its inputs (those C-contiguous and aligned to the device's base alignment) and
+    its new results to the kernels in place, with no copy; elsewhere they are copied to and
+    from the device.  A NumPy call returns when its result is ready; a device-array call
+    returns once it is enqueued.
     """
     require_array(x, "x", np.float32, ndim=4)
     sparsity = _check_sparsity(sparsity)
@@ -706,9 +733,7 @@ def drs_mask_conv2d(x, w, sparsity, *, stride=1, padding=0, dilation=1, eps=0.5,
         raise ValueError(f"the scores have {n_pix * k_out} elements, more than int32 "
                          "indexing allows")
     n_keep = keep_count(sparsity, k_out)
-    alloc = runtime.memory_pool(queue.context)
-    out_dev = out if is_device_array(out) else runtime.empty(queue, out_shape, np.bool_,
-                                                             allocator=alloc)
+    out_dev, host = new_output(queue, tuple(out_shape), np.bool_, out, like=x)
     if not out_dev.size:
         pass
     elif n_keep == k_out:
@@ -722,11 +747,12 @@ def drs_mask_conv2d(x, w, sparsity, *, stride=1, padding=0, dilation=1, eps=0.5,
             rows = w.reshape(k_out, d)
             pw = proj.project_weight(MaskedLinearWeight(rows, transposed=True, queue=queue),
                                      queue=queue, events=events)
-        xp = _pack_conv_input(queue, to_device(x, queue, "x"), n_ch, geom, events)
+        x_dev = to_device(x, queue, "x", borrow=not is_device_array(x))
+        xp = _pack_conv_input(queue, x_dev, n_ch, geom, events)
         projected = _project_windows(queue, proj, xp, geom, n_ch, r, s, n_pix, events)
         _search(queue, None, proj, pw, n_pix, n_keep, out_dev, False, events,
                 projected=projected, plane=geom["OH"] * geom["OW"])
-    return deliver(out_dev, x, out, queue)
+    return deliver(out_dev, x, out, queue, host)
 
 
 def _project_windows(queue, proj: SparseRandomProjection, xp, geom, n_ch, r, s, n_pix,

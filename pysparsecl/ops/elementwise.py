@@ -29,7 +29,7 @@ import pyopencl.array as cl_array
 
 from .. import runtime, tuning
 from ..params import Constraint, ParamSpec, TileParam
-from ._common import check_alloc, is_device_array
+from ._common import check_alloc, deliver, is_device_array, new_output, to_device
 
 __all__ = ["ELEMENTWISE", "add", "mul", "axpby", "add_relu", "SUPPORTED_DTYPES", "MAX_NDIM"]
 
@@ -424,8 +424,8 @@ def _elementwise(op: str, named: Sequence[Tuple[str, object]], out, mask, queue,
         return runtime.empty(queue, out_shape, dtype) if device_result else \
             np.empty(out_shape, dtype)
 
-    dev, out_dev = _device_operands(queue, named, mask, out, uploads, dtype, out_shape, keep,
-                                    device_result)
+    dev, out_dev, host_out = _device_operands(queue, named, mask, out, uploads, dtype,
+                                              out_shape, keep, device_result)
     _copy_overlapping_inputs(queue, dev, out_dev, out_shape, events)
     inputs = []
     for (name, _), letter in zip(named, "ab"):  # the template calls the operands a and b
@@ -443,12 +443,10 @@ def _elementwise(op: str, named: Sequence[Tuple[str, object]], out, mask, queue,
 
     if device_result:
         return out_dev
-    result = out if out is not None else np.empty(out_shape, dtype)
-    if result.flags.c_contiguous:
-        out_dev.get(queue=queue, ary=result)
-    else:
-        result[...] = out_dev.get(queue=queue)
-    return result
+    if host_out is not None or out is None or out.flags.c_contiguous:
+        return deliver(out_dev, None, out, queue, host_out)
+    out[...] = deliver(out_dev, None, None, queue)
+    return out
 
 
 def _check_mask(mask, out_shape):
@@ -516,18 +514,25 @@ def _device_operands(queue, named, mask, out, uploads, dtype, out_shape, keep, d
     for name, host in uploads.items():
         key = id(originals[name])  # add(x, x) uploads x once
         if key not in seen:
-            seen[key] = cl_array.to_device(queue, np.ascontiguousarray(host), allocator=alloc)
+            if device_result:
+                seen[key] = cl_array.to_device(queue, np.ascontiguousarray(host),
+                                               allocator=alloc)
+            else:   # lent in place where the device shares host memory: no copy
+                seen[key] = to_device(np.ascontiguousarray(host), queue, name, borrow=True)
         dev[name] = seen[key]
     for name, x in list(named) + [("mask", mask)]:
         if isinstance(x, cl_array.Array):
             dev[name] = x
+    host_out = None
     if is_device_array(out):
         out_dev = out
     elif keep:  # the kernel reads the values that masked-off elements keep
         out_dev = cl_array.to_device(queue, np.ascontiguousarray(out), allocator=alloc)
+    elif out is None and not device_result:
+        out_dev, host_out = new_output(queue, out_shape, dtype, None, like=None)
     else:
         out_dev = runtime.empty(queue, out_shape, dtype, allocator=pool)
-    return dev, out_dev
+    return dev, out_dev, host_out
 
 
 def _copy_overlapping_inputs(queue, dev, out_dev, out_shape, events) -> None:
@@ -591,6 +596,12 @@ _COMMON_DOC = """
     steps) are handled; a NumPy operand that is not C-contiguous is copied on the host
     before upload.  Buffers the device cannot allocate are refused with ``ValueError``
     before anything is enqueued.
+
+    Copies: with only NumPy operands, on a device that shares host memory (PoCL's CPU
+    device, integrated GPUs), inputs that are C-contiguous and aligned to the device's
+    base alignment and a new result are lent to the kernel in place, with no copy; others
+    are copied.  With a device array among the operands, NumPy ones are copied to the
+    device (the call returns before the kernel is done).  Nothing is cached.
 """
 
 

@@ -24,10 +24,12 @@ from ._common import (
     elem_offset,
     int_pair,
     is_device_array,
+    new_output,
     require_array,
     round_up,
     to_device,
 )
+from ._prepared import PreparedCache
 from .conv2d import conv2d_output_shape
 
 __all__ = ["MASKED_VMM", "MASKED_GEMM", "MASKED_DX", "MASKED_DW", "MASKED_BN", "MASKED_CONV",
@@ -370,9 +372,16 @@ def _weight_rows(w, k_in: int, queue, events, name: str = "w"):
     ld = row_stride(k_in)
     if is_device_array(w):
         return _transpose_on_device(queue, w, events, ld_dst=ld), ld
-    host = np.zeros((w.shape[1], ld), np.float32)
-    host[:, :k_in] = np.asarray(w).T
-    return cl_array.to_device(queue, host, allocator=runtime.memory_pool(queue.context)), ld
+
+    def upload():
+        host = np.zeros((w.shape[1], ld), np.float32)
+        host[:, :k_in] = np.asarray(w).T
+        return cl_array.to_device(queue, host, allocator=runtime.memory_pool(queue.context)), ld
+    return _DENSE_ROWS.get(w, (w,), queue.context.int_ptr, upload)
+
+
+#: Device rows (N, ld) prepared for the NumPy weights passed to the masked products.
+_DENSE_ROWS = PreparedCache("masked product weights")
 
 
 def _weight_shape(w, name: str = "w") -> Tuple[int, int]:
@@ -504,8 +513,11 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
     ----------
     x : numpy.ndarray or pyopencl.array.Array, float32, shape (M, K) or (K,)
     w : array of shape (K, N), float32, or a :class:`MaskedLinearWeight` (prepared once,
-        device-resident: the hot path).  A plain ``w`` is transposed to (N, K) rows on
-        every call.
+        device-resident: the hot path).  A NumPy ``w`` is transposed to (N, K) rows on
+        its first two calls and then kept while the array lives and its contents are
+        unchanged (compared on each call, which reads it once; see
+        ``pysparsecl.clear_weight_cache``); a device array ``w`` is transposed on every
+        call.
     mask : either
         - a bool array of shape (M, N) (``(N,)`` for a 1-D ``x``): the result is the dense
           (M, N) product with exact zeros where the mask is False, or
@@ -522,6 +534,14 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
     -------
     The float32 result, in the kind of container ``x`` came in: a device array in gives a
     device array out, with no host round trip.
+
+    Copies
+    ------
+    On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
+    lends its inputs (those C-contiguous and aligned to the device's base alignment) and
+    its new results to the kernels in place, with no copy; elsewhere they are copied to and
+    from the device.  A NumPy call returns when its result is ready; a device-array call
+    returns once it is enqueued.
 
     Notes
     -----
@@ -555,21 +575,17 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
     if not is_device_array(x):  # refuse an oversized x before the output is allocated
         check_alloc(queue, x.nbytes, "x")
 
-    alloc = runtime.memory_pool(queue.context)
-    if is_device_array(out):
-        out_dev = out
-    else:
-        check_alloc(queue, 4 * n_rows * sel.n_entries, "the output")
-        out_dev = runtime.empty(queue, out_shape, np.float32, allocator=alloc)
+    out_dev, host = new_output(queue, out_shape, np.float32, out, like=x)
     if out_dev.size and k_in == 0:
         out_dev.fill(np.float32(0), queue=queue)   # every dot product is empty
     elif out_dev.size:
         rows, ldw = _weight_rows(w, k_in, queue, events)
-        x_dev = to_device(x, queue, "x")
-        mask_dev = to_device(mask, queue, "mask")
+        borrow = not is_device_array(x)   # a NumPy call waits for its result
+        x_dev = to_device(x, queue, "x", borrow)
+        mask_dev = to_device(mask, queue, "mask", borrow)
         _launch_forward(queue, x_dev, rows, ldw, sel, mask_dev, out_dev, n_rows, n_cols,
                         k_in, events)
-    return deliver(out_dev, x, out, queue)
+    return deliver(out_dev, x, out, queue, host)
 
 
 def _launch_forward(queue, x_dev, rows, ldw, sel: _Selection, mask_dev, out_dev, n_rows,
@@ -773,6 +789,13 @@ def masked_matmul_backward(dy, x, w, mask, *, queue=None, events=None):
     dx : float32, the shape of ``x``.
     dw : float32 (K, N), the shape of ``w`` in ``x @ w`` (also for a MaskedLinearWeight).
     Both in the kind of container ``x`` came in.
+
+    A NumPy ``w`` is kept as device rows while it is unchanged (see :func:`masked_matmul`).
+    On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
+    lends its inputs (those C-contiguous and aligned to the device's base alignment) and
+    its new results to the kernels in place, with no copy; elsewhere they are copied to and
+    from the device.  A NumPy call returns when its result is ready; a device-array call
+    returns once it is enqueued.
     """
     require_array(x, "x", np.float32)
     if x.ndim not in (1, 2):
@@ -794,21 +817,20 @@ def masked_matmul_backward(dy, x, w, mask, *, queue=None, events=None):
     queue = runtime.resolve_queue(queue, x=x, dy=dy, w=w if is_device_array(w) else None,
                                   mask=mask)
     _check_sizes(x=n_rows * k_in, w=k_in * n_cols, mask=n_rows * n_cols)
-    alloc = runtime.memory_pool(queue.context)
-    for size, what in ((n_rows * k_in, "dx"), (k_in * n_cols, "dw")):
-        check_alloc(queue, 4 * size, what)
-    dx_dev = cl_array.zeros(queue, tuple(x.shape), np.float32, allocator=alloc)
-    dw_dev = cl_array.zeros(queue, (k_in, n_cols), np.float32, allocator=alloc)
+    dx_dev, dx_host = new_output(queue, tuple(x.shape), np.float32, None, like=x, zeros=True,
+                                 slot="dx")
+    dw_dev, dw_host = new_output(queue, (k_in, n_cols), np.float32, None, like=x, zeros=True,
+                                 slot="dw")
     if n_rows and k_in and n_cols and sel.n_entries:
         rows, ldw = _weight_rows(w, k_in, queue, events)
-        x_dev = to_device(x, queue, "x")
-        dy_dev = to_device(dy, queue, "dy")
-        mask_dev = to_device(mask, queue, "mask")
+        borrow = not is_device_array(x)   # a NumPy call waits for its result
+        x_dev = to_device(x, queue, "x", borrow)
+        dy_dev = to_device(dy, queue, "dy", borrow)
+        mask_dev = to_device(mask, queue, "mask", borrow)
         _launch_backward(queue, dy_dev, x_dev, rows, ldw, sel, mask_dev, dx_dev, dw_dev,
                          n_rows, n_cols, k_in, events)
-    if is_device_array(x):
-        return dx_dev, dw_dev
-    return dx_dev.get(queue=queue), dw_dev.get(queue=queue)
+    return (deliver(dx_dev, x, None, queue, dx_host),
+            deliver(dw_dev, x, None, queue, dw_host))
 
 
 def _launch_backward(queue, dy_dev, x_dev, rows, ldw, sel: _Selection, mask_dev, dx_dev,
@@ -907,6 +929,12 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
     ``out``, or ``(out, batch_mean, batch_var)`` when ``training``; in the kind of
     container ``y`` came in.  For PyTorch's running-variance update multiply batch_var
     by n / (n - 1), with n the channel's selected count.
+
+    On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
+    lends its inputs (those C-contiguous and aligned to the device's base alignment) and
+    its new results to the kernels in place, with no copy; elsewhere they are copied to and
+    from the device.  A NumPy call returns when its result is ready; a device-array call
+    returns once it is enqueued.
     """
     require_array(y, "y", np.float32)
     if y.ndim < 2:
@@ -939,19 +967,20 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
     queue = runtime.resolve_queue(queue, y=y, mask=mask, out=out, **stats)
     outer, inner = y.shape[0], int(np.prod(y.shape[2:], dtype=np.int64))
     _check_sizes(y=outer * n_ch * inner)
-    check_alloc(queue, 4 * outer * n_ch * inner, "the output")
     alloc = runtime.memory_pool(queue.context)
-    out_dev = out if is_device_array(out) else runtime.empty(queue, y.shape, np.float32,
-                                                             allocator=alloc)
-    dev = {name: to_device(a, queue, name) for name, a in stats.items()}
+    out_dev, host = new_output(queue, tuple(y.shape), np.float32, out, like=y)
+    borrow = not is_device_array(y)   # a NumPy call waits for its result
+    # The kernels read the statistics from the start of their buffers.
+    dev = {name: to_device(a, queue, name, borrow, at_offset=False) for name, a in stats.items()}
     if training:
         dev["mean"] = cl_array.zeros(queue, (n_ch,), np.float32, allocator=alloc)
         dev["var"] = cl_array.zeros(queue, (n_ch,), np.float32, allocator=alloc)
     if out_dev.size:
-        y_dev, mask_dev = to_device(y, queue, "y"), to_device(mask, queue, "mask")
+        y_dev = to_device(y, queue, "y", borrow)
+        mask_dev = to_device(mask, queue, "mask", borrow)
         _launch_bn(queue, y_dev, mask_dev, dev, out_dev, outer, n_ch, inner, float(eps),
                    training, events)
-    result = deliver(out_dev, y, out, queue)
+    result = deliver(out_dev, y, out, queue, host)
     if not training:
         return result
     if is_device_array(y):
@@ -1083,6 +1112,12 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
     -------
     The (N, K, OH, OW) float32 result with exact zeros where the mask is False, in the kind
     of container ``x`` came in.
+
+    On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
+    lends its inputs (those C-contiguous and aligned to the device's base alignment) and
+    its new results to the kernels in place, with no copy; elsewhere they are copied to and
+    from the device.  A NumPy call returns when its result is ready; a device-array call
+    returns once it is enqueued.  The dense weight is packed on every call.
     """
     require_array(x, "x", np.float32, ndim=4)
     require_array(w, "w", np.float32, ndim=4)
@@ -1108,21 +1143,19 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
         host = np.asarray(mask)
         if host.size and np.array_equal(host, np.broadcast_to(host[:, :, :1, :1], host.shape)):
             channels = host[:, :, :1, :1]
-    check_alloc(queue, 4 * int(np.prod(out_shape)), "the output")
-    alloc = runtime.memory_pool(queue.context)
-    out_dev = out if is_device_array(out) else runtime.empty(queue, out_shape, np.float32,
-                                                             allocator=alloc)
+    out_dev, host = new_output(queue, tuple(out_shape), np.float32, out, like=x)
     if out_dev.size:
-        x_dev = to_device(x, queue, "x")
+        borrow = not is_device_array(x)   # a NumPy call waits for its result
+        x_dev = to_device(x, queue, "x", borrow)
         xp = _pack_conv_input(queue, x_dev, n_ch, geom, events)
         wk = _pack_conv_weight(queue, w, events)
         if channels is not None:
             _launch_conv_channels(queue, xp, wk, channels, out_dev, geom, n_ch, k_out, r, s,
                                   events)
         else:
-            _launch_conv_general(queue, xp, wk, to_device(mask, queue, "mask"), out_dev, geom,
-                                 n_ch, k_out, r, s, events)
-    return deliver(out_dev, x, out, queue)
+            _launch_conv_general(queue, xp, wk, to_device(mask, queue, "mask", borrow),
+                                 out_dev, geom, n_ch, k_out, r, s, events)
+    return deliver(out_dev, x, out, queue, host)
 
 
 def _launch_conv_general(queue, xp, wk, mask_dev, out_dev, geom, n_ch, k_out, r, s, events):

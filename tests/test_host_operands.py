@@ -1,0 +1,327 @@
+"""NumPy/SciPy operands: the kept weights of the card's call and the host-memory paths.
+
+``conv2d_sparse(x, w_csr)`` with a SciPy matrix keeps the prepared weight for the matrix
+object and must never serve it stale: every in-place edit of ``data``, ``indices`` or
+``indptr`` between calls is seen.  NumPy operands are copied, or lent in place on devices
+that share host memory; each way must give the reference result and leave the inputs as
+they were.
+"""
+
+import gc
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cl_array
+import pytest
+
+import pysparsecl as ps
+from pysparsecl import runtime
+from pysparsecl.ops import _prepared, conv2d, masked
+from pysparsecl.testing.cases import ConvCase, row_masks
+from pysparsecl.testing.reference import conv2d_reference, relative_error
+
+CASE = ConvCase(2, 8, 9, 7, 12, sparsity=0.7)
+HOST_MODES = ("copy", "map", "in_place")
+
+
+def _conv(queue, x, csr, **kw):
+    return ps.conv2d_sparse(x, csr, padding=1, queue=queue, **kw)
+
+
+def _check(queue, x, csr, bias=None):
+    got = _conv(queue, x, csr, bias=bias)
+    w = csr.toarray().reshape(csr.shape[0], CASE.C, 3, 3)
+    assert isinstance(got, np.ndarray)
+    assert relative_error(got, conv2d_reference(x, w, bias, (1, 1), (1, 1), (1, 1))) < 1e-5
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts the SparseConvWeights that conv2d_sparse prepares."""
+    made = []
+
+    class Counted(conv2d.SparseConvWeight):
+        def __init__(self, *args, **kwargs):
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(conv2d, "SparseConvWeight", Counted)
+    ps.clear_weight_cache()
+    yield made
+    ps.clear_weight_cache()
+
+
+def test_repeated_calls_reuse_the_prepared_weight(queue, rng, counted):
+    x, _, csr, _ = CASE.make_inputs(rng)
+    for _ in range(5):
+        _check(queue, x, csr)
+    # Prepared on the first call, snapshotted on the second, served from then on.
+    assert len(counted) == 2
+
+
+@pytest.mark.parametrize("edit", ["data", "indices", "indptr", "data_replaced", "resized"])
+def test_in_place_edits_are_never_served_stale(queue, rng, counted, edit):
+    x, _, csr, _ = CASE.make_inputs(rng)
+    for _ in range(3):
+        _check(queue, x, csr)
+    if edit == "data":
+        csr.data[rng.integers(csr.nnz)] += 1.5
+    elif edit == "indices":
+        # Move one nonzero of a row to a column that row does not use yet.
+        row = int(np.argmax(np.diff(csr.indptr)))
+        lo, hi = csr.indptr[row], csr.indptr[row + 1]
+        free = np.setdiff1d(np.arange(csr.shape[1]), csr.indices[lo:hi])
+        csr.indices[lo] = free[0]
+    elif edit == "indptr":
+        # Hand the first nonzero of a row to the row before it (nnz unchanged).
+        row = int(np.flatnonzero(np.diff(csr.indptr)[1:])[0]) + 1
+        csr.indptr[row] += 1
+    elif edit == "data_replaced":
+        csr.data = csr.data * 2.0
+    elif edit == "resized":
+        csr.resize((CASE.K - 1, csr.shape[1]))
+    made_before = len(counted)
+    _check(queue, x, csr)
+    assert len(counted) == made_before + 1
+    _check(queue, x, csr)    # the new content is kept in turn
+
+
+def test_edit_into_a_malformed_matrix_raises_and_recovers(queue, rng):
+    x, _, csr, _ = CASE.make_inputs(rng)
+    _check(queue, x, csr)
+    _check(queue, x, csr)
+    good = csr.indices[0]
+    csr.indices[0] = csr.shape[1] + 3
+    with pytest.raises(ValueError, match="indices"):
+        _conv(queue, x, csr)
+    csr.indices[0] = good
+    _check(queue, x, csr)
+
+
+def test_collected_matrix_is_forgotten_and_its_id_never_served(queue, rng):
+    ps.clear_weight_cache()
+    x, _, csr, _ = CASE.make_inputs(rng)
+    _check(queue, x, csr)
+    _check(queue, x, csr)
+    assert len(conv2d._CSR_WEIGHTS) == 1
+    old_id = id(csr)
+    del csr
+    gc.collect()
+    assert len(conv2d._CSR_WEIGHTS) == 0
+    reused = False
+    for _ in range(50):   # CPython hands a freed object's memory to the next one of its kind
+        _, _, other, _ = CASE.make_inputs(rng)
+        reused = reused or id(other) == old_id
+        _check(queue, x, other)
+        _check(queue, x, other)
+    assert len(conv2d._CSR_WEIGHTS) <= 1
+
+
+class _Thing:
+    """A weak-referencable object with one buffer."""
+
+    def __init__(self, values):
+        self.values = values
+        self.shape = values.shape
+
+
+def test_cache_never_serves_a_reused_id():
+    cache = _prepared.PreparedCache("test")
+    builds = []
+
+    def build(tag):
+        builds.append(tag)
+        return tag
+
+    first = _Thing(np.arange(4.0))
+    for _ in range(3):
+        assert cache.get(first, (first.values,), "k", lambda: build("first")) == "first"
+    assert builds == ["first", "first"]
+    old_id = id(first)
+    del first
+    assert len(cache) == 0
+    for _attempt in range(100):
+        second = _Thing(np.arange(4.0))    # the same bytes: only identity tells them apart
+        if id(second) == old_id:
+            break
+    else:
+        pytest.skip("CPython did not reuse the id")
+    assert cache.get(second, (second.values,), "k", lambda: build("second")) == "second"
+
+
+def test_cache_stops_snapshotting_an_object_that_always_changes():
+    cache = _prepared.PreparedCache("test")
+    thing = _Thing(np.zeros(8))
+    builds = []
+    for step in range(8):
+        thing.values[0] = step
+        assert cache.get(thing, (thing.values,), "k", lambda: builds.append(step) or step) \
+            == step
+    assert len(builds) == 8
+    assert cache._entry(thing).snapshot is None   # volatile: no copy per call any more
+    for _ in range(2):   # once it settles, every call still prepares it (never stale)
+        assert cache.get(thing, (thing.values,), "k", lambda: "fresh") == "fresh"
+
+
+def test_cache_compares_bytes_not_values():
+    cache = _prepared.PreparedCache("test")
+    thing = _Thing(np.array([0.0, np.nan, 1.0, 2.0], np.float32))
+    for _ in range(2):
+        cache.get(thing, (thing.values,), "k", lambda: "zero")
+    assert cache.get(thing, (thing.values,), "k", lambda: "new") == "zero"   # NaN == NaN
+    thing.values[0] = -0.0
+    assert cache.get(thing, (thing.values,), "k", lambda: "negative zero") == "negative zero"
+
+
+def test_clear_weight_cache(queue, rng):
+    x, _, csr, _ = CASE.make_inputs(rng)
+    _check(queue, x, csr)
+    _check(queue, x, csr)
+    assert len(conv2d._CSR_WEIGHTS) >= 1
+    ps.clear_weight_cache()
+    assert len(conv2d._CSR_WEIGHTS) == 0
+    _check(queue, x, csr)
+
+
+def test_numpy_weight_of_masked_matmul_is_kept_and_checked(queue, rng):
+    x = rng.standard_normal((5, 24), dtype=np.float32)
+    w = rng.standard_normal((24, 10), dtype=np.float32)
+    mask = row_masks(rng, 5, 10, 3)[0]
+    ps.clear_weight_cache()
+    for _ in range(3):
+        got = ps.masked_matmul(x, w, mask, queue=queue)
+        assert relative_error(got, mask * (x.astype(np.float64) @ w)) < 1e-5
+    assert len(masked._DENSE_ROWS) == 1
+    w[3, 4] += 2.0
+    got = ps.masked_matmul(x, w, mask, queue=queue)
+    assert relative_error(got, mask * (x.astype(np.float64) @ w)) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------
+# The host-memory paths: copied, lent and mapped, lent and read in place
+
+@pytest.fixture(params=HOST_MODES)
+def host_mode(request, queue):
+    device = queue.device
+    if request.param != "copy" and not runtime.shares_host_memory(device):
+        pytest.skip("the device does not share host memory")
+    if request.param == "in_place" and not runtime.kernels_use_host_memory(device):
+        pytest.skip("the device's kernels do not work in lent memory itself")
+    runtime.set_host_memory_mode(device, request.param)
+    yield request.param
+    runtime.set_host_memory_mode(device, None)
+
+
+def _misaligned(a: np.ndarray) -> np.ndarray:
+    """A copy of ``a`` that starts 4 bytes past a 128-byte boundary."""
+    raw = np.empty(a.nbytes + 256, np.uint8)
+    start = (-raw.ctypes.data % 128) + 4
+    view = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    view[...] = a
+    return view
+
+
+#: Operands below and above runtime.STAGING_MAX_BYTES (staged, or lent in place).
+SIZES = {"small": CASE, "large": ConvCase(2, 40, 40, 40, 48, sparsity=0.8)}
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "misaligned"])
+def test_conv2d_host_paths(queue, rng, host_mode, aligned, size):
+    case = SIZES[size].with_(bias=True)
+    assert (case.N * case.C * case.H * case.W * 4 > runtime.STAGING_MAX_BYTES) == \
+        (size == "large")
+    x, w, csr, bias = case.make_inputs(rng)
+    if not aligned:
+        x, bias = _misaligned(x), _misaligned(bias)
+    x_before, bias_before = x.copy(), bias.copy()
+    for _ in range(3):
+        got = _conv(queue, x, csr, bias=bias)
+        assert relative_error(got, conv2d_reference(x, w, bias, (1, 1), (1, 1), (1, 1))) < 1e-5
+    assert np.array_equal(x, x_before) and np.array_equal(bias, bias_before)
+    out = np.full_like(got, np.nan)
+    assert _conv(queue, x, csr, bias=bias, out=out) is out
+    assert relative_error(out, conv2d_reference(x, w, bias, (1, 1), (1, 1), (1, 1))) < 1e-5
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("m", [1, 7, 300])
+def test_masked_ops_host_paths(queue, rng, host_mode, aligned, m):
+    k, n = 400, 240    # at M = 300, x, mask, dy, dx and dw are past the staging size
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((k, n), dtype=np.float32)
+    mask = row_masks(rng, m, n, 50)[0]
+    dy = rng.standard_normal((m, n), dtype=np.float32)
+    if not aligned:
+        x, mask, dy = _misaligned(x), _misaligned(mask), _misaligned(dy)
+    saved = [a.copy() for a in (x, mask, dy)]
+    weight = ps.MaskedLinearWeight(w, queue=queue)
+    y = ps.masked_matmul(x, weight, mask, queue=queue)
+    assert relative_error(y, mask * (x.astype(np.float64) @ w)) < 1e-5
+    dx, dw = ps.masked_matmul_backward(dy, x, weight, mask, queue=queue)
+    g = mask * dy.astype(np.float64)
+    assert relative_error(dx, g @ w.T) < 1e-5
+    assert relative_error(dw, x.T.astype(np.float64) @ g) < 1e-5
+    proj = ps.SparseRandomProjection(d=k, seed=1, queue=queue)
+    got = ps.drs_mask(x, w, 0.5, projection=proj, queue=queue)
+    want = ps.drs_mask(cl_array.to_device(queue, np.ascontiguousarray(x)), w, 0.5,
+                       projection=proj, queue=queue).get()
+    assert np.array_equal(got, want)
+    for a, before in zip((x, mask, dy), saved):
+        assert np.array_equal(a, before)
+
+
+@pytest.mark.parametrize("shape", [(33, 65), (301, 257)], ids=["small", "large"])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "misaligned"])
+def test_elementwise_host_paths(queue, rng, host_mode, aligned, shape):
+    a = rng.standard_normal(shape, dtype=np.float32)
+    b = rng.standard_normal(shape, dtype=np.float32)
+    if not aligned:
+        a, b = _misaligned(a), _misaligned(b)
+    saved = a.copy(), b.copy()
+    np.testing.assert_array_equal(ps.add(a, b, queue=queue), a + b)
+    np.testing.assert_array_equal(ps.add_relu(a, b[0], queue=queue), np.maximum(a + b[0], 0))
+    out = np.empty_like(a)
+    assert ps.mul(a, b, out=out, queue=queue) is out
+    np.testing.assert_array_equal(out, a * b)
+    assert ps.add(a, b, out=a, queue=queue) is a        # in place, into a lent input
+    np.testing.assert_array_equal(a, saved[0] + saved[1])
+    c = ps.add(b, 1.0, queue=queue)   # staged inputs and results of consecutive calls
+    d = ps.add(b, 2.0, queue=queue)
+    np.testing.assert_array_equal(c, b + 1.0)
+    np.testing.assert_array_equal(d, b + 2.0)
+    np.testing.assert_array_equal(b, saved[1])
+
+
+def test_results_are_the_callers_own(queue, rng, host_mode):
+    x, _, csr, _ = CASE.make_inputs(rng)
+    got = _conv(queue, x, csr)
+    again = _conv(queue, x, csr)    # a small result is staged: each call's is its own
+    assert got is not again and not np.shares_memory(got, again)
+    assert got.flags.c_contiguous and got.flags.writeable
+    got[...] = 0   # the caller's to change: no device still writes it
+    assert again.any() and _conv(queue, x, csr).any()
+
+
+def test_set_host_memory_mode_rejects_unknown_modes(queue):
+    with pytest.raises(ValueError, match="mode"):
+        runtime.set_host_memory_mode(queue.device, "zero")
+
+
+def test_in_place_probe_decides_per_device_type(queue):
+    device = queue.device
+    runtime.set_host_memory_mode(device, None)
+    if not device.type & cl.device_type.CPU:
+        assert not runtime.kernels_use_host_memory(device)
+    else:
+        assert runtime.kernels_use_host_memory(device) == runtime._probe_in_place(device)
+
+
+def test_cache_checks_identity_even_if_an_entry_outlived_its_object():
+    # As if a weak reference's callback had not run yet when a new object took the id.
+    cache = _prepared.PreparedCache("test")
+    first, second = _Thing(np.arange(4.0)), _Thing(np.arange(4.0))
+    for _ in range(2):
+        cache.get(first, (first.values,), "k", lambda: "first")
+    cache._entries[id(second)] = cache._entries.pop(id(first))
+    assert cache.get(second, (second.values,), "k", lambda: "second") == "second"
