@@ -18,8 +18,34 @@
 ##      where unaligned vector loads split across cache lines).  The loads go through a
 ##      vector-typed pointer, not vloadN: vloadN promises only scalar alignment, and
 ##      NVIDIA's compiler then splits it into VEC scalar loads.
+##
+## Epilogue, applied in the store (HAS_BIAS, RESIDUAL, RELU): out = act(conv + bias +
+## residual), the residual a tensor of the output's shape read at the stored position,
+## so that a ResNet block needs no separate elementwise pass.
 <%namespace name="common" file="common.cl.mako"/>\
 ${common.vector_helpers("pscl_floatv", "float", VEC)}
+<%
+    # The epilogue of one stored float x (scalar) or vector, with r the residual there.
+    def with_residual(x, r):
+        return "(%s + %s)" % (x, r) if RESIDUAL else x
+
+    def epilogue1(x, r):
+        return "pscl_relu1(%s)" % with_residual(x, r) if RELU else with_residual(x, r)
+
+    def epilogue_v(v, r):
+        return "pscl_reluv(%s)" % with_residual(v, r) if RELU else with_residual(v, r)
+
+    def lane(v, e):   # (common.component writes to the output; this returns the text)
+        return v if VEC == 1 else "%s.s%x" % (v, e)
+%>\
+% if RELU:
+// max(x, 0) that keeps NaN, as torch.relu does.
+inline float pscl_relu1(float x) { return x < 0.0f ? 0.0f : x; }
+inline pscl_floatv pscl_reluv(pscl_floatv v)
+{
+    return select(v, (pscl_floatv)(0.0f), v < (pscl_floatv)(0.0f));
+}
+% endif
 // Tile parameters: declared once, in pysparsecl/ops/conv2d.py (CONV2D_CSR).
 #define PSCL_VEC ${VEC}
 #define PSCL_PIX_VECS ${PIX_VECS}
@@ -189,6 +215,7 @@ void pscl_conv2d_csr(
     __global const int *restrict row_order,   // K rows, heaviest first (load balance)
     __global const float *restrict bias,      // K (read only when HAS_BIAS)
     __global float *restrict out, const long out_offset,
+    __global const float *residual, const long res_offset,  // read only when RESIDUAL
     const int K, const int k_per_group, const int n_blocks, const int n_seg, const int OH,
     const int OW, const int Wq, const long x_image_stride, const long x_group_stride,
     const uint div_plane_m, const uint div_plane_s, const uint div_ow_m, const uint div_ow_s)
@@ -264,17 +291,24 @@ void pscl_conv2d_csr(
     const long image = (long)K * out_plane;
 %   for b in range(PIX_VECS):
     if (live${b}) {
-        __global float *dst = out + out_offset
-            + ((long)blk${b} * PSCL_VEC * K + k) * out_plane + q${b};
+        const long at = ((long)blk${b} * PSCL_VEC * K + k) * out_plane + q${b};
+        __global float *dst = out + out_offset + at;
+%     if RESIDUAL:
+        __global const float *rdst = residual + res_offset + at;
+%     endif
         const pscl_floatv v = acc${b}${" + b_k" if HAS_BIAS else ""};
 %     for e in range(VEC):
-        dst[${e} * image] = ${common.component("v", VEC, e)};
+        dst[${e} * image] = ${epilogue1(lane("v", e), "rdst[%d * image]" % e)};
 %     endfor
     }
 %   endfor
 % elif BATCH_LAYOUT:
     // Vector element e belongs to image n * VEC + e: scatter each pixel to VEC images.
-    __global float *dst = out + out_offset + ((long)n * PSCL_VEC * K + k) * OH * OW;
+    const long at = ((long)n * PSCL_VEC * K + k) * OH * OW;
+    __global float *dst = out + out_offset + at;
+%   if RESIDUAL:
+    __global const float *rdst = residual + res_offset + at;
+%   endif
     const long image = (long)K * OH * OW;
 %   for b in range(PIX_VECS):
     {
@@ -285,7 +319,7 @@ void pscl_conv2d_csr(
             const int q = oh * OW + ow;
             const pscl_floatv v = acc${b}${" + b_k" if HAS_BIAS else ""};
 %     for e in range(VEC):
-            dst[${e} * image + q] = ${common.component("v", VEC, e)};
+            dst[${e} * image + q] = ${epilogue1(lane("v", e), "rdst[%d * image + q]" % e)};
 %     endfor
         }
     }
@@ -294,6 +328,9 @@ void pscl_conv2d_csr(
     // Whole vectors where they fall inside one output row; element by element at row
     // ends and in the thrown-away virtual columns.
     __global float *dst = out + out_offset + ((long)n * K + k) * OH * OW;
+%   if RESIDUAL:
+    __global const float *rdst = residual + res_offset + ((long)n * K + k) * OH * OW;
+%   endif
 %   for b in range(PIX_VECS):
     {
         const int p = p0 + ${b} * PSCL_PIX_STEP;
@@ -302,12 +339,13 @@ void pscl_conv2d_csr(
         const int ow = p - oh * Wq;
 %     if VEC > 1:
         if (oh < OH && ow + PSCL_VEC <= OW) {
-            PSCL_STORE_pscl_floatv(v, 0, dst + oh * OW + ow);
+            PSCL_STORE_pscl_floatv(${epilogue_v("v", "PSCL_LOAD_pscl_floatv(0, rdst + oh * OW + ow)")}, 0,
+                                   dst + oh * OW + ow);
         } else {
             int qh = oh, qw = ow;  // walk the elements, wrapping rows without dividing
 %       for e in range(VEC):
             if (qh < OH && qw < OW)
-                dst[qh * OW + qw] = ${common.component("v", VEC, e)};
+                dst[qh * OW + qw] = ${epilogue1(lane("v", e), "rdst[qh * OW + qw]")};
 %         if e < VEC - 1:
             if (++qw == Wq) { qw = 0; ++qh; }
 %         endif
@@ -315,7 +353,7 @@ void pscl_conv2d_csr(
         }
 %     else:
         if (oh < OH && ow < OW)
-            dst[oh * OW + ow] = v;
+            dst[oh * OW + ow] = ${epilogue1("v", "rdst[oh * OW + ow]")};
 %     endif
     }
 %   endfor

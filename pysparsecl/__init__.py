@@ -3,7 +3,12 @@
 __version__ = "0.1.0"
 
 from .ops._prepared import clear_weight_cache  # noqa: E402
-from .ops.conv2d import SparseConvWeight, conv2d_output_shape, conv2d_sparse  # noqa: E402
+from .ops.conv2d import (  # noqa: E402
+    SparseConvWeight,
+    conv2d_output_shape,
+    conv2d_sparse,
+    fold_batchnorm,
+)
 from .ops.drs import (  # noqa: E402
     ProjectedWeight,
     SparseRandomProjection,
@@ -18,12 +23,18 @@ from .ops.masked import (  # noqa: E402
     masked_matmul_backward,
     masked_relu_bn,
 )
-from .runtime import KernelBuildError, NoDeviceError, get_queue, list_devices  # noqa: E402
+from .runtime import (  # noqa: E402
+    KernelBuildError,
+    LaunchGraph,
+    NoDeviceError,
+    get_queue,
+    list_devices,
+)
 
 __all__ = [
     "__version__",
     # direct sparse convolution
-    "conv2d_sparse", "conv2d_output_shape", "SparseConvWeight",
+    "conv2d_sparse", "conv2d_output_shape", "SparseConvWeight", "fold_batchnorm",
     # DSG: masked products, dimension-reduction search, double-mask BatchNorm
     "masked_matmul", "masked_matmul_backward", "MaskedLinearWeight", "masked_relu_bn",
     "conv2d_masked", "drs_mask", "drs_mask_conv2d", "SparseRandomProjection",
@@ -31,5 +42,6 @@ __all__ = [
     # elementwise
     "add", "mul", "axpby", "add_relu",
     # runtime
-    "clear_weight_cache", "KernelBuildError", "NoDeviceError", "get_queue", "list_devices",
+    "clear_weight_cache", "LaunchGraph", "KernelBuildError", "NoDeviceError", "get_queue",
+    "list_devices",
 ]

@@ -8,6 +8,7 @@ skipped with a warning naming it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import math
@@ -36,7 +37,7 @@ __all__ = [
     "memory_pool", "resolve_queue", "queue_for", "kernels", "LockedKernel", "empty",
     "shares_host_memory", "wrap_host", "sync_host", "kernels_use_host_memory",
     "base_alignment", "aligned_empty", "set_host_memory_mode", "staging",
-    "release_staging",
+    "release_staging", "LaunchGraph", "capturable", "capturing",
 ]
 
 
@@ -340,6 +341,7 @@ class LockedKernel:
     """
 
     def __init__(self, program: cl.Program, name: str):
+        self.program = program
         self.kernel = cl.Kernel(program, name)
         self.name = name
         self._lock = threading.Lock()
@@ -359,10 +361,142 @@ class LockedKernel:
                 elif kinds != self._kinds:
                     raise TypeError(f"pysparsecl: kernel {self.name} called with argument "
                                     f"kinds {kinds}, declared {self._kinds} by its first call")
+            graph = getattr(_capture, "graph", None)
+            if graph is not None:
+                return graph._record(self, queue, global_size, local_size, args)
             return self.kernel(queue, global_size, local_size, *args, wait_for=wait_for)
 
 
 _kernel_cache: Dict[tuple, Dict[str, LockedKernel]] = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Capture and replay
+
+_capture = threading.local()
+
+
+@contextlib.contextmanager
+def capturable():
+    """Marks the launches inside as safe to capture: the op that wraps them enqueues
+    nothing but :class:`LockedKernel` launches on device arrays (see :class:`LaunchGraph`)."""
+    before = getattr(_capture, "allowed", False)
+    _capture.allowed = True
+    try:
+        yield
+    finally:
+        _capture.allowed = before
+
+
+def capturing() -> bool:
+    """Whether this thread is capturing a :class:`LaunchGraph`."""
+    return getattr(_capture, "graph", None) is not None
+
+
+class LaunchGraph:
+    """A sequence of op calls on device arrays, recorded once and replayed with the
+    kernels' arguments already set.
+
+    ::
+
+        graph = pysparsecl.LaunchGraph(queue, inputs=(x_dev,))
+        with graph:                       # runs the calls once, and records them
+            y = forward(x_dev)            # conv2d_sparse calls on device arrays
+        graph.replay(new_x)               # y now holds forward(new_x)
+
+    Each recorded launch gets a kernel object of its own with its arguments set once, so a
+    replay only enqueues: on NVIDIA's OpenCL setting a launch's arguments costs several
+    times the enqueue itself.  A replay allocates nothing; every buffer the calls used
+    (outputs, scratch) is held by the graph, and the outputs it returned during capture
+    are overwritten by each replay.  Weights are used as they were at capture.
+
+    ``inputs``: device arrays that :meth:`replay` may refill with new data (same shape and
+    dtype; NumPy or device arrays), before its launches.  Only ops that support it can be
+    captured (today :func:`conv2d_sparse` on device arrays); any other launch inside the
+    ``with`` block raises ``NotImplementedError``.  The queue must be in order, and every
+    captured call must use it.  A graph is captured once.
+    """
+
+    def __init__(self, queue: Optional[cl.CommandQueue] = None, inputs=()):
+        queue = get_queue(queue)
+        if queue.properties & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE:
+            raise ValueError("queue: a LaunchGraph needs an in-order queue")
+        inputs = tuple(inputs)
+        for i, a in enumerate(inputs):
+            if not isinstance(a, cl_array.Array):
+                raise TypeError(f"inputs[{i}] must be a pyopencl.array.Array, got "
+                                f"{type(a).__name__}")
+            if a.context != queue.context or not a.flags.c_contiguous:
+                raise ValueError(f"inputs[{i}] must be a contiguous array in the queue's "
+                                 "context")
+        self.queue = queue
+        self.inputs = inputs
+        self._launches: List[tuple] = []   # (kernel, global size, local size, arguments)
+        self._state = "new"
+
+    def __enter__(self) -> "LaunchGraph":
+        if self._state != "new":
+            raise RuntimeError("a LaunchGraph is captured once; make a new one")
+        if capturing():
+            raise RuntimeError("this thread is already capturing a LaunchGraph")
+        _capture.graph = self
+        self._state = "capturing"
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        _capture.graph = None
+        self._state = "ready" if exc_type is None else "failed"
+
+    def __len__(self) -> int:
+        return len(self._launches)
+
+    def _record(self, locked: LockedKernel, queue, global_size, local_size, args) -> cl.Event:
+        if not getattr(_capture, "allowed", False):
+            raise NotImplementedError(f"pysparsecl: kernel {locked.name} was launched by an "
+                                      "op that cannot be captured in a LaunchGraph")
+        if queue is not self.queue and queue.int_ptr != self.queue.int_ptr:
+            raise ValueError("a captured call must run on the LaunchGraph's queue")
+        kernel = cl.Kernel(locked.program, locked.name)
+        kernel.set_scalar_arg_dtypes(list(locked._kinds))
+        kernel.set_args(*args)
+        global_size = tuple(int(n) for n in global_size)
+        local_size = None if local_size is None else tuple(int(n) for n in local_size)
+        self._launches.append((kernel, global_size, local_size, args))
+        return cl.enqueue_nd_range_kernel(queue, kernel, global_size, local_size)
+
+    def replay(self, *inputs) -> Optional[cl.Event]:
+        """Enqueue the recorded launches again (after copying ``inputs``, if given, into
+        the graph's inputs); returns the last launch's event.  Nothing waits: read the
+        outputs as usual (``.get()`` waits for the queue)."""
+        if self._state != "ready":
+            raise RuntimeError("replay needs a LaunchGraph whose capture completed "
+                               f"(this one is {self._state})")
+        if inputs:
+            if len(inputs) != len(self.inputs):
+                raise ValueError(f"replay takes {len(self.inputs)} inputs (those given at "
+                                 f"construction), got {len(inputs)}")
+            for i, (new, old) in enumerate(zip(inputs, self.inputs)):
+                if not isinstance(new, (np.ndarray, cl_array.Array)):
+                    raise TypeError(f"inputs[{i}] must be a numpy.ndarray or "
+                                    f"pyopencl.array.Array, got {type(new).__name__}")
+                if tuple(new.shape) != tuple(old.shape) or new.dtype != old.dtype:
+                    raise ValueError(f"inputs[{i}] must have shape {tuple(old.shape)} and "
+                                     f"dtype {old.dtype} (as captured), got "
+                                     f"{tuple(new.shape)} {new.dtype}")
+                if isinstance(new, cl_array.Array):
+                    if new.context != old.context or not new.flags.c_contiguous:
+                        raise ValueError(f"inputs[{i}] must be a contiguous array in the "
+                                         "graph's context")
+                    if new.nbytes:
+                        cl.enqueue_copy(self.queue, old.base_data, new.base_data,
+                                        byte_count=new.nbytes, src_offset=new.offset,
+                                        dst_offset=old.offset)
+                else:
+                    old.set(np.ascontiguousarray(new), queue=self.queue)
+        event, queue, enqueue = None, self.queue, cl.enqueue_nd_range_kernel
+        for kernel, global_size, local_size, _ in self._launches:
+            event = enqueue(queue, kernel, global_size, local_size)
+        return event
 
 
 def kernels(ctx: cl.Context, template_name: str, names: Tuple[str, ...],

@@ -105,17 +105,22 @@ def _workloads():
         if not err <= tol:
             raise AssertionError(f"{what}: relative error {err:.3g} > {tol}")
 
-    def conv(n, c, h, w_, k, r, stride, pad, dil, groups, empty, bias):
+    def conv(n, c, h, w_, k, r, stride, pad, dil, groups, empty, bias, relu=False,
+             residual=False):
         def run(rng):
             x = rng.standard_normal((n, c, h, w_), dtype=np.float32)
             w = rng.standard_normal((k, c // groups, r, r), dtype=np.float32)
             w[rng.random(w.shape) < 0.6] = 0
             w[:empty] = 0                                       # empty CSR rows
             b = rng.standard_normal(k, dtype=np.float32) if bias else None
+            want = conv2d_reference(x, w, b, (stride,) * 2, (pad,) * 2, (dil,) * 2, groups)
+            res = rng.standard_normal(want.shape, dtype=np.float32) if residual else None
             y = ps.conv2d_sparse(x, sp.csr_matrix(w.reshape(k, -1)), b, kernel_size=r,
-                                 stride=stride, padding=pad, dilation=dil, groups=groups)
-            close(y, conv2d_reference(x, w, b, (stride,) * 2, (pad,) * 2, (dil,) * 2, groups),
-                  "conv2d_sparse")
+                                 stride=stride, padding=pad, dilation=dil, groups=groups,
+                                 activation="relu" if relu else None, residual=res)
+            if residual:
+                want = want + res
+            close(y, np.maximum(want, 0) if relu else want, "conv2d_sparse")
         return run
 
     def row_mask(rng, m, n, form, empty, full=False):
@@ -251,6 +256,13 @@ def _workloads():
         ("conv 2x4x6x5 K6 3x3 s2 p1 g2 bias", conv(2, 4, 6, 5, 6, 3, 2, 1, 1, 2, 1, True)),
         ("conv 1x2x7x6 K3 3x3 d2 p2", conv(1, 2, 7, 6, 3, 3, 1, 2, 2, 1, 0, False)),
         ("conv 1x5x3x3 K17 1x1", conv(1, 5, 3, 3, 17, 1, 1, 0, 1, 1, 3, True)),
+        # the fused epilogue: + residual, then ReLU, in every store path the entry selects
+        ("conv 2x3x5x7 K5 3x3 p1 bias+residual+relu",
+         conv(2, 3, 5, 7, 5, 3, 1, 1, 1, 1, 1, True, relu=True, residual=True)),
+        ("conv 1x4x6x5 K4 3x3 s2 p1 relu", conv(1, 4, 6, 5, 4, 3, 2, 1, 1, 1, 0, False,
+                                                relu=True)),
+        ("conv 1x6x3x3 K7 1x1 residual", conv(1, 6, 3, 3, 7, 1, 1, 0, 1, 1, 0, False,
+                                              residual=True)),
     ]
     return {
         "conv2d_csr": conv_loads,

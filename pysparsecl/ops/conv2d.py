@@ -30,7 +30,8 @@ from ._common import (
 )
 from ._prepared import PreparedCache
 
-__all__ = ["CONV2D_CSR", "SparseConvWeight", "conv2d_sparse", "conv2d_output_shape"]
+__all__ = ["CONV2D_CSR", "SparseConvWeight", "conv2d_sparse", "conv2d_output_shape",
+           "fold_batchnorm"]
 
 PACK_WG = 64  # work-items per packing work-group, whatever their shape
 
@@ -86,10 +87,12 @@ def pack_rows(pack_lanes: int) -> int:
     return max(1, PACK_WG // pack_lanes) if pack_lanes else 1
 
 
-def template_args(params, has_bias: bool) -> dict:
-    """Everything conv2d_csr.cl.mako renders from: tile parameters, variant, derived sizes.
-    COMPACT is the one that applies: it is ignored in the pixel layout."""
-    return dict(params, HAS_BIAS=int(has_bias), PACK_WG=PACK_WG,
+def template_args(params, has_bias: bool, relu: bool = False, residual: bool = False) -> dict:
+    """Everything conv2d_csr.cl.mako renders from: tile parameters, variant (the epilogue:
+    bias, residual, ReLU), derived sizes.  COMPACT is the one that applies: it is ignored
+    in the pixel layout."""
+    return dict(params, HAS_BIAS=int(has_bias), RELU=int(relu), RESIDUAL=int(residual),
+                PACK_WG=PACK_WG,
                 PACK_ROWS=pack_rows(params["PACK_LANES"]),
                 COMPACT=int(bool(params["COMPACT"] and params["BATCH_LAYOUT"])))
 
@@ -146,6 +149,52 @@ def _canonical_csr(w_csr, name: str = "w_csr") -> sp.csr_matrix:
     canonical.sum_duplicates()
     canonical.sort_indices()
     return canonical
+
+
+def fold_batchnorm(w_csr, bias, gamma, beta, mean, var, eps: float = 1e-5
+                   ) -> Tuple[sp.csr_matrix, np.ndarray]:
+    """Fold an inference BatchNorm that follows a convolution into the convolution.
+
+    ``BN(conv(x, W) + b) = conv(x, W') + b'`` with ``s = gamma / sqrt(var + eps)``,
+    ``W' = s[k] * W[k]`` (row k of the CSR weight) and ``b' = (b - mean) * s + beta``.
+
+    Parameters
+    ----------
+    w_csr : scipy.sparse CSR matrix (K, C/groups * R * S), as for :func:`conv2d_sparse`.
+    bias : array (K,) or None (no bias before the BatchNorm).
+    gamma, beta, mean, var : arrays (K,): the BatchNorm's weight, bias and running
+        statistics.
+    eps : float >= 0, the BatchNorm's epsilon.
+
+    Returns
+    -------
+    ``(w_folded, b_folded)``: a new float32 CSR matrix with the same sparsity pattern
+    (computed in float64) and a float32 (K,) bias.
+    """
+    csr = _canonical_csr(w_csr)
+    n_out = csr.shape[0]
+    stats = {}
+    for name, a in (("gamma", gamma), ("beta", beta), ("mean", mean), ("var", var),
+                    ("bias", bias)):
+        if a is None and name == "bias":
+            continue
+        a = np.asarray(a)
+        if a.shape != (n_out,) or not np.issubdtype(a.dtype, np.number):
+            raise ValueError(f"{name} must be a numeric array of shape ({n_out},) (the rows "
+                             f"of w_csr), got {a.dtype} {a.shape}")
+        stats[name] = a.astype(np.float64)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or \
+            not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    denom = stats["var"] + float(eps)
+    if np.any(denom <= 0):
+        raise ValueError("var + eps must be positive for every channel")
+    scale = stats["gamma"] / np.sqrt(denom)
+    data = csr.data.astype(np.float64) * np.repeat(scale, np.diff(csr.indptr))
+    folded = sp.csr_matrix((data.astype(np.float32), csr.indices.copy(), csr.indptr.copy()),
+                           shape=csr.shape)
+    b = stats.get("bias", np.zeros(n_out))
+    return folded, ((b - stats["mean"]) * scale + stats["beta"]).astype(np.float32)
 
 
 def _kernel_size(n_cols: int, cin_per_group: int, kernel_size) -> Tuple[int, int]:
@@ -331,8 +380,10 @@ def _geometry(x_shape, weight: SparseConvWeight, stride, padding, dilation) -> _
 
 
 def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0, dilation=1,
-                  groups=1, out=None, queue=None, events=None):
-    """2-D convolution of a dense NCHW input with a sparse (CSR) weight.
+                  groups=1, activation=None, residual=None, out=None, queue=None,
+                  events=None):
+    """2-D convolution of a dense NCHW input with a sparse (CSR) weight, with an optional
+    fused epilogue: ``activation(conv2d(x, W, bias) + residual)``.
 
     Computes exactly ``torch.nn.functional.conv2d(x, W, bias, stride, padding, dilation,
     groups)`` with ``W = w_csr.toarray().reshape(K, C // groups, R, S)``, touching only the
@@ -347,6 +398,14 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
     kernel_size : int or (R, S), optional; a square kernel is inferred when omitted.
     stride, padding, dilation : int or (h, w) pair.
     groups : int, dividing both C and K.
+    activation : None or "relu", applied last, in the convolution's store (ReLU keeps NaN,
+        as ``torch.relu`` does).
+    residual : array of the output's shape (N, K, OH, OW), float32, optional; added before
+        the activation, read where each output is stored (a ResNet block's shortcut), so
+        no separate elementwise pass runs.  The same container kind as x; it may be
+        ``out`` itself.
+
+    Calls on device arrays can be recorded and replayed with :class:`LaunchGraph`.
     out : array of shape (N, K, OH, OW), float32, optional; the same container kind as x.
     queue : pyopencl.CommandQueue, optional.
     events : list, optional; the kernels' OpenCL events are appended (for profiling).
@@ -369,12 +428,15 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
     result is ready; a device-array call returns once it is enqueued.
     """
     require_array(x, "x", np.float32, ndim=4)
+    if runtime.capturing() and not is_device_array(x):
+        raise ValueError("x must be a pyopencl array while a LaunchGraph is captured (a "
+                         "NumPy call waits for its result and reuses host buffers)")
     confirm = None
     if isinstance(w_csr, SparseConvWeight):
         weight = w_csr
         if queue is None and not is_device_array(x):
             queue = weight.queue
-        queue = runtime.resolve_queue(queue, x=x, bias=bias, out=out)
+        queue = runtime.resolve_queue(queue, x=x, bias=bias, residual=residual, out=out)
         if weight.queue.context != queue.context:
             raise ValueError("w_csr (a SparseConvWeight) lives in a different OpenCL context "
                              "than the queue the operation runs on")
@@ -386,7 +448,7 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
             raise ValueError(f"groups={groups} disagrees with the prepared weight's "
                              f"groups={weight.groups}")
     else:
-        queue = runtime.resolve_queue(queue, x=x, bias=bias, out=out)
+        queue = runtime.resolve_queue(queue, x=x, bias=bias, residual=residual, out=out)
         if not is_device_array(x):  # refuse an oversized x before the weight is uploaded
             check_alloc(queue, x.nbytes, "x")
         weight, confirm = _prepared_weight(w_csr, x.shape[1], kernel_size, groups, queue)
@@ -402,6 +464,8 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
         if bias.shape != (K,):
             raise ValueError(f"bias must have shape ({K},), got {tuple(bias.shape)}")
     check_out(out, out_shape, np.float32, like=x)
+    relu = _check_activation(activation)
+    _check_residual(residual, out_shape, x, out)
 
     out_dev, host = new_output(queue, out_shape, np.float32, out, like=x)
     if out_dev.size:
@@ -410,7 +474,10 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
         # The convolution reads the bias from the start of its buffer.
         bias_dev = (to_device(bias, queue, "bias", borrow, at_offset=False)
                     if bias is not None else None)
-        _compute(queue, x_dev, weight, bias_dev, out_dev, geom, events)
+        res_dev = to_device(residual, queue, "residual", borrow) if residual is not None \
+            else None
+        epilogue = _Epilogue(bias_dev, res_dev, relu)
+        _compute(queue, x_dev, weight, epilogue, out_dev, geom, events)
         # A kept weight is compared with w_csr's buffers while the kernels run; if w_csr
         # was edited since, the output is computed again, in order, with the new weight.
         try:
@@ -419,15 +486,59 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
             queue.finish()
             raise
         if fresh is not None:
-            _compute(queue, x_dev, fresh, bias_dev, out_dev, geom, events)
+            _compute(queue, x_dev, fresh, epilogue, out_dev, geom, events)
     return deliver(out_dev, x, out, queue, host)
 
 
-def _compute(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom, events):
-    if weight.nnz == 0 and bias_dev is None:
-        out_dev.fill(np.float32(0), queue=queue)
+@dataclass(frozen=True)
+class _Epilogue:
+    """What the convolution's store applies: + bias, + residual, then ReLU."""
+    bias: Optional[cl_array.Array]
+    residual: Optional[cl_array.Array]
+    relu: bool
+
+    @property
+    def key(self) -> Tuple[bool, bool, bool]:
+        """The kernel variant it needs: ``template_args``'s (has_bias, relu, residual)."""
+        return (self.bias is not None, self.relu, self.residual is not None)
+
+
+def _check_activation(activation) -> bool:
+    """True for "relu", False for None; anything else raises."""
+    if activation is None:
+        return False
+    if isinstance(activation, str) and activation == "relu":
+        return True
+    raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+
+
+def _check_residual(residual, out_shape, x, out) -> None:
+    if residual is None:
+        return
+    require_array(residual, "residual", np.float32, ndim=4)
+    if tuple(residual.shape) != tuple(out_shape):
+        raise ValueError(f"residual must have the output's shape {tuple(out_shape)}, got "
+                         f"{tuple(residual.shape)}")
+    if is_device_array(residual) != is_device_array(x):
+        raise TypeError("residual must be the same kind of container as x (both NumPy or "
+                        "both pyopencl arrays)")
+    if is_device_array(residual) and is_device_array(out) and \
+            residual.base_data.int_ptr == out.base_data.int_ptr and \
+            residual.offset != out.offset:
+        lo, hi = residual.offset, residual.offset + residual.nbytes
+        if lo < out.offset + out.nbytes and out.offset < hi:
+            raise ValueError("residual overlaps out without being out itself; pass out "
+                             "itself, or a residual that does not share its memory")
+
+
+def _compute(queue, x_dev, weight: SparseConvWeight, epilogue: _Epilogue, out_dev, geom,
+             events):
+    if weight.nnz == 0 and epilogue.bias is None and epilogue.residual is None and \
+            not runtime.capturing():   # (a fill is no kernel of ours: not captured)
+        out_dev.fill(np.float32(0), queue=queue)   # ReLU(0) is 0 too
     else:
-        _launch(queue, x_dev, weight, bias_dev, out_dev, geom, events)
+        with runtime.capturable():
+            _launch(queue, x_dev, weight, epilogue, out_dev, geom, events)
 
 
 #: SparseConvWeights prepared for the SciPy matrices passed as ``w_csr``.
@@ -468,20 +579,20 @@ class _Plan:
 _PLANS_PER_WEIGHT = 32  # input geometries remembered per weight (least recently used go)
 
 
-def _plan(queue, weight: SparseConvWeight, geom: _Geometry, has_bias: bool) -> _Plan:
+def _plan(queue, weight: SparseConvWeight, geom: _Geometry, variant: tuple) -> _Plan:
     """The launch plan for this call, from the weight's cache or built (and checked)."""
     shape_class = conv2d_shape_class(geom.N, weight.in_channels // weight.groups,
                                      (geom.OH, geom.OW), weight.kernel_size, geom.stride)
     # Looked up on every call: an override block, the environment or a new tuning result
     # takes effect at once, and is part of the key.
     params = tuning.lookup(CONV2D_CSR, queue.device, shape_class)
-    key = (queue.device.int_ptr, geom, has_bias, tuple(sorted(params.items())))
+    key = (queue.device.int_ptr, geom, variant, tuple(sorted(params.items())))
     with weight._lock:
         plan = weight._plans.pop(key, None)
         if plan is not None:
             weight._plans[key] = plan  # most recently used last
             return plan
-    plan = _build_plan(queue, weight, geom, has_bias, params)
+    plan = _build_plan(queue, weight, geom, variant, params)
     with weight._lock:
         weight._plans[key] = plan
         while len(weight._plans) > _PLANS_PER_WEIGHT:
@@ -489,13 +600,13 @@ def _plan(queue, weight: SparseConvWeight, geom: _Geometry, has_bias: bool) -> _
     return plan
 
 
-def _build_plan(queue, weight: SparseConvWeight, geom: _Geometry, has_bias: bool,
+def _build_plan(queue, weight: SparseConvWeight, geom: _Geometry, variant: tuple,
                 params) -> _Plan:
     vec = params["VEC"]
     # The batch layout needs whole vectors of images; otherwise vectors run along pixels.
     batched = bool(params["BATCH_LAYOUT"]) and geom.N % vec == 0
     params = dict(params, BATCH_LAYOUT=int(batched))
-    args = template_args(params, has_bias)
+    args = template_args(params, *variant)
     pixel_floats = vec if batched else 1
     n_blocks = geom.N // vec if batched else geom.N  # NDRange dim 2: images or image blocks
     K, C = weight.out_channels, weight.in_channels
@@ -560,9 +671,10 @@ def _build_plan(queue, weight: SparseConvWeight, geom: _Geometry, has_bias: bool
                  4 * n_total)
 
 
-def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Geometry,
-            events):
-    plan = _plan(queue, weight, geom, bias_dev is not None)
+def _launch(queue, x_dev, weight: SparseConvWeight, epilogue: _Epilogue, out_dev,
+            geom: _Geometry, events):
+    plan = _plan(queue, weight, geom, epilogue.key)
+    bias_dev, res_dev = epilogue.bias, epilogue.residual
     xpack = runtime.memory_pool(queue.context)(plan.xpack_bytes)  # a bare buffer: no Array
     ev_pack = plan.pack(queue, *plan.pack_sizes, x_dev.base_data, elem_offset(x_dev), xpack,
                         *plan.pack_args, wait_for=x_dev.events or None)
@@ -571,10 +683,13 @@ def _launch(queue, x_dev, weight: SparseConvWeight, bias_dev, out_dev, geom: _Ge
     bias_buf = bias_dev.data if bias_dev is not None else weight.row_order.data  # unread
     # An in-order queue already runs the convolution after the packing.
     in_order = not queue.properties & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
+    res_args = ((res_dev.base_data, elem_offset(res_dev)) if res_dev is not None
+                else (out_dev.base_data, np.int64(0)))   # unread
     ev_conv = plan.conv(queue, *plan.conv_sizes, xpack, plan.nonzeros, plan.row_ptr,
                         weight.row_order.data, bias_buf, out_dev.base_data,
-                        elem_offset(out_dev), *plan.conv_args,
-                        wait_for=(([] if in_order else [ev_pack]) + list(out_dev.events))
+                        elem_offset(out_dev), *res_args, *plan.conv_args,
+                        wait_for=(([] if in_order else [ev_pack]) + list(out_dev.events)
+                                  + (list(res_dev.events) if res_dev is not None else []))
                         or None)
     out_dev.add_event(ev_conv)
     # xpack goes back to the pool when this returns; that is safe because every later use
