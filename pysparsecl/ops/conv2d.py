@@ -563,16 +563,13 @@ def _prepared_weight(w_csr, in_channels: int, kernel_size, groups, queue):
 @dataclass(frozen=True)
 class _Plan:
     """Everything one launch needs that depends only on the device, the input geometry,
-    the tile parameters and whether there is a bias: built once per such key and kept by
-    the weight, so that a repeated call does no host arithmetic beyond the enqueues."""
-    pack: runtime.LockedKernel
-    conv: runtime.LockedKernel
-    pack_sizes: tuple         # (global, local)
-    pack_args: tuple          # the packing kernel's arguments after (x, x offset, xpack)
+    the tile parameters and the epilogue's variant: built once per such key and kept by
+    the weight, so that a repeated call does no host arithmetic beyond the enqueues.  Its
+    kernels have every argument that the call does not change set already."""
+    pack: runtime.BoundKernel   # free: x, x offset, xpack
+    conv: runtime.BoundKernel   # free: xpack, bias, out, out offset, residual, its offset
+    pack_sizes: tuple           # (global, local)
     conv_sizes: tuple
-    nonzeros: cl.Buffer
-    row_ptr: cl.Buffer
-    conv_args: tuple          # the convolution's arguments after (out, out offset)
     xpack_bytes: int
 
 
@@ -666,9 +663,13 @@ def _build_plan(queue, weight: SparseConvWeight, geom: _Geometry, variant: tuple
                  np.int32(geom.OH), np.int32(geom.OW), np.int32(geom.Wq),
                  np.int64(image_stride), np.int64(group_stride),
                  *udiv_magic(geom.OH * geom.OW), *udiv_magic(geom.OW))
-    return _Plan(kern["pscl_pack_input"], kern["pscl_conv2d_csr"], pack_sizes, pack_args,
-                 conv_sizes, weight.nonzeros(geom, pixel_floats).data, row_ptr.data, conv_args,
-                 4 * n_total)
+    pack = runtime.BoundKernel(kern["pscl_pack_input"], (None, None, None) + pack_args,
+                               free=(0, 1, 2))
+    conv = runtime.BoundKernel(
+        kern["pscl_conv2d_csr"],
+        (None, weight.nonzeros(geom, pixel_floats).data, row_ptr.data, weight.row_order.data,
+         None, None, None, None, None) + conv_args, free=(0, 4, 5, 6, 7, 8))
+    return _Plan(pack, conv, pack_sizes, conv_sizes, 4 * n_total)
 
 
 def _launch(queue, x_dev, weight: SparseConvWeight, epilogue: _Epilogue, out_dev,
@@ -677,7 +678,7 @@ def _launch(queue, x_dev, weight: SparseConvWeight, epilogue: _Epilogue, out_dev
     bias_dev, res_dev = epilogue.bias, epilogue.residual
     xpack = runtime.memory_pool(queue.context)(plan.xpack_bytes)  # a bare buffer: no Array
     ev_pack = plan.pack(queue, *plan.pack_sizes, x_dev.base_data, elem_offset(x_dev), xpack,
-                        *plan.pack_args, wait_for=x_dev.events or None)
+                        wait_for=x_dev.events or None)
     if bias_dev is not None and bias_dev.offset:
         bias_dev = bias_dev.copy(queue=queue)
     bias_buf = bias_dev.data if bias_dev is not None else weight.row_order.data  # unread
@@ -685,9 +686,8 @@ def _launch(queue, x_dev, weight: SparseConvWeight, epilogue: _Epilogue, out_dev
     in_order = not queue.properties & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
     res_args = ((res_dev.base_data, elem_offset(res_dev)) if res_dev is not None
                 else (out_dev.base_data, np.int64(0)))   # unread
-    ev_conv = plan.conv(queue, *plan.conv_sizes, xpack, plan.nonzeros, plan.row_ptr,
-                        weight.row_order.data, bias_buf, out_dev.base_data,
-                        elem_offset(out_dev), *res_args, *plan.conv_args,
+    ev_conv = plan.conv(queue, *plan.conv_sizes, xpack, bias_buf, out_dev.base_data,
+                        elem_offset(out_dev), *res_args,
                         wait_for=(([] if in_order else [ev_pack]) + list(out_dev.events)
                                   + (list(res_dev.events) if res_dev is not None else []))
                         or None)

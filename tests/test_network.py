@@ -1,0 +1,53 @@
+"""A whole (narrow) ResNet-50 body through conv2d_sparse, eager and replayed, against the
+float64 reference: the structure that bench/network.py times at full width."""
+
+import numpy as np
+import pyopencl.array as cl_array
+import pytest
+
+import pysparsecl as ps
+from pysparsecl.testing.networks import (
+    SparseNetwork,
+    conv_inputs,
+    make_weights,
+    reference_forward,
+    resnet50_body,
+)
+from pysparsecl.testing.reference import relative_error
+
+TOL = 1e-4
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.9])
+def test_resnet50_body_matches_reference(queue, rng, sparsity):
+    blocks = resnet50_body(width=0.125)
+    weights = make_weights(blocks, sparsity, rng, n_classes=10)
+    x = rng.standard_normal((2, blocks[0].conv1.c_in, 16, 16), dtype=np.float32)
+    net = SparseNetwork(blocks, weights, queue, pool_hw=(2, 2))
+    want = reference_forward(blocks, weights, x)
+    x_dev = cl_array.to_device(queue, x)
+    logits = net(x_dev)
+    assert logits.shape == (2, 10, 1, 1)
+    assert relative_error(logits.get().reshape(2, 10), want) < TOL
+
+    graph = ps.LaunchGraph(queue, inputs=(x_dev,))
+    with graph:
+        captured = net(x_dev)
+    assert len(graph) == 2 * (3 * 16 + 4 + 2)   # two kernels per conv2d_sparse call
+    new = rng.standard_normal(x.shape, dtype=np.float32)
+    graph.replay(new)
+    assert relative_error(captured.get().reshape(2, 10),
+                          reference_forward(blocks, weights, new)) < TOL
+
+
+def test_resnet50_body_structure():
+    blocks = resnet50_body()
+    shapes, final_hw = conv_inputs(blocks, (56, 56))
+    assert len(blocks) == 16 and len(shapes) == 52
+    assert [b.proj is not None for b in blocks].count(True) == 4
+    assert [b.conv2.stride for b in blocks] == [1, 1, 1, 2, 1, 1, 1, 2] + [1] * 5 + [2, 1, 1]
+    assert blocks[0].conv1.c_in == 64 and blocks[-1].conv3.c_out == 2048
+    assert final_hw == (7, 7)
+    # 1x1 convolutions carry about half of the multiply-adds (the 1x1 path's motivation).
+    macs = {k: sum(c.macs(1, hw) for c, hw in shapes if c.kernel == k) for k in (1, 3)}
+    assert 0.45 < macs[1] / (macs[1] + macs[3]) < 0.55
