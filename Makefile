@@ -32,13 +32,15 @@ verify-readme: verify-deps  ## make verify, the verification tests, and their fi
 bench-deps:  ## baselines (torch) and plotting (matplotlib); the benchmark skips what is missing
 	-$(PYTHON) -m pip install -q -e '.[bench]'
 
-bench: bench-deps  ## full benchmark: tables, bench/results/<device>.{json,md,png}
+bench: bench-deps  ## full benchmark: tables, bench/results/[network-]<device>.{json,md,png}
 	$(PYTHON) bench/run.py $(BENCH_ARGS)
+	$(PYTHON) bench/network.py
 	@if $(PYTHON) -c "import tvm" 2>/dev/null; then $(PYTHON) bench/tvm_overhead.py; \
 	else echo "apache-tvm not installed: TVM overhead benchmark skipped"; fi
 
 bench-quick: bench-deps  ## smoke benchmark, under 2 minutes on a 2-core CPU
 	$(PYTHON) bench/run.py --quick $(BENCH_ARGS)
+	$(PYTHON) bench/network.py --quick
 
 bench-readme:  ## rewrite README's headline tables from the committed bench/results
 	$(PYTHON) bench/run.py --readme

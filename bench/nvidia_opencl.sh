@@ -4,6 +4,7 @@
 #        [TUNE_BUDGET=120] [TUNE_ARGS="--try masked_gemm:TILE=32 ..."]
 #        [MASKED_BENCH_ARGS="--no-conv --sparsity 0.5 0.9"]
 #        [SWEEP_N=40] [MASKED_SWEEP=0|1] [BENCH_BATCHES="1 8 32"|none] [DSG_BENCH=1|0]
+#        [BENCH_ARGS="--sparsity 0.9"] [NETWORK=1|0] [NETWORK_ARGS="--sparsity 0.9"]
 #        bash bench/nvidia_opencl.sh
 # Tuned entries land in $OUT/cache/tuning/*.json (scripts/ship_tuning.py ships them).
 # Carried wheels in .whl/ (pyopencl, pytools, platformdirs, siphash24, mako, ...) are
@@ -18,6 +19,9 @@ TUNE_ARGS=${TUNE_ARGS:-}
 MASKED_SWEEP=${MASKED_SWEEP:-0}
 BENCH_BATCHES=${BENCH_BATCHES:-1 8 32}
 DSG_BENCH=${DSG_BENCH:-1}
+BENCH_ARGS=${BENCH_ARGS:-}
+NETWORK=${NETWORK:-1}
+NETWORK_ARGS=${NETWORK_ARGS:-}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -51,10 +55,14 @@ if [ "$SWEEP_N" -gt 0 ]; then
     [ -s "$OUT/best_params.txt" ] && export PYSPARSECL_PARAMS=$(cat "$OUT/best_params.txt")
 fi
 echo "== bench with ${PYSPARSECL_PARAMS:-shipped parameters}"
+if [ "$NETWORK" = 1 ]; then
+    echo "== whole network"; python3 bench/network.py --device nvidia $NETWORK_ARGS \
+        --out "$OUT" 2>&1 | tail -14
+fi
 if [ "$BENCH_BATCHES" != none ]; then
     echo "== call overhead"; python3 bench/profile_call.py --device nvidia 2>&1 | head -22
     python3 bench/run.py --device nvidia --ops conv2d elementwise --batch $BENCH_BATCHES \
-        --no-scipy --out "$OUT" 2>&1 | tail -40
+        --no-scipy $BENCH_ARGS --out "$OUT" 2>&1 | tail -40
 fi
 if [ -n "${MASKED_BENCH_ARGS:-}" ]; then   # bench/masked.py alone, e.g. "--no-conv"
     echo "== masked products bench"

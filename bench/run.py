@@ -35,6 +35,7 @@ from pysparsecl.testing.reference import relative_error  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import elementwise  # noqa: E402  (bench/elementwise.py)
 import masked  # noqa: E402  (bench/masked.py)
+import network  # noqa: E402  (bench/network.py)
 import report  # noqa: E402
 from baselines import Torch  # noqa: E402
 from timing import event_ms, interleaved_medians, wall_ms  # noqa: E402
@@ -193,10 +194,22 @@ HEADLINE_MARKERS = ("<!-- bench:headline:start -->", "<!-- bench:headline:end --
 
 
 def readme_headline(results_dir: Path = RESULTS) -> str:
-    """Markdown for the README: per device, the 90%/95% rows at the largest batch."""
-    parts = []
+    """Markdown for the README: the whole-network results first (bench/network.py), then per
+    device the per-layer 90%/95% rows at the largest batch."""
+    parts = ["### Whole network: ResNet-50, res2 input to logits", "", network.NOTE, ""]
+    for path in sorted(results_dir.glob("network-*.json")):
+        if path.stem.endswith("-quick"):
+            continue
+        data = json.loads(path.read_text())
+        h = data["header"]
+        parts += [f"**{h['device']}** (driver {h['driver']}; {h['date']}; baseline: "
+                  f"{h['baselines']}; [bench/results/{path.stem}.md]"
+                  f"(bench/results/{path.stem}.md))", "",
+                  network.markdown_table(data["rows"]), ""]
+    parts += ["### Per layer", ""]
     for path in sorted(results_dir.glob("*.json")):
-        if path.stem.endswith("-quick") or path.stem.startswith(("sweep", "tvm-overhead")):
+        if path.stem.endswith("-quick") or path.stem.startswith(("sweep", "tvm-overhead",
+                                                                  "network")):
             continue
         data = json.loads(path.read_text())
         h = data["header"]

@@ -46,6 +46,10 @@ def main(argv=None) -> int:
                         help="also write the entries under KEY (e.g. nvidia/gpu)")
     parser.add_argument("--force", action="store_true",
                         help="replace shipped entries even with older measurements")
+    parser.add_argument("--keep-shipped-shapes", action="store_true",
+                        help="keep the shipped entry's shape classes over the new ones "
+                             "(for runs whose candidates did not include the shipped "
+                             "per-class winners, as before the tuner tried them first)")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
     shipped = json.loads(SHIPPED.read_text())
@@ -68,6 +72,9 @@ def main(argv=None) -> int:
                           f"{entry['measured']['date']}, before the shipped entry "
                           f"({current['date']}); --force replaces it", file=sys.stderr)
                     continue
+                old_shapes = shipped.get(family, {}).get(key, {}).get("shapes", {})
+                if args.keep_shipped_shapes and old_shapes:
+                    entry = dict(entry, shapes={**entry.get("shapes", {}), **old_shapes})
                 shipped.setdefault(family, {})[key] = entry
                 print(f"{family}/{key}: {entry['params']}"
                       f" (+{len(entry.get('shapes', {}))} shape classes)")

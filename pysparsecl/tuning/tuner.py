@@ -80,16 +80,29 @@ def _host(result) -> np.ndarray:
     return result.get() if isinstance(result, cl_array.Array) else np.asarray(result)
 
 
-def _run(problems: Sequence[Problem], reference, queue, reps: int) -> List[float]:
+#: A candidate whose checking run of a problem takes this many times the fastest time seen
+#: on it is not timed further there (inf): a pathological configuration can take minutes
+#: on a large problem, and the budget is only checked between candidates.
+SLOW_FACTOR = 20.0
+
+
+def _run(problems: Sequence[Problem], reference, queue, reps: int,
+         limits_ms: Optional[Sequence[float]] = None) -> List[float]:
     """Check every problem's output against the reference, then time it: the median of
-    ``reps`` runs' summed event times, in ms."""
+    ``reps`` runs' summed event times, in ms; inf where the checking run alone took more
+    than the problem's ``limits_ms``."""
     times = []
-    for problem, ref in zip(problems, reference):
-        got = _host(problem.launch([]))
+    for i, (problem, ref) in enumerate(zip(problems, reference)):
+        events: list = []
+        got = _host(problem.launch(events))
         queue.finish()
         failure = problem.check(got, ref)
         if failure:
             raise ArithmeticError(f"{failure} on {problem.label}")
+        first_ms = sum(e.profile.end - e.profile.start for e in events) * 1e-6
+        if limits_ms is not None and first_ms > limits_ms[i]:
+            times.append(math.inf)
+            continue
         samples = []
         for _ in range(reps):
             events: list = []
@@ -198,6 +211,12 @@ def tune_family(family: str, queue: cl.CommandQueue, *, budget_s: float = 120.0,
         reference = [_host(p.launch([])) for p in problems]
     current = lookup(spec, device)
     leading = [current]
+    # The per-class entries in use are candidates too, so that a class's winner is only
+    # replaced by one measured faster, never dropped because this run missed it.
+    for cls in dict.fromkeys(p.shape_class for p in problems if p.shape_class):
+        in_use = lookup(spec, device, cls)
+        if in_use not in leading:
+            leading.append(in_use)
     for params in first:
         full = spec.check(params, **device_limits(device))
         if full not in leading:
@@ -206,13 +225,16 @@ def tune_family(family: str, queue: cl.CommandQueue, *, budget_s: float = 120.0,
     order = (leading + [c for c in space if c not in leading])[:max(1, max_candidates)]
     tried: List[Candidate] = []
     best: Optional[Candidate] = None
+    fastest = [math.inf] * len(problems)   # per problem, over the candidates so far
     for i, params in enumerate(order):
         if i and time.perf_counter() - start > budget_s:
             break
         cand = Candidate(dict(params), weights=[p.weight for p in problems])
         try:
             with override(family, **params):
-                cand.times_ms = _run(problems, reference, queue, reps)
+                cand.times_ms = _run(problems, reference, queue, reps,
+                                     [SLOW_FACTOR * t for t in fastest])
+            fastest = [min(f, t) for f, t in zip(fastest, cand.times_ms)]
         except Exception as exc:  # a failed candidate scores as infinitely slow
             cand.error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
         tried.append(cand)

@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""A tuner shapes file with one problem per conv2d_csr shape class of the whole-network
+benchmark's ResNet-50 body (pysparsecl/testing/networks.py), at the given batches.
+
+    python scripts/network_shapes.py --batch 1 8 [--sparsity 0.9] > shapes.json
+    python -m pysparsecl tune --shapes shapes.json --budget-s 600
+
+Each class is represented by its largest convolution (most multiply-adds); the FC
+layer is included too (the pooling layer, a depthwise convolution, is not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pysparsecl.ops.conv2d import conv2d_shape_class  # noqa: E402
+from pysparsecl.testing.networks import conv_inputs, resnet50_body  # noqa: E402
+
+
+def network_shapes(batches, sparsity: float, input_hw=(56, 56)) -> list:
+    blocks = resnet50_body()
+    convs, final_hw = conv_inputs(blocks, input_hw)
+    best = {}
+    for n in batches:
+        for spec, (h, w) in convs:
+            oh = (h + 2 * spec.padding - spec.kernel) // spec.stride + 1
+            ow = (w + 2 * spec.padding - spec.kernel) // spec.stride + 1
+            cls = conv2d_shape_class(n, spec.c_in // spec.groups, (oh, ow), spec.kernel,
+                                     spec.stride)
+            entry = dict(N=n, C=spec.c_in, H=h, W=w, K=spec.c_out, kernel=spec.kernel,
+                         stride=spec.stride, padding=spec.padding, sparsity=sparsity)
+            macs = spec.macs(n, (h, w))
+            if cls not in best or macs > best[cls][0]:
+                best[cls] = (macs, entry)
+        c_last = blocks[-1].conv3.c_out   # the FC layer, a 1x1 convolution on 1x1 pixels
+        fc = dict(N=n, C=c_last, H=1, W=1, K=1000, kernel=1, stride=1, padding=0,
+                  sparsity=0.0)
+        best[conv2d_shape_class(n, c_last, (1, 1), 1, 1)] = (0, fc)
+    return [entry for _, entry in best.values()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    args = parser.parse_args(argv)
+    json.dump({"conv2d_csr": network_shapes(args.batch, args.sparsity)}, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
