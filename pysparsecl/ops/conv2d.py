@@ -291,6 +291,7 @@ class SparseConvWeight:
         self._nonzeros: Dict[tuple, cl_array.Array] = {}
         self._segments: Dict[int, cl_array.Array] = {}
         self._plans: Dict[tuple, "_Plan"] = {}   # launch plans, least recently used first
+        self._calls: Dict[tuple, "_CallShape"] = {}   # validated device-array call shapes
         self._lock = threading.Lock()
 
     @property
@@ -427,6 +428,11 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
     elsewhere they are copied to and from the device.  A NumPy call returns when its
     result is ready; a device-array call returns once it is enqueued.
     """
+    if type(w_csr) is SparseConvWeight and type(x) is cl_array.Array and out is None:
+        y = _repeated_call(x, w_csr, bias, kernel_size, stride, padding, dilation, groups,
+                           activation, residual, queue, events)
+        if y is not None:
+            return y
     require_array(x, "x", np.float32, ndim=4)
     if runtime.capturing() and not is_device_array(x):
         raise ValueError("x must be a pyopencl array while a LaunchGraph is captured (a "
@@ -491,6 +497,90 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
 
 
 @dataclass(frozen=True)
+class _CallShape:
+    """What validating a device-array call found, for a call with the same key: its
+    geometry, output shape, kernel variant and shape class."""
+    geom: "_Geometry"
+    out_shape: tuple
+    relu: bool
+    shape_class: str
+
+
+_CALLS_PER_WEIGHT = 64
+
+
+def _array_key(a):
+    """The parts of an optional device array that validation looked at."""
+    return None if a is None else (type(a), a.shape, a.strides, a.dtype)
+
+
+def _repeated_call(x, weight: "SparseConvWeight", bias, kernel_size, stride, padding,
+                   dilation, groups, activation, residual, queue, events):
+    """The call on device arrays, a prepared weight and no ``out``, when one with the same
+    shapes, strides, dtypes and arguments was validated before: only what can differ
+    between such calls is checked again (contexts, the queue's state), so that the
+    eager host path of a network's layers is a few microseconds.  Returns None, having
+    done nothing, for any other call (the general path validates and records it)."""
+    if (queue is not None and queue is not x.queue) or \
+            (bias is not None and type(bias) is not cl_array.Array) or \
+            (residual is not None and type(residual) is not cl_array.Array):
+        return None
+    key = (x.shape, x.strides, x.dtype, _array_key(bias), _array_key(residual), kernel_size,
+           stride, padding, dilation, groups, activation)
+    try:
+        call = weight._calls.get(key)
+    except TypeError:          # an unhashable argument: the general path says what is wrong
+        return None
+    if call is None:
+        call = _validate_call(x, weight, bias, kernel_size, stride, padding, dilation,
+                              groups, activation, residual)
+        if call is None:
+            return None
+        with weight._lock:
+            weight._calls[key] = call
+            while len(weight._calls) > _CALLS_PER_WEIGHT:
+                weight._calls.pop(next(iter(weight._calls)))
+    queue = x.queue
+    ctx = weight.queue.context.int_ptr
+    if queue is None or x.context.int_ptr != ctx or \
+            (bias is not None and (bias.context.int_ptr != ctx or bias.offset)) or \
+            (residual is not None and residual.context.int_ptr != ctx):
+        return None          # the general path raises, or copies a bias at an offset
+    runtime.get_queue(queue)    # refuses a released queue
+    out_dev = runtime.empty(queue, call.out_shape, np.float32,
+                            allocator=runtime.memory_pool(queue.context))
+    if out_dev.size:
+        _compute(queue, x, weight, _Epilogue(bias, residual, call.relu), out_dev, call.geom,
+                 events, call.shape_class)
+    return out_dev
+
+
+def _validate_call(x, weight, bias, kernel_size, stride, padding, dilation, groups,
+                   activation, residual) -> "Optional[_CallShape]":
+    """The general path's checks of a device-array call on a prepared weight with no
+    ``out``; None (nothing recorded) if any fails: the general path then raises."""
+    try:
+        require_array(x, "x", np.float32, ndim=4)
+        if kernel_size is not None and int_pair(kernel_size, "kernel_size", 1) != \
+                weight.kernel_size or groups != weight.groups or \
+                x.shape[1] != weight.in_channels:
+            return None
+        geom = _geometry(x.shape, weight, stride, padding, dilation)
+        out_shape = (geom.N, weight.out_channels, geom.OH, geom.OW)
+        if bias is not None:
+            require_array(bias, "bias", np.float32, ndim=1)
+            if bias.shape != (weight.out_channels,):
+                return None
+        relu = _check_activation(activation)
+        _check_residual(residual, out_shape, x, None)
+    except (TypeError, ValueError):
+        return None
+    shape_class = conv2d_shape_class(geom.N, weight.in_channels // weight.groups,
+                                     (geom.OH, geom.OW), weight.kernel_size, geom.stride)
+    return _CallShape(geom, out_shape, relu, shape_class)
+
+
+@dataclass(frozen=True)
 class _Epilogue:
     """What the convolution's store applies: + bias, + residual, then ReLU."""
     bias: Optional[cl_array.Array]
@@ -532,13 +622,13 @@ def _check_residual(residual, out_shape, x, out) -> None:
 
 
 def _compute(queue, x_dev, weight: SparseConvWeight, epilogue: _Epilogue, out_dev, geom,
-             events):
+             events, shape_class: Optional[str] = None):
     if weight.nnz == 0 and epilogue.bias is None and epilogue.residual is None and \
             not runtime.capturing():   # (a fill is no kernel of ours: not captured)
         out_dev.fill(np.float32(0), queue=queue)   # ReLU(0) is 0 too
     else:
         with runtime.capturable():
-            _launch(queue, x_dev, weight, epilogue, out_dev, geom, events)
+            _launch(queue, x_dev, weight, epilogue, out_dev, geom, events, shape_class)
 
 
 #: SparseConvWeights prepared for the SciPy matrices passed as ``w_csr``.
@@ -576,10 +666,12 @@ class _Plan:
 _PLANS_PER_WEIGHT = 32  # input geometries remembered per weight (least recently used go)
 
 
-def _plan(queue, weight: SparseConvWeight, geom: _Geometry, variant: tuple) -> _Plan:
+def _plan(queue, weight: SparseConvWeight, geom: _Geometry, variant: tuple,
+          shape_class: Optional[str] = None) -> _Plan:
     """The launch plan for this call, from the weight's cache or built (and checked)."""
-    shape_class = conv2d_shape_class(geom.N, weight.in_channels // weight.groups,
-                                     (geom.OH, geom.OW), weight.kernel_size, geom.stride)
+    if shape_class is None:
+        shape_class = conv2d_shape_class(geom.N, weight.in_channels // weight.groups,
+                                         (geom.OH, geom.OW), weight.kernel_size, geom.stride)
     # Looked up on every call: an override block, the environment or a new tuning result
     # takes effect at once, and is part of the key.
     params = tuning.lookup(CONV2D_CSR, queue.device, shape_class)
@@ -673,8 +765,8 @@ def _build_plan(queue, weight: SparseConvWeight, geom: _Geometry, variant: tuple
 
 
 def _launch(queue, x_dev, weight: SparseConvWeight, epilogue: _Epilogue, out_dev,
-            geom: _Geometry, events):
-    plan = _plan(queue, weight, geom, epilogue.key)
+            geom: _Geometry, events, shape_class: Optional[str] = None):
+    plan = _plan(queue, weight, geom, epilogue.key, shape_class)
     bias_dev, res_dev = epilogue.bias, epilogue.residual
     xpack = runtime.memory_pool(queue.context)(plan.xpack_bytes)  # a bare buffer: no Array
     ev_pack = plan.pack(queue, *plan.pack_sizes, x_dev.base_data, elem_offset(x_dev), xpack,
