@@ -596,6 +596,14 @@ def empty(queue: cl.CommandQueue, shape: Tuple[int, ...], dtype,
     much as the rest of a small op's Python path.  ``shape`` must be a tuple of ints >= 0
     (every caller passes a shape it has already checked).  Should a pyopencl release drop
     the fast path, this falls back to the public constructor."""
+    return _fast_array(queue, shape, dtype, allocator=allocator)
+
+
+def _fast_array(queue: cl.CommandQueue, shape, dtype, allocator=None, data=None,
+                offset: int = 0) -> cl_array.Array:
+    """A C-contiguous device array through pyopencl's internal constructor fast path: new
+    (from ``allocator``) or over the buffer ``data`` at byte ``offset``; the public
+    constructor where a pyopencl release lacks the fast path."""
     dtype = np.dtype(dtype)
     shape = tuple(int(n) for n in shape)
     strides, step = [], dtype.itemsize
@@ -603,11 +611,13 @@ def empty(queue: cl.CommandQueue, shape: Tuple[int, ...], dtype,
         strides.append(step)
         step *= max(n, 1)
     try:
-        return cl_array.Array(None, shape, dtype, allocator=allocator,
-                              strides=tuple(reversed(strides)), _fast=True,
+        return cl_array.Array(None, shape, dtype, allocator=allocator, data=data,
+                              offset=offset, strides=tuple(reversed(strides)), _fast=True,
                               _size=math.prod(shape), _context=queue.context, _queue=queue)
     except TypeError:  # no fast path in this pyopencl
-        return cl_array.empty(queue, shape, dtype, allocator=allocator)
+        if data is None:
+            return cl_array.empty(queue, shape, dtype, allocator=allocator)
+        return cl_array.Array(queue, shape, dtype, data=data, offset=offset)
 
 
 _pools: Dict[int, cl_tools.MemoryPool] = {}
@@ -713,16 +723,7 @@ def wrap_host(queue: cl.CommandQueue, host: np.ndarray, writable: bool) -> cl_ar
     flags = cl.mem_flags.USE_HOST_PTR | (cl.mem_flags.READ_WRITE if writable
                                          else cl.mem_flags.READ_ONLY)
     buf = cl.Buffer(queue.context, flags, hostbuf=region)
-    strides, step = [], host.dtype.itemsize
-    for n in reversed(host.shape):
-        strides.append(step)
-        step *= max(n, 1)
-    try:
-        return cl_array.Array(None, host.shape, host.dtype, data=buf, offset=lead,
-                              strides=tuple(reversed(strides)), _fast=True, _size=host.size,
-                              _context=queue.context, _queue=queue)
-    except TypeError:  # no fast path in this pyopencl
-        return cl_array.Array(queue, host.shape, host.dtype, data=buf, offset=lead)
+    return _fast_array(queue, host.shape, host.dtype, data=buf, offset=lead)
 
 
 #: Operands of NumPy calls up to this size go through the thread's staging buffers.
@@ -754,18 +755,7 @@ def staging(queue: cl.CommandQueue, slot: str, shape, dtype
                         hostbuf=host)
         found = slots[key] = (host, buf)
     host, buf = found
-    view = host[:n_bytes].view(dtype).reshape(shape)
-    strides, step = [], dtype.itemsize
-    for n in reversed(view.shape):
-        strides.append(step)
-        step *= max(n, 1)
-    try:
-        dev = cl_array.Array(None, view.shape, dtype, data=buf,
-                             strides=tuple(reversed(strides)), _fast=True, _size=view.size,
-                             _context=queue.context, _queue=queue)
-    except TypeError:  # no fast path in this pyopencl
-        dev = cl_array.Array(queue, view.shape, dtype, data=buf)
-    return dev, view
+    return _fast_array(queue, shape, dtype, data=buf), host[:n_bytes].view(dtype).reshape(shape)
 
 
 def release_staging() -> None:

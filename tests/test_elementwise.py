@@ -404,8 +404,10 @@ def test_above_2gib(queue, monkeypatch):
     n = 2 ** 30 + 2 ** 20 + 2                        # 4 GiB of int32: 64-bit element indices
     nbytes = 4 * n
     if device.max_mem_alloc_size < nbytes or device.global_mem_size < 4 * nbytes:
-        # A broadcast NumPy view: 2^31+ bytes of operand without the host memory.
-        big = np.broadcast_to(np.float32(1.5), (2 ** 29 + 8,))
+        # A broadcast NumPy view: 2^31+ bytes of operand without the host memory, and more
+        # than the device's largest buffer (PoCL's limit moves with the host's free memory).
+        big = np.broadcast_to(np.float32(1.5),
+                              (max(2 ** 29, device.max_mem_alloc_size // 4) + 8,))
         _forbid_enqueueing(monkeypatch)
         with pytest.raises(ValueError, match="maximum allocation"):
             ps.add(big, 2.0, queue=queue)
