@@ -50,6 +50,9 @@ def main(argv=None) -> int:
                         help="keep the shipped entry's shape classes over the new ones "
                              "(for runs whose candidates did not include the shipped "
                              "per-class winners, as before the tuner tried them first)")
+    parser.add_argument("--merge-shapes", action="store_true",
+                        help="keep the shipped entry's shape classes that the new run did "
+                             "not tune (the new run's win where both have one)")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
     shipped = json.loads(SHIPPED.read_text())
@@ -75,6 +78,8 @@ def main(argv=None) -> int:
                 old_shapes = shipped.get(family, {}).get(key, {}).get("shapes", {})
                 if args.keep_shipped_shapes and old_shapes:
                     entry = dict(entry, shapes={**entry.get("shapes", {}), **old_shapes})
+                elif args.merge_shapes and old_shapes:
+                    entry = dict(entry, shapes={**old_shapes, **entry.get("shapes", {})})
                 shipped.setdefault(family, {})[key] = entry
                 print(f"{family}/{key}: {entry['params']}"
                       f" (+{len(entry.get('shapes', {}))} shape classes)")

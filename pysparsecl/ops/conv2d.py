@@ -424,7 +424,8 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
     kernels run, and computes again with a new preparation if they were edited, so an
     edit is never served stale (``pysparsecl.clear_weight_cache`` drops what is kept).
     On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
-    lends ``x``, ``bias`` and a new result to the kernels in place, with no copy;
+    lends ``x``, ``bias``, ``residual`` and a new result to the kernels in place, with no
+    copy (operands up to 256 KiB go through a staging buffer the thread keeps: a memcpy);
     elsewhere they are copied to and from the device.  A NumPy call returns when its
     result is ready; a device-array call returns once it is enqueued.
     """

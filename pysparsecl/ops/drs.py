@@ -503,10 +503,10 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
     ``pysparsecl.clear_weight_cache``); a :class:`ProjectedWeight` avoids even the
     comparison.
     On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
-    lends its inputs (those C-contiguous and aligned to the device's base alignment) and
-    its new results to the kernels in place, with no copy; elsewhere they are copied to and
-    from the device.  A NumPy call returns when its result is ready; a device-array call
-    returns once it is enqueued.
+    lends its inputs and its new results to the kernels in place, with no copy, except
+    that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy);
+    elsewhere they are copied to and from the device.  A NumPy call returns when its
+    result is ready; a device-array call returns once it is enqueued.
     """
     require_array(x, "x", np.float32)
     if x.ndim not in (1, 2):
@@ -682,10 +682,10 @@ def drs_mask_conv2d(x, w, sparsity, *, stride=1, padding=0, dilation=1, eps=0.5,
     The mask, in the kind of container ``x`` came in.  Ties go to the lower channel.
 
     On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
-    lends its inputs (those C-contiguous and aligned to the device's base alignment) and
-    its new results to the kernels in place, with no copy; elsewhere they are copied to and
-    from the device.  A NumPy call returns when its result is ready; a device-array call
-    returns once it is enqueued.
+    lends its inputs and its new results to the kernels in place, with no copy, except
+    that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy);
+    elsewhere they are copied to and from the device.  A NumPy call returns when its
+    result is ready; a device-array call returns once it is enqueued.
     """
     require_array(x, "x", np.float32, ndim=4)
     sparsity = _check_sparsity(sparsity)

@@ -598,10 +598,11 @@ _COMMON_DOC = """
     before anything is enqueued.
 
     Copies: with only NumPy operands, on a device that shares host memory (PoCL's CPU
-    device, integrated GPUs), inputs that are C-contiguous and aligned to the device's
-    base alignment and a new result are lent to the kernel in place, with no copy; others
-    are copied.  With a device array among the operands, NumPy ones are copied to the
-    device (the call returns before the kernel is done).  Nothing is cached.
+    device, integrated GPUs), the inputs and a new result are lent to the kernel in place,
+    with no copy (a strided input is made contiguous first), except that operands up to
+    256 KiB go through a staging buffer the thread keeps (a memcpy).  With a device array
+    among the operands, NumPy ones are copied to the device (the call returns before the
+    kernel is done).  Nothing is cached.
 """
 
 

@@ -538,10 +538,10 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
     Copies
     ------
     On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
-    lends its inputs (those C-contiguous and aligned to the device's base alignment) and
-    its new results to the kernels in place, with no copy; elsewhere they are copied to and
-    from the device.  A NumPy call returns when its result is ready; a device-array call
-    returns once it is enqueued.
+    lends its inputs and its new results to the kernels in place, with no copy, except
+    that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy);
+    elsewhere they are copied to and from the device.  A NumPy call returns when its
+    result is ready; a device-array call returns once it is enqueued.
 
     Notes
     -----
@@ -792,10 +792,10 @@ def masked_matmul_backward(dy, x, w, mask, *, queue=None, events=None):
 
     A NumPy ``w`` is kept as device rows while it is unchanged (see :func:`masked_matmul`).
     On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
-    lends its inputs (those C-contiguous and aligned to the device's base alignment) and
-    its new results to the kernels in place, with no copy; elsewhere they are copied to and
-    from the device.  A NumPy call returns when its result is ready; a device-array call
-    returns once it is enqueued.
+    lends its inputs and its new results to the kernels in place, with no copy, except
+    that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy);
+    elsewhere they are copied to and from the device.  A NumPy call returns when its
+    result is ready; a device-array call returns once it is enqueued.
     """
     require_array(x, "x", np.float32)
     if x.ndim not in (1, 2):
@@ -931,10 +931,10 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
     by n / (n - 1), with n the channel's selected count.
 
     On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
-    lends its inputs (those C-contiguous and aligned to the device's base alignment) and
-    its new results to the kernels in place, with no copy; elsewhere they are copied to and
-    from the device.  A NumPy call returns when its result is ready; a device-array call
-    returns once it is enqueued.
+    lends its inputs and its new results to the kernels in place, with no copy, except
+    that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy);
+    elsewhere they are copied to and from the device.  A NumPy call returns when its
+    result is ready; a device-array call returns once it is enqueued.
     """
     require_array(y, "y", np.float32)
     if y.ndim < 2:
@@ -1114,10 +1114,11 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
     of container ``x`` came in.
 
     On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
-    lends its inputs (those C-contiguous and aligned to the device's base alignment) and
-    its new results to the kernels in place, with no copy; elsewhere they are copied to and
-    from the device.  A NumPy call returns when its result is ready; a device-array call
-    returns once it is enqueued.  The dense weight is packed on every call.
+    lends its inputs and its new results to the kernels in place, with no copy, except
+    that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy);
+    elsewhere they are copied to and from the device.  A NumPy call returns when its
+    result is ready; a device-array call returns once it is enqueued.  The dense weight is
+    packed on every call.
     """
     require_array(x, "x", np.float32, ndim=4)
     require_array(w, "w", np.float32, ndim=4)
