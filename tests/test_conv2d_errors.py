@@ -122,3 +122,30 @@ def test_nan_and_inf_propagate(queue):
     y = ps.conv2d_sparse(x, sp.csr_matrix(w.reshape(2, -1)), padding=1, queue=queue)
     assert np.isnan(y[0, :, 1:4, 2:5]).all() and not np.isnan(y[0, :, 5:, :]).any()
     assert np.isposinf(y[1, :, 0:2, 0:2]).all()
+
+
+def test_repeated_device_calls_are_checked_like_the_first(queue):
+    """A device-array call that repeats a validated one skips most checks; one that differs
+    in any argument must still be refused, by name, and a good one still computes."""
+    weight = ps.SparseConvWeight(_csr(), 3, 3, queue=queue)
+    x = cl_array.to_device(queue, _x())
+    bias = cl_array.to_device(queue, np.ones(4, np.float32))
+    want = ps.conv2d_sparse(x, weight, bias, padding=1, activation="relu").get()
+    for _ in range(2):
+        got = ps.conv2d_sparse(x, weight, bias, padding=1, activation="relu").get()
+        np.testing.assert_array_equal(got, want)
+    good = dict(bias=bias, padding=1, activation="relu")
+    bad = [   # the good call with one argument changed
+        (dict(bias=cl_array.to_device(queue, np.ones(5, np.float32))), ValueError, "bias"),
+        (dict(bias=bias.astype(np.float64)), TypeError, "bias"),
+        (dict(activation="tanh"), ValueError, "activation"),
+        (dict(residual=cl_array.to_device(queue, np.ones((2, 4, 5, 5), np.float32))),
+         ValueError, "residual"),
+        (dict(groups=3), ValueError, "groups"),
+        (dict(kernel_size=5), ValueError, "kernel_size"),
+    ]
+    for change, error, name in bad:
+        with pytest.raises(error, match=name):
+            ps.conv2d_sparse(x, weight, **{**good, **change})
+    with pytest.raises(ValueError, match="channels"):
+        ps.conv2d_sparse(cl_array.to_device(queue, _x(c=4)), weight, **good)

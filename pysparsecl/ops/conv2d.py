@@ -447,34 +447,16 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
         if weight.queue.context != queue.context:
             raise ValueError("w_csr (a SparseConvWeight) lives in a different OpenCL context "
                              "than the queue the operation runs on")
-        if kernel_size is not None and int_pair(kernel_size, "kernel_size", 1) != \
-                weight.kernel_size:
-            raise ValueError(f"kernel_size={kernel_size!r} disagrees with the prepared "
-                             f"weight's {weight.kernel_size}")
-        if groups != weight.groups:
-            raise ValueError(f"groups={groups} disagrees with the prepared weight's "
-                             f"groups={weight.groups}")
     else:
         queue = runtime.resolve_queue(queue, x=x, bias=bias, residual=residual, out=out)
         if not is_device_array(x):  # refuse an oversized x before the weight is uploaded
             check_alloc(queue, x.nbytes, "x")
         weight, confirm = _prepared_weight(w_csr, x.shape[1], kernel_size, groups, queue)
-    if x.shape[1] != weight.in_channels:
-        raise ValueError(f"x has {x.shape[1]} channels but the weight expects "
-                         f"in_channels={weight.in_channels}")
-    geom = _geometry(x.shape, weight, stride, padding, dilation)
-    K = weight.out_channels
-    out_shape = (geom.N, K, geom.OH, geom.OW)
+    call = _check_call(x, weight, bias, kernel_size, stride, padding, dilation, groups,
+                       activation, residual, out)
+    geom, relu = call.geom, call.relu
 
-    if bias is not None:
-        require_array(bias, "bias", np.float32, ndim=1)
-        if bias.shape != (K,):
-            raise ValueError(f"bias must have shape ({K},), got {tuple(bias.shape)}")
-    check_out(out, out_shape, np.float32, like=x)
-    relu = _check_activation(activation)
-    _check_residual(residual, out_shape, x, out)
-
-    out_dev, host = new_output(queue, out_shape, np.float32, out, like=x)
+    out_dev, host = new_output(queue, call.out_shape, np.float32, out, like=x)
     if out_dev.size:
         borrow = not is_device_array(x)   # a NumPy call waits for its result
         x_dev = to_device(x, queue, "x", borrow)
@@ -484,7 +466,7 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
         res_dev = to_device(residual, queue, "residual", borrow) if residual is not None \
             else None
         epilogue = _Epilogue(bias_dev, res_dev, relu)
-        _compute(queue, x_dev, weight, epilogue, out_dev, geom, events)
+        _compute(queue, x_dev, weight, epilogue, out_dev, geom, events, call.shape_class)
         # A kept weight is compared with w_csr's buffers while the kernels run; if w_csr
         # was edited since, the output is computed again, in order, with the new weight.
         try:
@@ -493,14 +475,14 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
             queue.finish()
             raise
         if fresh is not None:
-            _compute(queue, x_dev, fresh, epilogue, out_dev, geom, events)
+            _compute(queue, x_dev, fresh, epilogue, out_dev, geom, events, call.shape_class)
     return deliver(out_dev, x, out, queue, host)
 
 
 @dataclass(frozen=True)
 class _CallShape:
-    """What validating a device-array call found, for a call with the same key: its
-    geometry, output shape, kernel variant and shape class."""
+    """What validating a call found (:func:`_check_call`): its geometry, output shape,
+    whether it applies ReLU, and the tuning database's shape class."""
     geom: "_Geometry"
     out_shape: tuple
     relu: bool
@@ -520,8 +502,9 @@ def _repeated_call(x, weight: "SparseConvWeight", bias, kernel_size, stride, pad
     """The call on device arrays, a prepared weight and no ``out``, when one with the same
     shapes, strides, dtypes and arguments was validated before: only what can differ
     between such calls is checked again (contexts, the queue's state), so that the
-    eager host path of a network's layers is a few microseconds.  Returns None, having
-    done nothing, for any other call (the general path validates and records it)."""
+    eager host path of a network's layers skips most of its Python.  Returns None, having
+    done nothing, for any other call, or one that fails a check (the general path then
+    raises)."""
     if (queue is not None and queue is not x.queue) or \
             (bias is not None and type(bias) is not cl_array.Array) or \
             (residual is not None and type(residual) is not cl_array.Array):
@@ -558,24 +541,42 @@ def _repeated_call(x, weight: "SparseConvWeight", bias, kernel_size, stride, pad
 
 def _validate_call(x, weight, bias, kernel_size, stride, padding, dilation, groups,
                    activation, residual) -> "Optional[_CallShape]":
-    """The general path's checks of a device-array call on a prepared weight with no
-    ``out``; None (nothing recorded) if any fails: the general path then raises."""
+    """:func:`_check_call` for a device-array call with no ``out``, plus the output's
+    allocation check; None (nothing recorded) where a check fails."""
     try:
         require_array(x, "x", np.float32, ndim=4)
-        if kernel_size is not None and int_pair(kernel_size, "kernel_size", 1) != \
-                weight.kernel_size or groups != weight.groups or \
-                x.shape[1] != weight.in_channels:
-            return None
-        geom = _geometry(x.shape, weight, stride, padding, dilation)
-        out_shape = (geom.N, weight.out_channels, geom.OH, geom.OW)
-        if bias is not None:
-            require_array(bias, "bias", np.float32, ndim=1)
-            if bias.shape != (weight.out_channels,):
-                return None
-        relu = _check_activation(activation)
-        _check_residual(residual, out_shape, x, None)
+        call = _check_call(x, weight, bias, kernel_size, stride, padding, dilation, groups,
+                           activation, residual, None)
+        check_alloc(weight.queue, 4 * math.prod(call.out_shape), "the output")
     except (TypeError, ValueError):
         return None
+    return call
+
+
+def _check_call(x, weight: "SparseConvWeight", bias, kernel_size, stride, padding, dilation,
+                groups, activation, residual, out) -> _CallShape:
+    """Every check of a call's arguments against the weight (``x`` already checked as a
+    4-D float32 array): raises ``TypeError``/``ValueError`` naming the argument."""
+    if kernel_size is not None and int_pair(kernel_size, "kernel_size", 1) != \
+            weight.kernel_size:
+        raise ValueError(f"kernel_size={kernel_size!r} disagrees with the prepared "
+                         f"weight's {weight.kernel_size}")
+    if groups != weight.groups:
+        raise ValueError(f"groups={groups} disagrees with the prepared weight's "
+                         f"groups={weight.groups}")
+    if x.shape[1] != weight.in_channels:
+        raise ValueError(f"x has {x.shape[1]} channels but the weight expects "
+                         f"in_channels={weight.in_channels}")
+    geom = _geometry(x.shape, weight, stride, padding, dilation)
+    K = weight.out_channels
+    out_shape = (geom.N, K, geom.OH, geom.OW)
+    if bias is not None:
+        require_array(bias, "bias", np.float32, ndim=1)
+        if bias.shape != (K,):
+            raise ValueError(f"bias must have shape ({K},), got {tuple(bias.shape)}")
+    check_out(out, out_shape, np.float32, like=x)
+    relu = _check_activation(activation)
+    _check_residual(residual, out_shape, x, out)
     shape_class = conv2d_shape_class(geom.N, weight.in_channels // weight.groups,
                                      (geom.OH, geom.OW), weight.kernel_size, geom.stride)
     return _CallShape(geom, out_shape, relu, shape_class)
