@@ -25,18 +25,14 @@
 <%namespace name="common" file="common.cl.mako"/>\
 ${common.vector_helpers("pscl_floatv", "float", VEC)}
 <%
-    # The epilogue of one stored float x (scalar) or vector, with r the residual there.
-    def with_residual(x, r):
-        return "(%s + %s)" % (x, r) if RESIDUAL else x
+    def epilogue(x, r, relu="pscl_relu1"):
+        """The stored value of x (a float; a vector with relu="pscl_reluv"), r the residual
+        at the same place."""
+        y = "(%s + %s)" % (x, r) if RESIDUAL else x
+        return "%s(%s)" % (relu, y) if RELU else y
 
-    def epilogue1(x, r):
-        return "pscl_relu1(%s)" % with_residual(x, r) if RELU else with_residual(x, r)
-
-    def epilogue_v(v, r):
-        return "pscl_reluv(%s)" % with_residual(v, r) if RELU else with_residual(v, r)
-
-    def lane(v, e):   # (common.component writes to the output; this returns the text)
-        return v if VEC == 1 else "%s.s%x" % (v, e)
+    def lane(v, e):   # common.component's text (a def writes to the output instead)
+        return capture(common.component, v, VEC, e)
 %>\
 % if RELU:
 // max(x, 0) that keeps NaN, as torch.relu does.
@@ -298,7 +294,7 @@ void pscl_conv2d_csr(
 %     endif
         const pscl_floatv v = acc${b}${" + b_k" if HAS_BIAS else ""};
 %     for e in range(VEC):
-        dst[${e} * image] = ${epilogue1(lane("v", e), "rdst[%d * image]" % e)};
+        dst[${e} * image] = ${epilogue(lane("v", e), "rdst[%d * image]" % e)};
 %     endfor
     }
 %   endfor
@@ -319,7 +315,7 @@ void pscl_conv2d_csr(
             const int q = oh * OW + ow;
             const pscl_floatv v = acc${b}${" + b_k" if HAS_BIAS else ""};
 %     for e in range(VEC):
-            dst[${e} * image + q] = ${epilogue1(lane("v", e), "rdst[%d * image + q]" % e)};
+            dst[${e} * image + q] = ${epilogue(lane("v", e), "rdst[%d * image + q]" % e)};
 %     endfor
         }
     }
@@ -339,13 +335,13 @@ void pscl_conv2d_csr(
         const int ow = p - oh * Wq;
 %     if VEC > 1:
         if (oh < OH && ow + PSCL_VEC <= OW) {
-            PSCL_STORE_pscl_floatv(${epilogue_v("v", "PSCL_LOAD_pscl_floatv(0, rdst + oh * OW + ow)")}, 0,
+            PSCL_STORE_pscl_floatv(${epilogue("v", "PSCL_LOAD_pscl_floatv(0, rdst + oh * OW + ow)", "pscl_reluv")}, 0,
                                    dst + oh * OW + ow);
         } else {
             int qh = oh, qw = ow;  // walk the elements, wrapping rows without dividing
 %       for e in range(VEC):
             if (qh < OH && qw < OW)
-                dst[qh * OW + qw] = ${epilogue1(lane("v", e), "rdst[qh * OW + qw]")};
+                dst[qh * OW + qw] = ${epilogue(lane("v", e), "rdst[qh * OW + qw]")};
 %         if e < VEC - 1:
             if (++qw == Wq) { qw = 0; ++qh; }
 %         endif
@@ -353,7 +349,7 @@ void pscl_conv2d_csr(
         }
 %     else:
         if (oh < OH && ow < OW)
-            dst[oh * OW + ow] = ${epilogue1("v", "rdst[oh * OW + ow]")};
+            dst[oh * OW + ow] = ${epilogue("v", "rdst[oh * OW + ow]")};
 %     endif
     }
 %   endfor
