@@ -651,7 +651,9 @@ def shares_host_memory(device: cl.Device) -> bool:
             found = bool(device.host_unified_memory)
         except cl.Error:  # deprecated since OpenCL 2.0: a driver may not answer
             found = False
-        found = found and os.environ.get("PYSPARSECL_ZERO_COPY", "1") != "0"
+        # wrap_host's buffer starts at most an alignment before the array, in its page.
+        found = found and os.environ.get("PYSPARSECL_ZERO_COPY", "1") != "0" and \
+            base_alignment(device) <= 4096
         _shares_host[key] = found
     return found
 

@@ -817,6 +817,8 @@ def masked_matmul_backward(dy, x, w, mask, *, queue=None, events=None):
     queue = runtime.resolve_queue(queue, x=x, dy=dy, w=w if is_device_array(w) else None,
                                   mask=mask)
     _check_sizes(x=n_rows * k_in, w=k_in * n_cols, mask=n_rows * n_cols)
+    for size, what in ((n_rows * k_in, "dx"), (k_in * n_cols, "dw")):
+        check_alloc(queue, 4 * size, what)   # both, by name, before either is allocated
     dx_dev, dx_host = new_output(queue, tuple(x.shape), np.float32, None, like=x, zeros=True,
                                  slot="dx")
     dw_dev, dw_host = new_output(queue, (k_in, n_cols), np.float32, None, like=x, zeros=True,
