@@ -23,12 +23,14 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pyopencl as cl  # noqa: E402
 import pyopencl.array as cl_array  # noqa: E402
 import report  # noqa: E402
 from timing import interleaved_medians, wall_ms  # noqa: E402
@@ -193,9 +195,6 @@ def _host_us(net, x_dev, queue, reps: int = 5) -> float:
     """Median Python time of one eager forward, in us, with the device held back (the
     queue waits on a user event) so that no kernel competes with the host thread for the
     CPU while it is measured (on a CPU device they otherwise share the cores)."""
-    import time
-
-    import pyopencl as cl
     times = []
     for _ in range(reps):
         queue.finish()
