@@ -17,21 +17,24 @@
 ##
 ## No local memory and no barriers (PoCL runs a work-group as a loop over its items).
 <%namespace name="common" file="common.cl.mako"/>\
-% if KIND == "project":
+% if KIND in ("project", "project_split"):
 ${project_kernel()}
 % elif KIND == "scores":
 ${scores_kernel()}
 % elif KIND == "fused":
 ${fused_kernel()}
 % elif KIND == "topk":
-${topk_kernel()}
+${topk_serial_kernel()}
+% elif KIND == "topk_team":
+${topk_team_kernel()}
 % elif KIND == "util":
 ${util_kernels()}
 % endif
 
 <%def name="project_kernel()">
 ${common.vector_helpers("pscl_floatv", "float", VEC)}
-// Tile parameters: declared once, in pysparsecl/ops/drs.py (DRS_PROJECT).
+// Tile parameters: declared once, in pysparsecl/ops/drs.py (DRS_PROJECT, or
+// DRS_PROJECT_SPLIT: one body; the unsplit family renders with DSPLIT = 1).
 #define PSCL_VEC ${VEC}
 #define PSCL_KCHUNK (${VEC} * ${KVEC})
 
@@ -42,7 +45,7 @@ __kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
 // Work-group (row block, k chunk) of DSPLIT items (GPUs): item t sums the products over
 // j = t, t + DSPLIT, ... (coalesced reads of A's rows), then the partial sums meet in a
 // tree in local memory.  A serial loop over all of d left a GPU mostly idle.
-__kernel __attribute__((reqd_work_group_size(${DSPLIT}, 1, 1)))
+__kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
 % endif
 void pscl_drs_project(
     __global const float *restrict a, const long a_off,      // (n_rows, d), row stride lda
@@ -247,14 +250,6 @@ inline uint${VEC} pscl_key${VEC}(const float${VEC} f)
     const uint${VEC} key = bits ^ (as_uint${VEC}(as_int${VEC}(bits) >> 31) | 0x80000000u);
     return select(key, (uint${VEC})(0u), as_uint${VEC}(isnan(f)));
 }
-% endif
-</%def>
-
-<%def name="topk_kernel()">
-% if TEAM > 1:
-${topk_team_kernel()}
-% else:
-${topk_serial_kernel()}
 % endif
 </%def>
 

@@ -26,28 +26,32 @@
 ## compact index list ("idx") directly instead of the slot map.
 ##
 ## These kernels use no local memory and no barriers: PoCL runs a work-group as a loop over
-## its items.  Two GPU-shaped variants, chosen by tile parameters (the spec defaults keep the
-## kernels above), use both:
+## its items.  Two GPU-shaped variants, each a kernel family of its own (the op's routine
+## chooses; pysparsecl/ops/masked.py), use both:
 ##
-##   KIND == "vmm", SPLIT > 1    SPLIT work-items share each selected output: they read its
-##                               weight row in coalesced vectors, x comes from local memory,
-##                               and the partial sums meet in a tree in local memory.
-##   KIND == "gemm", TILE > 0    a work-group owns a TILE_M x TILE output tile (SDDMM-like):
-##                               x and W^T are staged through local memory KC columns at a
-##                               time, and each work-item accumulates a few selected outputs
-##                               of one row in registers.
+##   KIND == "vmm_split"   SPLIT work-items share each selected output: they read its
+##                         weight row in coalesced vectors, x comes from local memory,
+##                         and the partial sums meet in a tree in local memory.
+##   KIND == "gemm_tiled"  a work-group owns a TILE_M x TILE output tile (SDDMM-like):
+##                         x and W^T are staged through local memory KC columns at a
+##                         time, and each work-item accumulates a few selected outputs
+##                         of one row in registers.
 ## (pscl_bool_compact, a util kernel, turns a bool mask into the split VMM's list.)
 <%namespace name="common" file="common.cl.mako"/>\
 ## Only KIND is read at the top: each kind's parameters are read inside its def, so a kind
 ## renders from its own parameters alone.
 % if KIND == "util":
 ${util_kernels()}
+% elif KIND == "gemm_tiled":
+${gemm_tiled_kernel()}
 % else:
 ${prelude()}
 %   if KIND == "vmm":
-${vmm_variant()}
+${vmm_kernel()}
+%   elif KIND == "vmm_split":
+${vmm_split_kernel()}
 %   elif KIND == "gemm":
-${gemm_variant()}
+${gemm_kernel()}
 %   elif KIND == "dx":
 ${dx_kernel()}
 %   elif KIND == "dw":
@@ -382,15 +386,6 @@ void pscl_masked_vmm(
 }
 </%def>
 
-## The VMM and GEMM variants, chosen by a tile parameter (read here, not at the top).
-<%def name="vmm_variant()">
-${vmm_kernel() if SPLIT == 1 else vmm_split_kernel()}
-</%def>
-
-<%def name="gemm_variant()">
-${gemm_kernel() if TILE == 0 else gemm_tiled_kernel()}
-</%def>
-
 <%def name="vmm_split_kernel()">
 <%
     items = SPLIT * TEAMS       # work-items per work-group
@@ -618,8 +613,8 @@ void pscl_masked_gemm(
     picked = "!= 0" if MASK == "bool" else ">= 0"
     chunks = TN // 16           # 16-entry pieces of a tile row (one 16-bit word each)
     # One local buffer, used in turn for the selection bits and the scan (side by side),
-    # a round's units and the staged chunks.
-    lds_f4 = max((TM + TN) * g4, -(-(4 * IT + 2 * TM * chunks) // 16), -(-cap * (2 + P) // 16))
+    # a round's units and the staged chunks: LDS_F4 float4s (masked.gemm_local_bytes).
+    lds_f4 = LDS_F4
 %>\
 // Tiled masked product (GPU-shaped, SDDMM-like).  A work-group owns the TILE_M x TILE
 // output tile (i0.., j0..) and, with SPLITK > 1, one slice of K.  Work-item r < TILE_M

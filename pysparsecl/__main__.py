@@ -34,6 +34,7 @@ def _tune(args) -> int:
     import math
 
     from . import runtime
+    from .params import ROUTINES
     from .tuning import problems, tuner, user_database_path
     try:
         shapes = problems.read_shapes_file(args.shapes) if args.shapes else {}
@@ -58,7 +59,10 @@ def _tune(args) -> int:
         print(f"error: --try: {exc}", file=sys.stderr)
         return 2
     queue = runtime.queue_for(args.device)
-    families = args.op or (sorted(shapes) if shapes else sorted(tuner.TUNABLES))
+    # Kernel families before the routines that choose between them, which are tuned with
+    # the families' new entries.
+    families = args.op or sorted(shapes if shapes else tuner.TUNABLES,
+                                 key=lambda family: (family in ROUTINES, family))
     for family in families:
         try:
             result = tuner.tune_family(family, queue, budget_s=args.budget_s,

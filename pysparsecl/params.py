@@ -15,10 +15,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 __all__ = ["TileParam", "Constraint", "ParamSpec", "InvalidParamsError", "SPECS",
-           "device_limits"]
+           "Choice", "Routine", "ROUTINES", "routine_of", "device_limits"]
 
 #: Every kernel family's spec, by family name (filled as the op modules are imported).
+#: A routine's settings are a spec too (see :class:`Routine`), looked up and tuned alike.
 SPECS: Dict[str, "ParamSpec"] = {}
+
+#: Every op's routine, by its settings' family name (``<op>_routine``).
+ROUTINES: Dict[str, "Routine"] = {}
 
 #: Spaces up to this many combinations are enumerated; larger ones are sampled.
 ENUMERATE_LIMIT = 50_000
@@ -174,6 +178,71 @@ class ParamSpec:
         for p in self.params:
             size *= len(p.candidates)
         return size
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One decision of a routine: which of ``variants`` (kernel families, each with its own
+    ParamSpec) runs.  The routine setting ``name`` holds the chosen variant's index."""
+
+    name: str
+    variants: Tuple[ParamSpec, ...]
+    doc: str
+
+
+class Routine:
+    """Which kernels an op runs: decided by a rule, not by tile parameters (CLBlast's
+    ``UseDirectKernel``).
+
+    The rule reads the routine's *settings*: one index per :class:`Choice` and the shape
+    thresholds in ``thresholds`` (e.g. the rows up to which a one-launch kernel is used).
+    The settings form a ParamSpec of their own, family ``<op>_routine``, so that they are
+    looked up like tile parameters -- device, then vendor/type, then the ``cpu``/``gpu``
+    entries every family has -- overridden with :func:`pysparsecl.tuning.override`, and
+    tuned.  Index 0 of a choice is its spec default: the CPU-shaped kernel.
+    """
+
+    def __init__(self, op: str, choices: Tuple[Choice, ...],
+                 thresholds: Tuple[TileParam, ...] = (),
+                 by_threshold: Optional[Mapping[str, Dict[str, int]]] = None):
+        self.op = op
+        self.choices = {c.name: c for c in choices}
+        #: Variants that a threshold enables, with the settings that force them on.
+        self.by_threshold = dict(by_threshold or {})
+        self.spec = ParamSpec(
+            family=f"{op}_routine",
+            params=tuple(TileParam(c.name, 0, tuple(range(len(c.variants))),
+                                   c.doc + ": " + ", ".join(
+                                       f"{i} = {v.family}" for i, v in enumerate(c.variants)))
+                         for c in choices) + tuple(thresholds))
+        ROUTINES[self.spec.family] = self
+
+    def variant(self, settings: Mapping[str, int], choice: str) -> ParamSpec:
+        """The kernel family that ``settings`` choose for ``choice``."""
+        return self.choices[choice].variants[settings[choice]]
+
+    def selecting(self, family: str) -> Dict[str, int]:
+        """Settings that make the op run ``family`` (the tuner times a variant this way)."""
+        if family in self.by_threshold:
+            return dict(self.by_threshold[family])
+        for choice in self.choices.values():
+            for i, variant in enumerate(choice.variants):
+                if variant.family == family:
+                    return {choice.name: i}
+        raise KeyError(f"{family!r} is not a variant of the {self.op} routine")
+
+    @property
+    def families(self) -> Tuple[str, ...]:
+        return (tuple(v.family for c in self.choices.values() for v in c.variants)
+                + tuple(self.by_threshold))
+
+
+def routine_of(family: str) -> Optional[Routine]:
+    """The routine that chooses between ``family`` and its sibling variants, if any."""
+    for routine in ROUTINES.values():
+        if family in routine.families:
+            return routine
+    return None
 
 
 def device_limits(device) -> Dict[str, int]:

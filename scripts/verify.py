@@ -147,14 +147,11 @@ def _workloads():
 
     def compact_first(run):
         """``run`` with the split VMM's bool list made by pscl_bool_compact, not in-kernel."""
-        from pysparsecl.ops import masked
+        from pysparsecl import tuning
 
         def patched(rng):
-            limit, masked.LIST_IN_KERNEL_MAX_N = masked.LIST_IN_KERNEL_MAX_N, 0
-            try:
+            with tuning.override("masked_vmm_routine", LIST_IN_KERNEL_MAX_N=0):
                 run(rng)
-            finally:
-                masked.LIST_IN_KERNEL_MAX_N = limit
         return patched
 
     def backward(m, k, n, form, empty=0):
@@ -264,21 +261,27 @@ def _workloads():
         ("conv 1x6x3x3 K7 1x1 residual", conv(1, 6, 3, 3, 7, 1, 1, 0, 1, 1, 0, False,
                                               residual=True)),
     ]
+    vmm = [("vmm 1x37x29 bool", matmul(1, 37, 29, "bool")),
+           ("vmm 1-D 37x29 idx", matmul(1, 37, 29, "idx", vector=True)),
+           ("vmm 1x5x3 bool", matmul(1, 5, 3, "bool"))]
+    gemm = [("gemm 5x37x29 bool, 2 empty rows", matmul(5, 37, 29, "bool", 2)),
+            ("gemm 7x19x48 idx", matmul(7, 19, 48, "idx"))]
+    project = [("drs 9x40x30 k7 (projected)", search(9, 40, 30, 7, 0.7, False))]
+    topk = [("drs 3x33x50 k6", search(3, 33, 50, 6, 0.8, False)),
+            ("drs 9x20x300 k5 compact", search(9, 20, 300, 5, 0.95, True))]
     return {
         "conv2d_csr": conv_loads,
-        "masked_vmm": [("vmm 1x37x29 bool", matmul(1, 37, 29, "bool")),
-                       ("vmm 1-D 37x29 idx", matmul(1, 37, 29, "idx", vector=True)),
-                       ("vmm 1x5x3 bool", matmul(1, 5, 3, "bool")),
-                       # the split VMM's in-kernel scan of a bool row in several steps
-                       ("vmm 1x9x600 bool", matmul(1, 9, 600, "bool")),
-                       ("vmm 1x37x29 bool, compacted first", compact_first(matmul(1, 37, 29,
-                                                                                  "bool")))],
-        "masked_gemm": [("gemm 5x37x29 bool, 2 empty rows", matmul(5, 37, 29, "bool", 2)),
-                        ("gemm 7x19x48 idx", matmul(7, 19, 48, "idx")),
-                        # N % 16 == 0: the tiled kernel reads the selection 16 at a time
-                        ("gemm 9x21x64 bool", matmul(9, 21, 64, "bool")),
-                        # dense enough for the tiled kernel's dense tiles (DENSE > 0)
-                        ("gemm 45x37x70 all selected", matmul(45, 37, 70, "bool", full=True))],
+        "masked_vmm": vmm,
+        "masked_vmm_split": vmm + [
+            # the in-kernel scan of a bool row in several steps, and the compaction kernel
+            ("vmm 1x9x600 bool", matmul(1, 9, 600, "bool")),
+            ("vmm 1x37x29 bool, compacted first", compact_first(matmul(1, 37, 29, "bool")))],
+        "masked_gemm": gemm,
+        "masked_gemm_tiled": gemm + [
+            # N % 16 == 0: the selection is read 16 at a time
+            ("gemm 9x21x64 bool", matmul(9, 21, 64, "bool")),
+            # dense enough for the dense tiles (DENSE > 0)
+            ("gemm 45x37x70 all selected", matmul(45, 37, 70, "bool", full=True))],
         "masked_dx": [("backward 5x37x29 bool, 1 empty row", backward(5, 37, 29, "bool", 1)),
                       ("backward 3x17x40 idx", backward(3, 17, 40, "idx")),
                       ("backward 1x9x7 bool", backward(1, 9, 7, "bool"))],
@@ -294,14 +297,15 @@ def _workloads():
                                   masked_conv(2, 3, 5, 6, 5, 3, 1, 1, 1, True)),
                                  ("channel-masked conv 2x2x6x7 K19 3x3 s2 d2 p2",
                                   masked_conv(2, 2, 6, 7, 19, 3, 2, 2, 2, True))],
-        "drs_project": [("drs 9x40x30 k7 (projected)", search(9, 40, 30, 7, 0.7, False))],
+        # (the convolution windows' projection runs under drs_project's parameters too)
+        "drs_project": project + [("drs_mask_conv2d 1x2x4x5 K6", search_conv)],
+        "drs_project_split": project,
         "drs_scores": [("drs 9x40x30 k7 compact", search(9, 40, 30, 7, 0.7, True)),
                        ("drs 6x20x70 k5", search(6, 20, 70, 5, 0.9, False))],
         "drs_fused": [("drs 1x40x30 k7", search(1, 40, 30, 7, 0.5, False)),
                       ("drs 2x20x70 k5 compact", search(2, 20, 70, 5, 0.9, True))],
-        "drs_topk": [("drs 3x33x50 k6", search(3, 33, 50, 6, 0.8, False)),
-                     ("drs 9x20x300 k5 compact", search(9, 20, 300, 5, 0.95, True)),
-                     ("drs_mask_conv2d 1x2x4x5 K6", search_conv)],
+        "drs_topk": topk + [("drs_mask_conv2d 1x2x4x5 K6", search_conv)],
+        "drs_topk_team": topk + [("drs_mask_conv2d 1x2x4x5 K6", search_conv)],
         "elementwise": [("add/mul/axpby/add_relu, broadcast, mask, int32, strided",
                          elementwise)],
     }
@@ -616,9 +620,11 @@ def main(argv=None) -> int:
 
     sys.path.insert(0, REPO)
     import pysparsecl  # noqa: F401
-    from pysparsecl.params import SPECS
+    from pysparsecl.params import ROUTINES, SPECS
 
-    families = args.family or [f for f in SPECS if f != "masked_dw"]  # dw rides with dx
+    # masked_dw rides with masked_dx; a routine's settings only choose kernels, each of
+    # which is verified under its own family.
+    families = args.family or [f for f in SPECS if f != "masked_dw" and f not in ROUTINES]
     icd_dir = tempfile.mkdtemp(prefix="pscl-oclgrind-")
     Path(icd_dir, "oclgrind.icd").write_text(find_icd_library() + "\n")
     t0 = time.time()

@@ -12,8 +12,10 @@ from pysparsecl import runtime
 from pysparsecl.ops.drs import (
     DRS_FUSED,
     DRS_PROJECT,
+    DRS_PROJECT_SPLIT,
     DRS_SCORES,
     DRS_TOPK,
+    DRS_TOPK_TEAM,
     JL_CONSTANT,
     default_k,
     keep_count,
@@ -88,7 +90,7 @@ def test_split_d_projection(queue, rng, split, rows_per_tile, vec, kvec):
     """The GPU-shaped projection (DSPLIT items per output tile, reduced in local memory):
     rows and weights, d shorter and longer than DSPLIT, row counts that leave a partial
     row block."""
-    with override("drs_project", DSPLIT=split, ROWS=rows_per_tile, VEC=vec, KVEC=kvec):
+    with override("drs_project_split", DSPLIT=split, ROWS=rows_per_tile, VEC=vec, KVEC=kvec):
         for d, rows, k in ((17, 3, 5), (300, 7, 21), (1030, 1, 40)):
             proj = ps.SparseRandomProjection(d, k=k, seed=int(rng.integers(1 << 30)),
                                              queue=queue)
@@ -232,7 +234,7 @@ def test_row_and_weight_projections_use_their_own_shape_classes(queue, rng, monk
     proj = ps.SparseRandomProjection(d, k=22, seed=int(rng.integers(1 << 30)), queue=queue)
     pw = proj.project_weight(w)
     assert seen == ["weight"]
-    with override("drs_fused", MAX_ROWS=0):      # the rows' own projection, on any device
+    with override("drs_mask_routine", FUSED_MAX_ROWS=0):   # the rows' own projection
         _check_search(ps.drs_mask(x, None, 0.8, projection=pw), x, w, proj, 0.8)
     assert seen == ["weight", "rows-m32-d64"]
 
@@ -291,8 +293,8 @@ def test_team_topk_selects_exactly_what_the_serial_kernel_does(queue, rng, team)
     reference, on scores full of ties (duplicated weight columns, small integers), for
     every output form: a bool mask, compact lists and the convolution layout; rows shorter
     and longer than TEAM."""
-    # The serial kernel with this device's parameters; the team kernel reads none of them.
-    TEAMS = {1: dict(TEAM=1), team: dict(DRS_TOPK.defaults(), TEAM=team)}
+    # The serial kernel with this device's parameters, and the team kernel.
+    TEAMS = {1: ("drs_topk", {}), team: ("drs_topk_team", dict(TEAM=team))}
     for n, n_rows in ((7, 3), (150, 5), (1000, 4)):
         d = 6
         proj = ps.SparseRandomProjection(d, exact=True, queue=queue)
@@ -302,7 +304,7 @@ def test_team_topk_selects_exactly_what_the_serial_kernel_does(queue, rng, team)
         for sparsity in (0.0, 0.5, 0.9, 0.99):
             got = {}
             for t in (1, team):
-                with override("drs_topk", **TEAMS[t]):
+                with override(TEAMS[t][0], **TEAMS[t][1]):
                     got[t] = (ps.drs_mask(x, w, sparsity, projection=proj),
                               ps.drs_mask(x, w, sparsity, projection=proj, compact=True))
             for serial, teamed in zip(got[1], got[team]):
@@ -317,12 +319,13 @@ def test_team_topk_selects_exactly_what_the_serial_kernel_does(queue, rng, team)
     w4 = np.round(w4 * 2)                                       # ties across channels
     masks = []
     for t in (1, team):
-        with override("drs_topk", **TEAMS[t]):
+        with override(TEAMS[t][0], **TEAMS[t][1]):
             masks.append(ps.drs_mask_conv2d(x, w4, 0.7, padding=1, k=8, seed=3))
     np.testing.assert_array_equal(masks[1], masks[0])
 
 
-CONFIGS = [(spec.family, p) for spec in (DRS_PROJECT, DRS_SCORES, DRS_FUSED, DRS_TOPK)
+CONFIGS = [(spec.family, p) for spec in (DRS_PROJECT, DRS_PROJECT_SPLIT, DRS_SCORES, DRS_FUSED,
+                                         DRS_TOPK, DRS_TOPK_TEAM)
            for p in spec.sample(3, seed=99, max_work_group_size=SAMPLE_WG_LIMIT)]
 
 

@@ -11,14 +11,17 @@ from conftest import SAMPLE_WG_LIMIT
 
 import pysparsecl as ps
 from pysparsecl import runtime
-from pysparsecl.ops import masked as masked_ops
 from pysparsecl.ops.masked import (
     LOCAL_MEM_BYTES,
     MASKED_BN,
     MASKED_DW,
     MASKED_DX,
     MASKED_GEMM,
+    MASKED_GEMM_ROUTINE,
+    MASKED_GEMM_TILED,
     MASKED_VMM,
+    MASKED_VMM_ROUTINE,
+    MASKED_VMM_SPLIT,
     gemm_local_bytes,
     template_args,
     vmm_local_bytes,
@@ -120,7 +123,7 @@ def _ids(p):
 @pytest.mark.parametrize("params", MASKED_VMM.sample(
     6, seed=4321, max_work_group_size=SAMPLE_WG_LIMIT), ids=_ids)
 def test_every_vmm_configuration_is_correct(queue, rng, params):
-    with override("masked_vmm", **params):
+    with override("masked_vmm", **params):       # also chooses this kernel on any device
         for case in (MaskCase(1, 83, 300, keep=0.35), MaskCase(1, 40, 77, form="idx")):
             x, w, mask = case.make(rng)
             y = ps.masked_matmul(x, w, mask, queue=queue)
@@ -139,7 +142,7 @@ def test_every_gemm_configuration_is_correct(queue, rng, params):
 
 
 # ---------------------------------------------------------------------------------------------
-# The GPU-shaped variants (split VMM, tiled GEMM), forced by tile overrides
+# The GPU-shaped variants (split VMM, tiled GEMM), chosen by overriding their parameters
 
 def _check(y, x, w, mask):
     ref = masked_matmul_reference(x, w, mask)
@@ -171,12 +174,11 @@ SPLIT_CASES = [MaskCase(1, 1300, 97, keep=0.1),                      # x staged 
 
 @pytest.mark.parametrize("list_in_kernel", [True, False], ids=["list-in-kernel", "compact-first"])
 @pytest.mark.parametrize("params", SPLIT_VMM, ids=_ids)
-def test_split_vmm_variants(queue, rng, params, list_in_kernel, monkeypatch):
+def test_split_vmm_variants(queue, rng, params, list_in_kernel):
     """Both ways of listing a bool mask's columns: in the product's kernel, and by
-    pscl_bool_compact first (forced by a column limit of 0)."""
-    if not list_in_kernel:
-        monkeypatch.setattr(masked_ops, "LIST_IN_KERNEL_MAX_N", 0)
-    with override("masked_vmm", **params):
+    pscl_bool_compact first (forced by a column limit of 0, a routine setting)."""
+    with override("masked_vmm_routine", LIST_IN_KERNEL_MAX_N=32768 if list_in_kernel else 0), \
+            override("masked_vmm_split", **params):
         for case in SPLIT_CASES:
             x, w, mask = case.make(rng)
             _check(_poisoned_call(queue, x, w, mask), x, w, mask)
@@ -211,7 +213,7 @@ TILED_CASES = [MaskCase(2, 45, 33),                                  # one parti
 
 @pytest.mark.parametrize("params", TILED_GEMM, ids=_ids)
 def test_tiled_gemm_variants(queue, rng, params):
-    with override("masked_gemm", **params):
+    with override("masked_gemm_tiled", **params):
         for case in TILED_CASES:
             x, w, mask = case.make(rng)
             _check(_poisoned_call(queue, x, w, mask), x, w, mask)
@@ -233,7 +235,7 @@ def test_dense_and_sparse_tiles_in_one_launch(queue, rng, form, params):
     else:
         mask = np.zeros((m, n), bool)
         np.put_along_axis(mask, idx, True, axis=1)
-    with override("masked_gemm", **params):
+    with override("masked_gemm_tiled", **params):
         _check(_poisoned_call(queue, x, w, mask), x, w, mask)
 
 
@@ -243,9 +245,9 @@ def test_gpu_variants_on_device_arrays_with_offsets(queue, rng, form, n):
     """Offset device arrays (x unaligned for float4 loads; a mask one row in, which keeps
     16-entry loads aligned when N = 64), an output poisoned with NaN that must be fully
     overwritten, and repeated calls (split-K included) that agree exactly."""
-    for m, family, params in ((1, "masked_vmm", SPLIT_VMM[1]),
-                              (29, "masked_gemm", TILED_GEMM[1]),
-                              (29, "masked_gemm", TILED_GEMM[5])):
+    for m, family, params in ((1, "masked_vmm_split", SPLIT_VMM[1]),
+                              (29, "masked_gemm_tiled", TILED_GEMM[1]),
+                              (29, "masked_gemm_tiled", TILED_GEMM[5])):
         x, w, mask = MaskCase(m, 68, n, keep=0.4, form=form).make(rng)
         padded = np.concatenate([np.zeros(1, np.float32), x.ravel()])
         x_dev = cl_array.to_device(queue, padded)[1:].reshape(x.shape)   # offset: 1 float
@@ -260,31 +262,30 @@ def test_gpu_variants_on_device_arrays_with_offsets(queue, rng, form, n):
         np.testing.assert_array_equal(again, first)
 
 
-def test_gpu_variant_parameters_are_declared_once():
-    """Each GPU-shaped configuration leaves the parameters only the CPU kernel reads at
-    their defaults (no duplicate configurations), fits 32 KiB of local memory and renders;
-    the spec defaults stay the CPU kernels."""
-    for spec, switch, idle, local_bytes in (
-            (MASKED_VMM, "SPLIT", ("CHUNK", "WG"), vmm_local_bytes),
-            (MASKED_GEMM, "TILE", ("VEC", "BLOCK_KIB"), gemm_local_bytes)):
-        defaults = spec.defaults()
-        assert defaults[switch] in (0, 1)
-        gpu = [c for c in spec.candidates() if c[switch] > 1]
-        assert gpu
-        assert all(c[n] == defaults[n] for c in gpu for n in idle)
-        assert all(local_bytes(c) <= LOCAL_MEM_BYTES for c in gpu)
-    with pytest.raises(InvalidParamsError, match="unused_at_default"):
-        MASKED_GEMM.check(dict(TILE=64, WG=256, BLOCK_KIB=512))
+def test_gpu_variants_fit_local_memory_and_render():
+    """Every configuration of the GPU-shaped kernels fits 32 KiB of local memory, and the
+    tiled GEMM renders its split-K sum exactly when it splits K; the op's routine, not a
+    tile parameter, chooses these kernels (index 0, the spec default, is the CPU kernel)."""
+    for spec, local_bytes in ((MASKED_VMM_SPLIT, vmm_local_bytes),
+                              (MASKED_GEMM_TILED, gemm_local_bytes)):
+        assert all(local_bytes(c) <= LOCAL_MEM_BYTES for c in spec.candidates())
+    for routine, cpu, gpu in ((MASKED_VMM_ROUTINE, MASKED_VMM, MASKED_VMM_SPLIT),
+                              (MASKED_GEMM_ROUTINE, MASKED_GEMM, MASKED_GEMM_TILED)):
+        defaults = routine.spec.defaults()
+        assert routine.variant(defaults, "KERNEL") is cpu
+        assert routine.variant(routine.selecting(gpu.family), "KERNEL") is gpu
     with pytest.raises(InvalidParamsError, match="local_memory"):
-        MASKED_GEMM.check(dict(TILE=128, TILE_M=128, KC=64, WG=512))
+        MASKED_GEMM_TILED.check(dict(TILE=128, TILE_M=128, KC=64, WG=512))
     for form in ("bool", "slot"):
         for split in (1, 2):
-            params = MASKED_GEMM.check(dict(TILE=64, WG=256, SPLITK=split))
+            params = MASKED_GEMM_TILED.check(dict(TILE=64, WG=256, SPLITK=split))
             source = runtime.render("masked_gemm.cl.mako",
-                                    **template_args("gemm", dict(params, ALIGNED=1,
-                                                                 MASK_ALIGNED=1), form))
-            assert "pscl_masked_gemm_tiled" in source
+                                    **template_args("gemm_tiled", dict(params, ALIGNED=1,
+                                                                       MASK_ALIGNED=1), form))
+            assert "pscl_masked_gemm_tiled" in source and "pscl_masked_vmm" not in source
             assert ("pscl_gemm_splitk_sum" in source) == (split > 1)
+            assert f"__local float4 lds[{gemm_local_bytes(params) // 16}]" in source
+
 
 @pytest.mark.parametrize("form", ["bool", "idx"])
 @pytest.mark.parametrize("m", [1, 19])
@@ -367,10 +368,13 @@ def test_zero_sizes(queue, rng):
 
 def test_defaults_render_and_build(queue):
     for kind, spec, forms in (("vmm", MASKED_VMM, ("bool", "idx")),
-                              ("gemm", MASKED_GEMM, ("bool", "slot"))):
+                              ("vmm_split", MASKED_VMM_SPLIT, ("bool", "idx")),
+                              ("gemm", MASKED_GEMM, ("bool", "slot")),
+                              ("gemm_tiled", MASKED_GEMM_TILED, ("bool", "slot"))):
         for form in forms:
             source = runtime.render("masked_gemm.cl.mako",
-                                    **template_args(kind, spec.defaults(), form))
+                                    **template_args(kind, dict(spec.defaults(), ALIGNED=0),
+                                                    form))
             assert f"pscl_masked_{kind}" in source
             runtime.build_program(queue.context, source)
     runtime.build_program(queue.context,

@@ -131,6 +131,9 @@ def test_drs_mask_conv2d_random_projection(queue, rng):
                                                    queue=queue))
     again = ps.drs_mask_conv2d(cl_array.to_device(queue, x), w, 0.75, projection=pw, **kw)
     np.testing.assert_array_equal(again.get(), mask)
+    # The projected filters alone, with the kernel size, as the docstring promises.
+    np.testing.assert_array_equal(
+        ps.drs_mask_conv2d(x, None, 0.75, projection=pw, kernel_size=3, **kw), mask)
     # And the mask drives conv2d_masked.
     y = ps.conv2d_masked(x, w, mask, queue=queue, **kw)
     assert relative_error(y, _ref(x, w, mask, kw)) < TOL
@@ -142,6 +145,13 @@ def _cx():
 
 def _cw(k=4, c=3, r=3):
     return np.ones((k, c, r, r), np.float32)
+
+
+def _projected(queue):
+    """f(w) of a (4, 3, 3, 3) filter bank."""
+    proj = ps.SparseRandomProjection(27, seed=0, queue=queue)
+    return proj.project_weight(ps.MaskedLinearWeight(_cw().reshape(4, 27), transposed=True,
+                                                     queue=queue))
 
 
 CONV_BAD = [
@@ -167,6 +177,20 @@ CONV_BAD = [
     ("drs projection d", lambda q: ps.drs_mask_conv2d(
         _cx(), _cw(), 0.5, projection=ps.SparseRandomProjection(26, seed=0), queue=q),
      ValueError, "d = C * R * S = 27"),
+    ("drs eps disagrees", lambda q: ps.drs_mask_conv2d(
+        _cx(), _cw(), 0.5, eps=0.3, projection=ps.SparseRandomProjection(27, seed=0), queue=q),
+     ValueError, "eps=0.3 disagrees with the projection's eps=0.5"),
+    ("drs eps range", lambda q: ps.drs_mask_conv2d(_cx(), _cw(), 0.5, eps=1.5, queue=q),
+     ValueError, "eps must be a number in (0, 1)"),
+    ("drs w None, no kernel_size", lambda q: ps.drs_mask_conv2d(
+        _cx(), None, 0.5, projection=_projected(q), queue=q), TypeError,
+     "kernel_size is required when w is None"),
+    ("drs kernel_size disagrees", lambda q: ps.drs_mask_conv2d(
+        _cx(), _cw(), 0.5, kernel_size=(3, 1), queue=q), ValueError,
+     "kernel_size=(3, 1) disagrees with w's (3, 3)"),
+    ("drs kernel_size vs projected", lambda q: ps.drs_mask_conv2d(
+        _cx(), None, 0.5, projection=_projected(q), kernel_size=1, queue=q), ValueError,
+     "w.reshape(K, -1).T is (3, 4)"),
     ("drs out shape", lambda q: ps.drs_mask_conv2d(_cx(), _cw(), 0.5, out=np.zeros(
         (1, 4, 5, 5), bool), queue=q), ValueError, "out must have shape (1, 4, 4, 4)"),
 ]

@@ -99,23 +99,22 @@ def test_override_that_clashes_with_the_database_entry(queue, monkeypatch):
     """A partial override completes with the database entry; where the two together break
     a constraint, with the spec defaults instead (warned); an override invalid on its own
     still raises."""
-    from pysparsecl.ops.masked import MASKED_GEMM
+    from pysparsecl.ops.masked import MASKED_GEMM_TILED as TILED
     kind = runtime.device_kind(queue.device)
-    entry = MASKED_GEMM.check(dict(TILE=128, TILE_M=64, WG=256, DENSE=35, UNITS=1))
-    monkeypatch.setattr(tuning, "_shipped", {"masked_gemm": {kind: {"params": entry}}})
+    entry = TILED.check(dict(TILE=128, TILE_M=64, WG=256, DENSE=35, UNITS=4))
+    monkeypatch.setattr(tuning, "_shipped", {"masked_gemm_tiled": {kind: {"params": entry}}})
     monkeypatch.setattr(tuning, "_memo", {})
     monkeypatch.setattr(tuning, "read_user_database", lambda device: {})
-    assert tuning.lookup(MASKED_GEMM, queue.device) == entry
-    with tuning.override("masked_gemm", UNITS=2):              # fits the entry: completed
-        assert tuning.lookup(MASKED_GEMM, queue.device) == dict(entry, UNITS=2)
-    tile = dict(TILE=128, TILE_M=128, WG=256)                  # too many dense sums
-    with tuning.override("masked_gemm", **tile):
-        with pytest.warns(RuntimeWarning, match="dense_sums_fit_registers"):
-            got = tuning.lookup(MASKED_GEMM, queue.device)
-    assert got == MASKED_GEMM.check(tile) and got["DENSE"] == 0 and got["UNITS"] == 2
-    with tuning.override("masked_gemm", TILE=128, TILE_M=128, WG=128, DENSE=25):
+    assert tuning.lookup(TILED, queue.device) == entry
+    with tuning.override("masked_gemm_tiled", UNITS=2):        # fits the entry: completed
+        assert tuning.lookup(TILED, queue.device) == dict(entry, UNITS=2)
+    with tuning.override("masked_gemm_tiled", GROUP=8):        # 4 units x 8: too many sums
+        with pytest.warns(RuntimeWarning, match="accumulators_fit_registers"):
+            got = tuning.lookup(TILED, queue.device)
+    assert got == TILED.check(dict(GROUP=8)) and got["UNITS"] == 1 and got["TILE"] == 64
+    with tuning.override("masked_gemm_tiled", TILE=128, TILE_M=128, WG=128, DENSE=25):
         with pytest.raises(InvalidParamsError, match="staging_fits_registers"):
-            tuning.lookup(MASKED_GEMM, queue.device)
+            tuning.lookup(TILED, queue.device)
 
 
 def test_corrupt_database_entry_is_ignored(queue, monkeypatch, tmp_path):
@@ -143,13 +142,13 @@ def test_shipped_database_entries_are_valid():
 
 
 def test_device_local_memory_limit_drops_configurations():
-    from pysparsecl.ops.masked import MASKED_GEMM, gemm_local_bytes
+    from pysparsecl.ops.masked import MASKED_GEMM, MASKED_GEMM_TILED, gemm_local_bytes
     tiled = dict(TILE=128, TILE_M=128, KC=32, GROUP=4, UNITS=1, WG=512, SPLITK=4)
-    need = gemm_local_bytes(MASKED_GEMM.check(tiled))
-    assert MASKED_GEMM.check(tiled, max_local_memory=need)["TILE"] == 128
+    need = gemm_local_bytes(MASKED_GEMM_TILED.check(tiled))
+    assert MASKED_GEMM_TILED.check(tiled, max_local_memory=need)["TILE"] == 128
     with pytest.raises(InvalidParamsError, match="local_memory<="):
-        MASKED_GEMM.check(tiled, max_local_memory=need - 1)
-    assert MASKED_GEMM.check({}, max_local_memory=0)["TILE"] == 0   # the CPU kernel: none
+        MASKED_GEMM_TILED.check(tiled, max_local_memory=need - 1)
+    MASKED_GEMM.check({}, max_local_memory=0)      # the CPU kernel uses none
 
 
 def test_kernel_declares_scalar_kinds_on_first_call_and_holds_to_them(queue):

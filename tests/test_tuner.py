@@ -11,7 +11,7 @@ from pysparsecl import tuning
 from pysparsecl.__main__ import main
 from pysparsecl.ops.conv2d import CONV2D_CSR
 from pysparsecl.ops.elementwise import ELEMENTWISE
-from pysparsecl.params import SPECS, ParamSpec
+from pysparsecl.params import ROUTINES, SPECS, ParamSpec, Routine
 from pysparsecl.tuning import problems, tuner
 
 
@@ -66,12 +66,15 @@ def test_unknown_family_and_missing_driver(queue, monkeypatch):
         tuner.tune_family("masked_bn", queue)
 
 
-def test_every_kernel_family_has_a_tuner_driver():
+def test_every_kernel_family_and_routine_has_a_tuner_driver():
     from pysparsecl.ops import conv2d, drs, elementwise, masked
     families = {v.family for m in (conv2d, drs, elementwise, masked) for v in vars(m).values()
                 if isinstance(v, ParamSpec)}
-    assert len(families) == 13 and families == set(tuner.TUNABLES)
-    assert families <= set(SPECS)
+    routines = {v.spec.family for m in (drs, masked) for v in vars(m).values()
+                if isinstance(v, Routine)}
+    assert len(families) == 17 and len(routines) == 3
+    assert families | routines == set(tuner.TUNABLES)
+    assert families | routines <= set(SPECS) and routines == set(ROUTINES)
 
 
 @pytest.mark.parametrize("family", sorted(tuner.TUNABLES))

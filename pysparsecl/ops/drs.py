@@ -20,13 +20,14 @@ import pyopencl.array as cl_array
 import scipy.sparse as sp
 
 from .. import runtime, tuning
-from ..params import Constraint, ParamSpec, TileParam
+from ..params import Choice, Constraint, ParamSpec, Routine, TileParam
 from ._common import (
     INT32_MAX,
     check_alloc,
     check_out,
     deliver,
     elem_offset,
+    int_pair,
     is_device_array,
     new_output,
     require_array,
@@ -39,13 +40,13 @@ from .masked import (
     MaskedLinearWeight,
     _conv_geometry,
     _pack_conv_input,
-    _unused_at_default,
     _weight_rows,
     _weight_shape,
 )
 
-__all__ = ["DRS_PROJECT", "DRS_SCORES", "DRS_FUSED", "DRS_TOPK", "JL_CONSTANT",
-           "project_shape_class",
+__all__ = ["DRS_PROJECT", "DRS_PROJECT_SPLIT", "DRS_SCORES", "DRS_FUSED", "DRS_TOPK",
+           "DRS_TOPK_TEAM", "DRS_ROUTINE", "JL_CONSTANT",
+           "PROJECT_WEIGHT", "PROJECT_WINDOWS", "project_shape_class",
            "SparseRandomProjection", "ProjectedWeight", "drs_mask", "drs_mask_conv2d",
            "default_k", "keep_count", "template_args"]
 
@@ -54,6 +55,8 @@ JL_CONSTANT = 2.0
 
 #: Shape class of DRS_PROJECT for the weight's projection (see project_shape_class).
 PROJECT_WEIGHT = "weight"
+#: Shape class of DRS_PROJECT for the convolution windows' projection (drs_mask_conv2d).
+PROJECT_WINDOWS = "windows"
 
 
 def project_shape_class(n_rows: Optional[int], d: int) -> str:
@@ -70,9 +73,16 @@ PAD = 64
 
 
 def project_local_bytes(p) -> int:
-    """Local memory of the rows' projection: DSPLIT partial (ROWS, VEC * KVEC) tiles."""
-    return 0 if p["DSPLIT"] == 1 else 4 * p["DSPLIT"] * p["ROWS"] * p["VEC"] * p["KVEC"]
+    """Local memory of the split rows' projection: DSPLIT partial (ROWS, VEC * KVEC) tiles."""
+    return 4 * p["DSPLIT"] * p["ROWS"] * p["VEC"] * p["KVEC"]
 
+
+_PROJECT_TILE = (
+    Constraint("tile_within_padding", lambda p: p["VEC"] * p["KVEC"] <= PAD,
+               "a work-item's k chunk must divide the padded k"),
+    Constraint("accumulators_fit_registers", lambda p: p["ROWS"] * p["KVEC"] <= 16,
+               "ROWS * KVEC vector accumulators must fit the register file"),
+)
 
 DRS_PROJECT = ParamSpec(
     family="drs_project",
@@ -80,24 +90,29 @@ DRS_PROJECT = ParamSpec(
         TileParam("VEC", 16, (4, 8, 16), "projected dimensions per vector (one FMA each)"),
         TileParam("ROWS", 8, (1, 2, 4, 8), "input rows per work-item, sharing each load of R"),
         TileParam("KVEC", 1, (1, 2, 4), "vectors of projected dimensions per work-item"),
-        TileParam("WG", 1, (1, 2, 4, 8, 16, 32, 64),
-                  "work-items per work-group (DSPLIT = 1, and the convolution windows' "
-                  "projection)"),
-        TileParam("DSPLIT", 1, (1, 32, 64, 128, 256),
-                  "work-items sharing one output tile of the rows' projection, each summing "
-                  "a d / DSPLIT share, reduced in local memory (GPUs); 1: one item per tile"),
+        TileParam("WG", 1, (1, 2, 4, 8, 16, 32, 64), "work-items per work-group"),
     ),
-    constraints=(
-        Constraint("tile_within_padding", lambda p: p["VEC"] * p["KVEC"] <= PAD,
-                   "a work-item's k chunk must divide the padded k"),
-        Constraint("accumulators_fit_registers", lambda p: p["ROWS"] * p["KVEC"] <= 16,
-                   "ROWS * KVEC vector accumulators must fit the register file"),
+    constraints=_PROJECT_TILE,
+    work_group_size=lambda p: p["WG"],
+)
+
+DRS_PROJECT_SPLIT = ParamSpec(
+    family="drs_project_split",
+    params=(
+        TileParam("VEC", 4, (4, 8, 16), "projected dimensions per vector (one FMA each)"),
+        TileParam("ROWS", 8, (1, 2, 4, 8), "input rows per work-group, sharing each load of R"),
+        TileParam("KVEC", 2, (1, 2, 4), "vectors of projected dimensions per work-group"),
+        TileParam("DSPLIT", 64, (32, 64, 128, 256),
+                  "work-items sharing one output tile, each summing a d / DSPLIT share, "
+                  "reduced in local memory"),
+    ),
+    constraints=_PROJECT_TILE + (
         Constraint("reduction_fits_local_memory",
                    lambda p: project_local_bytes(p) <= LOCAL_MEM_BYTES,
                    "the DSPLIT partial tiles fit 32 KiB of local memory"),
     ),
-    work_group_size=lambda p: max(p["WG"], p["DSPLIT"]),
-    local_memory=lambda p: project_local_bytes(p),
+    work_group_size=lambda p: p["DSPLIT"],
+    local_memory=project_local_bytes,
 )
 
 DRS_SCORES = ParamSpec(
@@ -124,8 +139,6 @@ DRS_FUSED = ParamSpec(
         TileParam("NVEC", 4, (1, 2, 4), "vectors of output columns per step"),
         TileParam("ITEMS_PER_CU", 1, (1, 2, 4, 8),
                   "work-items per compute unit over the columns of one row"),
-        TileParam("MAX_ROWS", 4, (0, 1, 2, 4, 8),
-                  "use this one-launch kernel for at most this many rows (0: never)"),
         TileParam("WG", 1, (1, 2, 4), "work-items per work-group"),
     ),
     constraints=(
@@ -138,46 +151,65 @@ DRS_FUSED = ParamSpec(
 #: The fused kernel keeps the projected row in registers; beyond this k it spills.
 FUSED_MAX_K = 256
 
-_TOPK_HIST_BITS = TileParam("HIST_BITS", 9, (8, 9, 10, 11, 12),
-                            "top key bits binned by the first pass (capped near 2N bins for "
-                            "short rows)")
-_TOPK_COPIES = TileParam("COPIES", 4, (1, 2, 4),
-                         "interleaved copies of the histogram (runs of one bin do not "
-                         "serialise)")
-_TOPK_WG = TileParam("WG", 1, (1, 2, 4, 8, 16, 32, 64), "rows (work-items) per work-group")
-
 DRS_TOPK = ParamSpec(
     family="drs_topk",
     params=(
-        _TOPK_HIST_BITS,
-        _TOPK_COPIES,
-        _TOPK_WG,
-        TileParam("TEAM", 1, (1, 64, 128, 256),
-                  "1: a work-item per row (CPUs); > 1: a work-group of TEAM items per row, "
-                  "histograms in local memory (GPUs)"),
+        TileParam("HIST_BITS", 9, (8, 9, 10, 11, 12),
+                  "top key bits binned by the first pass (capped near 2N bins for short "
+                  "rows)"),
+        TileParam("COPIES", 4, (1, 2, 4),
+                  "interleaved copies of the histogram (runs of one bin do not serialise)"),
+        TileParam("WG", 1, (1, 2, 4, 8, 16, 32, 64), "rows (work-items) per work-group"),
     ),
-    constraints=(
-        Constraint("unused_at_default",
-                   lambda p: _unused_at_default(p, p["TEAM"] > 1,
-                                                (_TOPK_HIST_BITS, _TOPK_COPIES, _TOPK_WG), ()),
-                   "the team kernel reads none of HIST_BITS, COPIES, WG: they keep their "
-                   "defaults"),
-    ),
-    work_group_size=lambda p: p["WG"] if p["TEAM"] == 1 else p["TEAM"],
-    local_memory=lambda p: 0 if p["TEAM"] == 1 else 4 * (256 + p["TEAM"] + 3),
+    work_group_size=lambda p: p["WG"],
 )
 
-_SPECS = {"project": DRS_PROJECT, "scores": DRS_SCORES, "fused": DRS_FUSED, "topk": DRS_TOPK}
+
+def topk_team_local_bytes(p) -> int:
+    """Local memory of the team top-k: 256 bins, TEAM partial counts, 3 shared ints."""
+    return 4 * (256 + p["TEAM"] + 3)
+
+
+DRS_TOPK_TEAM = ParamSpec(
+    family="drs_topk_team",
+    params=(
+        TileParam("TEAM", 128, (64, 128, 256),
+                  "work-items per row, histograms in local memory"),
+    ),
+    work_group_size=lambda p: p["TEAM"],
+    local_memory=topk_team_local_bytes,
+)
+
+DRS_ROUTINE = Routine(
+    "drs_mask",
+    (Choice("PROJECT_KERNEL", (DRS_PROJECT, DRS_PROJECT_SPLIT),
+            "the rows' projection: a work-item per tile (CPUs), or DSPLIT items sharing "
+            "the sum over d (GPUs)"),
+     Choice("TOPK_KERNEL", (DRS_TOPK, DRS_TOPK_TEAM),
+            "the top-k: a work-item per row (CPUs), or a work-group per row (GPUs)")),
+    thresholds=(
+        TileParam("FUSED_MAX_ROWS", 4, (0, 1, 2, 4, 8),
+                  "rows up to which one launch projects and scores (drs_fused); 0: never"),
+    ),
+    by_threshold={"drs_fused": {"FUSED_MAX_ROWS": 8}},
+)
+
+_SPECS = {"project": DRS_PROJECT, "project_split": DRS_PROJECT_SPLIT, "scores": DRS_SCORES,
+          "fused": DRS_FUSED, "topk": DRS_TOPK, "topk_team": DRS_TOPK_TEAM}
 
 
 def template_args(kind: str, params=None, **variant) -> dict:
-    """Everything drs.cl.mako renders from, for one ``kind`` of kernel."""
+    """Everything drs.cl.mako renders from, for one ``kind`` of kernel (a family of
+    ``_SPECS``): its tile parameters, the variants chosen per call, and derived values --
+    the projection's work-group size and split, which its two families share a body for."""
     if kind == "util":
         return dict(KIND="util")
-    defaults = {"project": dict(TRANSPOSED=0), "topk": dict(COMPACT=0, PLANE=0),
+    params = dict(params if params is not None else _SPECS[kind].defaults())
+    derived = {"project": dict(DSPLIT=1), "project_split": dict(WG=params.get("DSPLIT"))}
+    defaults = {"project": dict(TRANSPOSED=0), "project_split": dict(TRANSPOSED=0),
+                "topk": dict(COMPACT=0, PLANE=0), "topk_team": dict(COMPACT=0, PLANE=0),
                 "fused": dict(K_PAD=64)}.get(kind, {})
-    return dict(params if params is not None else _SPECS[kind].defaults(), KIND=kind,
-                **{**defaults, **variant})
+    return dict(params, **derived.get(kind, {}), KIND=kind, **{**defaults, **variant})
 
 
 def default_k(d: int, eps: float = 0.5) -> int:
@@ -354,7 +386,9 @@ class SparseRandomProjection:
         # The weight's projection (once per weight update) and the rows' (every search)
         # have their own shape classes: tuned together, the weight's larger time chose the
         # tiles for both.
-        params = tuning.lookup(DRS_PROJECT, queue.device, project_shape_class(
+        spec = DRS_ROUTINE.variant(tuning.lookup(DRS_ROUTINE.spec, queue.device),
+                                   "PROJECT_KERNEL")
+        params = tuning.lookup(spec, queue.device, project_shape_class(
             None if transposed_ld is not None else n_rows, self.d))
         kp = round_up(self.k, params["VEC"] * params["KVEC"])
         if transposed_ld is None:
@@ -369,14 +403,15 @@ class SparseRandomProjection:
             wait.append(cl.enqueue_fill_buffer(queue, out.data, np.float32(0), 0, out.nbytes))
         if n_rows == 0 or out.size == 0:
             return out, ld
+        kind = "project_split" if spec is DRS_PROJECT_SPLIT else "project"
         kern = runtime.kernels(queue.context, "drs.cl.mako", ("pscl_drs_project",),
-                               **template_args("project", params,
+                               **template_args(kind, params,
                                                TRANSPOSED=int(transposed_ld is not None))
                                )["pscl_drs_project"]
         rt = self._device_rt(kp)
         items, chunks = -(-n_rows // params["ROWS"]), kp // (params["VEC"] * params["KVEC"])
-        split = params["DSPLIT"]
-        grid = (((items * split, chunks), (split, 1)) if split > 1 else
+        grid = (((items * params["DSPLIT"], chunks), (params["DSPLIT"], 1))
+                if spec is DRS_PROJECT_SPLIT else
                 ((round_up(items, params["WG"]), chunks), (params["WG"], 1)))
         ev = kern(queue, *grid, a_dev.base_data, elem_offset(a_dev), np.int32(n_rows),
                   np.int32(self.d), np.int32(lda), rt.data, np.int32(kp), out.data,
@@ -532,17 +567,7 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
                              f"{(wd, n_cols)}")
         proj = projection
     if proj is not None:
-        if not isinstance(proj, SparseRandomProjection):
-            raise TypeError("projection must be a SparseRandomProjection or a ProjectedWeight"
-                            f", got {type(proj).__name__}")
-        if proj.d != d:
-            raise ValueError(f"x has {d} columns but the projection has d = {proj.d}")
-        if k is not None and k != proj.k:
-            raise ValueError(f"k={k!r} disagrees with the projection's k={proj.k}")
-        if seed is not None and seed != proj.seed:
-            raise ValueError(f"seed={seed!r} disagrees with the projection's seed={proj.seed}")
-        if _check_eps(eps) not in (proj.eps, 0.5):     # 0.5: the default, left alone
-            raise ValueError(f"eps={eps!r} disagrees with the projection's eps={proj.eps}")
+        _check_agrees(proj, d, f"x has {d} columns", k=k, seed=seed, eps=eps)
     n_keep = keep_count(sparsity, n_cols)
     out_shape = (n_rows, n_keep) if compact else (n_rows, n_cols)
     out_shape = out_shape[1:] if vector else out_shape
@@ -597,9 +622,10 @@ def _search(queue, x_dev, proj: SparseRandomProjection, pw: ProjectedWeight, n_r
     n_cols = pw.out_features
     check_alloc(queue, 4 * n_rows * pw.ld, "the search's scores")
     scores = runtime.empty(queue, (n_rows, pw.ld), np.uint32, allocator=alloc)
-    fused = tuning.lookup(DRS_FUSED, queue.device)
-    if projected is None and not proj.exact and n_rows <= fused["MAX_ROWS"] and \
+    routine = tuning.lookup(DRS_ROUTINE.spec, queue.device)
+    if projected is None and not proj.exact and n_rows <= routine["FUSED_MAX_ROWS"] and \
             proj.k <= FUSED_MAX_K:
+        fused = tuning.lookup(DRS_FUSED, queue.device)
         # A few rows: projection and scores in one launch, parallel over columns.
         k_pad = round_up(proj.k, fused["VEC"])
         step = fused["VEC"] * fused["NVEC"]
@@ -636,13 +662,16 @@ def _search(queue, x_dev, proj: SparseRandomProjection, pw: ProjectedWeight, n_r
                   wait_for=(list(xp.events) + list(pw.values.events)) or None)
     if events is not None:
         events.append(ev)
-    tparams = dict(tuning.lookup(DRS_TOPK, queue.device))
-    # Short rows: no more bins than about twice the row (clearing them would dominate).
-    tparams["HIST_BITS"] = min(tparams["HIST_BITS"], max(8, n_cols.bit_length() + 1))
+    spec = DRS_ROUTINE.variant(routine, "TOPK_KERNEL")
+    tparams = dict(tuning.lookup(spec, queue.device))
+    if spec is DRS_TOPK:
+        # Short rows: no more bins than about twice the row (clearing them would dominate).
+        tparams["HIST_BITS"] = min(tparams["HIST_BITS"], max(8, n_cols.bit_length() + 1))
     kern = runtime.kernels(ctx, "drs.cl.mako", ("pscl_drs_topk",),
-                           **template_args("topk", tparams, COMPACT=int(compact),
+                           **template_args("topk" if spec is DRS_TOPK else "topk_team",
+                                           tparams, COMPACT=int(compact),
                                            PLANE=int(bool(plane))))["pscl_drs_topk"]
-    team = tparams["TEAM"]
+    team = tparams.get("TEAM", 1)
     cand = runtime.empty(queue, (n_rows, pw.ld) if team == 1 else (1,), np.uint32,
                          allocator=alloc)
     grid = ((n_rows * team,), (team,)) if team > 1 else \
@@ -656,8 +685,25 @@ def _search(queue, x_dev, proj: SparseRandomProjection, pw: ProjectedWeight, n_r
         events.append(ev)
 
 
+def _check_agrees(proj, d: int, what_d: str, *, k, seed, eps) -> None:
+    """Refuse a projection that is not a SparseRandomProjection, or whose d, k, seed or
+    eps differ from those the call names (eps 0.5, the default, is left alone)."""
+    if not isinstance(proj, SparseRandomProjection):
+        raise TypeError("projection must be a SparseRandomProjection or a ProjectedWeight"
+                        f", got {type(proj).__name__}")
+    if proj.d != d:
+        raise ValueError(f"{what_d} but the projection has d = {proj.d}")
+    if k is not None and k != proj.k:
+        raise ValueError(f"k={k!r} disagrees with the projection's k={proj.k}")
+    if seed is not None and seed != proj.seed:
+        raise ValueError(f"seed={seed!r} disagrees with the projection's seed={proj.seed}")
+    if _check_eps(eps) not in (proj.eps, 0.5):
+        raise ValueError(f"eps={eps!r} disagrees with the projection's eps={proj.eps}")
+
+
 def drs_mask_conv2d(x, w, sparsity, *, stride=1, padding=0, dilation=1, eps=0.5, k=None,
-                    projection=None, seed=None, out=None, queue=None, events=None):
+                    projection=None, seed=None, kernel_size=None, out=None, queue=None,
+                    events=None):
     """Dimension-reduction search for a convolution: for each sample and output position,
     keep the ``n_keep = ceil((1 - sparsity) * K)`` output channels with the largest
     estimated value, giving the bool (N, K, OH, OW) mask that :func:`conv2d_masked` takes.
@@ -669,12 +715,14 @@ def drs_mask_conv2d(x, w, sparsity, *, stride=1, padding=0, dilation=1, eps=0.5,
 
     Parameters
     ----------
-    x : float32 (N, C, H, W); w : float32 (K, C, R, S) (or None with a ProjectedWeight).
+    x : float32 (N, C, H, W); w : float32 (K, C, R, S), or None when ``projection`` is a
+        ProjectedWeight (then ``kernel_size`` gives R and S).
     sparsity : float in [0, 1).
     stride, padding, dilation : as in ``torch.nn.functional.conv2d``.
     eps, k, seed, projection : as in :func:`drs_mask`, with d = C * R * S; a
         :class:`ProjectedWeight` is built from ``w.reshape(K, -1).T`` (for example
         ``proj.project_weight(MaskedLinearWeight(w.reshape(K, -1), transposed=True))``).
+    kernel_size : int or (R, S); required when ``w`` is None, else it must match ``w``.
     out : bool (N, K, OH, OW), optional; queue, events : as in :func:`drs_mask`.
 
     Returns
@@ -691,37 +739,36 @@ def drs_mask_conv2d(x, w, sparsity, *, stride=1, padding=0, dilation=1, eps=0.5,
     sparsity = _check_sparsity(sparsity)
     n_img, n_ch = x.shape[:2]
     pw = projection if isinstance(projection, ProjectedWeight) else None
+    size = None if kernel_size is None else int_pair(kernel_size, "kernel_size", 1)
     if w is not None:
         require_array(w, "w", np.float32, ndim=4)
         k_out, wc, r, s = w.shape
         if wc != n_ch:
             raise ValueError(f"x has {n_ch} channels but w expects C = {wc} (w must be "
                              "(K, C, R, S))")
+        if size is not None and size != (r, s):
+            raise ValueError(f"kernel_size={kernel_size!r} disagrees with w's {(r, s)}")
     elif pw is None:
         raise TypeError("w is required unless projection is a ProjectedWeight")
+    elif size is None:
+        raise TypeError("kernel_size is required when w is None: the ProjectedWeight "
+                        "knows C * R * S, not R and S")
     else:
-        raise TypeError("drs_mask_conv2d needs w (K, C, R, S) for the kernel size, even with "
-                        "a ProjectedWeight")
+        (r, s), k_out = size, pw.out_features
     d = n_ch * r * s
     if pw is not None:
         if (pw.in_features, pw.out_features) != (d, k_out):
             raise ValueError(f"the projected weight was made from a ({pw.in_features}, "
-                             f"{pw.out_features}) weight, but w.reshape(K, -1).T is "
-                             f"({d}, {k_out})")
+                             f"{pw.out_features}) weight, but the convolution's "
+                             f"w.reshape(K, -1).T is ({d}, {k_out})")
         proj = pw.projection
     else:
         proj = projection
     if proj is not None:
-        if not isinstance(proj, SparseRandomProjection):
-            raise TypeError("projection must be a SparseRandomProjection or a ProjectedWeight"
-                            f", got {type(proj).__name__}")
-        if proj.d != d:
-            raise ValueError(f"the windows have d = C * R * S = {d} but the projection has "
-                             f"d = {proj.d}")
-        if k is not None and k != proj.k:
-            raise ValueError(f"k={k!r} disagrees with the projection's k={proj.k}")
-        if seed is not None and seed != proj.seed:
-            raise ValueError(f"seed={seed!r} disagrees with the projection's seed={proj.seed}")
+        _check_agrees(proj, d, f"the windows have d = C * R * S = {d}", k=k, seed=seed,
+                      eps=eps)
+    else:
+        _check_eps(eps)
     geom = _conv_geometry(x, k_out, r, s, stride, padding, dilation)
     out_shape = (n_img, k_out, geom["OH"], geom["OW"])
     check_out(out, out_shape, np.bool_, like=x)
@@ -758,7 +805,7 @@ def drs_mask_conv2d(x, w, sparsity, *, stride=1, padding=0, dilation=1, eps=0.5,
 def _project_windows(queue, proj: SparseRandomProjection, xp, geom, n_ch, r, s, n_pix,
                      events):
     """f(window) for every output pixel: (n_pix, k_pad) on the device, and k_pad."""
-    params = tuning.lookup(DRS_PROJECT, queue.device)
+    params = tuning.lookup(DRS_PROJECT, queue.device, PROJECT_WINDOWS)
     k_pad = round_up(proj.k, params["VEC"] * params["KVEC"])
     key = ("rsc", k_pad, n_ch, r, s)
     rt = proj._rt.get(key)

@@ -15,7 +15,7 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 
 from .. import runtime, tuning
-from ..params import Constraint, ParamSpec, TileParam
+from ..params import Choice, Constraint, ParamSpec, Routine, TileParam
 from ._common import (
     INT32_MAX,
     check_alloc,
@@ -32,23 +32,12 @@ from ._common import (
 from ._prepared import PreparedCache
 from .conv2d import conv2d_output_shape
 
-__all__ = ["MASKED_VMM", "MASKED_GEMM", "MASKED_DX", "MASKED_DW", "MASKED_BN", "MASKED_CONV",
-           "MASKED_CONV_CH", "MaskedLinearWeight", "masked_matmul", "masked_matmul_backward",
+__all__ = ["MASKED_VMM", "MASKED_VMM_SPLIT", "MASKED_VMM_ROUTINE", "MASKED_GEMM",
+           "MASKED_GEMM_TILED", "MASKED_GEMM_ROUTINE", "MASKED_DX", "MASKED_DW", "MASKED_BN",
+           "MASKED_CONV", "MASKED_CONV_CH", "MaskedLinearWeight", "masked_matmul", "masked_matmul_backward",
            "masked_relu_bn", "conv2d_masked", "template_args"]
 
 _VEC = TileParam("VEC", 16, (1, 4, 8, 16), "floats per vector load of a row (one FMA each)")
-
-# The VMM and GEMM specs each hold two kernels: the CPU-shaped one (the defaults: SPLIT = 1,
-# TILE = 0) and a GPU-shaped one.  A parameter that only one kernel reads must keep its
-# default in the other kernel's configurations, so that the tuner never times one kernel
-# twice under two names.
-
-def _unused_at_default(params, gpu_kernel, cpu_only, gpu_only):
-    """True when the parameters the chosen kernel does not read hold their defaults."""
-    for p in (cpu_only if gpu_kernel else gpu_only):
-        if params[p.name] != p.default:
-            return False
-    return True
 
 
 #: Local memory every OpenCL GPU and Oclgrind provide (the OpenCL minimum for a full
@@ -57,28 +46,14 @@ def _unused_at_default(params, gpu_kernel, cpu_only, gpu_only):
 #: device's limit.)
 LOCAL_MEM_BYTES = 32 * 1024
 
-_VMM_CHUNK = TileParam("CHUNK", 128, (8, 16, 32, 64, 128, 256, 512),
-                       "mask columns (or idx slots) scanned by one work-item (SPLIT = 1)")
-_VMM_WG = TileParam("WG", 1, (1, 2, 4, 8, 16, 32, 64, 128),
-                    "work-items per work-group (SPLIT = 1)")
-_VMM_TEAMS = TileParam("TEAMS", 4, (1, 2, 4, 8),
-                       "teams of SPLIT work-items per work-group (SPLIT > 1)")
-_VMM_XCHUNK = TileParam("XCHUNK", 2048, (512, 1024, 2048, 4096),
-                        "floats of the x row staged in local memory per step (SPLIT > 1)")
-
-
-#: Columns up to which the split VMM compacts a bool mask inside its own kernel, every
-#: work-group scanning the whole row (N bytes each, N / (TEAMS * GROUP) groups).  On the
-#: H100, 1 x 4096 x 4096 at 10% keep: a compaction kernel of its own took 10.8 us, the
-#: product after it 11.1 us, the product with the scan inside 13.7 us.  The redundant
-#: reads grow as N^2, so larger rows keep the compaction kernel.
-LIST_IN_KERNEL_MAX_N = 8192
-
 
 def vmm_local_bytes(p) -> int:
     """Local memory of the split VMM: the staged x and the reduction tree."""
     return 4 * (p["XCHUNK"] + p["GROUP"] * p["SPLIT"] * p["TEAMS"])
 
+
+# The VMM and the GEMM each have a CPU-shaped and a GPU-shaped kernel, each with its own
+# spec; the routines below choose between them.
 
 MASKED_VMM = ParamSpec(
     family="masked_vmm",
@@ -86,55 +61,62 @@ MASKED_VMM = ParamSpec(
         _VEC,
         TileParam("GROUP", 4, (1, 2, 4, 8),
                   "selected outputs computed together, sharing each load of the x row"),
-        _VMM_CHUNK,
-        _VMM_WG,
-        TileParam("SPLIT", 1, (1, 16, 32, 64, 128, 256),
-                  "work-items sharing one selected output's dot product: 1 = the CPU kernel "
-                  "(one item per output); > 1 = the GPU kernel (coalesced row loads)"),
-        _VMM_TEAMS,
-        _VMM_XCHUNK,
+        TileParam("CHUNK", 128, (8, 16, 32, 64, 128, 256, 512),
+                  "mask columns (or idx slots) scanned by one work-item"),
+        TileParam("WG", 1, (1, 2, 4, 8, 16, 32, 64, 128), "work-items per work-group"),
     ),
     constraints=(
         Constraint("group_within_chunk", lambda p: p["GROUP"] <= p["CHUNK"],
                    "a work-item cannot fill a group larger than the entries it scans"),
-        Constraint("unused_at_default",
-                   lambda p: _unused_at_default(p, p["SPLIT"] > 1, (_VMM_CHUNK, _VMM_WG),
-                                                (_VMM_TEAMS, _VMM_XCHUNK)),
-                   "the parameters the chosen kernel does not read keep their defaults"),
-        Constraint("split_vectors_fit_chunk",
-                   lambda p: p["SPLIT"] == 1 or p["XCHUNK"] % (p["VEC"] * p["SPLIT"]) == 0,
-                   "every team item reads the same number of vectors of a staged piece of x"),
-        Constraint("local_memory", lambda p: p["SPLIT"] == 1 or
-                   vmm_local_bytes(p) <= LOCAL_MEM_BYTES,
-                   "the staged x and the reduction tree fit 32 KiB of local memory"),
     ),
-    work_group_size=lambda p: p["WG"] if p["SPLIT"] == 1 else p["SPLIT"] * p["TEAMS"],
-    local_memory=lambda p: 0 if p["SPLIT"] == 1 else vmm_local_bytes(p),
+    work_group_size=lambda p: p["WG"],
 )
 
-_GEMM_BLOCK = TileParam("BLOCK_KIB", 2048, (0, 128, 256, 512, 1024, 2048, 4096),
-                        "x rows per block, sized to about this many KiB of x, so that the "
-                        "block stays in cache while every column passes over it; 0: a single "
-                        "block (TILE = 0)")
-_GEMM_TILE_M = TileParam("TILE_M", 64, (16, 32, 64, 128), "rows of an output tile (TILE > 0)")
-_GEMM_KC = TileParam("KC", 32, (32, 64),
-                     "K columns of x and W^T staged in local memory per step (TILE > 0)")
-_GEMM_UNITS = TileParam("UNITS", 2, (1, 2, 4),
-                        "units (GROUP columns of one row) per work-item and round (TILE > 0)")
-_GEMM_DENSE = TileParam("DENSE", 0, (0, 25, 35, 50),
-                        "a tile whose selected entries (counted in units) reach this percentage "
-                        "of it is computed whole, blocked in registers, and only its selected "
-                        "outputs written; 0: never (TILE > 0)")
-_GEMM_SPLITK = TileParam("SPLITK", 1, (1, 2, 4),
-                         "slices of K, one work-group each, whose partial sums a second "
-                         "kernel adds in slice order: more work-groups for few tiles "
-                         "(TILE > 0)")
+MASKED_VMM_SPLIT = ParamSpec(
+    family="masked_vmm_split",
+    params=(
+        TileParam("VEC", 8, (1, 4, 8, 16), "floats per vector load of a weight row"),
+        TileParam("GROUP", 2, (1, 2, 4, 8),
+                  "selected outputs computed together by a team, sharing each load of x"),
+        TileParam("SPLIT", 64, (16, 32, 64, 128, 256),
+                  "work-items sharing one selected output's dot product (coalesced row "
+                  "loads)"),
+        TileParam("TEAMS", 4, (1, 2, 4, 8), "teams of SPLIT work-items per work-group"),
+        TileParam("XCHUNK", 4096, (512, 1024, 2048, 4096),
+                  "floats of the x row staged in local memory per step"),
+    ),
+    constraints=(
+        Constraint("split_vectors_fit_chunk",
+                   lambda p: p["XCHUNK"] % (p["VEC"] * p["SPLIT"]) == 0,
+                   "every team item reads the same number of vectors of a staged piece of x"),
+        Constraint("local_memory", lambda p: vmm_local_bytes(p) <= LOCAL_MEM_BYTES,
+                   "the staged x and the reduction tree fit 32 KiB of local memory"),
+    ),
+    work_group_size=lambda p: p["SPLIT"] * p["TEAMS"],
+    local_memory=vmm_local_bytes,
+)
+
+MASKED_VMM_ROUTINE = Routine(
+    "masked_vmm",
+    (Choice("KERNEL", (MASKED_VMM, MASKED_VMM_SPLIT),
+            "the VMM's kernel: one work-item per selected output (CPUs), or SPLIT items "
+            "sharing each (GPUs)"),),
+    thresholds=(
+        # On the H100, 1 x 4096 x 4096 at 10% keep: a compaction kernel of its own took
+        # 10.8 us, the product after it 11.1 us, the product with the scan inside 13.7 us.
+        # The redundant reads grow as N^2, so larger rows keep the compaction kernel.
+        TileParam("LIST_IN_KERNEL_MAX_N", 8192, (0, 1024, 2048, 4096, 8192, 16384, 32768),
+                  "columns up to which the split kernel lists a bool mask's selection "
+                  "itself, every work-group scanning the whole row; above, a kernel of its "
+                  "own lists it first"),
+    ),
+)
 
 
 def gemm_local_bytes(p) -> int:
     """Local memory of the tiled GEMM: one buffer holds, in turn, the tile's selection bits
     beside the row scan, a round's units (row, count and GROUP columns, a byte each) and the
-    staged x and W^T chunks."""
+    staged x and W^T chunks.  (The template sizes its buffer from this.)"""
     staged = 4 * p["KC"] * (p["TILE_M"] + p["TILE"])
     units = p["WG"] * p["UNITS"] * (2 + p["GROUP"])
     selection = 4 * p["WG"] + p["TILE_M"] * p["TILE"] // 8
@@ -146,53 +128,61 @@ MASKED_GEMM = ParamSpec(
     params=(
         _VEC,
         TileParam("GROUP", 4, (1, 2, 4, 8),
-                  "selected outputs computed together that share one operand row: the x "
-                  "rows selecting one column (TILE = 0), the columns one row selects "
-                  "(TILE > 0)"),
-        _GEMM_BLOCK,
-        TileParam("WG", 16, (1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
-                  "work-items per work-group: one column each (TILE = 0, up to 128), or "
-                  "sharing an output tile (TILE > 0, 128 and up)"),
-        TileParam("TILE", 0, (0, 32, 64, 128),
-                  "columns of an output tile: 0 = the CPU kernel (column streaming); > 0 = "
-                  "the GPU kernel (tiles staged through local memory)"),
-        _GEMM_TILE_M,
-        _GEMM_KC,
-        _GEMM_UNITS,
-        _GEMM_SPLITK,
-        _GEMM_DENSE,
+                  "selected outputs computed together: the x rows selecting one column, "
+                  "sharing each load of its weight row"),
+        TileParam("BLOCK_KIB", 2048, (0, 128, 256, 512, 1024, 2048, 4096),
+                  "x rows per block, sized to about this many KiB of x, so that the block "
+                  "stays in cache while every column passes over it; 0: a single block"),
+        TileParam("WG", 16, (1, 2, 4, 8, 16, 32, 64, 128),
+                  "work-items per work-group, one column each"),
     ),
-    # (The tiled kernel shares WG and GROUP with the CPU kernel rather than declaring its
-    # own: fewer parameters keep the enumerated product, and so the tuner, quick.)
+    work_group_size=lambda p: p["WG"],
+)
+
+MASKED_GEMM_TILED = ParamSpec(
+    family="masked_gemm_tiled",
+    params=(
+        TileParam("GROUP", 2, (1, 2, 4, 8),
+                  "selected columns of one row in a unit, sharing each load of x"),
+        TileParam("WG", 512, (128, 256, 512), "work-items sharing an output tile"),
+        TileParam("TILE", 64, (32, 64, 128), "columns of an output tile"),
+        TileParam("TILE_M", 128, (16, 32, 64, 128), "rows of an output tile"),
+        TileParam("KC", 32, (32, 64),
+                  "K columns of x and W^T staged in local memory per step"),
+        TileParam("UNITS", 1, (1, 2, 4), "units (GROUP columns of one row) per work-item "
+                  "and round"),
+        TileParam("SPLITK", 2, (1, 2, 4),
+                  "slices of K, one work-group each, whose partial sums a second kernel "
+                  "adds in slice order: more work-groups for few tiles"),
+        TileParam("DENSE", 35, (0, 25, 35, 50),
+                  "a tile whose selected entries (counted in units) reach this percentage "
+                  "of it is computed whole, blocked in registers, and only its selected "
+                  "outputs written; 0: never"),
+    ),
     constraints=(
-        Constraint("unused_at_default",
-                   lambda p: _unused_at_default(p, p["TILE"] > 0, (_VEC, _GEMM_BLOCK),
-                                                (_GEMM_TILE_M, _GEMM_KC, _GEMM_UNITS,
-                                                 _GEMM_SPLITK, _GEMM_DENSE)),
-                   "the parameters the chosen kernel does not read keep their defaults"),
-        Constraint("work_group_per_kernel",
-                   lambda p: p["WG"] <= 128 if p["TILE"] == 0 else p["WG"] >= 128,
-                   "the CPU kernel takes up to 128 columns per work-group, the tiled kernel "
-                   "128 or more work-items"),
-        Constraint("row_owners", lambda p: p["TILE"] == 0 or p["TILE_M"] <= p["WG"],
+        Constraint("row_owners", lambda p: p["TILE_M"] <= p["WG"],
                    "one work-item per tile row builds that row's units"),
-        Constraint("accumulators_fit_registers",
-                   lambda p: p["TILE"] == 0 or p["UNITS"] * p["GROUP"] <= 16,
+        Constraint("accumulators_fit_registers", lambda p: p["UNITS"] * p["GROUP"] <= 16,
                    "a work-item's UNITS * GROUP sums stay in registers"),
         Constraint("dense_sums_fit_registers",
                    lambda p: p["DENSE"] == 0 or p["TILE_M"] * p["TILE"] <= 32 * p["WG"],
                    "a dense tile's sums, TILE_M * TILE / WG per work-item, stay in registers"),
         Constraint("staging_fits_registers",
-                   lambda p: p["TILE"] == 0 or
-                   (p["TILE_M"] + p["TILE"]) * p["KC"] <= 32 * p["WG"],
+                   lambda p: (p["TILE_M"] + p["TILE"]) * p["KC"] <= 32 * p["WG"],
                    "the next chunk, loaded during the FMAs, takes <= 32 registers per item"),
-        Constraint("local_memory", lambda p: p["TILE"] == 0 or
-                   gemm_local_bytes(p) <= LOCAL_MEM_BYTES,
+        Constraint("local_memory", lambda p: gemm_local_bytes(p) <= LOCAL_MEM_BYTES,
                    "the staged chunks (or the scan, or the units) fit 32 KiB of local "
                    "memory"),
     ),
     work_group_size=lambda p: p["WG"],
-    local_memory=lambda p: 0 if p["TILE"] == 0 else gemm_local_bytes(p),
+    local_memory=gemm_local_bytes,
+)
+
+MASKED_GEMM_ROUTINE = Routine(
+    "masked_gemm",
+    (Choice("KERNEL", (MASKED_GEMM, MASKED_GEMM_TILED),
+            "the GEMM's kernel: columns streamed over cached row blocks (CPUs), or output "
+            "tiles staged through local memory (GPUs)"),),
 )
 
 MASKED_DX = ParamSpec(
@@ -259,12 +249,14 @@ ZERO_CHUNK = 4096     # floats zeroed per work-item before the column kernel (bo
 
 
 def template_args(kind: str, params=None, mask: str = "bool") -> dict:
-    """Everything masked_gemm.cl.mako renders from, for one ``kind`` of kernel."""
+    """Everything masked_gemm.cl.mako renders from, for one ``kind`` of kernel: its family's
+    tile parameters, the variants the wrappers choose per call and derived sizes."""
     if kind == "util":
         return dict(KIND="util")
+    derived = {"LDS_F4": gemm_local_bytes(params) // 16} if kind == "gemm_tiled" else {}
     # Variants the wrappers choose per call (not tile parameters); off unless given.
-    return {"ZEROED": 0, "MASK_ALIGNED": 0, "LIST_IN_KERNEL": 0, **params, "KIND": kind,
-            "MASK": mask, "ZERO_CHUNK": ZERO_CHUNK}
+    return {"ZEROED": 0, "MASK_ALIGNED": 0, "LIST_IN_KERNEL": 0, **params, **derived,
+            "KIND": kind, "MASK": mask, "ZERO_CHUNK": ZERO_CHUNK}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -599,10 +591,13 @@ def _launch_forward(queue, x_dev, rows, ldw, sel: _Selection, mask_dev, out_dev,
         wait += list(slots.events)
     if n_rows == 1:
         shape_class = masked_matmul_shape_class(n_rows, k_in, n_cols)
-        params = tuning.lookup(MASKED_VMM, queue.device, shape_class)
-        if params["SPLIT"] > 1:
+        routine = tuning.lookup(MASKED_VMM_ROUTINE.spec, queue.device, shape_class)
+        spec = MASKED_VMM_ROUTINE.variant(routine, "KERNEL")
+        params = tuning.lookup(spec, queue.device, shape_class)
+        if spec is MASKED_VMM_SPLIT:
             ev = _launch_vmm_split(queue, params, x_dev, rows, ldw, sel, mask_dev, out_dev,
-                                   n_cols, k_in, wait, events)
+                                   n_cols, k_in, wait, events,
+                                   routine["LIST_IN_KERNEL_MAX_N"])
         else:
             kern = runtime.kernels(ctx, "masked_gemm.cl.mako", ("pscl_masked_vmm",),
                                    **template_args("vmm", params, sel.form))["pscl_masked_vmm"]
@@ -614,11 +609,13 @@ def _launch_forward(queue, x_dev, rows, ldw, sel: _Selection, mask_dev, out_dev,
                       np.int32(sel.n_entries), wait_for=wait or None)
     else:
         shape_class = masked_matmul_shape_class(n_rows, k_in, n_cols)
-        params = tuning.lookup(MASKED_GEMM, queue.device, shape_class)
+        routine = tuning.lookup(MASKED_GEMM_ROUTINE.spec, queue.device, shape_class)
+        spec = MASKED_GEMM_ROUTINE.variant(routine, "KERNEL")
+        params = tuning.lookup(spec, queue.device, shape_class)
         form = "bool" if sel.form == "bool" else "slot"
         sel_buf, sel_off = ((mask_dev.base_data, elem_offset(mask_dev)) if form == "bool"
                             else (slots.data, np.int64(0)))
-        if params["TILE"]:
+        if spec is MASKED_GEMM_TILED:
             ev = _launch_gemm_tiled(queue, params, form, x_dev, rows, ldw, sel_buf, sel_off,
                                     out_dev, n_rows, n_cols, k_in, sel.n_entries, wait,
                                     events)
@@ -666,8 +663,8 @@ def _launch_gemm_tiled(queue, params, form, x_dev, rows, ldw, sel_buf, sel_off, 
     aligned = k_in % 4 == 0 and ldw % 4 == 0 and elem_offset(x_dev) % 4 == 0
     mask_aligned = n_cols % 16 == 0 and int(sel_off) % 16 == 0
     kerns = runtime.kernels(ctx, "masked_gemm.cl.mako", names,
-                            **template_args("gemm", dict(params, ALIGNED=int(aligned),
-                                                         MASK_ALIGNED=int(mask_aligned)),
+                            **template_args("gemm_tiled", dict(params, ALIGNED=int(aligned),
+                                                               MASK_ALIGNED=int(mask_aligned)),
                                             form))
     total = n_rows * out_cols
     if split > 1:
@@ -695,13 +692,13 @@ def _launch_gemm_tiled(queue, params, form, x_dev, rows, ldw, sel_buf, sel_off, 
 
 
 def _launch_vmm_split(queue, params, x_dev, rows, ldw, sel: _Selection, mask_dev, out_dev,
-                      n_cols, k_in, wait, events):
+                      n_cols, k_in, wait, events, list_in_kernel_max_n):
     """The split VMM (one row).  A bool mask is compacted into its list of selected columns
     (which also writes the zeros): inside the product's kernel up to
-    ``LIST_IN_KERNEL_MAX_N`` columns, else by a kernel of its own first; an index mask is
-    that list already.  Returns the product's event."""
+    ``list_in_kernel_max_n`` columns (a routine setting), else by a kernel of its own
+    first; an index mask is that list already.  Returns the product's event."""
     ctx = queue.context
-    in_kernel = sel.form == "bool" and n_cols <= LIST_IN_KERNEL_MAX_N
+    in_kernel = sel.form == "bool" and n_cols <= list_in_kernel_max_n
     if in_kernel:
         list_args = (mask_dev.base_data, elem_offset(mask_dev))
     elif sel.form == "bool":
@@ -722,8 +719,8 @@ def _launch_vmm_split(queue, params, x_dev, rows, ldw, sel: _Selection, mask_dev
     name = "pscl_masked_vmm_split"
     aligned = ldw % params["VEC"] == 0          # weight rows start at whole vectors
     kern = runtime.kernels(ctx, "masked_gemm.cl.mako", (name,),
-                           **template_args("vmm", dict(params, ALIGNED=int(aligned),
-                                                       LIST_IN_KERNEL=int(in_kernel)),
+                           **template_args("vmm_split", dict(params, ALIGNED=int(aligned),
+                                                             LIST_IN_KERNEL=int(in_kernel)),
                                            sel.form))[name]
     items = params["SPLIT"] * params["TEAMS"]
     groups = -(-sel.n_entries // (params["TEAMS"] * params["GROUP"]))

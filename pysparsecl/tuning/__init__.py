@@ -40,7 +40,7 @@ from typing import Dict, Optional
 import platformdirs
 import pyopencl as cl
 
-from ..params import InvalidParamsError, ParamSpec, device_limits, parse_overrides
+from ..params import ROUTINES, InvalidParamsError, ParamSpec, device_limits, parse_overrides
 from ..runtime import device_kind
 
 __all__ = ["lookup", "override", "device_slug", "names_slug", "vendor_slug",
@@ -99,7 +99,11 @@ def _load_shipped() -> dict:
 
 @contextlib.contextmanager
 def override(family: str, **params: int):
-    """Force tile parameters of ``family`` inside a ``with`` block (this thread only)."""
+    """Force tile parameters of ``family`` inside a ``with`` block (this thread only).
+
+    Where ``family`` is one of an op's kernel variants (:class:`~pysparsecl.params.Routine`),
+    the override also makes the op choose that variant: ``override("masked_gemm_tiled")``
+    runs the tiled GEMM with its looked-up parameters on any device."""
     stack = getattr(_local, "stack", None)
     if stack is None:
         stack = _local.stack = []
@@ -111,13 +115,17 @@ def override(family: str, **params: int):
 
 
 def _active_overrides(family: str) -> Dict[str, int]:
+    """The forced parameters of ``family``, later overrides winning.  For a routine's
+    settings, an override of one of its variants counts as choosing that variant."""
+    routine = ROUTINES.get(family)
     merged: Dict[str, int] = {}
     env = os.environ.get("PYSPARSECL_PARAMS")
-    if env:
-        merged.update(parse_overrides(env).get(family, {}))
-    for fam, params in getattr(_local, "stack", None) or ():
+    forced = list(parse_overrides(env).items()) if env else []
+    for fam, params in forced + list(getattr(_local, "stack", None) or ()):
         if fam == family:
             merged.update(params)
+        elif routine is not None and fam in routine.families:
+            merged.update(routine.selecting(fam))
     return merged
 
 

@@ -264,25 +264,32 @@ def _masked_bn_problems(queue, rng, quick, shapes) -> List[Problem]:
     return problems
 
 
+_FEW_ROWS = [(1, 4096, 4096, 0.1), (4, 1024, 1024, 0.1)]
+
+
 def _drs_problems(family):
     """The search on the GEMM shapes (its scores, top-k and row projection), or on a few
-    rows (the fused one-launch kernel)."""
+    rows (the fused one-launch kernel; the routine's threshold for it sees both).  The
+    projections also time the weight's, and drs_project the convolution windows'."""
     def build(queue, rng, quick, shapes) -> List[Problem]:
-        from .. import MaskedLinearWeight, SparseRandomProjection, drs_mask
-        from ..ops.drs import project_shape_class
+        from .. import MaskedLinearWeight, SparseRandomProjection, drs_mask, drs_mask_conv2d
+        from ..ops.drs import PROJECT_WINDOWS, project_shape_class
+        projection = family in ("drs_project", "drs_project_split")
         if shapes is None and not quick and family == "drs_fused":
-            dims = [(1, 4096, 4096, 0.1), (4, 1024, 1024, 0.1)]
+            dims = list(_FEW_ROWS)
         else:
             dims = _matmul_shapes(family, shapes, quick, _GEMM_SHAPES)
             if quick and family == "drs_fused":
                 dims = [(1,) + dims[0][1:]]
+            elif shapes is None and family == "drs_mask_routine":
+                dims += _FEW_ROWS[:1] if quick else _FEW_ROWS
         problems = []
         for m, k, n, keep in dims:
             x = cl_array.to_device(queue, rng.standard_normal((m, k), dtype=np.float32))
             w = rng.standard_normal((k, n), dtype=np.float32)
             proj = SparseRandomProjection(k, seed=1, queue=queue)
             weight = MaskedLinearWeight(w, queue=queue)
-            if family == "drs_project":   # the weight's projection is the op timed
+            if projection:   # the weight's projection is timed too
                 problems.append(Problem(
                     f"project w {k}x{n}", lambda ev, proj=proj, weight=weight:
                     proj.project_weight(weight, events=ev).to_numpy(),
@@ -292,8 +299,17 @@ def _drs_problems(family):
                 f"search {m}x{k}x{n} keep {keep:g}",
                 lambda ev, x=x, pw=pw, keep=keep:
                 drs_mask(x, None, 1.0 - keep, projection=pw, events=ev),
-                shape_class=project_shape_class(m, k) if family == "drs_project" else None,
+                shape_class=project_shape_class(m, k) if projection else None,
                 check=selection_check()))
+        if family == "drs_project" and shapes is None:
+            # The convolution windows' projection (ResNet-50 res3 3x3, batch 1 or 8).
+            n_img = 1 if quick else (8 if not _is_gpu(queue) else 32)
+            x = rng.standard_normal((n_img, 128, 28, 28), dtype=np.float32)
+            w = rng.standard_normal((128, 128, 3, 3), dtype=np.float32)
+            problems.append(Problem(
+                f"conv windows {n_img}x128x28x28 3x3",
+                lambda ev, x=x, w=w: drs_mask_conv2d(x, w, 0.9, padding=1, seed=1, events=ev),
+                shape_class=PROJECT_WINDOWS, check=selection_check()))
         return problems
     return build
 
@@ -303,16 +319,25 @@ TUNABLES: Dict[str, Callable[..., List[Problem]]] = {
     "conv2d_csr": _conv2d_problems,
     "elementwise": _elementwise_problems,
     "masked_vmm": _masked_matmul_problems("masked_vmm", _VMM_SHAPES),
+    "masked_vmm_split": _masked_matmul_problems("masked_vmm_split", _VMM_SHAPES),
+    "masked_vmm_routine": _masked_matmul_problems("masked_vmm_routine", _VMM_SHAPES),
     "masked_gemm": _masked_matmul_problems("masked_gemm", _GEMM_SHAPES, gpu_keeps=(0.1, 0.5)),
+    "masked_gemm_tiled": _masked_matmul_problems("masked_gemm_tiled", _GEMM_SHAPES,
+                                                 gpu_keeps=(0.1, 0.5)),
+    "masked_gemm_routine": _masked_matmul_problems("masked_gemm_routine", _GEMM_SHAPES,
+                                                   gpu_keeps=(0.1, 0.5)),
     "masked_dx": _masked_backward_problems("masked_dx"),
     "masked_dw": _masked_backward_problems("masked_dw"),
     "masked_bn": _masked_bn_problems,
     "masked_conv": _masked_conv_problems("masked_conv"),
     "masked_conv_channels": _masked_conv_problems("masked_conv_channels"),
     "drs_project": _drs_problems("drs_project"),
+    "drs_project_split": _drs_problems("drs_project_split"),
     "drs_scores": _drs_problems("drs_scores"),
     "drs_fused": _drs_problems("drs_fused"),
     "drs_topk": _drs_problems("drs_topk"),
+    "drs_topk_team": _drs_problems("drs_topk_team"),
+    "drs_mask_routine": _drs_problems("drs_mask_routine"),
 }
 
 
