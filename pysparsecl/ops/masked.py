@@ -34,8 +34,8 @@ from .conv2d import conv2d_output_shape
 
 __all__ = ["MASKED_VMM", "MASKED_VMM_SPLIT", "MASKED_VMM_ROUTINE", "MASKED_GEMM",
            "MASKED_GEMM_TILED", "MASKED_GEMM_ROUTINE", "MASKED_DX", "MASKED_DW", "MASKED_BN",
-           "MASKED_CONV", "MASKED_CONV_CH", "MaskedLinearWeight", "masked_matmul", "masked_matmul_backward",
-           "masked_relu_bn", "conv2d_masked", "template_args"]
+           "MASKED_CONV", "MASKED_CONV_CH", "MaskedLinearWeight", "masked_matmul",
+           "masked_matmul_backward", "masked_relu_bn", "conv2d_masked", "template_args"]
 
 _VEC = TileParam("VEC", 16, (1, 4, 8, 16), "floats per vector load of a row (one FMA each)")
 
