@@ -35,7 +35,8 @@ def _tune(args) -> int:
 
     from . import runtime
     from .params import ROUTINES
-    from .tuning import problems, tuner, user_database_path
+    from .testing import problems
+    from .tuning import tuner, user_database_path
     try:
         shapes = problems.read_shapes_file(args.shapes) if args.shapes else {}
     except problems.ShapesError as exc:
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
                            "one)")
     tune.add_argument("--shapes", metavar="FILE",
                       help="JSON file of problem shapes per family (see "
-                           "pysparsecl/tuning/problems.py) instead of the built-in ones")
+                           "pysparsecl/testing/problems.py) instead of the built-in ones")
     tune.add_argument("--device", help="'P:D' indices or a name substring")
     tune.add_argument("--budget-s", type=float, default=120.0,
                       help="seconds per family (default 120)")

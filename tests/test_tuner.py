@@ -12,7 +12,8 @@ from pysparsecl.__main__ import main
 from pysparsecl.ops.conv2d import CONV2D_CSR
 from pysparsecl.ops.elementwise import ELEMENTWISE
 from pysparsecl.params import ROUTINES, SPECS, ParamSpec, Routine
-from pysparsecl.tuning import problems, tuner
+from pysparsecl.testing import problems
+from pysparsecl.tuning import tuner
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +48,7 @@ def test_failing_and_wrong_candidates_score_infinitely_slow(queue, monkeypatch):
                 raise RuntimeError("simulated build failure")
             out = inner(events)
             return out * 2 if params["VEC"] == 1 else out   # a wrong answer
-        return [problems.Problem(problem.label, launch)]
+        return [problems.Problem(problem.label, launch, problem.reference)]
 
     monkeypatch.setitem(tuner.TUNABLES, "elementwise", sabotaged)
     result = tuner.tune_family("elementwise", queue, budget_s=60, max_candidates=40, reps=1,
@@ -56,6 +57,30 @@ def test_failing_and_wrong_candidates_score_infinitely_slow(queue, monkeypatch):
     assert any("simulated build failure" in e for e in errors)
     assert any("relative error" in e for e in errors)
     assert result.best is not None and result.best.params["VEC"] != 1
+
+
+def test_candidates_are_checked_against_the_independent_reference(queue, monkeypatch):
+    """A wrong spec-default configuration is caught, not taken as the reference that would
+    fail every correct candidate."""
+    real = tuner.TUNABLES["elementwise"]
+
+    def sabotaged(q, rng, quick, shapes):
+        (problem,) = real(q, rng, quick, shapes)
+
+        def launch(events, inner=problem.launch):
+            out = inner(events)
+            wrong = tuning.lookup(ELEMENTWISE, q.device) == ELEMENTWISE.defaults()
+            return out * 2 if wrong else out
+        return [problems.Problem(problem.label, launch, problem.reference)]
+
+    monkeypatch.setitem(tuner.TUNABLES, "elementwise", sabotaged)
+    result = tuner.tune_family("elementwise", queue, budget_s=60, max_candidates=6, reps=1,
+                               quick=True, write=False, progress=None,
+                               first=[ELEMENTWISE.defaults()])
+    default = [c for c in result.tried if c.params == ELEMENTWISE.defaults()]
+    assert default and "relative error" in default[0].error
+    assert sum(not c.error for c in result.tried) >= len(result.tried) - 1
+    assert result.best.params != ELEMENTWISE.defaults()
 
 
 def test_unknown_family_and_missing_driver(queue, monkeypatch):

@@ -1,11 +1,14 @@
 """The autotuner: search a kernel family's tile configurations on one device.
 
-For each family with a driver in :data:`TUNABLES` (:mod:`pysparsecl.tuning.problems`), the
-tuner runs the spec-default configuration on representative problems to get reference
-outputs, then tries the current configuration and a random subset of the candidates the
-spec allows on this device (constraints and the work-group limit).  A candidate that fails
-to build, raises, or disagrees with the reference scores as infinitely slow and is
-reported; it never stops the search.  Candidates are timed with OpenCL profiling events
+For each family with a driver in :data:`TUNABLES` (:mod:`pysparsecl.testing.problems`, the
+problem registry), the tuner computes each representative problem's float64 reference
+from its host inputs (:mod:`pysparsecl.testing.reference`, independent of the kernels),
+then tries the current configuration and a random subset of the candidates the spec allows
+on this device (constraints and the work-group limit).  A candidate that fails to build,
+raises, or disagrees with the reference scores as infinitely slow and is reported; it
+never stops the search.  (A variant family's override makes its routine choose it, and
+a routine's own settings are tuned over the same problems: see
+:class:`pysparsecl.params.Routine`.)  Candidates are timed with OpenCL profiling events
 (median after a warm-up) until ``budget_s`` runs out; a candidate's score is the sum of
 its problems' times, each times the problem's weight (:attr:`Problem.weight`).  The
 fastest few and the configuration in use are then
@@ -31,8 +34,8 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 
 from ..params import SPECS, device_limits
+from ..testing.problems import TUNABLES, Problem
 from . import lookup, override, write_user_entry
-from .problems import TUNABLES, Problem
 
 __all__ = ["TUNABLES", "Candidate", "TuneResult", "tune_family"]
 
@@ -193,7 +196,7 @@ def tune_family(family: str, queue: cl.CommandQueue, *, budget_s: float = 120.0,
                 min_gain: float = 0.03) -> TuneResult:
     """Search ``family``'s configurations on ``queue``'s device; see the module docstring.
 
-    ``shapes``: the family's list from a shapes file (:mod:`pysparsecl.tuning.problems`)
+    ``shapes``: the family's list from a shapes file (:mod:`pysparsecl.testing.problems`)
     instead of its representative problems.  ``first``: configurations (partial ones are
     completed with the spec defaults) to try right after the one in use, e.g. the winners
     of an earlier sweep; they count towards ``max_candidates``."""
@@ -207,8 +210,7 @@ def tune_family(family: str, queue: cl.CommandQueue, *, budget_s: float = 120.0,
     spec, device = SPECS[family], queue.device
     start = time.perf_counter()
     problems = TUNABLES[family](queue, np.random.default_rng(seed), quick, shapes)
-    with override(family, **spec.defaults()):
-        reference = [_host(p.launch([])) for p in problems]
+    reference = [p.reference() for p in problems]
     current = lookup(spec, device)
     leading = [current]
     # The per-class entries in use are candidates too, so that a class's winner is only

@@ -1,0 +1,645 @@
+"""The problem registry: the problems that the tests, the tuner, ``make verify`` and the
+benchmarks run, per kernel family, with their inputs, the call, the float64 reference
+(:mod:`pysparsecl.testing.reference`) and the tolerance.
+
+Two sizes:
+
+- :func:`small_problems`: small shapes that reach every branch of a family's kernels
+  (edge tiles, empty rows, strides, epilogues), each a ``run(rng, queue)`` that raises
+  AssertionError on a wrong result.  The tests run them on every device; ``make verify``
+  runs them under Oclgrind for sampled tile configurations.
+- :data:`TUNABLES`: one driver per family (and per routine) that builds representative
+  problems on a queue for the tuner -- the shapes the benchmarks and the issues' targets
+  name, at the batch the targets name for the device type -- a small set with ``quick``,
+  or the shapes a user lists in a JSON file (``python -m pysparsecl tune --shapes FILE``)::
+
+    {"conv2d_csr":  [{"N": 32, "C": 64, "H": 56, "W": 56, "K": 64, "sparsity": 0.9}],
+     "masked_gemm": [{"M": 128, "K": 4096, "N": 4096, "keep": 0.1}],
+     "elementwise": [{"n": 16777216}]}
+
+  Each problem carries its op's shape class, so the tuner can keep a per-class winner,
+  and its reference, which every candidate configuration is checked against.
+
+The DSG benchmark shapes are declared here once (:data:`DSG_VMM_SHAPES`,
+:data:`DSG_GEMM_SHAPES`); the convolution layers in :mod:`pysparsecl.testing.cases`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cl_array
+
+from .reference import (
+    conv2d_masked_reference,
+    conv2d_reference,
+    drs_conv_mask_reference,
+    drs_scores_reference,
+    masked_matmul_backward_reference,
+    masked_matmul_reference,
+    relative_error,
+    relu_bn_reference,
+    topk_mask_reference,
+)
+
+
+def relative_error_check(tol: float = 1e-4) -> Callable[[np.ndarray, np.ndarray], str]:
+    """A check that fails when ||got - ref|| / ||ref|| reaches ``tol``."""
+    def check(got: np.ndarray, ref: np.ndarray) -> str:
+        ref = ref.astype(np.float64)
+        denom = np.linalg.norm(ref) or 1.0
+        err = np.linalg.norm(got.astype(np.float64) - ref) / denom
+        return "" if err < tol else f"relative error {err:.2e}"
+    return check
+
+
+def selection_check(max_fraction: float = 0.005) -> Callable[[np.ndarray, np.ndarray], str]:
+    """A check for masks: other tile shapes sum the estimates in another order, which may
+    swap near-tied entries at the top-k boundary; more than ``max_fraction`` is a bug."""
+    def check(got: np.ndarray, ref: np.ndarray) -> str:
+        if got.shape != ref.shape:
+            return f"shape {got.shape} instead of {ref.shape}"
+        differ = float(np.mean(got != ref))
+        return "" if differ <= max_fraction else f"{differ:.2%} of the selection differs"
+    return check
+
+
+@dataclass
+class Problem:
+    """One timed launch: ``launch(events)`` runs the op, appends its OpenCL events to
+    ``events`` and returns its output; ``reference()`` gives the float64 result from the
+    host inputs (:mod:`pysparsecl.testing.reference`), which every candidate configuration
+    is checked against with ``check(got, reference)`` ("" or a reason)."""
+    label: str
+    launch: Callable[[list], object]
+    reference: Callable[[], np.ndarray]
+    shape_class: Optional[str] = None
+    check: Callable[[np.ndarray, np.ndarray], str] = relative_error_check()
+    #: The problem's weight in a candidate's score (the weighted sum of its times), so
+    #: that problems whose work differs many-fold count alike.
+    weight: float = 1.0
+
+
+class ShapesError(ValueError):
+    """A shapes file or entry the tuner cannot use."""
+
+
+def _is_gpu(queue: cl.CommandQueue) -> bool:
+    return bool(queue.device.type & cl.device_type.GPU)
+
+
+def _fields(entry: dict, family: str, required: Sequence[str], optional: dict) -> dict:
+    if not isinstance(entry, dict):
+        raise ShapesError(f"{family}: each shape must be an object, got {entry!r}")
+    unknown = set(entry) - set(required) - set(optional)
+    missing = [k for k in required if k not in entry]
+    if unknown or missing:
+        raise ShapesError(f"{family}: shape {entry} has unknown keys {sorted(unknown)} or "
+                          f"lacks {missing}; keys: {list(required)} + {sorted(optional)}")
+    values = {**optional, **entry}
+    for key, value in values.items():
+        if key in ("keep", "sparsity"):
+            if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+                raise ShapesError(f"{family}: {key} must be in [0, 1], got {value!r}")
+        elif key in ("kernel", "stride", "padding"):
+            pair = (value, value) if isinstance(value, int) else tuple(value)
+            if len(pair) != 2 or not all(isinstance(v, int) and v >= 0 for v in pair):
+                raise ShapesError(f"{family}: {key} must be an int or [h, w], got {value!r}")
+            values[key] = pair
+        elif not (isinstance(value, int) and value > 0):
+            raise ShapesError(f"{family}: {key} must be a positive integer, got {value!r}")
+    return values
+
+
+def _conv_case(entry: dict, family: str, fraction: str, default: float):
+    """A shapes-file convolution entry as (ConvCase, its ``fraction`` value): N, C, H, W, K,
+    optional kernel, stride, padding (3, 1, 1) and ``fraction`` (``default``)."""
+    from .cases import ConvCase
+    v = _fields(entry, family, ("N", "C", "H", "W", "K"),
+                {"kernel": 3, "stride": 1, "padding": 1, fraction: default})
+    return (ConvCase(v["N"], v["C"], v["H"], v["W"], v["K"], kernel=v["kernel"],
+                     stride=v["stride"], padding=v["padding"]), v[fraction])
+
+
+# ---------------------------------------------------------------------------------------------
+# Direct sparse convolution and elementwise
+
+def _conv2d_problems(queue, rng, quick, shapes) -> List[Problem]:
+    from .. import SparseConvWeight, conv2d_sparse
+    from ..ops.conv2d import conv2d_shape_class
+    from .cases import RESNET50_LAYERS
+    if shapes is not None:
+        cases = [case.with_(sparsity=sparsity) for case, sparsity in
+                 (_conv_case(entry, "conv2d_csr", "sparsity", 0.9) for entry in shapes)]
+    elif quick:
+        cases = [c.with_(H=14, W=14, N=2, sparsity=0.9) for c in RESNET50_LAYERS[:2]]
+    else:   # the batches the targets name: 8 on CPUs, 32 on GPUs
+        batch = 32 if _is_gpu(queue) else 8
+        cases = [c.with_(N=batch, sparsity=0.9) for c in RESNET50_LAYERS[:4]]
+    problems = []
+    for case in cases:
+        x, w, csr, _ = case.make_inputs(rng)
+        x_dev = cl_array.to_device(queue, x)
+        weight = SparseConvWeight(csr, case.C, case.kernel, case.groups, queue)
+        kw = dict(stride=case.stride, padding=case.padding)
+        problems.append(Problem(
+            case.label(), lambda ev, x_dev=x_dev, weight=weight, kw=kw:
+            conv2d_sparse(x_dev, weight, events=ev, **kw),
+            lambda x=x, w=w, case=case: case.reference(x, w, None),
+            conv2d_shape_class(case.N, case.C // case.groups, case.output_hw, case.kernel,
+                               case.stride)))
+    return problems
+
+
+def _elementwise_problems(queue, rng, quick, shapes) -> List[Problem]:
+    from .. import add
+    sizes = [_fields(e, "elementwise", ("n",), {})["n"] for e in shapes] if shapes else \
+        [1 << (18 if quick else 24)]
+    problems = []
+    for n in sizes:
+        a_host, b_host = (rng.standard_normal(n, dtype=np.float32) for _ in range(2))
+        a, b = (cl_array.to_device(queue, v) for v in (a_host, b_host))
+        out = cl_array.empty_like(a)
+        problems.append(Problem(f"add float32 n={n}", lambda ev, a=a, b=b, out=out:
+                                add(a, b, out=out, events=ev),
+                                lambda a=a_host, b=b_host: a.astype(np.float64) + b))
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# DSG: masked products, backward, BatchNorm, masked convolution, the search
+
+#: (M, K, N) of the DSG benchmarks' fully connected layers.
+DSG_VMM_SHAPES = ((1, 4096, 4096), (1, 1024, 1024))
+DSG_GEMM_SHAPES = ((128, 4096, 4096), (4096, 1024, 1024), (1568, 2304, 256))
+
+
+def _matmul_shapes(family, shapes, quick, default, keeps=(0.1,)):
+    if shapes is not None:
+        return [tuple(_fields(e, family, ("M", "K", "N"), dict(keep=0.1))[k]
+                      for k in ("M", "K", "N", "keep")) for e in shapes]
+    if quick:   # one small problem, a single row for the VMM
+        return [(1 if default[0][0] == 1 else 64, 300, 500, 0.1)]
+    return [shape + (keep,) for shape in default for keep in keeps]
+
+
+def _matmul_inputs(queue, rng, m, k, n, keep):
+    """Device x, prepared weight and mask, and the host arrays they came from."""
+    from .. import MaskedLinearWeight
+    from ..ops.drs import keep_count
+    from .cases import row_masks
+    host = (rng.standard_normal((m, k), dtype=np.float32),
+            rng.standard_normal((k, n), dtype=np.float32),
+            row_masks(rng, m, n, keep_count(1.0 - keep, n))[0])
+    x, mask = (cl_array.to_device(queue, a) for a in (host[0], host[2]))
+    return x, MaskedLinearWeight(host[1], queue=queue), mask, host
+
+
+def _masked_matmul_problems(family, default, gpu_keeps=(0.1,)):
+    """Each shape at keep 0.1, and on GPUs at each keep ratio in ``gpu_keeps``, weighted by
+    0.1 / keep: the shape class does not know the keep ratio (a mask on the device is not
+    counted before launch), so its entry must serve every ratio, and the weights give each
+    ratio's time per selected output an equal say.  (The GPU GEMM's dense tiles are what
+    a denser mask tunes; on a CPU, its kernel has none, and 50% problems would stretch a
+    tuning run past its budget.)"""
+    def build(queue, rng, quick, shapes) -> List[Problem]:
+        from .. import masked_matmul
+        from ..ops.masked import masked_matmul_shape_class
+        keeps = gpu_keeps if _is_gpu(queue) else (0.1,)
+        problems = []
+        for m, k, n, keep in _matmul_shapes(family, shapes, quick, default, keeps):
+            x, weight, mask, host = _matmul_inputs(queue, rng, m, k, n, keep)
+            problems.append(Problem(
+                f"{m}x{k}x{n} keep {keep:g}",
+                lambda ev, x=x, weight=weight, mask=mask:
+                masked_matmul(x, weight, mask, events=ev),
+                lambda host=host: masked_matmul_reference(*host),
+                masked_matmul_shape_class(m, k, n), weight=0.1 / keep))
+        return problems
+    return build
+
+
+def _masked_backward_problems(family):
+    def build(queue, rng, quick, shapes) -> List[Problem]:
+        from .. import masked_matmul_backward
+        problems = []
+        for m, k, n, keep in _matmul_shapes(family, shapes, quick, DSG_GEMM_SHAPES[1:]):
+            x, weight, mask, host = _matmul_inputs(queue, rng, m, k, n, keep)
+            dy_host = rng.standard_normal((m, n), dtype=np.float32)
+            dy = cl_array.to_device(queue, dy_host)
+            idx = 0 if family == "masked_dx" else 1
+
+            def launch(ev, dy=dy, x=x, weight=weight, mask=mask, idx=idx):
+                return masked_matmul_backward(dy, x, weight, mask, events=ev)[idx]
+            problems.append(Problem(
+                f"{m}x{k}x{n} keep {keep:g}", launch,
+                lambda dy=dy_host, host=host, idx=idx:
+                masked_matmul_backward_reference(dy, *host)[idx]))
+        return problems
+    return build
+
+
+def _conv_cases(family, shapes, quick, queue):
+    from .cases import RESNET50_LAYERS
+    if shapes is not None:
+        return [_conv_case(entry, family, "keep", 0.1) for entry in shapes]
+    if quick:
+        return [(RESNET50_LAYERS[1].with_(N=2, H=14, W=14), 0.1)]
+    batch = 32 if _is_gpu(queue) else 8
+    return [(c.with_(N=batch), 0.1) for c in RESNET50_LAYERS[1:4]]
+
+
+def _masked_conv_problems(family):
+    def build(queue, rng, quick, shapes) -> List[Problem]:
+        from .. import conv2d_masked
+        problems = []
+        for case, keep in _conv_cases(family, shapes, quick, queue):
+            x, w, _, _ = case.with_(sparsity=0.0).make_inputs(rng)
+            oh, ow = case.output_hw
+            plane = (oh, ow) if family == "masked_conv" else (1, 1)
+            mask = rng.random((case.N, case.K) + plane) < keep
+            x_dev, w_dev, mask_dev = (cl_array.to_device(queue, a) for a in (x, w, mask))
+            kw = dict(stride=case.stride, padding=case.padding)
+            full = np.broadcast_to(mask, (case.N, case.K) + case.output_hw)
+            problems.append(Problem(
+                f"{case.label()} keep {keep:g}",
+                lambda ev, x_dev=x_dev, w_dev=w_dev, mask_dev=mask_dev, kw=kw:
+                conv2d_masked(x_dev, w_dev, mask_dev, events=ev, **kw),
+                lambda x=x, w=w, full=full, case=case:
+                conv2d_masked_reference(x, w, full, case.stride, case.padding)))
+        return problems
+    return build
+
+
+def _masked_bn_problems(queue, rng, quick, shapes) -> List[Problem]:
+    from .. import masked_relu_bn
+    if shapes is not None:
+        dims = [tuple(_fields(e, "masked_bn", ("N", "C", "H", "W"), {})[k]
+                      for k in ("N", "C", "H", "W")) for e in shapes]
+    else:
+        dims = [(2, 16, 14, 14)] if quick else [(32 if _is_gpu(queue) else 8, 128, 28, 28),
+                                                (128, 4096, 1, 1)]
+    problems = []
+    for n, c, h, w in dims:
+        shape = (n, c, h, w) if h * w > 1 else (n, c)
+        y_host, mask_host = rng.standard_normal(shape, dtype=np.float32), rng.random(shape) < 0.1
+        y, mask = (cl_array.to_device(queue, a) for a in (y_host, mask_host))
+        gamma, beta, mean = (rng.standard_normal(c, dtype=np.float32) for _ in range(3))
+        var = rng.random(c, dtype=np.float32) + 0.5
+        for training in (False, True):
+            stats = (None, None) if training else (mean, var)
+
+            def launch(ev, y=y, mask=mask, gamma=gamma, beta=beta, stats=stats, t=training):
+                out = masked_relu_bn(y, mask, gamma, beta, *stats, training=t, events=ev)
+                return out[0] if t else out   # training also returns the batch statistics
+
+            def reference(y=y_host, mask=mask_host, gamma=gamma, beta=beta, stats=stats,
+                          t=training):
+                out = relu_bn_reference(y, mask, gamma, beta, *stats)
+                return out[0] if t else out
+            problems.append(Problem(
+                f"{'x'.join(map(str, shape))} {'training' if training else 'inference'}",
+                launch, reference, check=relative_error_check(1e-3 if training else 1e-4)))
+    return problems
+
+
+_FEW_ROWS = [(1, 4096, 4096, 0.1), (4, 1024, 1024, 0.1)]
+
+
+def _drs_problems(family):
+    """The search on the GEMM shapes (its scores, top-k and row projection), or on a few
+    rows (the fused one-launch kernel; the routine's threshold for it sees both).  The
+    projections also time the weight's, and drs_project the convolution windows'."""
+    def build(queue, rng, quick, shapes) -> List[Problem]:
+        from .. import MaskedLinearWeight, SparseRandomProjection, drs_mask, drs_mask_conv2d
+        from ..ops.drs import PROJECT_WINDOWS, keep_count, project_shape_class
+        projection = family in ("drs_project", "drs_project_split")
+        if shapes is None and not quick and family == "drs_fused":
+            dims = list(_FEW_ROWS)
+        else:
+            dims = _matmul_shapes(family, shapes, quick, DSG_GEMM_SHAPES)
+            if quick and family == "drs_fused":
+                dims = [(1,) + dims[0][1:]]
+            elif shapes is None and family == "drs_mask_routine":
+                dims += _FEW_ROWS[:1] if quick else _FEW_ROWS
+        problems = []
+        for m, k, n, keep in dims:
+            x_host = rng.standard_normal((m, k), dtype=np.float32)
+            x = cl_array.to_device(queue, x_host)
+            w = rng.standard_normal((k, n), dtype=np.float32)
+            proj = SparseRandomProjection(k, seed=1, queue=queue)
+            weight = MaskedLinearWeight(w, queue=queue)
+            if projection:   # the weight's projection is timed too
+                problems.append(Problem(
+                    f"project w {k}x{n}", lambda ev, proj=proj, weight=weight:
+                    proj.project_weight(weight, events=ev).to_numpy(),
+                    lambda proj=proj, w=w: proj.scale * (proj.matrix() @ w.astype(np.float64)),
+                    shape_class=project_shape_class(None, k)))
+            pw = proj.project_weight(weight)
+            problems.append(Problem(
+                f"search {m}x{k}x{n} keep {keep:g}",
+                lambda ev, x=x, pw=pw, keep=keep:
+                drs_mask(x, None, 1.0 - keep, projection=pw, events=ev),
+                lambda x=x_host, w=w, proj=proj, keep=keep: topk_mask_reference(
+                    drs_scores_reference(x, w, proj.matrix().toarray(), proj.scale),
+                    keep_count(1.0 - keep, w.shape[1])),
+                shape_class=project_shape_class(m, k) if projection else None,
+                check=selection_check()))
+        if family == "drs_project" and shapes is None:
+            # The convolution windows' projection (ResNet-50 res3 3x3, batch 1 or 8).
+            n_img = 1 if quick else (8 if not _is_gpu(queue) else 32)
+            x = rng.standard_normal((n_img, 128, 28, 28), dtype=np.float32)
+            w = rng.standard_normal((128, 128, 3, 3), dtype=np.float32)
+            problems.append(Problem(
+                f"conv windows {n_img}x128x28x28 3x3",
+                lambda ev, x=x, w=w: drs_mask_conv2d(x, w, 0.9, padding=1, seed=1, events=ev),
+                lambda x=x, w=w: _conv_search_reference(x, w, 0.9, seed=1),
+                shape_class=PROJECT_WINDOWS, check=selection_check()))
+        return problems
+    return build
+
+
+def _conv_search_reference(x, w, sparsity, seed):
+    """drs_mask_conv2d's mask (3x3, padding 1) from the float64 reference, with the random
+    matrix R of the projection the op builds from ``seed``."""
+    from .. import SparseRandomProjection
+    from ..ops.drs import keep_count
+    proj = SparseRandomProjection(w[0].size, seed=seed)
+    return drs_conv_mask_reference(x, w, keep_count(sparsity, w.shape[0]),
+                                   proj.matrix().toarray(), proj.scale, padding=(1, 1))
+
+
+#: Families the tuner can exercise, each with its problem driver.
+TUNABLES: Dict[str, Callable[..., List[Problem]]] = {
+    "conv2d_csr": _conv2d_problems,
+    "elementwise": _elementwise_problems,
+    "masked_vmm": _masked_matmul_problems("masked_vmm", DSG_VMM_SHAPES),
+    "masked_vmm_split": _masked_matmul_problems("masked_vmm_split", DSG_VMM_SHAPES),
+    "masked_vmm_routine": _masked_matmul_problems("masked_vmm_routine", DSG_VMM_SHAPES),
+    "masked_gemm": _masked_matmul_problems("masked_gemm", DSG_GEMM_SHAPES, gpu_keeps=(0.1, 0.5)),
+    "masked_gemm_tiled": _masked_matmul_problems("masked_gemm_tiled", DSG_GEMM_SHAPES,
+                                                 gpu_keeps=(0.1, 0.5)),
+    "masked_gemm_routine": _masked_matmul_problems("masked_gemm_routine", DSG_GEMM_SHAPES,
+                                                   gpu_keeps=(0.1, 0.5)),
+    "masked_dx": _masked_backward_problems("masked_dx"),
+    "masked_dw": _masked_backward_problems("masked_dw"),
+    "masked_bn": _masked_bn_problems,
+    "masked_conv": _masked_conv_problems("masked_conv"),
+    "masked_conv_channels": _masked_conv_problems("masked_conv_channels"),
+    "drs_project": _drs_problems("drs_project"),
+    "drs_project_split": _drs_problems("drs_project_split"),
+    "drs_scores": _drs_problems("drs_scores"),
+    "drs_fused": _drs_problems("drs_fused"),
+    "drs_topk": _drs_problems("drs_topk"),
+    "drs_topk_team": _drs_problems("drs_topk_team"),
+    "drs_mask_routine": _drs_problems("drs_mask_routine"),
+}
+
+
+def read_shapes_file(path) -> Dict[str, list]:
+    """The ``--shapes`` file: a JSON object mapping family names to lists of shapes."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ShapesError(f"cannot read shapes file {path}: {exc}") from exc
+    if not isinstance(data, dict) or not all(isinstance(v, list) and v for v in data.values()):
+        raise ShapesError(f"shapes file {path} must map family names to non-empty lists")
+    unknown = sorted(set(data) - set(TUNABLES))
+    if unknown:
+        raise ShapesError(f"shapes file {path} names unknown families {unknown}; "
+                          f"tunable: {sorted(TUNABLES)}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Small problems: every branch of every family, for the tests and `make verify`
+
+def small_problems():
+    """family -> [(label, run)]: small problems that reach every branch of the family's
+    kernels, ``run(rng, queue=None)`` running the op on fresh random data and raising
+    AssertionError when it disagrees with the float64 reference.  ``make verify`` runs
+    them under Oclgrind for sampled tile configurations, and the tests on every device."""
+    import scipy.sparse as sp
+
+    import pysparsecl as ps
+
+    from ..ops.drs import keep_count
+
+    tol = 1e-4
+
+    def close(result, reference, what):
+        err = relative_error(result, reference)
+        if not err <= tol:
+            raise AssertionError(f"{what}: relative error {err:.3g} > {tol}")
+
+    def conv(n, c, h, w_, k, r, stride, pad, dil, groups, empty, bias, relu=False,
+             residual=False):
+        def run(rng, queue=None):
+            x = rng.standard_normal((n, c, h, w_), dtype=np.float32)
+            w = rng.standard_normal((k, c // groups, r, r), dtype=np.float32)
+            w[rng.random(w.shape) < 0.6] = 0
+            w[:empty] = 0                                       # empty CSR rows
+            b = rng.standard_normal(k, dtype=np.float32) if bias else None
+            want = conv2d_reference(x, w, b, (stride,) * 2, (pad,) * 2, (dil,) * 2, groups)
+            res = rng.standard_normal(want.shape, dtype=np.float32) if residual else None
+            y = ps.conv2d_sparse(x, sp.csr_matrix(w.reshape(k, -1)), b, kernel_size=r,
+                                 stride=stride, padding=pad, dilation=dil, groups=groups,
+                                 activation="relu" if relu else None, residual=res,
+                                 queue=queue)
+            if residual:
+                want = want + res
+            close(y, np.maximum(want, 0) if relu else want, "conv2d_sparse")
+        return run
+
+    def row_mask(rng, m, n, form, empty, full=False):
+        """A third of each row's columns (all of them if ``full``): int32 indices ("idx") or
+        a bool mask whose first ``empty`` rows select nothing."""
+        idx = np.argsort(rng.random((m, n)), axis=1)[:, :n if full else max(1, n // 3)]
+        if form == "idx":
+            return idx.astype(np.int32)
+        mask = np.zeros((m, n), bool)
+        np.put_along_axis(mask, idx, True, axis=1)
+        mask[:empty] = False
+        return mask
+
+    def matmul(m, k, n, form, empty=0, vector=False, full=False):
+        def run(rng, queue=None):
+            x = rng.standard_normal((m, k), dtype=np.float32)
+            w = rng.standard_normal((k, n), dtype=np.float32)
+            mask = row_mask(rng, m, n, form, empty, full)
+            if vector:
+                x, mask = x[0], mask[0]
+            close(ps.masked_matmul(x, w, mask, queue=queue), masked_matmul_reference(x, w, mask),
+                  "masked_matmul")
+        return run
+
+    def compact_first(run):
+        """``run`` with the split VMM's bool list made by pscl_bool_compact, not in-kernel."""
+        from pysparsecl import tuning
+
+        def patched(rng, queue=None):
+            with tuning.override("masked_vmm_routine", LIST_IN_KERNEL_MAX_N=0):
+                run(rng, queue)
+        return patched
+
+    def backward(m, k, n, form, empty=0):
+        def run(rng, queue=None):
+            x = rng.standard_normal((m, k), dtype=np.float32)
+            w = rng.standard_normal((k, n), dtype=np.float32)
+            mask = row_mask(rng, m, n, form, empty)
+            dy = rng.standard_normal(mask.shape, dtype=np.float32)  # compact for idx masks
+            dx, dw = ps.masked_matmul_backward(dy, x, w, mask, queue=queue)
+            rdx, rdw = masked_matmul_backward_reference(dy, x, w, mask)
+            close(dx, rdx, "masked_matmul_backward dx")
+            close(dw, rdw, "masked_matmul_backward dw")
+        return run
+
+    def bn(shape, training):
+        def run(rng, queue=None):
+            y = rng.standard_normal(shape, dtype=np.float32)
+            mask = rng.random(shape) < 0.5
+            mask[:, 0] = False                                   # a channel with nothing
+            c = shape[1]
+            g, b = (rng.standard_normal(c, dtype=np.float32) for _ in range(2))
+            if training:
+                out, mean, var = ps.masked_relu_bn(y, mask, g, b, training=True,
+                                                    queue=queue)
+                rout, rmean, rvar = relu_bn_reference(y, mask, g, b)
+                close(out, rout, "masked_relu_bn out")
+                close(mean, rmean, "masked_relu_bn mean")
+                close(var, rvar, "masked_relu_bn var")
+            else:
+                mean = rng.standard_normal(c, dtype=np.float32)
+                var = rng.random(c, dtype=np.float32) + 0.5
+                close(ps.masked_relu_bn(y, mask, g, b, mean, var, queue=queue),
+                      relu_bn_reference(y, mask, g, b, mean, var), "masked_relu_bn")
+        return run
+
+    def masked_conv(n, c, h, w_, k, r, stride, pad, dil, channels):
+        def run(rng, queue=None):
+            x = rng.standard_normal((n, c, h, w_), dtype=np.float32)
+            w = rng.standard_normal((k, c, r, r), dtype=np.float32)
+            oh = (h + 2 * pad - dil * (r - 1) - 1) // stride + 1
+            ow = (w_ + 2 * pad - dil * (r - 1) - 1) // stride + 1
+            if channels:
+                mask = rng.random((n, k, 1, 1)) < 0.5
+                mask[0] = False                                  # a sample with nothing
+                full = np.broadcast_to(mask, (n, k, oh, ow))
+            else:
+                mask = full = rng.random((n, k, oh, ow)) < 0.4
+            y = ps.conv2d_masked(x, w, mask, stride, pad, dil, queue=queue)
+            close(y, conv2d_masked_reference(x, w, full, (stride,) * 2, (pad,) * 2, (dil,) * 2),
+                  "conv2d_masked")
+        return run
+
+    def search(m, d, n, k, sparsity, compact):
+        def run(rng, queue=None):
+            x = rng.standard_normal((m, d), dtype=np.float32)
+            w = rng.standard_normal((d, n), dtype=np.float32)
+            proj = ps.SparseRandomProjection(d, k=k, seed=5, queue=queue)
+            mask = ps.drs_mask(x, w, sparsity, projection=proj, compact=compact)
+            n_keep = keep_count(sparsity, n)
+            if compact:
+                dense = np.zeros((m, n), bool)
+                np.put_along_axis(dense, mask.astype(np.int64), True, axis=1)
+            else:
+                dense = mask
+            if not np.array_equal(dense.sum(1), np.full(m, n_keep)):
+                raise AssertionError("drs_mask: wrong number of kept entries per row")
+            scores = drs_scores_reference(x, w, proj.matrix().toarray(), proj.scale)
+            slack = 1e-4 * np.abs(scores).max(axis=1)
+            kth = -np.sort(-scores, axis=1)[:, n_keep - 1]
+            if not (np.all(np.where(dense, scores, np.inf) >= (kth - slack)[:, None]) and
+                    np.all(np.where(dense, -np.inf, scores) <= (kth + slack)[:, None])):
+                raise AssertionError("drs_mask: kept entries are not the largest scores")
+        return run
+
+    def search_conv(rng, queue=None):
+        x = rng.standard_normal((1, 2, 4, 5), dtype=np.float32)
+        w = rng.standard_normal((6, 2, 3, 3), dtype=np.float32)
+        mask = ps.drs_mask_conv2d(x, w, 0.5, padding=1, seed=3, queue=queue)
+        if mask.shape != (1, 6, 4, 5) or not np.all(mask.sum(1) == keep_count(0.5, 6)):
+            raise AssertionError("drs_mask_conv2d: wrong number of kept channels")
+
+    def elementwise(rng, queue=None):
+        a = rng.standard_normal((3, 1, 37), dtype=np.float32)
+        b = rng.standard_normal((4, 37), dtype=np.float32)
+        m = rng.random((3, 4, 1)) < 0.5
+        close(ps.add(a, b, queue=queue), a.astype(np.float64) + b, "add")
+        close(ps.mul(a, b, queue=queue), a.astype(np.float64) * b, "mul")
+        close(ps.axpby(2.0, a, -0.5, b, queue=queue), 2.0 * a.astype(np.float64) - 0.5 * b, "axpby")
+        ref = np.where(m, np.maximum(a.astype(np.float64) + b, 0), 0)
+        close(ps.add_relu(a, b, mask=m, queue=queue), ref, "add_relu masked")
+        ai = rng.integers(-1000, 1000, (5, 1), dtype=np.int32)
+        bi = rng.integers(-1000, 1000, (1, 300), dtype=np.int32)
+        if not np.array_equal(ps.add(ai, bi, queue=queue), ai + bi):
+            raise AssertionError("add int32")
+        t = rng.standard_normal((6, 9), dtype=np.float32)
+        close(ps.add(t.T, 1.5, queue=queue), t.T.astype(np.float64) + 1.5, "add strided")
+
+    conv_loads = [
+        ("conv 1x3x5x7 K5 3x3 p1, 2 empty rows", conv(1, 3, 5, 7, 5, 3, 1, 1, 1, 1, 2, False)),
+        ("conv 2x4x6x5 K6 3x3 s2 p1 g2 bias", conv(2, 4, 6, 5, 6, 3, 2, 1, 1, 2, 1, True)),
+        ("conv 1x2x7x6 K3 3x3 d2 p2", conv(1, 2, 7, 6, 3, 3, 1, 2, 2, 1, 0, False)),
+        ("conv 1x5x3x3 K17 1x1", conv(1, 5, 3, 3, 17, 1, 1, 0, 1, 1, 3, True)),
+        # the fused epilogue: + residual, then ReLU, in every store path the entry selects
+        ("conv 2x3x5x7 K5 3x3 p1 bias+residual+relu",
+         conv(2, 3, 5, 7, 5, 3, 1, 1, 1, 1, 1, True, relu=True, residual=True)),
+        ("conv 1x4x6x5 K4 3x3 s2 p1 relu", conv(1, 4, 6, 5, 4, 3, 2, 1, 1, 1, 0, False,
+                                                relu=True)),
+        ("conv 1x6x3x3 K7 1x1 residual", conv(1, 6, 3, 3, 7, 1, 1, 0, 1, 1, 0, False,
+                                              residual=True)),
+    ]
+    vmm = [("vmm 1x37x29 bool", matmul(1, 37, 29, "bool")),
+           ("vmm 1-D 37x29 idx", matmul(1, 37, 29, "idx", vector=True)),
+           ("vmm 1x5x3 bool", matmul(1, 5, 3, "bool"))]
+    gemm = [("gemm 5x37x29 bool, 2 empty rows", matmul(5, 37, 29, "bool", 2)),
+            ("gemm 7x19x48 idx", matmul(7, 19, 48, "idx"))]
+    project = [("drs 9x40x30 k7 (projected)", search(9, 40, 30, 7, 0.7, False))]
+    topk = [("drs 3x33x50 k6", search(3, 33, 50, 6, 0.8, False)),
+            ("drs 9x20x300 k5 compact", search(9, 20, 300, 5, 0.95, True))]
+    return {
+        "conv2d_csr": conv_loads,
+        "masked_vmm": vmm,
+        "masked_vmm_split": vmm + [
+            # the in-kernel scan of a bool row in several steps, and the compaction kernel
+            ("vmm 1x9x600 bool", matmul(1, 9, 600, "bool")),
+            ("vmm 1x37x29 bool, compacted first", compact_first(matmul(1, 37, 29, "bool")))],
+        "masked_gemm": gemm,
+        "masked_gemm_tiled": gemm + [
+            # N % 16 == 0: the selection is read 16 at a time
+            ("gemm 9x21x64 bool", matmul(9, 21, 64, "bool")),
+            # dense enough for the dense tiles (DENSE > 0)
+            ("gemm 45x37x70 all selected", matmul(45, 37, 70, "bool", full=True))],
+        "masked_dx": [("backward 5x37x29 bool, 1 empty row", backward(5, 37, 29, "bool", 1)),
+                      ("backward 3x17x40 idx", backward(3, 17, 40, "idx")),
+                      ("backward 1x9x7 bool", backward(1, 9, 7, "bool"))],
+        "masked_bn": [("bn (2,3,4,5) inference", bn((2, 3, 4, 5), False)),
+                      ("bn (2,3,4,5) training", bn((2, 3, 4, 5), True)),
+                      ("bn (6,37) training", bn((6, 37), True)),
+                      ("bn (6,37) inference", bn((6, 37), False))],
+        "masked_conv": [("masked conv 1x3x5x6 K4 3x3 p1", masked_conv(1, 3, 5, 6, 4, 3, 1, 1, 1,
+                                                                      False)),
+                        ("masked conv 2x2x7x5 K5 3x3 s2 d1", masked_conv(2, 2, 7, 5, 5, 3, 2, 0,
+                                                                         1, False))],
+        "masked_conv_channels": [("channel-masked conv 2x3x5x6 K5 3x3 p1",
+                                  masked_conv(2, 3, 5, 6, 5, 3, 1, 1, 1, True)),
+                                 ("channel-masked conv 2x2x6x7 K19 3x3 s2 d2 p2",
+                                  masked_conv(2, 2, 6, 7, 19, 3, 2, 2, 2, True))],
+        # (the convolution windows' projection runs under drs_project's parameters too)
+        "drs_project": project + [("drs_mask_conv2d 1x2x4x5 K6", search_conv)],
+        "drs_project_split": project,
+        "drs_scores": [("drs 9x40x30 k7 compact", search(9, 40, 30, 7, 0.7, True)),
+                       ("drs 6x20x70 k5", search(6, 20, 70, 5, 0.9, False))],
+        "drs_fused": [("drs 1x40x30 k7", search(1, 40, 30, 7, 0.5, False)),
+                      ("drs 2x20x70 k5 compact", search(2, 20, 70, 5, 0.9, True))],
+        "drs_topk": topk + [("drs_mask_conv2d 1x2x4x5 K6", search_conv)],
+        "drs_topk_team": topk + [("drs_mask_conv2d 1x2x4x5 K6", search_conv)],
+        "elementwise": [("add/mul/axpby/add_relu, broadcast, mask, int32, strided",
+                         elementwise)],
+    }
