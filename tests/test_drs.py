@@ -9,6 +9,14 @@ from conftest import SAMPLE_WG_LIMIT
 
 import pysparsecl as ps
 from pysparsecl import runtime
+from pysparsecl.families import (
+    drs_fused,
+    drs_project,
+    drs_project_split,
+    drs_scores,
+    drs_topk,
+    drs_topk_team,
+)
 from pysparsecl.ops.drs import (
     DRS_FUSED,
     DRS_PROJECT,
@@ -20,7 +28,6 @@ from pysparsecl.ops.drs import (
     default_k,
     keep_count,
     project_shape_class,
-    template_args,
 )
 from pysparsecl.testing.cases import ConvCase
 from pysparsecl.testing.reference import drs_scores_reference, relative_error, topk_mask_reference
@@ -346,10 +353,15 @@ def test_every_tile_configuration_is_correct(queue, rng, family, params):
 
 
 def test_defaults_render_and_build(queue):
-    for kind, extra in (("project", {}), ("project", dict(TRANSPOSED=1)), ("scores", {}),
-                        ("fused", {}), ("topk", {}), ("topk", dict(COMPACT=1)), ("util", {})):
-        source = runtime.render("drs.cl.mako", **template_args(kind, **extra))
-        runtime.build_program(queue.context, source)
+    for family, variants in ((drs_project, ({}, dict(transposed=True))),
+                             (drs_project_split, ({}, dict(transposed=True))),
+                             (drs_scores, ({},)), (drs_fused, ({},)),
+                             (drs_topk, ({}, dict(compact=True), dict(plane=True))),
+                             (drs_topk_team, ({}, dict(compact=True), dict(plane=True)))):
+        for variant in variants:
+            args = family.template_args(family.SPEC.defaults(), **variant)
+            runtime.build_program(queue.context, runtime.render(family.TEMPLATE, **args))
+    runtime.build_program(queue.context, runtime.render("drs.cl.mako", KIND="util"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,8 +11,17 @@ from conftest import SAMPLE_WG_LIMIT
 
 import pysparsecl as ps
 from pysparsecl import runtime
-from pysparsecl.ops.masked import (
+from pysparsecl.families import (
     LOCAL_MEM_BYTES,
+    masked_dw,
+    masked_dx,
+    masked_gemm,
+    masked_gemm_tiled,
+    masked_util,
+    masked_vmm,
+    masked_vmm_split,
+)
+from pysparsecl.ops.masked import (
     MASKED_BN,
     MASKED_DW,
     MASKED_DX,
@@ -22,9 +31,6 @@ from pysparsecl.ops.masked import (
     MASKED_VMM,
     MASKED_VMM_ROUTINE,
     MASKED_VMM_SPLIT,
-    gemm_local_bytes,
-    template_args,
-    vmm_local_bytes,
 )
 from pysparsecl.params import InvalidParamsError
 from pysparsecl.testing.reference import (
@@ -266,9 +272,9 @@ def test_gpu_variants_fit_local_memory_and_render():
     """Every configuration of the GPU-shaped kernels fits 32 KiB of local memory, and the
     tiled GEMM renders its split-K sum exactly when it splits K; the op's routine, not a
     tile parameter, chooses these kernels (index 0, the spec default, is the CPU kernel)."""
-    for spec, local_bytes in ((MASKED_VMM_SPLIT, vmm_local_bytes),
-                              (MASKED_GEMM_TILED, gemm_local_bytes)):
-        assert all(local_bytes(c) <= LOCAL_MEM_BYTES for c in spec.candidates())
+    for family in (masked_vmm_split, masked_gemm_tiled):
+        assert all(family.local_bytes(c) <= LOCAL_MEM_BYTES
+                   for c in family.SPEC.candidates())
     for routine, cpu, gpu in ((MASKED_VMM_ROUTINE, MASKED_VMM, MASKED_VMM_SPLIT),
                               (MASKED_GEMM_ROUTINE, MASKED_GEMM, MASKED_GEMM_TILED)):
         defaults = routine.spec.defaults()
@@ -280,11 +286,10 @@ def test_gpu_variants_fit_local_memory_and_render():
         for split in (1, 2):
             params = MASKED_GEMM_TILED.check(dict(TILE=64, WG=256, SPLITK=split))
             source = runtime.render("masked_gemm.cl.mako",
-                                    **template_args("gemm_tiled", dict(params, ALIGNED=1,
-                                                                       MASK_ALIGNED=1), form))
+                                    **masked_gemm_tiled.template_args(params, form, True, True))
             assert "pscl_masked_gemm_tiled" in source and "pscl_masked_vmm" not in source
             assert ("pscl_gemm_splitk_sum" in source) == (split > 1)
-            assert f"__local float4 lds[{gemm_local_bytes(params) // 16}]" in source
+            assert f"__local float4 lds[{masked_gemm_tiled.local_bytes(params) // 16}]" in source
 
 
 @pytest.mark.parametrize("form", ["bool", "idx"])
@@ -367,18 +372,17 @@ def test_zero_sizes(queue, rng):
 
 
 def test_defaults_render_and_build(queue):
-    for kind, spec, forms in (("vmm", MASKED_VMM, ("bool", "idx")),
-                              ("vmm_split", MASKED_VMM_SPLIT, ("bool", "idx")),
-                              ("gemm", MASKED_GEMM, ("bool", "slot")),
-                              ("gemm_tiled", MASKED_GEMM_TILED, ("bool", "slot"))):
+    """Every masked-product family, in every selection form, and the helper kernels."""
+    for family, forms in ((masked_vmm, ("bool", "idx")), (masked_vmm_split, ("bool", "idx")),
+                          (masked_gemm, ("bool", "slot")),
+                          (masked_gemm_tiled, ("bool", "slot")),
+                          (masked_dx, ("bool", "idx")), (masked_dw, ("bool", "idx"))):
         for form in forms:
-            source = runtime.render("masked_gemm.cl.mako",
-                                    **template_args(kind, dict(spec.defaults(), ALIGNED=0),
-                                                    form))
-            assert f"pscl_masked_{kind}" in source
+            source = runtime.render(family.TEMPLATE,
+                                    **family.template_args(family.SPEC.defaults(), form))
+            assert f"pscl_{family.SPEC.family}" in source
             runtime.build_program(queue.context, source)
-    runtime.build_program(queue.context,
-                          runtime.render("masked_gemm.cl.mako", **template_args("util")))
+    runtime.build_program(queue.context, runtime.render(masked_util.TEMPLATE, KIND="util"))
 
 
 # ---------------------------------------------------------------------------------------------

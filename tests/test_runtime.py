@@ -142,9 +142,10 @@ def test_shipped_database_entries_are_valid():
 
 
 def test_device_local_memory_limit_drops_configurations():
-    from pysparsecl.ops.masked import MASKED_GEMM, MASKED_GEMM_TILED, gemm_local_bytes
+    from pysparsecl.families import masked_gemm_tiled
+    from pysparsecl.ops.masked import MASKED_GEMM, MASKED_GEMM_TILED
     tiled = dict(TILE=128, TILE_M=128, KC=32, GROUP=4, UNITS=1, WG=512, SPLITK=4)
-    need = gemm_local_bytes(MASKED_GEMM_TILED.check(tiled))
+    need = masked_gemm_tiled.local_bytes(MASKED_GEMM_TILED.check(tiled))
     assert MASKED_GEMM_TILED.check(tiled, max_local_memory=need)["TILE"] == 128
     with pytest.raises(InvalidParamsError, match="local_memory<="):
         MASKED_GEMM_TILED.check(tiled, max_local_memory=need - 1)

@@ -20,7 +20,16 @@ import pyopencl.array as cl_array
 import scipy.sparse as sp
 
 from .. import runtime, tuning
-from ..params import Choice, Constraint, ParamSpec, Routine, TileParam
+from ..families import (
+    drs_fused,
+    drs_project,
+    drs_project_split,
+    drs_scores,
+    drs_topk,
+    drs_topk_team,
+    masked_conv,
+)
+from ..params import Choice, Routine, TileParam
 from ._common import (
     INT32_MAX,
     check_alloc,
@@ -35,20 +44,13 @@ from ._common import (
     to_device,
 )
 from ._prepared import PreparedCache
-from .masked import (
-    LOCAL_MEM_BYTES,
-    MaskedLinearWeight,
-    _conv_geometry,
-    _pack_conv_input,
-    _weight_rows,
-    _weight_shape,
-)
+from .masked import MaskedLinearWeight, weight_rows, weight_shape
 
 __all__ = ["DRS_PROJECT", "DRS_PROJECT_SPLIT", "DRS_SCORES", "DRS_FUSED", "DRS_TOPK",
            "DRS_TOPK_TEAM", "DRS_ROUTINE", "JL_CONSTANT",
            "PROJECT_WEIGHT", "PROJECT_WINDOWS", "project_shape_class",
            "SparseRandomProjection", "ProjectedWeight", "drs_mask", "drs_mask_conv2d",
-           "default_k", "keep_count", "template_args"]
+           "default_k", "keep_count"]
 
 #: C in the default k = ceil(C * ln(d) / eps^2).  See :func:`default_k` for the choice.
 JL_CONSTANT = 2.0
@@ -67,124 +69,19 @@ def project_shape_class(n_rows: Optional[int], d: int) -> str:
         return PROJECT_WEIGHT
     return f"rows-m{tuning.pow2_floor(n_rows)}-d{tuning.pow2_floor(d)}"
 
-#: Padding of k (projection output) and N (projected weight columns): every candidate
-#: tile (VEC * KVEC, VEC * NVEC <= PAD) then reads whole vectors inside the buffers.
-PAD = 64
-
-
-def project_local_bytes(p) -> int:
-    """Local memory of the split rows' projection: DSPLIT partial (ROWS, VEC * KVEC) tiles."""
-    return 4 * p["DSPLIT"] * p["ROWS"] * p["VEC"] * p["KVEC"]
-
-
-_PROJECT_TILE = (
-    Constraint("tile_within_padding", lambda p: p["VEC"] * p["KVEC"] <= PAD,
-               "a work-item's k chunk must divide the padded k"),
-    Constraint("accumulators_fit_registers", lambda p: p["ROWS"] * p["KVEC"] <= 16,
-               "ROWS * KVEC vector accumulators must fit the register file"),
-)
-
-DRS_PROJECT = ParamSpec(
-    family="drs_project",
-    params=(
-        TileParam("VEC", 16, (4, 8, 16), "projected dimensions per vector (one FMA each)"),
-        TileParam("ROWS", 8, (1, 2, 4, 8), "input rows per work-item, sharing each load of R"),
-        TileParam("KVEC", 1, (1, 2, 4), "vectors of projected dimensions per work-item"),
-        TileParam("WG", 1, (1, 2, 4, 8, 16, 32, 64), "work-items per work-group"),
-    ),
-    constraints=_PROJECT_TILE,
-    work_group_size=lambda p: p["WG"],
-)
-
-DRS_PROJECT_SPLIT = ParamSpec(
-    family="drs_project_split",
-    params=(
-        TileParam("VEC", 4, (4, 8, 16), "projected dimensions per vector (one FMA each)"),
-        TileParam("ROWS", 8, (1, 2, 4, 8), "input rows per work-group, sharing each load of R"),
-        TileParam("KVEC", 2, (1, 2, 4), "vectors of projected dimensions per work-group"),
-        TileParam("DSPLIT", 64, (32, 64, 128, 256),
-                  "work-items sharing one output tile, each summing a d / DSPLIT share, "
-                  "reduced in local memory"),
-    ),
-    constraints=_PROJECT_TILE + (
-        Constraint("reduction_fits_local_memory",
-                   lambda p: project_local_bytes(p) <= LOCAL_MEM_BYTES,
-                   "the DSPLIT partial tiles fit 32 KiB of local memory"),
-    ),
-    work_group_size=lambda p: p["DSPLIT"],
-    local_memory=project_local_bytes,
-)
-
-DRS_SCORES = ParamSpec(
-    family="drs_scores",
-    params=(
-        TileParam("VEC", 16, (4, 8, 16), "output columns per vector (one FMA each)"),
-        TileParam("ROWS", 4, (1, 2, 4, 8), "rows per work-item, sharing each load of f(w)"),
-        TileParam("NVEC", 4, (1, 2, 4), "vectors of output columns per work-item"),
-        TileParam("WG", 1, (1, 2, 4, 8, 16, 32, 64), "work-items per work-group"),
-    ),
-    constraints=(
-        Constraint("tile_within_padding", lambda p: p["VEC"] * p["NVEC"] <= PAD,
-                   "a work-item's column chunk must divide the padded N"),
-        Constraint("accumulators_fit_registers", lambda p: p["ROWS"] * p["NVEC"] <= 16,
-                   "ROWS * NVEC vector accumulators must fit the register file"),
-    ),
-    work_group_size=lambda p: p["WG"],
-)
-
-DRS_FUSED = ParamSpec(
-    family="drs_fused",
-    params=(
-        TileParam("VEC", 16, (4, 8, 16), "projected dimensions / output columns per vector"),
-        TileParam("NVEC", 4, (1, 2, 4), "vectors of output columns per step"),
-        TileParam("ITEMS_PER_CU", 1, (1, 2, 4, 8),
-                  "work-items per compute unit over the columns of one row"),
-        TileParam("WG", 1, (1, 2, 4), "work-items per work-group"),
-    ),
-    constraints=(
-        Constraint("tile_within_padding", lambda p: p["VEC"] * p["NVEC"] <= PAD,
-                   "a column step must divide the padded N"),
-    ),
-    work_group_size=lambda p: p["WG"],
-)
-
-#: The fused kernel keeps the projected row in registers; beyond this k it spills.
-FUSED_MAX_K = 256
-
-DRS_TOPK = ParamSpec(
-    family="drs_topk",
-    params=(
-        TileParam("HIST_BITS", 9, (8, 9, 10, 11, 12),
-                  "top key bits binned by the first pass (capped near 2N bins for short "
-                  "rows)"),
-        TileParam("COPIES", 4, (1, 2, 4),
-                  "interleaved copies of the histogram (runs of one bin do not serialise)"),
-        TileParam("WG", 1, (1, 2, 4, 8, 16, 32, 64), "rows (work-items) per work-group"),
-    ),
-    work_group_size=lambda p: p["WG"],
-)
-
-
-def topk_team_local_bytes(p) -> int:
-    """Local memory of the team top-k: 256 bins, TEAM partial counts, 3 shared ints."""
-    return 4 * (256 + p["TEAM"] + 3)
-
-
-DRS_TOPK_TEAM = ParamSpec(
-    family="drs_topk_team",
-    params=(
-        TileParam("TEAM", 128, (64, 128, 256),
-                  "work-items per row, histograms in local memory"),
-    ),
-    work_group_size=lambda p: p["TEAM"],
-    local_memory=topk_team_local_bytes,
-)
+# Each kernel family is a module of its own (pysparsecl/families); the routine chooses.
+DRS_PROJECT = drs_project.SPEC
+DRS_PROJECT_SPLIT = drs_project_split.SPEC
+DRS_SCORES = drs_scores.SPEC
+DRS_FUSED = drs_fused.SPEC
+DRS_TOPK = drs_topk.SPEC
+DRS_TOPK_TEAM = drs_topk_team.SPEC
 
 DRS_ROUTINE = Routine(
     "drs_mask",
     (Choice("PROJECT_KERNEL", (DRS_PROJECT, DRS_PROJECT_SPLIT),
-            "the rows' projection: a work-item per tile (CPUs), or DSPLIT items sharing "
-            "the sum over d (GPUs)"),
+            "the projection: a work-item per tile (CPUs), or DSPLIT items sharing the sum "
+            "over d (GPUs)"),
      Choice("TOPK_KERNEL", (DRS_TOPK, DRS_TOPK_TEAM),
             "the top-k: a work-item per row (CPUs), or a work-group per row (GPUs)")),
     thresholds=(
@@ -194,22 +91,8 @@ DRS_ROUTINE = Routine(
     by_threshold={"drs_fused": {"FUSED_MAX_ROWS": 8}},
 )
 
-_SPECS = {"project": DRS_PROJECT, "project_split": DRS_PROJECT_SPLIT, "scores": DRS_SCORES,
-          "fused": DRS_FUSED, "topk": DRS_TOPK, "topk_team": DRS_TOPK_TEAM}
-
-
-def template_args(kind: str, params=None, **variant) -> dict:
-    """Everything drs.cl.mako renders from, for one ``kind`` of kernel (a family of
-    ``_SPECS``): its tile parameters, the variants chosen per call, and derived values --
-    the projection's work-group size and split, which its two families share a body for."""
-    if kind == "util":
-        return dict(KIND="util")
-    params = dict(params if params is not None else _SPECS[kind].defaults())
-    derived = {"project": dict(DSPLIT=1), "project_split": dict(WG=params.get("DSPLIT"))}
-    defaults = {"project": dict(TRANSPOSED=0), "project_split": dict(TRANSPOSED=0),
-                "topk": dict(COMPACT=0, PLANE=0), "topk_team": dict(COMPACT=0, PLANE=0),
-                "fused": dict(K_PAD=64)}.get(kind, {})
-    return dict(params, **derived.get(kind, {}), KIND=kind, **{**defaults, **variant})
+_FAMILIES = {DRS_PROJECT: drs_project, DRS_PROJECT_SPLIT: drs_project_split,
+             DRS_TOPK: drs_topk, DRS_TOPK_TEAM: drs_topk_team}
 
 
 def default_k(d: int, eps: float = 0.5) -> int:
@@ -324,7 +207,7 @@ class SparseRandomProjection:
         value = 1.0 if self.exact else math.sqrt(self.S)
         return sp.csr_matrix(self._signs.astype(np.float64) * value)
 
-    def _device_rt(self, k_pad: int) -> cl_array.Array:
+    def device_rt(self, k_pad: int) -> cl_array.Array:
         """R^T / sqrt(k), dense (d, k_pad) float32 with zero padding columns, on the device
         (built once per padding that the kernels' tiles need)."""
         rt = self._rt.get(k_pad)
@@ -386,9 +269,9 @@ class SparseRandomProjection:
         # The weight's projection (once per weight update) and the rows' (every search)
         # have their own shape classes: tuned together, the weight's larger time chose the
         # tiles for both.
-        spec = DRS_ROUTINE.variant(tuning.lookup(DRS_ROUTINE.spec, queue.device),
-                                   "PROJECT_KERNEL")
-        params = tuning.lookup(spec, queue.device, project_shape_class(
+        family = _FAMILIES[DRS_ROUTINE.variant(tuning.lookup(DRS_ROUTINE.spec, queue.device),
+                                               "PROJECT_KERNEL")]
+        params = tuning.lookup(family.SPEC, queue.device, project_shape_class(
             None if transposed_ld is not None else n_rows, self.d))
         kp = round_up(self.k, params["VEC"] * params["KVEC"])
         if transposed_ld is None:
@@ -403,19 +286,9 @@ class SparseRandomProjection:
             wait.append(cl.enqueue_fill_buffer(queue, out.data, np.float32(0), 0, out.nbytes))
         if n_rows == 0 or out.size == 0:
             return out, ld
-        kind = "project_split" if spec is DRS_PROJECT_SPLIT else "project"
-        kern = runtime.kernels(queue.context, "drs.cl.mako", ("pscl_drs_project",),
-                               **template_args(kind, params,
-                                               TRANSPOSED=int(transposed_ld is not None))
-                               )["pscl_drs_project"]
-        rt = self._device_rt(kp)
-        items, chunks = -(-n_rows // params["ROWS"]), kp // (params["VEC"] * params["KVEC"])
-        grid = (((items * params["DSPLIT"], chunks), (params["DSPLIT"], 1))
-                if spec is DRS_PROJECT_SPLIT else
-                ((round_up(items, params["WG"]), chunks), (params["WG"], 1)))
-        ev = kern(queue, *grid, a_dev.base_data, elem_offset(a_dev), np.int32(n_rows),
-                  np.int32(self.d), np.int32(lda), rt.data, np.int32(kp), out.data,
-                  np.int32(ld), wait_for=(wait + list(rt.events)) or None)
+        rt = self.device_rt(kp)
+        ev = family.launch(queue, params, a_dev, n_rows, self.d, lda, rt, kp, out, ld,
+                           transposed_ld is not None, wait + list(rt.events))
         out.add_event(ev)
         if events is not None:
             events.append(ev)
@@ -443,7 +316,7 @@ class ProjectedWeight:
         if not isinstance(projection, SparseRandomProjection):
             raise TypeError("projection must be a SparseRandomProjection, got "
                             f"{type(projection).__name__}")
-        d, n_cols = _weight_shape(w)
+        d, n_cols = weight_shape(w)
         if d != projection.d:
             raise ValueError(f"w has {d} rows (in_features) but the projection has d = "
                              f"{projection.d}")
@@ -455,7 +328,7 @@ class ProjectedWeight:
         self.projection = projection
         self.in_features = d
         self.out_features = n_cols
-        self.ld = round_up(max(n_cols, 1), PAD)
+        self.ld = round_up(max(n_cols, 1), drs_project.PAD)
         self.queue = queue
         if isinstance(w, MaskedLinearWeight) and w.queue.context != queue.context:
             raise ValueError("w (a MaskedLinearWeight) lives in a different OpenCL context "
@@ -468,7 +341,7 @@ class ProjectedWeight:
                 queue.context))
             return
         # The columns of w are the rows of W^T (N, d), which the kernels read whole.
-        rows, ld_rows = _weight_rows(w, d, queue, events)
+        rows, ld_rows = weight_rows(w, d, queue, events)
         if projection.exact:
             self.values = self._exact(queue, rows, ld_rows, events)
         else:
@@ -486,7 +359,7 @@ class ProjectedWeight:
                              allocator=runtime.memory_pool(queue.context))
         if d and n_cols:
             kern = runtime.kernels(queue.context, "drs.cl.mako", ("pscl_drs_pad_transpose",),
-                                   **template_args("util"))["pscl_drs_pad_transpose"]
+                                   KIND="util")["pscl_drs_pad_transpose"]
             ev = kern(queue, (self.ld, d), None, rows.base_data, elem_offset(rows), out.data,
                       np.int32(n_cols), np.int32(d), np.int32(ld_rows), np.int32(self.ld),
                       wait_for=(list(rows.events) + list(out.events)) or None)
@@ -553,7 +426,7 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
     if pw is not None:
         n_cols = pw.out_features
         if w is not None:
-            wd, wn = _weight_shape(w)
+            wd, wn = weight_shape(w)
             if (wd, wn) != (pw.in_features, n_cols):
                 raise ValueError(f"w has shape {(wd, wn)} but the projected weight was made "
                                  f"from one of shape {(pw.in_features, n_cols)}")
@@ -561,7 +434,7 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
     else:
         if w is None:
             raise TypeError("w is required unless projection is a ProjectedWeight")
-        wd, n_cols = _weight_shape(w)
+        wd, n_cols = weight_shape(w)
         if wd != d:
             raise ValueError(f"w must have shape (d, N) with d = {d} (the columns of x), got "
                              f"{(wd, n_cols)}")
@@ -624,24 +497,11 @@ def _search(queue, x_dev, proj: SparseRandomProjection, pw: ProjectedWeight, n_r
     scores = runtime.empty(queue, (n_rows, pw.ld), np.uint32, allocator=alloc)
     routine = tuning.lookup(DRS_ROUTINE.spec, queue.device)
     if projected is None and not proj.exact and n_rows <= routine["FUSED_MAX_ROWS"] and \
-            proj.k <= FUSED_MAX_K:
-        fused = tuning.lookup(DRS_FUSED, queue.device)
+            proj.k <= drs_fused.MAX_K:
         # A few rows: projection and scores in one launch, parallel over columns.
-        k_pad = round_up(proj.k, fused["VEC"])
-        step = fused["VEC"] * fused["NVEC"]
-        per_row = max(1, -(-fused["ITEMS_PER_CU"] * queue.device.max_compute_units
-                           // n_rows))
-        cols_per_item = round_up(-(-n_cols // per_row), step)
-        kern = runtime.kernels(ctx, "drs.cl.mako", ("pscl_drs_fused",),
-                               **template_args("fused", fused, K_PAD=k_pad))["pscl_drs_fused"]
-        rt = proj._device_rt(k_pad)
-        ev = kern(queue, (round_up(-(-n_cols // cols_per_item), fused["WG"]), n_rows),
-                  (fused["WG"], 1), x_dev.base_data, elem_offset(x_dev), np.int32(proj.d),
-                  rt.data, pw.values.data, np.int32(pw.ld), scores.data, np.int32(pw.ld),
-                  np.int32(n_rows), np.int32(proj.k), np.int32(n_cols),
-                  np.int32(cols_per_item),
-                  wait_for=(list(x_dev.events) + list(pw.values.events) + list(rt.events))
-                  or None)
+        ev = drs_fused.launch(queue, tuning.lookup(DRS_FUSED, queue.device), x_dev, proj, pw,
+                              scores, n_rows, n_cols,
+                              list(x_dev.events) + list(pw.values.events))
     else:
         if projected is not None:
             (xp, ldx), xp_off, k = projected, np.int64(0), proj.k
@@ -650,36 +510,14 @@ def _search(queue, x_dev, proj: SparseRandomProjection, pw: ProjectedWeight, n_r
         else:
             xp, ldx = proj._project_rows(queue, x_dev, n_rows, events)
             xp_off, k = np.int64(0), proj.k
-        params = tuning.lookup(DRS_SCORES, queue.device)
-        chunk = params["VEC"] * params["NVEC"]
-        kern = runtime.kernels(ctx, "drs.cl.mako", ("pscl_drs_scores",),
-                               **template_args("scores", params))["pscl_drs_scores"]
-        items = -(-n_rows // params["ROWS"])
-        ev = kern(queue, (round_up(-(-n_cols // chunk), params["WG"]), items),
-                  (params["WG"], 1), xp.base_data, xp_off, np.int32(ldx), pw.values.data,
-                  np.int32(pw.ld), scores.data, np.int32(pw.ld), np.int32(n_rows),
-                  np.int32(k), np.int32(n_cols),
-                  wait_for=(list(xp.events) + list(pw.values.events)) or None)
+        ev = drs_scores.launch(queue, tuning.lookup(DRS_SCORES, queue.device), xp, xp_off, ldx,
+                               pw, scores, n_rows, k, n_cols,
+                               list(xp.events) + list(pw.values.events))
     if events is not None:
         events.append(ev)
-    spec = DRS_ROUTINE.variant(routine, "TOPK_KERNEL")
-    tparams = dict(tuning.lookup(spec, queue.device))
-    if spec is DRS_TOPK:
-        # Short rows: no more bins than about twice the row (clearing them would dominate).
-        tparams["HIST_BITS"] = min(tparams["HIST_BITS"], max(8, n_cols.bit_length() + 1))
-    kern = runtime.kernels(ctx, "drs.cl.mako", ("pscl_drs_topk",),
-                           **template_args("topk" if spec is DRS_TOPK else "topk_team",
-                                           tparams, COMPACT=int(compact),
-                                           PLANE=int(bool(plane))))["pscl_drs_topk"]
-    team = tparams.get("TEAM", 1)
-    cand = runtime.empty(queue, (n_rows, pw.ld) if team == 1 else (1,), np.uint32,
-                         allocator=alloc)
-    grid = ((n_rows * team,), (team,)) if team > 1 else \
-        ((round_up(n_rows, tparams["WG"]),), (tparams["WG"],))
-    ev = kern(queue, *grid, scores.data,
-              np.int32(pw.ld), cand.data, np.int32(n_rows), np.int32(n_cols), np.int32(n_keep),
-              out_dev.base_data, elem_offset(out_dev), *((np.int32(plane),) if plane else ()),
-              wait_for=[ev] + list(out_dev.events))
+    topk = _FAMILIES[DRS_ROUTINE.variant(routine, "TOPK_KERNEL")]
+    ev = topk.launch(queue, tuning.lookup(topk.SPEC, queue.device), scores, pw.ld, n_rows,
+                     n_cols, n_keep, out_dev, compact, plane, [ev] + list(out_dev.events))
     out_dev.add_event(ev)
     if events is not None:
         events.append(ev)
@@ -769,7 +607,7 @@ def drs_mask_conv2d(x, w, sparsity, *, stride=1, padding=0, dilation=1, eps=0.5,
                       eps=eps)
     else:
         _check_eps(eps)
-    geom = _conv_geometry(x, k_out, r, s, stride, padding, dilation)
+    geom = masked_conv.geometry(x.shape, r, s, stride, padding, dilation)
     out_shape = (n_img, k_out, geom["OH"], geom["OW"])
     check_out(out, out_shape, np.bool_, like=x)
     if queue is None and not is_device_array(x) and proj is not None:
@@ -795,7 +633,7 @@ def drs_mask_conv2d(x, w, sparsity, *, stride=1, padding=0, dilation=1, eps=0.5,
             pw = proj.project_weight(MaskedLinearWeight(rows, transposed=True, queue=queue),
                                      queue=queue, events=events)
         x_dev = to_device(x, queue, "x", borrow=not is_device_array(x))
-        xp = _pack_conv_input(queue, x_dev, n_ch, geom, events)
+        xp = masked_conv.pack_input(queue, x_dev, n_ch, geom, events)
         projected = _project_windows(queue, proj, xp, geom, n_ch, r, s, n_pix, events)
         _search(queue, None, proj, pw, n_pix, n_keep, out_dev, False, events,
                 projected=projected, plane=geom["OH"] * geom["OW"])
@@ -811,23 +649,15 @@ def _project_windows(queue, proj: SparseRandomProjection, xp, geom, n_ch, r, s, 
     rt = proj._rt.get(key)
     if rt is None:
         # RT's rows reordered from (c, r, s) to (r, s, c), the order the kernel walks.
-        host = proj._device_rt(k_pad).get(queue=proj.queue)
+        host = proj.device_rt(k_pad).get(queue=proj.queue)
         host = host.reshape(n_ch, r, s, k_pad).transpose(1, 2, 0, 3).reshape(-1, k_pad)
         rt = proj._rt[key] = cl_array.to_device(proj.queue, np.ascontiguousarray(host),
                                                 allocator=runtime.memory_pool(queue.context))
     check_alloc(queue, 4 * n_pix * k_pad, "the projected windows")
     out = runtime.empty(queue, (n_pix, k_pad), np.float32,
                         allocator=runtime.memory_pool(queue.context))
-    kern = runtime.kernels(queue.context, "masked_conv.cl.mako", ("pscl_drs_conv_project",),
-                           KIND="project", **params)["pscl_drs_conv_project"]
-    items = -(-n_pix // params["ROWS"])
-    ev = kern(queue, (round_up(items, params["WG"]), k_pad // (params["VEC"] * params["KVEC"])),
-              (params["WG"], 1), xp.data, rt.data, np.int32(k_pad), out.data,
-              np.int32(n_pix), np.int32(n_ch), np.int32(geom["OH"]), np.int32(geom["OW"]),
-              np.int32(geom["Hp"]), np.int32(geom["Wp"]), np.int32(r), np.int32(s),
-              np.int32(geom["stride"][0]), np.int32(geom["stride"][1]),
-              np.int32(geom["dilation"][0]), np.int32(geom["dilation"][1]),
-              wait_for=(list(xp.events) + list(rt.events)) or None)
+    ev = drs_project.launch_windows(queue, params, xp, rt, k_pad, out, n_pix, n_ch, geom, r, s,
+                                    list(xp.events) + list(rt.events))
     out.add_event(ev)
     if events is not None:
         events.append(ev)

@@ -1,4 +1,6 @@
-"""Output-masked products for DSG (Liu et al., ICLR 2019): kernels/masked_gemm.cl.mako.
+"""Output-masked products for DSG (Liu et al., ICLR 2019): validation, routine choice and
+delivery; the kernels are the families masked_vmm(_split), masked_gemm(_tiled), masked_dx,
+masked_dw, masked_bn, masked_conv(_channels) in pysparsecl/families.
 
 ``masked_matmul`` computes ``mask * (x @ w)`` touching only the selected outputs;
 ``masked_matmul_backward`` gives the matching gradients.  The weight is kept as W^T,
@@ -15,86 +17,49 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 
 from .. import runtime, tuning
-from ..params import Choice, Constraint, ParamSpec, Routine, TileParam
+from ..families import (
+    masked_bn,
+    masked_conv,
+    masked_conv_channels,
+    masked_dw,
+    masked_dx,
+    masked_gemm,
+    masked_gemm_tiled,
+    masked_util,
+    masked_vmm,
+    masked_vmm_split,
+)
+from ..params import Choice, Routine, TileParam
 from ._common import (
     INT32_MAX,
     check_alloc,
     check_out,
     deliver,
     elem_offset,
-    int_pair,
     is_device_array,
     new_output,
     require_array,
-    round_up,
     to_device,
 )
 from ._prepared import PreparedCache
-from .conv2d import conv2d_output_shape
 
 __all__ = ["MASKED_VMM", "MASKED_VMM_SPLIT", "MASKED_VMM_ROUTINE", "MASKED_GEMM",
            "MASKED_GEMM_TILED", "MASKED_GEMM_ROUTINE", "MASKED_DX", "MASKED_DW", "MASKED_BN",
            "MASKED_CONV", "MASKED_CONV_CH", "MaskedLinearWeight", "masked_matmul",
-           "masked_matmul_backward", "masked_relu_bn", "conv2d_masked", "template_args"]
+           "masked_matmul_backward", "masked_relu_bn", "conv2d_masked", "weight_rows",
+           "weight_shape", "masked_matmul_shape_class"]
 
-_VEC = TileParam("VEC", 16, (1, 4, 8, 16), "floats per vector load of a row (one FMA each)")
-
-
-#: Local memory every OpenCL GPU and Oclgrind provide (the OpenCL minimum for a full
-#: profile device): the GPU kernels stay inside it, so they build everywhere.  (The specs'
-#: ``local_memory`` also lets the tuner and lookup drop configurations beyond a smaller
-#: device's limit.)
-LOCAL_MEM_BYTES = 32 * 1024
-
-
-def vmm_local_bytes(p) -> int:
-    """Local memory of the split VMM: the staged x and the reduction tree."""
-    return 4 * (p["XCHUNK"] + p["GROUP"] * p["SPLIT"] * p["TEAMS"])
-
-
-# The VMM and the GEMM each have a CPU-shaped and a GPU-shaped kernel, each with its own
-# spec; the routines below choose between them.
-
-MASKED_VMM = ParamSpec(
-    family="masked_vmm",
-    params=(
-        _VEC,
-        TileParam("GROUP", 4, (1, 2, 4, 8),
-                  "selected outputs computed together, sharing each load of the x row"),
-        TileParam("CHUNK", 128, (8, 16, 32, 64, 128, 256, 512),
-                  "mask columns (or idx slots) scanned by one work-item"),
-        TileParam("WG", 1, (1, 2, 4, 8, 16, 32, 64, 128), "work-items per work-group"),
-    ),
-    constraints=(
-        Constraint("group_within_chunk", lambda p: p["GROUP"] <= p["CHUNK"],
-                   "a work-item cannot fill a group larger than the entries it scans"),
-    ),
-    work_group_size=lambda p: p["WG"],
-)
-
-MASKED_VMM_SPLIT = ParamSpec(
-    family="masked_vmm_split",
-    params=(
-        TileParam("VEC", 8, (1, 4, 8, 16), "floats per vector load of a weight row"),
-        TileParam("GROUP", 2, (1, 2, 4, 8),
-                  "selected outputs computed together by a team, sharing each load of x"),
-        TileParam("SPLIT", 64, (16, 32, 64, 128, 256),
-                  "work-items sharing one selected output's dot product (coalesced row "
-                  "loads)"),
-        TileParam("TEAMS", 4, (1, 2, 4, 8), "teams of SPLIT work-items per work-group"),
-        TileParam("XCHUNK", 4096, (512, 1024, 2048, 4096),
-                  "floats of the x row staged in local memory per step"),
-    ),
-    constraints=(
-        Constraint("split_vectors_fit_chunk",
-                   lambda p: p["XCHUNK"] % (p["VEC"] * p["SPLIT"]) == 0,
-                   "every team item reads the same number of vectors of a staged piece of x"),
-        Constraint("local_memory", lambda p: vmm_local_bytes(p) <= LOCAL_MEM_BYTES,
-                   "the staged x and the reduction tree fit 32 KiB of local memory"),
-    ),
-    work_group_size=lambda p: p["SPLIT"] * p["TEAMS"],
-    local_memory=vmm_local_bytes,
-)
+# Each kernel family is a module of its own (pysparsecl/families); the op's routines choose
+# between a CPU-shaped and a GPU-shaped family.
+MASKED_VMM = masked_vmm.SPEC
+MASKED_VMM_SPLIT = masked_vmm_split.SPEC
+MASKED_GEMM = masked_gemm.SPEC
+MASKED_GEMM_TILED = masked_gemm_tiled.SPEC
+MASKED_DX = masked_dx.SPEC
+MASKED_DW = masked_dw.SPEC
+MASKED_BN = masked_bn.SPEC
+MASKED_CONV = masked_conv.SPEC
+MASKED_CONV_CH = masked_conv_channels.SPEC
 
 MASKED_VMM_ROUTINE = Routine(
     "masked_vmm",
@@ -112,72 +77,6 @@ MASKED_VMM_ROUTINE = Routine(
     ),
 )
 
-
-def gemm_local_bytes(p) -> int:
-    """Local memory of the tiled GEMM: one buffer holds, in turn, the tile's selection bits
-    beside the row scan, a round's units (row, count and GROUP columns, a byte each) and the
-    staged x and W^T chunks.  (The template sizes its buffer from this.)"""
-    staged = 4 * p["KC"] * (p["TILE_M"] + p["TILE"])
-    units = p["WG"] * p["UNITS"] * (2 + p["GROUP"])
-    selection = 4 * p["WG"] + p["TILE_M"] * p["TILE"] // 8
-    return max(staged, -(-selection // 16) * 16, -(-units // 16) * 16)
-
-
-MASKED_GEMM = ParamSpec(
-    family="masked_gemm",
-    params=(
-        _VEC,
-        TileParam("GROUP", 4, (1, 2, 4, 8),
-                  "selected outputs computed together: the x rows selecting one column, "
-                  "sharing each load of its weight row"),
-        TileParam("BLOCK_KIB", 2048, (0, 128, 256, 512, 1024, 2048, 4096),
-                  "x rows per block, sized to about this many KiB of x, so that the block "
-                  "stays in cache while every column passes over it; 0: a single block"),
-        TileParam("WG", 16, (1, 2, 4, 8, 16, 32, 64, 128),
-                  "work-items per work-group, one column each"),
-    ),
-    work_group_size=lambda p: p["WG"],
-)
-
-MASKED_GEMM_TILED = ParamSpec(
-    family="masked_gemm_tiled",
-    params=(
-        TileParam("GROUP", 2, (1, 2, 4, 8),
-                  "selected columns of one row in a unit, sharing each load of x"),
-        TileParam("WG", 512, (128, 256, 512), "work-items sharing an output tile"),
-        TileParam("TILE", 64, (32, 64, 128), "columns of an output tile"),
-        TileParam("TILE_M", 128, (16, 32, 64, 128), "rows of an output tile"),
-        TileParam("KC", 32, (32, 64),
-                  "K columns of x and W^T staged in local memory per step"),
-        TileParam("UNITS", 1, (1, 2, 4), "units (GROUP columns of one row) per work-item "
-                  "and round"),
-        TileParam("SPLITK", 2, (1, 2, 4),
-                  "slices of K, one work-group each, whose partial sums a second kernel "
-                  "adds in slice order: more work-groups for few tiles"),
-        TileParam("DENSE", 35, (0, 25, 35, 50),
-                  "a tile whose selected entries (counted in units) reach this percentage "
-                  "of it is computed whole, blocked in registers, and only its selected "
-                  "outputs written; 0: never"),
-    ),
-    constraints=(
-        Constraint("row_owners", lambda p: p["TILE_M"] <= p["WG"],
-                   "one work-item per tile row builds that row's units"),
-        Constraint("accumulators_fit_registers", lambda p: p["UNITS"] * p["GROUP"] <= 16,
-                   "a work-item's UNITS * GROUP sums stay in registers"),
-        Constraint("dense_sums_fit_registers",
-                   lambda p: p["DENSE"] == 0 or p["TILE_M"] * p["TILE"] <= 32 * p["WG"],
-                   "a dense tile's sums, TILE_M * TILE / WG per work-item, stay in registers"),
-        Constraint("staging_fits_registers",
-                   lambda p: (p["TILE_M"] + p["TILE"]) * p["KC"] <= 32 * p["WG"],
-                   "the next chunk, loaded during the FMAs, takes <= 32 registers per item"),
-        Constraint("local_memory", lambda p: gemm_local_bytes(p) <= LOCAL_MEM_BYTES,
-                   "the staged chunks (or the scan, or the units) fit 32 KiB of local "
-                   "memory"),
-    ),
-    work_group_size=lambda p: p["WG"],
-    local_memory=gemm_local_bytes,
-)
-
 MASKED_GEMM_ROUTINE = Routine(
     "masked_gemm",
     (Choice("KERNEL", (MASKED_GEMM, MASKED_GEMM_TILED),
@@ -185,88 +84,12 @@ MASKED_GEMM_ROUTINE = Routine(
             "tiles staged through local memory (GPUs)"),),
 )
 
-MASKED_DX = ParamSpec(
-    family="masked_dx",
-    params=(
-        _VEC,
-        TileParam("KVEC", 16, (1, 2, 4, 8, 16), "vectors of dx's row per work-item (a K chunk)"),
-        TileParam("WG", 16, (1, 2, 4, 8, 16, 32, 64), "rows per work-group"),
-    ),
-    work_group_size=lambda p: p["WG"],
-)
-
-MASKED_DW = ParamSpec(
-    family="masked_dw",
-    params=(
-        _VEC,
-        TileParam("KVEC", 8, (1, 2, 4, 8, 16), "vectors of dw's row of W^T per work-item"),
-        TileParam("WG", 16, (1, 2, 4, 8, 16, 32, 64), "columns per work-group"),
-    ),
-    work_group_size=lambda p: p["WG"],
-)
-
-MASKED_BN = ParamSpec(
-    family="masked_bn",
-    params=(
-        TileParam("VEC", 16, (1, 4, 8, 16), "elements per vector (pixels, or FC channels)"),
-        TileParam("WG", 8, (1, 2, 4, 8, 16, 32, 64), "work-items per work-group"),
-    ),
-    work_group_size=lambda p: p["WG"],
-)
-
-MASKED_CONV = ParamSpec(
-    family="masked_conv",
-    params=(
-        _VEC,
-        TileParam("GROUP", 4, (1, 2, 4, 8),
-                  "selected pixels of one channel computed together, sharing each weight load"),
-        TileParam("BLOCK_PIX", 512, (64, 128, 256, 512, 1024, 2048, 4096),
-                  "output pixels (n, oh, ow) per work-item; every channel passes over them"),
-        TileParam("WG", 16, (1, 2, 4, 8, 16, 32, 64), "output channels per work-group"),
-    ),
-    work_group_size=lambda p: p["WG"],
-)
-
-MASKED_CONV_CH = ParamSpec(
-    family="masked_conv_channels",
-    params=(
-        _VEC,
-        TileParam("PIX", 4, (1, 2, 4, 8), "output pixels per work-item (each w load feeds them)"),
-        TileParam("KB", 4, (1, 2, 4), "selected channels per work-item (each x load feeds them)"),
-        TileParam("WG", 4, (1, 2, 4, 8, 16, 32, 64), "work-items per work-group"),
-    ),
-    constraints=(
-        Constraint("accumulators_fit_registers", lambda p: p["PIX"] * p["KB"] <= 16,
-                   "PIX * KB vector accumulators must fit the register file"),
-    ),
-    work_group_size=lambda p: p["WG"],
-)
-
-TRANSPOSE_WG = 4      # 16 x 16 tiles per transpose work-group
-
-
-ZERO_CHUNK = 4096     # floats zeroed per work-item before the column kernel (bool masks)
-
-
-def template_args(kind: str, params=None, mask: str = "bool") -> dict:
-    """Everything masked_gemm.cl.mako renders from, for one ``kind`` of kernel: its family's
-    tile parameters, the variants the wrappers choose per call and derived sizes."""
-    if kind == "util":
-        return dict(KIND="util")
-    derived = {"LDS_F4": gemm_local_bytes(params) // 16} if kind == "gemm_tiled" else {}
-    # Variants the wrappers choose per call (not tile parameters); off unless given.
-    return {"ZEROED": 0, "MASK_ALIGNED": 0, "LIST_IN_KERNEL": 0, **params, **derived,
-            "KIND": kind, "MASK": mask, "ZERO_CHUNK": ZERO_CHUNK}
-
 
 # ---------------------------------------------------------------------------------------------
 # The prepared weight
 
-def row_stride(k_in: int) -> int:
-    """The row stride of prepared (N, K) weight rows: K, plus one cache line when rows would
-    be a multiple of 4 KiB apart (their K chunks would then share cache sets and evict one
-    another in the backward's dx)."""
-    return k_in + 16 if k_in and k_in % 1024 == 0 else k_in
+#: The row stride of prepared (N, K) weight rows (see masked_dw.row_stride).
+row_stride = masked_dw.row_stride
 
 
 class MaskedLinearWeight:
@@ -306,7 +129,7 @@ class MaskedLinearWeight:
                                           allocator=runtime.memory_pool(self.queue.context))
         else:
             k_in, n_out = w.shape
-            rows, ld = _weight_rows(w, k_in, self.queue, None)
+            rows, ld = weight_rows(w, k_in, self.queue, None)
         self.in_features = int(k_in)
         self.out_features = int(n_out)
         self.rows = rows
@@ -327,27 +150,7 @@ class MaskedLinearWeight:
                 f"out_features={self.out_features})")
 
 
-def _transpose_on_device(queue, src: cl_array.Array, events, into=None, ld_dst=None):
-    """(R, C) contiguous device array -> (C, ld_dst) device array (new, or ``into``):
-    dst[c, r] = src[r, c]; columns r >= R of a wider destination are left as they are."""
-    n_rows, n_cols = src.shape
-    ld_dst = n_rows if ld_dst is None else ld_dst
-    out = into if into is not None else cl_array.zeros(
-        queue, (n_cols, ld_dst), np.float32, allocator=runtime.memory_pool(queue.context))
-    if src.size:
-        kern = runtime.kernels(queue.context, "masked_gemm.cl.mako", ("pscl_transpose",),
-                               **template_args("util"))["pscl_transpose"]
-        ev = kern(queue, (round_up(-(-n_cols // 16), TRANSPOSE_WG), -(-n_rows // 16)),
-                  (TRANSPOSE_WG, 1), src.base_data, elem_offset(src), np.int32(n_cols),
-                  out.data, np.int64(0), np.int32(ld_dst), np.int32(n_rows), np.int32(n_cols),
-                  wait_for=(list(src.events) + list(out.events)) or None)
-        out.add_event(ev)
-        if events is not None:
-            events.append(ev)
-    return out
-
-
-def _weight_rows(w, k_in: int, queue, events, name: str = "w"):
+def weight_rows(w, k_in: int, queue, events, name: str = "w"):
     """(device rows (N, ld) of ``w``, ld), for a MaskedLinearWeight or a (K, N) array."""
     if isinstance(w, MaskedLinearWeight):
         if w.queue.context != queue.context:
@@ -363,7 +166,7 @@ def _weight_rows(w, k_in: int, queue, events, name: str = "w"):
                          f"got {tuple(w.shape)}")
     ld = row_stride(k_in)
     if is_device_array(w):
-        return _transpose_on_device(queue, w, events, ld_dst=ld), ld
+        return masked_util.transpose(queue, w, events, ld_dst=ld), ld
 
     def upload():
         host = np.zeros((w.shape[1], ld), np.float32)
@@ -376,7 +179,7 @@ def _weight_rows(w, k_in: int, queue, events, name: str = "w"):
 _DENSE_ROWS = PreparedCache("masked product weights")
 
 
-def _weight_shape(w, name: str = "w") -> Tuple[int, int]:
+def weight_shape(w, name: str = "w") -> Tuple[int, int]:
     """(K, N) of a MaskedLinearWeight or a (K, N) float32 array (checked)."""
     if isinstance(w, MaskedLinearWeight):
         return w.shape
@@ -403,7 +206,7 @@ def check_mask(mask, n_rows: int, n_cols: int, vector: bool, name: str = "mask"
     """Validate a bool (M, N) mask or a compact int32 (M, n_keep) index mask.
 
     Host index masks are checked here (range, duplicates); device ones are checked on the
-    device when they are first used (see :func:`_idx_slots`).
+    device when they are first used (see :func:`pysparsecl.families.masked_util.idx_slots`).
     """
     if not isinstance(mask, (np.ndarray, cl_array.Array)):
         raise TypeError(f"{name} must be a numpy.ndarray or pyopencl.array.Array (bool mask "
@@ -453,29 +256,6 @@ def _check_host_idx(idx: np.ndarray, n_cols: int, name: str) -> None:
         row, col = np.argwhere(dup)[0]
         raise ValueError(f"{name} (int32 indices) repeats column {int(ordered[row, col])} in "
                          f"row {row}; each row's indices must be distinct")
-
-
-def _idx_slots(queue, idx_dev: cl_array.Array, n_rows: int, n_cols: int, n_keep: int,
-               events) -> Tuple[cl_array.Array, cl_array.Array]:
-    """The (M, N) slot map of a compact index mask, and a 2-int flag array that records
-    the first row with an out-of-range value and the first with a repeated column."""
-    alloc = runtime.memory_pool(queue.context)
-    check_alloc(queue, 4 * n_rows * n_cols, "the slot map of the index mask")
-    slots = runtime.empty(queue, (n_rows, n_cols), np.int32, allocator=alloc)
-    bad = runtime.empty(queue, (2,), np.int32, allocator=alloc)
-    fill_events = [cl.enqueue_fill_buffer(queue, slots.data, np.int32(-1), 0, slots.nbytes),
-                   cl.enqueue_fill_buffer(queue, bad.data, np.int32(INT32_MAX), 0, bad.nbytes)]
-    kern = runtime.kernels(queue.context, "masked_gemm.cl.mako", ("pscl_idx_slots",),
-                           **template_args("util"))["pscl_idx_slots"]
-    wg = 16
-    ev = kern(queue, (round_up(n_keep, wg), n_rows), (wg, 1), idx_dev.base_data,
-              elem_offset(idx_dev), slots.data, bad.data, np.int32(n_rows),
-              np.int32(n_cols), np.int32(n_keep),
-              wait_for=fill_events + list(idx_dev.events))
-    slots.add_event(ev)
-    if events is not None:
-        events.append(ev)
-    return slots, bad
 
 
 def _raise_if_bad(queue, bad: cl_array.Array, n_cols: int, name: str) -> None:
@@ -538,8 +318,9 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
     Notes
     -----
     With one row (M == 1 or a 1-D ``x``) a VMM kernel runs, otherwise a GEMM kernel; each
-    comes in two shapes, chosen by the tuning database for the device and shape class
-    (``SPLIT`` of ``masked_vmm``, ``TILE`` of ``masked_gemm``).  CPU-shaped: the VMM keeps
+    comes in two shapes, chosen by the op's routine (``masked_vmm_routine``,
+    ``masked_gemm_routine``: looked up per device and shape class, a ``cpu`` or ``gpu``
+    default for a device the database does not know).  CPU-shaped: the VMM keeps
     the x row in cache while each selected output streams one weight row; the GEMM works
     column by column within blocks of rows, so a weight row is read once per block and
     shared by every row of the block that selects it.  GPU-shaped: a team of work-items
@@ -552,7 +333,7 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
         raise ValueError(f"x must be 1-D (K,) or 2-D (M, K), got shape {tuple(x.shape)}")
     vector = x.ndim == 1
     n_rows, k_in = (1, x.shape[0]) if vector else x.shape
-    wk, n_cols = _weight_shape(w)
+    wk, n_cols = weight_shape(w)
     if wk != k_in:
         raise ValueError(f"w must have shape (K, N) with K = {k_in} (the columns of x), got "
                          f"{(wk, n_cols)}")
@@ -571,7 +352,7 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
     if out_dev.size and k_in == 0:
         out_dev.fill(np.float32(0), queue=queue)   # every dot product is empty
     elif out_dev.size:
-        rows, ldw = _weight_rows(w, k_in, queue, events)
+        rows, ldw = weight_rows(w, k_in, queue, events)
         borrow = not is_device_array(x)   # a NumPy call waits for its result
         x_dev = to_device(x, queue, "x", borrow)
         mask_dev = to_device(mask, queue, "mask", borrow)
@@ -582,182 +363,42 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
 
 def _launch_forward(queue, x_dev, rows, ldw, sel: _Selection, mask_dev, out_dev, n_rows,
                     n_cols, k_in, events) -> None:
-    ctx = queue.context
+    """Route to the VMM (one row) or the GEMM family the routine chooses, and launch."""
     wait = list(x_dev.events) + list(rows.events) + list(mask_dev.events) + list(out_dev.events)
     bad = None
     if sel.form == "idx" and (is_device_array(sel.array) or n_rows > 1):
-        # The column-oriented kernel needs the slot map; a device idx needs validating.
-        slots, bad = _idx_slots(queue, mask_dev, n_rows, n_cols, sel.n_entries, events)
+        # The column-oriented kernels need the slot map; a device idx needs validating.
+        slots, bad = masked_util.idx_slots(queue, mask_dev, n_rows, n_cols, sel.n_entries,
+                                           events)
         wait += list(slots.events)
+    shape_class = masked_matmul_shape_class(n_rows, k_in, n_cols)
     if n_rows == 1:
-        shape_class = masked_matmul_shape_class(n_rows, k_in, n_cols)
         routine = tuning.lookup(MASKED_VMM_ROUTINE.spec, queue.device, shape_class)
-        spec = MASKED_VMM_ROUTINE.variant(routine, "KERNEL")
-        params = tuning.lookup(spec, queue.device, shape_class)
-        if spec is MASKED_VMM_SPLIT:
-            ev = _launch_vmm_split(queue, params, x_dev, rows, ldw, sel, mask_dev, out_dev,
-                                   n_cols, k_in, wait, events,
-                                   routine["LIST_IN_KERNEL_MAX_N"])
+        family = {MASKED_VMM: masked_vmm, MASKED_VMM_SPLIT: masked_vmm_split}[
+            MASKED_VMM_ROUTINE.variant(routine, "KERNEL")]
+        params = tuning.lookup(family.SPEC, queue.device, shape_class)
+        if family is masked_vmm_split:
+            ev = family.launch(queue, params, x_dev, rows, ldw, sel.form, mask_dev, out_dev,
+                               n_cols, k_in, sel.n_entries, wait, events,
+                               routine["LIST_IN_KERNEL_MAX_N"])
         else:
-            kern = runtime.kernels(ctx, "masked_gemm.cl.mako", ("pscl_masked_vmm",),
-                                   **template_args("vmm", params, sel.form))["pscl_masked_vmm"]
-            n_items = -(-sel.n_entries // params["CHUNK"])
-            ev = kern(queue, (round_up(n_items, params["WG"]), 1), (params["WG"], 1),
-                      x_dev.base_data, elem_offset(x_dev), rows.data, mask_dev.base_data,
-                      elem_offset(mask_dev), out_dev.base_data, elem_offset(out_dev),
-                      np.int32(n_cols), np.int32(k_in), np.int32(ldw),
-                      np.int32(sel.n_entries), wait_for=wait or None)
+            ev = family.launch(queue, params, x_dev, rows, ldw, sel.form, mask_dev, out_dev,
+                               n_cols, k_in, sel.n_entries, wait)
     else:
-        shape_class = masked_matmul_shape_class(n_rows, k_in, n_cols)
         routine = tuning.lookup(MASKED_GEMM_ROUTINE.spec, queue.device, shape_class)
-        spec = MASKED_GEMM_ROUTINE.variant(routine, "KERNEL")
-        params = tuning.lookup(spec, queue.device, shape_class)
+        family = {MASKED_GEMM: masked_gemm, MASKED_GEMM_TILED: masked_gemm_tiled}[
+            MASKED_GEMM_ROUTINE.variant(routine, "KERNEL")]
+        params = tuning.lookup(family.SPEC, queue.device, shape_class)
         form = "bool" if sel.form == "bool" else "slot"
-        sel_buf, sel_off = ((mask_dev.base_data, elem_offset(mask_dev)) if form == "bool"
-                            else (slots.data, np.int64(0)))
-        if spec is MASKED_GEMM_TILED:
-            ev = _launch_gemm_tiled(queue, params, form, x_dev, rows, ldw, sel_buf, sel_off,
-                                    out_dev, n_rows, n_cols, k_in, sel.n_entries, wait,
-                                    events)
-        else:
-            # A bool mask's zeros are written by a row-major pass first (see the template).
-            zeroed = form == "bool"
-            names = ("pscl_masked_gemm",) + (("pscl_zero_fill",) if zeroed else ())
-            kerns = runtime.kernels(ctx, "masked_gemm.cl.mako", names,
-                                    **template_args("gemm", dict(params, ZEROED=int(zeroed)),
-                                                    form))
-            kern = kerns["pscl_masked_gemm"]
-            if zeroed:
-                ev = kerns["pscl_zero_fill"](
-                    queue, (-(-out_dev.size // ZERO_CHUNK),), None, out_dev.base_data,
-                    elem_offset(out_dev), np.int64(out_dev.size), wait_for=wait or None)
-                wait = [ev]                   # it waited for everything before it
-                if events is not None:
-                    events.append(ev)
-            block = rows_per_block(params, n_rows, k_in)
-            # (Padding x's rows, as the backward does, measured no gain here.)
-            ev = kern(queue, (round_up(n_cols, params["WG"]), -(-n_rows // block)),
-                      (params["WG"], 1), x_dev.base_data, elem_offset(x_dev), rows.data,
-                      sel_buf, sel_off, out_dev.base_data, elem_offset(out_dev),
-                      np.int32(n_rows), np.int32(n_cols), np.int32(k_in), np.int32(k_in),
-                      np.int32(ldw),
-                      np.int32(sel.n_entries), np.int32(block), wait_for=wait or None)
+        selection = ((mask_dev.base_data, elem_offset(mask_dev)) if form == "bool"
+                     else (slots.data, np.int64(0)))
+        ev = family.launch(queue, params, form, x_dev, rows, ldw, selection, out_dev, n_rows,
+                           n_cols, k_in, sel.n_entries, wait, events)
     out_dev.add_event(ev)
     if events is not None:
         events.append(ev)
     if bad is not None and is_device_array(sel.array):
         _raise_if_bad(queue, bad, n_cols, "mask")
-
-
-def _launch_gemm_tiled(queue, params, form, x_dev, rows, ldw, sel_buf, sel_off, out_dev,
-                       n_rows, n_cols, k_in, out_cols, wait, events):
-    """The tiled GEMM; with SPLITK > 1 each K slice writes its partial sums to a scratch
-    array that a second kernel adds up.  Returns the event of the last kernel."""
-    ctx = queue.context
-    kc, split = params["KC"], params["SPLITK"]
-    k_len = round_up(-(-k_in // split), kc)        # whole chunks per slice
-    n_slices = -(-k_in // k_len)                   # none of them empty
-    names = ("pscl_masked_gemm_tiled",) + (("pscl_gemm_splitk_sum",) if split > 1 else ())
-    # Whole float4 staging loads need every x and wt row, and K, to be float4-aligned;
-    # whole 16-entry loads of the selection need its rows and offset to be 16-aligned.
-    aligned = k_in % 4 == 0 and ldw % 4 == 0 and elem_offset(x_dev) % 4 == 0
-    mask_aligned = n_cols % 16 == 0 and int(sel_off) % 16 == 0
-    kerns = runtime.kernels(ctx, "masked_gemm.cl.mako", names,
-                            **template_args("gemm_tiled", dict(params, ALIGNED=int(aligned),
-                                                               MASK_ALIGNED=int(mask_aligned)),
-                                            form))
-    total = n_rows * out_cols
-    if split > 1:
-        check_alloc(queue, 4 * n_slices * total, "the split-K partial sums")
-        part = runtime.empty(queue, (n_slices * total,), np.float32,
-                             allocator=runtime.memory_pool(ctx))
-        dest = (part.data, np.int64(total))
-    else:
-        dest = (out_dev.base_data, elem_offset(out_dev))
-    ev = kerns[names[0]](
-        queue, (-(-n_cols // params["TILE"]) * params["WG"], -(-n_rows // params["TILE_M"]),
-                n_slices), (params["WG"], 1, 1),
-        x_dev.base_data, elem_offset(x_dev), rows.data, sel_buf, sel_off, *dest,
-        np.int32(n_rows), np.int32(n_cols), np.int32(k_in), np.int32(k_in), np.int32(ldw),
-        np.int32(out_cols), np.int32(k_len), wait_for=wait or None)
-    if split == 1:
-        return ev
-    if events is not None:
-        events.append(ev)
-    mask_args = (sel_buf, sel_off) if form == "bool" else ()
-    wg = 256
-    return kerns[names[1]](queue, (round_up(total, wg),), (wg,), part.data, np.int64(total),
-                           np.int32(n_slices), *mask_args, out_dev.base_data,
-                           elem_offset(out_dev), np.int64(total), wait_for=[ev])
-
-
-def _launch_vmm_split(queue, params, x_dev, rows, ldw, sel: _Selection, mask_dev, out_dev,
-                      n_cols, k_in, wait, events, list_in_kernel_max_n):
-    """The split VMM (one row).  A bool mask is compacted into its list of selected columns
-    (which also writes the zeros): inside the product's kernel up to
-    ``list_in_kernel_max_n`` columns (a routine setting), else by a kernel of its own
-    first; an index mask is that list already.  Returns the product's event."""
-    ctx = queue.context
-    in_kernel = sel.form == "bool" and n_cols <= list_in_kernel_max_n
-    if in_kernel:
-        list_args = (mask_dev.base_data, elem_offset(mask_dev))
-    elif sel.form == "bool":
-        alloc = runtime.memory_pool(ctx)
-        cols = runtime.empty(queue, (n_cols,), np.int32, allocator=alloc)
-        counts = runtime.empty(queue, (1,), np.int32, allocator=alloc)
-        compact = runtime.kernels(ctx, "masked_gemm.cl.mako", ("pscl_bool_compact",),
-                                  **template_args("util"))["pscl_bool_compact"]
-        ev = compact(queue, (256,), (256,), mask_dev.base_data, elem_offset(mask_dev),
-                     cols.data, counts.data, out_dev.base_data, elem_offset(out_dev),
-                     np.int32(n_cols), wait_for=wait or None)
-        wait = [ev]
-        if events is not None:
-            events.append(ev)
-        list_args = (cols.data, np.int64(0), counts.data)
-    else:
-        list_args = (mask_dev.base_data, elem_offset(mask_dev))
-    name = "pscl_masked_vmm_split"
-    aligned = ldw % params["VEC"] == 0          # weight rows start at whole vectors
-    kern = runtime.kernels(ctx, "masked_gemm.cl.mako", (name,),
-                           **template_args("vmm_split", dict(params, ALIGNED=int(aligned),
-                                                             LIST_IN_KERNEL=int(in_kernel)),
-                                           sel.form))[name]
-    items = params["SPLIT"] * params["TEAMS"]
-    groups = -(-sel.n_entries // (params["TEAMS"] * params["GROUP"]))
-    return kern(queue, (groups * items, 1), (items, 1), x_dev.base_data, elem_offset(x_dev),
-                rows.data, *list_args, out_dev.base_data, elem_offset(out_dev),
-                np.int32(n_cols), np.int32(k_in), np.int32(ldw), np.int32(sel.n_entries),
-                wait_for=wait or None)
-
-
-def _padded_rows(queue, a_dev, n_rows, k_in, wait, events):
-    """(buffer, element offset, row stride) of the (n_rows, k_in) device array ``a_dev``,
-    copied with padded rows when they are a multiple of 4 KiB apart and large: rows that
-    far apart share cache sets, so the rows a kernel keeps in cache would evict one another.
-    The copy, one pass over the array, costs less than those misses."""
-    ld = row_stride(k_in)
-    if ld == k_in or n_rows * k_in * 4 <= (1 << 20):
-        return a_dev.base_data, elem_offset(a_dev), k_in
-    padded = runtime.empty(queue, (n_rows, ld), np.float32,
-                           allocator=runtime.memory_pool(queue.context))
-    ev = cl.enqueue_copy(queue, padded.data, a_dev.base_data, src_origin=(a_dev.offset, 0, 0),
-                         dst_origin=(0, 0, 0), region=(4 * k_in, n_rows, 1),
-                         src_pitches=(4 * k_in, 0), dst_pitches=(4 * ld, 0),
-                         wait_for=wait or None)
-    padded.add_event(ev)
-    wait.append(ev)
-    if events is not None:
-        events.append(ev)
-    return padded.data, np.int64(0), ld
-
-
-def rows_per_block(params, n_rows: int, k_in: int) -> int:
-    """x rows per block of the column-oriented kernel: about BLOCK_KIB KiB of x."""
-    if params["BLOCK_KIB"] == 0:
-        return max(1, n_rows)
-    rows = max((params["BLOCK_KIB"] * 1024) // max(1, 4 * k_in), params["GROUP"], 1)
-    n_blocks = -(-n_rows // rows)
-    return max(1, -(-n_rows // n_blocks))   # equal blocks: no small last block
 
 
 # ---------------------------------------------------------------------------------------------
@@ -799,7 +440,7 @@ def masked_matmul_backward(dy, x, w, mask, *, queue=None, events=None):
         raise ValueError(f"x must be 1-D (K,) or 2-D (M, K), got shape {tuple(x.shape)}")
     vector = x.ndim == 1
     n_rows, k_in = (1, x.shape[0]) if vector else x.shape
-    wk, n_cols = _weight_shape(w)
+    wk, n_cols = weight_shape(w)
     if wk != k_in:
         raise ValueError(f"w must have shape (K, N) with K = {k_in} (the columns of x), got "
                          f"{(wk, n_cols)}")
@@ -821,7 +462,7 @@ def masked_matmul_backward(dy, x, w, mask, *, queue=None, events=None):
     dw_dev, dw_host = new_output(queue, (k_in, n_cols), np.float32, None, like=x, zeros=True,
                                  slot="dw")
     if n_rows and k_in and n_cols and sel.n_entries:
-        rows, ldw = _weight_rows(w, k_in, queue, events)
+        rows, ldw = weight_rows(w, k_in, queue, events)
         borrow = not is_device_array(x)   # a NumPy call waits for its result
         x_dev = to_device(x, queue, "x", borrow)
         dy_dev = to_device(dy, queue, "dy", borrow)
@@ -834,65 +475,25 @@ def masked_matmul_backward(dy, x, w, mask, *, queue=None, events=None):
 
 def _launch_backward(queue, dy_dev, x_dev, rows, ldw, sel: _Selection, mask_dev, dx_dev,
                      dw_dev, n_rows, n_cols, k_in, events) -> None:
-    ctx = queue.context
-    alloc = runtime.memory_pool(ctx)
-    util = runtime.kernels(ctx, "masked_gemm.cl.mako",
-                           ("pscl_bool_rows", "pscl_cols_list_bool", "pscl_cols_list_slot"),
-                           **template_args("util"))
     wait = [e for a in (dy_dev, x_dev, rows, mask_dev, dx_dev, dw_dev) for e in a.events]
-    list_events = []
-    bad = None
-    # Lists of the selection, built once: each row's columns (dx), each column's rows (dw).
-    check_alloc(queue, 8 * n_rows * n_cols, "the backward's column lists")
-    col_rows = runtime.empty(queue, (n_cols, n_rows, 2), np.int32, allocator=alloc)
-    col_counts = runtime.empty(queue, (n_cols,), np.int32, allocator=alloc)
-    if sel.form == "idx":
-        slots, bad = _idx_slots(queue, mask_dev, n_rows, n_cols, sel.n_entries, events)
-        wait += list(slots.events)
-        row_cols, row_cols_off, row_counts = mask_dev.base_data, elem_offset(mask_dev), None
-        cols_list, sel_buf, sel_off = util["pscl_cols_list_slot"], slots.data, np.int64(0)
-    else:
-        row_list = runtime.empty(queue, (n_rows, n_cols), np.int32, allocator=alloc)
-        row_counts = runtime.empty(queue, (n_rows,), np.int32, allocator=alloc)
-        list_events.append(util["pscl_bool_rows"](
-            queue, (n_rows,), None, mask_dev.base_data, elem_offset(mask_dev), row_list.data,
-            row_counts.data, np.int32(n_rows), np.int32(n_cols), wait_for=wait or None))
-        row_cols, row_cols_off = row_list.data, np.int64(0)
-        cols_list = util["pscl_cols_list_bool"]
-        sel_buf, sel_off = mask_dev.base_data, elem_offset(mask_dev)
-    list_events.append(cols_list(
-        queue, (-(-n_cols // 16),), None, sel_buf, sel_off, dy_dev.base_data,
-        elem_offset(dy_dev), col_rows.data, col_counts.data, np.int32(n_rows),
-        np.int32(n_cols), np.int32(sel.n_entries), wait_for=wait or None))
-    wait += list_events
-
-    params = tuning.lookup(MASKED_DX, queue.device)
-    chunk = params["VEC"] * params["KVEC"]
-    kern = runtime.kernels(ctx, "masked_gemm.cl.mako", ("pscl_masked_dx",),
-                           **template_args("dx", params, sel.form))["pscl_masked_dx"]
-    counts_arg = () if row_counts is None else (row_counts.data,)
-    ev_dx = kern(queue, (round_up(n_rows, params["WG"]), -(-k_in // chunk)),
-                 (params["WG"], 1), dy_dev.base_data, elem_offset(dy_dev), rows.data,
-                 row_cols, row_cols_off, *counts_arg, dx_dev.data, np.int64(0),
-                 np.int32(n_rows), np.int32(n_cols), np.int32(k_in), np.int32(ldw),
-                 np.int32(sel.n_entries), wait_for=wait)
+    lists = masked_util.SelectionLists(queue, sel.form, mask_dev, dy_dev, n_rows, n_cols,
+                                       sel.n_entries, wait, events)
+    wait = wait + lists.events
+    ev_dx = masked_dx.launch(queue, tuning.lookup(MASKED_DX, queue.device), sel.form, dy_dev,
+                             rows, ldw, lists, dx_dev, n_rows, n_cols, k_in, sel.n_entries,
+                             wait)
     dx_dev.add_event(ev_dx)
-    params = tuning.lookup(MASKED_DW, queue.device)
-    chunk = params["VEC"] * params["KVEC"]
-    kern = runtime.kernels(ctx, "masked_gemm.cl.mako", ("pscl_masked_dw",),
-                           **template_args("dw", params, sel.form))["pscl_masked_dw"]
-    x_src, x_off, ldx = _padded_rows(queue, x_dev, n_rows, k_in, wait, list_events)
-    dwt = runtime.empty(queue, (n_cols, k_in), np.float32, allocator=alloc)
-    ev_dw = kern(queue, (round_up(n_cols, params["WG"]), -(-k_in // chunk)),
-                 (params["WG"], 1), x_src, x_off, col_rows.data, col_counts.data, dwt.data,
-                 np.int32(n_rows), np.int32(n_cols), np.int32(k_in), np.int32(ldx),
-                 wait_for=wait)
+    x_rows = masked_dw.padded_rows(queue, x_dev, n_rows, k_in, wait, lists.events)
+    dwt = runtime.empty(queue, (n_cols, k_in), np.float32,
+                        allocator=runtime.memory_pool(queue.context))
+    ev_dw = masked_dw.launch(queue, tuning.lookup(MASKED_DW, queue.device), sel.form, x_rows,
+                             lists, dwt, n_rows, n_cols, k_in, wait)
     dwt.add_event(ev_dw)
     if events is not None:
-        events.extend(list_events + [ev_dx, ev_dw])
-    _transpose_on_device(queue, dwt, events, into=dw_dev)
-    if bad is not None and is_device_array(sel.array):
-        _raise_if_bad(queue, bad, n_cols, "mask")
+        events.extend(lists.events + [ev_dx, ev_dw])
+    masked_util.transpose(queue, dwt, events, into=dw_dev)
+    if lists.bad is not None and is_device_array(sel.array):
+        _raise_if_bad(queue, lists.bad, n_cols, "mask")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -977,8 +578,8 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
     if out_dev.size:
         y_dev = to_device(y, queue, "y", borrow)
         mask_dev = to_device(mask, queue, "mask", borrow)
-        _launch_bn(queue, y_dev, mask_dev, dev, out_dev, outer, n_ch, inner, float(eps),
-                   training, events)
+        masked_bn.launch(queue, tuning.lookup(MASKED_BN, queue.device), y_dev, mask_dev, dev,
+                         out_dev, outer, n_ch, inner, float(eps), training, events)
     result = deliver(out_dev, y, out, queue, host)
     if not training:
         return result
@@ -987,105 +588,8 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
     return result, dev["mean"].get(queue=queue), dev["var"].get(queue=queue)
 
 
-def _launch_bn(queue, y_dev, mask_dev, dev, out_dev, outer, n_ch, inner, eps, training,
-               events) -> None:
-    params = tuning.lookup(MASKED_BN, queue.device)
-    channel_last = int(inner == 1)
-    args = dict(params, CHANNEL_LAST=channel_last)
-    wait = [e for a in (y_dev, mask_dev, out_dev, *dev.values()) for e in a.events]
-    vec, wg = params["VEC"], params["WG"]
-    if training:
-        kern = runtime.kernels(queue.context, "masked_bn.cl.mako", ("pscl_masked_bn_stats",),
-                               KIND="stats", **args)["pscl_masked_bn_stats"]
-        items = -(-n_ch // vec) if channel_last else n_ch
-        ev = kern(queue, (round_up(items, wg),), (wg,), y_dev.base_data, elem_offset(y_dev),
-                  mask_dev.base_data, elem_offset(mask_dev), dev["mean"].data,
-                  dev["var"].data, np.int32(outer), np.int32(n_ch), np.int32(inner),
-                  wait_for=wait or None)
-        wait.append(ev)
-        if events is not None:
-            events.append(ev)
-    kern = runtime.kernels(queue.context, "masked_bn.cl.mako", ("pscl_masked_bn_apply",),
-                           KIND="apply", **args)["pscl_masked_bn_apply"]
-    n_rows, row_len = (outer, n_ch) if channel_last else (outer * n_ch, inner)
-    ev = kern(queue, (round_up(-(-row_len // vec), wg), n_rows), (wg, 1), y_dev.base_data,
-              elem_offset(y_dev), mask_dev.base_data, elem_offset(mask_dev),
-              dev["gamma"].data, dev["beta"].data, dev["mean"].data, dev["var"].data,
-              out_dev.base_data, elem_offset(out_dev), np.int32(n_rows), np.int32(row_len),
-              np.int32(n_ch), np.float32(eps), wait_for=wait or None)
-    out_dev.add_event(ev)
-    if events is not None:
-        events.append(ev)
-
-
 # ---------------------------------------------------------------------------------------------
 # Masked convolution
-
-def conv_template_args(kind: str, params=None) -> dict:
-    """Everything masked_conv.cl.mako renders from, for one ``kind`` of kernel."""
-    if kind == "pack":
-        return dict(KIND="pack")
-    spec = {"general": MASKED_CONV, "channels": MASKED_CONV_CH}[kind]
-    return dict(params if params is not None else spec.defaults(), KIND=kind)
-
-
-def _conv_geometry(x, k_out, r, s, stride, padding, dilation):
-    stride = int_pair(stride, "stride", 1)
-    padding = int_pair(padding, "padding", 0)
-    dilation = int_pair(dilation, "dilation", 1)
-    n, _, h, w = x.shape
-    oh, ow = conv2d_output_shape((h, w), (r, s), stride, padding, dilation)
-    if oh <= 0 or ow <= 0:
-        raise ValueError(f"output size would be {oh}x{ow} for input {h}x{w}, kernel {r}x{s}, "
-                         f"stride {stride}, padding {padding}, dilation {dilation}; it must "
-                         "be positive")
-    return dict(N=n, H=h, W=w, OH=oh, OW=ow, Hp=h + 2 * padding[0], Wp=w + 2 * padding[1],
-                stride=stride, padding=padding, dilation=dilation)
-
-
-def _pack_conv_input(queue, x_dev, n_ch, geom, events):
-    """x (N, C, H, W) -> zero-padded NHWC (N, Hp, Wp, C) on the device."""
-    size = geom["N"] * geom["Hp"] * geom["Wp"] * n_ch
-    check_alloc(queue, 4 * size, "the packed input")
-    xp = runtime.empty(queue, (max(size, 1),), np.float32,
-                       allocator=runtime.memory_pool(queue.context))
-    kern = runtime.kernels(queue.context, "masked_conv.cl.mako", ("pscl_conv_pack",),
-                           **conv_template_args("pack"))["pscl_conv_pack"]
-    ev = kern(queue, (round_up(geom["Wp"], 16), geom["Hp"], geom["N"]), (16, 1, 1),
-              x_dev.base_data, elem_offset(x_dev), xp.data, np.int32(geom["N"]),
-              np.int32(n_ch), np.int32(geom["H"]), np.int32(geom["W"]), np.int32(geom["Hp"]),
-              np.int32(geom["Wp"]), np.int32(geom["padding"][0]),
-              np.int32(geom["padding"][1]), wait_for=x_dev.events or None)
-    xp.add_event(ev)
-    if events is not None:
-        events.append(ev)
-    return xp
-
-
-def _pack_conv_weight(queue, w, events):
-    """w (K, C, R, S) -> (K, R, S, C) on the device."""
-    k_out, n_ch, r, s = w.shape
-    if not is_device_array(w):
-        host = np.ascontiguousarray(np.asarray(w).transpose(0, 2, 3, 1))
-        return cl_array.to_device(queue, host, allocator=runtime.memory_pool(queue.context))
-    wk = runtime.empty(queue, (k_out, r, s, n_ch), np.float32,
-                       allocator=runtime.memory_pool(queue.context))
-    kern = runtime.kernels(queue.context, "masked_conv.cl.mako", ("pscl_conv_weight_pack",),
-                           **conv_template_args("pack"))["pscl_conv_weight_pack"]
-    ev = kern(queue, (r * s, k_out), None, w.base_data, elem_offset(w), wk.data,
-              np.int32(k_out), np.int32(n_ch), np.int32(r * s), wait_for=w.events or None)
-    wk.add_event(ev)
-    if events is not None:
-        events.append(ev)
-    return wk
-
-
-def _conv_args(geom, n_ch, k_out, r, s):
-    return (np.int32(n_ch), np.int32(k_out), np.int32(geom["OH"]), np.int32(geom["OW"]),
-            np.int32(geom["Hp"]), np.int32(geom["Wp"]), np.int32(r), np.int32(s),
-            np.int32(geom["stride"][0]), np.int32(geom["stride"][1]),
-            np.int32(geom["dilation"][0]), np.int32(geom["dilation"][1]))
-
 
 def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queue=None,
                   events=None):
@@ -1125,7 +629,7 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
     if x.shape[1] != n_ch:
         raise ValueError(f"x has {x.shape[1]} channels but w expects C = {n_ch} "
                          "(w must be (K, C, R, S))")
-    geom = _conv_geometry(x, k_out, r, s, stride, padding, dilation)
+    geom = masked_conv.geometry(x.shape, r, s, stride, padding, dilation)
     out_shape = (geom["N"], k_out, geom["OH"], geom["OW"])
     require_array(mask, "mask", np.bool_, ndim=4)
     channel_form = tuple(mask.shape) == out_shape[:2] + (1, 1)
@@ -1147,68 +651,16 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
     if out_dev.size:
         borrow = not is_device_array(x)   # a NumPy call waits for its result
         x_dev = to_device(x, queue, "x", borrow)
-        xp = _pack_conv_input(queue, x_dev, n_ch, geom, events)
-        wk = _pack_conv_weight(queue, w, events)
+        xp = masked_conv.pack_input(queue, x_dev, n_ch, geom, events)
+        wk = masked_conv.pack_weight(queue, w, events)
         if channels is not None:
-            _launch_conv_channels(queue, xp, wk, channels, out_dev, geom, n_ch, k_out, r, s,
-                                  events)
+            masked_conv_channels.launch(queue, tuning.lookup(MASKED_CONV_CH, queue.device), xp,
+                                        wk, channels, out_dev, geom, n_ch, k_out, r, s, events)
         else:
-            _launch_conv_general(queue, xp, wk, to_device(mask, queue, "mask", borrow),
-                                 out_dev, geom, n_ch, k_out, r, s, events)
+            masked_conv.launch(queue, tuning.lookup(MASKED_CONV, queue.device), xp, wk,
+                               to_device(mask, queue, "mask", borrow), out_dev, geom, n_ch,
+                               k_out, r, s, events)
     return deliver(out_dev, x, out, queue, host)
-
-
-def _launch_conv_general(queue, xp, wk, mask_dev, out_dev, geom, n_ch, k_out, r, s, events):
-    params = tuning.lookup(MASKED_CONV, queue.device)
-    kern = runtime.kernels(queue.context, "masked_conv.cl.mako", ("pscl_masked_conv",),
-                           **conv_template_args("general", params))["pscl_masked_conv"]
-    n_pix = geom["N"] * geom["OH"] * geom["OW"]
-    block = params["BLOCK_PIX"]
-    ev = kern(queue, (round_up(k_out, params["WG"]), -(-n_pix // block)), (params["WG"], 1),
-              xp.data, wk.data, mask_dev.base_data, elem_offset(mask_dev), out_dev.base_data,
-              elem_offset(out_dev), np.int32(geom["N"]), *_conv_args(geom, n_ch, k_out, r, s),
-              np.int32(block),
-              wait_for=(list(xp.events) + list(wk.events) + list(mask_dev.events)
-                        + list(out_dev.events)) or None)
-    out_dev.add_event(ev)
-    if events is not None:
-        events.append(ev)
-
-
-def _launch_conv_channels(queue, xp, wk, channels, out_dev, geom, n_ch, k_out, r, s, events):
-    """The channel-mask path: zero the output, then compute the selected planes."""
-    n_img = geom["N"]
-    if is_device_array(channels):
-        flags = channels.get(queue=queue).reshape(n_img, k_out)  # (N, K) bytes: tiny
-    else:
-        flags = np.asarray(channels).reshape(n_img, k_out)
-    counts = flags.sum(axis=1).astype(np.int32)
-    chans = np.zeros((n_img, max(k_out, 1)), np.int32)
-    for n in range(n_img):
-        sel = np.flatnonzero(flags[n])
-        chans[n, :sel.size] = sel
-    alloc = runtime.memory_pool(queue.context)
-    chans_dev = cl_array.to_device(queue, chans, allocator=alloc)
-    counts_dev = cl_array.to_device(queue, counts, allocator=alloc)
-    fill = cl.enqueue_fill_buffer(queue, out_dev.base_data, np.float32(0), out_dev.offset,
-                                  out_dev.nbytes, wait_for=out_dev.events or None)
-    if not counts.any():
-        out_dev.add_event(fill)
-        return
-    params = tuning.lookup(MASKED_CONV_CH, queue.device)
-    kern = runtime.kernels(queue.context, "masked_conv.cl.mako", ("pscl_masked_conv_channels",),
-                           **conv_template_args("channels", params)
-                           )["pscl_masked_conv_channels"]
-    n_pix = geom["OH"] * geom["OW"]
-    items = -(-n_pix // params["PIX"])
-    groups = -(-int(counts.max()) // params["KB"])
-    ev = kern(queue, (round_up(items, params["WG"]), groups, n_img), (params["WG"], 1, 1),
-              xp.data, wk.data, chans_dev.data, counts_dev.data, out_dev.base_data,
-              elem_offset(out_dev), *_conv_args(geom, n_ch, k_out, r, s),
-              wait_for=[fill] + list(xp.events) + list(wk.events))
-    out_dev.add_event(ev)
-    if events is not None:
-        events.append(ev)
 
 
 def masked_matmul_shape_class(n_rows: int, k_in: int, n_cols: int) -> str:

@@ -1,0 +1,49 @@
+"""drs_scores: the search's estimated outputs S = Xp @ V, (M, k) times (k, N_pad), a small
+dense product in registers: ROWS rows by NVEC vectors of columns per work-item, written as
+order-preserving uint keys for the top-k (kernels/drs.cl.mako, KIND "scores")."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import runtime
+from ..ops._common import round_up
+from ..params import Constraint, ParamSpec, TileParam
+from .drs_project import PAD
+
+TEMPLATE = "drs.cl.mako"
+
+SPEC = ParamSpec(
+    family="drs_scores",
+    params=(
+        TileParam("VEC", 16, (4, 8, 16), "output columns per vector (one FMA each)"),
+        TileParam("ROWS", 4, (1, 2, 4, 8), "rows per work-item, sharing each load of f(w)"),
+        TileParam("NVEC", 4, (1, 2, 4), "vectors of output columns per work-item"),
+        TileParam("WG", 1, (1, 2, 4, 8, 16, 32, 64), "work-items per work-group"),
+    ),
+    constraints=(
+        Constraint("tile_within_padding", lambda p: p["VEC"] * p["NVEC"] <= PAD,
+                   "a work-item's column chunk must divide the padded N"),
+        Constraint("accumulators_fit_registers", lambda p: p["ROWS"] * p["NVEC"] <= 16,
+                   "ROWS * NVEC vector accumulators must fit the register file"),
+    ),
+    work_group_size=lambda p: p["WG"],
+)
+
+
+def template_args(params) -> dict:
+    return dict(params, KIND="scores")
+
+
+def launch(queue, params, xp, xp_off, ldx: int, pw, scores, n_rows: int, k: int, n_cols: int,
+           wait):
+    """Enqueue the scores of the projected rows ``xp`` (buffer's array, element offset,
+    row stride) against the projected weight ``pw`` into ``scores``."""
+    chunk = params["VEC"] * params["NVEC"]
+    kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_drs_scores",),
+                           **template_args(params))["pscl_drs_scores"]
+    items = -(-n_rows // params["ROWS"])
+    return kern(queue, (round_up(-(-n_cols // chunk), params["WG"]), items), (params["WG"], 1),
+                xp.base_data, xp_off, np.int32(ldx), pw.values.data, np.int32(pw.ld),
+                scores.data, np.int32(pw.ld), np.int32(n_rows), np.int32(k), np.int32(n_cols),
+                wait_for=wait or None)

@@ -1,0 +1,43 @@
+"""drs_topk_team: the GPU-shaped top-k, a work-group of TEAM items per row (the serial
+kernel leaves a GPU with one thread per row).  The same selection as drs_topk -- exactly
+n_keep keys, ties toward the lower column -- by radix passes of 8 bits from the top, each
+histogramming in local memory the keys that share the prefix found so far."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import runtime
+from ..params import ParamSpec, TileParam
+from . import drs_topk
+
+TEMPLATE = drs_topk.TEMPLATE
+
+
+def local_bytes(p) -> int:
+    """Local memory: 256 bins, TEAM partial counts and 3 shared ints."""
+    return 4 * (256 + p["TEAM"] + 3)
+
+
+SPEC = ParamSpec(
+    family="drs_topk_team",
+    params=(
+        TileParam("TEAM", 128, (64, 128, 256),
+                  "work-items per row, histograms in local memory"),
+    ),
+    work_group_size=lambda p: p["TEAM"],
+    local_memory=local_bytes,
+)
+
+
+def template_args(params, compact: bool = False, plane: bool = False) -> dict:
+    return dict(params, KIND="topk_team", COMPACT=int(compact), PLANE=int(plane))
+
+
+def launch(queue, params, scores, ldk: int, n_rows: int, n_cols: int, n_keep: int, out_dev,
+           compact: bool, plane: int, wait):
+    cand = runtime.empty(queue, (1,), np.uint32, allocator=runtime.memory_pool(queue.context))
+    team = params["TEAM"]
+    return drs_topk.enqueue(queue, template_args(params, compact, bool(plane)),
+                            ((n_rows * team,), (team,)), scores, ldk, cand, n_rows, n_cols,
+                            n_keep, out_dev, plane, wait)

@@ -1,0 +1,117 @@
+"""masked_conv: output-masked direct convolution with any mask (kernels/masked_conv.cl.mako).
+The input is packed once into zero-padded NHWC and the weight into (K, R, S, C); a
+work-item takes one output channel and a block of BLOCK_PIX output pixels and computes the
+selected ones GROUP at a time, sharing each load of the weight.  The packing kernels
+("pack") serve masked_conv_channels and drs_mask_conv2d too."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyopencl.array as cl_array
+
+from .. import runtime
+from ..ops._common import (
+    check_alloc,
+    elem_offset,
+    int_pair,
+    is_device_array,
+    round_up,
+)
+from ..params import ParamSpec, TileParam
+
+TEMPLATE = "masked_conv.cl.mako"
+
+SPEC = ParamSpec(
+    family="masked_conv",
+    params=(
+        TileParam("VEC", 16, (1, 4, 8, 16), "floats per vector load of a row (one FMA each)"),
+        TileParam("GROUP", 4, (1, 2, 4, 8),
+                  "selected pixels of one channel computed together, sharing each weight load"),
+        TileParam("BLOCK_PIX", 512, (64, 128, 256, 512, 1024, 2048, 4096),
+                  "output pixels (n, oh, ow) per work-item; every channel passes over them"),
+        TileParam("WG", 16, (1, 2, 4, 8, 16, 32, 64), "output channels per work-group"),
+    ),
+    work_group_size=lambda p: p["WG"],
+)
+
+
+def template_args(params) -> dict:
+    return dict(params, KIND="general")
+
+
+def geometry(x_shape, r: int, s: int, stride, padding, dilation) -> dict:
+    """Sizes of a convolution of an (N, C, H, W) input with an R x S kernel: output and
+    padded input planes, and the checked stride, padding and dilation pairs."""
+    from ..ops.conv2d import conv2d_output_shape
+    stride = int_pair(stride, "stride", 1)
+    padding = int_pair(padding, "padding", 0)
+    dilation = int_pair(dilation, "dilation", 1)
+    n, _, h, w = x_shape
+    oh, ow = conv2d_output_shape((h, w), (r, s), stride, padding, dilation)
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"output size would be {oh}x{ow} for input {h}x{w}, kernel {r}x{s}, "
+                         f"stride {stride}, padding {padding}, dilation {dilation}; it must "
+                         "be positive")
+    return dict(N=n, H=h, W=w, OH=oh, OW=ow, Hp=h + 2 * padding[0], Wp=w + 2 * padding[1],
+                stride=stride, padding=padding, dilation=dilation)
+
+
+def pack_input(queue, x_dev, n_ch: int, geom: dict, events):
+    """x (N, C, H, W) -> zero-padded NHWC (N, Hp, Wp, C) on the device."""
+    size = geom["N"] * geom["Hp"] * geom["Wp"] * n_ch
+    check_alloc(queue, 4 * size, "the packed input")
+    xp = runtime.empty(queue, (max(size, 1),), np.float32,
+                       allocator=runtime.memory_pool(queue.context))
+    kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_conv_pack",),
+                           KIND="pack")["pscl_conv_pack"]
+    ev = kern(queue, (round_up(geom["Wp"], 16), geom["Hp"], geom["N"]), (16, 1, 1),
+              x_dev.base_data, elem_offset(x_dev), xp.data, np.int32(geom["N"]),
+              np.int32(n_ch), np.int32(geom["H"]), np.int32(geom["W"]), np.int32(geom["Hp"]),
+              np.int32(geom["Wp"]), np.int32(geom["padding"][0]),
+              np.int32(geom["padding"][1]), wait_for=x_dev.events or None)
+    xp.add_event(ev)
+    if events is not None:
+        events.append(ev)
+    return xp
+
+
+def pack_weight(queue, w, events):
+    """w (K, C, R, S) -> (K, R, S, C) on the device."""
+    k_out, n_ch, r, s = w.shape
+    if not is_device_array(w):
+        host = np.ascontiguousarray(np.asarray(w).transpose(0, 2, 3, 1))
+        return cl_array.to_device(queue, host, allocator=runtime.memory_pool(queue.context))
+    wk = runtime.empty(queue, (k_out, r, s, n_ch), np.float32,
+                       allocator=runtime.memory_pool(queue.context))
+    kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_conv_weight_pack",),
+                           KIND="pack")["pscl_conv_weight_pack"]
+    ev = kern(queue, (r * s, k_out), None, w.base_data, elem_offset(w), wk.data,
+              np.int32(k_out), np.int32(n_ch), np.int32(r * s), wait_for=w.events or None)
+    wk.add_event(ev)
+    if events is not None:
+        events.append(ev)
+    return wk
+
+
+def shape_args(geom: dict, n_ch: int, k_out: int, r: int, s: int) -> tuple:
+    """The convolution's sizes, as both masked convolution kernels take them."""
+    return (np.int32(n_ch), np.int32(k_out), np.int32(geom["OH"]), np.int32(geom["OW"]),
+            np.int32(geom["Hp"]), np.int32(geom["Wp"]), np.int32(r), np.int32(s),
+            np.int32(geom["stride"][0]), np.int32(geom["stride"][1]),
+            np.int32(geom["dilation"][0]), np.int32(geom["dilation"][1]))
+
+
+def launch(queue, params, xp, wk, mask_dev, out_dev, geom, n_ch, k_out, r, s, events):
+    kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_masked_conv",),
+                           **template_args(params))["pscl_masked_conv"]
+    n_pix = geom["N"] * geom["OH"] * geom["OW"]
+    block = params["BLOCK_PIX"]
+    ev = kern(queue, (round_up(k_out, params["WG"]), -(-n_pix // block)), (params["WG"], 1),
+              xp.data, wk.data, mask_dev.base_data, elem_offset(mask_dev), out_dev.base_data,
+              elem_offset(out_dev), np.int32(geom["N"]), *shape_args(geom, n_ch, k_out, r, s),
+              np.int32(block),
+              wait_for=(list(xp.events) + list(wk.events) + list(mask_dev.events)
+                        + list(out_dev.events)) or None)
+    out_dev.add_event(ev)
+    if events is not None:
+        events.append(ev)

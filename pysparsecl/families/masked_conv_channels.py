@@ -1,0 +1,70 @@
+"""masked_conv_channels: masked convolution with a per-sample output-channel mask (a mask
+constant over each OH x OW plane).  The output is zeroed, then the selected planes are
+computed in register tiles: PIX output pixels by KB selected channels per work-item."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cl_array
+
+from .. import runtime
+from ..ops._common import elem_offset, is_device_array, round_up
+from ..params import Constraint, ParamSpec, TileParam
+from .masked_conv import shape_args
+
+TEMPLATE = "masked_conv.cl.mako"
+
+SPEC = ParamSpec(
+    family="masked_conv_channels",
+    params=(
+        TileParam("VEC", 16, (1, 4, 8, 16), "floats per vector load of a row (one FMA each)"),
+        TileParam("PIX", 4, (1, 2, 4, 8), "output pixels per work-item (each w load feeds them)"),
+        TileParam("KB", 4, (1, 2, 4), "selected channels per work-item (each x load feeds them)"),
+        TileParam("WG", 4, (1, 2, 4, 8, 16, 32, 64), "work-items per work-group"),
+    ),
+    constraints=(
+        Constraint("accumulators_fit_registers", lambda p: p["PIX"] * p["KB"] <= 16,
+                   "PIX * KB vector accumulators must fit the register file"),
+    ),
+    work_group_size=lambda p: p["WG"],
+)
+
+
+def template_args(params) -> dict:
+    return dict(params, KIND="channels")
+
+
+def launch(queue, params, xp, wk, channels, out_dev, geom, n_ch, k_out, r, s, events):
+    """Zero the output, then compute the selected planes; ``channels`` is the (N, K, 1, 1)
+    mask (a device one is read back: N * K bytes, to build each image's channel list)."""
+    n_img = geom["N"]
+    if is_device_array(channels):
+        flags = channels.get(queue=queue).reshape(n_img, k_out)
+    else:
+        flags = np.asarray(channels).reshape(n_img, k_out)
+    counts = flags.sum(axis=1).astype(np.int32)
+    chans = np.zeros((n_img, max(k_out, 1)), np.int32)
+    for n in range(n_img):
+        sel = np.flatnonzero(flags[n])
+        chans[n, :sel.size] = sel
+    alloc = runtime.memory_pool(queue.context)
+    chans_dev = cl_array.to_device(queue, chans, allocator=alloc)
+    counts_dev = cl_array.to_device(queue, counts, allocator=alloc)
+    fill = cl.enqueue_fill_buffer(queue, out_dev.base_data, np.float32(0), out_dev.offset,
+                                  out_dev.nbytes, wait_for=out_dev.events or None)
+    if not counts.any():
+        out_dev.add_event(fill)
+        return
+    kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_masked_conv_channels",),
+                           **template_args(params))["pscl_masked_conv_channels"]
+    n_pix = geom["OH"] * geom["OW"]
+    items = -(-n_pix // params["PIX"])
+    groups = -(-int(counts.max()) // params["KB"])
+    ev = kern(queue, (round_up(items, params["WG"]), groups, n_img), (params["WG"], 1, 1),
+              xp.data, wk.data, chans_dev.data, counts_dev.data, out_dev.base_data,
+              elem_offset(out_dev), *shape_args(geom, n_ch, k_out, r, s),
+              wait_for=[fill] + list(xp.events) + list(wk.events))
+    out_dev.add_event(ev)
+    if events is not None:
+        events.append(ev)

@@ -1,0 +1,115 @@
+"""masked_gemm_tiled: the GPU-shaped masked GEMM (SDDMM-like).  A work-group owns a
+TILE_M x TILE output tile, stages x and W^T through local memory KC columns at a time and
+accumulates each work-item's units (GROUP selected columns of one row) in registers; a
+tile dense enough (DENSE) is computed whole.  With SPLITK > 1 each K slice writes partial
+sums that a second kernel adds in slice order."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import runtime
+from ..ops._common import check_alloc, elem_offset, round_up
+from ..params import Constraint, ParamSpec, TileParam
+from . import LOCAL_MEM_BYTES
+
+TEMPLATE = "masked_gemm.cl.mako"
+
+
+def local_bytes(p) -> int:
+    """Local memory: one buffer holds, in turn, the tile's selection bits beside the row
+    scan, a round's units (row, count and GROUP columns, a byte each) and the staged x and
+    W^T chunks.  The template sizes its buffer from this (LDS_F4)."""
+    staged = 4 * p["KC"] * (p["TILE_M"] + p["TILE"])
+    units = p["WG"] * p["UNITS"] * (2 + p["GROUP"])
+    selection = 4 * p["WG"] + p["TILE_M"] * p["TILE"] // 8
+    return max(staged, -(-selection // 16) * 16, -(-units // 16) * 16)
+
+
+SPEC = ParamSpec(
+    family="masked_gemm_tiled",
+    params=(
+        TileParam("GROUP", 2, (1, 2, 4, 8),
+                  "selected columns of one row in a unit, sharing each load of x"),
+        TileParam("WG", 512, (128, 256, 512), "work-items sharing an output tile"),
+        TileParam("TILE", 64, (32, 64, 128), "columns of an output tile"),
+        TileParam("TILE_M", 128, (16, 32, 64, 128), "rows of an output tile"),
+        TileParam("KC", 32, (32, 64),
+                  "K columns of x and W^T staged in local memory per step"),
+        TileParam("UNITS", 1, (1, 2, 4), "units (GROUP columns of one row) per work-item "
+                  "and round"),
+        TileParam("SPLITK", 2, (1, 2, 4),
+                  "slices of K, one work-group each, whose partial sums a second kernel "
+                  "adds in slice order: more work-groups for few tiles"),
+        TileParam("DENSE", 35, (0, 25, 35, 50),
+                  "a tile whose selected entries (counted in units) reach this percentage "
+                  "of it is computed whole, blocked in registers, and only its selected "
+                  "outputs written; 0: never"),
+    ),
+    constraints=(
+        Constraint("row_owners", lambda p: p["TILE_M"] <= p["WG"],
+                   "one work-item per tile row builds that row's units"),
+        Constraint("accumulators_fit_registers", lambda p: p["UNITS"] * p["GROUP"] <= 16,
+                   "a work-item's UNITS * GROUP sums stay in registers"),
+        Constraint("dense_sums_fit_registers",
+                   lambda p: p["DENSE"] == 0 or p["TILE_M"] * p["TILE"] <= 32 * p["WG"],
+                   "a dense tile's sums, TILE_M * TILE / WG per work-item, stay in registers"),
+        Constraint("staging_fits_registers",
+                   lambda p: (p["TILE_M"] + p["TILE"]) * p["KC"] <= 32 * p["WG"],
+                   "the next chunk, loaded during the FMAs, takes <= 32 registers per item"),
+        Constraint("local_memory", lambda p: local_bytes(p) <= LOCAL_MEM_BYTES,
+                   "the staged chunks (or the scan, or the units) fit 32 KiB of local "
+                   "memory"),
+    ),
+    work_group_size=lambda p: p["WG"],
+    local_memory=local_bytes,
+)
+
+
+def template_args(params, mask: str = "bool", aligned: bool = False, mask_aligned: bool = False
+                  ) -> dict:
+    """The tile parameters, the selection's form ("bool" or "slot"), whether whole float4
+    staging loads are aligned (``aligned``) and whether 16-entry selection loads are
+    (``mask_aligned``), and the local buffer's size in float4s."""
+    return dict(params, KIND="gemm_tiled", MASK=mask, ALIGNED=int(aligned),
+                MASK_ALIGNED=int(mask_aligned), LDS_F4=local_bytes(params) // 16)
+
+
+def launch(queue, params, form: str, x_dev, rows, ldw, sel, out_dev, n_rows: int,
+           n_cols: int, k_in: int, out_cols: int, wait, events):
+    """Enqueue the product (and the split-K sum); ``sel`` is the selection's (buffer,
+    element offset).  Returns the event of the last kernel."""
+    ctx = queue.context
+    kc, split = params["KC"], params["SPLITK"]
+    k_len = round_up(-(-k_in // split), kc)        # whole chunks per slice
+    n_slices = -(-k_in // k_len)                   # none of them empty
+    names = ("pscl_masked_gemm_tiled",) + (("pscl_gemm_splitk_sum",) if split > 1 else ())
+    # Whole float4 staging loads need every x and wt row, and K, to be float4-aligned;
+    # whole 16-entry loads of the selection need its rows and offset to be 16-aligned.
+    aligned = k_in % 4 == 0 and ldw % 4 == 0 and elem_offset(x_dev) % 4 == 0
+    mask_aligned = n_cols % 16 == 0 and int(sel[1]) % 16 == 0
+    kerns = runtime.kernels(ctx, TEMPLATE, names,
+                            **template_args(params, form, aligned, mask_aligned))
+    total = n_rows * out_cols
+    if split > 1:
+        check_alloc(queue, 4 * n_slices * total, "the split-K partial sums")
+        part = runtime.empty(queue, (n_slices * total,), np.float32,
+                             allocator=runtime.memory_pool(ctx))
+        dest = (part.data, np.int64(total))
+    else:
+        dest = (out_dev.base_data, elem_offset(out_dev))
+    ev = kerns[names[0]](
+        queue, (-(-n_cols // params["TILE"]) * params["WG"], -(-n_rows // params["TILE_M"]),
+                n_slices), (params["WG"], 1, 1),
+        x_dev.base_data, elem_offset(x_dev), rows.data, *sel, *dest,
+        np.int32(n_rows), np.int32(n_cols), np.int32(k_in), np.int32(k_in), np.int32(ldw),
+        np.int32(out_cols), np.int32(k_len), wait_for=wait or None)
+    if split == 1:
+        return ev
+    if events is not None:
+        events.append(ev)
+    mask_args = sel if form == "bool" else ()
+    wg = 256
+    return kerns[names[1]](queue, (round_up(total, wg),), (wg,), part.data, np.int64(total),
+                           np.int32(n_slices), *mask_args, out_dev.base_data,
+                           elem_offset(out_dev), np.int64(total), wait_for=[ev])

@@ -1,0 +1,100 @@
+"""Helper kernels of the masked products (no tile parameters): the (K, N) -> (N, K)
+transpose of weights that were not prepared, the validation of compact index masks into
+a slot map, and the backward's lists of each row's and each column's selection.  They
+live in kernels/masked_gemm.cl.mako (KIND "util")."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cl_array
+
+from .. import runtime
+from ..ops._common import INT32_MAX, check_alloc, elem_offset, round_up
+
+TEMPLATE = "masked_gemm.cl.mako"
+TRANSPOSE_WG = 4      # 16 x 16 tiles per transpose work-group
+
+
+def kernels(ctx, *names):
+    return runtime.kernels(ctx, TEMPLATE, names, KIND="util")
+
+
+def transpose(queue, src: cl_array.Array, events, into=None, ld_dst=None):
+    """(R, C) contiguous device array -> (C, ld_dst) device array (new, or ``into``):
+    dst[c, r] = src[r, c]; columns r >= R of a wider destination are left as they are."""
+    n_rows, n_cols = src.shape
+    ld_dst = n_rows if ld_dst is None else ld_dst
+    out = into if into is not None else cl_array.zeros(
+        queue, (n_cols, ld_dst), np.float32, allocator=runtime.memory_pool(queue.context))
+    if src.size:
+        kern = kernels(queue.context, "pscl_transpose")["pscl_transpose"]
+        ev = kern(queue, (round_up(-(-n_cols // 16), TRANSPOSE_WG), -(-n_rows // 16)),
+                  (TRANSPOSE_WG, 1), src.base_data, elem_offset(src), np.int32(n_cols),
+                  out.data, np.int64(0), np.int32(ld_dst), np.int32(n_rows), np.int32(n_cols),
+                  wait_for=(list(src.events) + list(out.events)) or None)
+        out.add_event(ev)
+        if events is not None:
+            events.append(ev)
+    return out
+
+
+def idx_slots(queue, idx_dev: cl_array.Array, n_rows: int, n_cols: int, n_keep: int,
+              events) -> Tuple[cl_array.Array, cl_array.Array]:
+    """The (M, N) slot map of a compact index mask, and a 2-int flag array that records
+    the first row with an out-of-range value and the first with a repeated column."""
+    alloc = runtime.memory_pool(queue.context)
+    check_alloc(queue, 4 * n_rows * n_cols, "the slot map of the index mask")
+    slots = runtime.empty(queue, (n_rows, n_cols), np.int32, allocator=alloc)
+    bad = runtime.empty(queue, (2,), np.int32, allocator=alloc)
+    fill_events = [cl.enqueue_fill_buffer(queue, slots.data, np.int32(-1), 0, slots.nbytes),
+                   cl.enqueue_fill_buffer(queue, bad.data, np.int32(INT32_MAX), 0, bad.nbytes)]
+    kern = kernels(queue.context, "pscl_idx_slots")["pscl_idx_slots"]
+    wg = 16
+    ev = kern(queue, (round_up(n_keep, wg), n_rows), (wg, 1), idx_dev.base_data,
+              elem_offset(idx_dev), slots.data, bad.data, np.int32(n_rows),
+              np.int32(n_cols), np.int32(n_keep),
+              wait_for=fill_events + list(idx_dev.events))
+    slots.add_event(ev)
+    if events is not None:
+        events.append(ev)
+    return slots, bad
+
+
+class SelectionLists:
+    """The backward's lists of a selection, built once: each row's selected columns (for
+    dx; an index mask is that list already) and each column's selecting rows with their
+    dy values (for dw)."""
+
+    def __init__(self, queue, form: str, mask_dev, dy_dev, n_rows: int, n_cols: int,
+                 n_entries: int, wait: list, events):
+        ctx = queue.context
+        alloc = runtime.memory_pool(ctx)
+        util = kernels(ctx, "pscl_bool_rows", "pscl_cols_list_bool", "pscl_cols_list_slot")
+        self.events = []
+        self.bad = None
+        check_alloc(queue, 8 * n_rows * n_cols, "the backward's column lists")
+        self.col_rows = runtime.empty(queue, (n_cols, n_rows, 2), np.int32, allocator=alloc)
+        self.col_counts = runtime.empty(queue, (n_cols,), np.int32, allocator=alloc)
+        if form == "idx":
+            slots, self.bad = idx_slots(queue, mask_dev, n_rows, n_cols, n_entries, events)
+            wait = wait + list(slots.events)
+            self.row_cols = (mask_dev.base_data, elem_offset(mask_dev))
+            self.row_counts = None
+            cols_list, sel = util["pscl_cols_list_slot"], (slots.data, np.int64(0))
+        else:
+            row_list = runtime.empty(queue, (n_rows, n_cols), np.int32, allocator=alloc)
+            self.row_counts = runtime.empty(queue, (n_rows,), np.int32, allocator=alloc)
+            self.events.append(util["pscl_bool_rows"](
+                queue, (n_rows,), None, mask_dev.base_data, elem_offset(mask_dev),
+                row_list.data, self.row_counts.data, np.int32(n_rows), np.int32(n_cols),
+                wait_for=wait or None))
+            self.row_cols = (row_list.data, np.int64(0))
+            cols_list = util["pscl_cols_list_bool"]
+            sel = (mask_dev.base_data, elem_offset(mask_dev))
+        self.events.append(cols_list(
+            queue, (-(-n_cols // 16),), None, *sel, dy_dev.base_data, elem_offset(dy_dev),
+            self.col_rows.data, self.col_counts.data, np.int32(n_rows), np.int32(n_cols),
+            np.int32(n_entries), wait_for=wait or None))
