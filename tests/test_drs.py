@@ -361,7 +361,7 @@ def test_defaults_render_and_build(queue):
         for variant in variants:
             args = family.template_args(family.SPEC.defaults(), **variant)
             runtime.build_program(queue.context, runtime.render(family.TEMPLATE, **args))
-    runtime.build_program(queue.context, runtime.render("drs.cl.mako", KIND="util"))
+    runtime.build_program(queue.context, runtime.render("drs_util.cl.mako"))
 
 
 # ---------------------------------------------------------------------------------------------

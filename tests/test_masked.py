@@ -285,7 +285,7 @@ def test_gpu_variants_fit_local_memory_and_render():
     for form in ("bool", "slot"):
         for split in (1, 2):
             params = MASKED_GEMM_TILED.check(dict(TILE=64, WG=256, SPLITK=split))
-            source = runtime.render("masked_gemm.cl.mako",
+            source = runtime.render(masked_gemm_tiled.TEMPLATE,
                                     **masked_gemm_tiled.template_args(params, form, True, True))
             assert "pscl_masked_gemm_tiled" in source and "pscl_masked_vmm" not in source
             assert ("pscl_gemm_splitk_sum" in source) == (split > 1)
@@ -382,7 +382,7 @@ def test_defaults_render_and_build(queue):
                                     **family.template_args(family.SPEC.defaults(), form))
             assert f"pscl_{family.SPEC.family}" in source
             runtime.build_program(queue.context, source)
-    runtime.build_program(queue.context, runtime.render(masked_util.TEMPLATE, KIND="util"))
+    runtime.build_program(queue.context, runtime.render(masked_util.TEMPLATE))
 
 
 # ---------------------------------------------------------------------------------------------

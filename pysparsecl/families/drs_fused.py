@@ -1,5 +1,5 @@
 """drs_fused: the search for a few rows in one launch -- each row's projection kept in
-registers, then its scores -- parallel over columns (kernels/drs.cl.mako, KIND "fused").
+registers, then its scores -- parallel over columns.
 The op's routine enables it up to ``FUSED_MAX_ROWS`` rows and k <= MAX_K."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from ..ops._common import elem_offset, round_up
 from ..params import Constraint, ParamSpec, TileParam
 from .drs_project import PAD
 
-TEMPLATE = "drs.cl.mako"
+TEMPLATE = "drs_fused.cl.mako"
 
 #: The kernel keeps the projected row in registers; beyond this k it spills.
 MAX_K = 256

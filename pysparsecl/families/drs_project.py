@@ -1,8 +1,8 @@
-"""drs_project: the search's sparse random projection, out = A @ RT (kernels/drs.cl.mako,
-KIND "project"), CPU-shaped: a work-item multiplies ROWS rows of A by KVEC vectors of RT's
-columns.  RT = R^T / sqrt(k) is (d, k_pad) with zero padding columns: one vector FMA over
-k lanes beats gathering d/3 inputs per output on every device we target.  The same tiles
-drive the convolution windows' projection (kernels/masked_conv.cl.mako, KIND "project")."""
+"""drs_project: the search's sparse random projection, out = A @ RT, CPU-shaped: a
+work-item multiplies ROWS rows of A by KVEC vectors of RT's columns.  RT = R^T / sqrt(k)
+is (d, k_pad) with zero padding columns: one vector FMA over k lanes beats gathering d/3
+inputs per output on every device we target.  The same tiles drive the convolution
+windows' projection (KIND "windows")."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .. import runtime
 from ..ops._common import elem_offset, round_up
 from ..params import Constraint, ParamSpec, TileParam
 
-TEMPLATE = "drs.cl.mako"
+TEMPLATE = "drs_project.cl.mako"
 
 #: Padding of k (projection output) and N (projected weight columns): every candidate
 #: tile (VEC * KVEC, VEC * NVEC <= PAD) then reads whole vectors inside the buffers.
@@ -70,8 +70,8 @@ def launch_windows(queue, params, xp, rt, k_pad: int, out, n_pix: int, n_ch: int
     """Enqueue f(window) for every output pixel of a convolution, (n_pix, k_pad), from the
     packed NHWC input ``xp`` (masked_conv.pack_input) and RT with rows in (r, s, c) order:
     the windows are gathered on the device, the im2col matrix never formed."""
-    kern = runtime.kernels(queue.context, "masked_conv.cl.mako", ("pscl_drs_conv_project",),
-                           KIND="project", **params)["pscl_drs_conv_project"]
+    kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_drs_conv_project",),
+                           KIND="windows", **params)["pscl_drs_conv_project"]
     items = -(-n_pix // params["ROWS"])
     return kern(queue, (round_up(items, params["WG"]), k_pad // (params["VEC"] * params["KVEC"])),
                 (params["WG"], 1), xp.data, rt.data, np.int32(k_pad), out.data,

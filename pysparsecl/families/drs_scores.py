@@ -1,6 +1,6 @@
 """drs_scores: the search's estimated outputs S = Xp @ V, (M, k) times (k, N_pad), a small
 dense product in registers: ROWS rows by NVEC vectors of columns per work-item, written as
-order-preserving uint keys for the top-k (kernels/drs.cl.mako, KIND "scores")."""
+order-preserving uint keys for the top-k."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ..ops._common import round_up
 from ..params import Constraint, ParamSpec, TileParam
 from .drs_project import PAD
 
-TEMPLATE = "drs.cl.mako"
+TEMPLATE = "drs_scores.cl.mako"
 
 SPEC = ParamSpec(
     family="drs_scores",

@@ -1,5 +1,5 @@
 """drs_topk: per row, the n_keep largest scores, ties toward the lower column, CPU-shaped:
-one work-item per row (kernels/drs.cl.mako, KIND "topk").  A histogram of the top
+one work-item per row.  A histogram of the top
 HIST_BITS bits of every key (COPIES interleaved copies), the boundary bin's keys copied as
 candidates, radix passes over them, then one pass that writes the selection: a bool mask,
 a compact index list, or the convolution layout."""
@@ -12,7 +12,7 @@ from .. import runtime
 from ..ops._common import elem_offset, round_up
 from ..params import ParamSpec, TileParam
 
-TEMPLATE = "drs.cl.mako"
+TEMPLATE = "drs_topk.cl.mako"
 
 SPEC = ParamSpec(
     family="drs_topk",
@@ -34,11 +34,11 @@ def template_args(params, compact: bool = False, plane: bool = False) -> dict:
     return dict(params, KIND="topk", COMPACT=int(compact), PLANE=int(plane))
 
 
-def enqueue(queue, args: dict, sizes, scores, ldk: int, cand, n_rows: int, n_cols: int,
-            n_keep: int, out_dev, plane: int, wait):
-    """Render with ``args`` and enqueue over ``sizes`` (global, local): the launch both
-    top-k families share."""
-    kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_drs_topk",),
+def enqueue(queue, template: str, args: dict, sizes, scores, ldk: int, cand, n_rows: int,
+            n_cols: int, n_keep: int, out_dev, plane: int, wait):
+    """Render ``template`` with ``args`` and enqueue it over ``sizes`` (global, local): the
+    launch both top-k families share (their kernels take the same arguments)."""
+    kern = runtime.kernels(queue.context, template, ("pscl_drs_topk",),
                            **args)["pscl_drs_topk"]
     return kern(queue, *sizes, scores.data, np.int32(ldk), cand.data, np.int32(n_rows),
                 np.int32(n_cols), np.int32(n_keep), out_dev.base_data, elem_offset(out_dev),
@@ -54,5 +54,5 @@ def launch(queue, params, scores, ldk: int, n_rows: int, n_cols: int, n_keep: in
     cand = runtime.empty(queue, (n_rows, ldk), np.uint32,
                          allocator=runtime.memory_pool(queue.context))
     sizes = ((round_up(n_rows, params["WG"]),), (params["WG"],))
-    return enqueue(queue, template_args(params, compact, bool(plane)), sizes, scores, ldk,
-                   cand, n_rows, n_cols, n_keep, out_dev, plane, wait)
+    return enqueue(queue, TEMPLATE, template_args(params, compact, bool(plane)), sizes, scores,
+                   ldk, cand, n_rows, n_cols, n_keep, out_dev, plane, wait)

@@ -11,7 +11,7 @@ from .. import runtime
 from ..params import ParamSpec, TileParam
 from . import drs_topk
 
-TEMPLATE = drs_topk.TEMPLATE
+TEMPLATE = "drs_topk_team.cl.mako"
 
 
 def local_bytes(p) -> int:
@@ -38,6 +38,6 @@ def launch(queue, params, scores, ldk: int, n_rows: int, n_cols: int, n_keep: in
            compact: bool, plane: int, wait):
     cand = runtime.empty(queue, (1,), np.uint32, allocator=runtime.memory_pool(queue.context))
     team = params["TEAM"]
-    return drs_topk.enqueue(queue, template_args(params, compact, bool(plane)),
+    return drs_topk.enqueue(queue, TEMPLATE, template_args(params, compact, bool(plane)),
                             ((n_rows * team,), (team,)), scores, ldk, cand, n_rows, n_cols,
                             n_keep, out_dev, plane, wait)

@@ -1,4 +1,4 @@
-"""masked_bn: DSG's double-mask BatchNorm, ``mask * BN(ReLU(y))`` (kernels/masked_bn.cl.mako):
+"""masked_bn: DSG's double-mask BatchNorm, ``mask * BN(ReLU(y))``:
 in training, a statistics pass over the selected entries per channel, then the apply
 pass; VEC elements per vector along pixels (or along channels for (M, C) inputs)."""
 

@@ -1,4 +1,4 @@
-"""masked_conv: output-masked direct convolution with any mask (kernels/masked_conv.cl.mako).
+"""masked_conv: output-masked direct convolution with any mask.
 The input is packed once into zero-padded NHWC and the weight into (K, R, S, C); a
 work-item takes one output channel and a block of BLOCK_PIX output pixels and computes the
 selected ones GROUP at a time, sharing each load of the weight.  The packing kernels

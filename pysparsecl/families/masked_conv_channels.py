@@ -13,7 +13,7 @@ from ..ops._common import elem_offset, is_device_array, round_up
 from ..params import Constraint, ParamSpec, TileParam
 from .masked_conv import shape_args
 
-TEMPLATE = "masked_conv.cl.mako"
+TEMPLATE = "masked_conv_channels.cl.mako"
 
 SPEC = ParamSpec(
     family="masked_conv_channels",

@@ -11,7 +11,7 @@ from .. import runtime
 from ..ops._common import elem_offset, round_up
 from ..params import ParamSpec, TileParam
 
-TEMPLATE = "masked_gemm.cl.mako"
+TEMPLATE = "masked_dw.cl.mako"
 
 SPEC = ParamSpec(
     family="masked_dw",

@@ -10,7 +10,7 @@ from .. import runtime
 from ..ops._common import elem_offset, round_up
 from ..params import ParamSpec, TileParam
 
-TEMPLATE = "masked_gemm.cl.mako"
+TEMPLATE = "masked_dx.cl.mako"
 
 SPEC = ParamSpec(
     family="masked_dx",

@@ -13,7 +13,7 @@ from ..ops._common import check_alloc, elem_offset, round_up
 from ..params import Constraint, ParamSpec, TileParam
 from . import LOCAL_MEM_BYTES
 
-TEMPLATE = "masked_gemm.cl.mako"
+TEMPLATE = "masked_gemm_tiled.cl.mako"
 
 
 def local_bytes(p) -> int:

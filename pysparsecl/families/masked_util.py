@@ -1,7 +1,7 @@
 """Helper kernels of the masked products (no tile parameters): the (K, N) -> (N, K)
 transpose of weights that were not prepared, the validation of compact index masks into
-a slot map, and the backward's lists of each row's and each column's selection.  They
-live in kernels/masked_gemm.cl.mako (KIND "util")."""
+a slot map, the backward's lists of each row's and each column's selection, and the split
+VMM's listing of a bool mask (kernels/masked_util.cl.mako)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import pyopencl.array as cl_array
 from .. import runtime
 from ..ops._common import INT32_MAX, check_alloc, elem_offset, round_up
 
-TEMPLATE = "masked_gemm.cl.mako"
+TEMPLATE = "masked_util.cl.mako"
 TRANSPOSE_WG = 4      # 16 x 16 tiles per transpose work-group
 
 
 def kernels(ctx, *names):
-    return runtime.kernels(ctx, TEMPLATE, names, KIND="util")
+    return runtime.kernels(ctx, TEMPLATE, names)
 
 
 def transpose(queue, src: cl_array.Array, events, into=None, ld_dst=None):

@@ -13,7 +13,7 @@ from ..ops._common import elem_offset
 from ..params import Constraint, ParamSpec, TileParam
 from . import LOCAL_MEM_BYTES, masked_util
 
-TEMPLATE = "masked_gemm.cl.mako"
+TEMPLATE = "masked_vmm_split.cl.mako"
 
 
 def local_bytes(p) -> int:

@@ -1,4 +1,6 @@
-"""Dimension-reduction search (DSG, Liu et al., ICLR 2019): kernels/drs.cl.mako.
+"""Dimension-reduction search (DSG, Liu et al., ICLR 2019): validation, routine choice and
+delivery; the kernels are the families drs_project(_split), drs_scores, drs_fused and
+drs_topk(_team) in pysparsecl/families.
 
 :func:`drs_mask` predicts, for each row of ``x @ w``, which ``n_keep`` outputs are the
 largest, from a cheap low-dimensional estimate: f(z) = R z / sqrt(k) applied to the rows
@@ -358,7 +360,7 @@ class ProjectedWeight:
         out = cl_array.zeros(queue, (d, self.ld), np.float32,
                              allocator=runtime.memory_pool(queue.context))
         if d and n_cols:
-            kern = runtime.kernels(queue.context, "drs.cl.mako", ("pscl_drs_pad_transpose",),
+            kern = runtime.kernels(queue.context, "drs_util.cl.mako", ("pscl_drs_pad_transpose",),
                                    KIND="util")["pscl_drs_pad_transpose"]
             ev = kern(queue, (self.ld, d), None, rows.base_data, elem_offset(rows), out.data,
                       np.int32(n_cols), np.int32(d), np.int32(ld_rows), np.int32(self.ld),

@@ -1,0 +1,116 @@
+## drs_topk_team (pysparsecl/families/drs_topk_team.py): drs_topk's selection by a
+## work-group of TEAM items per row, histograms in local memory (GPUs).
+<%namespace name="common" file="common.cl.mako"/>\
+${topk_team_kernel()}
+
+<%def name="topk_team_kernel()">
+<% per_item = 256 // TEAM %>\
+// GPU-shaped top-k: a work-group of TEAM items per row (the serial kernel leaves a GPU
+// with one thread per row).  The same selection as the serial kernel -- exactly n_keep
+// keys, ties toward the lower column -- found by radix passes of 8 bits from the top:
+// each pass histograms, in local memory, the keys that share the prefix found so far;
+// a scan over the bins (item t owns ${per_item} bins, counted from the top) finds the
+// digit of the n_keep-th key.  The passes stop once the keys sharing the prefix are
+// exactly the ones wanted.  Output: coalesced when every key sharing the prefix is
+// taken; otherwise (ties) and for compact lists, item t owns a contiguous segment of
+// columns and a scan of per-segment counts orders the ties and places the columns.
+__kernel __attribute__((reqd_work_group_size(${TEAM}, 1, 1)))
+void pscl_drs_topk(
+    __global const uint *restrict keys, const int ldk,    // (M, ldk) from pscl_drs_scores
+    __global uint *restrict cand,                          // unused (the serial kernel's)
+    const int M, const int N, const int n_keep,
+% if COMPACT:
+    __global int *restrict out, const long out_off        // (M, n_keep) ascending columns
+% elif PLANE:
+    __global uchar *restrict out, const long out_off,     // (M / P, N, P): conv layout
+    const int P                                           // rows are (image, pixel)
+% else:
+    __global uchar *restrict out, const long out_off      // (M, N) mask
+% endif
+    )
+{
+    __local uint hist[256];
+    __local int part[${TEAM}];
+    __local int pick[3];
+    const int i = get_group_id(0);        // the row: the grid is exactly M work-groups
+    const int lid = get_local_id(0);
+    const __global uint *row = keys + (long)i * ldk;
+    uint thresh = 0u, mask = 0u;
+    int want = n_keep, matching = N;
+    for (int shift = 24; shift >= 0 && matching != want; shift -= 8) {
+        for (int b = lid; b < 256; b += ${TEAM})
+            hist[b] = 0u;
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int n = lid; n < N; n += ${TEAM}) {
+            const uint key = row[n];
+            if ((key & mask) == thresh)
+                atomic_inc(&hist[(key >> shift) & 255u]);
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        int own = 0;
+        for (int q = 0; q < ${per_item}; ++q)
+            own += (int)hist[255 - lid * ${per_item} - q];
+        ${common.inclusive_scan("part", "own", TEAM)}
+        const int above = part[lid] - own;  // keys in bins above this item's bins
+        if (above < want && part[lid] >= want) {   // exactly one item holds the digit
+            int b = 255 - lid * ${per_item}, acc = above;
+            while (acc + (int)hist[b] < want)
+                acc += (int)hist[b--];
+            pick[0] = b;
+            pick[1] = want - acc;
+            pick[2] = (int)hist[b];
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        thresh |= (uint)pick[0] << shift;
+        mask |= 255u << shift;
+        want = pick[1];
+        matching = pick[2];
+        barrier(CLK_LOCAL_MEM_FENCE);         // pick and hist are read before the next pass
+    }
+% if not COMPACT:
+%   if PLANE:
+    // Row i is pixel p of image i / P; its channel n goes to out[image, n, p].
+    const int image = i / P;
+    __global uchar *o = out + out_off + (long)image * N * P + (i - image * P);
+#define PSCL_OUT(n) o[(long)(n) * P]
+%   else:
+    __global uchar *o = out + out_off + (long)i * N;
+#define PSCL_OUT(n) o[n]
+%   endif
+    if (matching == want) {   // every key sharing the prefix is taken: no ties to order
+        for (int n = lid; n < N; n += ${TEAM})
+            PSCL_OUT(n) = (row[n] & mask) >= thresh ? 1 : 0;
+        return;
+    }
+% endif
+    // Item lid's segment of columns; the ties before it, then (compact) the taken ones.
+    const int seg = (N + ${TEAM - 1}) / ${TEAM};
+    const int n0 = min(N, lid * seg), n1 = min(N, n0 + seg);
+    int ties = 0, above_thresh = 0;
+    for (int n = n0; n < n1; ++n) {
+        const uint key = row[n] & mask;
+        ties += key == thresh;
+        above_thresh += key > thresh;
+    }
+    ${common.inclusive_scan("part", "ties", TEAM)}
+    int ties_left = want - (part[lid] - ties);  // ties this segment may still take
+% if COMPACT:
+    const int taken = above_thresh + clamp(ties_left, 0, ties);
+    barrier(CLK_LOCAL_MEM_FENCE);             // part is reused
+    ${common.inclusive_scan("part", "taken", TEAM)}
+    __global int *o = out + out_off + (long)i * n_keep + (part[lid] - taken);
+    int q = 0;
+    for (int n = n0; n < n1; ++n) {
+        const uint key = row[n] & mask;
+        if (key > thresh || (key == thresh && ties_left-- > 0))
+            o[q++] = n;
+    }
+% else:
+    for (int n = n0; n < n1; ++n) {
+        const uint key = row[n] & mask;
+        PSCL_OUT(n) = (key > thresh || (key == thresh && ties_left-- > 0)) ? 1 : 0;
+    }
+#undef PSCL_OUT
+% endif
+}
+</%def>
