@@ -6,7 +6,7 @@ renders from and how its kernels launch.  Each family has one template,
 The op modules (:mod:`pysparsecl.ops`) validate a call, let the op's routine choose the
 families that run (:class:`~pysparsecl.params.Routine`), look up their parameters
 (:func:`pysparsecl.tuning.lookup`), launch through these modules and deliver the result.
-docs/architecture.md walks through adding a family.
+docs/adding-a-family.md walks through adding a family.
 """
 
 #: Local memory every OpenCL GPU and Oclgrind provide (the OpenCL minimum for a full
