@@ -26,24 +26,22 @@ verify-deps:  ## the Oclgrind simulator (Debian's oclgrind) when it is missing
 verify: verify-deps  ## every kernel family x tile configurations under Oclgrind (memory, races, API, uninitialised values)
 	$(PYTHON) scripts/verify.py
 
-verify-readme: verify-deps  ## make verify, the verification tests, and their figures into README.md
+verify-readme: verify-deps  ## make verify, the verification tests, and their figures into docs/testing.md
 	$(PYTHON) scripts/verify.py --readme
 
 bench-deps:  ## baselines (torch) and plotting (matplotlib); the benchmark skips what is missing
 	-$(PYTHON) -m pip install -q -e '.[bench]'
 
+# Every suite of the driver, python -m bench (tvm only where apache-tvm imports);
+# BENCH_ARGS goes to every suite that takes the option (python -m bench --help).
 bench: bench-deps  ## full benchmark: tables, bench/results/[network-]<device>.{json,md,png}
-	$(PYTHON) bench/run.py $(BENCH_ARGS)
-	$(PYTHON) bench/network.py
-	@if $(PYTHON) -c "import tvm" 2>/dev/null; then $(PYTHON) bench/tvm_overhead.py; \
-	else echo "apache-tvm not installed: TVM overhead benchmark skipped"; fi
+	$(PYTHON) -m bench $(BENCH_ARGS)
 
 bench-quick: bench-deps  ## smoke benchmark, under 2 minutes on a 2-core CPU
-	$(PYTHON) bench/run.py --quick $(BENCH_ARGS)
-	$(PYTHON) bench/network.py --quick
+	$(PYTHON) -m bench conv2d elementwise masked network --quick $(BENCH_ARGS)
 
-bench-readme:  ## rewrite README's headline tables from the committed bench/results
-	$(PYTHON) bench/run.py --readme
+bench-readme:  ## rewrite the tables of README.md and docs/benchmarks.md from the committed bench/results
+	$(PYTHON) -m bench --readme
 
 tune:  ## autotune every tunable kernel family for the default device (TUNE_ARGS=...)
 	$(PYTHON) -m pysparsecl tune $(TUNE_ARGS)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from timing import wall_ms
+
+from .timing import wall_ms
 
 #: A baseline whose result differs from ours by more than this is not reported.
 MATCH_TOL = 1e-3

@@ -1,37 +1,28 @@
-#!/usr/bin/env python3
 """Bandwidth of ``pysparsecl.add`` on device-resident float32 arrays, 1 M to 64 M elements.
 
-Three contenders, measured in the same run in interleaved rounds (bench/run.py's timers):
+Three contenders, measured in the same run in interleaved rounds (bench/timing.py):
 our add kernel (OpenCL profiling events), NumPy's ``np.add(a, b, out=c)`` on the host
 (wall clock), and the device's own buffer-to-buffer copy (``cl.enqueue_copy``, events).
 GB/s counts each input read once and the output written once: 12 bytes per element for
 add, 8 for the copy.  Targets: >= 90% of NumPy on a CPU device (>= 16 M elements), >= 85%
 of the copy on a GPU.
 
-    python3 bench/elementwise.py [--device SPEC] [--quick] [--rounds R] [--json PATH]
+    python -m bench elementwise [--device SPEC] [--quick] [--rounds R] [--configs NAME=V,...]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
-
 import numpy as np
+import pyopencl as cl
+import pyopencl.array as cl_array
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import pyopencl as cl  # noqa: E402
-import pyopencl.array as cl_array  # noqa: E402
+import pysparsecl as ps
+from pysparsecl import tuning
+from pysparsecl.ops.elementwise import ELEMENTWISE
+from pysparsecl.params import parse_overrides
 
-import pysparsecl as ps  # noqa: E402
-from pysparsecl import runtime, tuning  # noqa: E402
-from pysparsecl.ops.elementwise import ELEMENTWISE  # noqa: E402
-from pysparsecl.params import parse_overrides  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import report  # noqa: E402
-from timing import event_ms, interleaved_medians, wall_ms  # noqa: E402
+from . import report
+from .timing import event_ms, interleaved_medians, wall_ms
 
 MI = 2 ** 20
 SIZES = [1 * MI, 2 * MI, 4 * MI, 8 * MI, 16 * MI, 32 * MI, 64 * MI]
@@ -147,41 +138,3 @@ def bench_broadcast(queue, args, rng) -> list:
 
 def markdown_table(rows) -> str:
     return report.markdown_table(rows, COLUMNS, numeric=True)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", help="'P:D' indices or a name substring")
-    parser.add_argument("--quick", action="store_true", help="1 M and 16 M elements only")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="interleaved rounds (each: warm-up + 3 timed runs per contender)")
-    parser.add_argument("--no-check", dest="check", action="store_false",
-                        help="skip the comparison with NumPy's result")
-    parser.add_argument("--json", type=Path, help="also write the rows here")
-    parser.add_argument("--broadcast", action="store_true",
-                        help="also time the strided kernel on an (N,C,H,W) + (1,C,1,1) add")
-    parser.add_argument("--configs", nargs="+", metavar="NAME=V,...",
-                        help="extra tile configurations to time alongside the current one")
-    args = parser.parse_args(argv)
-
-    queue = runtime.queue_for(args.device)
-    device = queue.device
-    header = {"device": f"{device.platform.name.strip()} / {device.name.strip()}",
-              "driver": device.driver_version.strip(),
-              "elementwise_params": tuning.lookup(ELEMENTWISE, device),
-              "timing": f"{args.rounds} interleaved rounds x (1 warm-up + 3 timed runs); "
-                        "median; ours and copy from profiling events, numpy wall clock"}
-    print(json.dumps(header, indent=1))
-    rng = np.random.default_rng(2026)
-    rows = bench_elementwise(queue, args, rng)
-    extra = bench_broadcast(queue, args, rng) if args.broadcast else []
-    print()
-    print(markdown_table(rows))
-    if args.json:
-        args.json.write_text(json.dumps({"header": header, "rows": rows + extra}, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

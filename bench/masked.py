@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """DSG benchmark: masked VMM/GEMM, conv2d_masked and the dimension-reduction search.
 
-``python3 bench/masked.py [--device SPEC] [--quick]`` (or ``bench_masked(queue, args, rng)``
+``python -m bench masked [--device SPEC] [--quick]`` (or ``bench_masked(queue, args, rng)``
 from another driver).  Every contender is measured in the same run, in interleaved rounds
 (bench/timing.py's ``interleaved_medians``): our kernels by OpenCL profiling events,
 torch by device time on CUDA and wall time on the CPU (``baselines.Torch.timer``), NumPy by
@@ -17,34 +16,29 @@ only with the weights); projecting the weights once is reported on its own.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
+import pyopencl.array as cl_array
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import pyopencl.array as cl_array  # noqa: E402
-import report  # noqa: E402
-from baselines import Torch  # noqa: E402
-from timing import SETTLE_S, event_ms, interleaved_medians, wall_ms  # noqa: E402
-
-import pysparsecl as ps  # noqa: E402
-from pysparsecl import runtime, tuning  # noqa: E402
-from pysparsecl.ops.drs import keep_count  # noqa: E402
-from pysparsecl.ops.masked import masked_matmul_shape_class  # noqa: E402
-from pysparsecl.params import SPECS  # noqa: E402
-from pysparsecl.testing.cases import RESNET50_LAYERS, row_masks  # noqa: E402
-from pysparsecl.testing.reference import (  # noqa: E402
+import pysparsecl as ps
+from pysparsecl import runtime, tuning
+from pysparsecl.ops.drs import keep_count
+from pysparsecl.ops.masked import masked_matmul_shape_class
+from pysparsecl.params import SPECS
+from pysparsecl.testing.cases import RESNET50_LAYERS, row_masks
+from pysparsecl.testing.reference import (
     conv2d_masked_reference,
     masked_matmul_reference,
     relative_error,
 )
 
+from . import report
+from .baselines import Torch
+from .timing import SETTLE_S, event_ms, interleaved_medians, wall_ms
+
+#: The DSG issue's sparsities (not the convolution suite's), unless --sparsity is given.
+SPARSITIES = (0.5, 0.8, 0.9)
 VMM_SHAPES = ((1, 4096, 4096), (1, 1024, 1024))
 GEMM_SHAPES = ((128, 4096, 4096), (4096, 1024, 1024), (1568, 2304, 256))
 N_MASKS = 8   # distinct masks rotated over the timed calls
@@ -140,7 +134,8 @@ def bench_matmul(queue, torch_b, args, rng):
             shape_class = masked_matmul_shape_class(m, k, n)
             rows.append(dict(
                 family=family, shape_class=shape_class,
-                params=tuning.lookup(SPECS[family], queue.device, shape_class),
+                params=(tuning.lookup(SPECS[family], queue.device, shape_class)
+                        if family in SPECS else None),
                 op=family, shape=f"{m}x{k}x{n}", M=m, K=k,
                 N=n, sparsity=sparsity, n_keep=n_keep, ours_kernel_ms=med["ours"],
                 ours_call_ms=med["call"], host_call_ms=med["host_call"],
@@ -218,10 +213,10 @@ def bench_masked(queue, args, rng, torch_b=None) -> list:
     ``args`` needs: quick, sparsity, rounds, check, no_numpy, conv_batch (defaults are
     filled in for a driver that lacks them).  ``torch_b``: the driver's
     :class:`baselines.Torch`, whose ``notes`` then tell which baselines were skipped."""
-    defaults = dict(quick=False, sparsity=[0.5, 0.8, 0.9], rounds=3, check=True,
+    defaults = dict(quick=False, sparsity=list(SPARSITIES), rounds=3, check=True,
                     no_numpy=False, conv_batch=8, no_conv=False)
     for name, value in defaults.items():
-        if not hasattr(args, name):
+        if getattr(args, name, None) is None:
             setattr(args, name, value)
     if torch_b is None:
         torch_b = Torch(want_gpu=runtime.device_kind(queue.device) == "gpu")
@@ -252,61 +247,3 @@ COLUMNS = [("op", "op", "{}"), ("shape", "shape", "{}"), ("sparsity", "sparsity"
 def markdown_table(rows, drop_absent: bool = True):
     """``drop_absent``: leave out columns that no row has (results from before the field)."""
     return report.markdown_table(rows, COLUMNS, drop_absent=drop_absent)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", help="'P:D' indices or a name substring")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run (90%% only, fewer shapes): well under a minute")
-    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.8, 0.9])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--conv-batch", type=int, default=8)
-    parser.add_argument("--no-conv", action="store_true", help="skip conv2d_masked")
-    parser.add_argument("--no-numpy", action="store_true", help="skip the NumPy baseline")
-    parser.add_argument("--no-check", dest="check", action="store_false")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.rounds = min(args.rounds, 2)
-    queue = runtime.queue_for(args.device)
-    device = queue.device
-    torch_b = Torch(want_gpu=runtime.device_kind(device) == "gpu")
-    header = {
-        "device": f"{device.platform.name.strip()} / {device.name.strip()}",
-        "driver": device.driver_version.strip(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "pysparsecl": ps.__version__,
-        "baselines": torch_b.note,
-        "timing": f"{args.rounds} interleaved rounds x (1 warm-up + 3 timed); median; ours "
-                  f"by profiling events, {torch_b.timing_note}, NumPy by wall time",
-        "params": {spec: tuning.lookup(getattr(__import__(mod, fromlist=[spec]), spec),
-                                       device)
-                   for mod, spec in (("pysparsecl.ops.masked", "MASKED_VMM"),
-                                     ("pysparsecl.ops.masked", "MASKED_GEMM"),
-                                     ("pysparsecl.ops.drs", "DRS_FUSED"))},
-    }
-    print(json.dumps(header, indent=1))
-    t0 = time.perf_counter()
-    rows = bench_masked(queue, args, np.random.default_rng(2026), torch_b=torch_b)
-    header["wall_s"] = round(time.perf_counter() - t0, 1)
-    header["baselines"] = torch_b.notes   # with the baselines skipped on the way, if any
-    slug = tuning.device_slug(device) + "-masked" + ("-quick" if args.quick else "")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{slug}.json").write_text(json.dumps({"header": header, "rows": rows},
-                                                      indent=1))
-    table = markdown_table(rows)
-    (args.out / f"{slug}.md").write_text(
-        f"# DSG masked products: {header['device']}\n\n"
-        + "\n".join(f"- {k}: {v}" for k, v in header.items()) + "\n\n" + table + "\n\n"
-        + "\n".join(report.params_by_class(rows)))
-    print()
-    print(table)
-    print(f"baselines: {header['baselines']}")
-    print(f"\nwrote {args.out / slug}.{{json,md}} in {header['wall_s']} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

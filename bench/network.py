@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Whole-network benchmark: ResNet-50 from the res2 input to the logits, pruned.
 
-``python3 bench/network.py [--device SPEC] [--batch 1 8] [--sparsity 0 0.7 0.9 0.95]``
+``python -m bench network [--device SPEC] [--batch 1 8] [--sparsity 0 0.7 0.9 0.95]``
 (``make bench`` runs it).  The model (pysparsecl/testing/networks.py): all 16 bottleneck
 blocks, projection shortcuts included, every convolution pruned by magnitude to the given
 sparsity (random unstructured), inference BatchNorm folded into weights and biases, ReLU
@@ -17,35 +16,31 @@ error < 1e-4).  Results: bench/results/network-<device>.{json,md,png}.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import platform
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
+import pyopencl as cl
+import pyopencl.array as cl_array
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import pyopencl as cl  # noqa: E402
-import pyopencl.array as cl_array  # noqa: E402
-import report  # noqa: E402
-from timing import interleaved_medians, wall_ms  # noqa: E402
-
-import pysparsecl as ps  # noqa: E402
-from pysparsecl import runtime, tuning  # noqa: E402
-from pysparsecl.testing.networks import (  # noqa: E402
+import pysparsecl as ps
+from pysparsecl import runtime, tuning
+from pysparsecl.testing.networks import (
     SparseNetwork,
     conv_inputs,
     make_weights,
     resnet50_body,
 )
-from pysparsecl.testing.reference import relative_error  # noqa: E402
+from pysparsecl.testing.reference import relative_error
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from . import report
+from .timing import interleaved_medians, wall_ms
+
+#: --sparsity's default for this suite; --batch's is 1 8 on a CPU device, 1 32 on a GPU.
+SPARSITIES = (0.0, 0.7, 0.9, 0.95)
 INPUT_HW = (56, 56)   # the res2 input of a 224 x 224 image
 CHECK_TOL = 1e-4
 
@@ -98,7 +93,7 @@ class TorchNet:
             return f.linear(pooled, *self.fc)
 
 
-def bench_network(queue, args):
+def bench_network(queue, batches, sparsities, rounds: int = 3):
     try:
         import torch
     except ImportError:
@@ -113,10 +108,10 @@ def bench_network(queue, args):
     n_calls = len(shapes) + 2                 # + pooling and FC
     rng = np.random.default_rng(2026)
     rows = []
-    for sparsity in args.sparsity:
+    for sparsity in sparsities:
         weights = make_weights(blocks, sparsity, rng)
         net = SparseNetwork(blocks, weights, queue, pool_hw=final_hw)
-        for n in args.batch:
+        for n in batches:
             x = rng.standard_normal((n, blocks[0].conv1.c_in) + INPUT_HW, dtype=np.float32)
             x_dev = cl_array.to_device(queue, x)
             logits = net(x_dev).get().reshape(n, -1)
@@ -149,7 +144,7 @@ def bench_network(queue, args):
                     torch_graph = _cuda_graph(torch, tnet, xt)
                     if torch_graph is not None:
                         timers["torch_graph"] = wall_ms(lambda: (torch_graph.replay(), sync()))
-            med = interleaved_medians(timers, args.rounds, block=2)
+            med = interleaved_medians(timers, rounds, block=2)
             replay_err = relative_error(replayed.get().reshape(n, -1), logits)
             host_us = _host_us(net, x_dev, queue) / n_calls
             torch_ms = med.get("torch")
@@ -242,24 +237,17 @@ def plot(rows, path, title) -> bool:
     return True
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", help="'P:D' indices or a name substring")
-    parser.add_argument("--batch", type=int, nargs="+",
-                        help="default: 1 8 on a CPU device, 1 32 on a GPU")
-    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.0, 0.7, 0.9, 0.95])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="batch 1 at 90% only")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    queue = runtime.queue_for(args.device)
+def run(queue, args) -> dict:
+    """The whole-network suite on ``queue``'s device: writes
+    ``args.out``/network-<device>[-quick].{json,md,png}; returns the results (header, rows).
+    ``args``: batch, sparsity (None: this suite's defaults), rounds, quick, out."""
     device = queue.device
     gpu = runtime.device_kind(device) == "gpu"
     if args.quick:
-        args.batch, args.sparsity = [1], [0.9]
-    elif not args.batch:
-        args.batch = [1, 32] if gpu else [1, 8]
+        batches, sparsities = [1], [0.9]
+    else:
+        batches = list(args.batch or ([1, 32] if gpu else [1, 8]))
+        sparsities = list(args.sparsity or SPARSITIES)
     try:
         import torch
         baseline = (f"torch {torch.__version__} on "
@@ -280,7 +268,7 @@ def main(argv=None):
         "timing": f"{args.rounds} interleaved rounds x (1 warm-up + 2 timed passes); median",
     }
     print(json.dumps(header, indent=1))
-    rows = bench_network(queue, args)
+    rows = bench_network(queue, batches, sparsities, args.rounds)
     slug = "network-" + tuning.device_slug(device) + ("-quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{slug}.json").write_text(json.dumps({"header": header, "rows": rows},
@@ -292,12 +280,9 @@ def main(argv=None):
     (args.out / f"{slug}.md").write_text("\n".join(md) + "\n")
     print("\n" + markdown_table(rows))
     print(f"\nwrote {args.out / slug}.{{json,md{',png' if has_plot else ''}}}")
-    return 0
+    return {"header": header, "rows": rows}
 
 
 def markdown_table(rows, drop_absent: bool = True):
     return report.markdown_table(rows, COLUMNS, drop_absent=drop_absent)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,27 +1,33 @@
 #!/usr/bin/env bash
-# Tests, tuning, tile sweeps and the benchmark on an NVIDIA GPU through NVIDIA's OpenCL driver.
+# Tests, tuning and the benchmark on an NVIDIA GPU through NVIDIA's OpenCL driver.
 # Usage: OUT=results_dir [TESTS=tests|"tests/test_x.py ..."|0] [TUNE_OPS="conv2d_csr ..."]
-#        [TUNE_BUDGET=120] [TUNE_ARGS="--try masked_gemm:TILE=32 ..."]
+#        [TUNE_BUDGET=120] [TUNE_ARGS="--try masked_gemm_tiled:TILE=32 ..."]
 #        [MASKED_BENCH_ARGS="--no-conv --sparsity 0.5 0.9"]
-#        [SWEEP_N=40] [MASKED_SWEEP=0|1] [BENCH_BATCHES="1 8 32"|none] [DSG_BENCH=1|0]
+#        [BENCH_BATCHES="1 8 32"|none] [DSG_BENCH=1|0] [DRS=0|1]
 #        [BENCH_ARGS="--sparsity 0.9"] [NETWORK=1|0] [NETWORK_ARGS="--sparsity 0.9"]
 #        bash bench/nvidia_opencl.sh
-# Tuned entries land in $OUT/cache/tuning/*.json (scripts/ship_tuning.py ships them).
+# Run from the repository root: every benchmark goes through the driver, python -m bench.
+# Tile sweeps are the tuner's job now (TUNE_OPS; python -m pysparsecl tune).
+# Tuned entries land in $OUT/cache/tuning/*.json (python -m scripts.ship_tuning ships them).
 # Carried wheels in .whl/ (pyopencl, pytools, platformdirs, siphash24, mako, ...) are
 # installed to /tmp/site when present, for machines without pyopencl.
 set -uo pipefail
 OUT=${OUT:-bench/results}
-SWEEP_N=${SWEEP_N:-0}
 TESTS=${TESTS:-tests}
 TUNE_OPS=${TUNE_OPS:-}
 TUNE_BUDGET=${TUNE_BUDGET:-120}
 TUNE_ARGS=${TUNE_ARGS:-}
-MASKED_SWEEP=${MASKED_SWEEP:-0}
 BENCH_BATCHES=${BENCH_BATCHES:-1 8 32}
 DSG_BENCH=${DSG_BENCH:-1}
+DRS=${DRS:-0}
 BENCH_ARGS=${BENCH_ARGS:-}
 NETWORK=${NETWORK:-1}
 NETWORK_ARGS=${NETWORK_ARGS:-}
+if [ "${SWEEP_N:-0}" != 0 ] || [ "${MASKED_SWEEP:-0}" != 0 ]; then
+    echo "SWEEP_N and MASKED_SWEEP are gone with bench/sweep.py and bench/masked_sweep.py:" \
+        "tune instead (TUNE_OPS=... TUNE_ARGS=...)" >&2
+    exit 2
+fi
 mkdir -p "$OUT"
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -46,30 +52,26 @@ if [ -n "$TUNE_OPS" ]; then
     echo "== tune"; python3 -m pysparsecl tune --device nvidia --op $TUNE_OPS \
         --budget-s "$TUNE_BUDGET" $TUNE_ARGS 2>&1 | tr '\r' '\n' | grep -v "tried, " | tail -40
 fi
-if [ "$MASKED_SWEEP" = 1 ]; then
-    echo "== masked sweep"; python3 bench/masked_sweep.py --device nvidia 2>&1 | tail -60
-fi
-if [ "$SWEEP_N" -gt 0 ]; then
-    echo "== sweep"; python3 bench/sweep.py --device nvidia --space gpu --batch 32 --n "$SWEEP_N" \
-        --json "$OUT/sweep_conv2d_gpu.json" --best-env "$OUT/best_params.txt" 2>&1 | tail -12
-    [ -s "$OUT/best_params.txt" ] && export PYSPARSECL_PARAMS=$(cat "$OUT/best_params.txt")
-fi
 echo "== bench with ${PYSPARSECL_PARAMS:-shipped parameters}"
 if [ "$NETWORK" = 1 ]; then
-    echo "== whole network"; python3 bench/network.py --device nvidia $NETWORK_ARGS \
+    echo "== whole network"; python3 -m bench network --device nvidia $NETWORK_ARGS \
         --out "$OUT" 2>&1 | tail -14
 fi
 if [ "$BENCH_BATCHES" != none ]; then
-    echo "== call overhead"; python3 bench/profile_call.py --device nvidia 2>&1 | head -22
-    python3 bench/run.py --device nvidia --ops conv2d elementwise --batch $BENCH_BATCHES \
+    echo "== call overhead"; python3 -m bench.profile_call --device nvidia 2>&1 | head -22
+    python3 -m bench conv2d elementwise --device nvidia --batch $BENCH_BATCHES \
         --no-scipy $BENCH_ARGS --out "$OUT" 2>&1 | tail -40
 fi
-if [ -n "${MASKED_BENCH_ARGS:-}" ]; then   # bench/masked.py alone, e.g. "--no-conv"
-    echo "== masked products bench"
-    python3 bench/masked.py --device nvidia $MASKED_BENCH_ARGS --out "$OUT" 2>&1 | tail -30
+if [ -n "${MASKED_BENCH_ARGS:-}" ]; then   # the masked suite alone, e.g. "--no-conv"
+    echo "== masked products bench"   # writes $OUT/<device>-masked.{json,md}
+    python3 -m bench masked --device nvidia --tag masked $MASKED_BENCH_ARGS --out "$OUT" \
+        2>&1 | tail -30
 fi
 if [ "$DSG_BENCH" = 1 ]; then
     echo "== DSG bench (bounded)"
-    timeout 300 python3 bench/run.py --device nvidia --ops masked --tag dsg --out "$OUT" \
+    timeout 300 python3 -m bench masked --device nvidia --tag dsg --out "$OUT" \
         2>&1 | tail -20
+fi
+if [ "$DRS" = 1 ]; then
+    echo "== DRS kernels"; python3 -m bench drs --device nvidia 2>&1 | tail -8
 fi

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Where a conv2d_sparse call's host time goes: cProfile over repeated calls on device arrays.
 
-python bench/profile_call.py [--device SPEC] [--calls 50]
+python -m bench.profile_call [--device SPEC] [--calls 50]
 """
 
 import argparse
@@ -9,16 +8,13 @@ import cProfile
 import pstats
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+import pyopencl.array as cl_array
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import pyopencl.array as cl_array  # noqa: E402
-
-import pysparsecl as ps  # noqa: E402
-from pysparsecl import runtime  # noqa: E402
-from pysparsecl.testing.cases import RESNET50_LAYERS  # noqa: E402
+import pysparsecl as ps
+from pysparsecl import runtime
+from pysparsecl.testing.cases import RESNET50_LAYERS
 
 
 def main(argv=None):

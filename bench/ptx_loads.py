@@ -1,9 +1,9 @@
 """Count the global load instructions, by width, in the PTX that NVIDIA's OpenCL compiler
 makes of the convolution kernel's batch layout: as shipped (loads through a vector-typed
-pointer) and with those loads written as vloadN.  The README's claim that NVIDIA splits a
+pointer) and with those loads written as vloadN.  docs/design.md's claim that NVIDIA splits a
 vloadN into scalar loads rests on this.
 
-    python bench/ptx_loads.py [--device nvidia]
+    python -m bench.ptx_loads [--device nvidia]
 """
 
 from __future__ import annotations

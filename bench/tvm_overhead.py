@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """The overhead TVM adds over a direct pysparsecl call, for one convolution.
 
-``python3 bench/tvm_overhead.py [--layer 0..4] [--rounds N]`` times, in the same run and in
+``python -m bench tvm [--layer 0..4] [--rounds N]`` times, in the same run and in
 interleaved rounds (bench/timing.py), the wall time of:
 
 - ``direct``: ``pysparsecl.conv2d_sparse`` on NumPy arrays with a prepared
@@ -19,42 +18,42 @@ direct call does, so the difference is TVM's and the callback's own cost.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import interleaved_medians, wall_ms  # noqa: E402
+import pysparsecl as ps
+from pysparsecl import runtime, tuning
+from pysparsecl.testing.cases import RESNET50_LAYERS
+from pysparsecl.testing.reference import relative_error
 
-import pysparsecl as ps  # noqa: E402
-from pysparsecl import runtime, tuning  # noqa: E402
-from pysparsecl.testing.cases import RESNET50_LAYERS  # noqa: E402
-from pysparsecl.testing.reference import relative_error  # noqa: E402
+from .timing import interleaved_medians, wall_ms
 
-try:
-    import tvm
-    from tvm import relax, te
-
-    import pysparsecl.tvm as pst
-except ImportError:
-    sys.exit("this benchmark needs apache-tvm: pip install -e '.[tvm]'")
+#: Defaults of the options this suite takes (the driver's are None: "the suite's own").
+LAYER, SPARSITY, ROUNDS = 0, 0.9, 10
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layer", type=int, default=0,
-                        help="index into RESNET50_LAYERS (default 0: res2 3x3 64@56)")
-    parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                        help="where tvm-overhead-<device>.{json,md} are written")
-    args = parser.parse_args()
+def available() -> bool:
+    """Whether apache-tvm can be imported (the suite needs it)."""
+    try:
+        import tvm  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-    case = RESNET50_LAYERS[args.layer].with_(sparsity=args.sparsity, N=1)
+
+def run(layer: int, sparsity: float, rounds: int, out_dir) -> dict:
+    """The suite: writes ``out_dir``/tvm-overhead-<device>.{json,md} and returns the results.
+    It runs on the runtime's default queue, the one TVM's packed functions use."""
+    try:
+        import tvm
+        from tvm import relax, te
+
+        import pysparsecl.tvm as pst
+    except ImportError:
+        raise SystemExit("the tvm suite needs apache-tvm: pip install -e '.[tvm]'") from None
+
+    case = RESNET50_LAYERS[layer].with_(sparsity=sparsity, N=1)
     rng = np.random.default_rng(0)
     x, w, csr, _ = case.make_inputs(rng)
     queue = runtime.get_queue()
@@ -113,13 +112,13 @@ def main() -> None:
     pst.clear_cache()
     med = interleaved_medians({"direct": wall_ms(direct), "callback": wall_ms(callback),
                                "te": wall_ms(via_te),
-                               "relax": wall_ms(via_relax)}, rounds=args.rounds, block=5)
+                               "relax": wall_ms(via_relax)}, rounds=rounds, block=5)
     assert pst.cache_stats["builds"] <= 1, pst.cache_stats   # the weight was reused
 
     device = queue.device
     header = (f"device: {device.platform.name.strip()} / {device.name.strip()}; "
               f"tvm {tvm.__version__}; layer: {case.label()}, batch {case.N}, sparsity "
-              f"{args.sparsity:.0%}, nnz {csr.nnz}; medians of {args.rounds} interleaved "
+              f"{sparsity:.0%}, nnz {csr.nnz}; medians of {rounds} interleaved "
               "rounds x 5 calls, wall clock")
     rows = [dict(path=name, median_ms=med[name], overhead_ms=med[name] - med["direct"],
                  overhead_pct=100 * (med[name] - med["direct"]) / med["direct"])
@@ -128,13 +127,10 @@ def main() -> None:
     lines += [f"| {r['path']} | {r['median_ms']:.3f} | {r['overhead_ms']:.3f} | "
               f"{r['overhead_pct']:.1f}% |" for r in rows]
     print("\n".join(lines))
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"tvm-overhead-{tuning.device_slug(device)}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"tvm-overhead-{tuning.device_slug(device)}"
     stem.with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
     stem.with_suffix(".md").write_text("# TVM overhead over a direct call\n\n"
                                        + "\n".join(lines) + "\n")
     print(f"wrote {stem}.{{json,md}}")
-
-
-if __name__ == "__main__":
-    main()
+    return {"header": header, "rows": rows}

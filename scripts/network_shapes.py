@@ -2,7 +2,7 @@
 """A tuner shapes file with one problem per conv2d_csr shape class of the whole-network
 benchmark's ResNet-50 body (pysparsecl/testing/networks.py), at the given batches.
 
-    python scripts/network_shapes.py --batch 1 8 [--sparsity 0.9] > shapes.json
+    python -m scripts.network_shapes --batch 1 8 [--sparsity 0.9] > shapes.json
     python -m pysparsecl tune --shapes shapes.json --budget-s 600
 
 Each class is represented by its largest convolution (most multiply-adds); the FC
@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pysparsecl.ops.conv2d import conv2d_shape_class  # noqa: E402
-from pysparsecl.testing.networks import conv_inputs, resnet50_body  # noqa: E402
+from pysparsecl.ops.conv2d import conv2d_shape_class
+from pysparsecl.testing.networks import conv_inputs, resnet50_body
 
 
 def network_shapes(batches, sparsity: float, input_hw=(56, 56)) -> list:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Copy tuned entries from user tuning databases into the shipped database.
 
-    python scripts/ship_tuning.py DB.json [DB.json ...] [--also nvidia/gpu] [--dry-run]
+    python -m scripts.ship_tuning DB.json [DB.json ...] [--also nvidia/gpu] [--dry-run]
 
 Each DB.json is a file ``python -m pysparsecl tune`` wrote (``<device slug>--<driver>.json``
 in the tuning cache directory).  Its families' entries -- parameters, per-shape-class
@@ -20,9 +20,9 @@ import json
 import sys
 from pathlib import Path
 
+from pysparsecl.tuning import names_slug
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from pysparsecl.tuning import names_slug  # noqa: E402
 
 SHIPPED = ROOT / "pysparsecl" / "tuning" / "database" / "shipped.json"
 

@@ -4,7 +4,7 @@
     python3 scripts/verify.py            # what `make verify` runs
     python3 scripts/verify.py -j 1 --family conv2d_csr --configs 2
     python3 scripts/verify.py --readme   # also run the suite's verification tests and
-                                         # write the figures into README.md (make verify-readme)
+                                         # write its figures into docs/testing.md (verify-readme)
 
 Each family runs in its own child process whose only OpenCL platform is Oclgrind
 (OCL_ICD_VENDORS points at an .icd file naming liboclgrind-rt-icd.so), with
@@ -383,7 +383,7 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=int, default=900, help="seconds per family")
     parser.add_argument("--readme", action="store_true",
                         help="after a clean run, run the verification tests too and write "
-                             "all the figures into README.md's 'How we test' block")
+                             "all the figures into docs/testing.md's figures block")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -446,7 +446,7 @@ def main(argv=None) -> int:
     return write_readme_figures(summary, elapsed) if args.readme else 0
 
 
-README = Path(REPO) / "README.md"
+README = Path(REPO) / "docs" / "testing.md"   # where the figures go (the name is historical)
 FIGURE_MARKERS = ("<!-- verify:figures:start -->", "<!-- verify:figures:end -->")
 
 
@@ -463,7 +463,7 @@ def _pytest(*args: str):
 
 
 def write_readme_figures(oclgrind_summary: str, oclgrind_s: float) -> int:
-    """Run the suite's verification tests and write every figure into the README."""
+    """Run the suite's verification tests and write every figure into docs/testing.md."""
     try:
         n_props, _ = _pytest("tests/test_properties.py")
         n_bad, _ = _pytest("tests/test_bad_inputs.py")
@@ -488,7 +488,7 @@ def write_readme_figures(oclgrind_summary: str, oclgrind_s: float) -> int:
     text = README.read_text()
     start, end = FIGURE_MARKERS
     if start not in text or end not in text:
-        print(f"README.md lacks the markers {FIGURE_MARKERS}", file=sys.stderr)
+        print(f"{README} lacks the markers {FIGURE_MARKERS}", file=sys.stderr)
         return 1
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)

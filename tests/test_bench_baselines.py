@@ -1,24 +1,20 @@
-"""The benchmark's torch baselines (bench/baselines.py) and its table/README helpers.
+"""The benchmark's torch baselines (bench/baselines.py), its driver's suite choice and its
+table/README helpers.
 
 Small shapes on torch's CPU only: these check that each baseline computes what ours does
 and that an unsupported one becomes a note, not that anything is fast.
 """
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-sys.path.insert(0, str(BENCH))
-
-import report  # noqa: E402  (bench/report.py)
-from baselines import Torch  # noqa: E402
-
-from pysparsecl.testing.cases import ConvCase  # noqa: E402
-from pysparsecl.testing.reference import masked_matmul_reference  # noqa: E402
+from bench import readme, report
+from bench.__main__ import SUITES, parser, select
+from bench.baselines import Torch
+from pysparsecl.testing.cases import ConvCase
+from pysparsecl.testing.reference import masked_matmul_reference
 
 
 @pytest.fixture(scope="module")
@@ -84,17 +80,67 @@ def test_markdown_table_drop_absent():
     assert "NEW" in report.markdown_table(rows + [{"new": None}], cols, drop_absent=True)
 
 
-def test_readme_headline_on_results_without_new_fields(tmp_path):
-    import run  # bench/run.py
+def _old_results(tmp_path):
     old_conv = {"op": "conv2d_sparse", "layer": "L", "N": 1, "sparsity": 0.9,
                 "ours_kernel_ms": 1.0, "torch_dense_ms": 2.0, "speedup_vs_torch": 2.0}
     old_dsg = {"op": "masked_gemm", "shape": "2x3x4", "sparsity": 0.9, "ours_kernel_ms": 1.0}
     header = {"device": "D", "driver": "1", "date": "today", "baselines": "torch"}
     (tmp_path / "dev.json").write_text(json.dumps({"header": header,
                                                    "rows": [old_conv, old_dsg]}))
-    text = run.readme_headline(tmp_path)
+    (tmp_path / "network-dev.json").write_text(json.dumps({"header": header, "rows": [
+        {"N": 1, "sparsity": 0.9, "ours_eager_ms": 3.0}]}))
+    (tmp_path / "dev-quick.json").write_text("not read")
+    return tmp_path
+
+
+def test_readme_headline_on_results_without_new_fields(tmp_path):
+    text = readme.benchmarks_tables(_old_results(tmp_path))
     assert "torch csr" not in text and "sddmm" not in text
     assert "| L | 1 | 0.90 | 1.000 |" in text
+    assert "(../bench/results/dev.md)" in text            # relative to docs/
+    head = readme.readme_headline(tmp_path)
+    assert head.index("Whole network") < head.index("| L | 1 | 0.90 | 1.000 | 2.000 |")
+    assert "(bench/results/network-dev.md)" in head and "2x3x4" not in head
+
+
+def test_update_rewrites_only_the_marked_blocks(tmp_path):
+    (tmp_path / "results").mkdir()
+    results = _old_results(tmp_path / "results")
+    files = {}
+    for name, markers in (("README.md", readme.HEADLINE_MARKERS),
+                          ("benchmarks.md", readme.TABLES_MARKERS)):
+        files[name] = tmp_path / name
+        files[name].write_text(f"before\n{markers[0]}\nstale\n{markers[1]}\nafter\n")
+    readme.update(results, files["README.md"], files["benchmarks.md"])
+    for path in files.values():
+        text = path.read_text()
+        assert text.startswith("before\n") and text.endswith("after\n")
+        assert "stale" not in text and "| 1 | 0.90 | 3.00 |" in text
+
+
+def test_committed_docs_hold_the_generated_tables():
+    """README.md and docs/benchmarks.md hold what ``make bench-readme`` writes from the
+    committed results (run it after committing new results)."""
+    for path, markers, body in ((readme.README, readme.HEADLINE_MARKERS,
+                                 readme.readme_headline()),
+                                (readme.BENCHMARKS, readme.TABLES_MARKERS,
+                                 readme.benchmarks_tables())):
+        text = path.read_text()
+        assert f"{markers[0]}\n{body}{markers[1]}" in text, f"{path}: make bench-readme"
+
+
+def test_driver_suites_and_defaults(monkeypatch):
+    from bench import tvm_overhead
+    args = parser().parse_intermixed_args(["network", "--quick", "conv2d", "--batch", "2"])
+    assert args.suites == ["network", "conv2d"] and args.quick and args.batch == [2]
+    assert args.sparsity is None and args.rounds is None   # each suite's own defaults
+    assert select(["network", "conv2d"]) == ["conv2d", "network"]    # SUITES' order
+    monkeypatch.setattr(tvm_overhead, "available", lambda: False)
+    assert select([]) == [s for s in SUITES if s != "tvm"]
+    monkeypatch.setattr(tvm_overhead, "available", lambda: True)
+    assert select([]) == list(SUITES)
+    with pytest.raises(SystemExit):
+        select(["sweep"])
 
 
 def test_timer_on_the_cpu_is_the_wall_time_of_one_call(torch_b):
