@@ -27,6 +27,7 @@ from pysparsecl.ops.drs import keep_count
 from pysparsecl.ops.masked import masked_matmul_shape_class
 from pysparsecl.params import SPECS
 from pysparsecl.testing.cases import RESNET50_LAYERS, row_masks
+from pysparsecl.testing.problems import DSG_GEMM_SHAPES, DSG_VMM_SHAPES
 from pysparsecl.testing.reference import (
     conv2d_masked_reference,
     masked_matmul_reference,
@@ -39,8 +40,8 @@ from .timing import SETTLE_S, event_ms, interleaved_medians, wall_ms
 
 #: The DSG issue's sparsities (not the convolution suite's), unless --sparsity is given.
 SPARSITIES = (0.5, 0.8, 0.9)
-VMM_SHAPES = ((1, 4096, 4096), (1, 1024, 1024))
-GEMM_SHAPES = ((128, 4096, 4096), (4096, 1024, 1024), (1568, 2304, 256))
+#: The DSG benchmarks' (M, K, N), declared once in the problem registry.
+VMM_SHAPES, GEMM_SHAPES = DSG_VMM_SHAPES, DSG_GEMM_SHAPES
 N_MASKS = 8   # distinct masks rotated over the timed calls
 
 
