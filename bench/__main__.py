@@ -23,10 +23,7 @@ same run in interleaved rounds, medians after warm-up (bench/timing.py).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -93,7 +90,6 @@ def run_layers(queue, args, suites) -> None:
     """conv2d, elementwise and masked on ``queue``: one results file for all their rows."""
     import numpy as np
 
-    import pysparsecl as ps
     from pysparsecl import runtime, tuning
     from pysparsecl.params import SPECS
 
@@ -105,11 +101,7 @@ def run_layers(queue, args, suites) -> None:
     slug = tuning.device_slug(device) + (f"-{args.tag}" if args.tag else "") + \
         ("-quick" if args.quick else "")
     header = {
-        "device": f"{device.platform.name.strip()} / {device.name.strip()}",
-        "driver": device.driver_version.strip(),
-        "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "pysparsecl": ps.__version__,
+        **report.run_header(device),
         "baselines": torch_b.note,
         # Each family's entry for this device; per-shape-class entries are listed with
         # the tables whose rows used them.

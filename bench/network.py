@@ -16,10 +16,7 @@ error < 1e-4).  Results: bench/results/network-<device>.{json,md,png}.
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import platform
 import time
 
 import numpy as np
@@ -257,11 +254,7 @@ def run(queue, args) -> dict:
     except ImportError:
         baseline = "torch not installed: torch columns empty (make bench-deps)"
     header = {
-        "device": f"{device.platform.name.strip()} / {device.name.strip()}",
-        "driver": device.driver_version.strip(),
-        "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "pysparsecl": ps.__version__,
+        **report.run_header(device),
         "model": "ResNet-50 res2 input (56x56) to logits: 16 bottleneck blocks, 52 convs + "
                  "pooling + FC; BN folded; magnitude-pruned convs; FC dense",
         "baselines": baseline,

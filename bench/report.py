@@ -7,6 +7,23 @@ prints as "-" (rows written before a column existed lack its key: treated as mis
 from __future__ import annotations
 
 
+def run_header(device) -> dict:
+    """What every results file records first: the device and driver, the host, the date
+    and the package version."""
+    import datetime
+    import os
+    import platform
+
+    import pysparsecl
+    return {
+        "device": f"{device.platform.name.strip()} / {device.name.strip()}",
+        "driver": device.driver_version.strip(),
+        "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "pysparsecl": pysparsecl.__version__,
+    }
+
+
 def fmt_value(value, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
