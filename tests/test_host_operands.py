@@ -325,3 +325,35 @@ def test_cache_checks_identity_even_if_an_entry_outlived_its_object():
         cache.get(first, (first.values,), "k", lambda: "first")
     cache._entries[id(second)] = cache._entries.pop(id(first))
     assert cache.get(second, (second.values,), "k", lambda: "second") == "second"
+
+
+def test_repeated_calls_into_one_out_array_hold_one_event(queue, rng):
+    """An op that writes a reused ``out=`` array leaves it one event, the one that waited
+    for all before it: a growing list makes pyopencl's add_event wait on the host every
+    fourth call.  Results stay right throughout."""
+    x = rng.standard_normal((6, 40), dtype=np.float32)
+    w = rng.standard_normal((40, 30), dtype=np.float32)
+    mask = rng.random((6, 30)) < 0.4
+    x_dev, mask_dev = cl_array.to_device(queue, x), cl_array.to_device(queue, mask)
+    weight = ps.MaskedLinearWeight(w, queue=queue)
+    y = cl_array.empty(queue, (6, 30), np.float32)
+    y4 = cl_array.to_device(queue, rng.standard_normal((2, 3, 4, 5), dtype=np.float32))
+    m4 = cl_array.to_device(queue, rng.random((2, 3, 4, 5)) < 0.5)
+    g, b, mean = (rng.standard_normal(3, dtype=np.float32) for _ in range(3))
+    var = rng.random(3, dtype=np.float32) + 0.5
+    bn_out = cl_array.empty_like(y4)
+    xc = cl_array.to_device(queue, rng.standard_normal((1, 2, 5, 5), dtype=np.float32))
+    wc = rng.standard_normal((3, 2, 3, 3), dtype=np.float32)
+    conv_out = cl_array.empty(queue, (1, 3, 5, 5), np.float32)
+    conv_mask = cl_array.to_device(queue, rng.random((1, 3, 5, 5)) < 0.5)
+    drs_out = cl_array.empty(queue, (6, 30), np.bool_)
+    proj = ps.SparseRandomProjection(40, k=8, seed=1, queue=queue)
+    for _ in range(20):
+        ps.masked_matmul(x_dev, weight, mask_dev, out=y)
+        ps.masked_relu_bn(y4, m4, g, b, mean, var, out=bn_out)
+        ps.conv2d_masked(xc, wc, conv_mask, padding=1, out=conv_out)
+        ps.drs_mask(x_dev, w, 0.5, projection=proj, out=drs_out)
+    for name, arr in (("masked_matmul", y), ("masked_relu_bn", bn_out),
+                      ("conv2d_masked", conv_out), ("drs_mask", drs_out)):
+        assert len(arr.events) == 1, (name, len(arr.events))
+    np.testing.assert_allclose(y.get(), np.where(mask, x @ w, 0), rtol=1e-4, atol=1e-4)

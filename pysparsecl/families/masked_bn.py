@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import runtime
-from ..ops._common import elem_offset, round_up
+from ..ops._common import elem_offset, round_up, written
 from ..params import ParamSpec, TileParam
 
 TEMPLATE = "masked_bn.cl.mako"
@@ -55,6 +55,6 @@ def launch(queue, params, y_dev, mask_dev, dev, out_dev, outer: int, n_ch: int, 
               dev["gamma"].data, dev["beta"].data, dev["mean"].data, dev["var"].data,
               out_dev.base_data, elem_offset(out_dev), np.int32(n_rows), np.int32(row_len),
               np.int32(n_ch), np.float32(eps), wait_for=wait or None)
-    out_dev.add_event(ev)
+    written(out_dev, ev)
     if events is not None:
         events.append(ev)

@@ -16,6 +16,7 @@ from ..ops._common import (
     int_pair,
     is_device_array,
     round_up,
+    written,
 )
 from ..params import ParamSpec, TileParam
 
@@ -112,6 +113,6 @@ def launch(queue, params, xp, wk, mask_dev, out_dev, geom, n_ch, k_out, r, s, ev
               np.int32(block),
               wait_for=(list(xp.events) + list(wk.events) + list(mask_dev.events)
                         + list(out_dev.events)) or None)
-    out_dev.add_event(ev)
+    written(out_dev, ev)
     if events is not None:
         events.append(ev)

@@ -9,7 +9,7 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 
 from .. import runtime
-from ..ops._common import elem_offset, is_device_array, round_up
+from ..ops._common import elem_offset, is_device_array, round_up, written
 from ..params import Constraint, ParamSpec, TileParam
 from .masked_conv import shape_args
 
@@ -54,7 +54,7 @@ def launch(queue, params, xp, wk, channels, out_dev, geom, n_ch, k_out, r, s, ev
     fill = cl.enqueue_fill_buffer(queue, out_dev.base_data, np.float32(0), out_dev.offset,
                                   out_dev.nbytes, wait_for=out_dev.events or None)
     if not counts.any():
-        out_dev.add_event(fill)
+        written(out_dev, fill)
         return
     kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_masked_conv_channels",),
                            **template_args(params))["pscl_masked_conv_channels"]
@@ -65,6 +65,6 @@ def launch(queue, params, xp, wk, channels, out_dev, geom, n_ch, k_out, r, s, ev
               xp.data, wk.data, chans_dev.data, counts_dev.data, out_dev.base_data,
               elem_offset(out_dev), *shape_args(geom, n_ch, k_out, r, s),
               wait_for=[fill] + list(xp.events) + list(wk.events))
-    out_dev.add_event(ev)
+    written(out_dev, ev)
     if events is not None:
         events.append(ev)

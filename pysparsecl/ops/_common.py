@@ -81,6 +81,15 @@ def new_output(queue: cl.CommandQueue, shape, dtype, out, like, zeros: bool = Fa
     return runtime.empty(queue, shape, dtype, allocator=alloc), None
 
 
+def written(array, event) -> None:
+    """Record that ``event`` wrote ``array``, where ``event`` waited for every event the
+    array held (the caller passed them in its wait list): it then stands for them all.
+    The list stays one event long instead of growing until pyopencl's ``add_event`` makes
+    the host wait for the oldest, which it does on every fourth call that reuses an
+    ``out=`` array.  (Views share their base's list, which ``event`` waited for too.)"""
+    array.events[:] = [event]
+
+
 def deliver(out_dev: cl_array.Array, like, out, queue: cl.CommandQueue,
             take: Optional[Callable[[], np.ndarray]] = None):
     """The result in the container the input ``like`` came in: ``out_dev`` itself for a

@@ -44,6 +44,7 @@ from ._common import (
     require_array,
     round_up,
     to_device,
+    written,
 )
 from ._prepared import PreparedCache
 from .masked import MaskedLinearWeight, weight_rows, weight_shape
@@ -520,7 +521,7 @@ def _search(queue, x_dev, proj: SparseRandomProjection, pw: ProjectedWeight, n_r
     topk = _FAMILIES[DRS_ROUTINE.variant(routine, "TOPK_KERNEL")]
     ev = topk.launch(queue, tuning.lookup(topk.SPEC, queue.device), scores, pw.ld, n_rows,
                      n_cols, n_keep, out_dev, compact, plane, [ev] + list(out_dev.events))
-    out_dev.add_event(ev)
+    written(out_dev, ev)
     if events is not None:
         events.append(ev)
 

@@ -40,6 +40,7 @@ from ._common import (
     new_output,
     require_array,
     to_device,
+    written,
 )
 from ._prepared import PreparedCache
 
@@ -394,7 +395,7 @@ def _launch_forward(queue, x_dev, rows, ldw, sel: _Selection, mask_dev, out_dev,
                      else (slots.data, np.int64(0)))
         ev = family.launch(queue, params, form, x_dev, rows, ldw, selection, out_dev, n_rows,
                            n_cols, k_in, sel.n_entries, wait, events)
-    out_dev.add_event(ev)
+    written(out_dev, ev)
     if events is not None:
         events.append(ev)
     if bad is not None and is_device_array(sel.array):
