@@ -19,6 +19,9 @@
 ##      vector-typed pointer, not vloadN: vloadN promises only scalar alignment, and
 ##      NVIDIA's compiler then splits it into VEC scalar loads.
 ##
+## Kernel parameters: declared once, in pysparsecl/ops/conv2d.py (PACK_FLAT_ARGS,
+## PACK_ROWS_ARGS, CONV_ARGS), rendered here from ARGS and launched by name.
+##
 ## Epilogue, applied in the store (HAS_BIAS, RESIDUAL, RELU): out = act(conv + bias +
 ## residual), the residual a tensor of the output's shape read at the stored position,
 ## so that a ResNet block needs no separate elementwise pass.
@@ -76,14 +79,7 @@ typedef pscl_floatv pscl_packed;
 typedef float pscl_packed;
 % endif
 __kernel __attribute__((reqd_work_group_size(${PACK_WG}, 1, 1)))
-void pscl_pack_input(
-    __global const float *restrict x, const long x_offset,
-    __global float *restrict xpack, const uint n_packed, const uint n_total,
-    const int C, const int H, const int W, const uint plane_size, const uint Wq,
-    const uint phases, const int stride_h, const int stride_w, const int pad_top,
-    const int pad_left, const uint div_plane_m, const uint div_plane_s, const uint div_wq_m,
-    const uint div_wq_s, const uint div_phases_m, const uint div_phases_s,
-    const uint div_sw_m, const uint div_sw_s, const uint div_c_m, const uint div_c_s)
+void pscl_pack_input(${ARGS["pscl_pack_input"]})
 {
     const uint first = get_group_id(0) * (${PACK_WG} * ${PACK_ITEMS}) + get_local_id(0);
     __attribute__((opencl_unroll_hint(${PACK_ITEMS})))
@@ -126,11 +122,7 @@ void pscl_pack_input(
 // Index arithmetic is per row, keeping integer division out of the copy loop.  Rows
 // past n_rows zero the slack that the last pixel tile reads beyond the packed input.
 __kernel __attribute__((reqd_work_group_size(${PACK_LANES}, ${PACK_ROWS}, 1)))
-void pscl_pack_input(
-    __global const float *restrict x, const long x_offset,
-    __global float *restrict xpack, const int n_rows, const int n_rows_total,
-    const int C, const int H, const int W, const int Hq, const int Wq,
-    const int stride_h, const int stride_w, const int pad_top, const int pad_left)
+void pscl_pack_input(${ARGS["pscl_pack_input"]})
 {
     const int row_id = get_global_id(1);
     const int lane = get_local_id(0);
@@ -203,18 +195,7 @@ void pscl_pack_input(
 // stays in L1 for all of them.
 __kernel __attribute__((reqd_work_group_size(
     ${"PSCL_WG_CH, PSCL_WG_PIX" if CH_FASTEST else "PSCL_WG_PIX, PSCL_WG_CH"}, ${WG_IMG})))
-void pscl_conv2d_csr(
-    __global const float *restrict xpack,
-    __global const int2 *restrict w_nz,       // nnz (offset in floats into a group's
-                                              //      packed input, float bits): one load
-    __global const int *restrict row_ptr,     // K + 1, or K * (n_seg + 1) with CBLOCK
-    __global const int *restrict row_order,   // K rows, heaviest first (load balance)
-    __global const float *restrict bias,      // K (read only when HAS_BIAS)
-    __global float *restrict out, const long out_offset,
-    __global const float *residual, const long res_offset,  // read only when RESIDUAL
-    const int K, const int k_per_group, const int n_blocks, const int n_seg, const int OH,
-    const int OW, const int Wq, const long x_image_stride, const long x_group_stride,
-    const uint div_plane_m, const uint div_plane_s, const uint div_ow_m, const uint div_ow_s)
+void pscl_conv2d_csr(${ARGS["pscl_conv2d_csr"]})
 {
     const int slot = get_global_id(PSCL_CH_DIM);
 % if COMPACT:

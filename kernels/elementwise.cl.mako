@@ -26,6 +26,10 @@
 ##   IDX        "int" or "long": the index type, 64-bit only when an extent needs it
 ##   ALIGNED    1: every contiguous pointer starts on a VEC boundary (fast path)
 ##   RESTRICT   1: no operand shares memory with `out`
+##   ARGS       the kernel's parameters, declared in elementwise.py (kernel_args): per
+##              array a pointer, its element offset <name>_off and, on the strided path,
+##              its strides <name>_s<d> but a 0/1 innermost one; pscl_u_<name> per scalar
+##              operand; pscl_alpha, pscl_beta (axpby); n, or d<d> and n_rows (strided)
 <%namespace name="common" file="common.cl.mako"/>\
 <%!
     FLOATS = ("half", "float", "double")
@@ -165,34 +169,6 @@ vload${n}(${i}, pscl_p_${name})\
         __global ${TR} *${restrict}pscl_p_out = out + pscl_row_out;
 </%def>\
 
-## Kernel arguments: pointer and element offset per array (plus, on the strided path, its
-## strides except a 0/1 innermost one), a value per scalar operand, the axpby coefficients.
-<%def name="strides(name)">\
-% if PATH == "strided":
-%   for d in range(NDIM if inner[name] == "n" else NDIM - 1):
-    const pscl_idx ${name}_s${d},
-%   endfor
-% endif
-</%def>\
-<%def name="arguments()">\
-% for (name, kind, ctype, cls) in OPERANDS:
-%   if kind == "scalar":
-    const ${TR} pscl_u_${name},
-%   else:
-    __global const ${ctype} *${restrict}${name}, const long ${name}_off,
-${strides(name)}\
-%   endif
-% endfor
-% if MASK:
-    __global const uchar *${restrict}m, const long m_off,
-${strides("m")}\
-% endif
-% if OP == "axpby":
-    const ${TR} pscl_alpha, const ${TR} pscl_beta,
-% endif
-    __global ${TR} *${restrict}out, const long out_off,
-${strides("out")}\
-</%def>\
 <%
     names = ["out"] + [o[0] for o in arrays] + (["m"] if MASK else [])
     # A work-item's vectors: WG (or local_size(0)) apart when INTERLEAVE (neighbouring
@@ -207,9 +183,7 @@ ${strides("out")}\
 // Work-group g covers vectors [g, g + 1) * WG * ITEMS, then jumps a whole grid ahead.
 // The last n % VEC elements are done by work-item 0.
 __kernel __attribute__((reqd_work_group_size(PSCL_WG, 1, 1)))
-void pscl_ew_fast(
-${arguments()}\
-    const pscl_idx n)
+void pscl_ew_fast(${ARGS["pscl_ew_fast"]})
 {
 % for name in names:
     const pscl_idx pscl_row_${name} = ${name}_off;
@@ -248,12 +222,7 @@ ${element(1, "pscl_i")}\
 // PSCL_WIDTH elements per item, plus a scalar tail per row done by the dim-0 item 0.  The
 // other dimensions, flattened into rows, run along dim 1, grid-stride so that dim 1
 // stays within every device's limit on work-groups.
-__kernel void pscl_ew_strided(
-${arguments()}\
-%   for d in range(NDIM):
-    const pscl_idx d${d},
-%   endfor
-    const pscl_idx n_rows)
+__kernel void pscl_ew_strided(${ARGS["pscl_ew_strided"]})
 {
     const pscl_idx pscl_nvec = d${last} / PSCL_WIDTH;
     const pscl_idx pscl_lid = get_local_id(0);

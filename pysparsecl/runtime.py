@@ -26,6 +26,8 @@ import pyopencl.tools as cl_tools
 from mako.lookup import TemplateLookup
 
 from . import __version__
+from .kernel_args import KernelArgError, KernelArgs, Scalar, Signature
+from .kernel_args import resolve as resolve_kernel_args
 
 # PoCL's CPU driver otherwise lets its worker threads migrate, and we measured kernels
 # flipping between full and half speed on a 2-core machine.  Users can still set it.
@@ -280,12 +282,26 @@ _lookup: Optional[TemplateLookup] = None
 
 
 def render(template_name: str, **params) -> str:
-    """Render ``kernels/<template_name>`` with ``params``; an undefined name raises."""
+    """Render ``kernels/<template_name>`` with ``params``; an undefined name raises.  An
+    ``ARGS`` parameter (:mod:`pysparsecl.kernel_args`) is resolved first, and the source
+    is checked against it: a kernel whose parameter list is not the declared one raises
+    ``KernelArgError`` before anything builds."""
+    return _render_checked(template_name, params)[0]
+
+
+def _render_checked(template_name: str, params) -> Tuple[str, Optional[KernelArgs]]:
+    """The rendered source and its resolved ``ARGS`` (None where it has none)."""
     global _lookup
     if _lookup is None:
         _lookup = TemplateLookup(directories=[str(kernel_dir())], strict_undefined=True,
                                  input_encoding="utf-8")
-    return _lookup.get_template(template_name).render(**params)
+    args = resolve_kernel_args(params.get("ARGS"), params)
+    if args is not None:
+        params = dict(params, ARGS=args)
+    source = _lookup.get_template(template_name).render(**params)
+    if args is not None:
+        args.check_source(source)
+    return source, args
 
 
 _program_cache: Dict[tuple, cl.Program] = {}
@@ -331,43 +347,74 @@ class LockedKernel:
     """A kernel object shared by threads: setting its arguments and enqueueing is atomic.
 
     pyopencl kernel objects are costly to create (each builds an argument invoker), so
-    they are made once per program and reused.  The first call declares the scalar
-    arguments' dtypes (those of the NumPy scalars it passes) to pyopencl, whose invoker
-    then packs them directly: undeclared, pyopencl sets each scalar through its generic
-    path, which cost about 5 us per argument: 0.13 ms per launch of a 17-argument kernel
-    on PoCL and 0.24 ms on the H100's host, against 7 and 17 us declared.  A later call
-    whose arguments are of other kinds is a bug in the caller, and raises rather than have
+    they are made once per program and reused.  pyopencl must know the scalar arguments'
+    dtypes, or it sets each scalar through its generic path, which cost about 5 us per
+    argument: 0.13 ms per launch of a 17-argument kernel on PoCL and 0.24 ms on the
+    H100's host, against 7 and 17 us declared.  With a ``signature``
+    (:mod:`pysparsecl.kernel_args`) the dtypes are the declared ones and every call's
+    values are checked against it; without one, the first call's NumPy scalars declare
+    them.  Either way a call whose arguments are of other kinds raises rather than have
     pyopencl convert a value silently.
     """
 
-    def __init__(self, program: cl.Program, name: str):
+    def __init__(self, program: cl.Program, name: str, signature: Optional[Signature] = None):
         self.program = program
         self.kernel = cl.Kernel(program, name)
         self.name = name
+        self.signature = signature
         self._lock = threading.Lock()
         self._kinds: Optional[tuple] = None
-        self._types: Optional[tuple] = None   # the first call's argument types
+        self._types: Optional[tuple] = None   # the last call's argument types
+        self._accepted: set = set()           # argument types checked against the signature
+        if signature is not None:
+            if signature.kernel != name:
+                raise KernelArgError(f"kernel {name} given the signature of "
+                                     f"{signature.kernel}")
+            if self.kernel.num_args != len(signature):
+                raise KernelArgError(f"kernel {name} was built with {self.kernel.num_args} "
+                                     f"arguments but is declared with {len(signature)}")
+            self._kinds = signature.scalar_dtypes
+            self.kernel.set_scalar_arg_dtypes(list(self._kinds))
 
     def __call__(self, queue, global_size, local_size, *args, wait_for=None) -> cl.Event:
-        # Arguments of the first call's types have its kinds: the cheap check (0.5 us,
+        # Arguments of an accepted call's types are accepted: the cheap check (0.5 us,
         # against 2 us for the kinds) covers the calls that repeat a launch.
         types = tuple(map(type, args))
         with self._lock:
             if types != self._types:
-                kinds = _arg_kinds(args)
-                if self._kinds is None:
-                    self.kernel.set_scalar_arg_dtypes(list(kinds))
-                    self._kinds, self._types = kinds, types
-                elif kinds != self._kinds:
-                    raise TypeError(f"pysparsecl: kernel {self.name} called with argument "
-                                    f"kinds {kinds}, declared {self._kinds} by its first call")
+                if self.signature is not None:
+                    if types not in self._accepted:
+                        self.signature.check_values(args)   # raises, naming the argument
+                        self._accepted.add(types)
+                    self._types = types
+                else:
+                    kinds = _arg_kinds(args)
+                    if self._kinds is None:
+                        self.kernel.set_scalar_arg_dtypes(list(kinds))
+                        self._kinds, self._types = kinds, types
+                    elif kinds != self._kinds:
+                        raise TypeError(f"pysparsecl: kernel {self.name} called with argument "
+                                        f"kinds {kinds}, declared {self._kinds} by its first "
+                                        "call")
             graph = getattr(_capture, "graph", None)
             if graph is not None:
                 return graph._record(self, queue, global_size, local_size, args)
             return self.kernel(queue, global_size, local_size, *args, wait_for=wait_for)
 
+    def launch(self, queue, global_size, local_size, args: Dict[str, object],
+               wait_for=None) -> cl.Event:
+        """Enqueue with ``args`` given by name (every declared argument once): for
+        launches that build their arguments per call; a plan binds them once
+        (:meth:`BoundKernel.bind`)."""
+        if self.signature is None:
+            raise TypeError(f"kernel {self.name} has no declared signature: launch it with "
+                            "positional arguments")
+        return self(queue, global_size, local_size, *self.signature.pack(args),
+                    wait_for=wait_for)
+
 
 _UNSET = object()   # a BoundKernel's free argument not set yet
+_POINTER = object()  # a BoundKernel's free argument declared as a buffer
 
 #: pyopencl's batched argument setters (private, used by its generated invokers).
 _BATCHED_ARGS = all(hasattr(cl.Kernel, name)
@@ -385,7 +432,12 @@ class BoundKernel:
     plan, so a repeated call sets 3 to 6 of them.  ``args`` holds every argument
     (placeholders, such as None, at the free positions); scalars are NumPy scalars, whose
     dtypes are the kernel's.  Launches go through :class:`LaunchGraph` capture as
-    :class:`LockedKernel`'s do."""
+    :class:`LockedKernel`'s do.
+
+    A kernel with a signature is bound by name with :meth:`bind`, whose ``launch`` takes
+    the free arguments by name; every value is checked against the declaration (the
+    fixed ones here, a free one when it changes), at the cost of a type comparison.
+    """
 
     def __init__(self, locked: LockedKernel, args: tuple, free: Tuple[int, ...]):
         self.locked = locked
@@ -393,6 +445,18 @@ class BoundKernel:
         self.free = tuple(free)
         self.args = tuple(args)
         self._lock = threading.Lock()
+        signature = locked.signature
+        # Per free argument: the declared NumPy scalar type, _POINTER for a buffer, or
+        # None where nothing is declared (a scalar is then told by its value).
+        kinds, codes = [None] * len(self.free), [b""] * len(self.free)
+        if signature is not None:
+            signature.check_values(self.args, skip=self.free)
+            for slot, i in enumerate(self.free):
+                a = signature.args[i]
+                kinds[slot] = a.type if isinstance(a, Scalar) else _POINTER
+                codes[slot] = a.dtype.char.encode() if isinstance(a, Scalar) else b""
+        # (slot, position, kind, struct code) per free argument: the call's table.
+        self._slots = tuple(zip(range(len(self.free)), self.free, kinds, codes))
         # What each free argument holds now.  A repeated call (the same arrays, as a
         # network's layers see them from a memory pool) sets nothing again; the objects
         # are kept so that their handles cannot be reused by another buffer meanwhile.
@@ -401,13 +465,55 @@ class BoundKernel:
             if i not in self.free:
                 self.kernel.set_arg(i, value)
 
+    @classmethod
+    def bind(cls, locked: LockedKernel, free: Tuple[str, ...], **fixed) -> "BoundKernel":
+        """Bind a kernel with a signature by name: ``fixed`` gives every argument that is
+        not in ``free``.  Names become positions here, once; ``launch(queue, global_size,
+        local_size, <free>=..., wait_for=None)`` then takes the free arguments by name."""
+        signature = locked.signature
+        if signature is None:
+            raise TypeError(f"kernel {locked.name} has no declared signature: bind it "
+                            "with BoundKernel(locked, args, free)")
+        free = tuple(free)
+        positions = tuple(signature.position(name) for name in free)
+        if len(set(free)) != len(free):
+            raise KernelArgError(f"kernel {locked.name}: free arguments repeat a name: "
+                                 f"{free}")
+        both = sorted(set(free) & set(fixed))
+        if both:
+            raise KernelArgError(f"kernel {locked.name}: argument(s) "
+                                 f"{', '.join(map(repr, both))} given both as fixed and as free")
+        args = signature.pack(dict(fixed, **{name: None for name in free}))
+        bound = cls(locked, args, positions)
+        bound.launch = signature.launcher(free, bound._enqueue)
+        return bound
+
+    def launch(self, queue, global_size, local_size, **free) -> cl.Event:
+        """Replaced by :meth:`bind` with a function taking the free arguments by name."""
+        raise TypeError(f"kernel {self.locked.name}: launch() needs a BoundKernel made by "
+                        "BoundKernel.bind; call the BoundKernel with positional arguments")
+
+    def _bad_free(self, slot: int, value) -> Exception:
+        i = self.free[slot]
+        self.locked.signature.check_value(i, value)   # raises, naming the argument
+        return AssertionError(f"kernel {self.locked.name}: argument {i} rejected")
+
     def __call__(self, queue, global_size, local_size, *free_values, wait_for=None
                  ) -> cl.Event:
+        return self._enqueue(queue, global_size, local_size, free_values, wait_for)
+
+    def _enqueue(self, queue, global_size, local_size, free_values: tuple, wait_for
+                 ) -> cl.Event:
+        if len(free_values) != len(self.free):
+            raise TypeError(f"kernel {self.locked.name}: {len(self.free)} free arguments "
+                            f"bound, {len(free_values)} given")
         graph = getattr(_capture, "graph", None)
         if graph is not None:
             args = list(self.args)
             for i, value in zip(self.free, free_values):
                 args[i] = value
+            if self.locked.signature is not None:
+                self.locked.signature.check_values(args)
             if self.locked._kinds is None:
                 self.locked._kinds = _arg_kinds(args)
             return graph._record(self.locked, queue, global_size, local_size, tuple(args))
@@ -416,9 +522,23 @@ class BoundKernel:
             # pyopencl's own invokers set arguments in two batched calls, buffers and
             # packed scalars: ~0.1 us each, where set_arg takes ~7 us for a NumPy scalar.
             buffers, scalars, held = [], [], self._set
-            for slot, (i, value) in enumerate(zip(self.free, free_values)):
+            for (slot, i, kind, code), value in zip(self._slots, free_values):
                 old = held[slot]
-                if isinstance(value, np.generic):
+                if kind is _POINTER:
+                    if value is old:
+                        continue
+                    if not isinstance(value, cl.MemoryObjectHolder):
+                        raise self._bad_free(slot, value)
+                    if old is not _UNSET and old.int_ptr == value.int_ptr:
+                        continue
+                    buffers += (i, value)
+                elif kind is not None:
+                    if type(value) is not kind:
+                        raise self._bad_free(slot, value)
+                    if type(old) is kind and old == value:
+                        continue
+                    scalars += (i, code, value)
+                elif isinstance(value, np.generic):
                     if type(old) is type(value) and old == value:
                         continue
                     scalars += (i, value.dtype.char.encode(), value)
@@ -576,13 +696,17 @@ class LaunchGraph:
 
 def kernels(ctx: cl.Context, template_name: str, names: Tuple[str, ...],
             options: Tuple[str, ...] = (), **params) -> Dict[str, LockedKernel]:
-    """Render, build and return the named kernels of a template (all cached)."""
+    """Render, build and return the named kernels of a template (all cached).  With an
+    ``ARGS`` parameter (see :func:`render`) each kernel gets its declared signature."""
     key = (ctx.int_ptr, template_name, names, options, tuple(sorted(params.items())))
     with _cache_lock:
         found = _kernel_cache.get(key)
     if found is None:
-        program = build_program(ctx, render(template_name, **params), options)
-        found = {name: LockedKernel(program, name) for name in names}
+        source, args = _render_checked(template_name, params)
+        program = build_program(ctx, source, options)
+        found = {name: LockedKernel(program, name,
+                                    args.signature(name) if args is not None else None)
+                 for name in names}
         with _cache_lock:
             found = _kernel_cache.setdefault(key, found)
     return found

@@ -527,7 +527,7 @@ def test_defaults_render_and_build(queue):
         "elementwise.cl.mako", OP="add", TR="float", PATH="fast", NDIM=1,
         OPERANDS=(("a", "array", "float", "1"), ("b", "array", "float", "1")), MASK=0,
         MASK_INNER="1", OUT_INNER="1", IDX="int", ALIGNED=0, RESTRICT=1,
-        **ELEMENTWISE.defaults())
+        ARGS=ew.kernel_args, **ELEMENTWISE.defaults())
     assert "pscl_ew_fast" in source
     runtime.build_program(queue.context, source)
 

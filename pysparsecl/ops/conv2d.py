@@ -13,6 +13,7 @@ import pyopencl.array as cl_array
 import scipy.sparse as sp
 
 from .. import runtime, tuning
+from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
 from ..params import Constraint, ParamSpec, TileParam
 from ._common import (
     INT32_MAX,
@@ -87,11 +88,55 @@ def pack_rows(pack_lanes: int) -> int:
     return max(1, PACK_WG // pack_lanes) if pack_lanes else 1
 
 
+# The kernels' arguments, declared once: the template renders its parameter lists from
+# these (ARGS) and the plans bind and launch them by name.
+_I32, _U32, _I64 = np.int32, np.uint32, np.int64
+_PACK_HEAD = (Pointer("x", "float", restrict=True), Scalar("x_offset", _I64),
+              Pointer("xpack", "float", const=False, restrict=True))
+_STRIDE_PAD = tuple(Scalar(n, _I32) for n in ("stride_h", "stride_w", "pad_top", "pad_left"))
+
+
+def _magic(*names):
+    """Scalars (m, s) of pscl_udiv for each divisor name: div_<name>_m, div_<name>_s."""
+    return tuple(Scalar(f"div_{n}_{part}", _U32) for n in names for part in "ms")
+
+
+#: The flat packing pass (PACK_LANES = 0): packed pixels, divisions by magic numbers.
+PACK_FLAT_ARGS = Signature("pscl_pack_input", _PACK_HEAD + (
+    Scalar("n_packed", _U32), Scalar("n_total", _U32), Scalar("C", _I32), Scalar("H", _I32),
+    Scalar("W", _I32), Scalar("plane_size", _U32), Scalar("Wq", _U32), Scalar("phases", _U32),
+    *_STRIDE_PAD, *_magic("plane", "wq", "phases", "sw", "c")))
+#: The row packing pass (PACK_LANES > 0): PACK_LANES work-items per packed row.
+PACK_ROWS_ARGS = Signature("pscl_pack_input", _PACK_HEAD + (
+    Scalar("n_rows", _I32), Scalar("n_rows_total", _I32), Scalar("C", _I32),
+    Scalar("H", _I32), Scalar("W", _I32), Scalar("Hq", _I32), Scalar("Wq", _I32),
+    *_STRIDE_PAD))
+CONV_ARGS = Signature("pscl_conv2d_csr", (
+    Pointer("xpack", "float", restrict=True),
+    Pointer("w_nz", "int2", restrict=True),        # nnz (offset in floats into a group's
+                                                   # packed input, float bits): one load
+    Pointer("row_ptr", "int", restrict=True),      # K + 1, or K * (n_seg + 1) with CBLOCK
+    Pointer("row_order", "int", restrict=True),    # K rows, heaviest first (load balance)
+    Pointer("bias", "float", restrict=True),       # K (read only when HAS_BIAS)
+    Pointer("out", "float", const=False, restrict=True), Scalar("out_offset", _I64),
+    Pointer("residual", "float"), Scalar("res_offset", _I64),   # read only when RESIDUAL
+    Scalar("K", _I32), Scalar("k_per_group", _I32), Scalar("n_blocks", _I32),
+    Scalar("n_seg", _I32), Scalar("OH", _I32), Scalar("OW", _I32), Scalar("Wq", _I32),
+    Scalar("x_image_stride", _I64), Scalar("x_group_stride", _I64), *_magic("plane", "ow")))
+_ARGS = {True: KernelArgs(PACK_FLAT_ARGS, CONV_ARGS), False: KernelArgs(PACK_ROWS_ARGS, CONV_ARGS)}
+
+
+def kernel_args(params) -> KernelArgs:
+    """The signatures of conv2d_csr.cl.mako's kernels for tile parameters ``params``."""
+    return _ARGS[params["PACK_LANES"] == 0]
+
+
 def template_args(params, has_bias: bool, relu: bool = False, residual: bool = False) -> dict:
     """Everything conv2d_csr.cl.mako renders from: tile parameters, variant (the epilogue:
-    bias, residual, ReLU), derived sizes.  COMPACT is the one that applies: it is ignored
-    in the pixel layout."""
+    bias, residual, ReLU), derived sizes, the kernels' signatures (ARGS).  COMPACT is the
+    one that applies: it is ignored in the pixel layout."""
     return dict(params, HAS_BIAS=int(has_bias), RELU=int(relu), RESIDUAL=int(residual),
+                ARGS=kernel_args(params),
                 PACK_WG=PACK_WG,
                 PACK_ROWS=pack_rows(params["PACK_LANES"]),
                 COMPACT=int(bool(params["COMPACT"] and params["BATCH_LAYOUT"])))
@@ -723,22 +768,26 @@ def _build_plan(queue, weight: SparseConvWeight, geom: _Geometry, variant: tuple
     kern = runtime.kernels(queue.context, "conv2d_csr.cl.mako",
                            ("pscl_pack_input", "pscl_conv2d_csr"), **args)
     lanes, rows = params["PACK_LANES"], pack_rows(params["PACK_LANES"])
-    stride_pad = (np.int32(geom.stride[0]), np.int32(geom.stride[1]),
-                  np.int32(geom.padding[0]), np.int32(geom.padding[1]))
+    stride_pad = dict(stride_h=np.int32(geom.stride[0]), stride_w=np.int32(geom.stride[1]),
+                      pad_top=np.int32(geom.padding[0]), pad_left=np.int32(geom.padding[1]))
     if lanes:
         pack_sizes = ((lanes, round_up(n_rows_total, rows)), (lanes, rows))
-        pack_args = (np.int32(n_rows), np.int32(n_rows_total), np.int32(C), np.int32(geom.H),
-                     np.int32(geom.W), np.int32(geom.Hq), np.int32(geom.Wq), *stride_pad)
+        pack_args = dict(n_rows=np.int32(n_rows), n_rows_total=np.int32(n_rows_total),
+                         C=np.int32(C), H=np.int32(geom.H), W=np.int32(geom.W),
+                         Hq=np.int32(geom.Hq), Wq=np.int32(geom.Wq), **stride_pad)
     else:
         # Counted in packed pixels (pixel_floats floats each), as the flat pass walks them.
         per_group = PACK_WG * params["PACK_ITEMS"]
         n_pixels = n_total // pixel_floats
-        magic = [m for d in (plane, geom.Wq, geom.phases, geom.stride[1], C)
-                 for m in udiv_magic(d)]
+        magic = {f"div_{name}_{part}": value
+                 for name, d in (("plane", plane), ("wq", geom.Wq), ("phases", geom.phases),
+                                 ("sw", geom.stride[1]), ("c", C))
+                 for part, value in zip("ms", udiv_magic(d))}
         pack_sizes = ((-(-n_pixels // per_group) * PACK_WG,), (PACK_WG,))
-        pack_args = (np.uint32(n_rows * geom.Wq), np.uint32(n_pixels), np.int32(C),
-                     np.int32(geom.H), np.int32(geom.W), np.uint32(plane), np.uint32(geom.Wq),
-                     np.uint32(geom.phases), *stride_pad, *magic)
+        pack_args = dict(n_packed=np.uint32(n_rows * geom.Wq), n_total=np.uint32(n_pixels),
+                         C=np.int32(C), H=np.int32(geom.H), W=np.int32(geom.W),
+                         plane_size=np.uint32(plane), Wq=np.uint32(geom.Wq),
+                         phases=np.uint32(geom.phases), **stride_pad, **magic)
 
     wg_pix, wg_ch, wg_img = params["WG_PIX"], params["WG_CH"], params["WG_IMG"]
     if compact:  # WG_IMG consecutive tiles per work-group, one per dim-2 slice
@@ -753,16 +802,18 @@ def _build_plan(queue, weight: SparseConvWeight, geom: _Geometry, variant: tuple
     cblock = params["CBLOCK"]
     row_ptr, n_seg = ((weight.segments(cblock), weight.n_segments(cblock)) if cblock
                       else (weight.row_ptr, 0))
-    conv_args = (np.int32(K), np.int32(K // weight.groups), np.int32(n_blocks), np.int32(n_seg),
-                 np.int32(geom.OH), np.int32(geom.OW), np.int32(geom.Wq),
-                 np.int64(image_stride), np.int64(group_stride),
-                 *udiv_magic(geom.OH * geom.OW), *udiv_magic(geom.OW))
-    pack = runtime.BoundKernel(kern["pscl_pack_input"], (None, None, None) + pack_args,
-                               free=(0, 1, 2))
-    conv = runtime.BoundKernel(
+    (plane_m, plane_s), (ow_m, ow_s) = udiv_magic(geom.OH * geom.OW), udiv_magic(geom.OW)
+    pack = runtime.BoundKernel.bind(kern["pscl_pack_input"], free=("x", "x_offset", "xpack"),
+                                    **pack_args)
+    conv = runtime.BoundKernel.bind(
         kern["pscl_conv2d_csr"],
-        (None, weight.nonzeros(geom, pixel_floats).data, row_ptr.data, weight.row_order.data,
-         None, None, None, None, None) + conv_args, free=(0, 4, 5, 6, 7, 8))
+        free=("xpack", "bias", "out", "out_offset", "residual", "res_offset"),
+        w_nz=weight.nonzeros(geom, pixel_floats).data, row_ptr=row_ptr.data,
+        row_order=weight.row_order.data, K=np.int32(K), k_per_group=np.int32(K // weight.groups),
+        n_blocks=np.int32(n_blocks), n_seg=np.int32(n_seg), OH=np.int32(geom.OH),
+        OW=np.int32(geom.OW), Wq=np.int32(geom.Wq), x_image_stride=np.int64(image_stride),
+        x_group_stride=np.int64(group_stride), div_plane_m=plane_m, div_plane_s=plane_s,
+        div_ow_m=ow_m, div_ow_s=ow_s)
     return _Plan(pack, conv, pack_sizes, conv_sizes, 4 * n_total)
 
 
@@ -771,20 +822,21 @@ def _launch(queue, x_dev, weight: SparseConvWeight, epilogue: _Epilogue, out_dev
     plan = _plan(queue, weight, geom, epilogue.key, shape_class)
     bias_dev, res_dev = epilogue.bias, epilogue.residual
     xpack = runtime.memory_pool(queue.context)(plan.xpack_bytes)  # a bare buffer: no Array
-    ev_pack = plan.pack(queue, *plan.pack_sizes, x_dev.base_data, elem_offset(x_dev), xpack,
-                        wait_for=x_dev.events or None)
+    ev_pack = plan.pack.launch(queue, *plan.pack_sizes, x=x_dev.base_data,
+                               x_offset=elem_offset(x_dev), xpack=xpack,
+                               wait_for=x_dev.events or None)
     if bias_dev is not None and bias_dev.offset:
         bias_dev = bias_dev.copy(queue=queue)
     bias_buf = bias_dev.data if bias_dev is not None else weight.row_order.data  # unread
     # An in-order queue already runs the convolution after the packing.
     in_order = not queue.properties & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
-    res_args = ((res_dev.base_data, elem_offset(res_dev)) if res_dev is not None
-                else (out_dev.base_data, np.int64(0)))   # unread
-    ev_conv = plan.conv(queue, *plan.conv_sizes, xpack, bias_buf, out_dev.base_data,
-                        elem_offset(out_dev), *res_args,
-                        wait_for=(([] if in_order else [ev_pack]) + list(out_dev.events)
-                                  + (list(res_dev.events) if res_dev is not None else []))
-                        or None)
+    res_buf, res_offset = ((res_dev.base_data, elem_offset(res_dev)) if res_dev is not None
+                           else (out_dev.base_data, np.int64(0)))   # unread
+    ev_conv = plan.conv.launch(
+        queue, *plan.conv_sizes, xpack=xpack, bias=bias_buf, out=out_dev.base_data,
+        out_offset=elem_offset(out_dev), residual=res_buf, res_offset=res_offset,
+        wait_for=(([] if in_order else [ev_pack]) + list(out_dev.events)
+                  + (list(res_dev.events) if res_dev is not None else [])) or None)
     out_dev.add_event(ev_conv)
     # xpack goes back to the pool when this returns; that is safe because every later use
     # of the pool's buffers is enqueued on an in-order queue behind ev_conv.

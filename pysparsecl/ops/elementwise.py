@@ -28,6 +28,7 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 
 from .. import runtime, tuning
+from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
 from ..params import Constraint, ParamSpec, TileParam
 from ._common import check_alloc, deliver, is_device_array, new_output, to_device
 
@@ -245,6 +246,44 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
 
 
+#: OpenCL C type -> NumPy dtype of the template's TR and IDX (and the elements it reads).
+_DTYPE_OF = {c: d for d, c in SUPPORTED_DTYPES.items()}
+
+
+def kernel_args(params) -> KernelArgs:
+    """The signature of the one kernel elementwise.cl.mako renders for ``params`` (a
+    variant and tile parameters, as the template takes them).  Per array: pointer,
+    element offset and, on the strided path, its strides but a 0/1 innermost one; a value
+    per scalar operand; the axpby coefficients; then the sizes."""
+    tr, idx = _DTYPE_OF[params["TR"]], _DTYPE_OF[params["IDX"]]
+    ndim, strided = params["NDIM"], params["PATH"] == "strided"
+    restrict = bool(params["RESTRICT"])
+    inner = {"out": params["OUT_INNER"], "m": params["MASK_INNER"]}
+    inner.update({o[0]: o[3] for o in params["OPERANDS"] if o[1] == "array"})
+
+    def array(name, ctype, const=True):
+        n_strides = (ndim if inner[name] == "n" else ndim - 1) if strided else 0
+        return (Pointer(name, ctype, const=const, restrict=restrict),
+                Scalar(f"{name}_off", np.int64),
+                *(Scalar(f"{name}_s{d}", idx) for d in range(n_strides)))
+
+    args: list = []
+    for name, kind, ctype, _ in params["OPERANDS"]:
+        args += [Scalar(f"pscl_u_{name}", tr)] if kind == "scalar" else array(name, ctype)
+    if params["MASK"]:
+        args += array("m", "uchar")
+    if params["OP"] == "axpby":
+        args += [Scalar("pscl_alpha", tr), Scalar("pscl_beta", tr)]
+    args += array("out", params["TR"], const=False)
+    if strided:
+        args += [Scalar(f"d{d}", idx) for d in range(ndim)] + [Scalar("n_rows", idx)]
+        return KernelArgs(Signature("pscl_ew_strided", tuple(args)))
+    return KernelArgs(Signature("pscl_ew_fast", tuple(args) + (Scalar("n", idx),)))
+
+
+_OFF = {"a": "a_off", "b": "b_off", "m": "m_off", "out": "out_off"}
+
+
 def _launch(queue: cl.CommandQueue, op: str, dtype: np.dtype, inputs: List[_Slot],
             out: _Slot, mask: Optional[_Slot], mask_mode: int, coeffs, events,
             flat: bool = False) -> cl.Event:
@@ -271,24 +310,29 @@ def _launch(queue: cl.CommandQueue, op: str, dtype: np.dtype, inputs: List[_Slot
                    for s in [out] + arrays]
     idx_t, idx_np = ("long", np.int64) if max(reach) >= INDEX32_LIMIT else ("int", np.int32)
 
-    def stride_args(name):
-        st = coal[name]
-        return [] if fast else [idx_np(v) for v in (st if cls[name] == "n" else st[:-1])]
+    values = {}
 
-    operands, args = [], []
+    def array_args(name, array):
+        values[name] = array.base_data
+        values[_OFF[name]] = np.int64(array.offset // array.dtype.itemsize)
+        if not fast:
+            st = coal[name]
+            for d, v in enumerate(st if cls[name] == "n" else st[:-1]):
+                values[f"{name}_s{d}"] = idx_np(v)
+
+    operands = []
     for s in inputs:
         if s.array is None:
             operands.append((s.name, "scalar", _ctype(dtype), "0"))
-            args.append(s.value)
+            values["pscl_u_" + s.name] = s.value
         else:
             operands.append((s.name, "array", s.ctype, cls[s.name]))
-            args += [s.array.base_data, np.int64(s.offset)] + stride_args(s.name)
+            array_args(s.name, s.array)
     if mask is not None:
-        args += [mask.array.base_data, np.int64(mask.offset)] + stride_args("m")
+        array_args("m", mask.array)
     if op == "axpby":
-        args += [dtype.type(c) for c in coeffs]
-    args += [out.array.base_data, np.int64(out.offset)] + stride_args("out")
-
+        values["pscl_alpha"], values["pscl_beta"] = (dtype.type(c) for c in coeffs)
+    array_args("out", out.array)
     out_ptr = out.array.base_data.int_ptr
     variant = dict(OP=op, TR=_ctype(dtype), OPERANDS=tuple(operands),
                    MASK=mask_mode if mask is not None else 0, MASK_INNER=cls.get("m", "1"),
@@ -302,14 +346,16 @@ def _launch(queue: cl.CommandQueue, op: str, dtype: np.dtype, inputs: List[_Slot
             s.offset % vec == 0 and vec * s.array.dtype.itemsize * 8 <= align_bits
             for s in [out] + arrays if cls[s.name] == "1")
         variant.update(PATH="fast", ALIGNED=int(aligned))
-        args.append(idx_np(n))
+        values["n"] = idx_np(n)
         groups = min(max(1, -(-(n // vec) // (wg * items))), MAX_GROUPS)
         global_size, local_size = (groups * wg,), (wg,)
         name = "pscl_ew_fast"
     else:
         variant.update(PATH="strided", ALIGNED=0)
         n_inner, n_rows = shape[-1], n // shape[-1]
-        args += [idx_np(v) for v in shape] + [idx_np(n_rows)]
+        for d, v in enumerate(shape):
+            values[f"d{d}"] = idx_np(v)
+        values["n_rows"] = idx_np(n_rows)
         # Work-items along a row only as many as its vectors need; the rest of the
         # work-group takes further rows (short rows: many rows per group).
         width = vec if all(c in "01" for c in cls.values()) else 1
@@ -321,9 +367,12 @@ def _launch(queue: cl.CommandQueue, op: str, dtype: np.dtype, inputs: List[_Slot
         global_size, local_size = (groups0 * wg0, groups1 * wg1), (wg0, wg1)
         name = "pscl_ew_strided"
 
-    kern = runtime.kernels(queue.context, "elementwise.cl.mako", (name,), **variant, **params)
+    # ARGS is a function: the signature is computed only when the variant is first built.
+    kern = runtime.kernels(queue.context, "elementwise.cl.mako", (name,), ARGS=kernel_args,
+                           **variant, **params)
     wait_for = [ev for s in [out] + arrays for ev in s.array.events]
-    event = kern[name](queue, global_size, local_size, *args, wait_for=wait_for or None)
+    event = kern[name].launch(queue, global_size, local_size, values,
+                              wait_for=wait_for or None)
     out.array.add_event(event)
     if events is not None:
         events.append(event)
