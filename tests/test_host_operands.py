@@ -13,6 +13,7 @@ import numpy as np
 import pyopencl as cl
 import pyopencl.array as cl_array
 import pytest
+import scipy.sparse as sp
 
 import pysparsecl as ps
 from pysparsecl import runtime
@@ -348,12 +349,18 @@ def test_repeated_calls_into_one_out_array_hold_one_event(queue, rng):
     conv_mask = cl_array.to_device(queue, rng.random((1, 3, 5, 5)) < 0.5)
     drs_out = cl_array.empty(queue, (6, 30), np.bool_)
     proj = ps.SparseRandomProjection(40, k=8, seed=1, queue=queue)
+    csr = sp.csr_matrix(np.where(rng.random((3, 18)) < 0.5, 1.0, 0.0).astype(np.float32))
+    sparse_out = cl_array.empty(queue, (1, 3, 5, 5), np.float32)
+    add_out = cl_array.empty_like(x_dev)
     for _ in range(20):
         ps.masked_matmul(x_dev, weight, mask_dev, out=y)
         ps.masked_relu_bn(y4, m4, g, b, mean, var, out=bn_out)
         ps.conv2d_masked(xc, wc, conv_mask, padding=1, out=conv_out)
         ps.drs_mask(x_dev, w, 0.5, projection=proj, out=drs_out)
+        ps.conv2d_sparse(xc, csr, kernel_size=3, padding=1, out=sparse_out)
+        ps.add(x_dev, x_dev, out=add_out)
     for name, arr in (("masked_matmul", y), ("masked_relu_bn", bn_out),
-                      ("conv2d_masked", conv_out), ("drs_mask", drs_out)):
+                      ("conv2d_masked", conv_out), ("drs_mask", drs_out),
+                      ("conv2d_sparse", sparse_out), ("add", add_out)):
         assert len(arr.events) == 1, (name, len(arr.events))
     np.testing.assert_allclose(y.get(), np.where(mask, x @ w, 0), rtol=1e-4, atol=1e-4)

@@ -28,6 +28,7 @@ from ._common import (
     round_up,
     to_device,
     udiv_magic,
+    written,
 )
 from ._prepared import PreparedCache
 
@@ -837,7 +838,7 @@ def _launch(queue, x_dev, weight: SparseConvWeight, epilogue: _Epilogue, out_dev
         out_offset=elem_offset(out_dev), residual=res_buf, res_offset=res_offset,
         wait_for=(([] if in_order else [ev_pack]) + list(out_dev.events)
                   + (list(res_dev.events) if res_dev is not None else [])) or None)
-    out_dev.add_event(ev_conv)
+    written(out_dev, ev_conv)
     # xpack goes back to the pool when this returns; that is safe because every later use
     # of the pool's buffers is enqueued on an in-order queue behind ev_conv.
     if events is not None:

@@ -30,7 +30,7 @@ import pyopencl.array as cl_array
 from .. import runtime, tuning
 from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
 from ..params import Constraint, ParamSpec, TileParam
-from ._common import check_alloc, deliver, is_device_array, new_output, to_device
+from ._common import check_alloc, deliver, is_device_array, new_output, to_device, written
 
 __all__ = ["ELEMENTWISE", "add", "mul", "axpby", "add_relu", "SUPPORTED_DTYPES", "MAX_NDIM"]
 
@@ -373,7 +373,7 @@ def _launch(queue: cl.CommandQueue, op: str, dtype: np.dtype, inputs: List[_Slot
     wait_for = [ev for s in [out] + arrays for ev in s.array.events]
     event = kern[name].launch(queue, global_size, local_size, values,
                               wait_for=wait_for or None)
-    out.array.add_event(event)
+    written(out.array, event)
     if events is not None:
         events.append(event)
     return event
