@@ -57,13 +57,7 @@ inline float pscl_hsum(const pscl_floatv v)
 
 % if KIND == "apply":
 __kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
-void pscl_masked_bn_apply(
-    __global const float *restrict y, const long y_off,
-    __global const uchar *restrict mask, const long mask_off,
-    __global const float *restrict gamma, __global const float *restrict beta,
-    __global const float *restrict mean, __global const float *restrict var,
-    __global float *restrict out, const long out_off,
-    const int n_rows, const int row_len, const int C, const float eps)
+void pscl_masked_bn_apply(${ARGS["pscl_masked_bn_apply"]})
 {
     // Work-item (vector chunk of a row of the view, row).
     const int row = get_global_id(1);
@@ -116,11 +110,7 @@ void pscl_masked_bn_apply(
             const pscl_floatv one = select((pscl_floatv)(0.0f), (pscl_floatv)(1.0f), sel);
 </%def>
 __kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
-void pscl_masked_bn_stats(
-    __global const float *restrict y, const long y_off,
-    __global const uchar *restrict mask, const long mask_off,
-    __global float *restrict mean, __global float *restrict var,
-    const int outer, const int C, const int inner)
+void pscl_masked_bn_stats(${ARGS["pscl_masked_bn_stats"]})
 {
 % if CHANNEL_LAST:
     // Work-item: VEC neighbouring channels (one per lane), down the outer rows.

@@ -25,10 +25,7 @@ ${general_kernel()}
 <%def name="pack_kernel()">
 // Work-item: one padded input pixel (n, ih, iw), all C channels (a contiguous NHWC run).
 // Reads are C-strided but a work-group's neighbouring pixels share their lines.
-__kernel void pscl_conv_pack(__global const float *restrict x, const long x_off,
-                             __global float *restrict xp, const int N, const int C,
-                             const int H, const int W, const int Hp, const int Wp,
-                             const int pad_h, const int pad_w)
+__kernel void pscl_conv_pack(${ARGS["pscl_conv_pack"]})
 {
     const int iw = get_global_id(0);
     const int ih = get_global_id(1);
@@ -48,9 +45,7 @@ __kernel void pscl_conv_pack(__global const float *restrict x, const long x_off,
 }
 
 // w (K, C, R, S) -> (K, R, S, C): work-item (tap, k) gathers the tap's C weights.
-__kernel void pscl_conv_weight_pack(__global const float *restrict w, const long w_off,
-                                    __global float *restrict wk, const int K, const int C,
-                                    const int taps)
+__kernel void pscl_conv_weight_pack(${ARGS["pscl_conv_weight_pack"]})
 {
     const int t = get_global_id(0);
     const int k = get_global_id(1);
@@ -121,14 +116,7 @@ ${prelude()}
 // Work-item (output channel k, block of output pixels i = n * P + p): the mask plane of k
 // is contiguous, so the scan is cheap; the selected pixels are computed GROUP at a time.
 __kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
-void pscl_masked_conv(
-    __global const float *restrict xp,                        // (N, Hp, Wp, C)
-    __global const float *restrict wk,                        // (K, R, S, C)
-    __global const uchar *restrict mask, const long mask_off, // (N, K, OH, OW)
-    __global float *restrict out, const long out_off,         // (N, K, OH, OW)
-    const int N, const int C, const int K, const int OH, const int OW,
-    const int Hp, const int Wp, const int R, const int S, const int str_h, const int str_w,
-    const int dil_h, const int dil_w, const int rows_per_block)
+void pscl_masked_conv(${ARGS["pscl_masked_conv"]})
 {
     const int k = get_global_id(0);
     if (k >= K)

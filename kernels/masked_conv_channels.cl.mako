@@ -14,15 +14,7 @@ ${conv.prelude()}
 // channels past the end repeat the last valid one (no branches in the loop) and are not
 // stored.
 __kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
-void pscl_masked_conv_channels(
-    __global const float *restrict xp,                        // (N, Hp, Wp, C)
-    __global const float *restrict wk,                        // (K, R, S, C)
-    __global const int *restrict chans,                       // (N, K) selected, compact
-    __global const int *restrict counts,                      // (N,)
-    __global float *restrict out, const long out_off,         // (N, K, OH, OW)
-    const int C, const int K, const int OH, const int OW, const int Hp, const int Wp,
-    const int R, const int S, const int str_h, const int str_w, const int dil_h,
-    const int dil_w)
+void pscl_masked_conv_channels(${ARGS["pscl_masked_conv_channels"]})
 {
     const int P = OH * OW;
     const int p0 = get_global_id(0) * ${PIX};

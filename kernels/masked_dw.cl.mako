@@ -13,12 +13,7 @@ ${dw_kernel()}
 // rows come as a list (pscl_cols_list: row and dy value), built once.  Dim 0 walks
 // columns, so the work-groups that run together share one K chunk of x in cache.
 __kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
-void pscl_masked_dw(
-    __global const float *restrict x, const long x_off,     // (M, ldx)
-    __global const int2 *restrict rows,                      // (N, M): (row, bits of dy)
-    __global const int *restrict counts,                     // (N,) list lengths
-    __global float *restrict dw,                             // (N, K): transposed
-    const int M, const int N, const int K, const int ldx)    // ldx: x's row stride
+void pscl_masked_dw(${ARGS["pscl_masked_dw"]})
 {
     const int j = get_global_id(0);
     const int k0 = get_global_id(1) * PSCL_KCHUNK;

@@ -13,16 +13,7 @@ ${dx_kernel()}
 // list (idx, or compacted once from a bool mask by pscl_bool_rows), not rescanned per
 // chunk.  Dim 0 walks rows, so the work-groups that run together share one K chunk of W.
 __kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
-void pscl_masked_dx(
-    __global const float *restrict dy, const long dy_off,   // (M, N) or compact (M, n_keep)
-    __global const float *restrict wt,                       // (N, K)
-    __global const int *restrict cols, const long cols_off,  // (M, ld) selected columns
-% if MASK == "bool":
-    __global const int *restrict counts,                     // (M,) list lengths
-% endif
-    __global float *restrict dx, const long dx_off,          // (M, K)
-    const int M, const int N, const int K, const int ldw,
-    const int ld)                                            // ld: N (bool) or n_keep
+void pscl_masked_dx(${ARGS["pscl_masked_dx"]})
 {
     const int i = get_global_id(0);
     const int k0 = get_global_id(1) * PSCL_KCHUNK;

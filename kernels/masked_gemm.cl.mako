@@ -14,7 +14,7 @@ ${gemm_kernel()}
 // the zeros of a 4096 x 1024 output took about 5.7 ms on the 2-core PoCL CPU, against
 // 0.3-0.6 ms here (the whole product at 10% keep: 19 ms).  A work-item zeroes
 // ${ZERO_CHUNK} floats.
-__kernel void pscl_zero_fill(__global float *restrict out, const long out_off, const long n)
+__kernel void pscl_zero_fill(${ARGS["pscl_zero_fill"]})
 {
     const long begin = (long)get_global_id(0) * ${ZERO_CHUNK};
     const long end = min(n, begin + ${ZERO_CHUNK});
@@ -32,14 +32,7 @@ __kernel void pscl_zero_fill(__global float *restrict out, const long out_off, c
 // GROUP rows at a time, each group sharing the loads of wt[j, :].  Dim 0 walks columns,
 // so the work-groups that run together share one row block in cache.
 __kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
-void pscl_masked_gemm(
-    __global const float *restrict x, const long x_off,     // (M, K), row stride ldx
-    __global const float *restrict wt,                       // (N, K), row stride ldw
-    __global const ${"uchar" if MASK == "bool" else "int"} *restrict sel, const long sel_off,
-                                                             // bool mask or slot map, (M, N)
-    __global float *restrict out, const long out_off,        // (M, N) or (M, n_keep)
-    const int M, const int N, const int K, const int ldx, const int ldw,
-    const int out_cols, const int rows_per_block)
+void pscl_masked_gemm(${ARGS["pscl_masked_gemm"]})
 {
     const int j = get_global_id(0);
     if (j >= N)

@@ -50,18 +50,7 @@ ${gemm_tiled_kernel()}
 // starting at its own offset (item id mod KC / 4): at every step the items of a
 // quarter-warp read distinct float4 slots, whatever rows or columns they hold.
 __kernel __attribute__((reqd_work_group_size(${IT}, 1, 1)))
-void pscl_masked_gemm_tiled(
-    __global const float *restrict x, const long x_off,     // (M, K), row stride ldx
-    __global const float *restrict wt,                       // (N, K), row stride ldw
-    __global const ${sel_t} *restrict sel, const long sel_off,
-                                                             // bool mask or slot map, (M, N)
-% if SPLITK > 1:
-    __global float *restrict part, const long part_stride,   // (slices, M, out_cols) sums
-% else:
-    __global float *restrict out, const long out_off,        // (M, N) or (M, n_keep)
-% endif
-    const int M, const int N, const int K, const int ldx, const int ldw,
-    const int out_cols, const int k_len)                     // k_len: K per slice
+void pscl_masked_gemm_tiled(${ARGS["pscl_masked_gemm_tiled"]})
 {
     __local float4 lds[${lds_f4}];
     __local float4 *xs = lds;                // x[i0 + r, k0 + k] at r * KC + k
@@ -236,12 +225,7 @@ ${stage_store()}
 
 // The sum of the K slices' partial products, in slice order (deterministic); a bool mask's
 // unselected outputs get zeros.
-__kernel void pscl_gemm_splitk_sum(
-    __global const float *restrict part, const long part_stride, const int n_slices,
-% if MASK == "bool":
-    __global const uchar *restrict sel, const long sel_off,
-% endif
-    __global float *restrict out, const long out_off, const long total)
+__kernel void pscl_gemm_splitk_sum(${ARGS["pscl_gemm_splitk_sum"]})
 {
     const long e = get_global_id(0);
     if (e >= total)

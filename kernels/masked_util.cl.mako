@@ -9,9 +9,7 @@ ${util_kernels()}
 <%def name="util_kernels()">
 // dst[c, r] = src[r, c] for an (R, C) source, both with row strides of their own.  A
 // work-item moves one 16 x 16 tile: 16 whole lines in, 16 whole lines out.
-__kernel void pscl_transpose(__global const float *restrict src, const long src_off,
-                             const int ld_src, __global float *restrict dst,
-                             const long dst_off, const int ld_dst, const int R, const int C)
+__kernel void pscl_transpose(${ARGS["pscl_transpose"]})
 {
     const int c0 = get_global_id(0) * 16;
     const int r0 = get_global_id(1) * 16;
@@ -44,9 +42,7 @@ __kernel void pscl_transpose(__global const float *restrict src, const long src_
 // Validates a compact index mask idx (M, n_keep) and builds its slot map (M, N):
 // slot[i, idx[i, s]] = s.  A value outside [0, N) or a column repeated within a row
 // lowers bad[0] or bad[1] to the first offending row (both start at INT_MAX).
-__kernel void pscl_idx_slots(__global const int *restrict idx, const long idx_off,
-                             __global int *restrict slot, volatile __global int *bad,
-                             const int M, const int N, const int n_keep)
+__kernel void pscl_idx_slots(${ARGS["pscl_idx_slots"]})
 {
     const int s = get_global_id(0);
     const int i = get_global_id(1);
@@ -63,9 +59,7 @@ __kernel void pscl_idx_slots(__global const int *restrict idx, const long idx_of
 
 // The selected columns of each row of a bool mask, as a list (backward's dx): one scan
 // per row instead of one per K chunk.  Branch-free: store always, advance on a selection.
-__kernel void pscl_bool_rows(__global const uchar *restrict mask, const long mask_off,
-                             __global int *restrict cols, __global int *restrict counts,
-                             const int M, const int N)
+__kernel void pscl_bool_rows(${ARGS["pscl_bool_rows"]})
 {
     const int i = get_global_id(0);
     if (i >= M)
@@ -87,11 +81,7 @@ __kernel void pscl_bool_rows(__global const uchar *restrict mask, const long mas
 // in registers; branch-free: store always, advance on a selection.
 % for form in ("bool", "slot"):
 <%  sel_t = "uchar" if form == "bool" else "int" %>\
-__kernel void pscl_cols_list_${form}(
-    __global const ${sel_t} *restrict sel, const long sel_off,
-    __global const float *restrict dy, const long dy_off,
-    __global int2 *restrict rows, __global int *restrict counts,
-    const int M, const int N, const int dy_cols)
+__kernel void pscl_cols_list_${form}(${ARGS["pscl_cols_list_" + form]})
 {
     const int j0 = get_global_id(0) * 16;
     if (j0 >= N)
@@ -144,9 +134,7 @@ __kernel void pscl_cols_list_${form}(
 // 16 neighbouring entries, and an exclusive scan of the items' counts places its columns,
 // so the list comes out in order without atomics.
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
-void pscl_bool_compact(__global const uchar *restrict mask, const long mask_off,
-                       __global int *restrict cols, __global int *restrict counts,
-                       __global float *restrict out, const long out_off, const int N)
+void pscl_bool_compact(${ARGS["pscl_bool_compact"]})
 {
     __local int sums[256];
     const int lid = get_local_id(0);

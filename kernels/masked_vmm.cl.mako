@@ -11,14 +11,7 @@ ${vmm_kernel()}
 // scans CHUNK entries of one row's selection -- mask columns or idx slots -- and computes
 // the selected outputs GROUP at a time, each group sharing the loads of the x row.
 __kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
-void pscl_masked_vmm(
-    __global const float *restrict x, const long x_off,     // (M, K)
-    __global const float *restrict wt,                       // (N, K)
-    __global const ${"uchar" if MASK == "bool" else "int"} *restrict sel, const long sel_off,
-                                                             // bool: (M, N); idx: (M, n_keep)
-    __global float *restrict out, const long out_off,        // (M, N) or (M, n_keep)
-    const int N, const int K, const int ldw,                 // ldw: wt's row stride
-    const int n_entries)                                     // N (bool) or n_keep (idx)
+void pscl_masked_vmm(${ARGS["pscl_masked_vmm"]})
 {
     const int row = get_global_id(1);
     const int e0 = get_global_id(0) * ${CHUNK};

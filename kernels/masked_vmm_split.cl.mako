@@ -36,20 +36,7 @@ ${vmm_split_kernel()}
 #define PSCL_WLOAD(v, p) PSCL_LOAD_pscl_floatv(v, p)
 % endif
 __kernel __attribute__((reqd_work_group_size(${items}, 1, 1)))
-void pscl_masked_vmm_split(
-    __global const float *restrict x, const long x_off,     // (M, K)
-    __global const float *restrict wt,                       // (N, K), row stride ldw
-% if LIST_IN_KERNEL:
-    __global const uchar *restrict mask, const long mask_off, // (M, N) bool
-% else:
-    __global const int *restrict list, const long list_off,  // (M, n_entries) columns
-%   if MASK == "bool":
-    __global const int *restrict counts,                     // (M,) list lengths
-%   endif
-% endif
-    __global float *restrict out, const long out_off,        // (M, N) or (M, n_keep)
-    const int N, const int K, const int ldw,
-    const int n_entries)                                     // N (bool) or n_keep (idx)
+void pscl_masked_vmm_split(${ARGS["pscl_masked_vmm_split"]})
 {
     __local pscl_floatv xs[${xvecs}];
     __local float red[${GROUP * items}];

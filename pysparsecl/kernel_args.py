@@ -80,7 +80,8 @@ def _check_name(name) -> None:
 
 @dataclass(frozen=True)
 class Pointer:
-    """A ``__global`` buffer argument: ``__global [const] ctype *[restrict] name``.
+    """A ``__global`` buffer argument: ``__global [volatile] [const] ctype *[restrict]
+    name``.
     ``ctype`` is an OpenCL C element type ("float", "int2", "uchar") or a NumPy dtype.
     The value passed is a buffer (``array.base_data``); OpenCL buffers are untyped, so
     the element type is the template's business, and only the kind is checked."""
@@ -88,6 +89,7 @@ class Pointer:
     ctype: str
     const: bool = True
     restrict: bool = False
+    volatile: bool = False
 
     def __post_init__(self):
         _check_name(self.name)
@@ -98,9 +100,11 @@ class Pointer:
         object.__setattr__(self, "ctype", ctype)
         object.__setattr__(self, "const", bool(self.const))
         object.__setattr__(self, "restrict", bool(self.restrict))
+        object.__setattr__(self, "volatile", bool(self.volatile))
 
     def c(self) -> str:
-        return (f"__global {'const ' if self.const else ''}{self.ctype} "
+        return (f"{'volatile ' if self.volatile else ''}__global "
+                f"{'const ' if self.const else ''}{self.ctype} "
                 f"*{'restrict ' if self.restrict else ''}{self.name}")
 
     def describe(self) -> str:

@@ -382,7 +382,8 @@ def test_defaults_render_and_build(queue):
                                     **family.template_args(family.SPEC.defaults(), form))
             assert f"pscl_{family.SPEC.family}" in source
             runtime.build_program(queue.context, source)
-    runtime.build_program(queue.context, runtime.render(masked_util.TEMPLATE))
+    runtime.build_program(queue.context,
+                          runtime.render(masked_util.TEMPLATE, ARGS=masked_util.ARGS))
 
 
 # ---------------------------------------------------------------------------------------------

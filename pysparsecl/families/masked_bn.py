@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import runtime
+from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
 from ..ops._common import elem_offset, round_up, written
 from ..params import ParamSpec, TileParam
 
@@ -22,10 +23,26 @@ SPEC = ParamSpec(
 )
 
 
+_INPUTS = (Pointer("y", "float", restrict=True), Scalar("y_off", np.int64),
+           Pointer("mask", "uchar", restrict=True), Scalar("mask_off", np.int64))
+ARGS = {
+    "apply": KernelArgs(Signature("pscl_masked_bn_apply", _INPUTS + (
+        Pointer("gamma", "float", restrict=True), Pointer("beta", "float", restrict=True),
+        Pointer("mean", "float", restrict=True), Pointer("var", "float", restrict=True),
+        Pointer("out", "float", const=False, restrict=True), Scalar("out_off", np.int64),
+        Scalar("n_rows", np.int32), Scalar("row_len", np.int32), Scalar("C", np.int32),
+        Scalar("eps", np.float32)))),
+    "stats": KernelArgs(Signature("pscl_masked_bn_stats", _INPUTS + (
+        Pointer("mean", "float", const=False, restrict=True),
+        Pointer("var", "float", const=False, restrict=True),
+        Scalar("outer", np.int32), Scalar("C", np.int32), Scalar("inner", np.int32)))),
+}
+
+
 def template_args(params, kind: str = "apply", channel_last: bool = False) -> dict:
-    """The tile parameters, the pass ("stats" or "apply") and the layout: channels last
-    for (M, C) inputs."""
-    return dict(params, KIND=kind, CHANNEL_LAST=int(channel_last))
+    """The tile parameters, the pass ("stats" or "apply"), the layout (channels last for
+    (M, C) inputs) and the pass's kernel arguments."""
+    return dict(params, KIND=kind, CHANNEL_LAST=int(channel_last), ARGS=ARGS[kind])
 
 
 def launch(queue, params, y_dev, mask_dev, dev, out_dev, outer: int, n_ch: int, inner: int,
@@ -39,10 +56,11 @@ def launch(queue, params, y_dev, mask_dev, dev, out_dev, outer: int, n_ch: int, 
                                **template_args(params, "stats", channel_last)
                                )["pscl_masked_bn_stats"]
         items = -(-n_ch // vec) if channel_last else n_ch
-        ev = kern(queue, (round_up(items, wg),), (wg,), y_dev.base_data, elem_offset(y_dev),
-                  mask_dev.base_data, elem_offset(mask_dev), dev["mean"].data,
-                  dev["var"].data, np.int32(outer), np.int32(n_ch), np.int32(inner),
-                  wait_for=wait or None)
+        ev = kern.launch(queue, (round_up(items, wg),), (wg,), dict(
+            y=y_dev.base_data, y_off=elem_offset(y_dev), mask=mask_dev.base_data,
+            mask_off=elem_offset(mask_dev), mean=dev["mean"].data, var=dev["var"].data,
+            outer=np.int32(outer), C=np.int32(n_ch), inner=np.int32(inner)),
+            wait_for=wait or None)
         wait.append(ev)
         if events is not None:
             events.append(ev)
@@ -50,11 +68,12 @@ def launch(queue, params, y_dev, mask_dev, dev, out_dev, outer: int, n_ch: int, 
                            **template_args(params, "apply", channel_last)
                            )["pscl_masked_bn_apply"]
     n_rows, row_len = (outer, n_ch) if channel_last else (outer * n_ch, inner)
-    ev = kern(queue, (round_up(-(-row_len // vec), wg), n_rows), (wg, 1), y_dev.base_data,
-              elem_offset(y_dev), mask_dev.base_data, elem_offset(mask_dev),
-              dev["gamma"].data, dev["beta"].data, dev["mean"].data, dev["var"].data,
-              out_dev.base_data, elem_offset(out_dev), np.int32(n_rows), np.int32(row_len),
-              np.int32(n_ch), np.float32(eps), wait_for=wait or None)
+    ev = kern.launch(queue, (round_up(-(-row_len // vec), wg), n_rows), (wg, 1), dict(
+        y=y_dev.base_data, y_off=elem_offset(y_dev), mask=mask_dev.base_data,
+        mask_off=elem_offset(mask_dev), gamma=dev["gamma"].data, beta=dev["beta"].data,
+        mean=dev["mean"].data, var=dev["var"].data, out=out_dev.base_data,
+        out_off=elem_offset(out_dev), n_rows=np.int32(n_rows), row_len=np.int32(row_len),
+        C=np.int32(n_ch), eps=np.float32(eps)), wait_for=wait or None)
     written(out_dev, ev)
     if events is not None:
         events.append(ev)

@@ -10,6 +10,7 @@ import numpy as np
 import pyopencl.array as cl_array
 
 from .. import runtime
+from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
 from ..ops._common import (
     check_alloc,
     elem_offset,
@@ -36,8 +37,32 @@ SPEC = ParamSpec(
 )
 
 
+#: The convolution's sizes, as both masked convolution kernels take them (shape_args).
+SHAPE = tuple(Scalar(name, np.int32) for name in (
+    "C", "K", "OH", "OW", "Hp", "Wp", "R", "S", "str_h", "str_w", "dil_h", "dil_w"))
+
+#: The packing kernels (KIND "pack").
+PACK_ARGS = KernelArgs(
+    Signature("pscl_conv_pack", (
+        Pointer("x", "float", restrict=True), Scalar("x_off", np.int64),
+        Pointer("xp", "float", const=False, restrict=True),
+        *(Scalar(name, np.int32) for name in ("N", "C", "H", "W", "Hp", "Wp", "pad_h",
+                                              "pad_w")))),
+    Signature("pscl_conv_weight_pack", (
+        Pointer("w", "float", restrict=True), Scalar("w_off", np.int64),
+        Pointer("wk", "float", const=False, restrict=True),
+        Scalar("K", np.int32), Scalar("C", np.int32), Scalar("taps", np.int32))))
+
+ARGS = KernelArgs(Signature("pscl_masked_conv", (
+    Pointer("xp", "float", restrict=True),                     # (N, Hp, Wp, C)
+    Pointer("wk", "float", restrict=True),                     # (K, R, S, C)
+    Pointer("mask", "uchar", restrict=True), Scalar("mask_off", np.int64),  # (N, K, OH, OW)
+    Pointer("out", "float", const=False, restrict=True), Scalar("out_off", np.int64),
+    Scalar("N", np.int32), *SHAPE, Scalar("rows_per_block", np.int32))))
+
+
 def template_args(params) -> dict:
-    return dict(params, KIND="general")
+    return dict(params, KIND="general", ARGS=ARGS)
 
 
 def geometry(x_shape, r: int, s: int, stride, padding, dilation) -> dict:
@@ -63,13 +88,13 @@ def pack_input(queue, x_dev, n_ch: int, geom: dict, events):
     check_alloc(queue, 4 * size, "the packed input")
     xp = runtime.empty(queue, (max(size, 1),), np.float32,
                        allocator=runtime.memory_pool(queue.context))
-    kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_conv_pack",),
-                           KIND="pack")["pscl_conv_pack"]
-    ev = kern(queue, (round_up(geom["Wp"], 16), geom["Hp"], geom["N"]), (16, 1, 1),
-              x_dev.base_data, elem_offset(x_dev), xp.data, np.int32(geom["N"]),
-              np.int32(n_ch), np.int32(geom["H"]), np.int32(geom["W"]), np.int32(geom["Hp"]),
-              np.int32(geom["Wp"]), np.int32(geom["padding"][0]),
-              np.int32(geom["padding"][1]), wait_for=x_dev.events or None)
+    kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_conv_pack",), KIND="pack",
+                           ARGS=PACK_ARGS)["pscl_conv_pack"]
+    ev = kern.launch(queue, (round_up(geom["Wp"], 16), geom["Hp"], geom["N"]), (16, 1, 1), dict(
+        x=x_dev.base_data, x_off=elem_offset(x_dev), xp=xp.data, N=np.int32(geom["N"]),
+        C=np.int32(n_ch), H=np.int32(geom["H"]), W=np.int32(geom["W"]),
+        Hp=np.int32(geom["Hp"]), Wp=np.int32(geom["Wp"]), pad_h=np.int32(geom["padding"][0]),
+        pad_w=np.int32(geom["padding"][1])), wait_for=x_dev.events or None)
     xp.add_event(ev)
     if events is not None:
         events.append(ev)
@@ -84,22 +109,22 @@ def pack_weight(queue, w, events):
         return cl_array.to_device(queue, host, allocator=runtime.memory_pool(queue.context))
     wk = runtime.empty(queue, (k_out, r, s, n_ch), np.float32,
                        allocator=runtime.memory_pool(queue.context))
-    kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_conv_weight_pack",),
-                           KIND="pack")["pscl_conv_weight_pack"]
-    ev = kern(queue, (r * s, k_out), None, w.base_data, elem_offset(w), wk.data,
-              np.int32(k_out), np.int32(n_ch), np.int32(r * s), wait_for=w.events or None)
+    kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_conv_weight_pack",), KIND="pack",
+                           ARGS=PACK_ARGS)["pscl_conv_weight_pack"]
+    ev = kern.launch(queue, (r * s, k_out), None, dict(
+        w=w.base_data, w_off=elem_offset(w), wk=wk.data, K=np.int32(k_out), C=np.int32(n_ch),
+        taps=np.int32(r * s)), wait_for=w.events or None)
     wk.add_event(ev)
     if events is not None:
         events.append(ev)
     return wk
 
 
-def shape_args(geom: dict, n_ch: int, k_out: int, r: int, s: int) -> tuple:
-    """The convolution's sizes, as both masked convolution kernels take them."""
-    return (np.int32(n_ch), np.int32(k_out), np.int32(geom["OH"]), np.int32(geom["OW"]),
-            np.int32(geom["Hp"]), np.int32(geom["Wp"]), np.int32(r), np.int32(s),
-            np.int32(geom["stride"][0]), np.int32(geom["stride"][1]),
-            np.int32(geom["dilation"][0]), np.int32(geom["dilation"][1]))
+def shape_args(geom: dict, n_ch: int, k_out: int, r: int, s: int) -> dict:
+    """The values of SHAPE, by name."""
+    values = (n_ch, k_out, geom["OH"], geom["OW"], geom["Hp"], geom["Wp"], r, s,
+              *geom["stride"], *geom["dilation"])
+    return {a.name: np.int32(v) for a, v in zip(SHAPE, values)}
 
 
 def launch(queue, params, xp, wk, mask_dev, out_dev, geom, n_ch, k_out, r, s, events):
@@ -107,12 +132,13 @@ def launch(queue, params, xp, wk, mask_dev, out_dev, geom, n_ch, k_out, r, s, ev
                            **template_args(params))["pscl_masked_conv"]
     n_pix = geom["N"] * geom["OH"] * geom["OW"]
     block = params["BLOCK_PIX"]
-    ev = kern(queue, (round_up(k_out, params["WG"]), -(-n_pix // block)), (params["WG"], 1),
-              xp.data, wk.data, mask_dev.base_data, elem_offset(mask_dev), out_dev.base_data,
-              elem_offset(out_dev), np.int32(geom["N"]), *shape_args(geom, n_ch, k_out, r, s),
-              np.int32(block),
-              wait_for=(list(xp.events) + list(wk.events) + list(mask_dev.events)
-                        + list(out_dev.events)) or None)
+    ev = kern.launch(queue, (round_up(k_out, params["WG"]), -(-n_pix // block)),
+                     (params["WG"], 1), dict(
+        xp=xp.data, wk=wk.data, mask=mask_dev.base_data, mask_off=elem_offset(mask_dev),
+        out=out_dev.base_data, out_off=elem_offset(out_dev), N=np.int32(geom["N"]),
+        **shape_args(geom, n_ch, k_out, r, s), rows_per_block=np.int32(block)),
+        wait_for=(list(xp.events) + list(wk.events) + list(mask_dev.events)
+                  + list(out_dev.events)) or None)
     written(out_dev, ev)
     if events is not None:
         events.append(ev)

@@ -9,9 +9,10 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 
 from .. import runtime
+from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
 from ..ops._common import elem_offset, is_device_array, round_up, written
 from ..params import Constraint, ParamSpec, TileParam
-from .masked_conv import shape_args
+from .masked_conv import SHAPE, shape_args
 
 TEMPLATE = "masked_conv_channels.cl.mako"
 
@@ -31,8 +32,17 @@ SPEC = ParamSpec(
 )
 
 
+ARGS = KernelArgs(Signature("pscl_masked_conv_channels", (
+    Pointer("xp", "float", restrict=True),                     # (N, Hp, Wp, C)
+    Pointer("wk", "float", restrict=True),                     # (K, R, S, C)
+    Pointer("chans", "int", restrict=True),                    # (N, K) selected, compact
+    Pointer("counts", "int", restrict=True),                   # (N,)
+    Pointer("out", "float", const=False, restrict=True), Scalar("out_off", np.int64),
+    *SHAPE)))
+
+
 def template_args(params) -> dict:
-    return dict(params, KIND="channels")
+    return dict(params, KIND="channels", ARGS=ARGS)
 
 
 def launch(queue, params, xp, wk, channels, out_dev, geom, n_ch, k_out, r, s, events):
@@ -61,10 +71,12 @@ def launch(queue, params, xp, wk, channels, out_dev, geom, n_ch, k_out, r, s, ev
     n_pix = geom["OH"] * geom["OW"]
     items = -(-n_pix // params["PIX"])
     groups = -(-int(counts.max()) // params["KB"])
-    ev = kern(queue, (round_up(items, params["WG"]), groups, n_img), (params["WG"], 1, 1),
-              xp.data, wk.data, chans_dev.data, counts_dev.data, out_dev.base_data,
-              elem_offset(out_dev), *shape_args(geom, n_ch, k_out, r, s),
-              wait_for=[fill] + list(xp.events) + list(wk.events))
+    ev = kern.launch(queue, (round_up(items, params["WG"]), groups, n_img),
+                     (params["WG"], 1, 1), dict(
+        xp=xp.data, wk=wk.data, chans=chans_dev.data, counts=counts_dev.data,
+        out=out_dev.base_data, out_off=elem_offset(out_dev),
+        **shape_args(geom, n_ch, k_out, r, s)),
+        wait_for=[fill] + list(xp.events) + list(wk.events))
     written(out_dev, ev)
     if events is not None:
         events.append(ev)

@@ -8,6 +8,7 @@ import numpy as np
 import pyopencl as cl
 
 from .. import runtime
+from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
 from ..ops._common import elem_offset, round_up
 from ..params import ParamSpec, TileParam
 
@@ -24,8 +25,17 @@ SPEC = ParamSpec(
 )
 
 
+ARGS = KernelArgs(Signature("pscl_masked_dw", (
+    Pointer("x", "float", restrict=True), Scalar("x_off", np.int64),     # (M, ldx)
+    Pointer("rows", "int2", restrict=True),              # (N, M): (row, bits of dy)
+    Pointer("counts", "int", restrict=True),             # (N,) list lengths
+    Pointer("dw", "float", const=False, restrict=True),  # (N, K): transposed
+    Scalar("M", np.int32), Scalar("N", np.int32), Scalar("K", np.int32),
+    Scalar("ldx", np.int32))))                           # x's row stride
+
+
 def template_args(params, mask: str = "bool") -> dict:
-    return dict(params, KIND="dw", MASK=mask)
+    return dict(params, KIND="dw", MASK=mask, ARGS=ARGS)
 
 
 def launch(queue, params, form: str, x_rows, lists, dwt, n_rows: int, n_cols: int,
@@ -36,10 +46,11 @@ def launch(queue, params, form: str, x_rows, lists, dwt, n_rows: int, n_cols: in
     kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_masked_dw",),
                            **template_args(params, form))["pscl_masked_dw"]
     x_src, x_off, ldx = x_rows
-    return kern(queue, (round_up(n_cols, params["WG"]), -(-k_in // chunk)), (params["WG"], 1),
-                x_src, x_off, lists.col_rows.data, lists.col_counts.data, dwt.data,
-                np.int32(n_rows), np.int32(n_cols), np.int32(k_in), np.int32(ldx),
-                wait_for=wait)
+    return kern.launch(queue, (round_up(n_cols, params["WG"]), -(-k_in // chunk)),
+                       (params["WG"], 1), dict(
+        x=x_src, x_off=x_off, rows=lists.col_rows.data, counts=lists.col_counts.data,
+        dw=dwt.data, M=np.int32(n_rows), N=np.int32(n_cols), K=np.int32(k_in),
+        ldx=np.int32(ldx)), wait_for=wait)
 
 
 def padded_rows(queue, a_dev, n_rows: int, k_in: int, wait: list, events):

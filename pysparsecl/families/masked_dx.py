@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import runtime
+from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
 from ..ops._common import elem_offset, round_up
 from ..params import ParamSpec, TileParam
 
@@ -23,10 +24,21 @@ SPEC = ParamSpec(
 )
 
 
+def kernel_args(p) -> KernelArgs:
+    return KernelArgs(Signature("pscl_masked_dx", (
+        Pointer("dy", "float", restrict=True), Scalar("dy_off", np.int64),  # (M, ld)
+        Pointer("wt", "float", restrict=True),                               # (N, K)
+        Pointer("cols", "int", restrict=True), Scalar("cols_off", np.int64),  # (M, ld)
+        *((Pointer("counts", "int", restrict=True),) if p["MASK"] == "bool" else ()),
+        Pointer("dx", "float", const=False, restrict=True), Scalar("dx_off", np.int64),
+        Scalar("M", np.int32), Scalar("N", np.int32), Scalar("K", np.int32),
+        Scalar("ldw", np.int32), Scalar("ld", np.int32))))        # ld: N (bool) or n_keep
+
+
 def template_args(params, mask: str = "bool") -> dict:
-    """The tile parameters and the mask's form ("bool": per-row lists with counts; "idx":
-    the index mask itself)."""
-    return dict(params, KIND="dx", MASK=mask)
+    """The tile parameters, the mask's form ("bool": per-row lists with counts; "idx":
+    the index mask itself) and the kernel's arguments."""
+    return dict(params, KIND="dx", MASK=mask, ARGS=kernel_args)
 
 
 def launch(queue, params, form: str, dy_dev, rows, ldw, lists, dx_dev, n_rows: int,
@@ -35,8 +47,10 @@ def launch(queue, params, form: str, dy_dev, rows, ldw, lists, dx_dev, n_rows: i
     chunk = params["VEC"] * params["KVEC"]
     kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_masked_dx",),
                            **template_args(params, form))["pscl_masked_dx"]
-    counts = () if lists.row_counts is None else (lists.row_counts.data,)
-    return kern(queue, (round_up(n_rows, params["WG"]), -(-k_in // chunk)), (params["WG"], 1),
-                dy_dev.base_data, elem_offset(dy_dev), rows.data, *lists.row_cols, *counts,
-                dx_dev.data, np.int64(0), np.int32(n_rows), np.int32(n_cols), np.int32(k_in),
-                np.int32(ldw), np.int32(n_entries), wait_for=wait)
+    counts = {} if lists.row_counts is None else dict(counts=lists.row_counts.data)
+    return kern.launch(queue, (round_up(n_rows, params["WG"]), -(-k_in // chunk)),
+                       (params["WG"], 1), dict(
+        dy=dy_dev.base_data, dy_off=elem_offset(dy_dev), wt=rows.data,
+        cols=lists.row_cols[0], cols_off=lists.row_cols[1], **counts, dx=dx_dev.data,
+        dx_off=np.int64(0), M=np.int32(n_rows), N=np.int32(n_cols), K=np.int32(k_in),
+        ldw=np.int32(ldw), ld=np.int32(n_entries)), wait_for=wait)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import runtime
+from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
 from ..ops._common import elem_offset, round_up
 from ..params import ParamSpec, TileParam
 
@@ -41,10 +42,30 @@ def rows_per_block(params, n_rows: int, k_in: int) -> int:
     return max(1, -(-n_rows // n_blocks))
 
 
+def kernel_args(p) -> KernelArgs:
+    """The arguments of the product and of the zero pass (rendered with ZEROED)."""
+    zero_fill = Signature("pscl_zero_fill", (
+        Pointer("out", "float", const=False, restrict=True), Scalar("out_off", np.int64),
+        Scalar("n", np.int64)))
+    return KernelArgs(
+        *((zero_fill,) if p["ZEROED"] else ()),
+        Signature("pscl_masked_gemm", (
+            Pointer("x", "float", restrict=True), Scalar("x_off", np.int64),  # (M, K), ldx
+            Pointer("wt", "float", restrict=True),                            # (N, K), ldw
+            # bool mask or slot map, (M, N)
+            Pointer("sel", "uchar" if p["MASK"] == "bool" else "int", restrict=True),
+            Scalar("sel_off", np.int64),
+            Pointer("out", "float", const=False, restrict=True), Scalar("out_off", np.int64),
+            Scalar("M", np.int32), Scalar("N", np.int32), Scalar("K", np.int32),
+            Scalar("ldx", np.int32), Scalar("ldw", np.int32), Scalar("out_cols", np.int32),
+            Scalar("rows_per_block", np.int32))))
+
+
 def template_args(params, mask: str = "bool", zeroed: bool = False) -> dict:
-    """The tile parameters, the selection's form ("bool" mask or "slot" map) and whether
-    a zero pass ran first (``zeroed``)."""
-    return dict(params, KIND="gemm", MASK=mask, ZEROED=int(zeroed), ZERO_CHUNK=ZERO_CHUNK)
+    """The tile parameters, the selection's form ("bool" mask or "slot" map), whether a
+    zero pass ran first (``zeroed``), and the kernels' arguments."""
+    return dict(params, KIND="gemm", MASK=mask, ZEROED=int(zeroed), ZERO_CHUNK=ZERO_CHUNK,
+                ARGS=kernel_args)
 
 
 def launch(queue, params, form: str, x_dev, rows, ldw, sel, out_dev, n_rows: int,
@@ -56,17 +77,19 @@ def launch(queue, params, form: str, x_dev, rows, ldw, sel, out_dev, n_rows: int
     kerns = runtime.kernels(queue.context, TEMPLATE, names,
                             **template_args(params, form, zeroed))
     if zeroed:
-        ev = kerns["pscl_zero_fill"](
-            queue, (-(-out_dev.size // ZERO_CHUNK),), None, out_dev.base_data,
-            elem_offset(out_dev), np.int64(out_dev.size), wait_for=wait or None)
+        ev = kerns["pscl_zero_fill"].launch(
+            queue, (-(-out_dev.size // ZERO_CHUNK),), None,
+            dict(out=out_dev.base_data, out_off=elem_offset(out_dev),
+                 n=np.int64(out_dev.size)), wait_for=wait or None)
         wait = [ev]                   # it waited for everything before it
         if events is not None:
             events.append(ev)
     block = rows_per_block(params, n_rows, k_in)
     # (Padding x's rows, as the backward does, measured no gain here.)
-    return kerns["pscl_masked_gemm"](
-        queue, (round_up(n_cols, params["WG"]), -(-n_rows // block)), (params["WG"], 1),
-        x_dev.base_data, elem_offset(x_dev), rows.data, *sel, out_dev.base_data,
-        elem_offset(out_dev), np.int32(n_rows), np.int32(n_cols), np.int32(k_in),
-        np.int32(k_in), np.int32(ldw), np.int32(out_cols), np.int32(block),
+    return kerns["pscl_masked_gemm"].launch(
+        queue, (round_up(n_cols, params["WG"]), -(-n_rows // block)), (params["WG"], 1), dict(
+            x=x_dev.base_data, x_off=elem_offset(x_dev), wt=rows.data, sel=sel[0],
+            sel_off=sel[1], out=out_dev.base_data, out_off=elem_offset(out_dev),
+            M=np.int32(n_rows), N=np.int32(n_cols), K=np.int32(k_in), ldx=np.int32(k_in),
+            ldw=np.int32(ldw), out_cols=np.int32(out_cols), rows_per_block=np.int32(block)),
         wait_for=wait or None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import runtime
+from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
 from ..ops._common import check_alloc, elem_offset, round_up
 from ..params import Constraint, ParamSpec, TileParam
 from . import LOCAL_MEM_BYTES
@@ -66,13 +67,40 @@ SPEC = ParamSpec(
 )
 
 
+def kernel_args(p) -> KernelArgs:
+    """The product's arguments (with SPLITK > 1 it writes partial sums, not the output)
+    and, with SPLITK > 1, the split-K sum's (which reads a bool mask to write its zeros)."""
+    sel_type = "uchar" if p["MASK"] == "bool" else "int"
+    dest = ((Pointer("part", "float", const=False, restrict=True),
+             Scalar("part_stride", np.int64)) if p["SPLITK"] > 1 else
+            (Pointer("out", "float", const=False, restrict=True), Scalar("out_off", np.int64)))
+    splitk_sum = Signature("pscl_gemm_splitk_sum", (
+        Pointer("part", "float", restrict=True), Scalar("part_stride", np.int64),
+        Scalar("n_slices", np.int32),
+        *((Pointer("sel", "uchar", restrict=True), Scalar("sel_off", np.int64))
+          if p["MASK"] == "bool" else ()),
+        Pointer("out", "float", const=False, restrict=True), Scalar("out_off", np.int64),
+        Scalar("total", np.int64)))
+    return KernelArgs(
+        *((splitk_sum,) if p["SPLITK"] > 1 else ()),
+        Signature("pscl_masked_gemm_tiled", (
+            Pointer("x", "float", restrict=True), Scalar("x_off", np.int64),  # (M, K), ldx
+            Pointer("wt", "float", restrict=True),                            # (N, K), ldw
+            Pointer("sel", sel_type, restrict=True), Scalar("sel_off", np.int64),
+            *dest,                                    # partial sums: (slices, M, out_cols)
+            Scalar("M", np.int32), Scalar("N", np.int32), Scalar("K", np.int32),
+            Scalar("ldx", np.int32), Scalar("ldw", np.int32), Scalar("out_cols", np.int32),
+            Scalar("k_len", np.int32))))                                     # K per slice
+
+
 def template_args(params, mask: str = "bool", aligned: bool = False, mask_aligned: bool = False
                   ) -> dict:
     """The tile parameters, the selection's form ("bool" or "slot"), whether whole float4
     staging loads are aligned (``aligned``) and whether 16-entry selection loads are
     (``mask_aligned``), and the local buffer's size in float4s."""
     return dict(params, KIND="gemm_tiled", MASK=mask, ALIGNED=int(aligned),
-                MASK_ALIGNED=int(mask_aligned), LDS_F4=local_bytes(params) // 16)
+                MASK_ALIGNED=int(mask_aligned), LDS_F4=local_bytes(params) // 16,
+                ARGS=kernel_args)
 
 
 def launch(queue, params, form: str, x_dev, rows, ldw, sel, out_dev, n_rows: int,
@@ -95,21 +123,23 @@ def launch(queue, params, form: str, x_dev, rows, ldw, sel, out_dev, n_rows: int
         check_alloc(queue, 4 * n_slices * total, "the split-K partial sums")
         part = runtime.empty(queue, (n_slices * total,), np.float32,
                              allocator=runtime.memory_pool(ctx))
-        dest = (part.data, np.int64(total))
+        dest = dict(part=part.data, part_stride=np.int64(total))
     else:
-        dest = (out_dev.base_data, elem_offset(out_dev))
-    ev = kerns[names[0]](
+        dest = dict(out=out_dev.base_data, out_off=elem_offset(out_dev))
+    ev = kerns[names[0]].launch(
         queue, (-(-n_cols // params["TILE"]) * params["WG"], -(-n_rows // params["TILE_M"]),
-                n_slices), (params["WG"], 1, 1),
-        x_dev.base_data, elem_offset(x_dev), rows.data, *sel, *dest,
-        np.int32(n_rows), np.int32(n_cols), np.int32(k_in), np.int32(k_in), np.int32(ldw),
-        np.int32(out_cols), np.int32(k_len), wait_for=wait or None)
+                n_slices), (params["WG"], 1, 1), dict(
+            x=x_dev.base_data, x_off=elem_offset(x_dev), wt=rows.data, sel=sel[0],
+            sel_off=sel[1], **dest, M=np.int32(n_rows), N=np.int32(n_cols),
+            K=np.int32(k_in), ldx=np.int32(k_in), ldw=np.int32(ldw),
+            out_cols=np.int32(out_cols), k_len=np.int32(k_len)), wait_for=wait or None)
     if split == 1:
         return ev
     if events is not None:
         events.append(ev)
-    mask_args = sel if form == "bool" else ()
+    mask_args = dict(sel=sel[0], sel_off=sel[1]) if form == "bool" else {}
     wg = 256
-    return kerns[names[1]](queue, (round_up(total, wg),), (wg,), part.data, np.int64(total),
-                           np.int32(n_slices), *mask_args, out_dev.base_data,
-                           elem_offset(out_dev), np.int64(total), wait_for=[ev])
+    return kerns[names[1]].launch(queue, (round_up(total, wg),), (wg,), dict(
+        part=part.data, part_stride=np.int64(total), n_slices=np.int32(n_slices), **mask_args,
+        out=out_dev.base_data, out_off=elem_offset(out_dev), total=np.int64(total)),
+        wait_for=[ev])

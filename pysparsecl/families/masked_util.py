@@ -12,14 +12,50 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 
 from .. import runtime
+from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
 from ..ops._common import INT32_MAX, check_alloc, elem_offset, round_up
 
 TEMPLATE = "masked_util.cl.mako"
 TRANSPOSE_WG = 4      # 16 x 16 tiles per transpose work-group
 
 
+def _cols_list(form: str) -> Signature:
+    return Signature(f"pscl_cols_list_{form}", (
+        Pointer("sel", "uchar" if form == "bool" else "int", restrict=True),
+        Scalar("sel_off", np.int64),
+        Pointer("dy", "float", restrict=True), Scalar("dy_off", np.int64),
+        Pointer("rows", "int2", const=False, restrict=True),
+        Pointer("counts", "int", const=False, restrict=True),
+        Scalar("M", np.int32), Scalar("N", np.int32), Scalar("dy_cols", np.int32)))
+
+
+ARGS = KernelArgs(
+    Signature("pscl_transpose", (
+        Pointer("src", "float", restrict=True), Scalar("src_off", np.int64),
+        Scalar("ld_src", np.int32), Pointer("dst", "float", const=False, restrict=True),
+        Scalar("dst_off", np.int64), Scalar("ld_dst", np.int32), Scalar("R", np.int32),
+        Scalar("C", np.int32))),
+    Signature("pscl_idx_slots", (
+        Pointer("idx", "int", restrict=True), Scalar("idx_off", np.int64),
+        Pointer("slot", "int", const=False, restrict=True),
+        Pointer("bad", "int", const=False, volatile=True),
+        Scalar("M", np.int32), Scalar("N", np.int32), Scalar("n_keep", np.int32))),
+    Signature("pscl_bool_rows", (
+        Pointer("mask", "uchar", restrict=True), Scalar("mask_off", np.int64),
+        Pointer("cols", "int", const=False, restrict=True),
+        Pointer("counts", "int", const=False, restrict=True),
+        Scalar("M", np.int32), Scalar("N", np.int32))),
+    _cols_list("bool"), _cols_list("slot"),
+    Signature("pscl_bool_compact", (
+        Pointer("mask", "uchar", restrict=True), Scalar("mask_off", np.int64),
+        Pointer("cols", "int", const=False, restrict=True),
+        Pointer("counts", "int", const=False, restrict=True),
+        Pointer("out", "float", const=False, restrict=True), Scalar("out_off", np.int64),
+        Scalar("N", np.int32))))
+
+
 def kernels(ctx, *names):
-    return runtime.kernels(ctx, TEMPLATE, names)
+    return runtime.kernels(ctx, TEMPLATE, names, ARGS=ARGS)
 
 
 def transpose(queue, src: cl_array.Array, events, into=None, ld_dst=None):
@@ -31,10 +67,11 @@ def transpose(queue, src: cl_array.Array, events, into=None, ld_dst=None):
         queue, (n_cols, ld_dst), np.float32, allocator=runtime.memory_pool(queue.context))
     if src.size:
         kern = kernels(queue.context, "pscl_transpose")["pscl_transpose"]
-        ev = kern(queue, (round_up(-(-n_cols // 16), TRANSPOSE_WG), -(-n_rows // 16)),
-                  (TRANSPOSE_WG, 1), src.base_data, elem_offset(src), np.int32(n_cols),
-                  out.data, np.int64(0), np.int32(ld_dst), np.int32(n_rows), np.int32(n_cols),
-                  wait_for=(list(src.events) + list(out.events)) or None)
+        ev = kern.launch(queue, (round_up(-(-n_cols // 16), TRANSPOSE_WG), -(-n_rows // 16)),
+                         (TRANSPOSE_WG, 1), dict(
+            src=src.base_data, src_off=elem_offset(src), ld_src=np.int32(n_cols), dst=out.data,
+            dst_off=np.int64(0), ld_dst=np.int32(ld_dst), R=np.int32(n_rows),
+            C=np.int32(n_cols)), wait_for=(list(src.events) + list(out.events)) or None)
         out.add_event(ev)
         if events is not None:
             events.append(ev)
@@ -53,10 +90,10 @@ def idx_slots(queue, idx_dev: cl_array.Array, n_rows: int, n_cols: int, n_keep: 
                    cl.enqueue_fill_buffer(queue, bad.data, np.int32(INT32_MAX), 0, bad.nbytes)]
     kern = kernels(queue.context, "pscl_idx_slots")["pscl_idx_slots"]
     wg = 16
-    ev = kern(queue, (round_up(n_keep, wg), n_rows), (wg, 1), idx_dev.base_data,
-              elem_offset(idx_dev), slots.data, bad.data, np.int32(n_rows),
-              np.int32(n_cols), np.int32(n_keep),
-              wait_for=fill_events + list(idx_dev.events))
+    ev = kern.launch(queue, (round_up(n_keep, wg), n_rows), (wg, 1), dict(
+        idx=idx_dev.base_data, idx_off=elem_offset(idx_dev), slot=slots.data, bad=bad.data,
+        M=np.int32(n_rows), N=np.int32(n_cols), n_keep=np.int32(n_keep)),
+        wait_for=fill_events + list(idx_dev.events))
     slots.add_event(ev)
     if events is not None:
         events.append(ev)
@@ -87,14 +124,14 @@ class SelectionLists:
         else:
             row_list = runtime.empty(queue, (n_rows, n_cols), np.int32, allocator=alloc)
             self.row_counts = runtime.empty(queue, (n_rows,), np.int32, allocator=alloc)
-            self.events.append(util["pscl_bool_rows"](
-                queue, (n_rows,), None, mask_dev.base_data, elem_offset(mask_dev),
-                row_list.data, self.row_counts.data, np.int32(n_rows), np.int32(n_cols),
+            self.events.append(util["pscl_bool_rows"].launch(queue, (n_rows,), None, dict(
+                mask=mask_dev.base_data, mask_off=elem_offset(mask_dev), cols=row_list.data,
+                counts=self.row_counts.data, M=np.int32(n_rows), N=np.int32(n_cols)),
                 wait_for=wait or None))
             self.row_cols = (row_list.data, np.int64(0))
             cols_list = util["pscl_cols_list_bool"]
             sel = (mask_dev.base_data, elem_offset(mask_dev))
-        self.events.append(cols_list(
-            queue, (-(-n_cols // 16),), None, *sel, dy_dev.base_data, elem_offset(dy_dev),
-            self.col_rows.data, self.col_counts.data, np.int32(n_rows), np.int32(n_cols),
-            np.int32(n_entries), wait_for=wait or None))
+        self.events.append(cols_list.launch(queue, (-(-n_cols // 16),), None, dict(
+            sel=sel[0], sel_off=sel[1], dy=dy_dev.base_data, dy_off=elem_offset(dy_dev),
+            rows=self.col_rows.data, counts=self.col_counts.data, M=np.int32(n_rows),
+            N=np.int32(n_cols), dy_cols=np.int32(n_entries)), wait_for=wait or None))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import runtime
+from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
 from ..ops._common import elem_offset
 from ..params import Constraint, ParamSpec, TileParam
 from . import LOCAL_MEM_BYTES, masked_util
@@ -46,12 +47,30 @@ SPEC = ParamSpec(
 )
 
 
+def kernel_args(p) -> KernelArgs:
+    """The kernel's arguments: the selection comes as the bool mask itself
+    (LIST_IN_KERNEL), or as a list of columns (with their count for a bool mask)."""
+    if p["LIST_IN_KERNEL"]:
+        selection = (Pointer("mask", "uchar", restrict=True), Scalar("mask_off", np.int64))
+    else:
+        selection = (Pointer("list", "int", restrict=True), Scalar("list_off", np.int64)) + (
+            (Pointer("counts", "int", restrict=True),) if p["MASK"] == "bool" else ())
+    return KernelArgs(Signature("pscl_masked_vmm_split", (
+        Pointer("x", "float", restrict=True), Scalar("x_off", np.int64),        # (M, K)
+        Pointer("wt", "float", restrict=True),                       # (N, K), row stride ldw
+        *selection,
+        Pointer("out", "float", const=False, restrict=True), Scalar("out_off", np.int64),
+        Scalar("N", np.int32), Scalar("K", np.int32), Scalar("ldw", np.int32),
+        Scalar("n_entries", np.int32))))                          # N (bool) or n_keep (idx)
+
+
 def template_args(params, mask: str = "bool", aligned: bool = False, list_in_kernel: bool = False
                   ) -> dict:
     """The tile parameters, the mask's form, whether weight rows start at whole vectors
-    (``aligned``) and whether the kernel lists a bool mask itself (``list_in_kernel``)."""
+    (``aligned``), whether the kernel lists a bool mask itself (``list_in_kernel``), and
+    the kernel's arguments."""
     return dict(params, KIND="vmm_split", MASK=mask, ALIGNED=int(aligned),
-                LIST_IN_KERNEL=int(list_in_kernel))
+                LIST_IN_KERNEL=int(list_in_kernel), ARGS=kernel_args)
 
 
 def launch(queue, params, x_dev, rows, ldw, form: str, mask_dev, out_dev, n_cols: int,
@@ -64,22 +83,26 @@ def launch(queue, params, x_dev, rows, ldw, form: str, mask_dev, out_dev, n_cols
         cols = runtime.empty(queue, (n_cols,), np.int32, allocator=alloc)
         counts = runtime.empty(queue, (1,), np.int32, allocator=alloc)
         compact = masked_util.kernels(ctx, "pscl_bool_compact")["pscl_bool_compact"]
-        ev = compact(queue, (256,), (256,), mask_dev.base_data, elem_offset(mask_dev),
-                     cols.data, counts.data, out_dev.base_data, elem_offset(out_dev),
-                     np.int32(n_cols), wait_for=wait or None)
+        ev = compact.launch(queue, (256,), (256,), dict(
+            mask=mask_dev.base_data, mask_off=elem_offset(mask_dev), cols=cols.data,
+            counts=counts.data, out=out_dev.base_data, out_off=elem_offset(out_dev),
+            N=np.int32(n_cols)), wait_for=wait or None)
         wait = [ev]
         if events is not None:
             events.append(ev)
-        list_args = (cols.data, np.int64(0), counts.data)
+        selection = dict(list=cols.data, list_off=np.int64(0), counts=counts.data)
+    elif in_kernel:
+        selection = dict(mask=mask_dev.base_data, mask_off=elem_offset(mask_dev))
     else:
-        list_args = (mask_dev.base_data, elem_offset(mask_dev))
+        selection = dict(list=mask_dev.base_data, list_off=elem_offset(mask_dev))
     name = "pscl_masked_vmm_split"
     aligned = ldw % params["VEC"] == 0
     kern = runtime.kernels(ctx, TEMPLATE, (name,),
                            **template_args(params, form, aligned, in_kernel))[name]
     items = params["SPLIT"] * params["TEAMS"]
     groups = -(-n_entries // (params["TEAMS"] * params["GROUP"]))
-    return kern(queue, (groups * items, 1), (items, 1), x_dev.base_data, elem_offset(x_dev),
-                rows.data, *list_args, out_dev.base_data, elem_offset(out_dev),
-                np.int32(n_cols), np.int32(k_in), np.int32(ldw), np.int32(n_entries),
-                wait_for=wait or None)
+    return kern.launch(queue, (groups * items, 1), (items, 1), dict(
+        x=x_dev.base_data, x_off=elem_offset(x_dev), wt=rows.data, **selection,
+        out=out_dev.base_data, out_off=elem_offset(out_dev), N=np.int32(n_cols),
+        K=np.int32(k_in), ldw=np.int32(ldw), n_entries=np.int32(n_entries)),
+        wait_for=wait or None)
