@@ -1,5 +1,6 @@
 ## drs_fused (pysparsecl/families/drs_fused.py): for a few rows, projection and scores in one
-## launch, the projected row in registers, parallel over columns.
+## launch, the projected row in registers, parallel over columns.  ARGS: the kernel's
+## parameters, declared in pysparsecl/families/drs_fused.py (SIGNATURE).
 <%namespace name="common" file="common.cl.mako"/>\
 <%namespace name="drs" file="drs_common.cl.mako"/>\
 ${fused_kernel()}
@@ -19,12 +20,7 @@ ${drs.key_function()}
 // items -- then scores its columns NCHUNK at a time.  The row-parallel kernels would
 // leave all but one core idle on a single row.
 __kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
-void pscl_drs_fused(
-    __global const float *restrict x, const long x_off, const int d,  // (M, d)
-    __global const float *restrict rt,                                  // (d, K_PAD)
-    __global const float *restrict v, const int ldv,                    // (k, ldv)
-    __global uint *restrict keys, const int ldk,                        // (M, ldk)
-    const int M, const int k, const int n_cols, const int cols_per_item)
+void pscl_drs_fused(${ARGS["pscl_drs_fused"]})
 {
     const int c0 = get_global_id(0) * cols_per_item;
     const int i = get_global_id(1);

@@ -6,6 +6,8 @@
 ## (k_pad, ld) for the weight.  KIND "windows": the same projection of a convolution's
 ## windows, gathered from the packed NHWC input (masked_conv.cl.mako's pack) with RT's rows
 ## in (r, s, c) order, under drs_project's tile parameters.
+## ARGS: the kernels' parameters, declared in pysparsecl/families/drs_project.py
+## (PROJECT_SIGNATURE, WINDOWS_SIGNATURE).
 <%namespace name="common" file="common.cl.mako"/>\
 % if KIND == "windows":
 ${windows_kernel()}
@@ -29,11 +31,7 @@ __kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
 // tree in local memory.  A serial loop over all of d left a GPU mostly idle.
 __kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
 % endif
-void pscl_drs_project(
-    __global const float *restrict a, const long a_off,      // (n_rows, d), row stride lda
-    const int n_rows, const int d, const int lda,
-    __global const float *restrict rt, const int k_pad,        // (d, k_pad)
-    __global float *restrict out, const int ld_out)            // (n_rows, ld) or (k_pad, ld)
+void pscl_drs_project(${ARGS["pscl_drs_project"]})
 {
 % if DSPLIT == 1:
     const int r0 = get_global_id(0) * ${ROWS};
@@ -109,13 +107,7 @@ ${common.vector_helpers("pscl_floatv", "float", VEC)}
 // Work-item (block of ROWS output pixels, k chunk): f(window) for each pixel, the window
 // gathered tap by tap from xp (C contiguous floats per tap) and RT read as (R, S, C) rows.
 __kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
-void pscl_drs_conv_project(
-    __global const float *restrict xp,                        // (N, Hp, Wp, C)
-    __global const float *restrict rt, const int k_pad,       // (R * S * C, k_pad)
-    __global float *restrict out,                             // (N * P, k_pad)
-    const int n_pix, const int C, const int OH, const int OW, const int Hp, const int Wp,
-    const int R, const int S, const int str_h, const int str_w, const int dil_h,
-    const int dil_w)
+void pscl_drs_conv_project(${ARGS["pscl_drs_conv_project"]})
 {
     const int i0 = get_global_id(0) * ${ROWS};
     const int c0 = get_global_id(1) * PSCL_KCHUNK;

@@ -1,6 +1,7 @@
 ## drs_scores (pysparsecl/families/drs_scores.py): S = Xp @ V, (M, k) times (k, N_pad), a
 ## small dense product in registers (ROWS rows x NVEC vectors of columns per work-item),
-## stored as order-preserving keys for the top-k.
+## stored as order-preserving keys for the top-k.  ARGS: the kernel's parameters, declared
+## in pysparsecl/families/drs_scores.py (SIGNATURE).
 <%namespace name="common" file="common.cl.mako"/>\
 <%namespace name="drs" file="drs_common.cl.mako"/>\
 ${scores_kernel()}
@@ -17,11 +18,7 @@ ${drs.key_function()}
 // each V vector load feeds ROWS FMAs and each Xp element is broadcast to NVEC FMAs.  The
 // scores are stored as order-preserving keys (pscl_key), what the top-k kernel ranks.
 __kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
-void pscl_drs_scores(
-    __global const float *restrict xp, const long xp_off, const int ldx,  // (M, >= k)
-    __global const float *restrict v, const int ldv,                       // (k, ldv)
-    __global uint *restrict s, const int lds,                              // (M, lds) keys
-    const int M, const int k, const int n_cols)                            // n_cols <= ldv
+void pscl_drs_scores(${ARGS["pscl_drs_scores"]})
 {
     const int n0 = get_global_id(0) * PSCL_NCHUNK;
     const int i0 = get_global_id(1) * ${ROWS};

@@ -2,6 +2,8 @@
 ## toward the lower column: a histogram, then a radix select over the few candidates of
 ## the boundary bin, then one pass that writes the selection (a bool mask, a compact list
 ## or the convolution layout).  One work-item per row; no local memory, no barriers.
+## ARGS: the kernel's parameters, declared in pysparsecl/families/drs_topk.py (signature:
+## the output's form, COMPACT or PLANE, changes them).
 <%namespace name="common" file="common.cl.mako"/>\
 ${topk_serial_kernel()}
 
@@ -23,19 +25,7 @@ ${topk_serial_kernel()}
 //   4. one pass in column order keeps every key whose prefix is larger and the first
 //      `want` keys with an equal prefix: exactly n_keep, ties toward the lower column.
 __kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
-void pscl_drs_topk(
-    __global const uint *restrict keys, const int ldk,    // (M, ldk) from pscl_drs_scores
-    __global uint *restrict cand,                          // (M, ldk) scratch
-    const int M, const int N, const int n_keep,
-% if COMPACT:
-    __global int *restrict out, const long out_off        // (M, n_keep) ascending columns
-% elif PLANE:
-    __global uchar *restrict out, const long out_off,     // (M / P, N, P): conv layout
-    const int P                                           // rows are (image, pixel)
-% else:
-    __global uchar *restrict out, const long out_off      // (M, N) mask
-% endif
-    )
+void pscl_drs_topk(${ARGS["pscl_drs_topk"]})
 {
     const int i = get_global_id(0);
     if (i >= M)

@@ -1,5 +1,6 @@
 ## drs_topk_team (pysparsecl/families/drs_topk_team.py): drs_topk's selection by a
-## work-group of TEAM items per row, histograms in local memory (GPUs).
+## work-group of TEAM items per row, histograms in local memory (GPUs).  ARGS: the
+## kernel's parameters, drs_topk's (pysparsecl/families/drs_topk.py; cand is unused here).
 <%namespace name="common" file="common.cl.mako"/>\
 ${topk_team_kernel()}
 
@@ -15,19 +16,7 @@ ${topk_team_kernel()}
 // taken; otherwise (ties) and for compact lists, item t owns a contiguous segment of
 // columns and a scan of per-segment counts orders the ties and places the columns.
 __kernel __attribute__((reqd_work_group_size(${TEAM}, 1, 1)))
-void pscl_drs_topk(
-    __global const uint *restrict keys, const int ldk,    // (M, ldk) from pscl_drs_scores
-    __global uint *restrict cand,                          // unused (the serial kernel's)
-    const int M, const int N, const int n_keep,
-% if COMPACT:
-    __global int *restrict out, const long out_off        // (M, n_keep) ascending columns
-% elif PLANE:
-    __global uchar *restrict out, const long out_off,     // (M / P, N, P): conv layout
-    const int P                                           // rows are (image, pixel)
-% else:
-    __global uchar *restrict out, const long out_off      // (M, N) mask
-% endif
-    )
+void pscl_drs_topk(${ARGS["pscl_drs_topk"]})
 {
     __local uint hist[256];
     __local int part[${TEAM}];

@@ -1,14 +1,13 @@
 ## A helper kernel of the search (no tile parameters): the weight in the layout the scores
-## kernel reads, when the projection is the identity (exact mode).
+## kernel reads, when the projection is the identity (exact mode).  ARGS: its parameters,
+## declared in pysparsecl/ops/drs.py (PAD_TRANSPOSE_ARGS).
 <%namespace name="common" file="common.cl.mako"/>\
 ${util_kernels()}
 
 <%def name="util_kernels()">
 // (N, d) rows -> (d, ld) with columns N..ld-1 zero: the weight in the layout the scores
 // kernel reads, when the projection is the identity (exact mode).
-__kernel void pscl_drs_pad_transpose(__global const float *restrict src, const long src_off,
-                                     __global float *restrict dst, const int N, const int d,
-                                     const int ld_src, const int ld)
+__kernel void pscl_drs_pad_transpose(${ARGS["pscl_drs_pad_transpose"]})
 {
     const int n = get_global_id(0);
     const int t = get_global_id(1);

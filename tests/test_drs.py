@@ -25,6 +25,7 @@ from pysparsecl.ops.drs import (
     DRS_TOPK,
     DRS_TOPK_TEAM,
     JL_CONSTANT,
+    PAD_TRANSPOSE_ARGS,
     default_k,
     keep_count,
     project_shape_class,
@@ -361,7 +362,10 @@ def test_defaults_render_and_build(queue):
         for variant in variants:
             args = family.template_args(family.SPEC.defaults(), **variant)
             runtime.build_program(queue.context, runtime.render(family.TEMPLATE, **args))
-    runtime.build_program(queue.context, runtime.render("drs_util.cl.mako"))
+    runtime.build_program(queue.context, runtime.render(
+        drs_project.TEMPLATE, **drs_project.windows_template_args(DRS_PROJECT.defaults())))
+    runtime.build_program(queue.context, runtime.render("drs_util.cl.mako",
+                                                        ARGS=PAD_TRANSPOSE_ARGS))
 
 
 # ---------------------------------------------------------------------------------------------

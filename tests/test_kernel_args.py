@@ -10,6 +10,14 @@ import pytest
 from mako.lookup import TemplateLookup
 
 from pysparsecl import runtime
+from pysparsecl.families import (
+    drs_fused,
+    drs_project,
+    drs_project_split,
+    drs_scores,
+    drs_topk,
+    drs_topk_team,
+)
 from pysparsecl.kernel_args import (
     KernelArgError,
     KernelArgs,
@@ -19,6 +27,7 @@ from pysparsecl.kernel_args import (
     kernel_params,
 )
 from pysparsecl.ops import conv2d
+from pysparsecl.ops import drs as drs_op
 from pysparsecl.ops import elementwise as ew
 
 AXPB = Signature("pscl_test_axpb", (
@@ -109,6 +118,43 @@ def test_elementwise_rendered_signature_is_declared(path, ndim, mask, op):
     names = args.signature(f"pscl_ew_{path}").names
     assert ("a_s0" in names) == (path == "strided")
     assert ("m" in names) == bool(mask) and ("pscl_alpha" in names) == (op == "axpby")
+
+
+def _drs_variants():
+    """(family, template, template arguments) of every DRS kernel variant, each over a
+    sample of its tile configurations."""
+    forms = [dict(compact=c, plane=p) for c in (False, True) for p in (False, True)]
+    for family, variants in ((drs_project, [dict(transposed=t) for t in (False, True)]),
+                             (drs_project_split, [dict(transposed=t) for t in (False, True)]),
+                             (drs_scores, [{}]),
+                             (drs_fused, [dict(k_pad=k) for k in (16, 64, 256)]),
+                             (drs_topk, forms), (drs_topk_team, forms)):
+        for params in family.SPEC.sample(3, seed=7):
+            for variant in variants:
+                yield (family.SPEC.family, family.TEMPLATE,
+                       family.template_args(params, **variant))
+    for params in drs_project.SPEC.sample(3, seed=7):
+        yield "windows", drs_project.TEMPLATE, drs_project.windows_template_args(params)
+    yield "util", "drs_util.cl.mako", dict(KIND="util", ARGS=drs_op.PAD_TRANSPOSE_ARGS)
+
+
+def test_drs_rendered_signatures_are_declared():
+    """Every DRS kernel, in every variant (output forms, transposed, windows, K_PAD) and a
+    sample of tile configurations, renders exactly its declared parameter list."""
+    seen = set()
+    for family, template, args in _drs_variants():
+        assert isinstance(args["ARGS"], KernelArgs), family
+        _check_rendered(runtime.render(template, **args), args["ARGS"])
+        seen.add((family, tuple(s.kernel for s in args["ARGS"])))
+    assert {kernels for _, kernels in seen} == {
+        ("pscl_drs_project",), ("pscl_drs_conv_project",), ("pscl_drs_scores",),
+        ("pscl_drs_fused",), ("pscl_drs_topk",), ("pscl_drs_pad_transpose",)}
+    # The output's form changes the top-k kernel's parameters; the team kernel's are the same.
+    sig = drs_topk.kernel_args
+    assert "P" in sig(False, True).signature("pscl_drs_topk").names
+    assert "P" not in sig(False, False).signature("pscl_drs_topk").names
+    assert sig(True, True) == sig(True, False) != sig(False, False)
+    assert drs_topk_team.template_args({}, compact=True)["ARGS"] is sig(True, False)
 
 
 # ---------------------------------------------------------------------------------------------

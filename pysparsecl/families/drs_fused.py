@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import runtime
+from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
 from ..ops._common import elem_offset, round_up
 from ..params import Constraint, ParamSpec, TileParam
 from .drs_project import PAD
@@ -33,9 +34,23 @@ SPEC = ParamSpec(
 )
 
 
+_I32 = np.int32
+
+#: pscl_drs_fused's arguments.
+SIGNATURE = Signature("pscl_drs_fused", (
+    Pointer("x", "float", restrict=True), Scalar("x_off", np.int64),
+    Scalar("d", _I32),                                             # (M, d)
+    Pointer("rt", "float", restrict=True),                         # (d, K_PAD)
+    Pointer("v", "float", restrict=True), Scalar("ldv", _I32),     # (k, ldv)
+    Pointer("keys", "uint", const=False, restrict=True),
+    Scalar("ldk", _I32),                                           # (M, ldk)
+    *(Scalar(n, _I32) for n in ("M", "k", "n_cols", "cols_per_item"))))
+ARGS = KernelArgs(SIGNATURE)
+
+
 def template_args(params, k_pad: int = 64) -> dict:
     """The tile parameters and k padded to whole vectors (the projected row's length)."""
-    return dict(params, KIND="fused", K_PAD=k_pad)
+    return dict(params, KIND="fused", K_PAD=k_pad, ARGS=ARGS)
 
 
 def launch(queue, params, x_dev, proj, pw, scores, n_rows: int, n_cols: int, wait):
@@ -48,8 +63,11 @@ def launch(queue, params, x_dev, proj, pw, scores, n_rows: int, n_cols: int, wai
     kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_drs_fused",),
                            **template_args(params, k_pad))["pscl_drs_fused"]
     rt = proj.device_rt(k_pad)
-    return kern(queue, (round_up(-(-n_cols // cols_per_item), params["WG"]), n_rows),
-                (params["WG"], 1), x_dev.base_data, elem_offset(x_dev), np.int32(proj.d),
-                rt.data, pw.values.data, np.int32(pw.ld), scores.data, np.int32(pw.ld),
-                np.int32(n_rows), np.int32(proj.k), np.int32(n_cols), np.int32(cols_per_item),
-                wait_for=(list(wait) + list(rt.events)) or None)
+    return kern.launch(
+        queue, (round_up(-(-n_cols // cols_per_item), params["WG"]), n_rows),
+        (params["WG"], 1), {
+            "x": x_dev.base_data, "x_off": elem_offset(x_dev), "d": _I32(proj.d),
+            "rt": rt.data, "v": pw.values.data, "ldv": _I32(pw.ld), "keys": scores.data,
+            "ldk": _I32(pw.ld), "M": _I32(n_rows), "k": _I32(proj.k), "n_cols": _I32(n_cols),
+            "cols_per_item": _I32(cols_per_item)},
+        wait_for=(list(wait) + list(rt.events)) or None)

@@ -37,8 +37,9 @@ SPEC = ParamSpec(
 
 def template_args(params, transposed: bool = False) -> dict:
     """The tile parameters, whether the output is written transposed, and the work-group
-    size (WG = DSPLIT) of the shared body."""
-    return dict(params, KIND="project_split", WG=params["DSPLIT"], TRANSPOSED=int(transposed))
+    size (WG = DSPLIT) of the shared body; its kernel's arguments are drs_project's."""
+    return dict(params, KIND="project_split", WG=params["DSPLIT"], TRANSPOSED=int(transposed),
+                ARGS=drs_project.PROJECT_ARGS)
 
 
 def launch(queue, params, a_dev, n_rows: int, d: int, lda: int, rt, k_pad: int, out, ld: int,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import runtime
+from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
 from ..ops._common import round_up
 from ..params import Constraint, ParamSpec, TileParam
 from .drs_project import PAD
@@ -31,8 +32,21 @@ SPEC = ParamSpec(
 )
 
 
+_I32 = np.int32
+
+#: pscl_drs_scores's arguments.
+SIGNATURE = Signature("pscl_drs_scores", (
+    Pointer("xp", "float", restrict=True), Scalar("xp_off", np.int64),
+    Scalar("ldx", _I32),                                           # (M, >= k)
+    Pointer("v", "float", restrict=True), Scalar("ldv", _I32),     # (k, ldv)
+    Pointer("s", "uint", const=False, restrict=True),
+    Scalar("lds", _I32),                                           # (M, lds) keys
+    Scalar("M", _I32), Scalar("k", _I32), Scalar("n_cols", _I32)))  # n_cols <= ldv
+ARGS = KernelArgs(SIGNATURE)
+
+
 def template_args(params) -> dict:
-    return dict(params, KIND="scores")
+    return dict(params, KIND="scores", ARGS=ARGS)
 
 
 def launch(queue, params, xp, xp_off, ldx: int, pw, scores, n_rows: int, k: int, n_cols: int,
@@ -43,7 +57,8 @@ def launch(queue, params, xp, xp_off, ldx: int, pw, scores, n_rows: int, k: int,
     kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_drs_scores",),
                            **template_args(params))["pscl_drs_scores"]
     items = -(-n_rows // params["ROWS"])
-    return kern(queue, (round_up(-(-n_cols // chunk), params["WG"]), items), (params["WG"], 1),
-                xp.base_data, xp_off, np.int32(ldx), pw.values.data, np.int32(pw.ld),
-                scores.data, np.int32(pw.ld), np.int32(n_rows), np.int32(k), np.int32(n_cols),
-                wait_for=wait or None)
+    return kern.launch(
+        queue, (round_up(-(-n_cols // chunk), params["WG"]), items), (params["WG"], 1), {
+            "xp": xp.base_data, "xp_off": xp_off, "ldx": _I32(ldx), "v": pw.values.data,
+            "ldv": _I32(pw.ld), "s": scores.data, "lds": _I32(pw.ld), "M": _I32(n_rows),
+            "k": _I32(k), "n_cols": _I32(n_cols)}, wait_for=wait or None)

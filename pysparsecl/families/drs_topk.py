@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import runtime
+from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
 from ..ops._common import elem_offset, round_up
 from ..params import ParamSpec, TileParam
 
@@ -28,10 +29,42 @@ SPEC = ParamSpec(
 )
 
 
+_I32 = np.int32
+
+
+def signature(compact: bool, plane: bool) -> Signature:
+    """pscl_drs_topk's arguments for the output's form (drs_topk_team's kernel takes the
+    same): the output's element type, and P for the convolution layout (a compact list
+    has none: COMPACT wins over PLANE, as in the template)."""
+    if compact:
+        # (M, n_keep) ascending columns
+        out = (Pointer("out", "int", const=False, restrict=True), Scalar("out_off", np.int64))
+    elif plane:
+        # (M / P, N, P): the convolution layout; rows are (image, pixel)
+        out = (Pointer("out", "uchar", const=False, restrict=True), Scalar("out_off", np.int64),
+               Scalar("P", _I32))
+    else:
+        # (M, N) mask
+        out = (Pointer("out", "uchar", const=False, restrict=True), Scalar("out_off", np.int64))
+    return Signature("pscl_drs_topk", (
+        Pointer("keys", "uint", restrict=True), Scalar("ldk", _I32),  # (M, ldk) from drs_scores
+        Pointer("cand", "uint", const=False, restrict=True),          # (M, ldk) scratch
+        Scalar("M", _I32), Scalar("N", _I32), Scalar("n_keep", _I32)) + out)
+
+
+#: The kernel's arguments per (compact, plane) (compact wins: its output has no plane).
+_ARGS = {(c, p): KernelArgs(signature(c, p)) for c in (False, True) for p in (False, True)}
+
+
+def kernel_args(compact: bool, plane: bool) -> KernelArgs:
+    return _ARGS[bool(compact), bool(plane)]
+
+
 def template_args(params, compact: bool = False, plane: bool = False) -> dict:
     """The tile parameters and the output's form: a compact index list, or the
     convolution layout (``plane``), else a bool mask."""
-    return dict(params, KIND="topk", COMPACT=int(compact), PLANE=int(plane))
+    return dict(params, KIND="topk", COMPACT=int(compact), PLANE=int(plane),
+                ARGS=kernel_args(compact, plane))
 
 
 def enqueue(queue, template: str, args: dict, sizes, scores, ldk: int, cand, n_rows: int,
@@ -40,9 +73,12 @@ def enqueue(queue, template: str, args: dict, sizes, scores, ldk: int, cand, n_r
     launch both top-k families share (their kernels take the same arguments)."""
     kern = runtime.kernels(queue.context, template, ("pscl_drs_topk",),
                            **args)["pscl_drs_topk"]
-    return kern(queue, *sizes, scores.data, np.int32(ldk), cand.data, np.int32(n_rows),
-                np.int32(n_cols), np.int32(n_keep), out_dev.base_data, elem_offset(out_dev),
-                *((np.int32(plane),) if plane else ()), wait_for=wait)
+    values = {"keys": scores.data, "ldk": _I32(ldk), "cand": cand.data, "M": _I32(n_rows),
+              "N": _I32(n_cols), "n_keep": _I32(n_keep), "out": out_dev.base_data,
+              "out_off": elem_offset(out_dev)}
+    if "P" in kern.signature.names:   # the convolution layout
+        values["P"] = _I32(plane)
+    return kern.launch(queue, *sizes, values, wait_for=wait)
 
 
 def launch(queue, params, scores, ldk: int, n_rows: int, n_cols: int, n_keep: int, out_dev,

@@ -31,7 +31,9 @@ SPEC = ParamSpec(
 
 
 def template_args(params, compact: bool = False, plane: bool = False) -> dict:
-    return dict(params, KIND="topk_team", COMPACT=int(compact), PLANE=int(plane))
+    """As drs_topk's: the kernel's arguments are drs_topk's (``cand`` unused here)."""
+    return dict(params, KIND="topk_team", COMPACT=int(compact), PLANE=int(plane),
+                ARGS=drs_topk.kernel_args(compact, plane))
 
 
 def launch(queue, params, scores, ldk: int, n_rows: int, n_cols: int, n_keep: int, out_dev,

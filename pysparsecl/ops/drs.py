@@ -31,6 +31,7 @@ from ..families import (
     drs_topk_team,
     masked_conv,
 )
+from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
 from ..params import Choice, Routine, TileParam
 from ._common import (
     INT32_MAX,
@@ -307,6 +308,14 @@ class SparseRandomProjection:
                 f"seed={self.seed}{', exact=True' if self.exact else ''})")
 
 
+#: The arguments of drs_util.cl.mako's pscl_drs_pad_transpose (ProjectedWeight._exact):
+#: src (N, d) rows with row stride ld_src -> dst (d, ld), columns N..ld-1 zero.
+PAD_TRANSPOSE_ARGS = KernelArgs(Signature("pscl_drs_pad_transpose", (
+    Pointer("src", "float", restrict=True), Scalar("src_off", np.int64),
+    Pointer("dst", "float", const=False, restrict=True),
+    *(Scalar(n, np.int32) for n in ("N", "d", "ld_src", "ld")))))
+
+
 class ProjectedWeight:
     """f(w) = R w / sqrt(k) for a weight w (d, N), on the device, ready for :func:`drs_mask`.
 
@@ -362,10 +371,11 @@ class ProjectedWeight:
                              allocator=runtime.memory_pool(queue.context))
         if d and n_cols:
             kern = runtime.kernels(queue.context, "drs_util.cl.mako", ("pscl_drs_pad_transpose",),
-                                   KIND="util")["pscl_drs_pad_transpose"]
-            ev = kern(queue, (self.ld, d), None, rows.base_data, elem_offset(rows), out.data,
-                      np.int32(n_cols), np.int32(d), np.int32(ld_rows), np.int32(self.ld),
-                      wait_for=(list(rows.events) + list(out.events)) or None)
+                                   KIND="util", ARGS=PAD_TRANSPOSE_ARGS)["pscl_drs_pad_transpose"]
+            ev = kern.launch(queue, (self.ld, d), None, {
+                "src": rows.base_data, "src_off": elem_offset(rows), "dst": out.data,
+                "N": np.int32(n_cols), "d": np.int32(d), "ld_src": np.int32(ld_rows),
+                "ld": np.int32(self.ld)}, wait_for=(list(rows.events) + list(out.events)) or None)
             out.add_event(ev)
             if events is not None:
                 events.append(ev)
