@@ -24,8 +24,11 @@ import pyopencl.array as cl_array
 import pysparsecl as ps
 from pysparsecl import runtime, tuning
 from pysparsecl.ops.drs import keep_count
-from pysparsecl.ops.masked import masked_matmul_shape_class
-from pysparsecl.params import SPECS
+from pysparsecl.ops.masked import (
+    MASKED_GEMM_ROUTINE,
+    MASKED_VMM_ROUTINE,
+    masked_matmul_shape_class,
+)
 from pysparsecl.testing.cases import RESNET50_LAYERS, row_masks
 from pysparsecl.testing.problems import DSG_GEMM_SHAPES, DSG_VMM_SHAPES
 from pysparsecl.testing.reference import (
@@ -131,13 +134,16 @@ def bench_matmul(queue, torch_b, args, rng):
                                                         events=ev))
             torch_ms, sddmm_ms = med.get("torch"), med.get("sddmm")
             torch_call_ms = med.get("torch_call")   # measured apart on CUDA only
-            family = "masked_vmm" if m == 1 else "masked_gemm"
+            op = "masked_vmm" if m == 1 else "masked_gemm"
             shape_class = masked_matmul_shape_class(m, k, n)
+            # The family the op's routine chose here, and its tiles.
+            routine = MASKED_VMM_ROUTINE if m == 1 else MASKED_GEMM_ROUTINE
+            spec = routine.variant(tuning.lookup(routine.spec, queue.device, shape_class),
+                                   "KERNEL")
             rows.append(dict(
-                family=family, shape_class=shape_class,
-                params=(tuning.lookup(SPECS[family], queue.device, shape_class)
-                        if family in SPECS else None),
-                op=family, shape=f"{m}x{k}x{n}", M=m, K=k,
+                family=spec.family, shape_class=shape_class,
+                params=tuning.lookup(spec, queue.device, shape_class),
+                op=op, shape=f"{m}x{k}x{n}", M=m, K=k,
                 N=n, sparsity=sparsity, n_keep=n_keep, ours_kernel_ms=med["ours"],
                 ours_call_ms=med["call"], host_call_ms=med["host_call"],
                 prepared_over_host=med["call"] / med["host_call"], torch_dense_ms=torch_ms,

@@ -73,6 +73,11 @@ class ParamSpec:
         if SPECS.setdefault(self.family, self) is not self:
             raise ValueError(f"two kernel families are named {self.family!r}")
 
+    def __hash__(self) -> int:
+        # A family has one spec (see SPECS): its name is hash enough.  The generated hash
+        # walks every parameter's candidates, ~4 us a call, and the ops key dicts by spec.
+        return hash(self.family)
+
     @property
     def names(self) -> Tuple[str, ...]:
         return self._names

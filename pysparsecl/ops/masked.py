@@ -85,6 +85,12 @@ MASKED_GEMM_ROUTINE = Routine(
             "tiles staged through local memory (GPUs)"),),
 )
 
+#: The family modules of each routine's KERNEL choice, by index.
+_VMM_FAMILIES = (masked_vmm, masked_vmm_split)
+_GEMM_FAMILIES = (masked_gemm, masked_gemm_tiled)
+assert tuple(f.SPEC for f in _VMM_FAMILIES) == MASKED_VMM_ROUTINE.choices["KERNEL"].variants
+assert tuple(f.SPEC for f in _GEMM_FAMILIES) == MASKED_GEMM_ROUTINE.choices["KERNEL"].variants
+
 
 # ---------------------------------------------------------------------------------------------
 # The prepared weight
@@ -375,8 +381,7 @@ def _launch_forward(queue, x_dev, rows, ldw, sel: _Selection, mask_dev, out_dev,
     shape_class = masked_matmul_shape_class(n_rows, k_in, n_cols)
     if n_rows == 1:
         routine = tuning.lookup(MASKED_VMM_ROUTINE.spec, queue.device, shape_class)
-        family = {MASKED_VMM: masked_vmm, MASKED_VMM_SPLIT: masked_vmm_split}[
-            MASKED_VMM_ROUTINE.variant(routine, "KERNEL")]
+        family = _VMM_FAMILIES[routine["KERNEL"]]
         params = tuning.lookup(family.SPEC, queue.device, shape_class)
         if family is masked_vmm_split:
             ev = family.launch(queue, params, x_dev, rows, ldw, sel.form, mask_dev, out_dev,
@@ -387,8 +392,7 @@ def _launch_forward(queue, x_dev, rows, ldw, sel: _Selection, mask_dev, out_dev,
                                n_cols, k_in, sel.n_entries, wait)
     else:
         routine = tuning.lookup(MASKED_GEMM_ROUTINE.spec, queue.device, shape_class)
-        family = {MASKED_GEMM: masked_gemm, MASKED_GEMM_TILED: masked_gemm_tiled}[
-            MASKED_GEMM_ROUTINE.variant(routine, "KERNEL")]
+        family = _GEMM_FAMILIES[routine["KERNEL"]]
         params = tuning.lookup(family.SPEC, queue.device, shape_class)
         form = "bool" if sel.form == "bool" else "slot"
         selection = ((mask_dev.base_data, elem_offset(mask_dev)) if form == "bool"

@@ -215,12 +215,14 @@ def lookup(spec: ParamSpec, device: cl.Device, shape_class: Optional[str] = None
     """The tile configuration to use for ``spec`` on ``device`` (see module docstring);
     ``shape_class``, when the op has one, selects per-shape entries of the databases."""
     key = (spec.family, device.int_ptr, shape_class)
-    with _memo_lock:
-        params = _memo.get(key)
+    params = _memo.get(key)     # a dict read is atomic; writers hold the lock
     if params is None:
         params = _database_params(spec, device, shape_class)
         with _memo_lock:
             _memo[key] = params
+    # Every op call looks up its routine and its families: no override is the fast path.
+    if not getattr(_local, "stack", None) and "PYSPARSECL_PARAMS" not in os.environ:
+        return dict(params)
     forced = _active_overrides(spec.family)
     if forced:
         limits = device_limits(device)
