@@ -68,7 +68,7 @@ void pscl_drs_project(${ARGS["pscl_drs_project"]})
 % endfor
     }
 % if DSPLIT > 1:
-    __local pscl_floatv red[${DSPLIT * ROWS * KVEC}];   // [slot][t]
+    __local pscl_floatv red[${RED_VECS}];   // [slot][t]
 %   for r in range(ROWS):
 %     for v in range(KVEC):
     red[${(r * KVEC + v) * DSPLIT} + t] = acc${r}_${v};

@@ -5,7 +5,7 @@
 ${topk_team_kernel()}
 
 <%def name="topk_team_kernel()">
-<% per_item = 256 // TEAM %>\
+<% per_item = BINS // TEAM %>\
 // GPU-shaped top-k: a work-group of TEAM items per row (the serial kernel leaves a GPU
 // with one thread per row).  The same selection as the serial kernel -- exactly n_keep
 // keys, ties toward the lower column -- found by radix passes of 8 bits from the top:
@@ -18,16 +18,16 @@ ${topk_team_kernel()}
 __kernel __attribute__((reqd_work_group_size(${TEAM}, 1, 1)))
 void pscl_drs_topk(${ARGS["pscl_drs_topk"]})
 {
-    __local uint hist[256];
+    __local uint hist[${BINS}];
     __local int part[${TEAM}];
-    __local int pick[3];
+    __local int pick[${SHARED_INTS}];
     const int i = get_group_id(0);        // the row: the grid is exactly M work-groups
     const int lid = get_local_id(0);
     const __global uint *row = keys + (long)i * ldk;
     uint thresh = 0u, mask = 0u;
     int want = n_keep, matching = N;
     for (int shift = 24; shift >= 0 && matching != want; shift -= 8) {
-        for (int b = lid; b < 256; b += ${TEAM})
+        for (int b = lid; b < ${BINS}; b += ${TEAM})
             hist[b] = 0u;
         barrier(CLK_LOCAL_MEM_FENCE);
         for (int n = lid; n < N; n += ${TEAM}) {

@@ -61,8 +61,9 @@ WINDOWS_ARGS = KernelArgs(WINDOWS_SIGNATURE)
 
 def template_args(params, transposed: bool = False) -> dict:
     """The tile parameters, whether the output is written transposed (the weight's
-    projection), and DSPLIT = 1: the body it shares with drs_project_split, unsplit."""
-    return dict(params, KIND="project", DSPLIT=1, TRANSPOSED=int(transposed),
+    projection), and DSPLIT = 1: the body it shares with drs_project_split, unsplit (no
+    reduction buffer)."""
+    return dict(params, KIND="project", DSPLIT=1, RED_VECS=0, TRANSPOSED=int(transposed),
                 ARGS=PROJECT_ARGS)
 
 

@@ -11,9 +11,15 @@ from . import LOCAL_MEM_BYTES, drs_project
 TEMPLATE = drs_project.TEMPLATE    # one body, rendered with DSPLIT > 1
 
 
+def reduction_vectors(p) -> int:
+    """Vectors of the reduction buffer: DSPLIT partial (ROWS, KVEC vectors) tiles."""
+    return p["DSPLIT"] * p["ROWS"] * p["KVEC"]
+
+
 def local_bytes(p) -> int:
-    """Local memory: DSPLIT partial (ROWS, VEC * KVEC) tiles."""
-    return 4 * p["DSPLIT"] * p["ROWS"] * p["VEC"] * p["KVEC"]
+    """Local memory: the reduction buffer (the template declares it from
+    reduction_vectors), VEC floats per vector."""
+    return 4 * p["VEC"] * reduction_vectors(p)
 
 
 SPEC = ParamSpec(
@@ -39,7 +45,7 @@ def template_args(params, transposed: bool = False) -> dict:
     """The tile parameters, whether the output is written transposed, and the work-group
     size (WG = DSPLIT) of the shared body; its kernel's arguments are drs_project's."""
     return dict(params, KIND="project_split", WG=params["DSPLIT"], TRANSPOSED=int(transposed),
-                ARGS=drs_project.PROJECT_ARGS)
+                RED_VECS=reduction_vectors(params), ARGS=drs_project.PROJECT_ARGS)
 
 
 def launch(queue, params, a_dev, n_rows: int, d: int, lda: int, rt, k_pad: int, out, ld: int,

@@ -14,9 +14,16 @@ from . import drs_topk
 TEMPLATE = "drs_topk_team.cl.mako"
 
 
+#: Bins of a radix pass: the kernel selects 8 bits of the key at a time.
+RADIX_BINS = 1 << 8
+#: Ints the work-group shares to pass on a pass's result.
+SHARED_INTS = 3
+
+
 def local_bytes(p) -> int:
-    """Local memory: 256 bins, TEAM partial counts and 3 shared ints."""
-    return 4 * (256 + p["TEAM"] + 3)
+    """Local memory: the pass's histogram, TEAM partial counts and the shared ints (the
+    template declares its arrays from the same constants)."""
+    return 4 * (RADIX_BINS + p["TEAM"] + SHARED_INTS)
 
 
 SPEC = ParamSpec(
@@ -33,6 +40,7 @@ SPEC = ParamSpec(
 def template_args(params, compact: bool = False, plane: bool = False) -> dict:
     """As drs_topk's: the kernel's arguments are drs_topk's (``cand`` unused here)."""
     return dict(params, KIND="topk_team", COMPACT=int(compact), PLANE=int(plane),
+                BINS=RADIX_BINS, SHARED_INTS=SHARED_INTS,
                 ARGS=drs_topk.kernel_args(compact, plane))
 
 
