@@ -19,7 +19,7 @@
 ##      vector-typed pointer, not vloadN: vloadN promises only scalar alignment, and
 ##      NVIDIA's compiler then splits it into VEC scalar loads.
 ##
-## Kernel parameters: declared once, in pysparsecl/ops/conv2d.py (PACK_FLAT_ARGS,
+## Kernel parameters: declared once, in pysparsecl/families/conv2d_csr.py (PACK_FLAT_ARGS,
 ## PACK_ROWS_ARGS, CONV_ARGS), rendered here from ARGS and launched by name.
 ##
 ## Epilogue, applied in the store (HAS_BIAS, RESIDUAL, RELU): out = act(conv + bias +
@@ -45,7 +45,7 @@ inline pscl_floatv pscl_reluv(pscl_floatv v)
     return select(v, (pscl_floatv)(0.0f), v < (pscl_floatv)(0.0f));
 }
 % endif
-// Tile parameters: declared once, in pysparsecl/ops/conv2d.py (CONV2D_CSR).
+// Tile parameters: declared once, in pysparsecl/families/conv2d_csr.py (SPEC).
 #define PSCL_VEC ${VEC}
 #define PSCL_PIX_VECS ${PIX_VECS}
 #define PSCL_WG_PIX ${WG_PIX}

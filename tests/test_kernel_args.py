@@ -26,6 +26,7 @@ from pysparsecl.kernel_args import (
     Signature,
     kernel_params,
 )
+from pysparsecl.families import conv2d_csr
 from pysparsecl.ops import conv2d
 from pysparsecl.ops import drs as drs_op
 from pysparsecl.ops import elementwise as ew
@@ -100,7 +101,7 @@ def test_conv2d_rendered_signatures_are_declared(lanes, batch):
     args = conv2d.template_args(params, has_bias=True, residual=True)
     _check_rendered(runtime.render("conv2d_csr.cl.mako", **args), args["ARGS"])
     assert args["ARGS"].signature("pscl_pack_input") is \
-        (conv2d.PACK_FLAT_ARGS if lanes == 0 else conv2d.PACK_ROWS_ARGS)
+        (conv2d_csr.PACK_FLAT_ARGS if lanes == 0 else conv2d_csr.PACK_ROWS_ARGS)
 
 
 @pytest.mark.parametrize("path,ndim,mask,op", [
