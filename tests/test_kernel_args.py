@@ -11,6 +11,7 @@ from mako.lookup import TemplateLookup
 
 from pysparsecl import runtime
 from pysparsecl.families import (
+    conv2d_csr,
     drs_fused,
     drs_project,
     drs_project_split,
@@ -26,7 +27,6 @@ from pysparsecl.kernel_args import (
     Signature,
     kernel_params,
 )
-from pysparsecl.families import conv2d_csr
 from pysparsecl.ops import conv2d
 from pysparsecl.ops import drs as drs_op
 from pysparsecl.ops import elementwise as ew
