@@ -12,6 +12,7 @@ from conftest import SAMPLE_WG_LIMIT
 
 import pysparsecl as ps
 from pysparsecl import runtime
+from pysparsecl.families import elementwise as ew_family
 from pysparsecl.ops import elementwise as ew
 from pysparsecl.ops.elementwise import ELEMENTWISE
 from pysparsecl.testing.reference import (
@@ -382,7 +383,7 @@ def test_poison_out_is_fully_written(queue, rng, shapes, transpose_b):
 
 def test_64bit_indexing_path(queue, rng, monkeypatch):
     """Force the 64-bit index kernels on small arrays (the path large arrays take)."""
-    monkeypatch.setattr(ew, "INDEX32_LIMIT", 1)
+    monkeypatch.setattr(ew_family, "INDEX32_LIMIT", 1)
     a, b = rand(rng, (4099,), np.float32), rand(rng, (6, 1, 33), np.float32)
     check(ps.add(a, 2.0, queue=queue), add_reference(a, 2.0, np.float32), np.float32)
     check(ps.add(b, b[0, 0], queue=queue), add_reference(b, b[0, 0], np.float32), np.float32)
@@ -527,7 +528,7 @@ def test_defaults_render_and_build(queue):
         "elementwise.cl.mako", OP="add", TR="float", PATH="fast", NDIM=1,
         OPERANDS=(("a", "array", "float", "1"), ("b", "array", "float", "1")), MASK=0,
         MASK_INNER="1", OUT_INNER="1", IDX="int", ALIGNED=0, RESTRICT=1,
-        ARGS=ew.kernel_args, **ELEMENTWISE.defaults())
+        ARGS=ew_family.kernel_args, **ELEMENTWISE.defaults())
     assert "pscl_ew_fast" in source
     runtime.build_program(queue.context, source)
 

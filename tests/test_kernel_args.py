@@ -19,6 +19,7 @@ from pysparsecl.families import (
     drs_topk,
     drs_topk_team,
 )
+from pysparsecl.families import elementwise as ew_family
 from pysparsecl.kernel_args import (
     KernelArgError,
     KernelArgs,
@@ -114,8 +115,9 @@ def test_elementwise_rendered_signature_is_declared(path, ndim, mask, op):
     params = dict(ew.ELEMENTWISE.defaults(), OP=op, TR="float", PATH=path, NDIM=ndim,
                   OPERANDS=operands, MASK=mask, MASK_INNER="1", OUT_INNER="1",
                   IDX="long", ALIGNED=0, RESTRICT=1)
-    args = ew.kernel_args(params)
-    _check_rendered(runtime.render("elementwise.cl.mako", ARGS=ew.kernel_args, **params), args)
+    args = ew_family.kernel_args(params)
+    _check_rendered(runtime.render(ew_family.TEMPLATE, ARGS=ew_family.kernel_args, **params),
+                    args)
     names = args.signature(f"pscl_ew_{path}").names
     assert ("a_s0" in names) == (path == "strided")
     assert ("m" in names) == bool(mask) and ("pscl_alpha" in names) == (op == "axpby")
