@@ -27,7 +27,7 @@ def main() -> None:
     queue = runtime.queue_for(args.device)
     for vec in (2, 4):
         params = dict(CONV2D_CSR.defaults(), BATCH_LAYOUT=1, VEC=vec, PIX_VECS=2,
-                      PACK_LANES=0, WG_PIX=32, WG_CH=8, CH_FASTEST=0, CBLOCK=0)
+                      WG_PIX=32, WG_CH=8, CH_FASTEST=0, CBLOCK=0, PACK="flat", PACK_ITEMS=4)
         source = runtime.render("conv2d_csr.cl.mako", **template_args(params, False))
         typed = "*(const __global pscl_floatv *)("
         for name, text in (("typed pointer", source),

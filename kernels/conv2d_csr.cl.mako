@@ -63,118 +63,10 @@ inline pscl_floatv pscl_reluv(pscl_floatv v)
 % endif
 
 ${common.udiv_helper()}
-% if PACK_LANES == 0:
-// GPUs: one flat NDRange over the whole packed array, PACK_ITEMS packed pixels per
-// work-item PACK_WG apart (coalesced), so that the work-groups are few and full however
-// small the planes (one work-group per plane row was launch-bound).  Packed pixel q lies in
-// plane q / plane_size (plane = (image or image block) * C * phases + channel * phases +
-// phase); with the batch layout a packed pixel is VEC floats, one per image of its block,
-// so the index arithmetic is paid once per VEC floats (it, not memory, bounded the pass
-// when it was paid per float) and the store is one aligned vector.  Pixels past n_packed
-// are the slack that the last pixel tile reads, zeroed.  The divisions are
-// multiplications by host-computed magic numbers (pscl_udiv).
-% if BATCH_LAYOUT:
-typedef pscl_floatv pscl_packed;
+% if PACK == "flat":
+${pack_flat()}
 % else:
-typedef float pscl_packed;
-% endif
-__kernel __attribute__((reqd_work_group_size(${PACK_WG}, 1, 1)))
-void pscl_pack_input(${ARGS["pscl_pack_input"]})
-{
-    const uint first = get_group_id(0) * (${PACK_WG} * ${PACK_ITEMS}) + get_local_id(0);
-    __attribute__((opencl_unroll_hint(${PACK_ITEMS})))
-    for (int u = 0; u < ${PACK_ITEMS}; ++u) {
-        const uint q = first + u * ${PACK_WG};
-        if (q >= n_total)
-            return;
-        pscl_packed v = (pscl_packed)(0.0f);
-        if (q < n_packed) {
-            const uint plane = pscl_udiv(q, div_plane_m, div_plane_s);
-            const uint i = q - plane * plane_size;
-            const uint iq = pscl_udiv(i, div_wq_m, div_wq_s);
-            const uint nc = pscl_udiv(plane, div_phases_m, div_phases_s);
-            const uint phase = plane - nc * phases;
-            const uint ph = pscl_udiv(phase, div_sw_m, div_sw_s);
-            const int row = (int)(iq * stride_h + ph) - pad_top;
-            const int col = (int)((i - iq * Wq) * stride_w + (phase - ph * stride_w)) - pad_left;
-            if (row >= 0 && row < H && col >= 0 && col < W) {
-% if BATCH_LAYOUT:
-                // nc = block * C + c: image e of the block is C * H * W floats after image 0.
-                const uint block = pscl_udiv(nc, div_c_m, div_c_s);
-                const long image = (long)C * H * W;
-                const __global float *src = x + x_offset
-                    + (((long)block * ${VEC} * C + (nc - block * C)) * H + row) * W + col;
-%   for e in range(VEC):
-                ${common.component("v", VEC, e)} = src[${e} * image];
-%   endfor
-% else:
-                v = x[x_offset + ((long)nc * H + row) * W + col];
-% endif
-            }
-        }
-        ((__global pscl_packed *)xpack)[q] = v;
-    }
-}
-% else:
-// PACK_LANES work-items per packed row (dim 0), rows along dim 1.  Rows are
-// [image block][c * phases + phase][iq]; a row holds Wq pixels of PSCL_PIX_FLOATS floats.
-// One lane copies a whole row on CPUs; 32 lanes write neighbouring columns on GPUs.
-// Index arithmetic is per row, keeping integer division out of the copy loop.  Rows
-// past n_rows zero the slack that the last pixel tile reads beyond the packed input.
-__kernel __attribute__((reqd_work_group_size(${PACK_LANES}, ${PACK_ROWS}, 1)))
-void pscl_pack_input(${ARGS["pscl_pack_input"]})
-{
-    const int row_id = get_global_id(1);
-    const int lane = get_local_id(0);
-    if (row_id >= n_rows_total)
-        return;
-    __global float *dst = xpack + (long)row_id * Wq * PSCL_PIX_FLOATS;
-    const int plane = row_id / Hq;
-    const int iq = row_id - plane * Hq;     // not row_id % Hq: see common.cl.mako, 1.
-    const int phases = stride_h * stride_w;
-    const int nc = plane / phases;          // image (block) * C + channel
-    const int phase = plane - nc * phases;
-    const int ph = phase / stride_w;
-    const int pw = phase - ph * stride_w;
-    const int row = iq * stride_h + ph - pad_top;
-    if (row_id >= n_rows || row < 0 || row >= H) {
-        for (int f = lane; f < Wq * PSCL_PIX_FLOATS; f += ${PACK_LANES})
-            dst[f] = 0.0f;
-        return;
-    }
-    // Columns jq whose source column jq * stride_w + pw - pad_left lies inside [0, W):
-    // zero borders and a copy loop with no per-element test.
-    const int jq_lo = min(Wq, max(0, (pad_left - pw + stride_w - 1) / stride_w));
-    const int last_col = W - 1 + pad_left - pw;  // C division truncates: keep it >= 0
-    const int jq_hi = last_col < 0 ? jq_lo : min(Wq, max(jq_lo, last_col / stride_w + 1));
-    for (int f = lane; f < jq_lo * PSCL_PIX_FLOATS; f += ${PACK_LANES})
-        dst[f] = 0.0f;
-% if BATCH_LAYOUT:
-    // nc = block * C + c: the VEC images of the block are C * H * W floats apart.
-    const int c = nc % C;
-    const __global float *src = x + x_offset
-        + ((long)(nc - c) * PSCL_VEC * H + (long)c * H + row) * W + pw - pad_left;
-    const long image = (long)C * H * W;
-    for (int jq = jq_lo + lane; jq < jq_hi; jq += ${PACK_LANES}) {
-        pscl_floatv v;
-%   for e in range(VEC):
-        ${common.component("v", VEC, e)} = src[${e} * image + jq * stride_w];
-%   endfor
-        PSCL_STORE_pscl_floatv(v, jq, dst);
-    }
-% else:
-    const __global float *src = x + x_offset + ((long)nc * H + row) * W + pw - pad_left;
-    if (stride_w == 1) {
-        for (int jq = jq_lo + lane; jq < jq_hi; jq += ${PACK_LANES})
-            dst[jq] = src[jq];
-    } else {
-        for (int jq = jq_lo + lane; jq < jq_hi; jq += ${PACK_LANES})
-            dst[jq] = src[jq * stride_w];
-    }
-% endif
-    for (int f = jq_hi * PSCL_PIX_FLOATS + lane; f < Wq * PSCL_PIX_FLOATS; f += ${PACK_LANES})
-        dst[f] = 0.0f;
-}
+${pack_rows()}
 % endif
 
 % if CH_FASTEST:
@@ -358,4 +250,123 @@ void pscl_conv2d_csr(${ARGS["pscl_conv2d_csr"]})
 %   endif
 % endfor
     }
+</%def>
+
+
+## The input packing, by the routine's choice: a flat pass (conv2d_pack_flat, GPUs) or
+## PACK_LANES work-items per row (conv2d_pack_rows).
+<%def name="pack_flat()">
+// GPUs: one flat NDRange over the whole packed array, PACK_ITEMS packed pixels per
+// work-item PACK_WG apart (coalesced), so that the work-groups are few and full however
+// small the planes (one work-group per plane row was launch-bound).  Packed pixel q lies in
+// plane q / plane_size (plane = (image or image block) * C * phases + channel * phases +
+// phase); with the batch layout a packed pixel is VEC floats, one per image of its block,
+// so the index arithmetic is paid once per VEC floats (it, not memory, bounded the pass
+// when it was paid per float) and the store is one aligned vector.  Pixels past n_packed
+// are the slack that the last pixel tile reads, zeroed.  The divisions are
+// multiplications by host-computed magic numbers (pscl_udiv).
+% if BATCH_LAYOUT:
+typedef pscl_floatv pscl_packed;
+% else:
+typedef float pscl_packed;
+% endif
+__kernel __attribute__((reqd_work_group_size(${PACK_WG}, 1, 1)))
+void pscl_pack_input(${ARGS["pscl_pack_input"]})
+{
+    const uint first = get_group_id(0) * (${PACK_WG} * ${PACK_ITEMS}) + get_local_id(0);
+    __attribute__((opencl_unroll_hint(${PACK_ITEMS})))
+    for (int u = 0; u < ${PACK_ITEMS}; ++u) {
+        const uint q = first + u * ${PACK_WG};
+        if (q >= n_total)
+            return;
+        pscl_packed v = (pscl_packed)(0.0f);
+        if (q < n_packed) {
+            const uint plane = pscl_udiv(q, div_plane_m, div_plane_s);
+            const uint i = q - plane * plane_size;
+            const uint iq = pscl_udiv(i, div_wq_m, div_wq_s);
+            const uint nc = pscl_udiv(plane, div_phases_m, div_phases_s);
+            const uint phase = plane - nc * phases;
+            const uint ph = pscl_udiv(phase, div_sw_m, div_sw_s);
+            const int row = (int)(iq * stride_h + ph) - pad_top;
+            const int col = (int)((i - iq * Wq) * stride_w + (phase - ph * stride_w)) - pad_left;
+            if (row >= 0 && row < H && col >= 0 && col < W) {
+% if BATCH_LAYOUT:
+                // nc = block * C + c: image e of the block is C * H * W floats after image 0.
+                const uint block = pscl_udiv(nc, div_c_m, div_c_s);
+                const long image = (long)C * H * W;
+                const __global float *src = x + x_offset
+                    + (((long)block * ${VEC} * C + (nc - block * C)) * H + row) * W + col;
+%   for e in range(VEC):
+                ${common.component("v", VEC, e)} = src[${e} * image];
+%   endfor
+% else:
+                v = x[x_offset + ((long)nc * H + row) * W + col];
+% endif
+            }
+        }
+        ((__global pscl_packed *)xpack)[q] = v;
+    }
+}
+</%def>
+
+<%def name="pack_rows()">
+// PACK_LANES work-items per packed row (dim 0), rows along dim 1.  Rows are
+// [image block][c * phases + phase][iq]; a row holds Wq pixels of PSCL_PIX_FLOATS floats.
+// One lane copies a whole row on CPUs; 32 lanes write neighbouring columns on GPUs.
+// Index arithmetic is per row, keeping integer division out of the copy loop.  Rows
+// past n_rows zero the slack that the last pixel tile reads beyond the packed input.
+__kernel __attribute__((reqd_work_group_size(${PACK_LANES}, ${PACK_ROWS}, 1)))
+void pscl_pack_input(${ARGS["pscl_pack_input"]})
+{
+    const int row_id = get_global_id(1);
+    const int lane = get_local_id(0);
+    if (row_id >= n_rows_total)
+        return;
+    __global float *dst = xpack + (long)row_id * Wq * PSCL_PIX_FLOATS;
+    const int plane = row_id / Hq;
+    const int iq = row_id - plane * Hq;     // not row_id % Hq: see common.cl.mako, 1.
+    const int phases = stride_h * stride_w;
+    const int nc = plane / phases;          // image (block) * C + channel
+    const int phase = plane - nc * phases;
+    const int ph = phase / stride_w;
+    const int pw = phase - ph * stride_w;
+    const int row = iq * stride_h + ph - pad_top;
+    if (row_id >= n_rows || row < 0 || row >= H) {
+        for (int f = lane; f < Wq * PSCL_PIX_FLOATS; f += ${PACK_LANES})
+            dst[f] = 0.0f;
+        return;
+    }
+    // Columns jq whose source column jq * stride_w + pw - pad_left lies inside [0, W):
+    // zero borders and a copy loop with no per-element test.
+    const int jq_lo = min(Wq, max(0, (pad_left - pw + stride_w - 1) / stride_w));
+    const int last_col = W - 1 + pad_left - pw;  // C division truncates: keep it >= 0
+    const int jq_hi = last_col < 0 ? jq_lo : min(Wq, max(jq_lo, last_col / stride_w + 1));
+    for (int f = lane; f < jq_lo * PSCL_PIX_FLOATS; f += ${PACK_LANES})
+        dst[f] = 0.0f;
+% if BATCH_LAYOUT:
+    // nc = block * C + c: the VEC images of the block are C * H * W floats apart.
+    const int c = nc % C;
+    const __global float *src = x + x_offset
+        + ((long)(nc - c) * PSCL_VEC * H + (long)c * H + row) * W + pw - pad_left;
+    const long image = (long)C * H * W;
+    for (int jq = jq_lo + lane; jq < jq_hi; jq += ${PACK_LANES}) {
+        pscl_floatv v;
+%   for e in range(VEC):
+        ${common.component("v", VEC, e)} = src[${e} * image + jq * stride_w];
+%   endfor
+        PSCL_STORE_pscl_floatv(v, jq, dst);
+    }
+% else:
+    const __global float *src = x + x_offset + ((long)nc * H + row) * W + pw - pad_left;
+    if (stride_w == 1) {
+        for (int jq = jq_lo + lane; jq < jq_hi; jq += ${PACK_LANES})
+            dst[jq] = src[jq];
+    } else {
+        for (int jq = jq_lo + lane; jq < jq_hi; jq += ${PACK_LANES})
+            dst[jq] = src[jq * stride_w];
+    }
+% endif
+    for (int f = jq_hi * PSCL_PIX_FLOATS + lane; f < Wq * PSCL_PIX_FLOATS; f += ${PACK_LANES})
+        dst[f] = 0.0f;
+}
 </%def>

@@ -74,14 +74,14 @@ def test_every_tile_configuration_is_correct(queue, rng, params):
 
 
 GPU_SHAPED = dict(VEC=1, PIX_VECS=2, WG_PIX=8, WG_CH=2, WG_IMG=2, CH_FASTEST=0, BATCH_LAYOUT=0,
-                  UNROLL=2, PACK_LANES=0, PACK_ITEMS=8)
+                  UNROLL=2)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.label() for c in CASES])
 def test_flat_packing_and_image_work_groups(queue, rng, case):
     """The GPU configuration's flat packing pass (magic-number divisions) and work-groups
     spanning images, on every geometry: strides, dilations, paddings, groups, odd batches."""
-    with override("conv2d_csr", **GPU_SHAPED):
+    with override("conv2d_csr", **GPU_SHAPED), override("conv2d_pack_flat", PACK_ITEMS=8):
         x, w, csr, bias = case.make_inputs(rng)
         y = ps.conv2d_sparse(x, csr, bias, queue=queue, **case.kwargs())
     assert relative_error(y, case.reference(x, w, bias)) < TOL
@@ -93,7 +93,7 @@ def test_channel_blocked_rows(queue, rng, case):
     with work-groups that overhang the channels, pixels and images (idle items must still
     reach every barrier)."""
     with override("conv2d_csr", VEC=4, PIX_VECS=2, WG_PIX=2, WG_CH=4, WG_IMG=2, CH_FASTEST=1,
-                  BATCH_LAYOUT=0, UNROLL=1, PACK_LANES=1, CBLOCK=4):
+                  BATCH_LAYOUT=0, UNROLL=1, CBLOCK=4), override("conv2d_pack_rows", PACK_LANES=1):
         x, w, csr, bias = case.make_inputs(rng)
         y = ps.conv2d_sparse(x, csr, bias, queue=queue, **case.kwargs())
     assert relative_error(y, case.reference(x, w, bias)) < TOL
@@ -116,7 +116,7 @@ def test_compact_pixels(queue, rng, case, layout, shape):
     out = cl_array.to_device(queue, np.full(case.reference(x, w, bias).shape, np.nan,
                                             np.float32))
     with override("conv2d_csr", VEC=2, PIX_VECS=3, WG_PIX=4, WG_CH=2, BATCH_LAYOUT=layout,
-                  COMPACT=1, PACK_LANES=0, UNROLL=2, **COMPACT_SHAPES[shape]):
+                  COMPACT=1, UNROLL=2, **COMPACT_SHAPES[shape]), override("conv2d_pack_flat"):
         ps.conv2d_sparse(cl_array.to_device(queue, x), csr, bias, out=out, **case.kwargs())
     assert relative_error(out.get(), case.reference(x, w, bias)) < TOL
 
@@ -146,8 +146,9 @@ def test_batch_layout(queue, rng, vec, pack_lanes, compact):
     cases = [ConvCase(vec, 6, 9, 10, 7, sparsity=0.6, bias=True),
              ConvCase(2 * vec, 4, 7, 7, 6, stride=(2, 2), groups=2, sparsity=0.5),
              ConvCase(vec + 1, 3, 5, 6, 4, kernel=(1, 3), padding=(0, 1), sparsity=0.3)]
-    with override("conv2d_csr", BATCH_LAYOUT=1, VEC=vec, PIX_VECS=3, PACK_LANES=pack_lanes,
-                  COMPACT=compact):
+    pack = (override("conv2d_pack_rows", PACK_LANES=pack_lanes) if pack_lanes else
+            override("conv2d_pack_flat"))
+    with override("conv2d_csr", BATCH_LAYOUT=1, VEC=vec, PIX_VECS=3, COMPACT=compact), pack:
         for case in cases:
             x, w, csr, bias = case.make_inputs(rng)
             y = ps.conv2d_sparse(x, csr, bias, queue=queue, **case.kwargs())

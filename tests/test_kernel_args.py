@@ -12,6 +12,8 @@ from mako.lookup import TemplateLookup
 from pysparsecl import runtime
 from pysparsecl.families import (
     conv2d_csr,
+    conv2d_pack_flat,
+    conv2d_pack_rows,
     drs_fused,
     drs_project,
     drs_project_split,
@@ -98,7 +100,9 @@ def _check_rendered(source, args):
 @pytest.mark.parametrize("lanes", [0, 1, 32])
 @pytest.mark.parametrize("batch", [0, 1])
 def test_conv2d_rendered_signatures_are_declared(lanes, batch):
-    params = dict(conv2d.CONV2D_CSR.defaults(), PACK_LANES=lanes, BATCH_LAYOUT=batch)
+    pack = (conv2d_pack_rows.template_values(dict(PACK_LANES=lanes)) if lanes else
+            conv2d_pack_flat.template_values(conv2d_pack_flat.SPEC.defaults()))
+    params = dict(conv2d.CONV2D_CSR.defaults(), **pack, BATCH_LAYOUT=batch)
     args = conv2d.template_args(params, has_bias=True, residual=True)
     _check_rendered(runtime.render("conv2d_csr.cl.mako", **args), args["ARGS"])
     assert args["ARGS"].signature("pscl_pack_input") is \

@@ -6,13 +6,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 import pysparsecl as ps
 from pysparsecl import runtime, tuning
+from pysparsecl.ops.conv2d import CONV2D_ROUTINE
 from pysparsecl.ops.drs import DRS_ROUTINE, keep_count
 from pysparsecl.ops.masked import MASKED_GEMM_ROUTINE, MASKED_VMM_ROUTINE
 from pysparsecl.params import ROUTINES, SPECS, routine_of
-from pysparsecl.testing.reference import masked_matmul_reference, relative_error
+from pysparsecl.testing.reference import (
+    conv2d_reference,
+    masked_matmul_reference,
+    relative_error,
+)
 
 SHIPPED = Path(tuning.__file__).resolve().parent / "database" / "shipped.json"
 
@@ -56,7 +62,7 @@ def rendered_kinds(monkeypatch):
     real = runtime.kernels
 
     def spy(ctx, template_name, names, options=(), **params):
-        seen.append((template_name, params.get("KIND"), names))
+        seen.append((template_name, params.get("KIND") or params.get("PACK"), names))
         return real(ctx, template_name, names, options, **params)
 
     monkeypatch.setattr(runtime, "kernels", spy)
@@ -64,8 +70,8 @@ def rendered_kinds(monkeypatch):
 
 
 @pytest.mark.parametrize("kind, expected", [
-    ("gpu", {"vmm_split", "gemm_tiled", "project_split", "topk_team"}),
-    ("cpu", {"vmm", "gemm", "project", "topk", "fused"}),
+    ("gpu", {"vmm_split", "gemm_tiled", "project_split", "topk_team", "flat"}),
+    ("cpu", {"vmm", "gemm", "project", "topk", "fused", "rows"}),
 ])
 def test_an_unknown_device_runs_the_kernels_of_its_type(queue, rng, unknown_device_of_kind,
                                                         rendered_kinds, kind, expected):
@@ -85,11 +91,16 @@ def test_an_unknown_device_runs_the_kernels_of_its_type(queue, rng, unknown_devi
     for rows in (2, 40):      # a few rows take the one-launch kernel where it is enabled
         m = ps.drs_mask(x[:rows], w, 0.9, projection=proj)
         assert m.shape == (rows, 200) and (m.sum(1) == keep_count(0.9, 200)).all()
+    csr = sp.csr_matrix(np.where(rng.random((4, 27)) < 0.3, 1.0, 0.0).astype(np.float32))
+    xc = rng.standard_normal((2, 3, 6, 6), dtype=np.float32)
+    assert relative_error(ps.conv2d_sparse(xc, csr, kernel_size=3, padding=1, queue=queue),
+                          conv2d_reference(xc, csr.toarray().reshape(4, 3, 3, 3), None,
+                                           padding=(1, 1))) < 1e-4
     kinds = {k for template, k, _ in rendered_kinds
-             if template.startswith(("masked_", "drs_"))}
+             if template.startswith(("masked_", "drs_", "conv2d_"))}
     assert expected <= kinds
-    other = {"gpu": {"vmm", "gemm", "project", "topk", "fused"},
-             "cpu": {"vmm_split", "gemm_tiled", "project_split", "topk_team"}}[kind]
+    other = {"gpu": {"vmm", "gemm", "project", "topk", "fused", "rows"},
+             "cpu": {"vmm_split", "gemm_tiled", "project_split", "topk_team", "flat"}}[kind]
     assert not kinds & other, kinds & other
 
 
@@ -112,6 +123,7 @@ def test_overriding_a_variant_chooses_it(queue):
 
 def test_routine_bookkeeping():
     assert routine_of("masked_vmm_split") is MASKED_VMM_ROUTINE
+    assert routine_of("conv2d_pack_flat") is CONV2D_ROUTINE
     assert routine_of("drs_fused") is DRS_ROUTINE
     assert routine_of("conv2d_csr") is None
     with pytest.raises(KeyError, match="conv2d_csr"):

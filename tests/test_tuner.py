@@ -11,7 +11,7 @@ from pysparsecl import tuning
 from pysparsecl.__main__ import main
 from pysparsecl.ops.conv2d import CONV2D_CSR
 from pysparsecl.ops.elementwise import ELEMENTWISE
-from pysparsecl.params import ROUTINES, SPECS, ParamSpec, Routine
+from pysparsecl.params import ROUTINES, SPECS, Routine
 from pysparsecl.testing import problems
 from pysparsecl.tuning import tuner
 
@@ -92,12 +92,12 @@ def test_unknown_family_and_missing_driver(queue, monkeypatch):
 
 
 def test_every_kernel_family_and_routine_has_a_tuner_driver():
-    from pysparsecl.ops import conv2d, drs, elementwise, masked
-    families = {v.family for m in (conv2d, drs, elementwise, masked) for v in vars(m).values()
-                if isinstance(v, ParamSpec)}
-    routines = {v.spec.family for m in (drs, masked) for v in vars(m).values()
+    from pysparsecl.families import modules
+    from pysparsecl.ops import conv2d, drs, masked
+    families = {m.SPEC.family for m in modules().values()}
+    routines = {v.spec.family for m in (conv2d, drs, masked) for v in vars(m).values()
                 if isinstance(v, Routine)}
-    assert len(families) == 17 and len(routines) == 3
+    assert len(families) == 19 and len(routines) == 4
     assert families | routines == set(tuner.TUNABLES)
     assert families | routines <= set(SPECS) and routines == set(ROUTINES)
 

@@ -34,9 +34,6 @@ TEMPLATE = "conv2d_csr.cl.mako"
 
 PACK_WG = 64  # work-items per packing work-group, whatever their shape
 
-_PACK_ITEMS = TileParam("PACK_ITEMS", 4, (1, 2, 4, 8, 16),
-                        "packed pixels per work-item of the flat packing pass (PACK_LANES = 0)")
-
 SPEC = ParamSpec(
     family="conv2d_csr",
     params=(
@@ -63,26 +60,19 @@ SPEC = ParamSpec(
         TileParam("WG_IMG", 1, (1, 2, 4, 8),
                   "work-items along images (or image blocks): fuller work-groups on small "
                   "planes"),
-        TileParam("PACK_LANES", 1, (0, 1, 8, 32, 64),
-                  "work-items copying one row of the packed input; 0: a flat pass, "
-                  "PACK_ITEMS packed pixels per work-item (GPUs)"),
-        _PACK_ITEMS,
     ),
     constraints=(
         Constraint("accumulators_fit_registers", lambda p: p["VEC"] * p["PIX_VECS"] <= 96,
                    "VEC * PIX_VECS float accumulators must fit the register file "
                    "(96 = 12 of an x86 core's 16 AVX2 registers)"),
-        Constraint("pack_items_only_in_flat_pass",
-                   lambda p: p["PACK_LANES"] == 0 or p["PACK_ITEMS"] == _PACK_ITEMS.default,
-                   "PACK_ITEMS applies to the flat packing pass (PACK_LANES = 0) only; "
-                   "keep its default otherwise"),
     ),
     work_group_size=lambda p: max(p["WG_PIX"] * p["WG_CH"] * p["WG_IMG"], PACK_WG),
 )
 
 
 def pack_rows(pack_lanes: int) -> int:
-    """Rows per packing work-group when PACK_LANES work-items share a row."""
+    """Rows per packing work-group when PACK_LANES work-items share a row (0: the flat
+    pass)."""
     return max(1, PACK_WG // pack_lanes) if pack_lanes else 1
 
 
@@ -99,12 +89,12 @@ def _magic(*names):
     return tuple(Scalar(f"div_{n}_{part}", _U32) for n in names for part in "ms")
 
 
-#: The flat packing pass (PACK_LANES = 0): packed pixels, divisions by magic numbers.
+#: The flat packing pass (conv2d_pack_flat): packed pixels, divisions by magic numbers.
 PACK_FLAT_ARGS = Signature("pscl_pack_input", _PACK_HEAD + (
     Scalar("n_packed", _U32), Scalar("n_total", _U32), Scalar("C", _I32), Scalar("H", _I32),
     Scalar("W", _I32), Scalar("plane_size", _U32), Scalar("Wq", _U32), Scalar("phases", _U32),
     *_STRIDE_PAD, *_magic("plane", "wq", "phases", "sw", "c")))
-#: The row packing pass (PACK_LANES > 0): PACK_LANES work-items per packed row.
+#: The row packing pass (conv2d_pack_rows): PACK_LANES work-items per packed row.
 PACK_ROWS_ARGS = Signature("pscl_pack_input", _PACK_HEAD + (
     Scalar("n_rows", _I32), Scalar("n_rows_total", _I32), Scalar("C", _I32),
     Scalar("H", _I32), Scalar("W", _I32), Scalar("Hq", _I32), Scalar("Wq", _I32),
@@ -125,18 +115,25 @@ _ARGS = {True: KernelArgs(PACK_FLAT_ARGS, CONV_ARGS), False: KernelArgs(PACK_ROW
 
 
 def kernel_args(params) -> KernelArgs:
-    """The signatures of conv2d_csr.cl.mako's kernels for tile parameters ``params``."""
-    return _ARGS[params["PACK_LANES"] == 0]
+    """The signatures of conv2d_csr.cl.mako's kernels for the template values ``params``
+    (the packing's among them: PACK)."""
+    return _ARGS[params["PACK"] == "flat"]
 
 
 def template_args(params, has_bias: bool, relu: bool = False, residual: bool = False) -> dict:
-    """Everything conv2d_csr.cl.mako renders from: tile parameters, variant (the epilogue:
-    bias, residual, ReLU), derived sizes, the kernels' signatures (ARGS).  COMPACT is the
-    one that applies: it is ignored in the pixel layout."""
+    """Everything conv2d_csr.cl.mako renders from: the tile parameters with the packing
+    family's values (``PACK`` and its parameter, see conv2d_pack_rows/conv2d_pack_flat;
+    the row pass by default), the epilogue variant (bias, residual, ReLU), derived sizes
+    and the kernels' signatures (ARGS).  COMPACT is the one that applies: it is ignored in
+    the pixel layout."""
+    params = dict(params)
+    params.setdefault("PACK", "flat" if "PACK_ITEMS" in params else "rows")
+    if params["PACK"] == "rows":
+        params.setdefault("PACK_LANES", 1)
     return dict(params, HAS_BIAS=int(has_bias), RELU=int(relu), RESIDUAL=int(residual),
                 ARGS=kernel_args(params),
                 PACK_WG=PACK_WG,
-                PACK_ROWS=pack_rows(params["PACK_LANES"]),
+                PACK_ROWS=pack_rows(params.get("PACK_LANES", 0)),
                 COMPACT=int(bool(params["COMPACT"] and params["BATCH_LAYOUT"])))
 
 
@@ -165,8 +162,8 @@ class Plan:
 
 def build_plan(queue, weight, geom, variant: tuple, params) -> Plan:
     """The launch plan of ``weight`` (a SparseConvWeight) on an input of geometry ``geom``
-    for tile parameters ``params`` and the epilogue ``variant`` (has_bias, relu,
-    residual)."""
+    for tile parameters ``params`` (with the packing family's template values) and the
+    epilogue ``variant`` (has_bias, relu, residual)."""
     vec = params["VEC"]
     # The batch layout needs whole vectors of images; otherwise vectors run along pixels.
     batched = bool(params["BATCH_LAYOUT"]) and geom.N % vec == 0
@@ -196,7 +193,8 @@ def build_plan(queue, weight, geom, variant: tuple, params) -> Plan:
 
     kern = runtime.kernels(queue.context, TEMPLATE,
                            ("pscl_pack_input", "pscl_conv2d_csr"), **args)
-    lanes, rows = params["PACK_LANES"], pack_rows(params["PACK_LANES"])
+    lanes = params["PACK_LANES"] if args["PACK"] == "rows" else 0
+    rows = pack_rows(lanes)
     stride_pad = dict(stride_h=np.int32(geom.stride[0]), stride_w=np.int32(geom.stride[1]),
                       pad_top=np.int32(geom.padding[0]), pad_left=np.int32(geom.padding[1]))
     if lanes:

@@ -15,7 +15,8 @@ import pyopencl.array as cl_array
 import scipy.sparse as sp
 
 from .. import runtime, tuning
-from ..families import conv2d_csr
+from ..families import conv2d_csr, conv2d_pack_flat, conv2d_pack_rows
+from ..params import Choice, Routine
 from ._common import (
     INT32_MAX,
     check_alloc,
@@ -29,12 +30,22 @@ from ._common import (
 )
 from ._prepared import PreparedCache
 
-__all__ = ["CONV2D_CSR", "SparseConvWeight", "conv2d_sparse", "conv2d_output_shape",
-           "fold_batchnorm"]
+__all__ = ["CONV2D_CSR", "CONV2D_ROUTINE", "SparseConvWeight", "conv2d_sparse",
+           "conv2d_output_shape", "fold_batchnorm"]
 
 CONV2D_CSR = conv2d_csr.SPEC
 template_args = conv2d_csr.template_args
 conv2d_shape_class = conv2d_csr.shape_class
+
+#: Which packing pass feeds the convolution: looked up per device and shape class (the
+#: tuner found the flat pass faster on some CPU layers, the row pass on some GPU ones).
+CONV2D_ROUTINE = Routine(
+    "conv2d_sparse",
+    (Choice("PACK_KERNEL", (conv2d_pack_rows.SPEC, conv2d_pack_flat.SPEC),
+            "the input packing: PACK_LANES work-items per row (CPUs), or one flat pass "
+            "(GPUs)"),),
+)
+_PACK_FAMILIES = (conv2d_pack_rows, conv2d_pack_flat)
 
 
 def conv2d_output_shape(in_hw, kernel_size, stride=1, padding=0, dilation=1) -> Tuple[int, int]:
@@ -594,7 +605,10 @@ def _plan(queue, weight: SparseConvWeight, geom: _Geometry, variant: tuple,
                                          (geom.OH, geom.OW), weight.kernel_size, geom.stride)
     # Looked up on every call: an override block, the environment or a new tuning result
     # takes effect at once, and is part of the key.
-    params = tuning.lookup(CONV2D_CSR, queue.device, shape_class)
+    pack = _PACK_FAMILIES[tuning.lookup(CONV2D_ROUTINE.spec, queue.device,
+                                        shape_class)["PACK_KERNEL"]]
+    params = dict(tuning.lookup(CONV2D_CSR, queue.device, shape_class),
+                  **pack.template_values(tuning.lookup(pack.SPEC, queue.device, shape_class)))
     key = (queue.device.int_ptr, geom, variant, tuple(sorted(params.items())))
     with weight._lock:
         plan = weight._plans.pop(key, None)

@@ -377,6 +377,9 @@ def _conv_search_reference(x, w, sparsity, seed):
 #: Families the tuner can exercise, each with its problem driver.
 TUNABLES: Dict[str, Callable[..., List[Problem]]] = {
     "conv2d_csr": _conv2d_problems,
+    "conv2d_pack_rows": _conv2d_problems,
+    "conv2d_pack_flat": _conv2d_problems,
+    "conv2d_sparse_routine": _conv2d_problems,
     "elementwise": _elementwise_problems,
     "masked_vmm": _masked_matmul_problems("masked_vmm", DSG_VMM_SHAPES),
     "masked_vmm_split": _masked_matmul_problems("masked_vmm_split", DSG_VMM_SHAPES),
@@ -605,6 +608,8 @@ def small_problems():
             ("drs 9x20x300 k5 compact", search(9, 20, 300, 5, 0.95, True))]
     return {
         "conv2d_csr": conv_loads,
+        "conv2d_pack_rows": conv_loads,
+        "conv2d_pack_flat": conv_loads,
         "masked_vmm": vmm,
         "masked_vmm_split": vmm + [
             # the in-kernel scan of a bool row in several steps, and the compaction kernel
