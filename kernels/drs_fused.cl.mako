@@ -7,7 +7,7 @@ ${fused_kernel()}
 
 <%def name="fused_kernel()">
 ${common.vector_helpers("pscl_floatv", "float", VEC)}
-// Tile parameters: declared once, in pysparsecl/ops/drs.py (DRS_FUSED).  K_PAD, the
+// Tile parameters: declared once, in pysparsecl/families/drs_fused.py.  K_PAD, the
 // padded k, is compile-time so that the projected row stays in registers.
 #define PSCL_VEC ${VEC}
 #define PSCL_NCHUNK (${VEC} * ${NVEC})

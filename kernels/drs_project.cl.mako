@@ -17,8 +17,8 @@ ${project_kernel()}
 
 <%def name="project_kernel()">
 ${common.vector_helpers("pscl_floatv", "float", VEC)}
-// Tile parameters: declared once, in pysparsecl/ops/drs.py (DRS_PROJECT, or
-// DRS_PROJECT_SPLIT: one body; the unsplit family renders with DSPLIT = 1).
+// Tile parameters: declared once, in pysparsecl/families/drs_project.py (or
+// drs_project_split.py: one body; the unsplit family renders with DSPLIT = 1).
 #define PSCL_VEC ${VEC}
 #define PSCL_KCHUNK (${VEC} * ${KVEC})
 

@@ -8,7 +8,7 @@ ${scores_kernel()}
 
 <%def name="scores_kernel()">
 ${common.vector_helpers("pscl_floatv", "float", VEC)}
-// Tile parameters: declared once, in pysparsecl/ops/drs.py (DRS_SCORES).
+// Tile parameters: declared once, in pysparsecl/families/drs_scores.py.
 #define PSCL_VEC ${VEC}
 #define PSCL_NCHUNK (${VEC} * ${NVEC})
 

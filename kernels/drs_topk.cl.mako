@@ -8,7 +8,7 @@
 ${topk_serial_kernel()}
 
 <%def name="topk_serial_kernel()">
-// Tile parameters (declared once, in pysparsecl/ops/drs.py: DRS_TOPK; the wrapper caps
+// Tile parameters (declared once, in pysparsecl/families/drs_topk.py; the wrapper caps
 // HIST_BITS for short rows).
 #define PSCL_HIST_BITS ${HIST_BITS}
 #define PSCL_BINS (1 << PSCL_HIST_BITS)

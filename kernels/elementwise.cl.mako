@@ -2,7 +2,7 @@
 ## residual block needs (axpby, add + ReLU).  They are bandwidth-bound, so each kernel
 ## moves every byte once: inputs read once, the output written once, nothing staged.
 ##
-## One template, two kernels; the wrapper (pysparsecl/ops/elementwise.py) picks one and
+## One template, two kernels; the wrapper (pysparsecl/families/elementwise.py) picks one and
 ## renders it for the dtypes and broadcasting pattern at hand:
 ##   pscl_ew_fast     the whole output is one contiguous run and every operand is either
 ##                    contiguous over it, one element in device memory, or a host scalar
@@ -60,7 +60,7 @@
 #pragma OPENCL EXTENSION cl_khr_fp16 : enable
 % endif
 
-// Tile parameters: declared once, in pysparsecl/ops/elementwise.py (ELEMENTWISE).
+// Tile parameters: declared once, in pysparsecl/families/elementwise.py.
 #define PSCL_VEC ${VEC}
 #define PSCL_ITEMS ${ITEMS}
 #define PSCL_WG ${WG}

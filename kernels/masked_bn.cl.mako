@@ -17,7 +17,7 @@
 <%namespace name="common" file="common.cl.mako"/>\
 ${common.vector_helpers("pscl_floatv", "float", VEC)}
 <% int_v = "int" if VEC == 1 else "int%d" % VEC %>\
-// Tile parameters: declared once, in pysparsecl/ops/masked.py (MASKED_BN).
+// Tile parameters: declared once, in pysparsecl/families/masked_bn.py.
 #define PSCL_VEC ${VEC}
 typedef ${int_v} pscl_intv;
 

@@ -33,7 +33,7 @@
 
 <%def name="prelude()">
 ${common.vector_helpers("pscl_floatv", "float", VEC)}
-// Tile parameters: declared once, in pysparsecl/ops/masked.py.
+// Tile parameters: declared once, in each family module (pysparsecl/families/masked_*.py).
 #define PSCL_VEC ${VEC}
 
 // Sum of the lanes of a vector, as a tree of half-width adds: lane i + lane i + width / 2,
