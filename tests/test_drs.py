@@ -230,10 +230,10 @@ def test_row_and_weight_projections_use_their_own_shape_classes(queue, rng, monk
     seen = []
     real_lookup = tuning.lookup
 
-    def spy(spec, device, shape_class=None):
+    def spy(spec, device, shape_class=None, copy=True):
         if spec is DRS_PROJECT:
             seen.append(shape_class)
-        return real_lookup(spec, device, shape_class)
+        return real_lookup(spec, device, shape_class, copy)
 
     monkeypatch.setattr(tuning, "lookup", spy)
     d, n, m = 96, 131, 40

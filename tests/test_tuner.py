@@ -207,9 +207,9 @@ def test_conv2d_calls_look_up_their_shape_class(queue, monkeypatch):
     seen = []
     real = tuning.lookup
 
-    def spy(spec, device, shape_class=None):
+    def spy(spec, device, shape_class=None, copy=True):
         seen.append((spec.family, shape_class))
-        return real(spec, device, shape_class)
+        return real(spec, device, shape_class, copy)
     monkeypatch.setattr(tuning, "lookup", spy)
     import numpy as np
     import scipy.sparse as sp

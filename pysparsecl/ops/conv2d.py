@@ -605,10 +605,12 @@ def _plan(queue, weight: SparseConvWeight, geom: _Geometry, variant: tuple,
                                          (geom.OH, geom.OW), weight.kernel_size, geom.stride)
     # Looked up on every call: an override block, the environment or a new tuning result
     # takes effect at once, and is part of the key.
-    pack = _PACK_FAMILIES[tuning.lookup(CONV2D_ROUTINE.spec, queue.device,
-                                        shape_class)["PACK_KERNEL"]]
-    params = dict(tuning.lookup(CONV2D_CSR, queue.device, shape_class),
-                  **pack.template_values(tuning.lookup(pack.SPEC, queue.device, shape_class)))
+    device = queue.device
+    pack = _PACK_FAMILIES[tuning.lookup(CONV2D_ROUTINE.spec, device, shape_class,
+                                        copy=False)["PACK_KERNEL"]]
+    params = dict(tuning.lookup(CONV2D_CSR, device, shape_class, copy=False),
+                  **pack.template_values(tuning.lookup(pack.SPEC, device, shape_class,
+                                                       copy=False)))
     key = (queue.device.int_ptr, geom, variant, tuple(sorted(params.items())))
     with weight._lock:
         plan = weight._plans.pop(key, None)

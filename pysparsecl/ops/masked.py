@@ -380,7 +380,8 @@ def _launch_forward(queue, x_dev, rows, ldw, sel: _Selection, mask_dev, out_dev,
         wait += list(slots.events)
     shape_class = masked_matmul_shape_class(n_rows, k_in, n_cols)
     if n_rows == 1:
-        routine = tuning.lookup(MASKED_VMM_ROUTINE.spec, queue.device, shape_class)
+        routine = tuning.lookup(MASKED_VMM_ROUTINE.spec, queue.device, shape_class,
+                                copy=False)
         family = _VMM_FAMILIES[routine["KERNEL"]]
         params = tuning.lookup(family.SPEC, queue.device, shape_class)
         if family is masked_vmm_split:
@@ -391,7 +392,8 @@ def _launch_forward(queue, x_dev, rows, ldw, sel: _Selection, mask_dev, out_dev,
             ev = family.launch(queue, params, x_dev, rows, ldw, sel.form, mask_dev, out_dev,
                                n_cols, k_in, sel.n_entries, wait)
     else:
-        routine = tuning.lookup(MASKED_GEMM_ROUTINE.spec, queue.device, shape_class)
+        routine = tuning.lookup(MASKED_GEMM_ROUTINE.spec, queue.device, shape_class,
+                                copy=False)
         family = _GEMM_FAMILIES[routine["KERNEL"]]
         params = tuning.lookup(family.SPEC, queue.device, shape_class)
         form = "bool" if sel.form == "bool" else "slot"

@@ -114,6 +114,20 @@ def override(family: str, **params: int):
         stack.pop()
 
 
+# ``name in os.environ`` goes through Mapping.__contains__ and a caught KeyError, ~1 us; the
+# mapping's own dict (kept in step with os.environ's writes) answers in a tenth of that.
+_ENV_NAME = "PYSPARSECL_PARAMS"
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(_ENV_NAME) if hasattr(os.environ, "encodekey") else None
+
+
+def _env_overrides() -> bool:
+    """Whether PYSPARSECL_PARAMS is set."""
+    if _ENV_DATA is not None and _ENV_KEY is not None:
+        return _ENV_KEY in _ENV_DATA
+    return _ENV_NAME in os.environ
+
+
 def _active_overrides(family: str) -> Dict[str, int]:
     """The forced parameters of ``family``, later overrides winning.  For a routine's
     settings, an override of one of its variants counts as choosing that variant."""
@@ -210,10 +224,12 @@ def _database_params(spec: ParamSpec, device: cl.Device,
     return spec.defaults()
 
 
-def lookup(spec: ParamSpec, device: cl.Device, shape_class: Optional[str] = None
-           ) -> Dict[str, int]:
+def lookup(spec: ParamSpec, device: cl.Device, shape_class: Optional[str] = None,
+           copy: bool = True) -> Dict[str, int]:
     """The tile configuration to use for ``spec`` on ``device`` (see module docstring);
-    ``shape_class``, when the op has one, selects per-shape entries of the databases."""
+    ``shape_class``, when the op has one, selects per-shape entries of the databases.
+    ``copy=False`` may return the memoised dict itself, which the caller must not modify
+    (the ops' per-call routing, which only reads it)."""
     key = (spec.family, device.int_ptr, shape_class)
     params = _memo.get(key)     # a dict read is atomic; writers hold the lock
     if params is None:
@@ -221,8 +237,8 @@ def lookup(spec: ParamSpec, device: cl.Device, shape_class: Optional[str] = None
         with _memo_lock:
             _memo[key] = params
     # Every op call looks up its routine and its families: no override is the fast path.
-    if not getattr(_local, "stack", None) and "PYSPARSECL_PARAMS" not in os.environ:
-        return dict(params)
+    if not getattr(_local, "stack", None) and not _env_overrides():
+        return dict(params) if copy else params
     forced = _active_overrides(spec.family)
     if forced:
         limits = device_limits(device)
