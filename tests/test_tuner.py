@@ -362,3 +362,30 @@ def test_problem_weights_set_the_score():
     assert tuner._keep_unless_beaten(challenger, incumbent, [0, 1], 0.03) is incumbent
     incumbent, challenger = cand(incumbent_times, light), cand(challenger_times, light)
     assert tuner._keep_unless_beaten(challenger, incumbent, [0, 1], 0.03) is challenger
+
+
+def test_memoised_values_follow_overrides_and_new_entries(queue, monkeypatch):
+    """An op's derived routing value is built once, then served while nothing changes;
+    an override, PYSPARSECL_PARAMS and a cleared memo (a new tuning result) all take
+    effect at once."""
+    device, built = queue.device, []
+
+    def build(look):
+        built.append(1)
+        return dict(look(CONV2D_CSR))
+
+    def get():
+        return tuning.memoised("test-routing", device, "cls-test", build)
+
+    first = get()
+    assert get() is first and len(built) == 1
+    other = next(u for u in (1, 2, 4) if u != first["UNROLL"])
+    with tuning.override("conv2d_csr", UNROLL=other):
+        assert get()["UNROLL"] == other and len(built) == 2
+    assert get() is first and len(built) == 2
+    monkeypatch.setenv("PYSPARSECL_PARAMS", f"conv2d_csr:UNROLL={other}")
+    assert get()["UNROLL"] == other and len(built) == 3
+    monkeypatch.delenv("PYSPARSECL_PARAMS")
+    tuning._memo.clear()                     # what a new tuning result does
+    again = get()
+    assert again == first and again is not first and len(built) == 4

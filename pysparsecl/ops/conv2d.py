@@ -597,21 +597,25 @@ def _prepared_weight(w_csr, in_channels: int, kernel_size, groups, queue):
 _PLANS_PER_WEIGHT = 32  # input geometries remembered per weight (least recently used go)
 
 
+def _routed_params(look):
+    """The convolution's tiles merged with those of the packing family its routine chose,
+    and their sorted items (part of a plan's key)."""
+    pack = _PACK_FAMILIES[look(CONV2D_ROUTINE.spec)["PACK_KERNEL"]]
+    params = dict(look(CONV2D_CSR), **pack.template_values(look(pack.SPEC)))
+    return params, tuple(sorted(params.items()))
+
+
 def _plan(queue, weight: SparseConvWeight, geom: _Geometry, variant: tuple,
           shape_class: Optional[str] = None) -> conv2d_csr.Plan:
     """The launch plan for this call, from the weight's cache or built (and checked)."""
     if shape_class is None:
         shape_class = conv2d_shape_class(geom.N, weight.in_channels // weight.groups,
                                          (geom.OH, geom.OW), weight.kernel_size, geom.stride)
-    # Looked up on every call: an override block, the environment or a new tuning result
-    # takes effect at once, and is part of the key.
-    device = queue.device
-    pack = _PACK_FAMILIES[tuning.lookup(CONV2D_ROUTINE.spec, device, shape_class,
-                                        copy=False)["PACK_KERNEL"]]
-    params = dict(tuning.lookup(CONV2D_CSR, device, shape_class, copy=False),
-                  **pack.template_values(tuning.lookup(pack.SPEC, device, shape_class,
-                                                       copy=False)))
-    key = (queue.device.int_ptr, geom, variant, tuple(sorted(params.items())))
+    # Looked up on every call (memoised while nothing changes): an override block, the
+    # environment or a new tuning result takes effect at once, and is part of the key.
+    params, params_key = tuning.memoised("conv2d_sparse", queue.device, shape_class,
+                                         _routed_params)
+    key = (queue.device.int_ptr, geom, variant, params_key)
     with weight._lock:
         plan = weight._plans.pop(key, None)
         if plan is not None:

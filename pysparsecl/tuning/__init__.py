@@ -43,7 +43,7 @@ import pyopencl as cl
 from ..params import ROUTINES, InvalidParamsError, ParamSpec, device_limits, parse_overrides
 from ..runtime import device_kind
 
-__all__ = ["lookup", "override", "device_slug", "names_slug", "vendor_slug",
+__all__ = ["lookup", "memoised", "override", "device_slug", "names_slug", "vendor_slug",
            "user_database_path", "read_user_database", "write_user_entry", "pow2_floor"]
 
 _DATABASE = Path(__file__).resolve().parent / "database" / "shipped.json"
@@ -222,6 +222,38 @@ def _database_params(spec: ParamSpec, device: cl.Device,
             warnings.warn(f"pysparsecl: ignoring tuning entry {where}: {exc}",
                           RuntimeWarning, stacklevel=4)
     return spec.defaults()
+
+
+#: memoised() values: (name, device, shape class) -> (value, the memo entries it read).
+_derived: Dict[tuple, tuple] = {}
+
+
+def memoised(name: str, device: cl.Device, shape_class: Optional[str], build):
+    """A value an op derives from several lookups, e.g. its routine's choice merged with
+    the chosen families' parameters: ``build(look)``, where ``look(spec)`` looks ``spec``
+    up for this device and shape class (read-only result).  Kept per (name, device,
+    shape class) and served again while no override is active and every lookup it made
+    would answer with the same memoised entry, so that an op's per-call routing costs a
+    few dict reads; a new tuning result, an override or a cleared memo takes effect at
+    once."""
+    key = (name, device.int_ptr, shape_class)
+    steady = not getattr(_local, "stack", None) and not _env_overrides()
+    found = _derived.get(key) if steady else None
+    if found is not None:
+        value, used = found
+        if all(_memo.get(k) is entry for k, entry in used):
+            return value
+    used = []
+
+    def look(spec: ParamSpec) -> Dict[str, int]:
+        params = lookup(spec, device, shape_class, copy=False)
+        used.append(((spec.family, device.int_ptr, shape_class), params))
+        return params
+
+    value = build(look)
+    if steady:
+        _derived[key] = (value, tuple(used))
+    return value
 
 
 def lookup(spec: ParamSpec, device: cl.Device, shape_class: Optional[str] = None,
