@@ -368,6 +368,20 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
     return deliver(out_dev, x, out, queue, host)
 
 
+def _vmm_route(look):
+    """The VMM family the routine chooses, its tiles (read-only) and the routine's limit
+    for listing a bool mask inside the split kernel."""
+    routine = look(MASKED_VMM_ROUTINE.spec)
+    family = _VMM_FAMILIES[routine["KERNEL"]]
+    return family, look(family.SPEC), routine["LIST_IN_KERNEL_MAX_N"]
+
+
+def _gemm_route(look):
+    """The GEMM family the routine chooses and its tiles (read-only)."""
+    family = _GEMM_FAMILIES[look(MASKED_GEMM_ROUTINE.spec)["KERNEL"]]
+    return family, look(family.SPEC)
+
+
 def _launch_forward(queue, x_dev, rows, ldw, sel: _Selection, mask_dev, out_dev, n_rows,
                     n_cols, k_in, events) -> None:
     """Route to the VMM (one row) or the GEMM family the routine chooses, and launch."""
@@ -380,22 +394,17 @@ def _launch_forward(queue, x_dev, rows, ldw, sel: _Selection, mask_dev, out_dev,
         wait += list(slots.events)
     shape_class = masked_matmul_shape_class(n_rows, k_in, n_cols)
     if n_rows == 1:
-        routine = tuning.lookup(MASKED_VMM_ROUTINE.spec, queue.device, shape_class,
-                                copy=False)
-        family = _VMM_FAMILIES[routine["KERNEL"]]
-        params = tuning.lookup(family.SPEC, queue.device, shape_class)
+        family, params, list_limit = tuning.memoised("masked_vmm", queue.device, shape_class,
+                                                     _vmm_route)
         if family is masked_vmm_split:
             ev = family.launch(queue, params, x_dev, rows, ldw, sel.form, mask_dev, out_dev,
-                               n_cols, k_in, sel.n_entries, wait, events,
-                               routine["LIST_IN_KERNEL_MAX_N"])
+                               n_cols, k_in, sel.n_entries, wait, events, list_limit)
         else:
             ev = family.launch(queue, params, x_dev, rows, ldw, sel.form, mask_dev, out_dev,
                                n_cols, k_in, sel.n_entries, wait)
     else:
-        routine = tuning.lookup(MASKED_GEMM_ROUTINE.spec, queue.device, shape_class,
-                                copy=False)
-        family = _GEMM_FAMILIES[routine["KERNEL"]]
-        params = tuning.lookup(family.SPEC, queue.device, shape_class)
+        family, params = tuning.memoised("masked_gemm", queue.device, shape_class,
+                                         _gemm_route)
         form = "bool" if sel.form == "bool" else "slot"
         selection = ((mask_dev.base_data, elem_offset(mask_dev)) if form == "bool"
                      else (slots.data, np.int64(0)))
