@@ -39,13 +39,13 @@ conv2d_shape_class = conv2d_csr.shape_class
 
 #: Which packing pass feeds the convolution: looked up per device and shape class (the
 #: tuner found the flat pass faster on some CPU layers, the row pass on some GPU ones).
+_PACK_FAMILIES = (conv2d_pack_rows, conv2d_pack_flat)
 CONV2D_ROUTINE = Routine(
     "conv2d_sparse",
-    (Choice("PACK_KERNEL", (conv2d_pack_rows.SPEC, conv2d_pack_flat.SPEC),
+    (Choice("PACK_KERNEL", tuple(f.SPEC for f in _PACK_FAMILIES),
             "the input packing: PACK_LANES work-items per row (CPUs), or one flat pass "
             "(GPUs)"),),
 )
-_PACK_FAMILIES = (conv2d_pack_rows, conv2d_pack_flat)
 
 
 def conv2d_output_shape(in_hw, kernel_size, stride=1, padding=0, dilation=1) -> Tuple[int, int]:

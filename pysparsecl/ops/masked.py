@@ -62,9 +62,13 @@ MASKED_BN = masked_bn.SPEC
 MASKED_CONV = masked_conv.SPEC
 MASKED_CONV_CH = masked_conv_channels.SPEC
 
+#: The family modules of each routine's KERNEL choice, by index.
+_VMM_FAMILIES = (masked_vmm, masked_vmm_split)
+_GEMM_FAMILIES = (masked_gemm, masked_gemm_tiled)
+
 MASKED_VMM_ROUTINE = Routine(
     "masked_vmm",
-    (Choice("KERNEL", (MASKED_VMM, MASKED_VMM_SPLIT),
+    (Choice("KERNEL", tuple(f.SPEC for f in _VMM_FAMILIES),
             "the VMM's kernel: one work-item per selected output (CPUs), or SPLIT items "
             "sharing each (GPUs)"),),
     thresholds=(
@@ -80,16 +84,11 @@ MASKED_VMM_ROUTINE = Routine(
 
 MASKED_GEMM_ROUTINE = Routine(
     "masked_gemm",
-    (Choice("KERNEL", (MASKED_GEMM, MASKED_GEMM_TILED),
+    (Choice("KERNEL", tuple(f.SPEC for f in _GEMM_FAMILIES),
             "the GEMM's kernel: columns streamed over cached row blocks (CPUs), or output "
             "tiles staged through local memory (GPUs)"),),
 )
 
-#: The family modules of each routine's KERNEL choice, by index.
-_VMM_FAMILIES = (masked_vmm, masked_vmm_split)
-_GEMM_FAMILIES = (masked_gemm, masked_gemm_tiled)
-assert tuple(f.SPEC for f in _VMM_FAMILIES) == MASKED_VMM_ROUTINE.choices["KERNEL"].variants
-assert tuple(f.SPEC for f in _GEMM_FAMILIES) == MASKED_GEMM_ROUTINE.choices["KERNEL"].variants
 
 
 # ---------------------------------------------------------------------------------------------
