@@ -499,6 +499,15 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
 _PROJECTED = PreparedCache("drs_mask projected weights")
 
 
+def _search_route(look):
+    """The search's routing, per device: the fused kernel's row limit and tiles, the
+    scores' tiles, and the top-k family the routine chooses with its tiles (read-only)."""
+    routine = look(DRS_ROUTINE.spec)
+    topk = _FAMILIES[DRS_ROUTINE.variant(routine, "TOPK_KERNEL")]
+    return (routine["FUSED_MAX_ROWS"], look(DRS_FUSED), look(DRS_SCORES), topk,
+            look(topk.SPEC))
+
+
 def _search(queue, x_dev, proj: SparseRandomProjection, pw: ProjectedWeight, n_rows, n_keep,
             out_dev, compact, events, projected=None, plane=0):
     """Scores and top-k for the rows of x (or of ``projected``, (rows, ld) already
@@ -508,12 +517,12 @@ def _search(queue, x_dev, proj: SparseRandomProjection, pw: ProjectedWeight, n_r
     n_cols = pw.out_features
     check_alloc(queue, 4 * n_rows * pw.ld, "the search's scores")
     scores = runtime.empty(queue, (n_rows, pw.ld), np.uint32, allocator=alloc)
-    routine = tuning.lookup(DRS_ROUTINE.spec, queue.device)
-    if projected is None and not proj.exact and n_rows <= routine["FUSED_MAX_ROWS"] and \
+    fused_max_rows, fused, scores_params, topk, topk_params = tuning.memoised(
+        "drs_mask", queue.device, None, _search_route)
+    if projected is None and not proj.exact and n_rows <= fused_max_rows and \
             proj.k <= drs_fused.MAX_K:
         # A few rows: projection and scores in one launch, parallel over columns.
-        ev = drs_fused.launch(queue, tuning.lookup(DRS_FUSED, queue.device), x_dev, proj, pw,
-                              scores, n_rows, n_cols,
+        ev = drs_fused.launch(queue, fused, x_dev, proj, pw, scores, n_rows, n_cols,
                               list(x_dev.events) + list(pw.values.events))
     else:
         if projected is not None:
@@ -523,14 +532,12 @@ def _search(queue, x_dev, proj: SparseRandomProjection, pw: ProjectedWeight, n_r
         else:
             xp, ldx = proj._project_rows(queue, x_dev, n_rows, events)
             xp_off, k = np.int64(0), proj.k
-        ev = drs_scores.launch(queue, tuning.lookup(DRS_SCORES, queue.device), xp, xp_off, ldx,
-                               pw, scores, n_rows, k, n_cols,
-                               list(xp.events) + list(pw.values.events))
+        ev = drs_scores.launch(queue, scores_params, xp, xp_off, ldx, pw, scores, n_rows, k,
+                               n_cols, list(xp.events) + list(pw.values.events))
     if events is not None:
         events.append(ev)
-    topk = _FAMILIES[DRS_ROUTINE.variant(routine, "TOPK_KERNEL")]
-    ev = topk.launch(queue, tuning.lookup(topk.SPEC, queue.device), scores, pw.ld, n_rows,
-                     n_cols, n_keep, out_dev, compact, plane, [ev] + list(out_dev.events))
+    ev = topk.launch(queue, topk_params, scores, pw.ld, n_rows, n_cols, n_keep, out_dev,
+                     compact, plane, [ev] + list(out_dev.events))
     written(out_dev, ev)
     if events is not None:
         events.append(ev)
