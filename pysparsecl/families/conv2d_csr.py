@@ -29,6 +29,7 @@ from ..ops._common import (
     written,
 )
 from ..params import Constraint, ParamSpec, TileParam
+from . import conv2d_pack_rows
 
 TEMPLATE = "conv2d_csr.cl.mako"
 
@@ -126,10 +127,9 @@ def template_args(params, has_bias: bool, relu: bool = False, residual: bool = F
     the row pass by default), the epilogue variant (bias, residual, ReLU), derived sizes
     and the kernels' signatures (ARGS).  COMPACT is the one that applies: it is ignored in
     the pixel layout."""
-    params = dict(params)
-    params.setdefault("PACK", "flat" if "PACK_ITEMS" in params else "rows")
-    if params["PACK"] == "rows":
-        params.setdefault("PACK_LANES", 1)
+    if "PACK" not in params:   # the row pass: the packing routine's default
+        params = {**conv2d_pack_rows.template_values(conv2d_pack_rows.SPEC.defaults()),
+                  **params}
     return dict(params, HAS_BIAS=int(has_bias), RELU=int(relu), RESIDUAL=int(residual),
                 ARGS=kernel_args(params),
                 PACK_WG=PACK_WG,
