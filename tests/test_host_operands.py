@@ -19,7 +19,11 @@ import pysparsecl as ps
 from pysparsecl import runtime
 from pysparsecl.ops import _prepared, conv2d, masked
 from pysparsecl.testing.cases import ConvCase, row_masks
-from pysparsecl.testing.reference import conv2d_reference, relative_error
+from pysparsecl.testing.reference import (
+    conv2d_reference,
+    masked_matmul_reference,
+    relative_error,
+)
 
 CASE = ConvCase(2, 8, 9, 7, 12, sparsity=0.7)
 HOST_MODES = ("copy", "map", "in_place")
@@ -363,4 +367,6 @@ def test_repeated_calls_into_one_out_array_hold_one_event(queue, rng):
                       ("conv2d_masked", conv_out), ("drs_mask", drs_out),
                       ("conv2d_sparse", sparse_out), ("add", add_out)):
         assert len(arr.events) == 1, (name, len(arr.events))
-    np.testing.assert_allclose(y.get(), np.where(mask, x @ w, 0), rtol=1e-4, atol=1e-4)
+    assert relative_error(y.get(), masked_matmul_reference(x, w, mask)) < 1e-4
+    assert relative_error(sparse_out.get(), conv2d_reference(
+        xc.get(), csr.toarray().reshape(3, 2, 3, 3), None, padding=(1, 1))) < 1e-4
