@@ -10,6 +10,8 @@ install:  ## editable install with the test and TVM extras, plus a working OpenC
 	$(PYTHON) -m pip install -e '.[test]'
 	$(PYTHON) -m pip install -e '.[test,tvm]' || { [ -z "$$CI" ] || exit 1; \
 		echo "apache-tvm could not be installed: the TVM tests will be skipped"; }
+	@# CI also runs the TVM frontend tests (torch.export, ONNX): torch's CPU build and onnx.
+	[ -z "$$CI" ] || $(PYTHON) -m pip install 'torch==2.13.0' onnx
 	PYTHON=$(PYTHON) bash scripts/ensure_opencl_cpu.sh
 
 test:  ## the test suite, on every working OpenCL device
@@ -32,7 +34,8 @@ verify-readme: verify-deps  ## make verify, the verification tests, and their fi
 bench-deps:  ## baselines (torch) and plotting (matplotlib); the benchmark skips what is missing
 	-$(PYTHON) -m pip install -q -e '.[bench]'
 
-# Every suite of the driver, python -m bench (tvm only where apache-tvm imports);
+# Every suite of the driver, python -m bench (tvm where apache-tvm imports, tvm_network
+# where apache-tvm and torch do);
 # BENCH_ARGS goes to every suite that takes the option (python -m bench --help).
 bench: bench-deps  ## full benchmark: tables, bench/results/[network-]<device>.{json,md,png}
 	$(PYTHON) -m bench $(BENCH_ARGS)

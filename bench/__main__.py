@@ -1,6 +1,7 @@
 """pysparsecl benchmarks: ``python -m bench [SUITE ...] [options]`` (``make bench``).
 
-Suites (default: all of them, tvm only where apache-tvm imports), run in this order:
+Suites (default: all of them; tvm where apache-tvm imports, tvm_network where apache-tvm
+and torch do), run in this order:
 
   conv2d       conv2d_sparse on ResNet-50 layers vs torch dense, torch CSR and SciPy
   elementwise  add's bandwidth vs NumPy and the device's copy
@@ -8,11 +9,13 @@ Suites (default: all of them, tvm only where apache-tvm imports), run in this or
   drs          the search's device time kernel by kernel (printed, no file)
   network      ResNet-50 from the res2 input to the logits, eager and replayed, vs torch
   tvm          what TVM adds over a direct conv2d_sparse call
+  tvm_network  ResNet-50 through TVM with offload_sparse_conv2d vs TVM dense and torch
 
 Results (OUT = --out, default bench/results; DEVICE = the device's slug):
 conv2d, elementwise and masked write their rows together to
 OUT/DEVICE[-TAG][-quick].{json,md,png}; network writes OUT/network-DEVICE[-quick].{json,
-md,png}; tvm writes OUT/tvm-overhead-DEVICE.{json,md}.  ``--readme`` only rewrites the
+md,png}; tvm writes OUT/tvm-overhead-DEVICE.{json,md}; tvm_network writes
+OUT/tvm-network-DEVICE[-quick].{json,md,png}.  ``--readme`` only rewrites the
 tables of README.md and docs/benchmarks.md from the committed results.
 
 An option left out takes each suite's own default (shown in brackets in its help); one
@@ -28,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-SUITES = ("conv2d", "elementwise", "masked", "drs", "network", "tvm")
+SUITES = ("conv2d", "elementwise", "masked", "drs", "network", "tvm", "tvm_network")
 #: The suites whose rows share one results file, OUT/DEVICE[-TAG][-quick].*
 LAYER_SUITES = ("conv2d", "elementwise", "masked")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,10 +48,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: conv2d/elementwise/masked/network in < 2 min on 2 cores")
     p.add_argument("--batch", type=int, nargs="+",
-                   help="conv2d [1 8], network [1 8 on a CPU device, 1 32 on a GPU]")
+                   help="conv2d [1 8], network [1 8 on a CPU device, 1 32 on a GPU], "
+                        "tvm_network [1 8]; tvm takes the first value [8]")
     p.add_argument("--sparsity", type=float, nargs="+",
                    help="conv2d [0 0.7 0.9 0.95 0.98], masked [0.5 0.8 0.9], network "
-                        "[0 0.7 0.9 0.95]; drs and tvm take the first value [0.9]")
+                        "[0 0.7 0.9 0.95], tvm_network [0 0.7 0.9 0.95]; drs and tvm take "
+                        "the first value [0.9]")
     p.add_argument("--rounds", type=int,
                    help="interleaved rounds (each: warm-up + timed runs per contender) "
                         "[3; tvm 10]")
@@ -73,17 +78,22 @@ def parser() -> argparse.ArgumentParser:
 
 
 def select(names) -> list:
-    """The suites to run, in SUITES' order: the named ones, or all (tvm where it imports)."""
-    from . import tvm_overhead
+    """The suites to run, in SUITES' order: the named ones, or all (the TVM suites where
+    what they need imports)."""
+    from . import tvm_network, tvm_overhead
     unknown = sorted(set(names) - set(SUITES))
     if unknown:
         raise SystemExit(f"unknown suite(s) {', '.join(unknown)}; known: {', '.join(SUITES)}")
     if names:
         return [s for s in SUITES if s in names]
+    suites = list(SUITES)
     if not tvm_overhead.available():
         print("apache-tvm not installed: TVM overhead benchmark skipped")
-        return [s for s in SUITES if s != "tvm"]
-    return list(SUITES)
+        suites.remove("tvm")
+    if not tvm_network.available():
+        print("apache-tvm or torch not installed: TVM network benchmark skipped")
+        suites.remove("tvm_network")
+    return suites
 
 
 def run_layers(queue, args, suites) -> None:
@@ -165,7 +175,7 @@ def main(argv=None) -> int:
     args.rounds = rounds or 3
     sparsity = args.sparsity[0] if args.sparsity else None   # drs' and tvm's
     queue = None
-    if any(s != "tvm" for s in suites):
+    if any(s not in ("tvm", "tvm_network") for s in suites):
         from pysparsecl import runtime
         queue = runtime.queue_for(args.device)
     layers = [s for s in suites if s in LAYER_SUITES]
@@ -185,7 +195,11 @@ def main(argv=None) -> int:
         elif name == "tvm":
             from . import tvm_overhead as tv
             tv.run(tv.LAYER if args.layer is None else args.layer,
-                   tv.SPARSITY if sparsity is None else sparsity, rounds or tv.ROUNDS, args.out)
+                   tv.SPARSITY if sparsity is None else sparsity, rounds or tv.ROUNDS, args.out,
+                   args.batch[0] if args.batch else tv.BATCH)
+        elif name == "tvm_network":
+            from . import tvm_network
+            tvm_network.run(args)
         print(f"== {name}: {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
 

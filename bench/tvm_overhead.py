@@ -1,6 +1,6 @@
 """The overhead TVM adds over a direct pysparsecl call, for one convolution.
 
-``python -m bench tvm [--layer 0..4] [--rounds N]`` times, in the same run and in
+``python -m bench tvm [--layer 0..4] [--batch N] [--rounds N]`` times, in the same run and in
 interleaved rounds (bench/timing.py), the wall time of:
 
 - ``direct``: ``pysparsecl.conv2d_sparse`` on NumPy arrays with a prepared
@@ -10,7 +10,10 @@ interleaved rounds (bench/timing.py), the wall time of:
   with its content hash);
 - ``callback``: our packed function's Python body called directly on TVM tensors (no
   TVM dispatch), which splits the overhead into ours and TVM's;
-- ``relax``: a one-op Relax function on ``relax.VirtualMachine`` (adds output allocation).
+- ``relax``: a one-op Relax function on ``relax.VirtualMachine`` (adds output allocation);
+- ``offload``: the path a whole network takes: a Relax ``R.nn.conv2d`` on a constant
+  weight, rewritten by ``pysparsecl.tvm.offload_sparse_conv2d`` and run on the VM (the
+  constant weight is prepared once and found by its token, with no hashing per call).
 
 Both TVM paths copy the input to the OpenCL device and the output back, exactly as the
 direct call does, so the difference is TVM's and the callback's own cost.
@@ -30,7 +33,7 @@ from pysparsecl.testing.reference import relative_error
 from .timing import interleaved_medians, wall_ms
 
 #: Defaults of the options this suite takes (the driver's are None: "the suite's own").
-LAYER, SPARSITY, ROUNDS = 0, 0.9, 10
+LAYER, SPARSITY, ROUNDS, BATCH = 0, 0.9, 10, 8
 
 
 def available() -> bool:
@@ -42,7 +45,7 @@ def available() -> bool:
     return True
 
 
-def run(layer: int, sparsity: float, rounds: int, out_dir) -> dict:
+def run(layer: int, sparsity: float, rounds: int, out_dir, batch: int = BATCH) -> dict:
     """The suite: writes ``out_dir``/tvm-overhead-<device>.{json,md} and returns the results.
     It runs on the runtime's default queue, the one TVM's packed functions use."""
     try:
@@ -53,7 +56,7 @@ def run(layer: int, sparsity: float, rounds: int, out_dir) -> dict:
     except ImportError:
         raise SystemExit("the tvm suite needs apache-tvm: pip install -e '.[tvm]'") from None
 
-    case = RESNET50_LAYERS[layer].with_(sparsity=sparsity, N=1)
+    case = RESNET50_LAYERS[layer].with_(sparsity=sparsity, N=batch)
     rng = np.random.default_rng(0)
     x, w, csr, _ = case.make_inputs(rng)
     queue = runtime.get_queue()
@@ -102,17 +105,39 @@ def run(layer: int, sparsity: float, rounds: int, out_dir) -> dict:
     def via_relax():
         y_relax[:] = [relax_main(tx, twd, twi, twp)]
 
-    for fn in (direct, via_te, via_relax):
+    # (d) offloaded from a Relax conv2d on a constant weight
+    w_oihw = w.reshape(case.K, case.C // case.groups, *case.kernel)
+    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            conv = relax.op.nn.conv2d(xv, relax.const(w_oihw), strides=case.stride,
+                                      padding=case.padding, dilation=case.dilation,
+                                      groups=case.groups)
+            out = bb.emit_output(bb.emit(conv))
+        bb.emit_func_output(out)
+    decisions = []
+    offloaded = pst.offload_sparse_conv2d(bb.get(), decisions=decisions)
+    assert [d.offloaded for d in decisions] == [True], decisions
+    offload_main = relax.VirtualMachine(tvm.compile(offloaded, target="llvm"), dev)["main"]
+    y_offload = []
+
+    def via_offload():
+        y_offload[:] = [offload_main(tx)]
+
+    for fn in (direct, via_te, via_relax, via_offload):
         fn()
     ref = case.reference(x, w, None)
-    for name, got in (("direct", y_direct), ("te", ty.numpy()), ("relax", y_relax[0].numpy())):
+    for name, got in (("direct", y_direct), ("te", ty.numpy()), ("relax", y_relax[0].numpy()),
+                      ("offload", y_offload[0].numpy())):
         err = relative_error(got, ref)
         assert err < 1e-4, f"{name} result is wrong: relative error {err:.2e}"
 
     pst.clear_cache()
     med = interleaved_medians({"direct": wall_ms(direct), "callback": wall_ms(callback),
                                "te": wall_ms(via_te),
-                               "relax": wall_ms(via_relax)}, rounds=rounds, block=5)
+                               "relax": wall_ms(via_relax),
+                               "offload": wall_ms(via_offload)}, rounds=rounds, block=5)
     assert pst.cache_stats["builds"] <= 1, pst.cache_stats   # the weight was reused
 
     device = queue.device
@@ -122,7 +147,7 @@ def run(layer: int, sparsity: float, rounds: int, out_dir) -> dict:
               "rounds x 5 calls, wall clock")
     rows = [dict(path=name, median_ms=med[name], overhead_ms=med[name] - med["direct"],
                  overhead_pct=100 * (med[name] - med["direct"]) / med["direct"])
-            for name in ("direct", "callback", "te", "relax")]
+            for name in ("direct", "callback", "te", "relax", "offload")]
     lines = [header, "", "| path | median ms | overhead ms | overhead % |", "|---|---:|---:|---:|"]
     lines += [f"| {r['path']} | {r['median_ms']:.3f} | {r['overhead_ms']:.3f} | "
               f"{r['overhead_pct']:.1f}% |" for r in rows]

@@ -130,14 +130,18 @@ def test_committed_docs_hold_the_generated_tables():
 
 
 def test_driver_suites_and_defaults(monkeypatch):
-    from bench import tvm_overhead
+    from bench import tvm_network, tvm_overhead
     args = parser().parse_intermixed_args(["network", "--quick", "conv2d", "--batch", "2"])
     assert args.suites == ["network", "conv2d"] and args.quick and args.batch == [2]
     assert args.sparsity is None and args.rounds is None   # each suite's own defaults
     assert select(["network", "conv2d"]) == ["conv2d", "network"]    # SUITES' order
     monkeypatch.setattr(tvm_overhead, "available", lambda: False)
+    monkeypatch.setattr(tvm_network, "available", lambda: True)
     assert select([]) == [s for s in SUITES if s != "tvm"]
+    monkeypatch.setattr(tvm_network, "available", lambda: False)
+    assert select([]) == [s for s in SUITES if s not in ("tvm", "tvm_network")]
     monkeypatch.setattr(tvm_overhead, "available", lambda: True)
+    monkeypatch.setattr(tvm_network, "available", lambda: True)
     assert select([]) == list(SUITES)
     with pytest.raises(SystemExit):
         select(["sweep"])

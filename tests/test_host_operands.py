@@ -17,7 +17,7 @@ import scipy.sparse as sp
 
 import pysparsecl as ps
 from pysparsecl import runtime
-from pysparsecl.ops import _prepared, conv2d, masked
+from pysparsecl.ops import _common, _prepared, conv2d, masked
 from pysparsecl.testing.cases import ConvCase, row_masks
 from pysparsecl.testing.reference import (
     conv2d_reference,
@@ -247,6 +247,45 @@ def test_conv2d_host_paths(queue, rng, host_mode, aligned, size):
     out = np.full_like(got, np.nan)
     assert _conv(queue, x, csr, bias=bias, out=out) is out
     assert relative_error(out, conv2d_reference(x, w, bias, (1, 1), (1, 1), (1, 1))) < 1e-5
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_conv2d_numpy_out_overlapping_its_operands(queue, rng, host_mode, size):
+    """A NumPy ``out``, written in place where the kernels work in host memory unless it
+    overlaps an operand (see the next test): each case gives the reference's answer."""
+    case = SIZES[size].with_(K=SIZES[size].C, bias=True)       # out has x's shape
+    x, w, csr, bias = case.make_inputs(rng)
+    ref = conv2d_reference(x, w, bias, (1, 1), (1, 1), (1, 1))
+    # An out that starts off the device's base alignment.
+    out = _misaligned(np.zeros_like(x))
+    assert _conv(queue, x, csr, bias=bias, out=out) is out
+    assert relative_error(out, ref) < 1e-5
+    # The residual is out itself.
+    residual = rng.standard_normal(x.shape, dtype=np.float32)
+    expected = np.maximum(ref + residual, 0)
+    out = residual
+    assert _conv(queue, x, csr, bias=bias, residual=residual, activation="relu",
+                 out=out) is out
+    assert relative_error(out, expected) < 1e-5
+    # out starts half-way into x's memory.
+    raw = np.empty(x.size + x.size // 2, np.float32)
+    x_view = raw[:x.size].reshape(x.shape)
+    x_view[...] = x
+    out = raw[x.size // 2:].reshape(x.shape)
+    _conv(queue, x_view, csr, bias=bias, out=out)
+    assert relative_error(out, ref) < 1e-5
+
+
+def test_only_an_out_apart_from_the_operands_is_lent():
+    raw = np.zeros(1000, np.float32)
+    x, out = raw[:400], raw[500:]
+    assert _common._lendable(out, (x, None))
+    assert not _common._lendable(raw[300:], (x, None))            # overlaps x
+    assert not _common._lendable(out, (None, raw[900:]))          # overlaps the residual
+    assert not _common._lendable(raw[500::2], (x,))               # strided
+    read_only = raw[500:].copy()
+    read_only.flags.writeable = False
+    assert not _common._lendable(read_only, (x,))
 
 
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "misaligned"])

@@ -50,8 +50,9 @@ def check_out(out, shape, dtype, like, name: str = "out") -> None:
 
 
 def new_output(queue: cl.CommandQueue, shape, dtype, out, like, zeros: bool = False, *,
-               slot: str = "out") -> Tuple[cl_array.Array, Optional[Callable[[], np.ndarray]]]:
-    """The device array an op writes its result into, and, when the result will be a new
+               slot: str = "out", inputs: Optional[tuple] = None
+               ) -> Tuple[cl_array.Array, Optional[Callable[[], np.ndarray]]]:
+    """The device array an op writes its result into, and, when the result will be a
     NumPy array that the kernels write in place, how :func:`deliver` takes it (else
     None); ``zeros``: the result starts zeroed; ``slot``: a name unique among the call's
     operands (see :func:`runtime.staging`).
@@ -60,11 +61,31 @@ def new_output(queue: cl.CommandQueue, shape, dtype, out, like, zeros: bool = Fa
     - A NumPy call (``like`` not a device array) with no ``out``, on a device that shares
       host memory: a small result is written to the thread's staging buffer and copied
       out, a larger one into a new NumPy array lent to the kernels in place.
+    - A NumPy call with a NumPy ``out``, where the op passes ``inputs`` (the operands
+      that the kernels read at other places than the one they write), on a device whose
+      kernels work in host memory itself: the same, into ``out``, unless ``out`` overlaps
+      one of ``inputs`` or is not a C-contiguous, aligned, writable array.
     - Otherwise a new pooled device array."""
     if is_device_array(out):
         return out, None
     n_bytes = math.prod(shape) * np.dtype(dtype).itemsize
     check_alloc(queue, n_bytes, "the output")
+    if out is not None and inputs is not None and n_bytes and \
+            not is_device_array(like) and _lendable(out, inputs) and \
+            runtime.shares_host_memory(queue.device) and \
+            runtime.kernels_use_host_memory(queue.device):
+        if n_bytes <= runtime.STAGING_MAX_BYTES:
+            dev, view = runtime.staging(queue, slot, shape, dtype)
+            if zeros:
+                view.fill(0)
+
+            def take():
+                out[...] = view
+                return out
+            return dev, take
+        if zeros:
+            out.fill(0)
+        return runtime.wrap_host(queue, out, writable=True), lambda: out
     if out is None and n_bytes and not is_device_array(like) and \
             runtime.shares_host_memory(queue.device):
         if n_bytes <= runtime.STAGING_MAX_BYTES and runtime.kernels_use_host_memory(
@@ -79,6 +100,17 @@ def new_output(queue: cl.CommandQueue, shape, dtype, out, like, zeros: bool = Fa
     if zeros:
         return cl_array.zeros(queue, shape, dtype, allocator=alloc), None
     return runtime.empty(queue, shape, dtype, allocator=alloc), None
+
+
+def _lendable(out: np.ndarray, inputs: tuple) -> bool:
+    """Whether the kernels may write ``out`` in place: it is a C-contiguous, aligned,
+    writable NumPy array that shares no memory with ``inputs``."""
+    flags = out.flags
+    if not (type(out) is np.ndarray and flags.c_contiguous and flags.aligned and
+            flags.writeable):
+        return False
+    return not any(a is not None and not is_device_array(a) and np.may_share_memory(out, a)
+                   for a in inputs)
 
 
 def written(array, event) -> None:

@@ -368,7 +368,9 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
     On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
     lends ``x``, ``bias``, ``residual`` and a new result to the kernels in place, with no
     copy (operands up to 256 KiB go through a staging buffer the thread keeps: a memcpy);
-    elsewhere they are copied to and from the device.  A NumPy call returns when its
+    where the kernels work in host memory itself (PoCL), a NumPy ``out`` that overlaps
+    neither ``x``, ``bias`` nor ``residual`` is written in place too; elsewhere operands
+    are copied to and from the device.  A NumPy call returns when its
     result is ready; a device-array call returns once it is enqueued.
     """
     if type(w_csr) is SparseConvWeight and type(x) is cl_array.Array and out is None:
@@ -398,7 +400,10 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
                        activation, residual, out)
     geom, relu = call.geom, call.relu
 
-    out_dev, host = new_output(queue, call.out_shape, np.float32, out, like=x)
+    # (A residual that is out itself is not lent: a weight edited since the last
+    # call computes the output twice, and the second pass must read the residual.)
+    out_dev, host = new_output(queue, call.out_shape, np.float32, out, like=x,
+                               inputs=(x, bias, residual))
     if out_dev.size:
         borrow = not is_device_array(x)   # a NumPy call waits for its result
         x_dev = to_device(x, queue, "x", borrow)

@@ -51,25 +51,30 @@ except ImportError as exc:  # pragma: no cover - exercised only without TVM
         "pysparsecl.tvm needs Apache TVM: install it with `pip install pysparsecl[tvm]` "
         "(or `pip install apache-tvm`)") from exc
 
-from . import runtime
-from .ops._common import int_pair
-from .ops.conv2d import SparseConvWeight, conv2d_output_shape, conv2d_sparse
-from .ops.elementwise import add, mul
-from .ops.masked import masked_matmul
+from .. import runtime
+from ..ops._common import int_pair
+from ..ops.conv2d import SparseConvWeight, conv2d_output_shape, conv2d_sparse
+from ..ops.elementwise import add, mul
+from ..ops.masked import masked_matmul
 
 __all__ = [
     "register", "FUNCTION_NAMES",
     "conv2d_sparse_extern", "masked_matmul_extern", "add_extern", "mul_extern",
     "relax_conv2d_sparse", "relax_masked_matmul", "relax_add", "relax_mul",
+    "weight_token", "offload_sparse_conv2d", "OffloadDecision",
 ]
 
 CONV2D = "pysparsecl.conv2d_sparse"
+CONV2D_CONSTANT = "pysparsecl.conv2d_sparse_constant"
 MASKED_MATMUL = "pysparsecl.masked_matmul"
 ADD = "pysparsecl.add"
 MUL = "pysparsecl.mul"
-FUNCTION_NAMES = (CONV2D, MASKED_MATMUL, ADD, MUL)
+FUNCTION_NAMES = (CONV2D, CONV2D_CONSTANT, MASKED_MATMUL, ADD, MUL)
 
 _N_CONV_SCALARS = 9          # R, S, stride h/w, padding h/w, dilation h/w, groups
+_CONV_SCALAR_NAMES = ("R", "S", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
+                      "groups")
+_CONV_SCALAR_MINIMA = (1, 1, 1, 1, 0, 0, 1, 1, 1)
 _KDL_CPU = 1                 # DLPack's device type code for host memory
 
 
@@ -139,10 +144,13 @@ cache_stats = {"hits": 0, "builds": 0}
 
 
 def clear_cache() -> None:
-    """Drop every prepared weight (and reset :data:`cache_stats`)."""
+    """Drop every prepared weight (and reset :data:`cache_stats` and
+    :data:`constant_stats`)."""
     with _cache_lock:
         _cache.clear()
+        _constant_weights.clear()
         cache_stats.update(hits=0, builds=0)
+        constant_stats.update(hits=0, builds=0)
 
 
 def _check_csr(data, indices, indptr, n_cols: int) -> None:
@@ -205,6 +213,10 @@ def _prepared_weight(data, indices, indptr, in_channels: int, kernel_size, group
 
 # --------------------------------------------------------------------------- callbacks
 
+def _conv_scalar_args(values) -> tuple:
+    return tuple(_scalar(v, n, m) for v, n, m in zip(values, _CONV_SCALAR_NAMES,
+                                                      _CONV_SCALAR_MINIMA))
+
 def _conv2d_callback(*args):
     if len(args) not in (14, 15):
         raise TypeError(f"{CONV2D} takes (x, w_data, w_indices, w_indptr, [bias,] R, S, "
@@ -216,11 +228,7 @@ def _conv2d_callback(*args):
     indices = _as_numpy(args[2], "w_indices", [np.int32, np.int64])
     indptr = _as_numpy(args[3], "w_indptr", [np.int32, np.int64])
     bias = _as_numpy(args[4], "bias", [np.float32]) if has_bias else None
-    names = ("R", "S", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w", "groups")
-    minima = (1, 1, 1, 1, 0, 0, 1, 1, 1)
-    scalars = args[4 + has_bias:-1]
-    r, s, sh, sw, ph, pw, dh, dw, groups = (_scalar(v, n, m)
-                                            for v, n, m in zip(scalars, names, minima))
+    r, s, sh, sw, ph, pw, dh, dw, groups = _conv_scalar_args(args[4 + has_bias:-1])
     out = _as_numpy(args[-1], "out", [np.float32])
     if x.ndim != 4:
         raise ValueError(f"x must be NCHW (4-D), got shape {x.shape}")
@@ -229,6 +237,95 @@ def _conv2d_callback(*args):
     weight = _prepared_weight(data, indices, indptr, x.shape[1], (r, s), groups)
     conv2d_sparse(x, weight, bias, kernel_size=(r, s), stride=(sh, sw), padding=(ph, pw),
                   dilation=(dh, dw), groups=groups, out=out)
+
+
+# --------------------------------------------------------------------------- constant weights
+
+def weight_token(data, indices, indptr) -> int:
+    """A 63-bit content token of a CSR weight's three arrays (dtypes, shapes and bytes).
+
+    :func:`offload_sparse_conv2d` computes it when it turns a weight into constants and
+    passes it with each call of ``pysparsecl.conv2d_sparse_constant``, which then keys
+    its prepared weights on the token instead of hashing the arrays on every call."""
+    h = hashlib.blake2b(digest_size=8)
+    for a in (data, indices, indptr):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return int.from_bytes(h.digest(), "little") >> 1      # a non-negative int64
+
+
+#: Prepared weights of module constants: (token, the three buffers' addresses, in
+#: channels, kernel size, groups, queue) -> SparseConvWeight.  A compiled module's
+#: constants never change, and a token names their content, so an entry is never stale:
+#: buffers freed and reused for other constants come with another token.
+_constant_weights: "OrderedDict[tuple, SparseConvWeight]" = OrderedDict()
+_CONSTANT_CACHE_SIZE = 512    # a ResNet-50 has 53 convolutions
+#: How often a constant's prepared weight was reused or built (the tests read it).
+constant_stats = {"hits": 0, "builds": 0}
+
+
+def _constant_weight(token: int, tensors, in_channels: int, kernel_size, groups: int
+                     ) -> SparseConvWeight:
+    queue = runtime.get_queue()
+    key = (token, tensors[0].data_ptr(), tensors[1].data_ptr(), tensors[2].data_ptr(),
+           in_channels, kernel_size, groups, queue.int_ptr)
+    weight = _constant_weights.get(key)
+    if weight is not None:
+        constant_stats["hits"] += 1
+        return weight
+    data = _as_numpy(tensors[0], "w_data", [np.float32])
+    indices = _as_numpy(tensors[1], "w_indices", [np.int32, np.int64])
+    indptr = _as_numpy(tensors[2], "w_indptr", [np.int32, np.int64])
+    if weight_token(data, indices, indptr) != token:
+        raise ValueError(f"weight_token {token} is not the token of these CSR arrays: pass "
+                         "pysparsecl.tvm.weight_token(w_data, w_indices, w_indptr)")
+    n_cols = (in_channels // groups) * kernel_size[0] * kernel_size[1]
+    _check_csr(data, indices, indptr, n_cols)
+    csr = sp.csr_matrix((np.array(data), np.array(indices), np.array(indptr)),
+                        shape=(indptr.shape[0] - 1, n_cols))
+    weight = SparseConvWeight(csr, in_channels, kernel_size, groups, queue)
+    with _cache_lock:
+        _constant_weights[key] = weight
+        while len(_constant_weights) > _CONSTANT_CACHE_SIZE:
+            _constant_weights.popitem(last=False)
+        constant_stats["builds"] += 1
+    return weight
+
+
+def _conv2d_constant_callback(*args):
+    n_tensors = len(args) - 12          # 9 conv scalars, relu, weight_token, out
+    if not 4 <= n_tensors <= 6:
+        raise TypeError(f"{CONV2D_CONSTANT} takes (x, w_data, w_indices, w_indptr, [bias,] "
+                        "[residual,] R, S, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, "
+                        f"groups, relu, weight_token, out): 16 to 18 arguments, got "
+                        f"{len(args)}")
+    *conv_scalars, relu, token = args[n_tensors:-1]
+    r, s, sh, sw, ph, pw, dh, dw, groups = _conv_scalar_args(conv_scalars)
+    relu = _scalar(relu, "relu", 0)
+    if relu > 1:
+        raise ValueError(f"relu must be 0 or 1, got {relu}")
+    token = _scalar(token, "weight_token", 0)
+    x = _as_numpy(args[0], "x", [np.float32])
+    bias = residual = None
+    for i in range(4, n_tensors):
+        t = _as_numpy(args[i], "bias or residual", [np.float32])
+        if t.ndim == 1 and bias is None and residual is None:
+            bias = t
+        elif t.ndim == 4 and residual is None:
+            residual = t
+        else:
+            raise ValueError("the tensors after w_indptr must be a 1-D bias and/or a 4-D "
+                             f"residual, in that order; got shape {t.shape}")
+    out = _as_numpy(args[-1], "out", [np.float32])
+    if x.ndim != 4:
+        raise ValueError(f"x must be NCHW (4-D), got shape {x.shape}")
+    if x.shape[1] % groups:
+        raise ValueError(f"groups={groups} does not divide the {x.shape[1]} input channels")
+    weight = _constant_weight(token, args[1:4], x.shape[1], (r, s), groups)
+    conv2d_sparse(x, weight, bias, kernel_size=(r, s), stride=(sh, sw), padding=(ph, pw),
+                  dilation=(dh, dw), groups=groups, activation="relu" if relu else None,
+                  residual=residual, out=out)
 
 
 def _masked_matmul_callback(x, w, mask, out):
@@ -245,13 +342,14 @@ def _mul_callback(a, b, out):
     mul(_as_numpy(a, "a"), _as_numpy(b, "b"), out=_as_numpy(out, "out"))
 
 
-_CALLBACKS = {CONV2D: _conv2d_callback, MASKED_MATMUL: _masked_matmul_callback,
+_CALLBACKS = {CONV2D: _conv2d_callback, CONV2D_CONSTANT: _conv2d_constant_callback,
+              MASKED_MATMUL: _masked_matmul_callback,
               ADD: _add_callback, MUL: _mul_callback}
 _register_lock = threading.Lock()
 
 
 def register(override: bool = False) -> None:
-    """Register the four global packed functions (:data:`FUNCTION_NAMES`) with TVM.
+    """Register the global packed functions (:data:`FUNCTION_NAMES`) with TVM.
 
     Calling it again is a no-op.  If another function already holds one of the names,
     ``RuntimeError`` is raised unless ``override=True``, which replaces it.  The extern
@@ -481,3 +579,6 @@ def relax_add(a, b) -> relax.Call:
 def relax_mul(a, b) -> relax.Call:
     """``R.call_dps_packed("pysparsecl.mul", (a, b))``; same rules as :func:`mul_extern`."""
     return _relax_elementwise(MUL, a, b)
+
+
+from .offload import OffloadDecision, offload_sparse_conv2d  # noqa: E402  (needs the above)
