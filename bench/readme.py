@@ -3,9 +3,10 @@
 ``python -m bench --readme`` (``make bench-readme``) rewrites two marked blocks from the
 committed results files, never typed by hand:
 
-- README.md's headline block: the whole-network tables, then per device the per-layer
-  conv2d_sparse rows at 90% sparsity and the largest batch, in a few columns;
-- docs/benchmarks.md's tables block: the whole-network tables, then per device the
+- README.md's headline block: the whole-network tables, the ResNet-50-through-TVM
+  tables, then per device the per-layer conv2d_sparse rows at 90% sparsity and the
+  largest batch, in a few columns;
+- docs/benchmarks.md's tables block: the same two network tables, then per device the
   per-layer rows at 90%/95% (conv2d_sparse), the elementwise add at >= 16 M elements and
   the DSG rows at 90%, in every column, with the plots.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import conv2d, elementwise, masked, network, report
+from . import conv2d, elementwise, masked, network, report, tvm_network
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -52,8 +53,25 @@ def network_tables(results_dir: Path = RESULTS, prefix: str = "") -> list:
     return parts
 
 
+def tvm_network_tables(results_dir: Path = RESULTS, prefix: str = "") -> list:
+    """Markdown lines: ResNet-50 through TVM, with and without the offload, per device."""
+    found = list(_results(results_dir, "tvm-network-*.json"))
+    if not found:
+        return []
+    parts = ["### Whole network through TVM: ResNet-50 with offload_sparse_conv2d", "",
+             tvm_network.NOTE, ""]
+    for stem, data in found:
+        h = data["header"]
+        parts += [f"**{h['device']}** ({h['date']}; TVM {h['tvm']}; baselines: "
+                  f"{h['baselines']}; [bench/results/{stem}.md]"
+                  f"({prefix}bench/results/{stem}.md))", "",
+                  tvm_network.markdown_table(data["rows"]), ""]
+    return parts
+
+
 def _layer_files(results_dir: Path):
-    return _results(results_dir, "*.json", skip=("sweep", "tvm-overhead", "network"))
+    return _results(results_dir, "*.json",
+                    skip=("sweep", "tvm-overhead", "tvm-network", "network"))
 
 
 def layer_tables(results_dir: Path = RESULTS, prefix: str = "") -> list:
@@ -107,14 +125,16 @@ def headline_layers(results_dir: Path = RESULTS, prefix: str = "") -> list:
 
 def readme_headline(results_dir: Path = RESULTS) -> str:
     """README.md's block: whole network first, then the per-layer headline."""
-    return "\n".join(network_tables(results_dir) + headline_layers(results_dir) + [
+    return "\n".join(network_tables(results_dir) + tvm_network_tables(results_dir) +
+                     headline_layers(results_dir) + [
         "Every column, the elementwise and DSG tables and the plots: "
         "[docs/benchmarks.md](docs/benchmarks.md#results).", ""])
 
 
 def benchmarks_tables(results_dir: Path = RESULTS) -> str:
     """docs/benchmarks.md's block: whole network, then every per-layer table."""
-    return "\n".join(network_tables(results_dir, "../") + layer_tables(results_dir, "../"))
+    return "\n".join(network_tables(results_dir, "../") +
+                     tvm_network_tables(results_dir, "../") + layer_tables(results_dir, "../"))
 
 
 def replace_block(path: Path, markers, body: str) -> None:

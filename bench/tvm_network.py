@@ -215,7 +215,8 @@ def run(args) -> dict:
     header = {
         **report.run_header(device),
         "model": "ResNet-50 (torchvision's architecture), 224x224, random weights, every "
-                 "conv magnitude-pruned; BatchNorm in the graph, folded by the offload",
+                 "conv and the FC magnitude-pruned; BatchNorm in the graph, folded by the "
+                 "offload",
         "tvm": f"{tvm.__version__}, target {host_target()}",
         "baselines": f"torch {torch.__version__} on cpu ({torch.get_num_threads()} threads, "
                      "oneDNN); TVM's default pipeline on the same module",

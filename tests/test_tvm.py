@@ -162,6 +162,22 @@ def test_as_numpy_reads_owned_and_borrowed_tensors(rng):
     # Borrowed views (TE call_packed) go through the same path: the TE tests above run it.
 
 
+def test_device_tensors_are_refused_by_name():
+    """A TVM built with OpenCL or CUDA hands device tensors: refused, naming the argument
+    (the callbacks move host data to pysparsecl's own device)."""
+    class OpenCLDevice:
+        def dlpack_device_type(self):
+            return 4                       # kDLOpenCL
+
+    class DeviceTensor:
+        device, shape, dtype = OpenCLDevice(), (2, 2), "float32"
+
+        def data_ptr(self):
+            return 0
+    with pytest.raises(ValueError, match="x must be a host \\(CPU\\) tensor"):
+        pst._as_numpy(DeviceTensor(), "x")
+
+
 def test_wrong_dtype_reaches_the_caller_as_type_error(rng):
     case = base.with_(bias=False)
     x, _, csr, _ = case.make_inputs(rng)
