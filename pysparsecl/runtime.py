@@ -15,6 +15,7 @@ import math
 import os
 import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -831,10 +832,17 @@ def wrap_host(queue: cl.CommandQueue, host: np.ndarray, writable: bool) -> cl_ar
     alignment (the same page: the alignment divides 4 KiB), and the array lies at the
     remainder as its offset; the few bytes before it are never touched.
 
-    The buffer keeps ``host`` alive.  The caller must wait for every command that uses it
-    before ``host`` is read (for a written one: through :func:`sync_host`) or changed by
-    anyone else; the ops lend host memory only to calls that block until their result is
-    on the host.  ``host`` must be aligned to its own item size (NumPy's ``aligned``)."""
+    The caller must wait for every command that uses the array before ``host`` is read
+    (for a written one: through :func:`sync_host`) or changed by anyone else; the ops lend
+    host memory only to calls that block until their result is on the host.  ``host``
+    must be aligned to its own item size (NumPy's ``aligned``).
+
+    Where the kernels work in host memory itself (:func:`kernels_use_host_memory`), the
+    buffer over an address range is kept and reused by later calls that lend the same
+    range (TVM's planned storage, an ``out=`` array used again): a new buffer costs PoCL
+    tens of microseconds at its first launch.  Such a buffer does not keep ``host`` alive;
+    it only ever serves calls that lend memory at its range while they run.  Elsewhere
+    each call makes a buffer, which keeps ``host`` alive."""
     if not (host.flags.c_contiguous and host.flags.aligned):
         raise ValueError("wrap_host needs a C-contiguous, aligned array")
     alignment = base_alignment(queue.device)
@@ -842,14 +850,43 @@ def wrap_host(queue: cl.CommandQueue, host: np.ndarray, writable: bool) -> cl_ar
         raise ValueError(f"wrap_host: a base alignment of {alignment} bytes spans pages")
     address = host.__array_interface__["data"][0]   # (cheaper than host.ctypes.data)
     lead = address % alignment
-    region = host
-    if lead:
-        region = (ctypes.c_char * (lead + host.nbytes)).from_address(address - lead)
-        region.owner = host   # the buffer holds region, region holds host
     flags = cl.mem_flags.USE_HOST_PTR | (cl.mem_flags.READ_WRITE if writable
                                          else cl.mem_flags.READ_ONLY)
-    buf = cl.Buffer(queue.context, flags, hostbuf=region)
+    if kernels_use_host_memory(queue.device):
+        buf = _lent_buffer(queue.context, address - lead, lead + host.nbytes, flags)
+    else:
+        region = host
+        if lead:
+            region = (ctypes.c_char * (lead + host.nbytes)).from_address(address - lead)
+            region.owner = host   # the buffer holds region, region holds host
+        buf = cl.Buffer(queue.context, flags, hostbuf=region)
     return _fast_array(queue, host.shape, host.dtype, data=buf, offset=lead)
+
+
+#: Buffers over lent host memory, kept where kernels work in host memory itself:
+#: (context, start address, bytes, flags) -> cl.Buffer; the oldest go first.
+_lent: "OrderedDict[tuple, cl.Buffer]" = OrderedDict()
+_LENT_MAX = 256
+_lent_lock = threading.Lock()
+
+
+def _lent_buffer(context: cl.Context, start: int, n_bytes: int, flags) -> cl.Buffer:
+    """The kept ``USE_HOST_PTR`` buffer over ``[start, start + n_bytes)``, made on first
+    use over a raw view of the range (a cached buffer holds its context, so the
+    context's address in the key is never reused while the entry lives)."""
+    key = (context.int_ptr, start, n_bytes, int(flags))
+    with _lent_lock:
+        buf = _lent.get(key)
+        if buf is not None:
+            _lent.move_to_end(key)
+            return buf
+    region = (ctypes.c_char * n_bytes).from_address(start)
+    buf = cl.Buffer(context, flags, hostbuf=region)
+    with _lent_lock:
+        _lent[key] = buf
+        while len(_lent) > _LENT_MAX:
+            _lent.popitem(last=False)
+    return buf
 
 
 #: Operands of NumPy calls up to this size go through the thread's staging buffers.
@@ -900,8 +937,10 @@ __kernel void pscl_in_place_probe(__global const float *src, __global float *dst
 def _probe_in_place(device: cl.Device) -> bool:
     """Whether kernels on ``device`` read and write a ``CL_MEM_USE_HOST_PTR`` buffer's
     host memory itself: a kernel must see a host write made after the buffer was created,
-    and its own writes must be in host memory after ``finish`` with no map.  Tried at
-    element offsets that break every alignment above 4 bytes, small and large."""
+    and its own writes must be in host memory after ``finish`` with no map; and so again
+    when the same buffers serve a second launch after host writes to both (as a kept
+    buffer does, see :func:`wrap_host`).  Tried at element offsets that break every
+    alignment above 4 bytes, small and large."""
     try:
         ctx = cl.Context([device])
         queue = cl.CommandQueue(ctx)
@@ -912,11 +951,13 @@ def _probe_in_place(device: cl.Device) -> bool:
             flags = cl.mem_flags.USE_HOST_PTR | cl.mem_flags.READ_WRITE
             src_buf = cl.Buffer(ctx, flags, hostbuf=src)
             dst_buf = cl.Buffer(ctx, flags, hostbuf=dst)
-            src[:] = np.arange(n, dtype=np.float32)     # after the buffer was made
-            kernel(queue, (n,), None, src_buf, dst_buf)
-            queue.finish()
-            if not np.array_equal(dst, np.arange(1, n + 1, dtype=np.float32)):
-                return False
+            for first in (0.0, 1000.0):
+                src[:] = np.arange(n, dtype=np.float32) + first   # after the launch before
+                dst[:] = -1.0
+                kernel(queue, (n,), None, src_buf, dst_buf)
+                queue.finish()
+                if not np.array_equal(dst, np.arange(n, dtype=np.float32) + first + 1):
+                    return False
         return True
     except Exception:  # any failure: use the map, which OpenCL promises
         return False

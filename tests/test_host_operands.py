@@ -276,6 +276,35 @@ def test_conv2d_numpy_out_overlapping_its_operands(queue, rng, host_mode, size):
     assert relative_error(out, ref) < 1e-5
 
 
+def test_lent_memory_reused_with_new_contents(queue, rng, host_mode):
+    """Calls that lend the same x and out again, with new values in them (as TVM's
+    planned storage does): every call computes from the values it was given."""
+    case = SIZES["large"].with_(bias=False)
+    x, w, csr, _ = case.make_inputs(rng)
+    weight = ps.SparseConvWeight(csr, case.C, 3, queue=queue)
+    out = np.empty((case.N, case.K) + case.output_hw, np.float32)
+    for step in range(3):
+        x[...] = rng.standard_normal(x.shape, dtype=np.float32)
+        out[...] = np.nan
+        assert _conv(queue, x, weight, out=out) is out
+        ref = conv2d_reference(x, w, None, (1, 1), (1, 1), (1, 1))
+        assert relative_error(out, ref) < 1e-5, step
+    if host_mode == "in_place":            # the kept buffers served the later calls
+        start = x.__array_interface__["data"][0]
+        lead = start % runtime.base_alignment(queue.device)
+        assert any(key[1] == start - lead for key in runtime._lent)
+
+
+def test_lent_buffers_are_kept_per_address_range(queue):
+    host = np.zeros(4096, np.uint8)
+    start = host.__array_interface__["data"][0]
+    flags = cl.mem_flags.USE_HOST_PTR | cl.mem_flags.READ_ONLY
+    a = runtime._lent_buffer(queue.context, start, 1024, flags)
+    assert runtime._lent_buffer(queue.context, start, 1024, flags) is a
+    assert runtime._lent_buffer(queue.context, start, 2048, flags) is not a
+    assert runtime._lent_buffer(queue.context, start + 64, 1024, flags) is not a
+
+
 def test_only_an_out_apart_from_the_operands_is_lent():
     raw = np.zeros(1000, np.float32)
     x, out = raw[:400], raw[500:]
