@@ -16,6 +16,16 @@ def wall_ms(fn):
     return timed
 
 
+def thread_ms(fn):
+    """A timer: the calling thread's CPU ms in one run of ``fn`` (``time.thread_time``),
+    the host work of a call without the wall-clock noise of the kernels it waits for."""
+    def timed():
+        t0 = time.thread_time()
+        fn()
+        return 1e3 * (time.thread_time() - t0)
+    return timed
+
+
 def event_ms(launch, queue):
     """A timer: summed ms of the OpenCL profiling events that ``launch(events)`` records."""
     def timed():
