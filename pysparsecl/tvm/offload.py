@@ -135,8 +135,9 @@ def offload_sparse_conv2d(mod: tvm.IRModule, *, min_sparsity: float = 0.5,
         plans = _plan_function(func, gvar.name_hint, float(min_sparsity), fuse_epilogue,
                                linear, found)
         for d in found:
-            logger.debug("%s %s.%s: %s (%s)", d.op, d.function, d.var,
-                         "offloaded" if d.offloaded else "left as a TVM conv2d", d.reason)
+            logger.debug("%s.%s: %s (%s)", d.function, d.var,
+                         f"{d.op} offloaded" if d.offloaded else f"left as a TVM {d.op}",
+                         d.reason)
         if decisions is not None:
             decisions.extend(found)
         if plans:
