@@ -15,7 +15,7 @@
 ##                    stride is 0 or 1.
 ##
 ## Parameters (all given by the wrapper; tile parameters are declared once, in ELEMENTWISE):
-##   OP         "add" | "mul" | "axpby" | "add_relu" | "copy" (one operand)
+##   OP         "add" | "mul" | "axpby" | "add_relu" | "relu_grad" | "copy" (one operand)
 ##   TR         OpenCL scalar type of the result, in which the arithmetic runs
 ##   OPERANDS   ((name, kind, ctype, inner), ...): kind "array" | "scalar" (a kernel
 ##              argument already in TR); inner, the innermost stride: "0" (read once per
@@ -93,6 +93,9 @@ pscl_alpha * ${ax} + pscl_beta * ${bx}\
 % elif is_float and OP == "add_relu":
 ## NaN < 0 is false, so NaN propagates, as np.maximum and torch.relu do.
 (${ax} + ${bx} < (${t})0) ? (${t})0 : ${ax} + ${bx}\
+% elif OP == "relu_grad":
+## a where b > 0 (b, a ReLU's output; NaN is not > 0), else 0: ReLU's backward.
+(${bx} > (${t})0) ? ${ax} : (${t})0\
 % elif OP == "add":
 ${wrap(as_u(ax) + " + " + as_u(bx))}\
 % elif OP == "mul":

@@ -15,7 +15,8 @@ from .ops.drs import (  # noqa: E402
     drs_mask,
     drs_mask_conv2d,
 )
-from .ops.elementwise import add, add_relu, axpby, mul  # noqa: E402
+from .ops.elementwise import add, add_relu, axpby, mul, relu_backward  # noqa: E402
+from .ops.training import column_sums, sgd_step, softmax_cross_entropy  # noqa: E402
 from .ops.masked import (  # noqa: E402
     MaskedLinearWeight,
     conv2d_masked,
@@ -40,7 +41,9 @@ __all__ = [
     "conv2d_masked", "drs_mask", "drs_mask_conv2d", "SparseRandomProjection",
     "ProjectedWeight",
     # elementwise
-    "add", "mul", "axpby", "add_relu",
+    "add", "mul", "axpby", "add_relu", "relu_backward",
+    # training
+    "softmax_cross_entropy", "column_sums", "sgd_step",
     # runtime
     "clear_weight_cache", "LaunchGraph", "KernelBuildError", "NoDeviceError", "get_queue",
     "list_devices",

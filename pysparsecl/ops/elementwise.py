@@ -30,7 +30,8 @@ from .. import runtime
 from ..families import elementwise
 from ._common import check_alloc, deliver, is_device_array, new_output, to_device
 
-__all__ = ["ELEMENTWISE", "add", "mul", "axpby", "add_relu", "SUPPORTED_DTYPES", "MAX_NDIM"]
+__all__ = ["ELEMENTWISE", "add", "mul", "axpby", "add_relu", "relu_backward",
+           "SUPPORTED_DTYPES", "MAX_NDIM"]
 
 ELEMENTWISE = elementwise.SPEC
 SUPPORTED_DTYPES = elementwise.SUPPORTED_DTYPES
@@ -275,6 +276,10 @@ def _elementwise(op: str, named: Sequence[Tuple[str, object]], out, mask, queue,
     return out
 
 
+#: Mask dtypes: one byte an element, nonzero selects (pyopencl's comparisons give int8).
+_MASK_DTYPES = (np.dtype(np.bool_), np.dtype(np.int8), np.dtype(np.uint8))
+
+
 def _check_mask(mask, out_shape):
     if mask is None:
         return None
@@ -283,8 +288,9 @@ def _check_mask(mask, out_shape):
     if not isinstance(mask, (np.ndarray, cl_array.Array)):
         raise TypeError("mask must be a bool numpy.ndarray or pyopencl.array.Array, got "
                         f"{type(mask).__name__}")
-    if mask.dtype != np.bool_:
-        raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
+    if mask.dtype not in _MASK_DTYPES:
+        raise TypeError(f"mask must have dtype bool, int8 or uint8 (nonzero selects), got "
+                        f"{mask.dtype}")
     try:
         fits = tuple(np.broadcast_shapes(mask.shape, out_shape)) == out_shape
     except ValueError:
@@ -399,8 +405,9 @@ _COMMON_DOC = """
         same kind of container as the result.  It may be one of the inputs (in-place use);
         an input that overlaps ``out`` in any other way is copied first, so the result is
         always what NumPy computes.
-    mask : bool array, optional
-        Broadcastable to the output shape (NumPy or device array).  Where it is False:
+    mask : bool, int8 or uint8 array, optional
+        Broadcastable to the output shape (NumPy or device array); nonzero selects, so a
+        pyopencl comparison (``y_dev > 0``, int8) serves as it is.  Where it is False:
         without ``out`` the result is 0; with ``out`` the existing values of ``out`` are
         kept (the kernel reads them back, so a NumPy ``out`` is uploaded first).
     queue : pyopencl.CommandQueue, optional
@@ -486,3 +493,16 @@ def axpby(alpha, x, beta, y, *, out=None, mask=None, queue=None, events=None):
 """)
 def add_relu(a, b, *, out=None, mask=None, queue=None, events=None):
     return _elementwise("add_relu", (("a", a), ("b", b)), out, mask, queue, events)
+
+
+@_doc("""ReLU's backward: ``dy`` where ``y > 0``, else 0, in one pass, with ``y`` the
+    ReLU's output (``y = max(h, 0)``, so ``y > 0`` exactly where ``h > 0``; NaN in ``y``
+    gives 0).  With ``mask``, DSG's selection: the result is 0 outside it too.
+
+    Parameters
+    ----------
+    dy, y : numpy.ndarray, pyopencl.array.Array or Python int/float
+        Broadcast against each other as NumPy does (rank <= 8).
+""")
+def relu_backward(dy, y, *, out=None, mask=None, queue=None, events=None):
+    return _elementwise("relu_grad", (("a", dy), ("b", y)), out, mask, queue, events)

@@ -44,6 +44,8 @@ from .reference import (
     masked_matmul_reference,
     relative_error,
     relu_bn_reference,
+    sgd_reference,
+    softmax_cross_entropy_reference,
     topk_mask_reference,
 )
 
@@ -375,6 +377,38 @@ def _conv_search_reference(x, w, sparsity, seed):
 
 
 #: Families the tuner can exercise, each with its problem driver.
+def _training_problems(queue, rng, quick, shapes) -> List[Problem]:
+    """The loss over a batch of logits (with its column-sum pass) and one SGD step over a
+    model's worth of flat parameters."""
+    from .. import sgd_step, softmax_cross_entropy
+    if shapes is not None:
+        dims = [tuple(_fields(e, "training", ("M", "N", "P"), {})[k] for k in ("M", "N", "P"))
+                for e in shapes]
+    else:
+        dims = [(64, 10, 1 << 16)] if quick else [(1024, 1000, 1 << 22), (64, 10, 300_000)]
+    problems = []
+    for m, n, n_params in dims:
+        logits_host = rng.standard_normal((m, n), dtype=np.float32)
+        labels_host = rng.integers(0, n, m).astype(np.int32)
+        logits, labels = (cl_array.to_device(queue, a) for a in (logits_host, labels_host))
+        problems.append(Problem(
+            f"softmax_xent {m}x{n}",
+            lambda ev, x=logits, y=labels: softmax_cross_entropy(x, y, events=ev)[1],
+            lambda x=logits_host, y=labels_host: softmax_cross_entropy_reference(x, y)[1]))
+        p_host, g_host, v_host = (rng.standard_normal(n_params, dtype=np.float32)
+                                  for _ in range(3))
+        g, v0 = (cl_array.to_device(queue, a) for a in (g_host, v_host))
+
+        def step(ev, p_host=p_host, g=g, v0=v0):
+            # Fresh copies each time: the step updates its operands in place.
+            p, v = cl_array.to_device(queue, p_host), v0.copy()
+            return sgd_step(p, g, v, lr=0.1, momentum=0.9, weight_decay=1e-4, events=ev)
+        problems.append(Problem(
+            f"sgd {n_params} params", step,
+            lambda p=p_host, g=g_host, v=v_host: sgd_reference(p, g, v, 0.1, 0.9, 1e-4)[0]))
+    return problems
+
+
 TUNABLES: Dict[str, Callable[..., List[Problem]]] = {
     "conv2d_csr": _conv2d_problems,
     "conv2d_pack_rows": _conv2d_problems,
@@ -392,6 +426,7 @@ TUNABLES: Dict[str, Callable[..., List[Problem]]] = {
     "masked_dx": _masked_backward_problems("masked_dx"),
     "masked_dw": _masked_backward_problems("masked_dw"),
     "masked_bn": _masked_bn_problems,
+    "training": _training_problems,
     "masked_conv": _masked_conv_problems("masked_conv"),
     "masked_conv_channels": _masked_conv_problems("masked_conv_channels"),
     "drs_project": _drs_problems("drs_project"),
@@ -585,6 +620,35 @@ def small_problems():
         t = rng.standard_normal((6, 9), dtype=np.float32)
         close(ps.add(t.T, 1.5, queue=queue), t.T.astype(np.float64) + 1.5, "add strided")
 
+    def xent(rng, queue=None):
+        for m, n in ((5, 3), (3, 300)):
+            x = rng.standard_normal((m, n), dtype=np.float32) * 3
+            y = rng.integers(0, n, m)
+            loss, grad = ps.softmax_cross_entropy(x, y, queue=queue)
+            ref_loss, ref_grad = softmax_cross_entropy_reference(x, y)
+            close(np.array([loss]), np.array([ref_loss]), "softmax_cross_entropy loss")
+            close(grad, ref_grad, "softmax_cross_entropy grad")
+
+    def colsum_sgd(rng, queue=None):
+        import pyopencl.array as cl_array
+        from .. import runtime
+        queue = queue or runtime.get_queue()
+        wide = rng.standard_normal((7, 9), dtype=np.float32)
+        a = cl_array.to_device(queue, wide)[:, 2:7]              # strided rows
+        close(ps.column_sums(a, scale=0.5).get(), 0.5 * wide[:, 2:7].astype(np.float64)
+              .sum(0), "column_sums")
+        p0, g0, v0 = (rng.standard_normal(1000, dtype=np.float32) for _ in range(3))
+        for velocity in (v0, None):
+            p = cl_array.to_device(queue, p0)
+            v = cl_array.to_device(queue, velocity) if velocity is not None else None
+            ps.sgd_step(p, cl_array.to_device(queue, g0), v, lr=0.05,
+                        momentum=0.9 if v is not None else 0.0, weight_decay=0.01)
+            want_p, want_v = sgd_reference(p0, g0, velocity, 0.05,
+                                           0.9 if v is not None else 0.0, 0.01)
+            close(p.get(), want_p, "sgd_step param")
+            if v is not None:
+                close(v.get(), want_v, "sgd_step velocity")
+
     conv_loads = [
         ("conv 1x3x5x7 K5 3x3 p1, 2 empty rows", conv(1, 3, 5, 7, 5, 3, 1, 1, 1, 1, 2, False)),
         ("conv 2x4x6x5 K6 3x3 s2 p1 g2 bias", conv(2, 4, 6, 5, 6, 3, 2, 1, 1, 2, 1, True)),
@@ -647,4 +711,7 @@ def small_problems():
         "drs_topk_team": topk + [("drs_mask_conv2d 1x2x4x5 K6", search_conv)],
         "elementwise": [("add/mul/axpby/add_relu, broadcast, mask, int32, strided",
                          elementwise)],
+        "training": [("softmax_xent 5x3, 3x300 (several chunks per item)", xent),
+                     ("column_sums 7x5 strided rows, sgd 1000 with and without momentum",
+                      colsum_sgd)],
     }

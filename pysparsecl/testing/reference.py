@@ -185,3 +185,31 @@ def drs_conv_mask_reference(x, w, n_keep, r_dense, scale, stride=(1, 1), padding
     scores = drs_scores_reference(rows, np.reshape(w, (k, -1)).T, r_dense, scale)
     mask = topk_mask_reference(scores, n_keep)                   # (N * OH * OW, K)
     return mask.reshape(n, oh, ow, k).transpose(0, 3, 1, 2)
+
+
+def softmax_cross_entropy_reference(logits, labels, mean: bool = True):
+    """(loss, d loss / d logits) of softmax cross-entropy, in float64."""
+    x = np.asarray(logits, np.float64)
+    shifted = x - x.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(shifted).sum(axis=1))
+    rows = np.arange(x.shape[0])
+    loss = float((log_z - shifted[rows, labels]).sum())
+    grad = np.exp(shifted - log_z[:, None])
+    grad[rows, labels] -= 1.0
+    scale = 1.0 / x.shape[0] if mean else 1.0
+    return loss * scale, grad * scale
+
+
+def sgd_reference(param, grad, velocity, lr, momentum, weight_decay):
+    """(param, velocity) after one step of torch.optim.SGD's update, in float64."""
+    p, g = np.asarray(param, np.float64), np.asarray(grad, np.float64)
+    g = g + weight_decay * p
+    if velocity is None:
+        return p - lr * g, None
+    v = momentum * np.asarray(velocity, np.float64) + g
+    return p - lr * v, v
+
+
+def relu_backward_reference(dy, y) -> np.ndarray:
+    """d relu / d its input, times dy, given the ReLU's output y: dy where y > 0."""
+    return np.where(np.asarray(y) > 0, np.asarray(dy, np.float64), 0.0)

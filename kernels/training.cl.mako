@@ -1,0 +1,95 @@
+## The small kernels of a training step (pysparsecl/families/training.py): the loss and
+## its gradient, the bias gradients, and the parameter update.  Each is one pass over
+## memory; WG, the work-group size, is their one tile parameter.
+##
+##   KIND == "xent"    softmax cross-entropy, forward and backward together: a work-group
+##                     per row of the (M, N) logits.  It writes the row's loss, and the
+##                     gradient  scale * (softmax(row) - onehot(label))  in place of nothing
+##                     else: the logits are read, never written.  A label outside [0, N)
+##                     gives the row a NaN loss and gradient, and lowers bad[0] to the row.
+##   KIND == "colsum"  out[j] = scale * sum_i a[i, j] over an (M, N) array: a work-item per
+##                     column, adjacent columns in adjacent work-items (bias gradients; with
+##                     N = 1, the batch's loss from the rows' losses).
+##   KIND == "sgd"     one SGD step over flat arrays, every parameter of a model at once:
+##                     g' = g + weight_decay * p;  v = momentum * v + g';  p -= lr * v
+##                     (HAS_VELOCITY == 0: p -= lr * g'), a grid-stride loop.
+// Tile parameters: declared once, in pysparsecl/families/training.py.
+#define PSCL_WG ${WG}
+
+% if KIND == "xent":
+// Reduces v over the work-group with op (max or +); every work-item gets the result.
+#define PSCL_GROUP_REDUCE(red, v, op)                                 \
+    red[lid] = v;                                                     \
+    barrier(CLK_LOCAL_MEM_FENCE);                                     \
+    for (int span = PSCL_WG / 2; span > 0; span >>= 1) {              \
+        if (lid < span)                                               \
+            red[lid] = op(red[lid], red[lid + span]);                 \
+        barrier(CLK_LOCAL_MEM_FENCE);                                 \
+    }                                                                 \
+    v = red[0];                                                       \
+    barrier(CLK_LOCAL_MEM_FENCE);
+
+#define PSCL_ADD(a, b) ((a) + (b))
+
+__kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
+void pscl_softmax_xent(${ARGS["pscl_softmax_xent"]})
+{
+    __local float red[PSCL_WG];
+    const int lid = get_local_id(0);
+    const long row = get_group_id(0);
+    const __global float *x = logits + logits_off + row * N;
+    __global float *g = grad + grad_off + row * N;
+    const int label = labels[labels_off + row];
+    const bool valid = label >= 0 && label < N;
+
+    float peak = -INFINITY;
+    for (int j = lid; j < N; j += PSCL_WG)
+        peak = fmax(peak, x[j]);
+    PSCL_GROUP_REDUCE(red, peak, fmax)
+    // A row of -inf logits (or NaN) has no finite peak: it gives a NaN loss, as torch.
+    float total = 0.0f;
+    for (int j = lid; j < N; j += PSCL_WG)
+        total += exp(x[j] - peak);
+    PSCL_GROUP_REDUCE(red, total, PSCL_ADD)
+    const float inv_total = 1.0f / total;
+    for (int j = lid; j < N; j += PSCL_WG) {
+        const float p = exp(x[j] - peak) * inv_total;
+        g[j] = valid ? scale * (p - (j == label ? 1.0f : 0.0f)) : NAN;
+    }
+    if (lid == 0) {
+        row_loss[row] = valid ? log(total) + peak - x[label] : NAN;
+        if (!valid)
+            atomic_min(&bad[0], (int)row);
+    }
+}
+% elif KIND == "colsum":
+__kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
+void pscl_column_sums(${ARGS["pscl_column_sums"]})
+{
+    const int j = get_global_id(0);
+    if (j >= N)
+        return;
+    const __global float *col = a + a_off + j;
+    float total = 0.0f;
+    for (long i = 0; i < M; ++i)
+        total += col[i * lda];
+    out[out_off + j] = scale * total;
+}
+% elif KIND == "sgd":
+__kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
+void pscl_sgd(${ARGS["pscl_sgd"]})
+{
+    const long stride = get_global_size(0);
+    for (long i = get_global_id(0); i < n; i += stride) {
+        const float w = param[param_off + i];
+        const float step = grad[grad_off + i] + weight_decay * w;
+%   if HAS_VELOCITY:
+        const float v = momentum * velocity[velocity_off + i] + step;
+        velocity[velocity_off + i] = v;
+        param[param_off + i] = w - lr * v;
+%   else:
+        param[param_off + i] = w - lr * step;
+%   endif
+    }
+}
+% endif
