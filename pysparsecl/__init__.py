@@ -16,7 +16,6 @@ from .ops.drs import (  # noqa: E402
     drs_mask_conv2d,
 )
 from .ops.elementwise import add, add_relu, axpby, mul, relu_backward  # noqa: E402
-from .ops.training import column_sums, sgd_step, softmax_cross_entropy  # noqa: E402
 from .ops.masked import (  # noqa: E402
     MaskedLinearWeight,
     conv2d_masked,
@@ -24,6 +23,7 @@ from .ops.masked import (  # noqa: E402
     masked_matmul_backward,
     masked_relu_bn,
 )
+from .ops.training import column_sums, sgd_step, softmax_cross_entropy  # noqa: E402
 from .runtime import (  # noqa: E402
     KernelBuildError,
     LaunchGraph,

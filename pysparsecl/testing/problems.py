@@ -631,6 +631,7 @@ def small_problems():
 
     def colsum_sgd(rng, queue=None):
         import pyopencl.array as cl_array
+
         from .. import runtime
         queue = queue or runtime.get_queue()
         wide = rng.standard_normal((7, 9), dtype=np.float32)
