@@ -1,20 +1,22 @@
 """pysparsecl benchmarks: ``python -m bench [SUITE ...] [options]`` (``make bench``).
 
-Suites (default: all of them; tvm where apache-tvm imports, tvm_network where apache-tvm
-and torch do), run in this order:
+Suites (default: all of them; dsg_training where scikit-learn imports, tvm where
+apache-tvm does, tvm_network where apache-tvm and torch do), run in this order:
 
   conv2d       conv2d_sparse on ResNet-50 layers vs torch dense, torch CSR and SciPy
   elementwise  add's bandwidth vs NumPy and the device's copy
   masked       DSG: masked VMM/GEMM, conv2d_masked and the search's overhead
   drs          the search's device time kernel by kernel (printed, no file)
   network      ResNet-50 from the res2 input to the logits, eager and replayed, vs torch
+  dsg_training DSG MLP on the digits: accuracy vs sparsity per mask, step time vs torch
   tvm          what TVM adds over a direct conv2d_sparse call
   tvm_network  ResNet-50 through TVM with offload_sparse_conv2d vs TVM dense and torch
 
 Results (OUT = --out, default bench/results; DEVICE = the device's slug):
 conv2d, elementwise and masked write their rows together to
 OUT/DEVICE[-TAG][-quick].{json,md,png}; network writes OUT/network-DEVICE[-quick].{json,
-md,png}; tvm writes OUT/tvm-overhead-DEVICE.{json,md}; tvm_network writes
+md,png}; dsg_training writes OUT/dsg-training-DEVICE[-quick].{json,md,png}; tvm writes
+OUT/tvm-overhead-DEVICE.{json,md}; tvm_network writes
 OUT/tvm-network-DEVICE[-quick].{json,md,png}.  ``--readme`` only rewrites the
 tables of README.md and docs/benchmarks.md from the committed results.
 
@@ -31,7 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-SUITES = ("conv2d", "elementwise", "masked", "drs", "network", "tvm", "tvm_network")
+SUITES = ("conv2d", "elementwise", "masked", "drs", "network", "dsg_training", "tvm",
+          "tvm_network")
 #: The suites whose rows share one results file, OUT/DEVICE[-TAG][-quick].*
 LAYER_SUITES = ("conv2d", "elementwise", "masked")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,13 +83,16 @@ def parser() -> argparse.ArgumentParser:
 def select(names) -> list:
     """The suites to run, in SUITES' order: the named ones, or all (the TVM suites where
     what they need imports)."""
-    from . import tvm_network, tvm_overhead
+    from . import dsg_training, tvm_network, tvm_overhead
     unknown = sorted(set(names) - set(SUITES))
     if unknown:
         raise SystemExit(f"unknown suite(s) {', '.join(unknown)}; known: {', '.join(SUITES)}")
     if names:
         return [s for s in SUITES if s in names]
     suites = list(SUITES)
+    if not dsg_training.available():
+        print("scikit-learn not installed: DSG training benchmark skipped")
+        suites.remove("dsg_training")
     if not tvm_overhead.available():
         print("apache-tvm not installed: TVM overhead benchmark skipped")
         suites.remove("tvm")
@@ -192,6 +198,9 @@ def main(argv=None) -> int:
         elif name == "network":
             from . import network
             network.run(queue, args)
+        elif name == "dsg_training":
+            from . import dsg_training
+            dsg_training.run(queue, args)
         elif name == "tvm":
             from . import tvm_overhead as tv
             tv.run(tv.LAYER if args.layer is None else args.layer,

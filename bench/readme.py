@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import conv2d, elementwise, masked, network, report, tvm_network
+from . import conv2d, dsg_training, elementwise, masked, network, report, tvm_network
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -69,9 +69,31 @@ def tvm_network_tables(results_dir: Path = RESULTS, prefix: str = "") -> list:
     return parts
 
 
+def dsg_training_tables(results_dir: Path = RESULTS, prefix: str = "") -> list:
+    """Markdown lines: DSG training on the digits (accuracy per mask and sparsity, step
+    times), per device, with the plot."""
+    found = list(_results(results_dir, "dsg-training-*.json"))
+    if not found:
+        return []
+    parts = ["### DSG training: an MLP on the digits", ""]
+    for stem, data in found:
+        h = data["header"]
+        parts += [f"**{h['device']}** ({h['date']}; {h['model']}; baseline: {h['baselines']}; "
+                  f"[bench/results/{stem}.md]({prefix}bench/results/{stem}.md))", "",
+                  report.markdown_table(data["rows"], dsg_training.COLUMNS, drop_absent=True),
+                  ""]
+        if data.get("large"):
+            parts += ["The compute-bound layer set, one training step:", "",
+                      report.markdown_table(data["large"], dsg_training.LARGE_COLUMNS,
+                                            drop_absent=True), ""]
+        if (results_dir / f"{stem}.png").exists():
+            parts += [f"![DSG training on {h['device']}]({prefix}bench/results/{stem}.png)", ""]
+    return parts
+
+
 def _layer_files(results_dir: Path):
     return _results(results_dir, "*.json",
-                    skip=("sweep", "tvm-overhead", "tvm-network", "network"))
+                    skip=("sweep", "tvm-overhead", "tvm-network", "network", "dsg-training"))
 
 
 def layer_tables(results_dir: Path = RESULTS, prefix: str = "") -> list:
@@ -126,7 +148,7 @@ def headline_layers(results_dir: Path = RESULTS, prefix: str = "") -> list:
 def readme_headline(results_dir: Path = RESULTS) -> str:
     """README.md's block: whole network first, then the per-layer headline."""
     return "\n".join(network_tables(results_dir) + tvm_network_tables(results_dir) +
-                     headline_layers(results_dir) + [
+                     dsg_training_tables(results_dir) + headline_layers(results_dir) + [
         "Every column, the elementwise and DSG tables and the plots: "
         "[docs/benchmarks.md](docs/benchmarks.md#results).", ""])
 
@@ -134,7 +156,8 @@ def readme_headline(results_dir: Path = RESULTS) -> str:
 def benchmarks_tables(results_dir: Path = RESULTS) -> str:
     """docs/benchmarks.md's block: whole network, then every per-layer table."""
     return "\n".join(network_tables(results_dir, "../") +
-                     tvm_network_tables(results_dir, "../") + layer_tables(results_dir, "../"))
+                     tvm_network_tables(results_dir, "../") +
+                     dsg_training_tables(results_dir, "../") + layer_tables(results_dir, "../"))
 
 
 def replace_block(path: Path, markers, body: str) -> None:

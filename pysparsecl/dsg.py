@@ -30,7 +30,7 @@ import pyopencl.array as cl_array
 from . import runtime
 from .ops.drs import SparseRandomProjection, drs_mask, keep_count
 from .ops.elementwise import add, add_relu, relu_backward
-from .ops.masked import masked_matmul, masked_matmul_backward
+from .ops.masked import MaskedLinearWeight, masked_matmul, masked_matmul_backward
 from .ops.training import column_sums, sgd_step, softmax_cross_entropy
 
 __all__ = ["FlatParameters", "DSGLinear", "MLP", "MASK_KINDS"]
@@ -44,27 +44,31 @@ class FlatParameters:
     buffer and a momentum buffer of the same layout.
 
     ``params[name]`` and ``grads[name]`` are device arrays of the shapes given; ``step``
-    updates every parameter with one :func:`sgd_step` launch."""
+    updates every parameter with one :func:`sgd_step` launch.  Each parameter starts on
+    the device's base alignment, so that kernels which take a buffer without an offset
+    (a :class:`MaskedLinearWeight`'s rows, the backward's dw) use the views in place."""
 
     def __init__(self, queue: cl.CommandQueue, initial: Dict[str, np.ndarray]):
         if not initial:
             raise ValueError("initial must name at least one parameter")
         self.queue = queue
         sizes = {name: int(np.prod(a.shape)) for name, a in initial.items()}
-        total = sum(sizes.values())
-        flat = np.empty(total, np.float32)
+        align = runtime.base_alignment(queue.device) // 4        # in floats
+        starts, total = {}, 0
+        for name, n in sizes.items():
+            starts[name] = total
+            total += -(-n // align) * align
+        flat = np.zeros(total, np.float32)
         self.data = cl_array.empty(queue, total, np.float32)
         self.grad = cl_array.zeros(queue, total, np.float32)
         self.velocity = cl_array.zeros(queue, total, np.float32)
         self.params: Dict[str, cl_array.Array] = {}
         self.grads: Dict[str, cl_array.Array] = {}
-        start = 0
         for name, a in initial.items():
-            n = sizes[name]
+            start, n = starts[name], sizes[name]
             flat[start:start + n] = np.asarray(a, np.float32).reshape(-1)
             self.params[name] = self.data[start:start + n].reshape(a.shape)
             self.grads[name] = self.grad[start:start + n].reshape(a.shape)
-            start += n
         self.data.set(flat)
 
     def step(self, lr: float, momentum: float = 0.9, weight_decay: float = 0.0) -> None:
@@ -82,8 +86,10 @@ class DSGLinear:
 
     Parameters
     ----------
-    params : FlatParameters holding ``<name>.w`` (in_features, out_features) and
-        ``<name>.b`` (out_features,).
+    params : FlatParameters holding ``<name>.w`` (out_features, in_features), rows as in
+        torch's ``Linear.weight`` (a selected output reads one contiguous row, and the
+        backward writes its gradient in the same layout), and ``<name>.b``
+        (out_features,).
     name : the layer's name in ``params``.
     sparsity : float in [0, 1): the share of each row's outputs not computed.
     mask : "drs" (the search), "random" (a fresh random selection per step: the control),
@@ -95,7 +101,7 @@ class DSGLinear:
     """
 
     def __init__(self, params: FlatParameters, name: str, sparsity: float, mask: str = "drs",
-                 relu: bool = True, seed: int = 0, eps: float = 0.5):
+                 relu: bool = True, seed: int = 0, eps: float = 0.3):
         if mask not in MASK_KINDS:
             raise ValueError(f"mask must be one of {MASK_KINDS}, got {mask!r}")
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or \
@@ -104,7 +110,8 @@ class DSGLinear:
         self.params, self.name = params, name
         self.w, self.b = params.params[f"{name}.w"], params.params[f"{name}.b"]
         self.dw, self.db = params.grads[f"{name}.w"], params.grads[f"{name}.b"]
-        self.in_features, self.out_features = self.w.shape
+        self.out_features, self.in_features = self.w.shape
+        self.rows = MaskedLinearWeight(self.w, transposed=True, queue=params.queue)
         self.sparsity = float(sparsity) if mask != "dense" else 0.0
         self.kind = mask if self.sparsity > 0 else "dense"
         self.relu = relu
@@ -122,13 +129,13 @@ class DSGLinear:
         if self.kind == "dense":
             return None
         if self.kind == "drs":
-            return drs_mask(x, self.w, self.sparsity, projection=self.projection,
+            return drs_mask(x, self.rows, self.sparsity, projection=self.projection,
                             queue=self.queue)
         n_keep = keep_count(self.sparsity, n)
         if self.kind == "random":
             scores = self.rng.random((m, n))
         else:   # oracle: the true pre-activation, densely
-            scores = (x.get() @ self.w.get() + self.b.get()).astype(np.float64)
+            scores = x.get().astype(np.float64) @ self.w.get().T + self.b.get()
         keep = np.zeros((m, n), bool)
         np.put_along_axis(keep, np.argpartition(-scores, n_keep - 1, axis=1)[:, :n_keep],
                           True, axis=1)
@@ -147,7 +154,7 @@ class DSGLinear:
         ``training`` the inputs and the selection are kept for :meth:`backward`."""
         mask = self._mask(x)
         full = mask if mask is not None else self._all_selected(x.shape[0])
-        y = masked_matmul(x, self.w, full, queue=self.queue)
+        y = masked_matmul(x, self.rows, full, queue=self.queue)
         if self.relu:
             add_relu(y, self.b, out=y, mask=mask)   # bias + ReLU on the selection only
         else:
@@ -165,13 +172,11 @@ class DSGLinear:
         x, y, full = self._saved
         dh = relu_backward(dy, y, mask=full) if self.relu else \
             relu_backward(dy, 1.0, mask=full)    # dy on the selection, 0 elsewhere
-        dx, dw = masked_matmul_backward(dh, x, self.w, full, queue=self.queue)
-        cl.enqueue_copy(self.queue, self.dw.base_data, dw.data,
-                        dst_offset=self.dw.offset, byte_count=dw.nbytes,
-                        wait_for=list(dw.events) + list(self.dw.events) or None)
+        dx, _ = masked_matmul_backward(dh, x, self.rows, full, need_dx=need_dx,
+                                       dw_rows=True, dw_out=self.dw, queue=self.queue)
         column_sums(dh, out=self.db, queue=self.queue)
         self._saved = None
-        return dx if need_dx else None
+        return dx
 
 
 def _he_init(rng, fan_in: int, shape) -> np.ndarray:
@@ -189,7 +194,7 @@ class MLP:
     comes to the host); ``predict(x)`` returns the classes, with the search on."""
 
     def __init__(self, sizes: Sequence[int], sparsity: float, mask: str = "drs", seed: int = 0,
-                 queue=None, eps: float = 0.5):
+                 queue=None, eps: float = 0.3):
         if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, (int, np.integer))
                                  or s < 1 for s in sizes):
             raise ValueError(f"sizes must be two or more positive ints, got {sizes!r}")
@@ -197,7 +202,7 @@ class MLP:
         rng = np.random.default_rng(seed)
         initial = {}
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            initial[f"fc{i}.w"] = _he_init(rng, a, (a, b))
+            initial[f"fc{i}.w"] = _he_init(rng, a, (b, a))
             initial[f"fc{i}.b"] = np.zeros(b, np.float32)
         self.params = FlatParameters(self.queue, initial)
         last = len(sizes) - 2

@@ -130,7 +130,8 @@ def test_committed_docs_hold_the_generated_tables():
 
 
 def test_driver_suites_and_defaults(monkeypatch):
-    from bench import tvm_network, tvm_overhead
+    from bench import dsg_training, tvm_network, tvm_overhead
+    monkeypatch.setattr(dsg_training, "available", lambda: True)
     args = parser().parse_intermixed_args(["network", "--quick", "conv2d", "--batch", "2"])
     assert args.suites == ["network", "conv2d"] and args.quick and args.batch == [2]
     assert args.sparsity is None and args.rounds is None   # each suite's own defaults

@@ -14,7 +14,7 @@ TOL = 1e-4
 def _layer(queue, rng, k, n, sparsity, mask, relu=True):
     params = FlatParameters(queue, {
         "pre.w": rng.standard_normal((3, 4)).astype(np.float32),    # an offset into the buffer
-        "fc.w": rng.standard_normal((k, n)).astype(np.float32),
+        "fc.w": rng.standard_normal((n, k)).astype(np.float32),    # rows (out, in)
         "fc.b": rng.standard_normal(n).astype(np.float32)})
     return params, DSGLinear(params, "fc", sparsity, mask, relu=relu, seed=3)
 
@@ -28,7 +28,8 @@ def test_layer_forward_backward_match_float64(queue, rng, mask, relu):
     y = layer.forward(cl_array.to_device(queue, x)).get()
     sel = layer._saved[2].get()
     assert sel.sum() == (m * n if mask == "dense" else m * 9)     # keep ceil(0.3 * 30) = 9
-    w, b = (params.params[f"fc.{p}"].get().astype(np.float64) for p in "wb")
+    wt, b = (params.params[f"fc.{p}"].get().astype(np.float64) for p in "wb")
+    w = wt.T
     pre = np.where(sel, x.astype(np.float64) @ w + b, 0.0)
     ref = np.maximum(pre, 0) if relu else pre
     assert relative_error(y, ref) < TOL
@@ -38,7 +39,7 @@ def test_layer_forward_backward_match_float64(queue, rng, mask, relu):
     dy = rng.standard_normal((m, n)).astype(np.float32)
     dx = layer.backward(cl_array.to_device(queue, dy)).get()
     dh = np.where(sel & ((ref > 0) if relu else True), dy.astype(np.float64), 0.0)
-    assert relative_error(params.grads["fc.w"].get(), x.T.astype(np.float64) @ dh) < TOL
+    assert relative_error(params.grads["fc.w"].get(), (x.T.astype(np.float64) @ dh).T) < TOL
     assert relative_error(params.grads["fc.b"].get(), dh.sum(0)) < TOL
     assert relative_error(dx, dh @ w.T) < TOL
     assert np.all(params.grads["pre.w"].get() == 0)          # other parameters untouched
@@ -54,12 +55,12 @@ def test_train_step_is_one_sgd_step_of_the_float64_model(queue, rng):
     labels = rng.integers(0, 5, m).astype(np.int32)
     loss = model.train_step(cl_array.to_device(queue, x), cl_array.to_device(queue, labels),
                             lr=0.1, momentum=0.9, weight_decay=0.01)
-    h = np.maximum(x @ before["fc0.w"] + before["fc0.b"], 0)
-    logits = h @ before["fc1.w"] + before["fc1.b"]
+    h = np.maximum(x @ before["fc0.w"].T + before["fc0.b"], 0)
+    logits = h @ before["fc1.w"].T + before["fc1.b"]
     ref_loss, dlogits = softmax_cross_entropy_reference(logits, labels)
     assert abs(float(loss.get()[0]) - ref_loss) < TOL * ref_loss
-    dh = (dlogits @ before["fc1.w"].T) * (h > 0)
-    grads = {"fc1.w": h.T @ dlogits, "fc1.b": dlogits.sum(0), "fc0.w": x.T @ dh,
+    dh = (dlogits @ before["fc1.w"]) * (h > 0)
+    grads = {"fc1.w": dlogits.T @ h, "fc1.b": dlogits.sum(0), "fc0.w": dh.T @ x,
              "fc0.b": dh.sum(0)}
     after = model.params.numpy()
     for name, g in grads.items():
@@ -86,7 +87,7 @@ def test_short_training_run_on_the_digits(queue):
 
 
 def test_bad_input(queue, rng):
-    params = FlatParameters(queue, {"fc.w": np.zeros((3, 4), np.float32),
+    params = FlatParameters(queue, {"fc.w": np.zeros((4, 3), np.float32),
                                     "fc.b": np.zeros(4, np.float32)})
     with pytest.raises(ValueError, match="mask must be one of"):
         DSGLinear(params, "fc", 0.5, "topk")

@@ -513,6 +513,37 @@ def test_backward_device_arrays_and_prepared_weight(queue, rng):
     assert relative_error(dx.get(), ref_dx) < TOL and relative_error(dw.get(), ref_dw) < TOL
 
 
+@pytest.mark.parametrize("form", ["bool", "idx"])
+def test_backward_rows_layout_into_views_and_without_dx(queue, rng, form):
+    """dw as (N, K) rows, written into a view of a larger buffer (at the base alignment:
+    in place; off it: through a copy), and dx skipped; the weight itself a view."""
+    x, w, mask = MaskCase(13, 37, 29, keep=0.3, form=form).make(rng)
+    dy = rng.standard_normal(mask.shape, dtype=np.float32)
+    ref_dx, ref_dw = masked_matmul_backward_reference(dy, x, w, mask)
+    align = runtime.base_alignment(queue.device) // 4
+    n, k = w.shape[1], w.shape[0]
+    for start in (align, align + 1):
+        pool = cl_array.to_device(queue, np.full(2 * align + 2 * n * k, np.nan, np.float32))
+        rows = pool[start:start + n * k].reshape(n, k)
+        rows.set(np.ascontiguousarray(w.T))
+        weight = ps.MaskedLinearWeight(rows, transposed=True, queue=queue)
+        grads = cl_array.to_device(queue, np.full(2 * align + 2 * n * k, np.nan, np.float32))
+        dw_out = grads[start:start + n * k].reshape(n, k)
+        dx, dw = ps.masked_matmul_backward(
+            cl_array.to_device(queue, dy), cl_array.to_device(queue, x), weight,
+            cl_array.to_device(queue, mask), need_dx=False, dw_rows=True, dw_out=dw_out)
+        assert dx is None and dw is dw_out
+        assert relative_error(dw_out.get(), ref_dw.T) < TOL
+        untouched = np.concatenate([grads.get()[:start], grads.get()[start + n * k:]])
+        assert np.all(np.isnan(untouched))                    # only the view was written
+    dx, dw = ps.masked_matmul_backward(dy, x, w, mask, dw_rows=True, queue=queue)  # NumPy
+    assert relative_error(dx, ref_dx) < TOL and relative_error(dw, ref_dw.T) < TOL
+    with pytest.raises(TypeError, match="dw_out is for device calls"):
+        ps.masked_matmul_backward(dy, x, w, mask, dw_out=np.zeros_like(w), queue=queue)
+    with pytest.raises(TypeError, match="need_dx must be a bool"):
+        ps.masked_matmul_backward(dy, x, w, mask, need_dx=0, queue=queue)
+
+
 @pytest.mark.parametrize("family,spec", [("masked_dx", MASKED_DX), ("masked_dw", MASKED_DW)])
 def test_every_backward_configuration_is_correct(queue, rng, family, spec):
     cases = [MaskCase(33, 200, 45, keep=0.3), MaskCase(20, 37, 70, keep=0.2, form="idx")]

@@ -59,7 +59,9 @@ def test_softmax_cross_entropy_gradient_is_the_loss_derivative(queue, rng):
 def test_softmax_cross_entropy_is_stable_and_flags_bad_labels(queue, rng):
     x = np.array([[1e4, -1e4, 0.0], [-3e4, -3e4 + 1, -3e4]], np.float32)   # no overflow
     labels = np.array([1, 0])
-    loss, grad = ps.softmax_cross_entropy(x, labels, grad_out=np.empty_like(x), queue=queue)
+    canary = np.full_like(x, np.nan)                      # every entry must be written
+    loss, grad = ps.softmax_cross_entropy(x, labels, grad_out=canary, queue=queue)
+    assert grad is canary
     ref_loss, ref_grad = softmax_cross_entropy_reference(x, labels)
     assert np.isfinite(loss) and abs(loss - ref_loss) <= TOL * abs(ref_loss)
     assert relative_error(grad, ref_grad) < TOL
@@ -98,7 +100,7 @@ def test_column_sums(queue, rng):
     assert relative_error(ps.column_sums(a, queue=queue), a.astype(np.float64).sum(0)) < TOL
     wide = cl_array.to_device(queue, rng.standard_normal((9, 40), dtype=np.float32))
     view = wide[:, 3:30]                                   # strided rows on the device
-    out = cl_array.empty(queue, (27,), np.float32)
+    out = cl_array.to_device(queue, np.full(27, np.nan, np.float32))   # a canary
     assert ps.column_sums(view, scale=-0.25, out=out) is out
     assert relative_error(out.get(), -0.25 * wide.get()[:, 3:30].astype(np.float64).sum(0)) \
         < TOL

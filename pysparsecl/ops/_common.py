@@ -206,6 +206,18 @@ def check_alloc(queue: cl.CommandQueue, n_bytes: int, what: str) -> None:
                          f"maximum allocation of {limit / 2**20:.1f} MiB")
 
 
+def at_offset_zero(a: cl_array.Array, queue: cl.CommandQueue) -> Optional[cl_array.Array]:
+    """A contiguous device array that starts at offset 0 of its own buffer and shares
+    ``a``'s memory (a sub-buffer), for kernels that take no offset; None where ``a``'s
+    offset is not a multiple of the device's base alignment (then copy)."""
+    if not a.offset:
+        return a
+    if not a.flags.c_contiguous or a.offset % runtime.base_alignment(queue.device):
+        return None
+    region = a.base_data.get_sub_region(a.offset, a.nbytes)
+    return cl_array.Array(queue, a.shape, a.dtype, data=region)
+
+
 def elem_offset(a: cl_array.Array) -> np.int64:
     """A device array's offset into its buffer, in elements."""
     return np.int64(a.offset // a.dtype.itemsize)

@@ -32,6 +32,7 @@ from ..families import (
 from ..params import Choice, Routine, TileParam
 from ._common import (
     INT32_MAX,
+    at_offset_zero,
     check_alloc,
     check_out,
     deliver,
@@ -113,7 +114,8 @@ class MaskedLinearWeight:
     transposed : bool
         Whether ``w`` is already given as (N, K) rows.  A contiguous device array given
         this way is used in place, not copied: later writes to it (a weight update) are
-        seen by later products.
+        seen by later products.  (A view that starts inside its buffer is used in place
+        when its offset is a multiple of the device's base alignment, else copied.)
     queue : pyopencl.CommandQueue, optional
         Where the weight lives; that of a device array ``w``, else the default queue.
     """
@@ -125,7 +127,9 @@ class MaskedLinearWeight:
         if transposed:
             n_out, k_in = w.shape
             if is_device_array(w):
-                rows = w if not w.offset else w.copy(queue=self.queue)
+                rows = at_offset_zero(w, self.queue) if w.flags.c_contiguous else None
+                if rows is None:
+                    rows = w.copy(queue=self.queue)
                 ld = k_in
             else:
                 ld = row_stride(k_in)
@@ -419,7 +423,8 @@ def _launch_forward(queue, x_dev, rows, ldw, sel: _Selection, mask_dev, out_dev,
 # ---------------------------------------------------------------------------------------------
 # Backward
 
-def masked_matmul_backward(dy, x, w, mask, *, queue=None, events=None):
+def masked_matmul_backward(dy, x, w, mask, *, need_dx=True, dw_rows=False, dw_out=None,
+                           queue=None, events=None):
     """Gradients of ``y = mask * (x @ w)`` with the mask held constant.
 
     Returns ``(dx, dw)`` with ``dx = (mask * dy) @ w.T`` and ``dw = x.T @ (mask * dy)``.
@@ -434,13 +439,22 @@ def masked_matmul_backward(dy, x, w, mask, *, queue=None, events=None):
     x : float32 array (M, K) or (K,).
     w : float32 array (K, N) or a :class:`MaskedLinearWeight`.
     mask : bool (M, N) or int32 (M, n_keep) column indices, as for :func:`masked_matmul`.
+    need_dx : bool: False skips dx (a first layer's), which is then None.
+    dw_rows : bool: give dw as (N, K) rows, the layout a :class:`MaskedLinearWeight`
+        stores (and torch's ``Linear.weight``), so that a weight kept that way is updated
+        with a contiguous gradient; the kernels compute this layout, so it also saves the
+        transpose that (K, N) takes.
+    dw_out : float32 device array of dw's shape, optional (device calls): dw is written
+        there, e.g. into a gradient buffer (a view that starts inside its buffer must
+        start on the device's base alignment, else it is written through a copy).
     queue : pyopencl.CommandQueue, optional.
     events : list, optional; the kernels' OpenCL events are appended (for profiling).
 
     Returns
     -------
-    dx : float32, the shape of ``x``.
-    dw : float32 (K, N), the shape of ``w`` in ``x @ w`` (also for a MaskedLinearWeight).
+    dx : float32, the shape of ``x`` (None without ``need_dx``).
+    dw : float32 (K, N), the shape of ``w`` in ``x @ w`` (also for a MaskedLinearWeight),
+        or (N, K) with ``dw_rows``.
     Both in the kind of container ``x`` came in.
 
     A NumPy ``w`` is kept as device rows while it is unchanged (see :func:`masked_matmul`).
@@ -469,13 +483,22 @@ def masked_matmul_backward(dy, x, w, mask, *, queue=None, events=None):
         queue = w.queue
     queue = runtime.resolve_queue(queue, x=x, dy=dy, w=w if is_device_array(w) else None,
                                   mask=mask)
+    for flag, name in ((need_dx, "need_dx"), (dw_rows, "dw_rows")):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    dw_shape = (n_cols, k_in) if dw_rows else (k_in, n_cols)
+    if dw_out is not None:
+        if not is_device_array(x):
+            raise TypeError("dw_out is for device calls (x a pyopencl array)")
+        check_out(dw_out, dw_shape, np.float32, like=x, name="dw_out")
     _check_sizes(x=n_rows * k_in, w=k_in * n_cols, mask=n_rows * n_cols)
-    for size, what in ((n_rows * k_in, "dx"), (k_in * n_cols, "dw")):
+    for size, what in ((n_rows * k_in if need_dx else 0, "dx"), (k_in * n_cols, "dw")):
         check_alloc(queue, 4 * size, what)   # both, by name, before either is allocated
-    dx_dev, dx_host = new_output(queue, tuple(x.shape), np.float32, None, like=x, zeros=True,
-                                 slot="dx")
-    dw_dev, dw_host = new_output(queue, (k_in, n_cols), np.float32, None, like=x, zeros=True,
-                                 slot="dw")
+    dx_dev = dx_host = None
+    if need_dx:
+        dx_dev, dx_host = new_output(queue, tuple(x.shape), np.float32, None, like=x,
+                                     zeros=True, slot="dx")
+    dw_dev, dw_host = new_output(queue, dw_shape, np.float32, dw_out, like=x, slot="dw")
     if n_rows and k_in and n_cols and sel.n_entries:
         rows, ldw = weight_rows(w, k_in, queue, events)
         borrow = not is_device_array(x)   # a NumPy call waits for its result
@@ -483,30 +506,47 @@ def masked_matmul_backward(dy, x, w, mask, *, queue=None, events=None):
         dy_dev = to_device(dy, queue, "dy", borrow)
         mask_dev = to_device(mask, queue, "mask", borrow)
         _launch_backward(queue, dy_dev, x_dev, rows, ldw, sel, mask_dev, dx_dev, dw_dev,
-                         n_rows, n_cols, k_in, events)
-    return (deliver(dx_dev, x, None, queue, dx_host),
-            deliver(dw_dev, x, None, queue, dw_host))
+                         dw_rows, n_rows, n_cols, k_in, events)
+    elif dw_dev.size:
+        dw_dev.fill(np.float32(0), queue=queue)       # nothing selected: dw is zero
+    dx = deliver(dx_dev, x, None, queue, dx_host) if need_dx else None
+    return dx, deliver(dw_dev, x, dw_out, queue, dw_host)
 
 
 def _launch_backward(queue, dy_dev, x_dev, rows, ldw, sel: _Selection, mask_dev, dx_dev,
-                     dw_dev, n_rows, n_cols, k_in, events) -> None:
-    wait = [e for a in (dy_dev, x_dev, rows, mask_dev, dx_dev, dw_dev) for e in a.events]
+                     dw_dev, dw_rows: bool, n_rows, n_cols, k_in, events) -> None:
+    outputs = (dw_dev,) if dx_dev is None else (dx_dev, dw_dev)
+    wait = [e for a in (dy_dev, x_dev, rows, mask_dev) + outputs for e in a.events]
     lists = masked_util.SelectionLists(queue, sel.form, mask_dev, dy_dev, n_rows, n_cols,
                                        sel.n_entries, wait, events)
     wait = wait + lists.events
-    ev_dx = masked_dx.launch(queue, tuning.lookup(MASKED_DX, queue.device), sel.form, dy_dev,
-                             rows, ldw, lists, dx_dev, n_rows, n_cols, k_in, sel.n_entries,
-                             wait)
-    dx_dev.add_event(ev_dx)
+    launched = list(lists.events)
+    if dx_dev is not None:
+        ev_dx = masked_dx.launch(queue, tuning.lookup(MASKED_DX, queue.device), sel.form,
+                                 dy_dev, rows, ldw, lists, dx_dev, n_rows, n_cols, k_in,
+                                 sel.n_entries, wait)
+        dx_dev.add_event(ev_dx)
+        launched.append(ev_dx)
     x_rows = masked_dw.padded_rows(queue, x_dev, n_rows, k_in, wait, lists.events)
-    dwt = runtime.empty(queue, (n_cols, k_in), np.float32,
-                        allocator=runtime.memory_pool(queue.context))
+    # The kernel writes dw^T, (N, K), from the start of a buffer: straight into dw_dev
+    # when the caller wants rows and dw_dev can be seen from offset 0, else a temporary.
+    direct = at_offset_zero(dw_dev, queue) if dw_rows else None
+    dwt = direct if direct is not None else runtime.empty(
+        queue, (n_cols, k_in), np.float32, allocator=runtime.memory_pool(queue.context))
     ev_dw = masked_dw.launch(queue, tuning.lookup(MASKED_DW, queue.device), sel.form, x_rows,
                              lists, dwt, n_rows, n_cols, k_in, wait)
-    dwt.add_event(ev_dw)
+    launched.append(ev_dw)
     if events is not None:
-        events.extend(lists.events + [ev_dx, ev_dw])
-    masked_util.transpose(queue, dwt, events, into=dw_dev)
+        events.extend(launched)
+    if direct is not None:
+        written(dw_dev, ev_dw)
+    elif dw_rows:      # dw_dev starts off the base alignment: a device copy
+        ev = cl.enqueue_copy(queue, dw_dev.base_data, dwt.base_data, byte_count=dwt.nbytes,
+                             dst_offset=dw_dev.offset, wait_for=[ev_dw])
+        written(dw_dev, ev)
+    else:
+        dwt.add_event(ev_dw)
+        masked_util.transpose(queue, dwt, events, into=dw_dev)
     if lists.bad is not None and is_device_array(sel.array):
         _raise_if_bad(queue, lists.bad, n_cols, "mask")
 
