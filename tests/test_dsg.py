@@ -95,6 +95,9 @@ def test_bad_input(queue, rng):
         DSGLinear(params, "fc", 1.0)
     with pytest.raises(RuntimeError, match="backward needs a forward with training=True"):
         DSGLinear(params, "fc", 0.5).backward(cl_array.zeros(queue, (2, 4), np.float32))
+    params.params["fc.w"] = params.data[1:13].reshape(4, 3)     # off the alignment
+    with pytest.raises(ValueError, match="fc.w must start on the device's base alignment"):
+        DSGLinear(params, "fc", 0.5)
     with pytest.raises(ValueError, match="sizes must be two or more positive ints"):
         MLP((64,), 0.5)
     with pytest.raises(ValueError, match="initial must name at least one parameter"):
