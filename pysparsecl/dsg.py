@@ -18,7 +18,8 @@ The search ranks ``x @ w`` without the bias (the bias is added to the selected o
 only): on the digits at 90%, an oracle mask with the bias and one without trained to the
 same accuracy.  The layers' projections default to ``eps=0.3`` (k = 139 for 512 inputs):
 on the digits it trained up to a point better than the search's own default, 0.5, at
-70-80% (5 seeds; at 90% the two were within their spread).  Not yet here: conv layers, BatchNorm and pooling.
+70-80% (5 seeds; at 90% the two were within their spread).  Not yet here: conv layers,
+BatchNorm and pooling.
 """
 
 from __future__ import annotations
