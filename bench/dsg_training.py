@@ -1,18 +1,20 @@
 """DSG training end to end on the digits: accuracy against sparsity, per mask, and the
 training step's time against torch dense.
 
-``python -m bench dsg_training [--sparsity ...] [--quick]`` (``make bench`` runs it where
-scikit-learn imports).  The model is an MLP 64-512-512-10 (pysparsecl.dsg.MLP): DSG on the
-two hidden layers, a dense output layer, softmax cross-entropy and SGD with momentum, all
-on the device.  For each sparsity and each mask ("drs": the search; "random": a fresh
-random selection; "oracle": the exact top-k of the true pre-activation) it trains from
-several seeds and reports the test accuracy's mean and standard deviation, with the
-search (or the control) on at inference.  Dense (sparsity 0) is the band to compare with.
+``python -m bench dsg_training [--sparsity ...] [--quick]`` (``make bench`` runs it).  The
+model is an MLP 64-512-512-10 (pysparsecl.dsg.MLP): DSG on the two hidden layers, a dense
+output layer, softmax cross-entropy and SGD with momentum, all on the device.
 
-The step time is the median wall time of a whole training step at batch 64 (forward,
-search, loss, backward, update; the loss read back every step as a training loop would
-print it), against torch's dense step of the same model on the CPU in the same run; and
-the same for a compute-bound layer set, an MLP 512-2048-2048-10 at batch 1024 and 90%.
+- Accuracy (needs scikit-learn for the digits): for each sparsity and each mask ("drs":
+  the search; "random": a fresh random selection; "oracle": the exact top-k of the true
+  pre-activation) it trains from several seeds and reports the test accuracy's mean and
+  standard deviation, with the search (or the control) on at inference, beside dense's.
+- Step times: the median wall time of a whole training step (forward, search, loss,
+  backward, update; the loss read back every step, as a training loop prints it), dense
+  and with the search at each sparsity, at batch 64; and the compute-bound layer set, an
+  MLP 512-2048-2048-10 at batch 1024 and 90%.  Against torch's dense step of the same
+  model in the same run: on the CPU, or with CUDA (TF32 off) on a GPU device.
+
 Results: bench/results/dsg-training-<device>[-quick].{json,md,png}.
 """
 
@@ -23,7 +25,7 @@ import time
 
 import numpy as np
 
-from pysparsecl import tuning
+from pysparsecl import runtime, tuning
 
 from . import report
 from .timing import interleaved_medians, wall_ms
@@ -36,12 +38,21 @@ BATCH, EPOCHS, SEEDS, LR = 64, 20, 5, 0.05
 COLUMNS = [("mask", "mask", "{}"), ("sparsity", "sparsity", "{:.2f}"),
            ("accuracy_mean", "accuracy mean", "{:.3f}"),
            ("accuracy_std", "accuracy std", "{:.3f}"),
-           ("loss_vs_dense", "points vs dense", "{:+.1f}"),
-           ("step_ms", "step ms", "{:.2f}"), ("torch_step_ms", "torch dense step ms", "{:.2f}"),
-           ("step_speedup_vs_torch", "x torch step", "{:.2f}")]
+           ("loss_vs_dense", "points vs dense", "{:+.1f}")]
+
+
+#: The compute-bound layer set: (sizes, batch) of an MLP whose step is kernel-bound.
+LARGE = ((512, 2048, 2048, 10), 1024)
+
+STEP_COLUMNS = [("model", "model", "{}"), ("N", "batch", "{}"), ("mask", "mask", "{}"),
+                ("sparsity", "sparsity", "{:.2f}"), ("step_ms", "step ms", "{:.2f}"),
+                ("torch_step_ms", "torch dense step ms", "{:.2f}"),
+                ("step_speedup_vs_torch", "x torch step", "{:.2f}")]
 
 
 def available() -> bool:
+    """Whether scikit-learn imports (the digits, for the accuracy part; the step times
+    run without it, on random data)."""
     try:
         import sklearn  # noqa: F401
     except ImportError:
@@ -58,7 +69,7 @@ def _digits():
     return x[:1400], y[:1400], x[1400:], y[1400:]
 
 
-def _train(queue, data, sparsity, mask, seed, epochs):
+def _train(queue, data, sparsity, mask, seed, epochs) -> float:
     import pyopencl.array as cl_array
 
     from pysparsecl.dsg import MLP
@@ -69,103 +80,91 @@ def _train(queue, data, sparsity, mask, seed, epochs):
         for batch in np.array_split(rng.permutation(len(x_tr)), len(x_tr) // BATCH):
             model.train_step(cl_array.to_device(queue, x_tr[batch]),
                              cl_array.to_device(queue, y_tr[batch]), lr=LR)
-    return float((model.predict(x_te) == y_te).mean()), model
+    return float((model.predict(x_te) == y_te).mean())
 
 
-def _step_timer(queue, model, data):
+def _batch(sizes, batch: int):
+    """Random inputs and labels: a step's time does not depend on the values."""
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((batch, sizes[0]), dtype=np.float32),
+            rng.integers(0, sizes[-1], batch).astype(np.int32))
+
+
+def _step_timer(queue, sizes, sparsity: float, batch: int):
+    """Our whole training step; the loss is read back, as a training loop prints it."""
     import pyopencl.array as cl_array
-    x = cl_array.to_device(queue, data[0][:BATCH])
-    y = cl_array.to_device(queue, data[1][:BATCH])
 
-    def step():
-        model.train_step(x, y, lr=LR).get()     # a loop reads its loss: one sync a step
-    return wall_ms(step)
+    from pysparsecl.dsg import MLP
+    model = MLP(sizes, sparsity, "drs" if sparsity else "dense", seed=0, queue=queue)
+    x, y = (cl_array.to_device(queue, a) for a in _batch(sizes, batch))
+    return wall_ms(lambda: model.train_step(x, y, lr=LR).get())
 
 
-def _torch_step_timer(data, sizes=SIZES):
+def _torch_device(queue) -> str:
+    import torch
+    gpu = runtime.device_kind(queue.device) == "gpu"
+    return "cuda" if gpu and torch.cuda.is_available() else "cpu"
+
+
+def _torch_step_timer(queue, sizes, batch: int):
+    """torch's dense step of the same model (CUDA, TF32 off, on a GPU device), or None."""
     try:
         import torch
     except ImportError:
         return None
+    device = _torch_device(queue)
+    torch.backends.cuda.matmul.allow_tf32 = False
     layers = []
     for a, b in zip(sizes[:-1], sizes[1:]):
         layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
-    model = torch.nn.Sequential(*layers[:-1])
+    model = torch.nn.Sequential(*layers[:-1]).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    batch = BATCH if sizes == SIZES else len(data[0])
-    x, y = torch.from_numpy(data[0][:batch]), torch.from_numpy(data[1][:batch]).long()
+    x, y = _batch(sizes, batch)
+    x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).long().to(device)
 
     def step():
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-        loss.item()
+        loss.item()                         # the same read-back as ours (and a sync)
     return wall_ms(step)
 
 
-#: The compute-bound layer set: (sizes, batch) of an MLP whose step is kernel-bound.
-LARGE = ((512, 2048, 2048, 10), 1024)
-
-LARGE_COLUMNS = [("model", "model", "{}"), ("N", "batch", "{}"), ("sparsity", "sparsity",
-                                                                     "{:.2f}"),
-                 ("step_ms", "step ms", "{:.1f}"),
-                 ("torch_step_ms", "torch dense step ms", "{:.1f}"),
-                 ("step_speedup_vs_torch", "x torch step", "{:.2f}")]
-
-
-def bench_large(queue, sparsity: float, rounds: int) -> dict:
-    """One training step of the compute-bound layer set, ours (DSG on the hidden layers)
-    against torch dense, from random data (the step time does not depend on it)."""
-    import pyopencl.array as cl_array
-
-    from pysparsecl.dsg import MLP
-    sizes, batch = LARGE
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, sizes[0]), dtype=np.float32)
-    y = rng.integers(0, sizes[-1], batch).astype(np.int32)
-    model = MLP(sizes, sparsity, "drs", seed=0, queue=queue)
-    xd, yd = cl_array.to_device(queue, x), cl_array.to_device(queue, y)
-    timers = {"ours": wall_ms(lambda: model.train_step(xd, yd, lr=LR).get())}
-    torch_timer = _torch_step_timer((x, y), sizes)
-    if torch_timer is not None:
-        timers["torch"] = torch_timer
-    med = interleaved_medians(timers, rounds, block=2)
-    row = dict(model="-".join(map(str, sizes)), N=batch, sparsity=sparsity,
-               step_ms=med["ours"])
-    if "torch" in med:
-        row.update(torch_step_ms=med["torch"], step_speedup_vs_torch=med["torch"] / med["ours"])
-    return row
-
-
-def bench(queue, sparsities, seeds: int, epochs: int, rounds: int):
+def accuracy_rows(queue, sparsities, seeds: int, epochs: int):
+    """Test accuracy per mask and sparsity, mean and spread over seeds, and dense's."""
     data = _digits()
     dense = [_train(queue, data, 0.0, "dense", s, epochs) for s in range(seeds)]
-    dense_acc = [a for a, _ in dense]
-    torch_timer = _torch_step_timer(data)
-    rows = [dict(mask="dense", sparsity=0.0, accuracy_mean=float(np.mean(dense_acc)),
-                 accuracy_std=float(np.std(dense_acc)), loss_vs_dense=0.0)]
-    timers = {"dense": _step_timer(queue, dense[0][1], data)}
+    rows = [dict(mask="dense", sparsity=0.0, accuracy_mean=float(np.mean(dense)),
+                 accuracy_std=float(np.std(dense)), loss_vs_dense=0.0)]
+    print(report.format_row(rows[-1], COLUMNS), flush=True)
     for sparsity in sparsities:
         for mask in MASKS:
-            runs = [_train(queue, data, sparsity, mask, s, epochs) for s in range(seeds)]
-            acc = [a for a, _ in runs]
+            acc = [_train(queue, data, sparsity, mask, s, epochs) for s in range(seeds)]
             rows.append(dict(mask=mask, sparsity=sparsity, accuracy_mean=float(np.mean(acc)),
                              accuracy_std=float(np.std(acc)),
-                             loss_vs_dense=100 * (np.mean(acc) - np.mean(dense_acc))))
-            if mask == "drs":
-                timers[f"drs {sparsity}"] = _step_timer(queue, runs[0][1], data)
+                             loss_vs_dense=100 * (np.mean(acc) - np.mean(dense))))
             print(report.format_row(rows[-1], COLUMNS), flush=True)
+    return rows
+
+
+def step_rows(queue, sparsities, rounds: int, sizes=SIZES, batch: int = BATCH):
+    """Step times, ours dense and with the search at each sparsity, and torch dense's."""
+    timers = {0.0: _step_timer(queue, sizes, 0.0, batch)}
+    timers.update({s: _step_timer(queue, sizes, s, batch) for s in sparsities})
+    torch_timer = _torch_step_timer(queue, sizes, batch)
     if torch_timer is not None:
         timers["torch"] = torch_timer
-    med = interleaved_medians(timers, rounds, block=10)
-    for row in rows:
-        key = "dense" if row["mask"] == "dense" else f"drs {row['sparsity']}"
-        if row["mask"] in ("dense", "drs"):
-            row["step_ms"] = med[key]
-            if "torch" in med:
-                row["torch_step_ms"] = med["torch"]
-                row["step_speedup_vs_torch"] = med["torch"] / med[key]
+    med = interleaved_medians(timers, rounds, block=10 if batch <= BATCH else 2)
+    rows = []
+    for sparsity in [0.0] + list(sparsities):
+        row = dict(model="-".join(map(str, sizes)), N=batch,
+                   mask="drs" if sparsity else "dense", sparsity=sparsity,
+                   step_ms=med[sparsity])
+        if "torch" in med:
+            row.update(torch_step_ms=med["torch"],
+                       step_speedup_vs_torch=med["torch"] / med[sparsity])
+        rows.append(row)
     return rows
 
 
@@ -200,10 +199,8 @@ def plot(rows, path, title) -> bool:
 
 def run(queue, args) -> dict:
     """The suite on ``queue``'s device: writes
-    ``args.out``/dsg-training-<device>[-quick].{json,md,png}."""
-    if not available():
-        raise SystemExit("the dsg_training suite needs scikit-learn (the digits): "
-                         "pip install scikit-learn")
+    ``args.out``/dsg-training-<device>[-quick].{json,md,png}.  Without scikit-learn only
+    the step times run."""
     if args.quick:
         sparsities, seeds, epochs = [0.9], 2, 5
     else:
@@ -211,34 +208,50 @@ def run(queue, args) -> dict:
     device = queue.device
     try:
         import torch
-        baseline = f"torch {torch.__version__} on cpu ({torch.get_num_threads()} threads)"
+        torch_device = _torch_device(queue)
+        baseline = (f"torch {torch.__version__} on {torch_device} (" +
+                    (f"{torch.cuda.get_device_name()}, TF32 off" if torch_device == "cuda"
+                     else f"{torch.get_num_threads()} threads") + ")")
     except ImportError:
         baseline = "torch not installed: no step-time baseline"
+    digits = available() and not getattr(args, "steps_only", False)
     header = {**report.run_header(device),
               "model": f"MLP {'-'.join(map(str, SIZES))}, DSG on the hidden layers, SGD "
-                       f"lr {LR} momentum 0.9, batch {BATCH}, {epochs} epochs, "
-                       f"{seeds} seeds; digits: 1400 train, 397 test",
+                       f"lr {LR} momentum 0.9, batch {BATCH}" +
+                       (f", {epochs} epochs, {seeds} seeds; digits: 1400 train, 397 test"
+                        if digits else "; step times only (--steps-only, or no "
+                        "scikit-learn for the digits)"),
               "baselines": baseline,
-              "timing": f"{args.rounds} interleaved rounds x (1 warm-up + 10 steps); median"}
+              "timing": f"{args.rounds} interleaved rounds x (1 warm-up + 10 steps; 2 for "
+                        "the compute-bound set); median"}
     print(json.dumps(header, indent=1))
     t0 = time.perf_counter()
-    rows = bench(queue, sparsities, seeds, epochs, args.rounds)
-    large = [] if args.quick else [bench_large(queue, 0.9, args.rounds)]
+    rows = accuracy_rows(queue, sparsities, seeds, epochs) if digits else []
+    steps = step_rows(queue, sparsities, args.rounds)
+    if not args.quick:
+        steps += step_rows(queue, [0.9], args.rounds, *LARGE)
     header["seconds"] = round(time.perf_counter() - t0, 1)
     slug = "dsg-training-" + tuning.device_slug(device) + ("-quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{slug}.json").write_text(json.dumps({"header": header, "rows": rows,
-                                                       "large": large}, indent=1))
-    has_plot = plot(rows, args.out / f"{slug}.png", header["device"])
-    table = report.markdown_table(rows, COLUMNS, drop_absent=True)
-    if large:
-        table += ("\n\nThe compute-bound layer set, one training step (forward, search, "
-                  "loss, backward, update):\n\n" +
-                  report.markdown_table(large, LARGE_COLUMNS, drop_absent=True))
+                                                       "steps": steps}, indent=1))
+    has_plot = bool(rows) and plot(rows, args.out / f"{slug}.png", header["device"])
+    tables = markdown_tables(rows, steps)
     md = [f"# DSG training: {header['device']}", "",
-          "\n".join(f"- {k}: {v}" for k, v in header.items()), "", table] + \
+          "\n".join(f"- {k}: {v}" for k, v in header.items()), "", tables] + \
         (["", f"![dsg training]({slug}.png)"] if has_plot else [])
     (args.out / f"{slug}.md").write_text("\n".join(md) + "\n")
-    print("\n" + table)
+    print("\n" + tables)
     print(f"\nwrote {args.out / slug}.{{json,md{',png' if has_plot else ''}}}")
-    return {"header": header, "rows": rows}
+    return {"header": header, "rows": rows, "steps": steps}
+
+
+def markdown_tables(rows, steps) -> str:
+    """The accuracy table (when there is one) and the step-time table."""
+    parts = []
+    if rows:
+        parts.append(report.markdown_table(rows, COLUMNS, drop_absent=True))
+    parts.append("Training steps (forward, search, loss, backward, update; the loss read "
+                 "back), ours against torch dense:\n\n" +
+                 report.markdown_table(steps, STEP_COLUMNS, drop_absent=True))
+    return "\n\n".join(parts)

@@ -5,6 +5,7 @@
 #        [MASKED_BENCH_ARGS="--no-conv --sparsity 0.5 0.9"]
 #        [BENCH_BATCHES="1 8 32"|none] [DSG_BENCH=1|0] [DRS=0|1]
 #        [BENCH_ARGS="--sparsity 0.9"] [NETWORK=1|0] [NETWORK_ARGS="--sparsity 0.9"]
+#        [DSG_TRAINING=0|1] [DSG_TRAINING_ARGS="--sparsity 0.5 0.9"]
 #        bash bench/nvidia_opencl.sh
 # Run from the repository root: every benchmark goes through the driver, python -m bench.
 # Tile sweeps are the tuner's job now (TUNE_OPS; python -m pysparsecl tune).
@@ -23,6 +24,8 @@ DRS=${DRS:-0}
 BENCH_ARGS=${BENCH_ARGS:-}
 NETWORK=${NETWORK:-1}
 NETWORK_ARGS=${NETWORK_ARGS:-}
+DSG_TRAINING=${DSG_TRAINING:-0}
+DSG_TRAINING_ARGS=${DSG_TRAINING_ARGS:-}
 if [ "${SWEEP_N:-0}" != 0 ] || [ "${MASKED_SWEEP:-0}" != 0 ]; then
     echo "SWEEP_N and MASKED_SWEEP are gone with bench/sweep.py and bench/masked_sweep.py:" \
         "tune instead (TUNE_OPS=... TUNE_ARGS=...)" >&2
@@ -74,4 +77,8 @@ if [ "$DSG_BENCH" = 1 ]; then
 fi
 if [ "$DRS" = 1 ]; then
     echo "== DRS kernels"; python3 -m bench drs --device nvidia 2>&1 | tail -8
+fi
+if [ "$DSG_TRAINING" = 1 ]; then   # step times (and accuracy where scikit-learn is there)
+    echo "== DSG training"; python3 -m bench dsg_training --device nvidia $DSG_TRAINING_ARGS \
+        --out "$OUT" 2>&1 | tail -30
 fi

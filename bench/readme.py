@@ -70,7 +70,7 @@ def tvm_network_tables(results_dir: Path = RESULTS, prefix: str = "") -> list:
 
 
 def dsg_training_tables(results_dir: Path = RESULTS, prefix: str = "") -> list:
-    """Markdown lines: DSG training on the digits (accuracy per mask and sparsity, step
+    """Markdown lines: DSG training (accuracy per mask and sparsity on the digits, step
     times), per device, with the plot."""
     found = list(_results(results_dir, "dsg-training-*.json"))
     if not found:
@@ -80,12 +80,7 @@ def dsg_training_tables(results_dir: Path = RESULTS, prefix: str = "") -> list:
         h = data["header"]
         parts += [f"**{h['device']}** ({h['date']}; {h['model']}; baseline: {h['baselines']}; "
                   f"[bench/results/{stem}.md]({prefix}bench/results/{stem}.md))", "",
-                  report.markdown_table(data["rows"], dsg_training.COLUMNS, drop_absent=True),
-                  ""]
-        if data.get("large"):
-            parts += ["The compute-bound layer set, one training step:", "",
-                      report.markdown_table(data["large"], dsg_training.LARGE_COLUMNS,
-                                            drop_absent=True), ""]
+                  dsg_training.markdown_tables(data["rows"], data["steps"]), ""]
         if (results_dir / f"{stem}.png").exists():
             parts += [f"![DSG training on {h['device']}]({prefix}bench/results/{stem}.png)", ""]
     return parts
