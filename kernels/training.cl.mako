@@ -10,6 +10,9 @@
 ##   KIND == "colsum"  out[j] = scale * sum_i a[i, j] over an (M, N) array: a work-item per
 ##                     column, adjacent columns in adjacent work-items (bias gradients; with
 ##                     N = 1, the batch's loss from the rows' losses).
+##   KIND == "random_keys"  a uniform 32-bit key per entry of an (M, N) array, a hash of
+##                     (seed, row, column): the search's top-k then keeps n_keep random
+##                     columns per row (DSG's random-mask control, on the device).
 ##   KIND == "sgd"     one SGD step over flat arrays, every parameter of a model at once:
 ##                     g' = g + weight_decay * p;  v = momentum * v + g';  p -= lr * v
 ##                     (HAS_VELOCITY == 0: p -= lr * g'), a grid-stride loop.
@@ -74,6 +77,31 @@ void pscl_column_sums(${ARGS["pscl_column_sums"]})
     for (long i = 0; i < M; ++i)
         total += col[i * lda];
     out[out_off + j] = scale * total;
+}
+% elif KIND == "random_keys":
+// A 32-bit key per (row, column), a hash of (seed, row, column): uniform, independent
+// across entries, the same for the same seed on every device.  The search's top-k keeps
+// each row's n_keep largest keys: n_keep columns uniformly at random.
+inline uint pscl_mix(uint h)
+{
+    // Murmur3's finaliser: every input bit reaches every output bit.
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    h ^= h >> 16;
+    return h;
+}
+
+__kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
+void pscl_random_keys(${ARGS["pscl_random_keys"]})
+{
+    const int j = get_global_id(0);
+    const int row = get_global_id(1);
+    if (j >= N)
+        return;
+    const uint h = pscl_mix(seed_lo ^ pscl_mix((uint)row * 0x9e3779b9u ^ seed_hi));
+    keys[(long)row * ldk + j] = pscl_mix(h ^ pscl_mix((uint)j + 0x7f4a7c15u));
 }
 % elif KIND == "sgd":
 __kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))

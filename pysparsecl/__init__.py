@@ -14,6 +14,7 @@ from .ops.drs import (  # noqa: E402
     SparseRandomProjection,
     drs_mask,
     drs_mask_conv2d,
+    random_mask,
 )
 from .ops.elementwise import add, add_relu, axpby, mul, relu_backward  # noqa: E402
 from .ops.masked import (  # noqa: E402
@@ -38,7 +39,7 @@ __all__ = [
     "conv2d_sparse", "conv2d_output_shape", "SparseConvWeight", "fold_batchnorm",
     # DSG: masked products, dimension-reduction search, double-mask BatchNorm
     "masked_matmul", "masked_matmul_backward", "MaskedLinearWeight", "masked_relu_bn",
-    "conv2d_masked", "drs_mask", "drs_mask_conv2d", "SparseRandomProjection",
+    "conv2d_masked", "drs_mask", "drs_mask_conv2d", "random_mask", "SparseRandomProjection",
     "ProjectedWeight",
     # elementwise
     "add", "mul", "axpby", "add_relu", "relu_backward",

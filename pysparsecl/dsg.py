@@ -31,7 +31,7 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 
 from . import runtime
-from .ops.drs import SparseRandomProjection, drs_mask, keep_count
+from .ops.drs import SparseRandomProjection, drs_mask, keep_count, random_mask
 from .ops.elementwise import add, add_relu, relu_backward
 from .ops.masked import MaskedLinearWeight, masked_matmul, masked_matmul_backward
 from .ops.training import column_sums, sgd_step, softmax_cross_entropy
@@ -95,7 +95,8 @@ class DSGLinear:
         (out_features,).
     name : the layer's name in ``params``.
     sparsity : float in [0, 1): the share of each row's outputs not computed.
-    mask : "drs" (the search), "random" (a fresh random selection per step: the control),
+    mask : "drs" (the search), "random" (a fresh random selection per step, drawn on the
+        device by :func:`random_mask`: the control),
         "oracle" (the exact top-k of the true pre-activation, computed densely: the
         control's upper bound) or "dense" (every output).
     relu : bool: apply ReLU (DSG's layers) or not (an output layer).
@@ -138,11 +139,12 @@ class DSGLinear:
         if self.kind == "drs":
             return drs_mask(x, self.rows, self.sparsity, projection=self.projection,
                             queue=self.queue)
+        if self.kind == "random":      # a fresh selection each call, on the device
+            return random_mask(m, n, self.sparsity, seed=int(self.rng.integers(2 ** 63)),
+                               queue=self.queue)
         n_keep = keep_count(self.sparsity, n)
-        if self.kind == "random":
-            scores = self.rng.random((m, n))
-        else:   # oracle: the true pre-activation, densely
-            scores = x.get().astype(np.float64) @ self.w.get().T + self.b.get()
+        # oracle: the true pre-activation, densely, on the host (a control, not a fast path)
+        scores = x.get().astype(np.float64) @ self.w.get().T + self.b.get()
         keep = np.zeros((m, n), bool)
         np.put_along_axis(keep, np.argpartition(-scores, n_keep - 1, axis=1)[:, :n_keep],
                           True, axis=1)

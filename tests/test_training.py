@@ -157,3 +157,34 @@ def test_relu_backward_with_masks(queue, rng, shape):
         assert relative_error(got.get(), np.where(keep, ref, 0.0)) < TOL
     with pytest.raises(TypeError, match="mask must have dtype bool, int8 or uint8"):
         ps.relu_backward(dy, y, mask=keep.astype(np.int32), queue=queue)
+
+
+def test_random_mask_is_uniform_exact_and_reproducible(queue, rng):
+    seed = int(rng.integers(2 ** 63))
+    m, n, sparsity = 4000, 12, 0.75                       # keep 3 of 12 per row
+    sel = ps.random_mask(m, n, sparsity, seed=seed, queue=queue).get()
+    assert sel.dtype == np.bool_ and np.all(sel.sum(1) == 3)
+    # Each column is kept with probability 1/4: within 5 sigma of it in 4000 rows.
+    freq = sel.mean(0)
+    assert np.all(np.abs(freq - 0.25) < 5 * np.sqrt(0.25 * 0.75 / m)), freq
+    # Pairs of columns are kept together as often as independent choice predicts.
+    both = (sel[:, 0] & sel[:, 1]).mean()
+    assert abs(both - 3 / 12 * 2 / 11) < 5 * np.sqrt(both / m) + 1e-3
+    again = ps.random_mask(m, n, sparsity, seed=seed, queue=queue).get()
+    assert np.array_equal(sel, again)
+    other = ps.random_mask(m, n, sparsity, seed=seed + 1, queue=queue).get()
+    assert not np.array_equal(sel, other)
+    idx = ps.random_mask(m, n, sparsity, seed=seed, compact=True, queue=queue).get()
+    assert np.array_equal(np.sort(idx, axis=1), idx)
+    assert np.array_equal(np.take_along_axis(sel, idx, axis=1), np.ones_like(idx, bool))
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(n_rows=0, n_cols=4, sparsity=0.5, seed=1), ValueError, "n_rows"),
+    (dict(n_rows=2, n_cols=4, sparsity=1.0, seed=1), ValueError, "sparsity"),
+    (dict(n_rows=2, n_cols=4, sparsity=0.5, seed=-1), ValueError, r"seed must be an int"),
+    (dict(n_rows=2, n_cols=4, sparsity=0.5, seed=1, compact=1), TypeError, "compact"),
+])
+def test_random_mask_bad_input(queue, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        ps.random_mask(queue=queue, **kwargs)

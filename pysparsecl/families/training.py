@@ -44,6 +44,9 @@ ARGS = {
         Scalar("lda", np.int64),
         Pointer("out", "float", const=False, restrict=True), Scalar("out_off", np.int64),
         Scalar("M", np.int64), Scalar("N", np.int32), Scalar("scale", np.float32)))),
+    "random_keys": KernelArgs(Signature("pscl_random_keys", (
+        Pointer("keys", "uint", const=False, restrict=True), Scalar("ldk", np.int32),
+        Scalar("N", np.int32), Scalar("seed_lo", np.uint32), Scalar("seed_hi", np.uint32)))),
     "sgd": KernelArgs(Signature("pscl_sgd", (
         Pointer("param", "float", const=False, restrict=True), Scalar("param_off", np.int64),
         Pointer("grad", "float", restrict=True), Scalar("grad_off", np.int64),
@@ -51,11 +54,13 @@ ARGS = {
         Scalar("velocity_off", np.int64), Scalar("n", np.int64), Scalar("lr", np.float32),
         Scalar("momentum", np.float32), Scalar("weight_decay", np.float32)))),
 }
-KERNEL = {"xent": "pscl_softmax_xent", "colsum": "pscl_column_sums", "sgd": "pscl_sgd"}
+KERNEL = {"xent": "pscl_softmax_xent", "colsum": "pscl_column_sums", "sgd": "pscl_sgd",
+          "random_keys": "pscl_random_keys"}
 
 
 def template_args(params, kind: str = "xent", has_velocity: bool = True) -> dict:
-    """The tile parameters, the kernel (``kind``: "xent", "colsum" or "sgd"), whether the
+    """The tile parameters, the kernel (``kind``: "xent", "colsum", "random_keys" or
+    "sgd"), whether the
     SGD step keeps a velocity, and the kernel's arguments."""
     return dict(params, KIND=kind, HAS_VELOCITY=int(has_velocity), ARGS=ARGS[kind])
 
@@ -120,3 +125,15 @@ def launch_sgd(queue, params, param, grad, velocity, lr: float, momentum: float,
     _done(ev, param, events)
     if has_velocity:
         written(velocity, ev)
+
+
+def launch_random_keys(queue, params, keys, n_rows: int, n_cols: int, seed: int,
+                       events) -> None:
+    """Fill the (n_rows, ld) uint32 ``keys`` with the hash keys of ``seed`` (64-bit)."""
+    wg = params["WG"]
+    ev = _kernel(queue, params, "random_keys").launch(
+        queue, (round_up(n_cols, wg), n_rows), (wg, 1), dict(
+            keys=keys.base_data, ldk=np.int32(keys.shape[1]), N=np.int32(n_cols),
+            seed_lo=np.uint32(seed & 0xFFFFFFFF), seed_hi=np.uint32(seed >> 32)),
+        wait_for=list(keys.events) or None)
+    _done(ev, keys, events)

@@ -30,6 +30,7 @@ from ..families import (
     drs_topk,
     drs_topk_team,
     masked_conv,
+    training,
 )
 from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
 from ..params import Choice, Routine, TileParam
@@ -54,7 +55,7 @@ __all__ = ["DRS_PROJECT", "DRS_PROJECT_SPLIT", "DRS_SCORES", "DRS_FUSED", "DRS_T
            "DRS_TOPK_TEAM", "DRS_ROUTINE", "JL_CONSTANT",
            "PROJECT_WEIGHT", "PROJECT_WINDOWS", "project_shape_class",
            "SparseRandomProjection", "ProjectedWeight", "drs_mask", "drs_mask_conv2d",
-           "default_k", "keep_count"]
+           "random_mask", "default_k", "keep_count"]
 
 #: C in the default k = ceil(C * ln(d) / eps^2).  See :func:`default_k` for the choice.
 JL_CONSTANT = 2.0
@@ -497,6 +498,57 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
 #: ProjectedWeights kept for the NumPy weights passed with a SparseRandomProjection (each
 #: holds its projection, so the id in the key is not reused while the entry lives).
 _PROJECTED = PreparedCache("drs_mask projected weights")
+
+
+def random_mask(n_rows: int, n_cols: int, sparsity, *, seed: int, compact: bool = False,
+                queue=None, events=None) -> cl_array.Array:
+    """DSG's control selection, on the device: each row keeps ``n_keep = ceil((1 -
+    sparsity) * N)`` of its ``N`` columns, chosen uniformly at random.
+
+    The same ``seed`` gives the same mask on every device (a hash of the seed, the row and
+    the column ranks the columns; the search's own top-k keeps each row's largest).  Use
+    a new seed per training step for a fresh selection.
+
+    Parameters
+    ----------
+    n_rows, n_cols : ints >= 1: the mask's shape (M, N).
+    sparsity : float in [0, 1).
+    seed : int in [0, 2**64).
+    compact : bool: False, a bool (M, N) mask; True, int32 (M, n_keep) column indices,
+        ascending in each row (the forms :func:`masked_matmul` accepts).
+    queue : pyopencl.CommandQueue, optional.
+
+    Returns
+    -------
+    A pyopencl array, once enqueued (nothing comes to the host).
+    """
+    n_rows = _positive_int(n_rows, "n_rows")
+    n_cols = _positive_int(n_cols, "n_cols")
+    sparsity = _check_sparsity(sparsity)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or \
+            not 0 <= seed < 2 ** 64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    if not isinstance(compact, bool):
+        raise TypeError(f"compact must be a bool, got {type(compact).__name__}")
+    if n_rows * n_cols > INT32_MAX:
+        raise ValueError(f"the mask has {n_rows * n_cols} entries, more than int32 indexing "
+                         "allows")
+    queue = runtime.get_queue(queue)
+    n_keep = keep_count(sparsity, n_cols)
+    alloc = runtime.memory_pool(queue.context)
+    out_shape = (n_rows, n_keep) if compact else (n_rows, n_cols)
+    check_alloc(queue, 4 * n_rows * n_cols, "the random keys")
+    out = runtime.empty(queue, out_shape, np.int32 if compact else np.bool_, allocator=alloc)
+    keys = runtime.empty(queue, (n_rows, n_cols), np.uint32, allocator=alloc)
+    training.launch_random_keys(queue, tuning.lookup(training.SPEC, queue.device, copy=False),
+                                keys, n_rows, n_cols, int(seed), events)
+    *_, topk, topk_params = tuning.memoised("drs_mask", queue.device, None, _search_route)
+    ev = topk.launch(queue, topk_params, keys, n_cols, n_rows, n_cols, n_keep, out, compact,
+                     0, list(keys.events))
+    written(out, ev)
+    if events is not None:
+        events.append(ev)
+    return out
 
 
 def _search_route(look):

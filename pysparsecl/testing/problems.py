@@ -629,6 +629,15 @@ def small_problems():
             close(np.array([loss]), np.array([ref_loss]), "softmax_cross_entropy loss")
             close(grad, ref_grad, "softmax_cross_entropy grad")
 
+    def random_sel(rng, queue=None):
+        seed = int(rng.integers(2 ** 63))
+        idx = ps.random_mask(7, 45, 0.78, seed=seed, compact=True, queue=queue).get()
+        sel = ps.random_mask(7, 45, 0.78, seed=seed, queue=queue).get()
+        if idx.shape != (7, 10) or not np.all(np.diff(idx, axis=1) > 0):
+            raise AssertionError("random_mask: not 10 ascending columns per row")
+        if not np.array_equal(np.flatnonzero(sel), (idx + 45 * np.arange(7)[:, None]).ravel()):
+            raise AssertionError("random_mask: the bool and compact forms disagree")
+
     def colsum_sgd(rng, queue=None):
         import pyopencl.array as cl_array
 
@@ -713,6 +722,7 @@ def small_problems():
         "elementwise": [("add/mul/axpby/add_relu, broadcast, mask, int32, strided",
                          elementwise)],
         "training": [("softmax_xent 5x3, 3x300 (several chunks per item)", xent),
+                     ("random_mask 7x45 keep 10, compact and bool", random_sel),
                      ("column_sums 7x5 strided rows, sgd 1000 with and without momentum",
                       colsum_sgd)],
     }
