@@ -34,6 +34,7 @@ from pysparsecl.ops.masked import (
 )
 from pysparsecl.params import InvalidParamsError
 from pysparsecl.testing.reference import (
+    conv2d_masked_reference,
     masked_matmul_backward_reference,
     masked_matmul_reference,
     relative_error,
@@ -662,3 +663,33 @@ def test_relu_bn_bad_input(queue, desc, changes, exc, fragment):
     with pytest.raises(exc) as info:
         ps.masked_relu_bn(**kwargs)
     assert fragment in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8])
+def test_byte_masks_select_like_bool(queue, rng, dtype):
+    """int8/uint8 masks (pyopencl's comparisons give int8) select where nonzero, in the
+    products, the backward, the BatchNorm and the masked convolution, on the host and
+    the device alike."""
+    x, w, mask = MaskCase(9, 33, 21, keep=0.4, form="bool").make(rng)
+    byte = mask.astype(dtype) * dtype(5)                   # nonzero, not only 1
+    dy = rng.standard_normal(mask.shape, dtype=np.float32)
+    want = masked_matmul_reference(x, w, mask)
+    assert relative_error(ps.masked_matmul(x, w, byte, queue=queue), want) < TOL
+    got = ps.masked_matmul(cl_array.to_device(queue, x), cl_array.to_device(queue, w),
+                           cl_array.to_device(queue, byte))
+    assert relative_error(got.get(), want) < TOL
+    ref_dx, ref_dw = masked_matmul_backward_reference(dy, x, w, mask)
+    dx, dw = ps.masked_matmul_backward(dy, x, w, byte, queue=queue)
+    assert relative_error(dx, ref_dx) < TOL and relative_error(dw, ref_dw) < TOL
+    gamma, beta, mean = (rng.standard_normal(21, dtype=np.float32) for _ in range(3))
+    var = rng.random(21, dtype=np.float32) + 0.5
+    ref_bn = relu_bn_reference(want, mask, gamma, beta, mean, var)
+    got_bn = ps.masked_relu_bn(want.astype(np.float32), byte, gamma, beta, mean, var,
+                               queue=queue)
+    assert relative_error(got_bn, ref_bn) < TOL
+    xc = rng.standard_normal((2, 3, 6, 5), dtype=np.float32)
+    wc = rng.standard_normal((4, 3, 3, 3), dtype=np.float32)
+    mc = rng.random((2, 4, 6, 5)) < 0.4
+    ref_c = conv2d_masked_reference(xc, wc, mc, (1, 1), (1, 1))
+    got_c = ps.conv2d_masked(xc, wc, mc.astype(dtype) * dtype(3), padding=1, queue=queue)
+    assert relative_error(got_c, ref_c) < TOL

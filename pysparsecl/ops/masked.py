@@ -211,6 +211,22 @@ class _Selection:
         self.array = array          # as given (NumPy or device)
 
 
+#: The dtypes of a mask with one byte per entry: bool, or int8/uint8 where nonzero selects
+#: (pyopencl's comparisons give int8).  The kernels read the bytes and test them != 0.
+BYTE_MASK_DTYPES = (np.dtype(np.bool_), np.dtype(np.int8), np.dtype(np.uint8))
+
+
+def require_byte_mask(mask, name: str, ndim: Optional[int] = None):
+    """Check that ``mask`` is a NumPy or pyopencl array of a byte-mask dtype (and ndim)."""
+    if not isinstance(mask, (np.ndarray, cl_array.Array)):
+        raise TypeError(f"{name} must be a numpy.ndarray or pyopencl.array.Array, got "
+                        f"{type(mask).__name__}")
+    if mask.dtype not in BYTE_MASK_DTYPES:
+        raise TypeError(f"{name} must have dtype bool (or int8/uint8, nonzero selects), got "
+                        f"{mask.dtype}")
+    return require_array(mask, name, mask.dtype, ndim=ndim)
+
+
 def check_mask(mask, n_rows: int, n_cols: int, vector: bool, name: str = "mask"
                ) -> _Selection:
     """Validate a bool (M, N) mask or a compact int32 (M, n_keep) index mask.
@@ -221,13 +237,14 @@ def check_mask(mask, n_rows: int, n_cols: int, vector: bool, name: str = "mask"
     if not isinstance(mask, (np.ndarray, cl_array.Array)):
         raise TypeError(f"{name} must be a numpy.ndarray or pyopencl.array.Array (bool mask "
                         f"or int32 column indices), got {type(mask).__name__}")
-    if mask.dtype == np.bool_:
+    if mask.dtype in BYTE_MASK_DTYPES:
         form = "bool"
     elif mask.dtype == np.int32:
         form = "idx"
     else:
-        raise TypeError(f"{name} must have dtype bool (a (M, N) mask) or int32 (compact "
-                        f"(M, n_keep) column indices), got {mask.dtype}")
+        raise TypeError(f"{name} must have dtype bool (or int8/uint8, nonzero selects: a "
+                        f"(M, N) mask) or int32 (compact (M, n_keep) column indices), got "
+                        f"{mask.dtype}")
     if is_device_array(mask) and not mask.flags.c_contiguous:
         raise ValueError(f"{name}: non-contiguous pyopencl arrays are not supported; pass a "
                          "contiguous copy")
@@ -595,7 +612,7 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
     if y.ndim < 2:
         raise ValueError(f"y must be at least 2-D, (M, C) or (N, C, ...), got shape "
                          f"{tuple(y.shape)}")
-    require_array(mask, "mask", np.bool_)
+    require_byte_mask(mask, "mask")
     if tuple(mask.shape) != tuple(y.shape):
         raise ValueError(f"mask must have y's shape {tuple(y.shape)}, got "
                          f"{tuple(mask.shape)}")
@@ -686,7 +703,7 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
                          "(w must be (K, C, R, S))")
     geom = masked_conv.geometry(x.shape, r, s, stride, padding, dilation)
     out_shape = (geom["N"], k_out, geom["OH"], geom["OW"])
-    require_array(mask, "mask", np.bool_, ndim=4)
+    require_byte_mask(mask, "mask", ndim=4)
     channel_form = tuple(mask.shape) == out_shape[:2] + (1, 1)
     if tuple(mask.shape) != out_shape and not channel_form:
         raise ValueError(f"mask must have shape {out_shape} (N, K, OH, OW) or "
