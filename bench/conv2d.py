@@ -141,12 +141,8 @@ def markdown_table(rows, drop_absent: bool = True):
 
 
 def plot(rows, path, title):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (make bench-deps)")
+    plt = report.pyplot()
+    if plt is None:
         return False
     rows = [r for r in rows if r["speedup_vs_torch"]]
     batches = sorted({r["N"] for r in rows})
@@ -165,11 +161,7 @@ def plot(rows, path, title):
         ax.set_title(f"batch {n}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return report.save_figure(plt, fig, path, title)
 
 
 CONV2D_NOTE = (

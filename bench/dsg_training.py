@@ -169,11 +169,8 @@ def step_rows(queue, sparsities, rounds: int, sizes=SIZES, batch: int = BATCH):
 
 
 def plot(rows, path, title) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = report.pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     dense = next(r for r in rows if r["mask"] == "dense")
@@ -190,11 +187,7 @@ def plot(rows, path, title) -> bool:
     ax.set_title("DSG MLP 64-512-512-10 on the digits")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return report.save_figure(plt, fig, path, title)
 
 
 def run(queue, args) -> dict:

@@ -201,12 +201,8 @@ def _host_us(net, x_dev, queue, reps: int = 5) -> float:
 
 
 def plot(rows, path, title) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (make bench-deps)")
+    plt = report.pyplot()
+    if plt is None:
         return False
     rows = [r for r in rows if r.get("speedup_eager")]
     if not rows:
@@ -227,11 +223,7 @@ def plot(rows, path, title) -> bool:
         ax.set_title(f"ResNet-50 body, batch {n}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return report.save_figure(plt, fig, path, title)
 
 
 def run(queue, args) -> dict:

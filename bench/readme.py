@@ -41,49 +41,52 @@ def _results(results_dir: Path, pattern: str, skip=()):
         yield path.stem, json.loads(path.read_text())
 
 
+def _device_tables(results_dir: Path, pattern: str, heading: list, facts, table,
+                   prefix: str, plot: bool = False) -> list:
+    """Markdown lines for one suite's results files (``pattern``), a block per device:
+    its header line (``facts(header)``, then the file's link), ``table(data)`` and, with
+    ``plot``, the figure beside the file; [] when there is no such file."""
+    found = list(_results(results_dir, pattern))
+    if not found:
+        return []
+    parts = list(heading)
+    for stem, data in found:
+        h = data["header"]
+        parts += [f"**{h['device']}** ({facts(h)}; [bench/results/{stem}.md]"
+                  f"({prefix}bench/results/{stem}.md))", "", table(data), ""]
+        if plot and (results_dir / f"{stem}.png").exists():
+            parts += [f"![{heading[0][4:]}, {h['device']}]"
+                      f"({prefix}bench/results/{stem}.png)", ""]
+    return parts
+
+
 def network_tables(results_dir: Path = RESULTS, prefix: str = "") -> list:
     """Markdown lines: the whole-network results of every device."""
-    parts = ["### Whole network: ResNet-50, res2 input to logits", "", network.NOTE, ""]
-    for stem, data in _results(results_dir, "network-*.json"):
-        h = data["header"]
-        parts += [f"**{h['device']}** (driver {h['driver']}; {h['date']}; baseline: "
-                  f"{h['baselines']}; [bench/results/{stem}.md]"
-                  f"({prefix}bench/results/{stem}.md))", "",
-                  network.markdown_table(data["rows"]), ""]
-    return parts
+    return _device_tables(
+        results_dir, "network-*.json",
+        ["### Whole network: ResNet-50, res2 input to logits", "", network.NOTE, ""],
+        lambda h: f"driver {h['driver']}; {h['date']}; baseline: {h['baselines']}",
+        lambda data: network.markdown_table(data["rows"]), prefix)
 
 
 def tvm_network_tables(results_dir: Path = RESULTS, prefix: str = "") -> list:
     """Markdown lines: ResNet-50 through TVM, with and without the offload, per device."""
-    found = list(_results(results_dir, "tvm-network-*.json"))
-    if not found:
-        return []
-    parts = ["### Whole network through TVM: ResNet-50 with offload_sparse_conv2d", "",
-             tvm_network.NOTE, ""]
-    for stem, data in found:
-        h = data["header"]
-        parts += [f"**{h['device']}** ({h['date']}; TVM {h['tvm']}; baselines: "
-                  f"{h['baselines']}; [bench/results/{stem}.md]"
-                  f"({prefix}bench/results/{stem}.md))", "",
-                  tvm_network.markdown_table(data["rows"]), ""]
-    return parts
+    return _device_tables(
+        results_dir, "tvm-network-*.json",
+        ["### Whole network through TVM: ResNet-50 with offload_sparse_conv2d", "",
+         tvm_network.NOTE, ""],
+        lambda h: f"{h['date']}; TVM {h['tvm']}; baselines: {h['baselines']}",
+        lambda data: tvm_network.markdown_table(data["rows"]), prefix)
 
 
 def dsg_training_tables(results_dir: Path = RESULTS, prefix: str = "") -> list:
     """Markdown lines: DSG training (accuracy per mask and sparsity on the digits, step
     times), per device, with the plot."""
-    found = list(_results(results_dir, "dsg-training-*.json"))
-    if not found:
-        return []
-    parts = ["### DSG training: an MLP on the digits", ""]
-    for stem, data in found:
-        h = data["header"]
-        parts += [f"**{h['device']}** ({h['date']}; {h['model']}; baseline: {h['baselines']}; "
-                  f"[bench/results/{stem}.md]({prefix}bench/results/{stem}.md))", "",
-                  dsg_training.markdown_tables(data["rows"], data["steps"]), ""]
-        if (results_dir / f"{stem}.png").exists():
-            parts += [f"![DSG training on {h['device']}]({prefix}bench/results/{stem}.png)", ""]
-    return parts
+    return _device_tables(
+        results_dir, "dsg-training-*.json", ["### DSG training: an MLP on the digits", ""],
+        lambda h: f"{h['date']}; {h['model']}; baseline: {h['baselines']}",
+        lambda data: dsg_training.markdown_tables(data["rows"], data["steps"]), prefix,
+        plot=True)
 
 
 def _layer_files(results_dir: Path):

@@ -56,3 +56,25 @@ def params_by_class(rows):
     return (["Tile parameters by shape class, as looked up for these rows:", ""]
             + [f"- {family} `{cls}`: {params}" for (family, cls), params in sorted(used.items())]
             + [""])
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a note) where
+    matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (make bench-deps)")
+        return None
+    return plt
+
+
+def save_figure(plt, fig, path, title: str) -> bool:
+    """Title, lay out, write ``path`` and close ``fig``; True (the plot exists)."""
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -166,12 +166,8 @@ def bench(batches, sparsities, rounds: int, tvm_dense: bool = True):
 
 
 def plot(rows, path, title) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (make bench-deps)")
+    plt = report.pyplot()
+    if plt is None:
         return False
     batches = sorted({r["N"] for r in rows})
     fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.2), squeeze=False)
@@ -190,11 +186,7 @@ def plot(rows, path, title) -> bool:
         ax.set_title(f"ResNet-50 through TVM, batch {n}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return report.save_figure(plt, fig, path, title)
 
 
 def run(args) -> dict:
