@@ -70,31 +70,29 @@ def new_output(queue: cl.CommandQueue, shape, dtype, out, like, zeros: bool = Fa
         return out, None
     n_bytes = math.prod(shape) * np.dtype(dtype).itemsize
     check_alloc(queue, n_bytes, "the output")
-    if out is not None and inputs is not None and n_bytes and \
-            not is_device_array(like) and _lendable(out, inputs) and \
-            runtime.shares_host_memory(queue.device) and \
-            runtime.kernels_use_host_memory(queue.device):
-        if n_bytes <= runtime.STAGING_MAX_BYTES:
-            dev, view = runtime.staging(queue, slot, shape, dtype)
-            if zeros:
-                view.fill(0)
-
-            def take():
-                out[...] = view
-                return out
-            return dev, take
-        if zeros:
-            out.fill(0)
-        return runtime.wrap_host(queue, out, writable=True), lambda: out
-    if out is None and n_bytes and not is_device_array(like) and \
-            runtime.shares_host_memory(queue.device):
+    if n_bytes and not is_device_array(like) and runtime.shares_host_memory(queue.device) \
+            and (out is None or (inputs is not None and
+                                 runtime.kernels_use_host_memory(queue.device) and
+                                 _lendable(out, inputs))):
         if n_bytes <= runtime.STAGING_MAX_BYTES and runtime.kernels_use_host_memory(
                 queue.device):
             dev, view = runtime.staging(queue, slot, shape, dtype)
             if zeros:
                 view.fill(0)
-            return dev, view.copy
-        host = runtime.aligned_empty(shape, dtype, runtime.base_alignment(queue.device), zeros)
+            if out is None:
+                return dev, view.copy
+
+            def take():
+                out[...] = view
+                return out
+            return dev, take
+        if out is None:
+            host = runtime.aligned_empty(shape, dtype, runtime.base_alignment(queue.device),
+                                         zeros)
+        else:
+            host = out
+            if zeros:
+                host.fill(0)
         return runtime.wrap_host(queue, host, writable=True), lambda: host
     alloc = runtime.memory_pool(queue.context)
     if zeros:

@@ -185,30 +185,48 @@ def _prepared_weight(data, indices, indptr, in_channels: int, kernel_size, group
     key = tuple((a.__array_interface__["data"][0], a.shape, a.dtype.str)
                 for a in (data, indices, indptr))
     key += (in_channels, tuple(kernel_size), groups, queue.int_ptr)
-    h = hashlib.blake2b(digest_size=16)
-    for a in (data, indices, indptr):
-        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
-    digest = h.digest()
+    digest = _digest((data, indices, indptr), 16)
     with _cache_lock:
         hit = _cache.get(key)
         if hit is not None and hit[0] == digest:
             _cache.move_to_end(key)
             cache_stats["hits"] += 1
             return hit[1]
-    n_out = indptr.shape[0] - 1
+    weight = _new_weight(data, indices, indptr, in_channels, kernel_size, groups, queue)
+    _remember(_cache, key, (digest, weight), _CACHE_SIZE, cache_stats)
+    return weight
+
+
+def _digest(arrays, size: int) -> bytes:
+    """A blake2b digest of ``size`` bytes of the arrays' dtypes, shapes and bytes."""
+    h = hashlib.blake2b(digest_size=size)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.digest()
+
+
+def _new_weight(data, indices, indptr, in_channels: int, kernel_size, groups: int,
+                queue) -> SparseConvWeight:
+    """A :class:`SparseConvWeight` from borrowed CSR arrays, checked and copied (TVM's
+    buffers are lent for one call only)."""
     n_cols = (in_channels // groups) * kernel_size[0] * kernel_size[1]
     _check_csr(data, indices, indptr, n_cols)
-    # Copies: TVM's buffers are borrowed for this call only.
     csr = sp.csr_matrix((np.array(data), np.array(indices), np.array(indptr)),
-                        shape=(n_out, n_cols))
-    weight = SparseConvWeight(csr, in_channels, kernel_size, groups, queue)
+                        shape=(indptr.shape[0] - 1, n_cols))
+    return SparseConvWeight(csr, in_channels, kernel_size, groups, queue)
+
+
+def _remember(cache: OrderedDict, key, value, limit: int, stats: dict) -> None:
+    """Keep ``value`` as the newest entry of ``cache``, dropping the oldest beyond
+    ``limit``, and count a build in ``stats``."""
     with _cache_lock:
-        _cache[key] = (digest, weight)
-        _cache.move_to_end(key)
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-        cache_stats["builds"] += 1
-    return weight
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > limit:
+            cache.popitem(last=False)
+        stats["builds"] += 1
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -247,12 +265,8 @@ def weight_token(data, indices, indptr) -> int:
     :func:`offload_sparse_conv2d` computes it when it turns a weight into constants and
     passes it with each call of ``pysparsecl.conv2d_sparse_constant``, which then keys
     its prepared weights on the token instead of hashing the arrays on every call."""
-    h = hashlib.blake2b(digest_size=8)
-    for a in (data, indices, indptr):
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(memoryview(a).cast("B"))
-    return int.from_bytes(h.digest(), "little") >> 1      # a non-negative int64
+    digest = _digest((data, indices, indptr), 8)
+    return int.from_bytes(digest, "little") >> 1          # a non-negative int64
 
 
 #: Prepared weights of module constants: (token, the three buffers' addresses, in
@@ -280,16 +294,8 @@ def _constant_weight(token: int, tensors, in_channels: int, kernel_size, groups:
     if weight_token(data, indices, indptr) != token:
         raise ValueError(f"weight_token {token} is not the token of these CSR arrays: pass "
                          "pysparsecl.tvm.weight_token(w_data, w_indices, w_indptr)")
-    n_cols = (in_channels // groups) * kernel_size[0] * kernel_size[1]
-    _check_csr(data, indices, indptr, n_cols)
-    csr = sp.csr_matrix((np.array(data), np.array(indices), np.array(indptr)),
-                        shape=(indptr.shape[0] - 1, n_cols))
-    weight = SparseConvWeight(csr, in_channels, kernel_size, groups, queue)
-    with _cache_lock:
-        _constant_weights[key] = weight
-        while len(_constant_weights) > _CONSTANT_CACHE_SIZE:
-            _constant_weights.popitem(last=False)
-        constant_stats["builds"] += 1
+    weight = _new_weight(data, indices, indptr, in_channels, kernel_size, groups, queue)
+    _remember(_constant_weights, key, weight, _CONSTANT_CACHE_SIZE, constant_stats)
     return weight
 
 

@@ -442,16 +442,16 @@ class _Rewriter(relax.PyExprMutator):
         if plan is None:
             super().visit_var_binding_(binding)
             return
-        x = self.visit_expr(plan.call.args[0])
         out_shape = _static_shape(plan.call)
         if plan.linear:
             # (..., C) @ (C, K) as a 1x1 convolution of (M, C, 1, 1); reshapes are views.
             k = out_shape[-1]
             m = int(np.prod(out_shape[:-1]))
-            x = self.builder_.emit(relax.op.reshape(x, (m, plan.weight.shape[1], 1, 1)))
+            x = self.builder_.emit(relax.op.reshape(self.visit_expr(plan.call.args[0]),
+                                                    (m, plan.weight.shape[1], 1, 1)))
             y = self.builder_.emit(_offloaded_call(plan, x, (m, k, 1, 1)))
             value = relax.op.reshape(y, out_shape)
-        else:
-            value = self.visit_expr(_offloaded_call(plan, x, out_shape))
+        else:   # the call's x and residual are the original variables: remapped here
+            value = self.visit_expr(_offloaded_call(plan, plan.call.args[0], out_shape))
         self.builder_.emit_normalized(relax.VarBinding(binding.var,
                                                        self.builder_.normalize(value)))
