@@ -204,3 +204,154 @@ void pscl_masked_bn_stats(${ARGS["pscl_masked_bn_stats"]})
 % endif
 }
 % endif
+
+% if KIND == "grad_stats":
+## Backward, first pass: per channel, over the selected entries, dbeta = sum(dout) and
+## dgamma = sum(dout * xhat), with xhat = (ReLU(y) - mean) / sqrt(var + eps); and the
+## two per-channel terms the apply pass subtracts: coef = (dbeta / n | dgamma / n), (2C,), with n
+## the channel's selected count when the statistics were the batch's (0, 0 otherwise).
+<%def name="load_grad(off)">
+            const pscl_intv sel = pscl_load_mask(mask + mask_off + (${off}));
+            const pscl_floatv xh = (pscl_relu(PSCL_LOAD_pscl_floatv(0, y + y_off + (${off})))
+                                    - mu) * inv;
+            const pscl_floatv g = select((pscl_floatv)(0.0f),
+                PSCL_LOAD_pscl_floatv(0, dout + dout_off + (${off})), sel);
+            const pscl_floatv one = select((pscl_floatv)(0.0f), (pscl_floatv)(1.0f), sel);
+</%def>
+<%def name="finish(c, db, dg, cnt)">
+        dbeta[dbeta_off + (${c})] = ${db};
+        dgamma[dgamma_off + (${c})] = ${dg};
+        coef[${c}] = batch_stats ? ${db} / fmax(${cnt}, 1.0f) : 0.0f;
+        coef[C + (${c})] = batch_stats ? ${dg} / fmax(${cnt}, 1.0f) : 0.0f;
+</%def>
+__kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
+void pscl_masked_bn_grad_stats(${ARGS["pscl_masked_bn_grad_stats"]})
+{
+% if CHANNEL_LAST:
+    // Work-item: VEC neighbouring channels (one per lane), down the outer rows.
+    const int c0 = get_global_id(0) * PSCL_VEC;
+    if (c0 >= C)
+        return;
+    if (c0 + PSCL_VEC <= C) {
+        const pscl_floatv mu = PSCL_LOAD_pscl_floatv(0, mean + c0);
+        const pscl_floatv inv = rsqrt(PSCL_LOAD_pscl_floatv(0, var + c0) + eps);
+        pscl_floatv db = (pscl_floatv)(0.0f), dg = (pscl_floatv)(0.0f);
+        pscl_floatv cnt = (pscl_floatv)(0.0f);
+        for (int n = 0; n < outer; ++n) {
+            ${load_grad("(long)n * C + c0")}
+            db += g;
+            dg = fma(g, select((pscl_floatv)(0.0f), xh, sel), dg);
+            cnt += one;
+        }
+%   for e in range(VEC):
+        ${finish("c0 + %d" % e, capture(common.component, "db", VEC, e),
+                 capture(common.component, "dg", VEC, e), capture(common.component, "cnt", VEC, e))}
+%   endfor
+        return;
+    }
+    for (int c = c0; c < C; ++c) {
+        const float mu = mean[c], inv = rsqrt(var[c] + eps);
+        float db = 0.0f, dg = 0.0f, cnt = 0.0f;
+        for (int n = 0; n < outer; ++n) {
+            const long e = (long)n * C + c;
+            if (mask[mask_off + e]) {
+                const float g = dout[dout_off + e];
+                db += g;
+                dg = fma(g, (pscl_relu1(y[y_off + e]) - mu) * inv, dg);
+                cnt += 1.0f;
+            }
+        }
+        ${finish("c", "db", "dg", "cnt")}
+    }
+% else:
+    // Work-item: one channel, over every image's plane (VEC lanes of partial sums).
+    const int c = get_global_id(0);
+    if (c >= C)
+        return;
+    const int whole = inner / PSCL_VEC * PSCL_VEC;
+    const float mu1 = mean[c], inv1 = rsqrt(var[c] + eps);
+    const pscl_floatv mu = (pscl_floatv)(mu1), inv = (pscl_floatv)(inv1);
+    float db = 0.0f, dg = 0.0f, cnt = 0.0f;
+    for (int n = 0; n < outer; ++n) {
+        const long base = ((long)n * C + c) * inner;
+        pscl_floatv sdb = (pscl_floatv)(0.0f), sdg = (pscl_floatv)(0.0f);
+        pscl_floatv k = (pscl_floatv)(0.0f);
+        for (int p = 0; p < whole; p += PSCL_VEC) {
+            ${load_grad("base + p")}
+            sdb += g;
+            sdg = fma(g, select((pscl_floatv)(0.0f), xh, sel), sdg);
+            k += one;
+        }
+        for (int p = whole; p < inner; ++p) {
+            if (mask[mask_off + base + p]) {
+                const float g = dout[dout_off + base + p];
+                db += g;
+                dg = fma(g, (pscl_relu1(y[y_off + base + p]) - mu1) * inv1, dg);
+                cnt += 1.0f;
+            }
+        }
+        db += pscl_hsum(sdb);
+        dg += pscl_hsum(sdg);
+        cnt += pscl_hsum(k);
+    }
+    ${finish("c", "db", "dg", "cnt")}
+% endif
+}
+% endif
+
+% if KIND == "grad_apply":
+## Backward, second pass: dy = gamma / sqrt(var + eps) * (dout - coef0 - xhat * coef1) where
+## selected and y > 0 (the ReLU's gradient, 0 at y == 0 as torch's), exact 0 elsewhere.
+__kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
+void pscl_masked_bn_grad_apply(${ARGS["pscl_masked_bn_grad_apply"]})
+{
+    const int row = get_global_id(1);
+    const int p0 = get_global_id(0) * PSCL_VEC;
+    if (row >= n_rows || p0 >= row_len)
+        return;
+    const long base = (long)row * row_len + p0;
+    const __global float *yr = y + y_off + base;
+    const __global float *gr = dout + dout_off + base;
+    const __global uchar *mr = mask + mask_off + base;
+    __global float *o = dy + dy_off + base;
+% if CHANNEL_LAST:
+    if (p0 + PSCL_VEC <= row_len) {
+        const pscl_floatv inv = rsqrt(PSCL_LOAD_pscl_floatv(0, var + p0) + eps);
+        const pscl_floatv scale = PSCL_LOAD_pscl_floatv(0, gamma + p0) * inv;
+        const pscl_floatv mu = PSCL_LOAD_pscl_floatv(0, mean + p0);
+        const pscl_floatv c0 = PSCL_LOAD_pscl_floatv(0, coef + p0);
+        const pscl_floatv c1 = PSCL_LOAD_pscl_floatv(0, coef + C + p0);
+        const pscl_floatv v = PSCL_LOAD_pscl_floatv(0, yr);
+        const pscl_floatv d = scale * (PSCL_LOAD_pscl_floatv(0, gr) - c0 - (v - mu) * inv * c1);
+        const pscl_intv on = pscl_load_mask(mr) & ${"-(pscl_intv)" if VEC == 1 else "(pscl_intv)"}(v > 0.0f);
+        PSCL_STORE_pscl_floatv(select((pscl_floatv)(0.0f), d, on), 0, o);
+        return;
+    }
+    for (int e = 0; e < row_len - p0; ++e) {
+        const int c = p0 + e;
+        const float inv = rsqrt(var[c] + eps);
+        const float v = yr[e];
+        o[e] = (mr[e] && v > 0.0f) ? gamma[c] * inv * (gr[e] - coef[c]
+                                                       - (v - mean[c]) * inv * coef[C + c])
+                                   : 0.0f;
+    }
+% else:
+    const int c = row % C;
+    const float inv1 = rsqrt(var[c] + eps);
+    const float scale1 = gamma[c] * inv1, mu1 = mean[c];
+    const float c0 = coef[c], c1 = coef[C + c];
+    if (p0 + PSCL_VEC <= row_len) {
+        const pscl_floatv v = PSCL_LOAD_pscl_floatv(0, yr);
+        const pscl_floatv d = (pscl_floatv)(scale1) * (PSCL_LOAD_pscl_floatv(0, gr)
+            - (pscl_floatv)(c0) - (v - (pscl_floatv)(mu1)) * (pscl_floatv)(inv1 * c1));
+        const pscl_intv on = pscl_load_mask(mr) & ${"-(pscl_intv)" if VEC == 1 else "(pscl_intv)"}(v > 0.0f);
+        PSCL_STORE_pscl_floatv(select((pscl_floatv)(0.0f), d, on), 0, o);
+        return;
+    }
+    for (int e = 0; e < row_len - p0; ++e) {
+        const float v = yr[e];
+        o[e] = (mr[e] && v > 0.0f) ? scale1 * (gr[e] - c0 - (v - mu1) * inv1 * c1) : 0.0f;
+    }
+% endif
+}
+% endif

@@ -23,6 +23,7 @@ from .ops.masked import (  # noqa: E402
     masked_matmul,
     masked_matmul_backward,
     masked_relu_bn,
+    masked_relu_bn_backward,
 )
 from .ops.training import column_sums, sgd_step, softmax_cross_entropy  # noqa: E402
 from .runtime import (  # noqa: E402
@@ -39,6 +40,7 @@ __all__ = [
     "conv2d_sparse", "conv2d_output_shape", "SparseConvWeight", "fold_batchnorm",
     # DSG: masked products, dimension-reduction search, double-mask BatchNorm
     "masked_matmul", "masked_matmul_backward", "MaskedLinearWeight", "masked_relu_bn",
+    "masked_relu_bn_backward",
     "conv2d_masked", "drs_mask", "drs_mask_conv2d", "random_mask", "SparseRandomProjection",
     "ProjectedWeight",
     # elementwise

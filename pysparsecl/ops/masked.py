@@ -48,7 +48,8 @@ from ._prepared import PreparedCache
 __all__ = ["MASKED_VMM", "MASKED_VMM_SPLIT", "MASKED_VMM_ROUTINE", "MASKED_GEMM",
            "MASKED_GEMM_TILED", "MASKED_GEMM_ROUTINE", "MASKED_DX", "MASKED_DW", "MASKED_BN",
            "MASKED_CONV", "MASKED_CONV_CH", "MaskedLinearWeight", "masked_matmul",
-           "masked_matmul_backward", "masked_relu_bn", "conv2d_masked", "weight_rows",
+           "masked_matmul_backward", "masked_relu_bn", "masked_relu_bn_backward",
+           "conv2d_masked", "weight_rows",
            "weight_shape", "masked_matmul_shape_class"]
 
 # Each kernel family is a module of its own (pysparsecl/families); the op's routines choose
@@ -658,6 +659,93 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
     if is_device_array(y):
         return result, dev["mean"], dev["var"]
     return result, dev["mean"].get(queue=queue), dev["var"].get(queue=queue)
+
+
+def masked_relu_bn_backward(dout, y, mask, gamma, mean, var, eps=1e-5, *, batch_stats=True,
+                            dy_out=None, dgamma_out=None, dbeta_out=None, queue=None,
+                            events=None):
+    """Gradients of :func:`masked_relu_bn`'s ``out = mask * BN(ReLU(y))``.
+
+    Parameters
+    ----------
+    dout : float32, the gradient of ``out``, y's shape; its unselected entries are ignored
+        (never read into the arithmetic, so Inf or NaN there does not leak).
+    y, mask, gamma, eps : as given to the forward.
+    mean, var : float32 (C,): the statistics the forward normalised with, i.e. the batch
+        statistics a ``training=True`` forward returned (``batch_stats=True``: the gradient
+        then also flows through them, as in torch's training BatchNorm) or the running
+        statistics of an inference forward (``batch_stats=False``: constants).
+    batch_stats : bool, see above.
+    dy_out : float32 of y's shape, optional; the same container kind as y.
+    dgamma_out, dbeta_out : float32 (C,), optional, e.g. views in a gradient buffer; the
+        same container kind as y.
+    queue : pyopencl.CommandQueue, optional.
+    events : list, optional; the kernels' OpenCL events are appended (for profiling).
+
+    Returns
+    -------
+    ``(dy, dgamma, dbeta)`` in the kind of container ``y`` came in.  dy is an exact zero
+    where the mask is off and where ``y <= 0`` (ReLU's gradient, 0 at 0 as torch's).  With
+    n the selected count of a channel and xhat = (ReLU(y) - mean) / sqrt(var + eps):
+    dbeta = sum of dout, dgamma = sum of dout * xhat, over the selected entries, and where
+    selected and y > 0, dy = gamma / sqrt(var + eps) * (dout - dbeta / n - xhat * dgamma / n)
+    (the two terms only with ``batch_stats``).
+
+    Two passes: a per-channel reduction, then an elementwise pass.  Copies as
+    :func:`masked_relu_bn`.
+    """
+    require_array(y, "y", np.float32)
+    if y.ndim < 2:
+        raise ValueError(f"y must be at least 2-D, (M, C) or (N, C, ...), got shape "
+                         f"{tuple(y.shape)}")
+    require_array(dout, "dout", np.float32)
+    if tuple(dout.shape) != tuple(y.shape):
+        raise ValueError(f"dout must have y's shape {tuple(y.shape)}, got "
+                         f"{tuple(dout.shape)}")
+    require_byte_mask(mask, "mask")
+    if tuple(mask.shape) != tuple(y.shape):
+        raise ValueError(f"mask must have y's shape {tuple(y.shape)}, got "
+                         f"{tuple(mask.shape)}")
+    if not isinstance(batch_stats, bool):
+        raise TypeError(f"batch_stats must be a bool, got {type(batch_stats).__name__}")
+    n_ch = y.shape[1]
+    stats = {"gamma": gamma, "mean": mean, "var": var}
+    for name, a in stats.items():
+        require_array(a, name, np.float32, ndim=1)
+        if a.shape != (n_ch,):
+            raise ValueError(f"{name} must have shape ({n_ch},) (the channels, axis 1 of y),"
+                             f" got {tuple(a.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or \
+            not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    check_out(dy_out, y.shape, np.float32, like=y, name="dy_out")
+    check_out(dgamma_out, (n_ch,), np.float32, like=y, name="dgamma_out")
+    check_out(dbeta_out, (n_ch,), np.float32, like=y, name="dbeta_out")
+    queue = runtime.resolve_queue(queue, y=y, dout=dout, mask=mask, dy_out=dy_out,
+                                  dgamma_out=dgamma_out, dbeta_out=dbeta_out, **stats)
+    outer, inner = y.shape[0], int(np.prod(y.shape[2:], dtype=np.int64))
+    _check_sizes(y=outer * n_ch * inner)
+    borrow = not is_device_array(y)   # a NumPy call waits for its result
+    dy_dev, dy_host = new_output(queue, tuple(y.shape), np.float32, dy_out, like=y, slot="dy")
+    dg_dev, dg_host = new_output(queue, (n_ch,), np.float32, dgamma_out, like=y, slot="dgamma")
+    db_dev, db_host = new_output(queue, (n_ch,), np.float32, dbeta_out, like=y, slot="dbeta")
+    if n_ch:
+        dev = {name: to_device(a, queue, name, borrow, at_offset=False)
+               for name, a in stats.items()}
+        dev.update(dgamma=dg_dev, dbeta=db_dev)
+        coef = runtime.empty(queue, (2 * n_ch,), np.float32,
+                             allocator=runtime.memory_pool(queue.context))
+        if outer * inner:
+            masked_bn.launch_backward(
+                queue, tuning.lookup(MASKED_BN, queue.device), to_device(y, queue, "y", borrow),
+                to_device(mask, queue, "mask", borrow), to_device(dout, queue, "dout", borrow),
+                dev, coef, dy_dev, outer, n_ch, inner, float(eps), batch_stats, events)
+        else:      # an empty batch: no entry selected, zero gradients
+            for a in (dg_dev, db_dev):
+                a.fill(np.float32(0), queue=queue)
+    return (deliver(dy_dev, y, dy_out, queue, dy_host),
+            deliver(dg_dev, y, dgamma_out, queue, dg_host),
+            deliver(db_dev, y, dbeta_out, queue, db_host))
 
 
 # ---------------------------------------------------------------------------------------------

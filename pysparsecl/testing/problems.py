@@ -43,6 +43,7 @@ from .reference import (
     masked_matmul_backward_reference,
     masked_matmul_reference,
     relative_error,
+    relu_bn_backward_reference,
     relu_bn_reference,
     sgd_reference,
     softmax_cross_entropy_reference,
@@ -556,6 +557,13 @@ def small_problems():
                 var = rng.random(c, dtype=np.float32) + 0.5
                 close(ps.masked_relu_bn(y, mask, g, b, mean, var, queue=queue),
                       relu_bn_reference(y, mask, g, b, mean, var), "masked_relu_bn")
+            dout = rng.standard_normal(shape, dtype=np.float32)
+            got = ps.masked_relu_bn_backward(dout, y, mask, g, mean, var,
+                                             batch_stats=training, queue=queue)
+            ref = relu_bn_backward_reference(dout, y, mask, g, mean, var,
+                                             batch_stats=training)
+            for a, r, name in zip(got, ref, ("dy", "dgamma", "dbeta")):
+                close(a, r, f"masked_relu_bn_backward {name}")
         return run
 
     def masked_conv(n, c, h, w_, k, r, stride, pad, dil, channels):

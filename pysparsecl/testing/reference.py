@@ -163,6 +163,36 @@ def relu_bn_reference(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, axis=
     return (out, np.asarray(mean), np.asarray(var)) if training else out
 
 
+def relu_bn_backward_reference(dout, y, mask, gamma, mean, var, eps=1e-5, batch_stats=True,
+                               axis=1):
+    """Gradients (dy, dgamma, dbeta) of ``mask * BN(ReLU(y))`` in float64, by the chain
+    rule written out term by term: BN's output through xhat, and with ``batch_stats``
+    also through the batch mean and variance of the selected entries."""
+    y, dout = np.asarray(y, np.float64), np.asarray(dout, np.float64)
+    mask = np.asarray(mask, bool)
+    shape = [1] * y.ndim
+    shape[axis] = y.shape[axis]
+    others = tuple(a for a in range(y.ndim) if a != axis)
+    g, m, v = (np.asarray(a, np.float64).reshape(shape) for a in (gamma, mean, var))
+    z = np.maximum(y, 0.0)
+    inv = 1.0 / np.sqrt(v + eps)
+    xhat = (z - m) * inv
+    d_out = np.where(mask, dout, 0.0)
+    dbeta = d_out.sum(axis=others)
+    dgamma = (d_out * np.where(mask, xhat, 0.0)).sum(axis=others)
+    dxhat = d_out * g
+    dz = dxhat * inv                                   # through xhat directly
+    if batch_stats:
+        n = np.maximum(mask.sum(axis=others), 1).reshape(shape)
+        dvar = (dxhat * np.where(mask, z - m, 0.0)).sum(axis=others, keepdims=True) \
+            * -0.5 * inv ** 3
+        dmean = -(dxhat * inv).sum(axis=others, keepdims=True) \
+            - dvar * 2.0 * np.where(mask, z - m, 0.0).sum(axis=others, keepdims=True) / n
+        dz = dz + np.where(mask, dvar * 2.0 * (z - m) / n + dmean / n, 0.0)
+    dy = np.where(mask & (y > 0), dz, 0.0)
+    return dy, dgamma, dbeta
+
+
 def conv2d_masked_reference(x, w, mask, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
     """``mask * conv2d(x, w)`` in float64: mask is bool (N, K, OH, OW)."""
     return np.where(np.asarray(mask, bool),
