@@ -10,6 +10,9 @@
 ##   KIND == "colsum"  out[j] = scale * sum_i a[i, j] over an (M, N) array: a work-item per
 ##                     column, adjacent columns in adjacent work-items (bias gradients; with
 ##                     N = 1, the batch's loss from the rows' losses).
+##   KIND == "chansum" out[c] = scale * sum_{n,p} a[n, c, p] over an (N, C, P) array: a
+##                     work-item per channel, planes read in order (a convolution's bias
+##                     gradient).
 ##   KIND == "random_keys"  a uniform 32-bit key per entry of an (M, N) array, a hash of
 ##                     (seed, row, column): the search's top-k then keeps n_keep random
 ##                     columns per row (DSG's random-mask control, on the device).
@@ -77,6 +80,24 @@ void pscl_column_sums(${ARGS["pscl_column_sums"]})
     for (long i = 0; i < M; ++i)
         total += col[i * lda];
     out[out_off + j] = scale * total;
+}
+% elif KIND == "chansum":
+__kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
+void pscl_channel_sums(${ARGS["pscl_channel_sums"]})
+{
+    const int c = get_global_id(0);
+    if (c >= C)
+        return;
+    float total = 0.0f;
+    for (long n = 0; n < N; ++n) {
+        // A plane's partial sum first: rounding grows with the plane, not the batch.
+        const __global float *plane = a + a_off + (n * C + c) * P;
+        float part = 0.0f;
+        for (long p = 0; p < P; ++p)
+            part += plane[p];
+        total += part;
+    }
+    out[out_off + c] = scale * total;
 }
 % elif KIND == "random_keys":
 // A 32-bit key per (row, column), a hash of (seed, row, column): uniform, independent

@@ -25,7 +25,12 @@ from .ops.masked import (  # noqa: E402
     masked_relu_bn,
     masked_relu_bn_backward,
 )
-from .ops.training import column_sums, sgd_step, softmax_cross_entropy  # noqa: E402
+from .ops.training import (  # noqa: E402
+    channel_sums,
+    column_sums,
+    sgd_step,
+    softmax_cross_entropy,
+)
 from .runtime import (  # noqa: E402
     KernelBuildError,
     LaunchGraph,
@@ -46,7 +51,7 @@ __all__ = [
     # elementwise
     "add", "mul", "axpby", "add_relu", "relu_backward",
     # training
-    "softmax_cross_entropy", "column_sums", "sgd_step",
+    "softmax_cross_entropy", "column_sums", "channel_sums", "sgd_step",
     # runtime
     "clear_weight_cache", "LaunchGraph", "KernelBuildError", "NoDeviceError", "get_queue",
     "list_devices",

@@ -1,5 +1,5 @@
-"""The training step's ops (softmax_cross_entropy, column_sums, sgd_step, relu_backward)
-against float64 references and finite differences, on every working OpenCL device."""
+"""The training step's ops (softmax_cross_entropy, column_sums, channel_sums, sgd_step,
+relu_backward) against float64 references and finite differences, on every working OpenCL device."""
 
 import numpy as np
 import pyopencl.array as cl_array
@@ -89,6 +89,12 @@ def test_softmax_cross_entropy_is_stable_and_flags_bad_labels(queue, rng):
     (lambda q: ps.column_sums(np.zeros(3, np.float32), queue=q), ValueError, "a must be 2-D"),
     (lambda q: ps.column_sums(np.zeros((2, 3), np.float32), scale=np.nan, queue=q), ValueError,
      "scale must be a finite number"),
+    (lambda q: ps.channel_sums(np.zeros((2, 3), np.float64), queue=q), TypeError,
+     "a must have dtype float32"),
+    (lambda q: ps.channel_sums(np.zeros(3, np.float32), queue=q), ValueError,
+     "a must be at least 2-D"),
+    (lambda q: ps.channel_sums(np.zeros((2, 3), np.float32), out=np.zeros(2, np.float32),
+                               queue=q), ValueError, "out"),
 ])
 def test_bad_input_names_the_argument(queue, call, error, message):
     with pytest.raises(error, match=message):
@@ -106,6 +112,21 @@ def test_column_sums(queue, rng):
         < TOL
     with pytest.raises(ValueError, match="rows must each be contiguous"):
         ps.column_sums(wide.T)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (2, 37), (1, 1, 1), (3, 2, 300)])
+def test_channel_sums(queue, rng, shape):
+    a = rng.standard_normal(shape, dtype=np.float32)
+    ref = a.astype(np.float64).sum(axis=(0,) + tuple(range(2, a.ndim)))
+    assert relative_error(ps.channel_sums(a, queue=queue), ref) < TOL
+    flat = cl_array.to_device(queue, np.full(shape[1] + 9, np.nan, np.float32))
+    view = flat[5:5 + shape[1]]                            # out inside a gradient buffer
+    assert ps.channel_sums(cl_array.to_device(queue, a), scale=-0.5, out=view) is view
+    assert relative_error(view.get(), -0.5 * ref) < TOL
+    rest = np.delete(flat.get(), np.r_[5:5 + shape[1]])
+    assert np.isnan(rest).all()
+    with pytest.raises(ValueError, match="contiguous"):
+        ps.channel_sums(cl_array.to_device(queue, np.zeros((4, 3, 5), np.float32))[::2])
 
 
 @pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 5e-4),

@@ -1,6 +1,7 @@
 """training: the small kernels of a training step (kernels/training.cl.mako), each one
 pass over memory: softmax cross-entropy forward and backward (a work-group per row), column
-sums (bias gradients, and the batch loss from the rows' losses) and one SGD step over flat
+sums (bias gradients, and the batch loss from the rows' losses), channel sums (a
+convolution's bias gradients) and one SGD step over flat
 parameter arrays.  They share one tile parameter, the work-group size."""
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ ARGS = {
         Scalar("lda", np.int64),
         Pointer("out", "float", const=False, restrict=True), Scalar("out_off", np.int64),
         Scalar("M", np.int64), Scalar("N", np.int32), Scalar("scale", np.float32)))),
+    "chansum": KernelArgs(Signature("pscl_channel_sums", (
+        Pointer("a", "float", restrict=True), Scalar("a_off", np.int64),
+        Pointer("out", "float", const=False, restrict=True), Scalar("out_off", np.int64),
+        Scalar("N", np.int64), Scalar("C", np.int32), Scalar("P", np.int64),
+        Scalar("scale", np.float32)))),
     "random_keys": KernelArgs(Signature("pscl_random_keys", (
         Pointer("keys", "uint", const=False, restrict=True), Scalar("ldk", np.int32),
         Scalar("N", np.int32), Scalar("seed_lo", np.uint32), Scalar("seed_hi", np.uint32)))),
@@ -55,13 +61,13 @@ ARGS = {
         Scalar("momentum", np.float32), Scalar("weight_decay", np.float32)))),
 }
 KERNEL = {"xent": "pscl_softmax_xent", "colsum": "pscl_column_sums", "sgd": "pscl_sgd",
-          "random_keys": "pscl_random_keys"}
+          "chansum": "pscl_channel_sums", "random_keys": "pscl_random_keys"}
 
 
 def template_args(params, kind: str = "xent", has_velocity: bool = True) -> dict:
-    """The tile parameters, the kernel (``kind``: "xent", "colsum", "random_keys" or
-    "sgd"), whether the
-    SGD step keeps a velocity, and the kernel's arguments."""
+    """The tile parameters, the kernel (``kind``: "xent", "colsum", "chansum",
+    "random_keys" or "sgd"), whether the SGD step keeps a velocity, and the kernel's
+    arguments."""
     return dict(params, KIND=kind, HAS_VELOCITY=int(has_velocity), ARGS=ARGS[kind])
 
 
@@ -104,6 +110,19 @@ def launch_column_sums(queue, params, a, out, scale: float, events) -> None:
         a=a.base_data, a_off=elem_offset(a), lda=np.int64(lda), out=out.base_data,
         out_off=elem_offset(out), M=np.int64(n_rows), N=np.int32(n_cols),
         scale=np.float32(scale)), wait_for=wait or None)
+    _done(ev, out, events)
+
+
+def launch_channel_sums(queue, params, a, out, scale: float, events) -> None:
+    """``out[c] = scale * sum a[:, c, ...]`` for a contiguous (N, C, ...) ``a``."""
+    n_img, n_ch = a.shape[:2]
+    plane = int(np.prod(a.shape[2:], dtype=np.int64))
+    wg = params["WG"]
+    wait = [e for x in (a, out) for e in x.events]
+    ev = _kernel(queue, params, "chansum").launch(queue, (round_up(n_ch, wg),), (wg,), dict(
+        a=a.base_data, a_off=elem_offset(a), out=out.base_data, out_off=elem_offset(out),
+        N=np.int64(n_img), C=np.int32(n_ch), P=np.int64(plane), scale=np.float32(scale)),
+        wait_for=wait or None)
     _done(ev, out, events)
 
 

@@ -1,6 +1,7 @@
 """The small ops of a training step on the device: ``softmax_cross_entropy`` (loss and
-gradient in one pass), ``column_sums`` (bias gradients) and ``sgd_step`` (one update of
-every parameter at once, over flat arrays).  Kernels: pysparsecl/families/training.py."""
+gradient in one pass), ``column_sums`` and ``channel_sums`` (bias gradients) and
+``sgd_step`` (one update of every parameter at once, over flat arrays).  Kernels:
+pysparsecl/families/training.py."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from ._common import (
     to_device,
 )
 
-__all__ = ["softmax_cross_entropy", "column_sums", "sgd_step"]
+__all__ = ["softmax_cross_entropy", "column_sums", "channel_sums", "sgd_step"]
 
 
 def _params(queue):
@@ -146,6 +147,36 @@ def column_sums(a, *, scale=1.0, out=None, queue=None, events=None):
     if n_cols:
         a_dev = to_device(a, queue, "a", borrow=host)
         training.launch_column_sums(queue, _params(queue), a_dev, out_dev, scale, events)
+    return deliver(out_dev, a, out, queue, take)
+
+
+def channel_sums(a, *, scale=1.0, out=None, queue=None, events=None):
+    """``scale * a.sum(axis=(0, 2, 3, ...))`` of a float32 (N, C, ...) array: the bias
+    gradient of a convolution ``y = conv(x, w) + b[:, None, None]`` is
+    ``channel_sums(dy)``.
+
+    ``a`` is a NumPy array or a contiguous pyopencl array, at least 2-D; ``out`` (C,)
+    float32, optional, of the same kind of container.  A NumPy call returns a NumPy array
+    when the result is ready; a device call returns once enqueued.  A work-item sums one
+    channel, plane by plane in order (the same order on every run).
+    """
+    require_array(a, "a", np.float32)
+    if a.ndim < 2:
+        raise ValueError(f"a must be at least 2-D (N, C, ...), got shape {tuple(a.shape)}")
+    if is_device_array(a) and not a.flags.c_contiguous:
+        raise ValueError("a: a device array must be contiguous")
+    scale = _finite_number(scale, "scale")
+    n_ch = a.shape[1]
+    check_out(out, (n_ch,), np.float32, like=a)
+    queue = runtime.resolve_queue(queue, a=a, out=out)
+    host = not is_device_array(a)
+    if host:
+        a = np.ascontiguousarray(a)
+        check_alloc(queue, a.nbytes, "a")
+    out_dev, take = new_output(queue, (n_ch,), np.float32, out, like=a, inputs=(a,))
+    if n_ch:
+        a_dev = to_device(a, queue, "a", borrow=host)
+        training.launch_channel_sums(queue, _params(queue), a_dev, out_dev, scale, events)
     return deliver(out_dev, a, out, queue, take)
 
 

@@ -655,6 +655,9 @@ def small_problems():
         a = cl_array.to_device(queue, wide)[:, 2:7]              # strided rows
         close(ps.column_sums(a, scale=0.5).get(), 0.5 * wide[:, 2:7].astype(np.float64)
               .sum(0), "column_sums")
+        planes = rng.standard_normal((3, 5, 2, 7), dtype=np.float32)
+        close(ps.channel_sums(planes, scale=2.0, queue=queue),
+              2.0 * planes.astype(np.float64).sum(axis=(0, 2, 3)), "channel_sums")
         p0, g0, v0 = (rng.standard_normal(1000, dtype=np.float32) for _ in range(3))
         for velocity in (v0, None):
             p = cl_array.to_device(queue, p0)
@@ -731,6 +734,7 @@ def small_problems():
                          elementwise)],
         "training": [("softmax_xent 5x3, 3x300 (several chunks per item)", xent),
                      ("random_mask 7x45 keep 10, compact and bool", random_sel),
-                     ("column_sums 7x5 strided rows, sgd 1000 with and without momentum",
+                     ("column_sums 7x5 strided rows, channel_sums 3x5x2x7, sgd 1000 with and "
+                      "without momentum",
                       colsum_sgd)],
     }
