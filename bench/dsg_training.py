@@ -11,8 +11,10 @@ output layer, softmax cross-entropy and SGD with momentum, all on the device.
   standard deviation, with the search (or the control) on at inference, beside dense's.
 - Step times: the median wall time of a whole training step (forward, search, loss,
   backward, update; the loss read back every step, as a training loop prints it), dense
-  and with the search at each sparsity, at batch 64; and the compute-bound layer set, an
-  MLP 512-2048-2048-10 at batch 1024 and 90%.  Against torch's dense step of the same
+  and with the search at each sparsity, at batch 64, both eager (``train_step``) and
+  replayed (a step recorded once by ``capture_step``, then replayed with each new
+  batch); and the compute-bound layer set, an MLP 512-2048-2048-10 at batch 1024 and
+  90%.  Against torch's dense step of the same
   model in the same run: on the CPU, or with CUDA (TF32 off) on a GPU device.
 
 Results: bench/results/dsg-training-<device>[-quick].{json,md,png}.
@@ -45,9 +47,11 @@ COLUMNS = [("mask", "mask", "{}"), ("sparsity", "sparsity", "{:.2f}"),
 LARGE = ((512, 2048, 2048, 10), 1024)
 
 STEP_COLUMNS = [("model", "model", "{}"), ("N", "batch", "{}"), ("mask", "mask", "{}"),
-                ("sparsity", "sparsity", "{:.2f}"), ("step_ms", "step ms", "{:.2f}"),
+                ("sparsity", "sparsity", "{:.2f}"), ("step_ms", "eager step ms", "{:.2f}"),
+                ("replayed_step_ms", "replayed step ms", "{:.2f}"),
                 ("torch_step_ms", "torch dense step ms", "{:.2f}"),
-                ("step_speedup_vs_torch", "x torch step", "{:.2f}")]
+                ("step_speedup_vs_torch", "x torch (eager)", "{:.2f}"),
+                ("replayed_speedup_vs_torch", "x torch (replayed)", "{:.2f}")]
 
 
 def available() -> bool:
@@ -90,14 +94,22 @@ def _batch(sizes, batch: int):
             rng.integers(0, sizes[-1], batch).astype(np.int32))
 
 
-def _step_timer(queue, sizes, sparsity: float, batch: int):
-    """Our whole training step; the loss is read back, as a training loop prints it."""
+def _step_timers(queue, sizes, sparsity: float, batch: int):
+    """Our whole training step, eager (``train_step``) and replayed (``capture_step``,
+    each step copying a new batch into the recorded inputs); the loss is read back, as a
+    training loop prints it."""
     import pyopencl.array as cl_array
 
     from pysparsecl.dsg import MLP
-    model = MLP(sizes, sparsity, "drs" if sparsity else "dense", seed=0, queue=queue)
+    kind = "drs" if sparsity else "dense"
+    eager, replayed = (MLP(sizes, sparsity, kind, seed=0, queue=queue) for _ in range(2))
     x, y = (cl_array.to_device(queue, a) for a in _batch(sizes, batch))
-    return wall_ms(lambda: model.train_step(x, y, lr=LR).get())
+    recorded = [cl_array.empty_like(x), cl_array.empty_like(y)]
+    for new, old in zip(recorded, (x, y)):
+        new.set(old.get())
+    step = replayed.capture_step(*recorded, lr=LR)
+    return (wall_ms(lambda: eager.train_step(x, y, lr=LR).get()),
+            wall_ms(lambda: step(x, y).get()))
 
 
 def _torch_device(queue) -> str:
@@ -149,9 +161,12 @@ def accuracy_rows(queue, sparsities, seeds: int, epochs: int):
 
 
 def step_rows(queue, sparsities, rounds: int, sizes=SIZES, batch: int = BATCH):
-    """Step times, ours dense and with the search at each sparsity, and torch dense's."""
-    timers = {0.0: _step_timer(queue, sizes, 0.0, batch)}
-    timers.update({s: _step_timer(queue, sizes, s, batch) for s in sparsities})
+    """Step times, ours dense and with the search at each sparsity (eager and replayed),
+    and torch dense's."""
+    timers = {}
+    for sparsity in [0.0] + list(sparsities):
+        timers[sparsity], timers[("replayed", sparsity)] = _step_timers(queue, sizes,
+                                                                        sparsity, batch)
     torch_timer = _torch_step_timer(queue, sizes, batch)
     if torch_timer is not None:
         timers["torch"] = torch_timer
@@ -160,10 +175,11 @@ def step_rows(queue, sparsities, rounds: int, sizes=SIZES, batch: int = BATCH):
     for sparsity in [0.0] + list(sparsities):
         row = dict(model="-".join(map(str, sizes)), N=batch,
                    mask="drs" if sparsity else "dense", sparsity=sparsity,
-                   step_ms=med[sparsity])
+                   step_ms=med[sparsity], replayed_step_ms=med[("replayed", sparsity)])
         if "torch" in med:
             row.update(torch_step_ms=med["torch"],
-                       step_speedup_vs_torch=med["torch"] / med[sparsity])
+                       step_speedup_vs_torch=med["torch"] / med[sparsity],
+                       replayed_speedup_vs_torch=med["torch"] / row["replayed_step_ms"])
         rows.append(row)
     return rows
 

@@ -20,10 +20,17 @@ from .ops.elementwise import add, add_relu, axpby, mul, relu_backward  # noqa: E
 from .ops.masked import (  # noqa: E402
     MaskedLinearWeight,
     conv2d_masked,
+    conv2d_masked_backward,
     masked_matmul,
     masked_matmul_backward,
     masked_relu_bn,
     masked_relu_bn_backward,
+)
+from .ops.pooling import (  # noqa: E402
+    avg_pool2d,
+    avg_pool2d_backward,
+    max_pool2d,
+    max_pool2d_backward,
 )
 from .ops.training import (  # noqa: E402
     channel_sums,
@@ -46,10 +53,13 @@ __all__ = [
     # DSG: masked products, dimension-reduction search, double-mask BatchNorm
     "masked_matmul", "masked_matmul_backward", "MaskedLinearWeight", "masked_relu_bn",
     "masked_relu_bn_backward",
-    "conv2d_masked", "drs_mask", "drs_mask_conv2d", "random_mask", "SparseRandomProjection",
+    "conv2d_masked", "conv2d_masked_backward",
+    "drs_mask", "drs_mask_conv2d", "random_mask", "SparseRandomProjection",
     "ProjectedWeight",
     # elementwise
     "add", "mul", "axpby", "add_relu", "relu_backward",
+    # pooling
+    "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
     # training
     "softmax_cross_entropy", "column_sums", "channel_sums", "sgd_step",
     # runtime

@@ -8,8 +8,14 @@ which outputs to compute, compute only those, and train with the same selection.
   dimension-reduction search (:func:`drs_mask`), or a random mask, or the oracle's exact
   top-k (the two controls), or none (a dense layer); ``forward`` and ``backward`` on the
   device, the bias in the product and its gradient, dx skippable.
-- :class:`MLP`: a stack of them with a dense output layer, softmax cross-entropy and SGD,
-  for short training scripts: ``model.train_step(x, labels)``, ``model.predict(x)``.
+- :class:`DSGConv2d`: a convolution under DSG's per-position channel selection (the
+  search on the im2col windows, :func:`drs_mask_conv2d`), computing only the selected
+  outputs (:func:`conv2d_masked`), then ReLU and BatchNorm with the double mask
+  (:func:`masked_relu_bn`), or ReLU and a bias without BatchNorm.
+- :class:`MaxPool2d` and :class:`Flatten`, for a CNN's plumbing.
+- :class:`Sequential`: a stack of layers with softmax cross-entropy and SGD, for short
+  training scripts: ``model.train_step(x, labels)``, ``model.predict(x)``; :class:`MLP`
+  and :class:`CNN` build one.
 
 The search stays on at inference: a model trained with DSG has learned under its masks,
 and its dense forward is much worse.  ``predict`` therefore runs the same search.
@@ -18,8 +24,7 @@ The search ranks ``x @ w`` without the bias (the bias is added to the selected o
 only): on the digits at 90%, an oracle mask with the bias and one without trained to the
 same accuracy.  The layers' projections default to ``eps=0.3`` (k = 139 for 512 inputs):
 on the digits it trained up to a point better than the search's own default, 0.5, at
-70-80% (5 seeds; at 90% the two were within their spread).  Not yet here: conv layers,
-BatchNorm and pooling.
+70-80% (5 seeds; at 90% the two were within their spread).
 """
 
 from __future__ import annotations
@@ -31,15 +36,54 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 
 from . import runtime
-from .ops.drs import SparseRandomProjection, drs_mask, keep_count, random_mask
-from .ops.elementwise import add, add_relu, relu_backward
-from .ops.masked import MaskedLinearWeight, masked_matmul, masked_matmul_backward
-from .ops.training import column_sums, sgd_step, softmax_cross_entropy
+from .ops.drs import (
+    SparseRandomProjection,
+    drs_mask,
+    drs_mask_conv2d,
+    keep_count,
+    random_mask,
+)
+from .ops.elementwise import add, add_relu, axpby, relu_backward
+from .ops.masked import (
+    MaskedLinearWeight,
+    conv2d_masked,
+    conv2d_masked_backward,
+    masked_matmul,
+    masked_matmul_backward,
+    masked_relu_bn,
+    masked_relu_bn_backward,
+)
+from .ops.pooling import max_pool2d, max_pool2d_backward
+from .ops.training import channel_sums, column_sums, sgd_step, softmax_cross_entropy
 
-__all__ = ["FlatParameters", "DSGLinear", "MLP", "MASK_KINDS"]
+__all__ = ["FlatParameters", "DSGLinear", "DSGConv2d", "MaxPool2d", "Flatten", "Sequential",
+           "ReplayedStep", "MLP", "CNN", "MASK_KINDS"]
 
 #: How a layer picks the outputs it computes.
 MASK_KINDS = ("drs", "random", "oracle", "dense")
+
+
+def _check_selection(mask: str, sparsity) -> None:
+    if mask not in MASK_KINDS:
+        raise ValueError(f"mask must be one of {MASK_KINDS}, got {mask!r}")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or \
+            not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+
+
+def _check_aligned(w: cl_array.Array, name: str, queue) -> None:
+    if w.offset % runtime.base_alignment(queue.device):
+        # A MaskedLinearWeight would copy it, and the copy would miss every update.
+        raise ValueError(f"{name} must start on the device's base alignment (as "
+                         "FlatParameters places every parameter)")
+
+
+def _top_k_along(scores: np.ndarray, n_keep: int, axis: int) -> np.ndarray:
+    """The bool mask of the n_keep largest entries along ``axis`` (the oracle's)."""
+    keep = np.zeros(scores.shape, bool)
+    top = np.argpartition(-scores, n_keep - 1, axis=axis)
+    np.put_along_axis(keep, np.take(top, np.arange(n_keep), axis=axis), True, axis=axis)
+    return keep
 
 
 class FlatParameters:
@@ -106,19 +150,12 @@ class DSGLinear:
 
     def __init__(self, params: FlatParameters, name: str, sparsity: float, mask: str = "drs",
                  relu: bool = True, seed: int = 0, eps: float = 0.3):
-        if mask not in MASK_KINDS:
-            raise ValueError(f"mask must be one of {MASK_KINDS}, got {mask!r}")
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or \
-                not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        _check_selection(mask, sparsity)
         self.params, self.name = params, name
         self.w, self.b = params.params[f"{name}.w"], params.params[f"{name}.b"]
         self.dw, self.db = params.grads[f"{name}.w"], params.grads[f"{name}.b"]
         self.out_features, self.in_features = self.w.shape
-        if self.w.offset % runtime.base_alignment(params.queue.device):
-            # MaskedLinearWeight would copy it, and the copy would miss every update.
-            raise ValueError(f"{name}.w must start on the device's base alignment (as "
-                             "FlatParameters places every parameter)")
+        _check_aligned(self.w, f"{name}.w", params.queue)
         self.rows = MaskedLinearWeight(self.w, transposed=True, queue=params.queue)
         self.sparsity = float(sparsity) if mask != "dense" else 0.0
         self.kind = mask if self.sparsity > 0 else "dense"
@@ -139,16 +176,15 @@ class DSGLinear:
         if self.kind == "drs":
             return drs_mask(x, self.rows, self.sparsity, projection=self.projection,
                             queue=self.queue)
+        runtime.refuse_capture(f"a {self.kind} mask (drawn with a seed from the host)"
+                               if self.kind == "random" else "the oracle's mask")
         if self.kind == "random":      # a fresh selection each call, on the device
             return random_mask(m, n, self.sparsity, seed=int(self.rng.integers(2 ** 63)),
                                queue=self.queue)
-        n_keep = keep_count(self.sparsity, n)
         # oracle: the true pre-activation, densely, on the host (a control, not a fast path)
         scores = x.get().astype(np.float64) @ self.w.get().T + self.b.get()
-        keep = np.zeros((m, n), bool)
-        np.put_along_axis(keep, np.argpartition(-scores, n_keep - 1, axis=1)[:, :n_keep],
-                          True, axis=1)
-        return cl_array.to_device(self.queue, keep)
+        return cl_array.to_device(self.queue,
+                                  _top_k_along(scores, keep_count(self.sparsity, n), 1))
 
     def _all_selected(self, n_rows: int) -> cl_array.Array:
         """A bool mask selecting every output (a dense layer's), kept per batch size."""
@@ -188,38 +224,196 @@ class DSGLinear:
         return dx
 
 
+class DSGConv2d:
+    """A convolution under DSG's per-position channel selection: at each output position
+    of each image, the layer computes only the selected output channels.
+
+    With ``bn`` (DSG's CONV -> ReLU -> BN): ``out = mask * BN(ReLU(conv(x, w)))``, the
+    BatchNorm over the selected entries with the double mask (:func:`masked_relu_bn`);
+    training normalises with the batch's statistics and updates running ones, which
+    inference uses.  Without ``bn``: ``out = ReLU(mask * (conv(x, w) + b))``.
+
+    Parameters
+    ----------
+    params : FlatParameters holding ``<name>.w`` (K, C, R, S), and ``<name>.gamma``,
+        ``<name>.beta`` (K,) with ``bn``, or ``<name>.b`` (K,) without.
+    name : the layer's name in ``params``.
+    sparsity : float in [0, 1): the share of each position's output channels not computed.
+    mask : "drs" (the search on the windows), "random" (a fresh random selection per call,
+        drawn on the host: a control), "oracle" (the exact top-k of the true conv output,
+        computed densely: the control's upper bound) or "dense" (every output).
+    stride, padding : as in ``torch.nn.functional.conv2d``.
+    bn : bool, see above.  bn_momentum : the running statistics' update weight (torch's
+        ``momentum``); the running variance is updated with the biased batch variance of
+        the selected entries.  bn_eps : added to the variance.
+    seed, eps : the search's random projection (or the random masks' seed), as in
+        :class:`DSGLinear`.
+    """
+
+    def __init__(self, params: FlatParameters, name: str, sparsity: float, mask: str = "drs",
+                 stride=1, padding=0, bn: bool = True, seed: int = 0, eps: float = 0.3,
+                 bn_momentum: float = 0.1, bn_eps: float = 1e-5):
+        _check_selection(mask, sparsity)
+        self.params, self.name, self.queue = params, name, params.queue
+        self.w, self.dw = params.params[f"{name}.w"], params.grads[f"{name}.w"]
+        if self.w.ndim != 4:
+            raise ValueError(f"{name}.w must be (K, C, R, S), got shape {self.w.shape}")
+        _check_aligned(self.w, f"{name}.w", self.queue)
+        self.out_channels, self.in_channels, r, s = self.w.shape
+        self.kernel_size = (r, s)
+        self.stride, self.padding = stride, padding
+        self.bn = bool(bn)
+        if self.bn:
+            self.gamma, self.beta = params.params[f"{name}.gamma"], params.params[f"{name}.beta"]
+            self.dgamma, self.dbeta = params.grads[f"{name}.gamma"], params.grads[f"{name}.beta"]
+            self.running_mean = cl_array.zeros(self.queue, self.out_channels, np.float32)
+            self.running_var = cl_array.to_device(self.queue,
+                                                  np.ones(self.out_channels, np.float32))
+            self.bn_momentum, self.bn_eps = float(bn_momentum), float(bn_eps)
+        else:
+            self.b, self.db = params.params[f"{name}.b"], params.grads[f"{name}.b"]
+        self.sparsity = float(sparsity) if mask != "dense" else 0.0
+        self.kind = mask if self.sparsity > 0 else "dense"
+        self.rng = np.random.default_rng(seed)
+        self.projection = SparseRandomProjection(self.in_channels * r * s, eps=eps, seed=seed,
+                                                 queue=self.queue) \
+            if self.kind == "drs" else None
+        self._saved: Optional[Tuple] = None
+        self._full: Dict[Tuple[int, ...], cl_array.Array] = {}
+
+    def _conv(self, x, mask):
+        return conv2d_masked(x, self.w, mask, self.stride, self.padding, queue=self.queue)
+
+    def _all_selected(self, shape) -> cl_array.Array:
+        """A bool mask selecting every output, kept per output shape."""
+        found = self._full.get(shape)
+        if found is None:
+            found = self._full[shape] = cl_array.to_device(self.queue, np.ones(shape, np.bool_))
+        return found
+
+    def _mask(self, x: cl_array.Array):
+        """The bool (N, K, OH, OW) selection for this batch, on the device (None: every
+        output)."""
+        if self.kind == "dense":
+            return None
+        if self.kind == "drs":
+            return drs_mask_conv2d(x, self.w, self.sparsity, stride=self.stride,
+                                   padding=self.padding, projection=self.projection,
+                                   queue=self.queue)
+        runtime.refuse_capture(f"a DSGConv2d's {self.kind} mask (computed on the host)")
+        n_keep = keep_count(self.sparsity, self.out_channels)
+        if self.kind == "random":
+            y_shape = self._output_shape(x.shape)
+            keys = self.rng.random(y_shape)
+        else:   # oracle: the true conv output, densely
+            keys = self._conv(x, self._all_selected(self._output_shape(x.shape))).get()
+        return cl_array.to_device(self.queue, _top_k_along(keys, n_keep, 1))
+
+    def _output_shape(self, x_shape) -> Tuple[int, int, int, int]:
+        (r, s), (sh, sw), (ph, pw) = self.kernel_size, _pair(self.stride), _pair(self.padding)
+        return (x_shape[0], self.out_channels, (x_shape[2] + 2 * ph - r) // sh + 1,
+                (x_shape[3] + 2 * pw - s) // sw + 1)
+
+    def forward(self, x: cl_array.Array, training: bool = True) -> cl_array.Array:
+        """The layer's output for a device batch x (N, C, H, W); with ``training`` the
+        batch's statistics normalise it, and what :meth:`backward` needs is kept."""
+        mask = self._mask(x)
+        full = mask if mask is not None else self._all_selected(self._output_shape(x.shape))
+        y = self._conv(x, full)
+        if not self.bn:
+            k = self.out_channels
+            out = add_relu(y, self.b.reshape(k, 1, 1), out=y, mask=mask)
+            self._saved = (x, out, full, None) if training else None
+            return out
+        if not training:
+            self._saved = None
+            return masked_relu_bn(y, full, self.gamma, self.beta, self.running_mean,
+                                  self.running_var, self.bn_eps, queue=self.queue)
+        out, mean, var = masked_relu_bn(y, full, self.gamma, self.beta, eps=self.bn_eps,
+                                        training=True, queue=self.queue)
+        m = self.bn_momentum
+        axpby(1.0 - m, self.running_mean, m, mean, out=self.running_mean)
+        axpby(1.0 - m, self.running_var, m, var, out=self.running_var)
+        self._saved = (x, y, full, (mean, var))
+        return out
+
+    def backward(self, dout: cl_array.Array, need_dx: bool = True
+                 ) -> Optional[cl_array.Array]:
+        """Writes the gradients of w and of gamma and beta (or b) into the layer's views
+        of the gradient buffer and returns d loss / d x (None without ``need_dx``)."""
+        if self._saved is None:
+            raise RuntimeError(f"{self.name}: backward needs a forward with training=True "
+                               "first")
+        x, y, full, stats = self._saved
+        if self.bn:
+            dy, _, _ = masked_relu_bn_backward(dout, y, full, self.gamma, *stats, self.bn_eps,
+                                               dgamma_out=self.dgamma, dbeta_out=self.dbeta,
+                                               queue=self.queue)
+        else:
+            dy = relu_backward(dout, y, mask=full)
+            channel_sums(dy, out=self.db, queue=self.queue)
+        dx, _ = conv2d_masked_backward(dy, x, self.w, full, self.stride, self.padding,
+                                       need_dx=need_dx, dw_out=self.dw, queue=self.queue)
+        self._saved = None
+        return dx
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, (int, np.integer)) else tuple(v)
+
+
+class MaxPool2d:
+    """Max pooling (:func:`max_pool2d`), keeping the winners for the backward."""
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self._saved = None
+
+    def forward(self, x: cl_array.Array, training: bool = True) -> cl_array.Array:
+        y, winners = max_pool2d(x, self.kernel_size, self.stride, self.padding,
+                                return_indices=True)
+        self._saved = (winners, tuple(x.shape)) if training else None
+        return y
+
+    def backward(self, dy: cl_array.Array, need_dx: bool = True) -> Optional[cl_array.Array]:
+        if self._saved is None:
+            raise RuntimeError("MaxPool2d: backward needs a forward with training=True first")
+        winners, shape = self._saved
+        self._saved = None
+        if not need_dx:
+            return None
+        return max_pool2d_backward(dy, winners, shape, self.kernel_size, self.stride,
+                                   self.padding)
+
+
+class Flatten:
+    """(N, C, H, W) to (N, C * H * W), a view; the backward restores the shape."""
+
+    def __init__(self):
+        self._shape = None
+
+    def forward(self, x: cl_array.Array, training: bool = True) -> cl_array.Array:
+        self._shape = tuple(x.shape)
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dy: cl_array.Array, need_dx: bool = True) -> Optional[cl_array.Array]:
+        return dy.reshape(self._shape) if need_dx else None
+
+
 def _he_init(rng, fan_in: int, shape) -> np.ndarray:
     return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
 
 
-class MLP:
-    """A DSG multilayer perceptron: hidden :class:`DSGLinear` layers with ReLU under the
-    chosen selection, a dense output layer, softmax cross-entropy and SGD with momentum,
+class Sequential:
+    """Layers applied in order, trained with softmax cross-entropy and SGD with momentum,
     every step on the device.
 
-    ``sizes`` = (in, hidden..., classes).  ``mask`` and ``sparsity`` apply to the hidden
-    layers.  ``train_step(x, labels)`` takes device arrays (float32 (M, in), int32 (M,))
-    and returns the batch loss as a (1,) device array (read it when needed: nothing else
+    ``train_step(x, labels)`` takes device arrays (float32 batch, int32 (M,) labels) and
+    returns the batch loss as a (1,) device array (read it when needed: nothing else
     comes to the host); ``predict(x)`` returns the classes, with the search on."""
 
-    def __init__(self, sizes: Sequence[int], sparsity: float, mask: str = "drs", seed: int = 0,
-                 queue=None, eps: float = 0.3):
-        if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, (int, np.integer))
-                                 or s < 1 for s in sizes):
-            raise ValueError(f"sizes must be two or more positive ints, got {sizes!r}")
-        self.queue = runtime.get_queue(queue)
-        rng = np.random.default_rng(seed)
-        initial = {}
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            initial[f"fc{i}.w"] = _he_init(rng, a, (b, a))
-            initial[f"fc{i}.b"] = np.zeros(b, np.float32)
-        self.params = FlatParameters(self.queue, initial)
-        last = len(sizes) - 2
-        self.layers: List[DSGLinear] = [
-            DSGLinear(self.params, f"fc{i}", sparsity if i < last else 0.0,
-                      mask if i < last else "dense", relu=i < last, seed=seed + 1 + i,
-                      eps=eps)
-            for i in range(len(sizes) - 1)]
+    def __init__(self, params: FlatParameters, layers: Sequence):
+        self.params, self.queue, self.layers = params, params.queue, list(layers)
 
     def forward(self, x: cl_array.Array, training: bool = False) -> cl_array.Array:
         for layer in self.layers:
@@ -236,8 +430,129 @@ class MLP:
         self.params.step(lr, momentum, weight_decay)
         return loss
 
+    def capture_step(self, x: cl_array.Array, labels: cl_array.Array, lr: float = 0.05,
+                     momentum: float = 0.9, weight_decay: float = 0.0) -> "ReplayedStep":
+        """Run one :meth:`train_step` on (x, labels) while recording its launches in a
+        :class:`~pysparsecl.LaunchGraph`, and return it as a :class:`ReplayedStep`: each
+        later step is then one replay, with every kernel argument already set and nothing
+        allocated.  The hyperparameters are fixed at capture.  Masks drawn on the host
+        (``"random"``, ``"oracle"``) cannot be captured (``NotImplementedError``)."""
+        for name, a in (("x", x), ("labels", labels)):
+            if not isinstance(a, cl_array.Array):
+                raise TypeError(f"{name} must be a pyopencl.array.Array, got "
+                                f"{type(a).__name__}")
+        graph = runtime.LaunchGraph(self.queue, inputs=(x, labels))
+        with graph:
+            loss = self.train_step(x, labels, lr, momentum, weight_decay)
+        return ReplayedStep(graph, loss)
+
     def predict(self, x) -> np.ndarray:
         """The predicted classes (NumPy int64) of a batch, the search on as in training."""
         x_dev = x if isinstance(x, cl_array.Array) else \
             cl_array.to_device(self.queue, np.ascontiguousarray(x, np.float32))
         return self.forward(x_dev, training=False).get().argmax(axis=1)
+
+
+class ReplayedStep:
+    """A training step recorded by :meth:`Sequential.capture_step`.
+
+    ``step(x, labels)`` copies the batch into the recorded inputs (NumPy or device arrays
+    of the captured shapes and dtypes; others raise ``ValueError``), replays every launch
+    of the step and returns the loss as the same (1,) device array each time, overwritten
+    by the next replay: read it (``.get()``) before then when it is wanted."""
+
+    def __init__(self, graph: "runtime.LaunchGraph", loss: cl_array.Array):
+        self.graph, self.loss = graph, loss
+
+    def __call__(self, x, labels) -> cl_array.Array:
+        self.graph.replay(x, labels)
+        return self.loss
+
+
+def _check_sizes(sizes, name: str) -> None:
+    if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1
+           for s in sizes):
+        raise ValueError(f"{name} must be positive ints, got {sizes!r}")
+
+
+class MLP(Sequential):
+    """A DSG multilayer perceptron: hidden :class:`DSGLinear` layers with ReLU under the
+    chosen selection, then a dense output layer.
+
+    ``sizes`` = (in, hidden..., classes).  ``mask`` and ``sparsity`` apply to the hidden
+    layers.  Inputs are float32 (M, in)."""
+
+    def __init__(self, sizes: Sequence[int], sparsity: float, mask: str = "drs", seed: int = 0,
+                 queue=None, eps: float = 0.3):
+        if len(sizes) < 2:
+            raise ValueError(f"sizes must be two or more positive ints, got {sizes!r}")
+        _check_sizes(sizes, "sizes")
+        queue = runtime.get_queue(queue)
+        rng = np.random.default_rng(seed)
+        initial = {}
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            initial[f"fc{i}.w"] = _he_init(rng, a, (b, a))
+            initial[f"fc{i}.b"] = np.zeros(b, np.float32)
+        params = FlatParameters(queue, initial)
+        last = len(sizes) - 2
+        super().__init__(params, [
+            DSGLinear(params, f"fc{i}", sparsity if i < last else 0.0,
+                      mask if i < last else "dense", relu=i < last, seed=seed + 1 + i,
+                      eps=eps)
+            for i in range(len(sizes) - 1)])
+
+
+class CNN(Sequential):
+    """A DSG convolutional network: 3x3 :class:`DSGConv2d` layers (padding 1, ReLU and
+    BatchNorm with the double mask), each after the first followed by 2x2 max pooling,
+    then hidden :class:`DSGLinear` layers and a dense output layer.
+
+    ``in_shape`` = (C, H, W) of an image; ``channels``: the conv layers' output channels;
+    ``hidden``: the hidden linear layers' widths; ``mask`` and ``sparsity`` apply to every
+    conv and hidden layer.  Inputs are float32 (N, C, H, W)."""
+
+    def __init__(self, in_shape: Sequence[int], channels: Sequence[int], hidden: Sequence[int],
+                 classes: int, sparsity: float, mask: str = "drs", seed: int = 0, queue=None,
+                 eps: float = 0.3):
+        if len(in_shape) != 3:
+            raise ValueError(f"in_shape must be (C, H, W), got {in_shape!r}")
+        _check_sizes(in_shape, "in_shape")
+        _check_sizes(channels, "channels")
+        _check_sizes(hidden, "hidden")
+        _check_sizes([classes], "classes")
+        if not channels:
+            raise ValueError("channels must name at least one conv layer")
+        queue = runtime.get_queue(queue)
+        rng = np.random.default_rng(seed)
+        c, h, w = in_shape
+        initial, plan = {}, []
+        for i, k in enumerate(channels):
+            initial[f"conv{i}.w"] = _he_init(rng, c * 9, (k, c, 3, 3))
+            initial[f"conv{i}.gamma"] = np.ones(k, np.float32)
+            initial[f"conv{i}.beta"] = np.zeros(k, np.float32)
+            plan.append(("conv", i))
+            c = k
+            if i > 0:
+                if h < 2 or w < 2:
+                    raise ValueError(f"in_shape {tuple(in_shape)} is too small for "
+                                     f"{len(channels)} conv layers (each after the first "
+                                     "halves the image)")
+                h, w = h // 2, w // 2
+                plan.append(("pool", i))
+        widths = [c * h * w, *hidden, classes]
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            initial[f"fc{i}.w"] = _he_init(rng, a, (b, a))
+            initial[f"fc{i}.b"] = np.zeros(b, np.float32)
+        params = FlatParameters(queue, initial)
+        layers: List = []
+        for what, i in plan:
+            layers.append(DSGConv2d(params, f"conv{i}", sparsity, mask, padding=1,
+                                    seed=seed + 1 + i, eps=eps) if what == "conv"
+                          else MaxPool2d(2))
+        layers.append(Flatten())
+        last = len(widths) - 2
+        for i in range(len(widths) - 1):
+            layers.append(DSGLinear(params, f"fc{i}", sparsity if i < last else 0.0,
+                                    mask if i < last else "dense", relu=i < last,
+                                    seed=seed + 101 + i, eps=eps))
+        super().__init__(params, layers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -40,7 +41,8 @@ __all__ = [
     "memory_pool", "resolve_queue", "queue_for", "kernels", "LockedKernel", "empty",
     "shares_host_memory", "wrap_host", "sync_host", "kernels_use_host_memory",
     "base_alignment", "aligned_empty", "set_host_memory_mode", "staging",
-    "release_staging", "LaunchGraph", "capturable", "capturing", "BoundKernel",
+    "release_staging", "LaunchGraph", "capturable", "capturable_op", "capturing", "refuse_capture",
+    "enqueue_fill", "fill_array", "zeros", "enqueue_copy", "BoundKernel",
 ]
 
 
@@ -584,9 +586,72 @@ def capturable():
         _capture.allowed = before
 
 
+def capturable_op(op):
+    """Decorates an op whose every path on device arrays enqueues only kernels of ours,
+    :func:`enqueue_fill` and :func:`enqueue_copy`, and needs no host between them (a path
+    that does calls :func:`refuse_capture`), so that a :class:`LaunchGraph` may record it."""
+    @functools.wraps(op)
+    def allowed(*args, **kwargs):
+        before = getattr(_capture, "allowed", False)
+        _capture.allowed = True
+        try:
+            return op(*args, **kwargs)
+        finally:
+            _capture.allowed = before
+    return allowed
+
+
 def capturing() -> bool:
     """Whether this thread is capturing a :class:`LaunchGraph`."""
     return getattr(_capture, "graph", None) is not None
+
+
+def refuse_capture(what: str) -> None:
+    """Raise ``NotImplementedError`` while this thread captures a :class:`LaunchGraph`:
+    ``what`` (a phrase) needs the host, which a replay would skip."""
+    if capturing():
+        raise NotImplementedError(f"pysparsecl: {what} cannot be captured in a LaunchGraph "
+                                  "(it needs the host between launches)")
+
+
+def enqueue_fill(queue, buffer, pattern, offset: int, size: int, wait_for=None) -> cl.Event:
+    """``clEnqueueFillBuffer``, recorded by a :class:`LaunchGraph` being captured (inside
+    a :func:`capturable` op) so that a replay fills again."""
+    graph = getattr(_capture, "graph", None)
+    if graph is not None:
+        return graph._record_command("a fill", queue, cl.enqueue_fill_buffer,
+                                     (queue, buffer, pattern, offset, size))
+    return cl.enqueue_fill_buffer(queue, buffer, pattern, offset, size, wait_for=wait_for)
+
+
+def fill_array(queue, array: cl_array.Array, value, wait_for=None) -> cl.Event:
+    """Every element of a contiguous device array set to ``value`` (its dtype), recorded
+    by a :class:`LaunchGraph` being captured; the array's events become the fill."""
+    wait = list(array.events) + list(wait_for or ())
+    ev = enqueue_fill(queue, array.base_data, array.dtype.type(value), array.offset,
+                      array.nbytes, wait_for=wait or None)
+    array.events[:] = [ev]
+    return ev
+
+
+def zeros(queue, shape, dtype, allocator=None) -> cl_array.Array:
+    """A zeroed device array (pooled with ``allocator``), its fill recorded by a
+    :class:`LaunchGraph` being captured (``pyopencl.array.zeros`` would not be)."""
+    a = empty(queue, shape, dtype, allocator=allocator)
+    if a.nbytes:
+        fill_array(queue, a, 0)
+    return a
+
+
+def enqueue_copy(queue, dst, src, wait_for=None, **how) -> cl.Event:
+    """``pyopencl.enqueue_copy`` between two buffers (``how``: its byte_count and offsets,
+    or origins, region and pitches of a rectangular copy), recorded by a
+    :class:`LaunchGraph` being captured."""
+    graph = getattr(_capture, "graph", None)
+    if graph is not None:
+        return graph._record_command("a copy", queue, functools.partial(cl.enqueue_copy, **how),
+                                     (queue, dst, src))
+    return cl.enqueue_copy(queue, dst, src, wait_for=wait_for, **how)
 
 
 class LaunchGraph:
@@ -604,13 +669,20 @@ class LaunchGraph:
     replay only enqueues: on NVIDIA's OpenCL setting a launch's arguments costs several
     times the enqueue itself.  A replay allocates nothing; every buffer the calls used
     (outputs, scratch) is held by the graph, and the outputs it returned during capture
-    are overwritten by each replay.  Weights are used as they were at capture.
+    are overwritten by each replay.  Scalar arguments (shapes, a learning rate) are those
+    of the capture.  A prepared weight (a ``SparseConvWeight``) is used as it was at
+    capture; device arrays are read afresh by each replay, so a training step captured
+    once updates its parameters in place on every replay.
 
     ``inputs``: device arrays that :meth:`replay` may refill with new data (same shape and
-    dtype; NumPy or device arrays), before its launches.  Only ops that support it can be
-    captured (today :func:`conv2d_sparse` on device arrays); any other launch inside the
-    ``with`` block raises ``NotImplementedError``.  The queue must be in order, and every
-    captured call must use it.  A graph is captured once.
+    dtype; NumPy or device arrays), before its launches.  Only ops on device arrays that
+    enqueue nothing but kernels, fills and copies can be captured: :func:`conv2d_sparse`,
+    the elementwise ops, :func:`masked_matmul` and its backward, :func:`masked_relu_bn`
+    and its backward, :func:`conv2d_masked` (a per-window mask) and its backward,
+    :func:`drs_mask`, :func:`drs_mask_conv2d`, :func:`random_mask`, the pooling ops and
+    the training ops.  Any other launch, a NumPy operand, or a path that needs the host
+    between launches raises inside the ``with`` block.  The queue must be in order, and
+    every captured call must use it.  A graph is captured once.
     """
 
     def __init__(self, queue: Optional[cl.CommandQueue] = None, inputs=()):
@@ -628,6 +700,7 @@ class LaunchGraph:
         self.queue = queue
         self.inputs = inputs
         self._launches: List[tuple] = []   # (kernel, global size, local size, arguments)
+        self._commands: List[tuple] = []   # (enqueue function, its arguments), in order
         self._state = "new"
 
     def __enter__(self) -> "LaunchGraph":
@@ -644,20 +717,31 @@ class LaunchGraph:
         self._state = "ready" if exc_type is None else "failed"
 
     def __len__(self) -> int:
+        """The number of kernel launches recorded (fills and copies not counted)."""
         return len(self._launches)
 
-    def _record(self, locked: LockedKernel, queue, global_size, local_size, args) -> cl.Event:
+    def _check_call(self, what: str, queue) -> None:
         if not getattr(_capture, "allowed", False):
-            raise NotImplementedError(f"pysparsecl: kernel {locked.name} was launched by an "
-                                      "op that cannot be captured in a LaunchGraph")
+            raise NotImplementedError(f"pysparsecl: {what} was enqueued by an op that cannot "
+                                      "be captured in a LaunchGraph")
         if queue is not self.queue and queue.int_ptr != self.queue.int_ptr:
             raise ValueError("a captured call must run on the LaunchGraph's queue")
+
+    def _record_command(self, what: str, queue, enqueue, args: tuple) -> cl.Event:
+        self._check_call(what, queue)
+        self._commands.append((enqueue, args))
+        return enqueue(*args)
+
+    def _record(self, locked: LockedKernel, queue, global_size, local_size, args) -> cl.Event:
+        self._check_call(f"kernel {locked.name}", queue)
         kernel = cl.Kernel(locked.program, locked.name)
         kernel.set_scalar_arg_dtypes(list(locked._kinds))
         kernel.set_args(*args)
         global_size = tuple(int(n) for n in global_size)
         local_size = None if local_size is None else tuple(int(n) for n in local_size)
         self._launches.append((kernel, global_size, local_size, args))
+        self._commands.append((cl.enqueue_nd_range_kernel,
+                               (queue, kernel, global_size, local_size)))
         return cl.enqueue_nd_range_kernel(queue, kernel, global_size, local_size)
 
     def replay(self, *inputs) -> Optional[cl.Event]:
@@ -683,15 +767,17 @@ class LaunchGraph:
                     if new.context != old.context or not new.flags.c_contiguous:
                         raise ValueError(f"inputs[{i}] must be a contiguous array in the "
                                          "graph's context")
-                    if new.nbytes:
+                    same = new.nbytes and new.offset == old.offset and \
+                        new.base_data.int_ptr == old.base_data.int_ptr   # the input itself
+                    if new.nbytes and not same:
                         cl.enqueue_copy(self.queue, old.base_data, new.base_data,
                                         byte_count=new.nbytes, src_offset=new.offset,
                                         dst_offset=old.offset)
                 else:
                     old.set(np.ascontiguousarray(new), queue=self.queue)
-        event, queue, enqueue = None, self.queue, cl.enqueue_nd_range_kernel
-        for kernel, global_size, local_size, _ in self._launches:
-            event = enqueue(queue, kernel, global_size, local_size)
+        event = None
+        for enqueue, args in self._commands:
+            event = enqueue(*args)
         return event
 
 

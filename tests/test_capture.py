@@ -1,4 +1,5 @@
-"""LaunchGraph: capture a chain of conv2d_sparse calls once, replay it with new inputs."""
+"""LaunchGraph: capture a chain of op calls once (conv2d_sparse, the DSG ops, a whole
+training step), replay it with new inputs, and get what eager calls give."""
 
 import numpy as np
 import pyopencl as cl
@@ -88,9 +89,15 @@ def test_capture_refuses_what_it_cannot_replay(queue, rng):
     with pytest.raises(ValueError, match="LaunchGraph"):
         with ps.LaunchGraph(queue):
             ps.conv2d_sparse(x, layers[0][0], padding=1)           # NumPy: not capturable
+    channel_mask = cl_array.to_device(queue, np.ones((LAYER1.N, 4, 1, 1), bool))
     with pytest.raises(NotImplementedError, match="captured"):
-        with ps.LaunchGraph(queue):
-            ps.add(x_dev, x_dev)                                  # not a capturable op
+        with ps.LaunchGraph(queue):                               # needs the host
+            ps.conv2d_masked(x_dev, cl_array.to_device(queue, np.ones(
+                (4, LAYER1.C, 3, 3), np.float32)), channel_mask, padding=1)
+    with pytest.raises(NotImplementedError, match="captured"):
+        with ps.LaunchGraph(queue):                               # not a capturable op
+            ps.SparseRandomProjection(LAYER1.W, eps=0.5, seed=1, queue=queue).project(
+                x_dev[0, 0])
     graph = ps.LaunchGraph(queue)
     with pytest.raises(ValueError, match="twice"):
         with graph:
@@ -119,3 +126,120 @@ def test_empty_weight_is_captured_as_a_kernel(queue, rng):
     y.fill(np.float32(7))
     graph.replay()
     assert not y.get().any()
+
+
+# ---------------------------------------------------------------------------------------
+# The DSG ops and a whole training step
+
+def _dsg_chain(queue, x, labels, w_rows, bias, x4, w4, gamma, beta, proj, proj4):
+    """Every capturable DSG op once, on device arrays; returns the results to compare."""
+    mask = ps.drs_mask(x, w_rows, 0.6, projection=proj)
+    y = ps.masked_matmul(x, w_rows, mask)
+    ps.add_relu(y, bias, out=y, mask=mask)
+    loss, grad = ps.softmax_cross_entropy(y, labels)
+    dh = ps.relu_backward(grad, y, mask=mask)
+    dx, dw = ps.masked_matmul_backward(dh, x, w_rows, mask, dw_rows=True)
+    db = ps.column_sums(dh)
+    rnd = ps.random_mask(x.shape[0], 8, 0.5, seed=11, queue=queue)
+    mask4 = ps.drs_mask_conv2d(x4, w4, 0.5, padding=1, projection=proj4)
+    y4 = ps.conv2d_masked(x4, w4, mask4, padding=1)
+    out4, mean, var = ps.masked_relu_bn(y4, mask4, gamma, beta, training=True)
+    dy4, dgamma, dbeta = ps.masked_relu_bn_backward(out4, y4, mask4, gamma, mean, var)
+    dx4, dw4 = ps.conv2d_masked_backward(dy4, x4, w4, mask4, padding=1)
+    sums = ps.channel_sums(dx4)
+    return dict(mask=mask, y=y, loss=loss, dx=dx, dw=dw, db=db, rnd=rnd, mask4=mask4,
+                out4=out4, mean=mean, var=var, dgamma=dgamma, dbeta=dbeta, dx4=dx4, dw4=dw4,
+                sums=sums)
+
+
+def test_dsg_ops_replay_equals_eager_on_new_inputs(queue, rng):
+    m, k, n = 12, 24, 10
+    w_rows = ps.MaskedLinearWeight(rng.standard_normal((n, k), dtype=np.float32),
+                                   transposed=True, queue=queue)
+    consts = [cl_array.to_device(queue, a) for a in (
+        rng.standard_normal(n, dtype=np.float32), rng.standard_normal((6, 3, 3, 3),
+                                                                      dtype=np.float32),
+        rng.standard_normal(6, dtype=np.float32), rng.standard_normal(6, dtype=np.float32))]
+    bias, w4, gamma, beta = consts
+    proj = ps.SparseRandomProjection(k, eps=0.5, seed=2, queue=queue)
+    proj4 = ps.SparseRandomProjection(27, eps=0.5, seed=3, queue=queue)
+
+    def batch():
+        return (rng.standard_normal((m, k), dtype=np.float32),
+                rng.integers(0, n, m).astype(np.int32),
+                rng.standard_normal((2, 3, 5, 4), dtype=np.float32))
+
+    inputs = [cl_array.to_device(queue, a) for a in batch()]
+    graph = ps.LaunchGraph(queue, inputs=inputs)
+    with graph:
+        captured = _dsg_chain(queue, inputs[0], inputs[1], w_rows, bias, inputs[2], w4,
+                              gamma, beta, proj, proj4)
+    for _ in range(2):
+        new = batch()
+        graph.replay(*new)
+        got = {name: a.get() for name, a in captured.items()}
+        eager = _dsg_chain(queue, *(cl_array.to_device(queue, a) for a in new[:2]), w_rows,
+                           bias, cl_array.to_device(queue, new[2]), w4, gamma, beta, proj,
+                           proj4)
+        for name, a in eager.items():
+            assert np.array_equal(got[name], a.get()), name
+
+
+def test_a_replay_repeats_the_fills_and_copies_it_recorded(queue):
+    from pysparsecl import runtime
+
+    @runtime.capturable_op
+    def fill_then_copy(a, b):
+        runtime.fill_array(queue, a, 3)
+        runtime.enqueue_copy(queue, b.base_data, a.base_data, byte_count=8,
+                             src_offset=a.offset, dst_offset=b.offset + 4)
+
+    a = cl_array.zeros(queue, 4, np.float32)
+    b = cl_array.zeros(queue, 4, np.float32)
+    graph = ps.LaunchGraph(queue)
+    with graph:
+        fill_then_copy(a, b)
+    a.fill(np.float32(-1))
+    b.fill(np.float32(-1))
+    graph.replay()
+    assert np.array_equal(a.get(), [3, 3, 3, 3]) and np.array_equal(b.get(), [-1, 3, 3, -1])
+    with pytest.raises(NotImplementedError, match="a fill"):
+        with ps.LaunchGraph(queue):
+            runtime.fill_array(queue, a, 0)        # outside an op that declares it
+
+
+@pytest.mark.parametrize("mask, sparsity", [("drs", 0.8), ("dense", 0.0)])
+def test_a_captured_training_step_trains_as_the_eager_one(queue, rng, mask, sparsity):
+    from pysparsecl.dsg import MLP
+    eager, replayed = (MLP((16, 32, 24, 5), sparsity, mask, seed=7, queue=queue)
+                       for _ in range(2))
+    batches = [(rng.standard_normal((8, 16), dtype=np.float32),
+                rng.integers(0, 5, 8).astype(np.int32)) for _ in range(4)]
+    first = [cl_array.to_device(queue, a) for a in batches[0]]
+    step = replayed.capture_step(*first, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    losses = [float(step.loss.get()[0])]
+    for x, labels in batches[1:]:
+        losses.append(float(step(x, labels).get()[0]))
+    for i, (x, labels) in enumerate(batches):
+        loss = eager.train_step(cl_array.to_device(queue, x), cl_array.to_device(queue, labels),
+                                lr=0.1, momentum=0.9, weight_decay=1e-3)
+        assert float(loss.get()[0]) == losses[i]
+    assert np.array_equal(eager.params.data.get(), replayed.params.data.get())
+    with pytest.raises(ValueError, match="shape"):
+        step(batches[0][0][:4], batches[0][1])
+
+
+def test_a_training_step_with_host_masks_is_refused(queue, rng):
+    from pysparsecl.dsg import MLP
+    x = cl_array.to_device(queue, rng.standard_normal((8, 16), dtype=np.float32))
+    labels = cl_array.to_device(queue, rng.integers(0, 5, 8).astype(np.int32))
+    for kind in ("random", "oracle"):
+        with pytest.raises(NotImplementedError, match=kind):
+            MLP((16, 32, 5), 0.5, kind, seed=1, queue=queue).capture_step(x, labels)
+    with pytest.raises(TypeError, match="x"):
+        MLP((16, 32, 5), 0.5, "drs", queue=queue).capture_step(x.get(), labels)
+    with pytest.raises(ValueError, match="x must be a pyopencl array"):
+        with ps.LaunchGraph(queue):
+            ps.masked_matmul(x.get(), ps.MaskedLinearWeight(
+                rng.standard_normal((16, 4), dtype=np.float32), queue=queue),
+                cl_array.to_device(queue, np.ones((8, 4), bool)))

@@ -1,12 +1,20 @@
-"""pysparsecl.dsg: DSG layers and the MLP trainer against float64 references, and a short
-training run on the digits (needs scikit-learn for the data)."""
+"""pysparsecl.dsg: DSG layers (linear, conv with BatchNorm, pooling) and the MLP and CNN
+trainers against float64 references, and short training runs on the digits (needs
+scikit-learn for the data)."""
 
 import numpy as np
 import pyopencl.array as cl_array
 import pytest
 
-from pysparsecl.dsg import MLP, DSGLinear, FlatParameters
-from pysparsecl.testing.reference import relative_error, softmax_cross_entropy_reference
+from pysparsecl.dsg import CNN, MLP, DSGConv2d, DSGLinear, FlatParameters
+from pysparsecl.testing.reference import (
+    conv2d_masked_backward_reference,
+    conv2d_reference,
+    relative_error,
+    relu_bn_backward_reference,
+    relu_bn_reference,
+    softmax_cross_entropy_reference,
+)
 
 TOL = 1e-4
 
@@ -69,21 +77,108 @@ def test_train_step_is_one_sgd_step_of_the_float64_model(queue, rng):
         assert relative_error(after[name], want) < TOL, name
 
 
-def test_short_training_run_on_the_digits(queue):
+def _digits():
     datasets = pytest.importorskip("sklearn.datasets")
     x, y = datasets.load_digits(return_X_y=True)
     x, y = (x / 16.0).astype(np.float32), y.astype(np.int32)
     order = np.random.default_rng(0).permutation(len(x))
-    x, y = x[order], y[order]
-    train, test = slice(0, 1400), slice(1400, None)
-    model = MLP((64, 256, 10), 0.5, "drs", seed=0, queue=queue)
+    return x[order], y[order]
+
+
+def _train_and_test(queue, model, x, y, epochs, images=False):
+    if images:
+        x = x.reshape(-1, 1, 8, 8)
     rng = np.random.default_rng(1)
-    for _ in range(3):
+    for _ in range(epochs):
         for batch in np.array_split(rng.permutation(1400), 1400 // 64):
-            model.train_step(cl_array.to_device(queue, x[train][batch]),
-                             cl_array.to_device(queue, y[train][batch]), lr=0.05)
-    accuracy = float((model.predict(x[test]) == y[test]).mean())
+            model.train_step(cl_array.to_device(queue, x[:1400][batch]),
+                             cl_array.to_device(queue, y[:1400][batch]), lr=0.05)
+    return float((model.predict(x[1400:]) == y[1400:]).mean())
+
+
+def test_short_training_run_on_the_digits(queue):
+    x, y = _digits()
+    accuracy = _train_and_test(queue, MLP((64, 256, 10), 0.5, "drs", seed=0, queue=queue),
+                               x, y, 3)
     assert accuracy >= 0.9, accuracy
+
+
+def test_short_cnn_training_run_on_the_digits(queue):
+    x, y = _digits()
+    model = CNN((1, 8, 8), (8, 16), (32,), 10, 0.5, "drs", seed=0, queue=queue)
+    accuracy = _train_and_test(queue, model, x, y, 3, images=True)
+    assert accuracy >= 0.9, accuracy
+
+
+def _conv_layer(queue, rng, c, k, sparsity, mask, bn):
+    initial = {"pre.w": rng.standard_normal(5).astype(np.float32),   # an offset into it
+               "conv.w": rng.standard_normal((k, c, 3, 3)).astype(np.float32)}
+    if bn:
+        initial["conv.gamma"] = rng.standard_normal(k).astype(np.float32)
+        initial["conv.beta"] = rng.standard_normal(k).astype(np.float32)
+    else:
+        initial["conv.b"] = rng.standard_normal(k).astype(np.float32)
+    params = FlatParameters(queue, initial)
+    return params, DSGConv2d(params, "conv", sparsity, mask, padding=1, bn=bn, seed=5)
+
+
+@pytest.mark.parametrize("mask, bn", [("drs", True), ("oracle", True), ("random", True),
+                                      ("dense", True), ("drs", False), ("dense", False)])
+def test_conv_layer_forward_backward_match_float64(queue, rng, mask, bn):
+    n, c, k, h, w = 3, 4, 10, 6, 5
+    params, layer = _conv_layer(queue, rng, c, k, 0.7, mask, bn)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    out = layer.forward(cl_array.to_device(queue, x)).get()
+    sel = layer._saved[2].get()
+    assert np.all(sel.sum(axis=1) == (k if mask == "dense" else 3))  # ceil(0.3 * 10) per pixel
+    p = {name: a.get().astype(np.float64) for name, a in params.params.items()}
+    conv = conv2d_reference(x, p["conv.w"], None, (1, 1), (1, 1))
+    if mask == "oracle":    # the selection is each pixel's exact top-3 channels
+        assert np.all(np.where(sel, conv, np.inf).min(1) >= np.where(sel, -np.inf, conv).max(1))
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    dx = layer.backward(cl_array.to_device(queue, dout)).get()
+    y = np.where(sel, conv, 0.0)
+    if bn:
+        ref, mean, var = relu_bn_reference(y, sel, p["conv.gamma"], p["conv.beta"])
+        dy, dgamma, dbeta = relu_bn_backward_reference(dout, y, sel, p["conv.gamma"], mean,
+                                                       var)
+        assert relative_error(params.grads["conv.gamma"].get(), dgamma) < TOL
+        assert relative_error(params.grads["conv.beta"].get(), dbeta) < TOL
+        # The running statistics moved a tenth of the way to the batch's.
+        assert relative_error(layer.running_mean.get(), 0.1 * mean) < TOL
+        assert relative_error(layer.running_var.get(), 0.9 + 0.1 * var) < TOL
+    else:
+        ref = np.where(sel, np.maximum(y + p["conv.b"][:, None, None], 0), 0.0)
+        dy = np.where(sel & (ref > 0), dout, 0.0)
+        assert relative_error(params.grads["conv.b"].get(), dy.sum(axis=(0, 2, 3))) < TOL
+    assert relative_error(out, ref) < TOL
+    rdx, rdw = conv2d_masked_backward_reference(dy, x, p["conv.w"], sel, (1, 1), (1, 1))
+    assert relative_error(params.grads["conv.w"].get(), rdw) < TOL
+    assert relative_error(dx, rdx) < TOL
+    assert np.all(params.grads["pre.w"].get() == 0)          # other parameters untouched
+    if bn and mask != "random":
+        # Inference: the same selection (w is unchanged), normalised with the running
+        # statistics.
+        out = layer.forward(cl_array.to_device(queue, x), training=False).get()
+        ref = relu_bn_reference(y, sel, p["conv.gamma"], p["conv.beta"],
+                                layer.running_mean.get(), layer.running_var.get())
+        assert relative_error(out, ref) < TOL
+
+
+def test_cnn_captured_step_trains_as_the_eager_one(queue, rng):
+    eager, replayed = (CNN((1, 6, 6), (4, 8), (12,), 5, 0.5, "drs", seed=3, queue=queue)
+                       for _ in range(2))
+    batches = [(rng.standard_normal((6, 1, 6, 6), dtype=np.float32),
+                rng.integers(0, 5, 6).astype(np.int32)) for _ in range(3)]
+    step = replayed.capture_step(*(cl_array.to_device(queue, a) for a in batches[0]))
+    losses = [float(step.loss.get()[0])] + [float(step(*b).get()[0]) for b in batches[1:]]
+    for (x, labels), want in zip(batches, losses):
+        got = eager.train_step(cl_array.to_device(queue, x), cl_array.to_device(queue, labels))
+        assert float(got.get()[0]) == want
+    assert np.array_equal(eager.params.data.get(), replayed.params.data.get())
+    for a, b in zip(eager.layers, replayed.layers):
+        if isinstance(a, DSGConv2d):
+            assert np.array_equal(a.running_var.get(), b.running_var.get())
 
 
 def test_bad_input(queue, rng):
@@ -102,3 +197,12 @@ def test_bad_input(queue, rng):
         MLP((64,), 0.5)
     with pytest.raises(ValueError, match="initial must name at least one parameter"):
         FlatParameters(queue, {})
+    conv = FlatParameters(queue, {"c.w": np.zeros((4, 3, 3), np.float32)})
+    with pytest.raises(ValueError, match=r"c.w must be \(K, C, R, S\)"):
+        DSGConv2d(conv, "c", 0.5)
+    with pytest.raises(ValueError, match="in_shape .* is too small"):
+        CNN((1, 2, 2), (4, 4, 4), (), 3, 0.5)
+    with pytest.raises(ValueError, match="channels must be positive ints"):
+        CNN((1, 8, 8), (4, 0), (), 3, 0.5)
+    with pytest.raises(ValueError, match="in_shape must be"):
+        CNN((8, 8), (4,), (), 3, 0.5)

@@ -5,7 +5,6 @@ computed in register tiles: PIX output pixels by KB selected channels per work-i
 from __future__ import annotations
 
 import numpy as np
-import pyopencl as cl
 import pyopencl.array as cl_array
 
 from .. import runtime
@@ -49,6 +48,8 @@ def launch(queue, params, xp, wk, channels, out_dev, geom, n_ch, k_out, r, s, ev
     """Zero the output, then compute the selected planes; ``channels`` is the (N, K, 1, 1)
     mask (a device one is read back: N * K bytes, to build each image's channel list)."""
     n_img = geom["N"]
+    # The channel lists are built on the host: a replay could not rebuild them.
+    runtime.refuse_capture("conv2d_masked's channel-mask path")
     if is_device_array(channels):
         flags = channels.get(queue=queue).reshape(n_img, k_out)
     else:
@@ -61,8 +62,8 @@ def launch(queue, params, xp, wk, channels, out_dev, geom, n_ch, k_out, r, s, ev
     alloc = runtime.memory_pool(queue.context)
     chans_dev = cl_array.to_device(queue, chans, allocator=alloc)
     counts_dev = cl_array.to_device(queue, counts, allocator=alloc)
-    fill = cl.enqueue_fill_buffer(queue, out_dev.base_data, np.float32(0), out_dev.offset,
-                                  out_dev.nbytes, wait_for=out_dev.events or None)
+    fill = runtime.enqueue_fill(queue, out_dev.base_data, np.float32(0), out_dev.offset,
+                                out_dev.nbytes, wait_for=out_dev.events or None)
     if not counts.any():
         written(out_dev, fill)
         return

@@ -5,7 +5,6 @@ one K chunk of KVEC vectors."""
 from __future__ import annotations
 
 import numpy as np
-import pyopencl as cl
 
 from .. import runtime
 from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
@@ -64,10 +63,10 @@ def padded_rows(queue, a_dev, n_rows: int, k_in: int, wait: list, events):
         return a_dev.base_data, elem_offset(a_dev), k_in
     padded = runtime.empty(queue, (n_rows, ld), np.float32,
                            allocator=runtime.memory_pool(queue.context))
-    ev = cl.enqueue_copy(queue, padded.data, a_dev.base_data, src_origin=(a_dev.offset, 0, 0),
-                         dst_origin=(0, 0, 0), region=(4 * k_in, n_rows, 1),
-                         src_pitches=(4 * k_in, 0), dst_pitches=(4 * ld, 0),
-                         wait_for=wait or None)
+    ev = runtime.enqueue_copy(queue, padded.data, a_dev.base_data,
+                              src_origin=(a_dev.offset, 0, 0), dst_origin=(0, 0, 0),
+                              region=(4 * k_in, n_rows, 1), src_pitches=(4 * k_in, 0),
+                              dst_pitches=(4 * ld, 0), wait_for=wait or None)
     padded.add_event(ev)
     wait.append(ev)
     if events is not None:

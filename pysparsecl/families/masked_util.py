@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Tuple
 
 import numpy as np
-import pyopencl as cl
 import pyopencl.array as cl_array
 
 from .. import runtime
@@ -63,7 +62,7 @@ def transpose(queue, src: cl_array.Array, events, into=None, ld_dst=None):
     dst[c, r] = src[r, c]; columns r >= R of a wider destination are left as they are."""
     n_rows, n_cols = src.shape
     ld_dst = n_rows if ld_dst is None else ld_dst
-    out = into if into is not None else cl_array.zeros(
+    out = into if into is not None else runtime.zeros(
         queue, (n_cols, ld_dst), np.float32, allocator=runtime.memory_pool(queue.context))
     if src.size:
         kern = kernels(queue.context, "pscl_transpose")["pscl_transpose"]
@@ -86,8 +85,8 @@ def idx_slots(queue, idx_dev: cl_array.Array, n_rows: int, n_cols: int, n_keep: 
     check_alloc(queue, 4 * n_rows * n_cols, "the slot map of the index mask")
     slots = runtime.empty(queue, (n_rows, n_cols), np.int32, allocator=alloc)
     bad = runtime.empty(queue, (2,), np.int32, allocator=alloc)
-    fill_events = [cl.enqueue_fill_buffer(queue, slots.data, np.int32(-1), 0, slots.nbytes),
-                   cl.enqueue_fill_buffer(queue, bad.data, np.int32(INT32_MAX), 0, bad.nbytes)]
+    fill_events = [runtime.enqueue_fill(queue, slots.data, np.int32(-1), 0, slots.nbytes),
+                   runtime.enqueue_fill(queue, bad.data, np.int32(INT32_MAX), 0, bad.nbytes)]
     kern = kernels(queue.context, "pscl_idx_slots")["pscl_idx_slots"]
     wg = 16
     ev = kern.launch(queue, (round_up(n_keep, wg), n_rows), (wg, 1), dict(

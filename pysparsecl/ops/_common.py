@@ -96,7 +96,7 @@ def new_output(queue: cl.CommandQueue, shape, dtype, out, like, zeros: bool = Fa
         return runtime.wrap_host(queue, host, writable=True), lambda: host
     alloc = runtime.memory_pool(queue.context)
     if zeros:
-        return cl_array.zeros(queue, shape, dtype, allocator=alloc), None
+        return runtime.zeros(queue, shape, dtype, allocator=alloc), None
     return runtime.empty(queue, shape, dtype, allocator=alloc), None
 
 
@@ -177,6 +177,9 @@ def to_device(a, queue: cl.CommandQueue, name: str, borrow: bool = False,
         if a.context != queue.context:
             raise ValueError(f"{name} belongs to a different OpenCL context than the queue")
         return a
+    if runtime.capturing():
+        raise ValueError(f"{name} must be a pyopencl array while a LaunchGraph is captured (a "
+                         "NumPy operand is read once, and host buffers are reused)")
     check_alloc(queue, a.nbytes, name)
     if borrow and a.nbytes and runtime.shares_host_memory(queue.device):
         if a.nbytes <= runtime.STAGING_MAX_BYTES and \
@@ -214,6 +217,20 @@ def at_offset_zero(a: cl_array.Array, queue: cl.CommandQueue) -> Optional[cl_arr
         return None
     region = a.base_data.get_sub_region(a.offset, a.nbytes)
     return cl_array.Array(queue, a.shape, a.dtype, data=region)
+
+
+def read_from_start(a: cl_array.Array, queue: cl.CommandQueue) -> cl_array.Array:
+    """A contiguous device array with ``a``'s contents that starts at offset 0 of its
+    buffer, for a kernel that reads it without an offset: ``a`` itself, a sub-buffer of
+    it, or (off the base alignment) a device copy."""
+    found = at_offset_zero(a, queue)
+    if found is not None:
+        return found
+    copy = runtime.empty(queue, a.shape, a.dtype, allocator=runtime.memory_pool(queue.context))
+    ev = runtime.enqueue_copy(queue, copy.data, a.base_data, byte_count=a.nbytes,
+                              src_offset=a.offset, wait_for=list(a.events) or None)
+    copy.add_event(ev)
+    return copy
 
 
 def elem_offset(a: cl_array.Array) -> np.int64:

@@ -288,7 +288,7 @@ class SparseRandomProjection:
         wait = list(a_dev.events)
         if transposed_ld is not None and transposed_ld > n_rows:
             # Padding columns are read (whole vectors) but never used: keep them finite.
-            wait.append(cl.enqueue_fill_buffer(queue, out.data, np.float32(0), 0, out.nbytes))
+            wait.append(runtime.enqueue_fill(queue, out.data, np.float32(0), 0, out.nbytes))
         if n_rows == 0 or out.size == 0:
             return out, ld
         rt = self.device_rt(kp)
@@ -368,8 +368,8 @@ class ProjectedWeight:
     def _exact(self, queue, rows, ld_rows, events):
         """The identity projection: w itself, as (d, ld) zero padded, from its rows."""
         d, n_cols = self.in_features, self.out_features
-        out = cl_array.zeros(queue, (d, self.ld), np.float32,
-                             allocator=runtime.memory_pool(queue.context))
+        out = runtime.zeros(queue, (d, self.ld), np.float32,
+                            allocator=runtime.memory_pool(queue.context))
         if d and n_cols:
             kern = runtime.kernels(queue.context, "drs_util.cl.mako", ("pscl_drs_pad_transpose",),
                                    KIND="util", ARGS=PAD_TRANSPOSE_ARGS)["pscl_drs_pad_transpose"]
@@ -387,6 +387,7 @@ class ProjectedWeight:
         return self.values.get(queue=self.queue)[:self.k, :self.out_features].copy()
 
 
+@runtime.capturable_op
 def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, compact=False,
              out=None, queue=None, events=None):
     """Dimension-reduction search: predict each row's ``n_keep`` largest outputs of x @ w.
@@ -475,7 +476,7 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
             out_dev.set(np.broadcast_to(np.arange(n_cols, dtype=np.int32),
                                         (n_rows, n_cols)).reshape(out_shape).copy())
         else:
-            cl.enqueue_fill_buffer(queue, out_dev.base_data, np.uint8(1), out_dev.offset,
+            runtime.enqueue_fill(queue, out_dev.base_data, np.uint8(1), out_dev.offset,
                                    out_dev.nbytes)
     else:
         if proj is None:
@@ -500,6 +501,7 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
 _PROJECTED = PreparedCache("drs_mask projected weights")
 
 
+@runtime.capturable_op
 def random_mask(n_rows: int, n_cols: int, sparsity, *, seed: int, compact: bool = False,
                 queue=None, events=None) -> cl_array.Array:
     """DSG's control selection, on the device: each row keeps ``n_keep = ceil((1 -
@@ -611,6 +613,7 @@ def _check_agrees(proj, d: int, what_d: str, *, k, seed, eps) -> None:
         raise ValueError(f"eps={eps!r} disagrees with the projection's eps={proj.eps}")
 
 
+@runtime.capturable_op
 def drs_mask_conv2d(x, w, sparsity, *, stride=1, padding=0, dilation=1, eps=0.5, k=None,
                     projection=None, seed=None, kernel_size=None, out=None, queue=None,
                     events=None):
@@ -694,7 +697,7 @@ def drs_mask_conv2d(x, w, sparsity, *, stride=1, padding=0, dilation=1, eps=0.5,
     if not out_dev.size:
         pass
     elif n_keep == k_out:
-        cl.enqueue_fill_buffer(queue, out_dev.base_data, np.uint8(1), out_dev.offset,
+        runtime.enqueue_fill(queue, out_dev.base_data, np.uint8(1), out_dev.offset,
                                out_dev.nbytes)
     else:
         if proj is None:

@@ -199,6 +199,7 @@ def _contiguous_call(op: str, named, out, queue, events, coeffs):
     return out
 
 
+@runtime.capturable_op
 def _elementwise(op: str, named: Sequence[Tuple[str, object]], out, mask, queue, events,
                  coeffs=()):
     if mask is None:

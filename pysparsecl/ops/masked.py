@@ -21,6 +21,8 @@ from ..families import (
     masked_bn,
     masked_conv,
     masked_conv_channels,
+    masked_conv_dw,
+    masked_conv_dx,
     masked_dw,
     masked_dx,
     masked_gemm,
@@ -39,6 +41,7 @@ from ._common import (
     elem_offset,
     is_device_array,
     new_output,
+    read_from_start,
     require_array,
     to_device,
     written,
@@ -49,7 +52,8 @@ __all__ = ["MASKED_VMM", "MASKED_VMM_SPLIT", "MASKED_VMM_ROUTINE", "MASKED_GEMM"
            "MASKED_GEMM_TILED", "MASKED_GEMM_ROUTINE", "MASKED_DX", "MASKED_DW", "MASKED_BN",
            "MASKED_CONV", "MASKED_CONV_CH", "MaskedLinearWeight", "masked_matmul",
            "masked_matmul_backward", "masked_relu_bn", "masked_relu_bn_backward",
-           "conv2d_masked", "weight_rows",
+           "conv2d_masked", "conv2d_masked_backward", "MASKED_CONV_DX", "MASKED_CONV_DW",
+           "weight_rows",
            "weight_shape", "masked_matmul_shape_class"]
 
 # Each kernel family is a module of its own (pysparsecl/families); the op's routines choose
@@ -63,6 +67,8 @@ MASKED_DW = masked_dw.SPEC
 MASKED_BN = masked_bn.SPEC
 MASKED_CONV = masked_conv.SPEC
 MASKED_CONV_CH = masked_conv_channels.SPEC
+MASKED_CONV_DX = masked_conv_dx.SPEC
+MASKED_CONV_DW = masked_conv_dw.SPEC
 
 #: The family modules of each routine's KERNEL choice, by index.
 _VMM_FAMILIES = (masked_vmm, masked_vmm_split)
@@ -129,7 +135,13 @@ class MaskedLinearWeight:
             n_out, k_in = w.shape
             if is_device_array(w):
                 rows = at_offset_zero(w, self.queue) if w.flags.c_contiguous else None
-                if rows is None:
+                if rows is None and w.flags.c_contiguous:     # off the base alignment
+                    rows = runtime.empty(self.queue, w.shape, np.float32,
+                                         allocator=runtime.memory_pool(self.queue.context))
+                    runtime.enqueue_copy(self.queue, rows.data, w.base_data,
+                                         byte_count=w.nbytes, src_offset=w.offset)
+                elif rows is None:
+                    runtime.refuse_capture("a strided device weight")
                     rows = w.copy(queue=self.queue)
                 ld = k_in
             else:
@@ -288,6 +300,7 @@ def _check_host_idx(idx: np.ndarray, n_cols: int, name: str) -> None:
 
 def _raise_if_bad(queue, bad: cl_array.Array, n_cols: int, name: str) -> None:
     """Read the device validation flags (a synchronisation) and raise on a bad index."""
+    runtime.refuse_capture("checking int32 device masks")
     flags = bad.get(queue=queue)
     if flags[0] != INT32_MAX:
         raise ValueError(f"{name} (int32 indices) must lie in [0, {n_cols}); row {flags[0]} "
@@ -306,6 +319,7 @@ def _check_sizes(**sizes) -> None:
             raise ValueError(f"{what} has {n} elements, more than int32 indexing allows")
 
 
+@runtime.capturable_op
 def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
     """Output-masked matrix product: ``mask * (x @ w)``, computing only selected outputs.
 
@@ -378,7 +392,7 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
 
     out_dev, host = new_output(queue, out_shape, np.float32, out, like=x)
     if out_dev.size and k_in == 0:
-        out_dev.fill(np.float32(0), queue=queue)   # every dot product is empty
+        runtime.fill_array(queue, out_dev, 0)   # every dot product is empty
     elif out_dev.size:
         rows, ldw = weight_rows(w, k_in, queue, events)
         borrow = not is_device_array(x)   # a NumPy call waits for its result
@@ -441,6 +455,7 @@ def _launch_forward(queue, x_dev, rows, ldw, sel: _Selection, mask_dev, out_dev,
 # ---------------------------------------------------------------------------------------------
 # Backward
 
+@runtime.capturable_op
 def masked_matmul_backward(dy, x, w, mask, *, need_dx=True, dw_rows=False, dw_out=None,
                            queue=None, events=None):
     """Gradients of ``y = mask * (x @ w)`` with the mask held constant.
@@ -526,7 +541,7 @@ def masked_matmul_backward(dy, x, w, mask, *, need_dx=True, dw_rows=False, dw_ou
         _launch_backward(queue, dy_dev, x_dev, rows, ldw, sel, mask_dev, dx_dev, dw_dev,
                          dw_rows, n_rows, n_cols, k_in, events)
     elif dw_dev.size:
-        dw_dev.fill(np.float32(0), queue=queue)       # nothing selected: dw is zero
+        runtime.fill_array(queue, dw_dev, 0)       # nothing selected: dw is zero
     dx = deliver(dx_dev, x, None, queue, dx_host) if need_dx else None
     return dx, deliver(dw_dev, x, dw_out, queue, dw_host)
 
@@ -559,7 +574,7 @@ def _launch_backward(queue, dy_dev, x_dev, rows, ldw, sel: _Selection, mask_dev,
     if direct is not None:
         written(dw_dev, ev_dw)
     elif dw_rows:      # dw_dev starts off the base alignment: a device copy
-        ev = cl.enqueue_copy(queue, dw_dev.base_data, dwt.base_data, byte_count=dwt.nbytes,
+        ev = runtime.enqueue_copy(queue, dw_dev.base_data, dwt.base_data, byte_count=dwt.nbytes,
                              dst_offset=dw_dev.offset, wait_for=[ev_dw])
         written(dw_dev, ev)
     else:
@@ -572,6 +587,7 @@ def _launch_backward(queue, dy_dev, x_dev, rows, ldw, sel: _Selection, mask_dev,
 # ---------------------------------------------------------------------------------------------
 # Double-mask BatchNorm
 
+@runtime.capturable_op
 def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, training=False,
                    out=None, queue=None, events=None):
     """DSG's double-mask selection: ``mask * BN(ReLU(y))``.
@@ -644,10 +660,11 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
     out_dev, host = new_output(queue, tuple(y.shape), np.float32, out, like=y)
     borrow = not is_device_array(y)   # a NumPy call waits for its result
     # The kernels read the statistics from the start of their buffers.
-    dev = {name: to_device(a, queue, name, borrow, at_offset=False) for name, a in stats.items()}
+    dev = {name: read_from_start(to_device(a, queue, name, borrow, at_offset=False), queue)
+           for name, a in stats.items()}
     if training:
-        dev["mean"] = cl_array.zeros(queue, (n_ch,), np.float32, allocator=alloc)
-        dev["var"] = cl_array.zeros(queue, (n_ch,), np.float32, allocator=alloc)
+        dev["mean"] = runtime.zeros(queue, (n_ch,), np.float32, allocator=alloc)
+        dev["var"] = runtime.zeros(queue, (n_ch,), np.float32, allocator=alloc)
     if out_dev.size:
         y_dev = to_device(y, queue, "y", borrow)
         mask_dev = to_device(mask, queue, "mask", borrow)
@@ -661,6 +678,7 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
     return result, dev["mean"].get(queue=queue), dev["var"].get(queue=queue)
 
 
+@runtime.capturable_op
 def masked_relu_bn_backward(dout, y, mask, gamma, mean, var, eps=1e-5, *, batch_stats=True,
                             dy_out=None, dgamma_out=None, dbeta_out=None, queue=None,
                             events=None):
@@ -730,7 +748,7 @@ def masked_relu_bn_backward(dout, y, mask, gamma, mean, var, eps=1e-5, *, batch_
     dg_dev, dg_host = new_output(queue, (n_ch,), np.float32, dgamma_out, like=y, slot="dgamma")
     db_dev, db_host = new_output(queue, (n_ch,), np.float32, dbeta_out, like=y, slot="dbeta")
     if n_ch:
-        dev = {name: to_device(a, queue, name, borrow, at_offset=False)
+        dev = {name: read_from_start(to_device(a, queue, name, borrow, at_offset=False), queue)
                for name, a in stats.items()}
         dev.update(dgamma=dg_dev, dbeta=db_dev)
         coef = runtime.empty(queue, (2 * n_ch,), np.float32,
@@ -742,7 +760,7 @@ def masked_relu_bn_backward(dout, y, mask, gamma, mean, var, eps=1e-5, *, batch_
                 dev, coef, dy_dev, outer, n_ch, inner, float(eps), batch_stats, events)
         else:      # an empty batch: no entry selected, zero gradients
             for a in (dg_dev, db_dev):
-                a.fill(np.float32(0), queue=queue)
+                runtime.fill_array(queue, a, 0)
     return (deliver(dy_dev, y, dy_out, queue, dy_host),
             deliver(dg_dev, y, dgamma_out, queue, dg_host),
             deliver(db_dev, y, dbeta_out, queue, db_host))
@@ -751,6 +769,7 @@ def masked_relu_bn_backward(dout, y, mask, gamma, mean, var, eps=1e-5, *, batch_
 # ---------------------------------------------------------------------------------------------
 # Masked convolution
 
+@runtime.capturable_op
 def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queue=None,
                   events=None):
     """Output-masked 2-D convolution: ``mask * conv2d(x, w)``, computing only the selected
@@ -829,3 +848,123 @@ def masked_matmul_shape_class(n_rows: int, k_in: int, n_cols: int) -> str:
     count is unknown without a synchronisation.)"""
     return (f"m{tuning.pow2_floor(n_rows)}-k{tuning.pow2_floor(k_in)}"
             f"-n{tuning.pow2_floor(n_cols)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked convolution: backward
+
+@runtime.capturable_op
+def conv2d_masked_backward(dy, x, w, mask, stride=1, padding=0, dilation=1, *, need_dx=True,
+                           need_dw=True, dw_out=None, dx_out=None, queue=None, events=None):
+    """Gradients of ``y = mask * conv2d(x, w)`` (:func:`conv2d_masked`) with the mask held
+    constant: with ``g = mask ? dy : 0``,
+
+    - ``dx = conv_transpose2d(g, w)``: ``dx[n, c, h, w']`` sums ``w[k, c, r, s] *
+      g[n, k, oh, ow]`` over the (k, r, s) and output pixels with ``oh * stride_h -
+      pad_h + r * dil_h = h`` (and likewise along the width);
+    - ``dw[k, c, r, s]`` sums ``g[n, k, oh, ow] * x[n, c, oh * stride_h - pad_h + r *
+      dil_h, ow * stride_w - pad_w + s * dil_w]`` over (n, oh, ow), zero outside the input.
+
+    Only selected entries enter the arithmetic: an unselected ``dy`` entry is never read, so
+    an Inf or NaN there does not reach the gradients.
+
+    Parameters
+    ----------
+    dy : float32 (N, K, OH, OW), the gradient of y (its unselected entries are ignored).
+    x : float32 (N, C, H, W), the forward's input.
+    w : float32 (K, C, R, S), the forward's dense weight.
+    mask : bool (or int8/uint8, nonzero selects) (N, K, OH, OW), or (N, K, 1, 1): a
+        per-sample output-channel mask; as for :func:`conv2d_masked`.
+    stride, padding, dilation : int or (h, w) pair, as in the forward.
+    need_dx, need_dw : bool: False skips that gradient (a first layer's dx), which is
+        then None.
+    dx_out : float32 (N, C, H, W), optional: dx is written there; the same container
+        kind as x.
+    dw_out : float32 (K, C, R, S), optional: dw is written there, e.g. straight into a
+        trainer's gradient buffer (a view inside a larger device buffer is written in
+        place, at any offset, and nothing else of that buffer); the same container kind
+        as x.
+    queue : pyopencl.CommandQueue, optional.
+    events : list, optional; the kernels' OpenCL events are appended (for profiling).
+
+    Returns
+    -------
+    (dx, dw): float32, the shapes of x and w (None where not asked for), in the kind of
+    container ``x`` came in.
+
+    dx: each output pixel's selected channels are listed once with their dy, and a
+    work-item per input pixel and channel chunk gathers over the taps whose output pixel
+    exists (no atomics: deterministic); the weight is packed (K, R, S, C) on every call.
+    dw: the input is packed once into zero-padded NHWC, and a work-item per output channel
+    and channel chunk walks that channel's mask, keeping all R x S taps in registers (the
+    kernel is compiled per kernel size).  Both scale with the selected fraction, plus a
+    pass over the mask.  On a device that shares host memory (PoCL's CPU device,
+    integrated GPUs) a NumPy call lends its inputs and new results to the kernels in
+    place, with no copy (small operands go through staging buffers); elsewhere they are
+    copied.  A NumPy call returns when its results are ready; a device-array call returns
+    once it is enqueued.
+    """
+    require_array(dy, "dy", np.float32, ndim=4)
+    require_array(x, "x", np.float32, ndim=4)
+    require_array(w, "w", np.float32, ndim=4)
+    k_out, n_ch, r, s = w.shape
+    if x.shape[1] != n_ch:
+        raise ValueError(f"x has {x.shape[1]} channels but w expects C = {n_ch} "
+                         "(w must be (K, C, R, S))")
+    if r < 1 or s < 1:
+        raise ValueError(f"w must have a kernel of at least 1x1, got shape {tuple(w.shape)}")
+    geom = masked_conv.geometry(x.shape, r, s, stride, padding, dilation)
+    out_shape = (geom["N"], k_out, geom["OH"], geom["OW"])
+    require_byte_mask(mask, "mask", ndim=4)
+    form = "channel" if tuple(mask.shape) == out_shape[:2] + (1, 1) else "window"
+    if tuple(mask.shape) != out_shape and form == "window":
+        raise ValueError(f"mask must have shape {out_shape} (N, K, OH, OW) or "
+                         f"{out_shape[:2] + (1, 1)} (a channel mask), got {tuple(mask.shape)}")
+    if tuple(dy.shape) != out_shape:
+        raise ValueError(f"dy must have shape {out_shape} (the forward's output for these "
+                         f"x, w, stride, padding and dilation), got {tuple(dy.shape)}")
+    for flag, name in ((need_dx, "need_dx"), (need_dw, "need_dw")):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    check_out(dx_out, x.shape, np.float32, like=x, name="dx_out")
+    check_out(dw_out, w.shape, np.float32, like=x, name="dw_out")
+    queue = runtime.resolve_queue(queue, dy=dy, x=x, w=w, mask=mask, dx_out=dx_out,
+                                  dw_out=dw_out)
+    _check_sizes(x=int(np.prod(x.shape)), dy=int(np.prod(out_shape)),
+                 packed=geom["N"] * geom["Hp"] * geom["Wp"] * (n_ch + 15))
+    for size, what in ((x.size if need_dx else 0, "dx"), (w.size if need_dw else 0, "dw")):
+        check_alloc(queue, 4 * size, what)   # both, by name, before either is allocated
+    dx_params, dw_params = tuning.memoised("conv2d_masked_backward", queue.device, None,
+                                           lambda look: (look(MASKED_CONV_DX),
+                                                         look(MASKED_CONV_DW)))
+    operands = (dy, x, w, mask)
+    dx_dev = dw_dev = dx_host = dw_host = None
+    if need_dx:
+        dx_dev, dx_host = new_output(queue, tuple(x.shape), np.float32, dx_out, like=x,
+                                     slot="dx", inputs=operands)
+    if need_dw:
+        dw_dev, dw_host = new_output(queue, tuple(w.shape), np.float32, dw_out, like=x,
+                                     slot="dw", inputs=operands)
+    if not dy.size:            # no output entries, so nothing selected: the gradients are 0
+        for dev in (dx_dev, dw_dev):
+            if dev is not None and dev.size:
+                runtime.fill_array(queue, dev, 0)
+    elif need_dx or need_dw:
+        borrow = not is_device_array(x)   # a NumPy call waits for its results
+        dy_dev = to_device(dy, queue, "dy", borrow)
+        mask_dev = to_device(mask, queue, "mask", borrow)
+        if need_dx and dx_dev.size:
+            wk = masked_conv_dx.pack_weight(queue, dx_params, to_device(w, queue, "w", borrow),
+                                            events)
+            lists, counts = masked_conv_dx.selection_lists(queue, form, mask_dev, dy_dev,
+                                                           geom, k_out, events)
+            masked_conv_dx.launch(queue, dx_params, wk, lists, counts, dx_dev, geom, n_ch,
+                                  k_out, r, s, events)
+        if need_dw and dw_dev.size:
+            xp = masked_conv_dw.pack_input(queue, dw_params, to_device(x, queue, "x", borrow),
+                                           n_ch, geom, events)
+            masked_conv_dw.launch(queue, dw_params, form, xp, mask_dev, dy_dev, dw_dev, geom,
+                                  n_ch, k_out, r, s, events)
+    dx = deliver(dx_dev, x, dx_out, queue, dx_host) if need_dx else None
+    dw = deliver(dw_dev, x, dw_out, queue, dw_host) if need_dw else None
+    return dx, dw

@@ -6,7 +6,6 @@ pysparsecl/families/training.py."""
 from __future__ import annotations
 
 import numpy as np
-import pyopencl as cl
 import pyopencl.array as cl_array
 
 from .. import runtime, tuning
@@ -36,6 +35,7 @@ def _finite_number(value, name: str, minimum: float = -np.inf) -> float:
     return float(value)
 
 
+@runtime.capturable_op
 def softmax_cross_entropy(logits, labels, *, grad_out=None, mean: bool = True, queue=None,
                           events=None):
     """Softmax cross-entropy of a batch, and its gradient, in one pass over the logits.
@@ -103,7 +103,7 @@ def softmax_cross_entropy(logits, labels, *, grad_out=None, mean: bool = True, q
     lab_dev = to_device(labels, queue, "labels", borrow=host)
     row_loss = runtime.empty(queue, (n_rows, 1), np.float32, allocator=alloc)
     bad = runtime.empty(queue, (1,), np.int32, allocator=alloc)
-    fill = cl.enqueue_fill_buffer(queue, bad.data, np.int32(INT32_MAX), 0, 4)
+    fill = runtime.enqueue_fill(queue, bad.data, np.int32(INT32_MAX), 0, 4)
     bad.add_event(fill)
     scale = 1.0 / n_rows if mean else 1.0
     training.launch_xent(queue, params, x_dev, lab_dev, grad_dev, row_loss, bad, scale,
@@ -116,6 +116,7 @@ def softmax_cross_entropy(logits, labels, *, grad_out=None, mean: bool = True, q
     return loss, grad
 
 
+@runtime.capturable_op
 def column_sums(a, *, scale=1.0, out=None, queue=None, events=None):
     """``scale * a.sum(axis=0)`` of a float32 (M, N) array: the bias gradient of a layer
     ``y = x @ w + b`` is ``column_sums(dy)``.
@@ -150,6 +151,7 @@ def column_sums(a, *, scale=1.0, out=None, queue=None, events=None):
     return deliver(out_dev, a, out, queue, take)
 
 
+@runtime.capturable_op
 def channel_sums(a, *, scale=1.0, out=None, queue=None, events=None):
     """``scale * a.sum(axis=(0, 2, 3, ...))`` of a float32 (N, C, ...) array: the bias
     gradient of a convolution ``y = conv(x, w) + b[:, None, None]`` is
@@ -180,6 +182,7 @@ def channel_sums(a, *, scale=1.0, out=None, queue=None, events=None):
     return deliver(out_dev, a, out, queue, take)
 
 
+@runtime.capturable_op
 def sgd_step(param, grad, velocity=None, *, lr, momentum=0.0, weight_decay=0.0, queue=None,
              events=None):
     """One SGD step, in place, with one launch for every parameter of a model:

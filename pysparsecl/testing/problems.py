@@ -36,12 +36,17 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 
 from .reference import (
+    avg_pool2d_backward_reference,
+    avg_pool2d_reference,
+    conv2d_masked_backward_reference,
     conv2d_masked_reference,
     conv2d_reference,
     drs_conv_mask_reference,
     drs_scores_reference,
     masked_matmul_backward_reference,
     masked_matmul_reference,
+    max_pool2d_backward_reference,
+    max_pool2d_reference,
     relative_error,
     relu_bn_backward_reference,
     relu_bn_reference,
@@ -279,6 +284,33 @@ def _masked_conv_problems(family):
     return build
 
 
+def _masked_conv_backward_problems(family):
+    """conv2d_masked_backward's dx (masked_conv_dx) or dw (masked_conv_dw) alone, on the
+    masked convolution's layers with a per-window mask."""
+    def build(queue, rng, quick, shapes) -> List[Problem]:
+        from .. import conv2d_masked_backward
+        want_dx = family == "masked_conv_dx"
+        problems = []
+        for case, keep in _conv_cases(family, shapes, quick, queue):
+            x, w, _, _ = case.with_(sparsity=0.0).make_inputs(rng)
+            out_shape = (case.N, case.K) + case.output_hw
+            mask = rng.random(out_shape) < keep
+            dy = rng.standard_normal(out_shape, dtype=np.float32)
+            dev = [cl_array.to_device(queue, a) for a in (dy, x, w, mask)]
+            kw = dict(stride=case.stride, padding=case.padding)
+
+            def launch(ev, dev=dev, kw=kw):
+                dx, dw = conv2d_masked_backward(*dev, need_dx=want_dx, need_dw=not want_dx,
+                                                events=ev, **kw)
+                return dx if want_dx else dw
+            problems.append(Problem(
+                f"{case.label()} keep {keep:g}", launch,
+                lambda host=(dy, x, w, mask), case=case: conv2d_masked_backward_reference(
+                    *host, case.stride, case.padding)[0 if want_dx else 1]))
+        return problems
+    return build
+
+
 def _masked_bn_problems(queue, rng, quick, shapes) -> List[Problem]:
     from .. import masked_relu_bn
     if shapes is not None:
@@ -410,6 +442,49 @@ def _training_problems(queue, rng, quick, shapes) -> List[Problem]:
     return problems
 
 
+def _pooling_problems(queue, rng, quick, shapes) -> List[Problem]:
+    """Max and average pooling, forward and backward, of a ResNet stem's 3x3 stride-2
+    pooling and of a CNN head's global pooling (shapes file: N, C, H, W and optional
+    kernel, stride, padding, default 3, 2, 1)."""
+    from .. import avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward
+    if shapes is not None:
+        cases = []
+        for entry in shapes:
+            v = _fields(entry, "pooling", ("N", "C", "H", "W"),
+                        {"kernel": 3, "stride": 2, "padding": 1})
+            cases.append(((v["N"], v["C"], v["H"], v["W"]),
+                          (v["kernel"], v["stride"], v["padding"])))
+    elif quick:
+        cases = [((2, 16, 28, 28), (3, 2, 1)), ((2, 64, 7, 7), (7, 7, 0))]
+    else:
+        batch = 32 if _is_gpu(queue) else 8
+        cases = [((batch, 64, 112, 112), (3, 2, 1)), ((batch, 2048, 7, 7), (7, 7, 0))]
+    problems = []
+    for shape, geometry in cases:
+        x_host = rng.standard_normal(shape, dtype=np.float32)
+        want, want_idx = max_pool2d_reference(x_host, *geometry)
+        dy_host = rng.standard_normal(want.shape, dtype=np.float32)
+        x, dy, idx = (cl_array.to_device(queue, a)
+                      for a in (x_host, dy_host, want_idx.astype(np.int32)))
+        label = "{} k{} s{} p{}".format("x".join(map(str, shape)), *geometry)
+        problems += [
+            Problem(f"max {label}", lambda ev, x=x, g=geometry: max_pool2d(x, *g, events=ev),
+                    lambda want=want: want),
+            Problem(f"max backward {label}",
+                    lambda ev, dy=dy, idx=idx, s=shape, g=geometry:
+                    max_pool2d_backward(dy, idx, s, *g, events=ev),
+                    lambda dy=dy_host, idx=want_idx, s=shape:
+                    max_pool2d_backward_reference(dy, idx, s)),
+            Problem(f"avg {label}", lambda ev, x=x, g=geometry: avg_pool2d(x, *g, events=ev),
+                    lambda x=x_host, g=geometry: avg_pool2d_reference(x, *g)),
+            Problem(f"avg backward {label}",
+                    lambda ev, dy=dy, s=shape, g=geometry:
+                    avg_pool2d_backward(dy, s, *g, events=ev),
+                    lambda dy=dy_host, s=shape, g=geometry:
+                    avg_pool2d_backward_reference(dy, s, *g))]
+    return problems
+
+
 TUNABLES: Dict[str, Callable[..., List[Problem]]] = {
     "conv2d_csr": _conv2d_problems,
     "conv2d_pack_rows": _conv2d_problems,
@@ -428,8 +503,11 @@ TUNABLES: Dict[str, Callable[..., List[Problem]]] = {
     "masked_dw": _masked_backward_problems("masked_dw"),
     "masked_bn": _masked_bn_problems,
     "training": _training_problems,
+    "pooling": _pooling_problems,
     "masked_conv": _masked_conv_problems("masked_conv"),
     "masked_conv_channels": _masked_conv_problems("masked_conv_channels"),
+    "masked_conv_dx": _masked_conv_backward_problems("masked_conv_dx"),
+    "masked_conv_dw": _masked_conv_backward_problems("masked_conv_dw"),
     "drs_project": _drs_problems("drs_project"),
     "drs_project_split": _drs_problems("drs_project_split"),
     "drs_scores": _drs_problems("drs_scores"),
@@ -583,6 +661,31 @@ def small_problems():
                   "conv2d_masked")
         return run
 
+    def conv_backward(n, c, h, w_, k, kernel, stride, pad, dil, form="window", keep=0.4,
+                      dtype=bool, need=(True, True)):
+        """conv2d_masked_backward against its reference; kernel, stride, pad and dil are
+        (h, w) pairs; the mask's first sample selects nothing."""
+        def run(rng, queue=None):
+            from ..ops.conv2d import conv2d_output_shape
+            x = rng.standard_normal((n, c, h, w_), dtype=np.float32)
+            w = rng.standard_normal((k, c) + kernel, dtype=np.float32)
+            out_shape = (n, k) + conv2d_output_shape((h, w_), kernel, stride, pad, dil)
+            plane = out_shape if form == "window" else (n, k, 1, 1)
+            mask = (rng.random(plane) < keep).astype(dtype)
+            mask[0] = 0
+            dy = rng.standard_normal(out_shape, dtype=np.float32)
+            dy[np.broadcast_to(mask == 0, out_shape)] = np.nan      # never read
+            dx, dw = ps.conv2d_masked_backward(dy, x, w, mask, stride, pad, dil,
+                                               need_dx=need[0], need_dw=need[1], queue=queue)
+            rdx, rdw = conv2d_masked_backward_reference(dy, x, w, mask, stride, pad, dil)
+            for got, want, what in ((dx, rdx, "dx"), (dw, rdw, "dw")):
+                if got is None:
+                    continue
+                if not np.isfinite(got).all():
+                    raise AssertionError(f"conv2d_masked_backward {what}: not finite")
+                close(got, want, f"conv2d_masked_backward {what}")
+        return run
+
     def search(m, d, n, k, sparsity, compact):
         def run(rng, queue=None):
             x = rng.standard_normal((m, d), dtype=np.float32)
@@ -670,6 +773,35 @@ def small_problems():
             if v is not None:
                 close(v.get(), want_v, "sgd_step velocity")
 
+    def pool(kind, n, c, h, w_, kernel, stride, padding, count_include_pad=True,
+             ties=False):
+        def run(rng, queue=None):
+            x = rng.standard_normal((n, c, h, w_), dtype=np.float32)
+            if ties:
+                x = np.round(x * 2) / 2               # few values: ties in most windows
+            geometry = (kernel, stride, padding)
+            if kind == "max":
+                y, idx = ps.max_pool2d(x, *geometry, return_indices=True, queue=queue)
+                want, want_idx = max_pool2d_reference(x, *geometry)
+                close(y, want, "max_pool2d")
+                close(ps.max_pool2d(x, *geometry, queue=queue), want, "max_pool2d, no indices")
+                if not np.array_equal(idx, want_idx):
+                    raise AssertionError("max_pool2d: wrong indices")
+                dy = rng.standard_normal(y.shape, dtype=np.float32)
+                close(ps.max_pool2d_backward(dy, idx, x.shape, *geometry, queue=queue),
+                      max_pool2d_backward_reference(dy, want_idx, x.shape),
+                      "max_pool2d_backward")
+            else:
+                y = ps.avg_pool2d(x, *geometry, count_include_pad=count_include_pad,
+                                  queue=queue)
+                close(y, avg_pool2d_reference(x, *geometry, count_include_pad), "avg_pool2d")
+                dy = rng.standard_normal(y.shape, dtype=np.float32)
+                close(ps.avg_pool2d_backward(dy, x.shape, *geometry,
+                                             count_include_pad=count_include_pad, queue=queue),
+                      avg_pool2d_backward_reference(dy, x.shape, *geometry, count_include_pad),
+                      "avg_pool2d_backward")
+        return run
+
     conv_loads = [
         ("conv 1x3x5x7 K5 3x3 p1, 2 empty rows", conv(1, 3, 5, 7, 5, 3, 1, 1, 1, 1, 2, False)),
         ("conv 2x4x6x5 K6 3x3 s2 p1 g2 bias", conv(2, 4, 6, 5, 6, 3, 2, 1, 1, 2, 1, True)),
@@ -682,6 +814,21 @@ def small_problems():
                                                 relu=True)),
         ("conv 1x6x3x3 K7 1x1 residual", conv(1, 6, 3, 3, 7, 1, 1, 0, 1, 1, 0, False,
                                               residual=True)),
+    ]
+    one, two, three = (1, 1), (2, 2), (3, 3)
+    conv_backward_loads = [
+        ("conv backward 2x3x5x6 K5 3x3 p1", conv_backward(2, 3, 5, 6, 5, three, one, one, one)),
+        ("conv backward 2x17x7x6 K6 3x3 s2 p1 uint8",
+         conv_backward(2, 17, 7, 6, 6, three, two, one, one, dtype=np.uint8)),
+        ("conv backward 3x2x7x8 K19 3x3 d2 p2 channel mask",
+         conv_backward(3, 2, 7, 8, 19, three, one, two, two, form="channel", keep=0.6)),
+        ("conv backward 2x20x4x5 K3 1x1 int8, dx only",
+         conv_backward(2, 20, 4, 5, 3, one, one, (0, 0), one, dtype=np.int8,
+                       need=(True, False))),
+        ("conv backward 2x4x6x7 K7 3x2 s(2,1) p(0,1), dw only",
+         conv_backward(2, 4, 6, 7, 7, (3, 2), (2, 1), (0, 1), one, need=(False, True))),
+        ("conv backward 2x1x5x5 K2 3x3 p1 all selected",
+         conv_backward(2, 1, 5, 5, 2, three, one, one, one, keep=1.1)),
     ]
     vmm = [("vmm 1x37x29 bool", matmul(1, 37, 29, "bool")),
            ("vmm 1-D 37x29 idx", matmul(1, 37, 29, "idx", vector=True)),
@@ -721,6 +868,8 @@ def small_problems():
                                   masked_conv(2, 3, 5, 6, 5, 3, 1, 1, 1, True)),
                                  ("channel-masked conv 2x2x6x7 K19 3x3 s2 d2 p2",
                                   masked_conv(2, 2, 6, 7, 19, 3, 2, 2, 2, True))],
+        "masked_conv_dx": conv_backward_loads,
+        "masked_conv_dw": conv_backward_loads,
         # (the convolution windows' projection runs under drs_project's parameters too)
         "drs_project": project + [("drs_mask_conv2d 1x2x4x5 K6", search_conv)],
         "drs_project_split": project,
@@ -732,6 +881,19 @@ def small_problems():
         "drs_topk_team": topk + [("drs_mask_conv2d 1x2x4x5 K6", search_conv)],
         "elementwise": [("add/mul/axpby/add_relu, broadcast, mask, int32, strided",
                          elementwise)],
+        # overlapping windows, padding, stride != kernel, gaps, rows not a multiple of RUN
+        "pooling": [
+            ("max 2x3x7x9 k3 s2 p1, ties", pool("max", 2, 3, 7, 9, 3, 2, 1, ties=True)),
+            ("max 1x2x6x11 k(2,3) s(3,1) p(1,1)", pool("max", 1, 2, 6, 11, (2, 3), (3, 1),
+                                                         (1, 1))),
+            ("max 1x2x5x5 k2 s3 (uncovered inputs)", pool("max", 1, 2, 5, 5, 2, 3, 0)),
+            ("avg 2x3x7x9 k3 s2 p1", pool("avg", 2, 3, 7, 9, 3, 2, 1)),
+            ("avg 2x3x7x9 k3 s2 p1, padding not counted",
+             pool("avg", 2, 3, 7, 9, 3, 2, 1, count_include_pad=False)),
+            ("avg 1x2x6x11 k(2,3) s(3,1) p(1,1), padding not counted",
+             pool("avg", 1, 2, 6, 11, (2, 3), (3, 1), (1, 1), count_include_pad=False)),
+            ("avg 1x2x5x5 k2 s3 (uncovered inputs)", pool("avg", 1, 2, 5, 5, 2, 3, 0)),
+            ("global avg 2x5x4x13", pool("avg", 2, 5, 4, 13, (4, 13), None, 0))],
         "training": [("softmax_xent 5x3, 3x300 (several chunks per item)", xent),
                      ("random_mask 7x45 keep 10, compact and bool", random_sel),
                      ("column_sums 7x5 strided rows, channel_sums 3x5x2x7, sgd 1000 with and "

@@ -45,6 +45,92 @@ def relative_error(result, reference) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# 2-D pooling: torch.nn.functional's max_pool2d and avg_pool2d (floor mode, dilation 1)
+
+def _pair(value):
+    return (value, value) if np.isscalar(value) else tuple(value)
+
+
+def _pool_windows(in_hw, kernel_size, stride, padding):
+    """The output plane's size, and each window as (oh, ow, rows, cols): the ranges of its
+    rows and columns that lie inside the (H, W) input plane."""
+    (h, w), (kh, kw), (ph, pw) = in_hw, _pair(kernel_size), _pair(padding)
+    sh, sw = _pair(kernel_size if stride is None else stride)
+    out_hw = ((h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
+    windows = []
+    for i in range(out_hw[0]):
+        top = i * sh - ph
+        for j in range(out_hw[1]):
+            left = j * sw - pw
+            windows.append((i, j, range(max(top, 0), min(top + kh, h)),
+                            range(max(left, 0), min(left + kw, w))))
+    return out_hw, windows
+
+
+def max_pool2d_reference(x, kernel_size, stride=None, padding=0):
+    """(maxima in float64, int64 flat indices h * W + w of the winners) of x (N, C, H, W).
+    Padded cells never win; a NaN wins, the last NaN in row-major order giving the index;
+    otherwise the first maximum in row-major order (torch on the CPU)."""
+    x = np.asarray(x, np.float64)
+    n, c, h, w = x.shape
+    out_hw, windows = _pool_windows((h, w), kernel_size, stride, padding)
+    out = np.empty((n, c) + out_hw)
+    idx = np.empty((n, c) + out_hw, np.int64)
+    for i, j, rows, cols in windows:
+        cells = x[:, :, rows.start:rows.stop, cols.start:cols.stop].reshape(n, c, -1)
+        where = (np.asarray(rows)[:, None] * w + np.asarray(cols)[None, :]).ravel()
+        nan = np.isnan(cells)
+        first_max = np.argmax(np.where(nan, -np.inf, cells), axis=-1)
+        last_nan = cells.shape[-1] - 1 - np.argmax(nan[..., ::-1], axis=-1)
+        pick = np.where(nan.any(axis=-1), last_nan, first_max)
+        out[:, :, i, j] = np.take_along_axis(cells, pick[..., None], axis=-1)[..., 0]
+        idx[:, :, i, j] = where[pick]
+    return out, idx
+
+
+def max_pool2d_backward_reference(dy, indices, input_shape) -> np.ndarray:
+    """dx (N, C, H, W) in float64: each dy entry added at its index in its plane."""
+    n, c, h, w = input_shape
+    dx = np.zeros((n * c, h * w))
+    planes = np.arange(n * c)[:, None]
+    np.add.at(dx, (planes, np.asarray(indices, np.int64).reshape(n * c, -1)),
+              np.asarray(dy, np.float64).reshape(n * c, -1))
+    return dx.reshape(n, c, h, w)
+
+
+def _divisor(rows, cols, kernel_size, count_include_pad) -> int:
+    kh, kw = _pair(kernel_size)
+    return kh * kw if count_include_pad else len(rows) * len(cols)
+
+
+def avg_pool2d_reference(x, kernel_size, stride=None, padding=0,
+                         count_include_pad=True) -> np.ndarray:
+    """Window means of x (N, C, H, W) in float64: the in-bounds cells' sum divided by
+    kh * kw (``count_include_pad``) or by the number of in-bounds cells."""
+    x = np.asarray(x, np.float64)
+    n, c, h, w = x.shape
+    out_hw, windows = _pool_windows((h, w), kernel_size, stride, padding)
+    out = np.empty((n, c) + out_hw)
+    for i, j, rows, cols in windows:
+        total = x[:, :, rows.start:rows.stop, cols.start:cols.stop].sum(axis=(2, 3))
+        out[:, :, i, j] = total / _divisor(rows, cols, kernel_size, count_include_pad)
+    return out
+
+
+def avg_pool2d_backward_reference(dy, input_shape, kernel_size, stride=None, padding=0,
+                                  count_include_pad=True) -> np.ndarray:
+    """dx (N, C, H, W) in float64: each window's dy / divisor added to its cells."""
+    dy = np.asarray(dy, np.float64)
+    n, c, h, w = input_shape
+    _, windows = _pool_windows((h, w), kernel_size, stride, padding)
+    dx = np.zeros((n, c, h, w))
+    for i, j, rows, cols in windows:
+        share = dy[:, :, i, j] / _divisor(rows, cols, kernel_size, count_include_pad)
+        dx[:, :, rows.start:rows.stop, cols.start:cols.stop] += share[:, :, None, None]
+    return dx
+
+
+# ---------------------------------------------------------------------------------------------
 # Elementwise ops: float64 for floating-point results, exact (wrapping) NumPy integer
 # arithmetic in the result dtype for integer results.
 
@@ -197,6 +283,34 @@ def conv2d_masked_reference(x, w, mask, stride=(1, 1), padding=(0, 0), dilation=
     """``mask * conv2d(x, w)`` in float64: mask is bool (N, K, OH, OW)."""
     return np.where(np.asarray(mask, bool),
                     conv2d_reference(x, w, None, stride, padding, dilation), 0.0)
+
+
+def conv2d_masked_backward_reference(dy, x, w, mask, stride=(1, 1), padding=(0, 0),
+                                     dilation=(1, 1)):
+    """(dx, dw) of ``y = mask * conv2d(x, w)`` with the mask held constant, in float64.
+    ``mask`` is (N, K, OH, OW) or a channel mask (N, K, 1, 1), any dtype (nonzero selects);
+    g = mask ? dy : 0 is a selection, so Inf/NaN in unselected dy entries stay out.  Each
+    tap (r, s) sends g, mixed over k by w[:, :, r, s], to the input pixels
+    (oh * sh - ph + r * dh, ow * sw - pw + s * dw), and takes its dw from the same pixels."""
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    dy = np.asarray(dy, np.float64)
+    sel = np.broadcast_to(np.asarray(mask) != 0, dy.shape)
+    g = np.where(sel, dy, 0.0)
+    (sh, sw), (ph, pw), (dh, dw_) = stride, padding, dilation
+    n, c, h, wd = x.shape
+    k, _, r, s = w.shape
+    oh, ow = g.shape[2:]
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    dxp = np.zeros_like(xp)
+    dw = np.zeros_like(w)
+    for i in range(r):
+        rows = slice(i * dh, i * dh + (oh - 1) * sh + 1, sh)
+        for j in range(s):
+            cols = slice(j * dw_, j * dw_ + (ow - 1) * sw + 1, sw)
+            dxp[:, :, rows, cols] += np.einsum("nkyx,kc->ncyx", g, w[:, :, i, j])
+            dw[:, :, i, j] = np.einsum("nkyx,ncyx->kc", g, xp[:, :, rows, cols])
+    return dxp[:, :, ph:ph + h, pw:pw + wd], dw
 
 
 def drs_conv_mask_reference(x, w, n_keep, r_dense, scale, stride=(1, 1), padding=(0, 0),
