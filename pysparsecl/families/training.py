@@ -89,7 +89,10 @@ def launch_xent(queue, params, logits, labels, grad, row_loss, bad, scale: float
     preset to INT32_MAX) gets the first row with a label outside [0, N)."""
     n_rows, n_cols = logits.shape
     wait = [e for a in (logits, labels, grad, row_loss, bad) for e in a.events]
-    wg = params["WG"]
+    # A row's team is no wider than the row: idle work-items still pay for each barrier
+    # of the reductions (10 classes took 2.5x longer with a team of 64 than of 16, PoCL).
+    wg = min(params["WG"], 1 << max(0, n_cols - 1).bit_length())
+    params = dict(params, WG=wg)
     ev = _kernel(queue, params, "xent").launch(queue, (n_rows * wg,), (wg,), dict(
         logits=logits.base_data, logits_off=elem_offset(logits), labels=labels.base_data,
         labels_off=elem_offset(labels), grad=grad.base_data, grad_off=elem_offset(grad),
@@ -106,7 +109,8 @@ def launch_column_sums(queue, params, a, out, scale: float, events) -> None:
     lda = a.strides[0] // a.dtype.itemsize
     wg = params["WG"]
     wait = [e for x in (a, out) for e in x.events]
-    ev = _kernel(queue, params, "colsum").launch(queue, (round_up(n_cols, wg),), (wg,), dict(
+    groups = round_up(-(-n_cols // 4), wg)                # 4 columns per work-item
+    ev = _kernel(queue, params, "colsum").launch(queue, (groups,), (wg,), dict(
         a=a.base_data, a_off=elem_offset(a), lda=np.int64(lda), out=out.base_data,
         out_off=elem_offset(out), M=np.int64(n_rows), N=np.int32(n_cols),
         scale=np.float32(scale)), wait_for=wait or None)
