@@ -83,7 +83,8 @@ def dsg_training_tables(results_dir: Path = RESULTS, prefix: str = "") -> list:
     """Markdown lines: DSG training (accuracy per mask and sparsity on the digits, step
     times), per device, with the plot."""
     return _device_tables(
-        results_dir, "dsg-training-*.json", ["### DSG training: an MLP and a CNN on the digits", ""],
+        results_dir, "dsg-training-*.json",
+        ["### DSG training: an MLP and a CNN on the digits", ""],
         lambda h: f"{h['date']}; {h['model']}; baseline: {h['baselines']}",
         lambda data: dsg_training.markdown_tables(data["rows"], data["steps"]), prefix,
         plot=True)
