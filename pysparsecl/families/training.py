@@ -29,9 +29,6 @@ SPEC = ParamSpec(
     local_memory=lambda p: 4 * p["WG"],
 )
 
-#: Work-groups of the SGD step's grid-stride loop, at most.
-SGD_MAX_GROUPS = 1024
-
 ARGS = {
     "xent": KernelArgs(Signature("pscl_softmax_xent", (
         Pointer("logits", "float", restrict=True), Scalar("logits_off", np.int64),
@@ -109,8 +106,8 @@ def launch_column_sums(queue, params, a, out, scale: float, events) -> None:
     lda = a.strides[0] // a.dtype.itemsize
     wg = params["WG"]
     wait = [e for x in (a, out) for e in x.events]
-    groups = round_up(-(-n_cols // 4), wg)                # 4 columns per work-item
-    ev = _kernel(queue, params, "colsum").launch(queue, (groups,), (wg,), dict(
+    items = round_up(-(-n_cols // 4), wg)                 # 4 columns per work-item
+    ev = _kernel(queue, params, "colsum").launch(queue, (items,), (wg,), dict(
         a=a.base_data, a_off=elem_offset(a), lda=np.int64(lda), out=out.base_data,
         out_off=elem_offset(out), M=np.int64(n_rows), N=np.int32(n_cols),
         scale=np.float32(scale)), wait_for=wait or None)
@@ -135,12 +132,12 @@ def launch_sgd(queue, params, param, grad, velocity, lr: float, momentum: float,
     """One SGD step over flat arrays; ``velocity`` None: plain SGD (no momentum)."""
     n = param.size
     wg = params["WG"]
-    groups = max(1, min(SGD_MAX_GROUPS, -(-n // wg)))
+    items = round_up(max(1, -(-n // 4)), wg)                 # 4 elements per work-item
     has_velocity = velocity is not None
     v = velocity if has_velocity else param      # an unused argument still needs a buffer
     wait = [e for x in (param, grad, v) for e in x.events]
     ev = _kernel(queue, params, "sgd", has_velocity=has_velocity).launch(
-        queue, (groups * wg,), (wg,), dict(
+        queue, (items,), (wg,), dict(
             param=param.base_data, param_off=elem_offset(param), grad=grad.base_data,
             grad_off=elem_offset(grad), velocity=v.base_data, velocity_off=elem_offset(v),
             n=np.int64(n), lr=np.float32(lr), momentum=np.float32(momentum),
