@@ -146,10 +146,22 @@ class DSGLinear:
     relu : bool: apply ReLU (DSG's layers) or not (an output layer).
     seed : int: the search's random projection, or the random masks.
     eps : the projection's accuracy (see :class:`SparseRandomProjection`).
+    projection : a :class:`SparseRandomProjection` to use (built from ``seed`` and
+        ``eps`` when None).
+
+    With ``mask="drs"`` and a parameter ``<name>.fw`` of shape
+    ``projection.weight_layout(out_features)`` in ``params``, the layer keeps f(w), the
+    search's projection of its weight, as a parameter: its gradient is f(dw) =
+    f(x)^T (mask * dh), which costs k x (the selected outputs) given the f(x) the search
+    computed, and the same SGD step that updates w updates f(w) to f(w'), f being linear.
+    Without it, f(w) is computed again from w on every forward, k x K x N multiply-adds,
+    more than the layer's own product when the batch is smaller than k.  (:class:`MLP`
+    and :class:`CNN` give their DSG linear layers the parameter.)
     """
 
     def __init__(self, params: FlatParameters, name: str, sparsity: float, mask: str = "drs",
-                 relu: bool = True, seed: int = 0, eps: float = 0.3):
+                 relu: bool = True, seed: int = 0, eps: float = 0.3,
+                 projection: Optional[SparseRandomProjection] = None):
         _check_selection(mask, sparsity)
         self.params, self.name = params, name
         self.w, self.b = params.params[f"{name}.w"], params.params[f"{name}.b"]
@@ -162,9 +174,16 @@ class DSGLinear:
         self.relu = relu
         self.queue = params.queue
         self.rng = np.random.default_rng(seed)
-        self.projection = SparseRandomProjection(self.in_features, eps=eps, seed=seed,
-                                                 queue=self.queue) \
-            if self.kind == "drs" else None
+        if self.kind == "drs" and projection is None:
+            projection = SparseRandomProjection(self.in_features, eps=eps, seed=seed,
+                                                queue=self.queue)
+        self.projection = projection if self.kind == "drs" else None
+        # f(w) kept as a parameter, updated with w (see the class's docstring).
+        self.fw = params.params.get(f"{name}.fw") if self.kind == "drs" else None
+        if self.fw is not None:
+            self.dfw = params.grads[f"{name}.fw"]
+            self.projected = self.projection.project_weight(self.rows, out=self.fw)
+        self._fx = None
         self._saved: Optional[Tuple] = None
         self._full: Dict[int, cl_array.Array] = {}
 
@@ -173,6 +192,10 @@ class DSGLinear:
         m, n = x.shape[0], self.out_features
         if self.kind == "dense":
             return None
+        if self.kind == "drs" and self.fw is not None:
+            self._fx = self.projection.project_rows(x, queue=self.queue)
+            return drs_mask(x, None, self.sparsity, projection=self.projected,
+                            x_projected=self._fx, queue=self.queue)
         if self.kind == "drs":
             return drs_mask(x, self.rows, self.sparsity, projection=self.projection,
                             queue=self.queue)
@@ -204,7 +227,8 @@ class DSGLinear:
             add_relu(y, self.b, out=y, mask=mask)   # bias + ReLU on the selection only
         else:
             add(y, self.b, out=y, mask=mask)
-        self._saved = (x, y, full) if training else None
+        self._saved = (x, y, full, self._fx) if training else None
+        self._fx = None
         return y
 
     def backward(self, dy: cl_array.Array, need_dx: bool = True) -> Optional[cl_array.Array]:
@@ -214,14 +238,31 @@ class DSGLinear:
         if self._saved is None:
             raise RuntimeError(f"{self.name}: backward needs a forward with training=True "
                                "first")
-        x, y, full = self._saved
+        x, y, full, fx = self._saved
         dh = relu_backward(dy, y, mask=full) if self.relu else \
             relu_backward(dy, 1.0, mask=full)    # dy on the selection, 0 elsewhere
         dx, _ = masked_matmul_backward(dh, x, self.rows, full, need_dx=need_dx,
                                        dw_rows=True, dw_out=self.dw, queue=self.queue)
         column_sums(dh, out=self.db, queue=self.queue)
+        if fx is not None:
+            self._projected_gradient(fx, dh, full)
         self._saved = None
         return dx
+
+    @runtime.capturable_op
+    def _projected_gradient(self, fx: cl_array.Array, dh: cl_array.Array,
+                            full: cl_array.Array) -> None:
+        """f(dw) = f(x)^T (mask * dh) into the gradient of f(w): rows 0..k of its
+        (k_pad, ld) layout (the rest stays 0, as it was made)."""
+        k, n = self.projection.k, self.out_features
+        _, fdw = masked_matmul_backward(dh, fx, None, full, need_dx=False, queue=self.queue)
+        ld = self.dfw.shape[1]
+        ev = runtime.enqueue_copy(self.queue, self.dfw.base_data, fdw.base_data,
+                                  src_origin=(fdw.offset, 0, 0),
+                                  dst_origin=(self.dfw.offset, 0, 0), region=(4 * n, k, 1),
+                                  src_pitches=(4 * n, 0), dst_pitches=(4 * ld, 0),
+                                  wait_for=list(fdw.events) + list(self.dfw.events))
+        self.dfw.events[:] = [ev]
 
 
 class DSGConv2d:
@@ -469,6 +510,26 @@ class ReplayedStep:
         return self.loss
 
 
+def _linear_stack(queue, rng, widths, sparsity, mask, seed, eps):
+    """The initial parameters and the DSGLinear arguments of linear layers ``widths[0] ->
+    ... -> widths[-1]``: DSG (ReLU, the selection) on all but the last, a dense output
+    layer; a search layer also keeps f(w) as a parameter ``fc<i>.fw``."""
+    initial, specs = {}, []
+    last = len(widths) - 2
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        initial[f"fc{i}.w"] = _he_init(rng, a, (b, a))
+        initial[f"fc{i}.b"] = np.zeros(b, np.float32)
+        kind = mask if i < last and sparsity > 0 else "dense"
+        spec = dict(name=f"fc{i}", sparsity=sparsity if i < last else 0.0, mask=kind,
+                    relu=i < last, seed=seed + i, eps=eps)
+        if kind == "drs":
+            spec["projection"] = SparseRandomProjection(a, eps=eps, seed=seed + i, queue=queue)
+            initial[f"fc{i}.fw"] = np.zeros(spec["projection"].weight_layout(b, queue),
+                                            np.float32)
+        specs.append(spec)
+    return initial, specs
+
+
 def _check_sizes(sizes, name: str) -> None:
     if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1
            for s in sizes):
@@ -488,18 +549,10 @@ class MLP(Sequential):
             raise ValueError(f"sizes must be two or more positive ints, got {sizes!r}")
         _check_sizes(sizes, "sizes")
         queue = runtime.get_queue(queue)
-        rng = np.random.default_rng(seed)
-        initial = {}
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            initial[f"fc{i}.w"] = _he_init(rng, a, (b, a))
-            initial[f"fc{i}.b"] = np.zeros(b, np.float32)
+        initial, specs = _linear_stack(queue, np.random.default_rng(seed), sizes, sparsity,
+                                       mask, seed + 1, eps)
         params = FlatParameters(queue, initial)
-        last = len(sizes) - 2
-        super().__init__(params, [
-            DSGLinear(params, f"fc{i}", sparsity if i < last else 0.0,
-                      mask if i < last else "dense", relu=i < last, seed=seed + 1 + i,
-                      eps=eps)
-            for i in range(len(sizes) - 1)])
+        super().__init__(params, [DSGLinear(params, **spec) for spec in specs])
 
 
 class CNN(Sequential):
@@ -539,10 +592,9 @@ class CNN(Sequential):
                                      "halves the image)")
                 h, w = h // 2, w // 2
                 plan.append(("pool", i))
-        widths = [c * h * w, *hidden, classes]
-        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-            initial[f"fc{i}.w"] = _he_init(rng, a, (b, a))
-            initial[f"fc{i}.b"] = np.zeros(b, np.float32)
+        fc_initial, specs = _linear_stack(queue, rng, [c * h * w, *hidden, classes], sparsity,
+                                          mask, seed + 101, eps)
+        initial.update(fc_initial)
         params = FlatParameters(queue, initial)
         layers: List = []
         for what, i in plan:
@@ -550,9 +602,5 @@ class CNN(Sequential):
                                     seed=seed + 1 + i, eps=eps) if what == "conv"
                           else MaxPool2d(2))
         layers.append(Flatten())
-        last = len(widths) - 2
-        for i in range(len(widths) - 1):
-            layers.append(DSGLinear(params, f"fc{i}", sparsity if i < last else 0.0,
-                                    mask if i < last else "dense", relu=i < last,
-                                    seed=seed + 101 + i, eps=eps))
+        layers += [DSGLinear(params, **spec) for spec in specs]
         super().__init__(params, layers)

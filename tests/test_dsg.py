@@ -6,6 +6,7 @@ import numpy as np
 import pyopencl.array as cl_array
 import pytest
 
+import pysparsecl as ps
 from pysparsecl.dsg import CNN, MLP, DSGConv2d, DSGLinear, FlatParameters
 from pysparsecl.testing.reference import (
     conv2d_masked_backward_reference,
@@ -206,3 +207,58 @@ def test_bad_input(queue, rng):
         CNN((1, 8, 8), (4, 0), (), 3, 0.5)
     with pytest.raises(ValueError, match="in_shape must be"):
         CNN((8, 8), (4,), (), 3, 0.5)
+
+
+def test_the_kept_projection_follows_the_weight(queue, rng):
+    """f(w) kept as a parameter and stepped with f(dw) equals f of the stepped weight."""
+    model = MLP((24, 40, 32, 5), 0.7, "drs", seed=2, queue=queue)
+    layers = [layer for layer in model.layers if layer.kind == "drs"]
+    assert len(layers) == 2 and all(layer.fw is not None for layer in layers)
+    for _ in range(6):
+        x = cl_array.to_device(queue, rng.standard_normal((9, 24), dtype=np.float32))
+        labels = cl_array.to_device(queue, rng.integers(0, 5, 9).astype(np.int32))
+        model.train_step(x, labels, lr=0.1, momentum=0.9, weight_decay=0.01)
+    for layer in layers:
+        fresh = layer.projection.project_weight(layer.rows).values.get()
+        kept = layer.fw.get()
+        k, n = layer.projection.k, layer.out_features
+        assert relative_error(kept[:k, :n], fresh[:k, :n]) < 1e-5
+        assert np.all(kept[k:] == 0)                        # padding rows stay zero
+
+
+def test_search_with_a_given_projection_of_x(queue, rng):
+    x = cl_array.to_device(queue, rng.standard_normal((11, 30), dtype=np.float32))
+    w = rng.standard_normal((30, 20), dtype=np.float32)
+    proj = ps.SparseRandomProjection(30, eps=0.5, seed=4, queue=queue)
+    pw = proj.project_weight(w)
+    fx = proj.project_rows(x)
+    assert fx.shape[0] == 11 and fx.shape[1] >= proj.k
+    assert relative_error(fx.get()[:, :proj.k], proj.project(x.get())) < 1e-5
+    assert np.all(fx.get()[:, proj.k:] == 0)
+    got = ps.drs_mask(x, None, 0.6, projection=pw, x_projected=fx).get()
+    assert np.array_equal(got, ps.drs_mask(x, None, 0.6, projection=pw).get())
+    layout = proj.weight_layout(20, queue)
+    buffer = cl_array.zeros(queue, layout, np.float32)
+    into = proj.project_weight(w, out=buffer)
+    assert into.values.base_data.int_ptr == buffer.base_data.int_ptr     # in place
+    assert relative_error(buffer.get(), pw.values.get()) < 1e-6
+    with pytest.raises(ValueError, match="x_projected needs"):
+        ps.drs_mask(x, w, 0.6, projection=proj, x_projected=fx)
+    with pytest.raises(ValueError, match="x_projected must be"):
+        ps.drs_mask(x, None, 0.6, projection=pw, x_projected=fx[:5])
+    with pytest.raises(ValueError, match="out must be a float32 device array"):
+        proj.project_weight(w, out=cl_array.zeros(queue, (3, 3), np.float32))
+    with pytest.raises(TypeError, match="x must be a pyopencl array"):
+        proj.project_rows(x.get())
+
+
+def test_weight_gradient_without_the_weight(queue, rng):
+    """masked_matmul_backward(dy, x, None, mask, need_dx=False): dw needs only x and dy."""
+    x = rng.standard_normal((7, 13), dtype=np.float32)
+    dy = rng.standard_normal((7, 9), dtype=np.float32)
+    mask = rng.random((7, 9)) < 0.4
+    _, dw = ps.masked_matmul_backward(dy, x, None, mask, need_dx=False, queue=queue)
+    ref = x.T.astype(np.float64) @ np.where(mask, dy, 0.0)
+    assert relative_error(dw, ref) < TOL
+    with pytest.raises(TypeError, match="w is required unless need_dx=False"):
+        ps.masked_matmul_backward(dy, x, None, mask, queue=queue)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 from fractions import Fraction
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import pyopencl as cl
@@ -36,6 +36,7 @@ from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
 from ..params import Choice, Routine, TileParam
 from ._common import (
     INT32_MAX,
+    at_offset_zero,
     check_alloc,
     check_out,
     deliver,
@@ -266,25 +267,56 @@ class SparseRandomProjection:
                             src_pitches=(4 * ld, 0), dst_pitches=(4 * self.k, 0))
         return out
 
-    def _project_rows(self, queue, a_dev, n_rows, events, *, lda=None, transposed_ld=None):
-        """A @ RT on the device: (n_rows, k_pad), or (k_pad, transposed_ld) when
-        ``transposed_ld`` is given.  Returns (array, its row length)."""
-        lda = self.d if lda is None else lda
-        alloc = runtime.memory_pool(queue.context)
+    def _tiles(self, queue, n_rows: Optional[int]):
+        """The projection kernel's family, tiles and padded k for ``n_rows`` rows (None:
+        a weight's projection)."""
         # The weight's projection (once per weight update) and the rows' (every search)
         # have their own shape classes: tuned together, the weight's larger time chose the
         # tiles for both.
         family = _FAMILIES[DRS_ROUTINE.variant(tuning.lookup(DRS_ROUTINE.spec, queue.device),
                                                "PROJECT_KERNEL")]
-        params = tuning.lookup(family.SPEC, queue.device, project_shape_class(
-            None if transposed_ld is not None else n_rows, self.d))
-        kp = round_up(self.k, params["VEC"] * params["KVEC"])
+        params = tuning.lookup(family.SPEC, queue.device, project_shape_class(n_rows, self.d))
+        return family, params, round_up(self.k, params["VEC"] * params["KVEC"])
+
+    def weight_layout(self, n_cols: int, queue=None) -> Tuple[int, int]:
+        """(k_pad, ld): the shape of the device array holding f(w) for a weight of
+        ``n_cols`` outputs on ``queue``'s device (see :meth:`project_weight`'s ``out``)."""
+        queue = runtime.get_queue(queue or self.queue)
+        return self._tiles(queue, None)[2], round_up(max(n_cols, 1), drs_project.PAD)
+
+    @runtime.capturable_op
+    def project_rows(self, x, *, queue=None, events=None) -> cl_array.Array:
+        """f(x) for the rows of a device array ``x`` (M, d): an (M, k_pad) device array
+        whose padding columns are zero, the form :func:`drs_mask`'s ``x_projected``
+        takes (a caller that also needs f(x), e.g. for f of a weight gradient, projects
+        once)."""
+        require_array(x, "x", np.float32, ndim=2)
+        if not is_device_array(x):
+            raise TypeError("x must be a pyopencl array (project() takes NumPy)")
+        if x.shape[1] != self.d:
+            raise ValueError(f"x must have d = {self.d} columns, got {tuple(x.shape)}")
+        if self.exact:
+            raise ValueError("an exact projection has no padded form: the search reads x")
+        queue = runtime.resolve_queue(queue, x=x)
+        self._check_queue(queue)
+        return self._project_rows(queue, x, x.shape[0], events)[0]
+
+    def _project_rows(self, queue, a_dev, n_rows, events, *, lda=None, transposed_ld=None,
+                      into=None):
+        """A @ RT on the device: (n_rows, k_pad), or (k_pad, transposed_ld) when
+        ``transposed_ld`` is given (written ``into`` a given array of that shape, which
+        starts at offset 0 of its buffer, if one is given).  Returns (array, its row
+        length)."""
+        lda = self.d if lda is None else lda
+        alloc = runtime.memory_pool(queue.context)
+        family, params, kp = self._tiles(queue, None if transposed_ld is not None else n_rows)
         if transposed_ld is None:
             shape, ld = (n_rows, kp), kp
         else:
             shape, ld = (kp, transposed_ld), transposed_ld
         check_alloc(queue, 4 * shape[0] * shape[1], "the projection")
-        out = runtime.empty(queue, shape, np.float32, allocator=alloc)
+        out = into if into is not None else runtime.empty(queue, shape, np.float32,
+                                                          allocator=alloc)
         wait = list(a_dev.events)
         if transposed_ld is not None and transposed_ld > n_rows:
             # Padding columns are read (whole vectors) but never used: keep them finite.
@@ -299,10 +331,11 @@ class SparseRandomProjection:
             events.append(ev)
         return out, ld
 
-    def project_weight(self, w, *, queue=None, events=None) -> "ProjectedWeight":
+    def project_weight(self, w, *, out=None, queue=None, events=None) -> "ProjectedWeight":
         """f(w) for the columns of ``w`` ((d, N) float32 array or a MaskedLinearWeight),
-        kept on the device for reuse until the weight changes."""
-        return ProjectedWeight(self, w, queue=queue, events=events)
+        kept on the device for reuse until the weight changes (or, in ``out``, updated
+        by the caller: see :class:`ProjectedWeight`)."""
+        return ProjectedWeight(self, w, out=out, queue=queue, events=events)
 
     def __repr__(self):
         return (f"SparseRandomProjection(d={self.d}, k={self.k}, eps={self.eps}, "
@@ -323,9 +356,16 @@ class ProjectedWeight:
     Build it with :meth:`SparseRandomProjection.project_weight` and pass it as
     ``drs_mask(..., projection=pw)`` to reuse it across calls; build a new one after the
     weight changes (it is a snapshot).
+
+    ``out``: a float32 device array of shape ``projection.weight_layout(N)`` (k_pad, ld),
+    starting on the device's base alignment, that holds f(w) from then on, in place.  Its
+    owner may keep it equal to f of a changing weight: f is linear, so an SGD step of w
+    with gradient g is the same SGD step of f(w) with gradient f(g) (what
+    ``pysparsecl.dsg`` does).  Rows k.. and columns N.. must stay finite.
     """
 
-    def __init__(self, projection: SparseRandomProjection, w, *, queue=None, events=None):
+    def __init__(self, projection: SparseRandomProjection, w, *, out=None, queue=None,
+                 events=None):
         if not isinstance(projection, SparseRandomProjection):
             raise TypeError("projection must be a SparseRandomProjection, got "
                             f"{type(projection).__name__}")
@@ -346,6 +386,19 @@ class ProjectedWeight:
         if isinstance(w, MaskedLinearWeight) and w.queue.context != queue.context:
             raise ValueError("w (a MaskedLinearWeight) lives in a different OpenCL context "
                              "than the projection")
+        into = None
+        if out is not None:
+            layout = projection.weight_layout(n_cols, queue)
+            if not is_device_array(out) or out.dtype != np.float32 or \
+                    tuple(out.shape) != layout:
+                raise ValueError(f"out must be a float32 device array of shape {layout} "
+                                 "(projection.weight_layout(N))")
+            if projection.exact:
+                raise ValueError("out is for random projections (an exact one is w itself)")
+            into = at_offset_zero(out, queue)
+            if into is None:
+                raise ValueError("out must be contiguous and start on the device's base "
+                                 "alignment")
         if projection.exact and not isinstance(w, MaskedLinearWeight) and \
                 not is_device_array(w):
             host = np.zeros((d, self.ld), np.float32)
@@ -359,7 +412,8 @@ class ProjectedWeight:
             self.values = self._exact(queue, rows, ld_rows, events)
         else:
             self.values, _ = projection._project_rows(queue, rows, n_cols, events,
-                                                      lda=ld_rows, transposed_ld=self.ld)
+                                                      lda=ld_rows, transposed_ld=self.ld,
+                                                      into=into)
 
     @property
     def k(self) -> int:
@@ -389,7 +443,7 @@ class ProjectedWeight:
 
 @runtime.capturable_op
 def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, compact=False,
-             out=None, queue=None, events=None):
+             x_projected=None, out=None, queue=None, events=None):
     """Dimension-reduction search: predict each row's ``n_keep`` largest outputs of x @ w.
 
     Y_hat = f(x) f(w) with f(z) = R z / sqrt(k) (see :class:`SparseRandomProjection`),
@@ -411,6 +465,9 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
     compact : bool
         False: a bool (M, N) mask.  True: int32 (M, n_keep) column indices, ascending in
         each row (the compact form :func:`masked_matmul` accepts).
+    x_projected : f(x), the device array ``projection.projection.project_rows(x)`` gave,
+        optional (with a :class:`ProjectedWeight` and a device ``x``): the search then
+        does not project x again.
     out : array for the result (bool (M, N) or int32 (M, n_keep)), optional.
     queue : pyopencl.CommandQueue, optional.
     events : list, optional; the kernels' OpenCL events are appended (for profiling).
@@ -467,6 +524,16 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
         raise ValueError(f"the scores have {n_rows * n_cols} elements, more than int32 "
                          "indexing allows")
     dtype = np.int32 if compact else np.bool_
+    if x_projected is not None:
+        if pw is None or not is_device_array(x) or vector:
+            raise ValueError("x_projected needs a 2-D device x and a ProjectedWeight as "
+                             "projection")
+        require_array(x_projected, "x_projected", np.float32, ndim=2)
+        if x_projected.shape[0] != n_rows or x_projected.shape[1] < proj.k or \
+                not x_projected.flags.c_contiguous or x_projected.offset:
+            raise ValueError(f"x_projected must be f(x) as project_rows gives it: "
+                             f"({n_rows}, >= {proj.k}), contiguous, at offset 0; got "
+                             f"{tuple(x_projected.shape)}")
     out_dev, host = new_output(queue, out_shape, dtype, out, like=x)
 
     if not out_dev.size:
@@ -492,7 +559,9 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
             raise ValueError("the projected weight lives in a different OpenCL context than "
                              "the queue the operation runs on")
         x_dev = to_device(x, queue, "x", borrow=not is_device_array(x))
-        _search(queue, x_dev, proj, pw, n_rows, n_keep, out_dev, compact, events)
+        projected = None if x_projected is None else (x_projected, x_projected.shape[1])
+        _search(queue, x_dev, proj, pw, n_rows, n_keep, out_dev, compact, events,
+                projected=projected)
     return deliver(out_dev, x, out, queue, host)
 
 

@@ -470,7 +470,8 @@ def masked_matmul_backward(dy, x, w, mask, *, need_dx=True, dw_rows=False, dw_ou
         (M, N) for a bool mask (its unselected entries are ignored), compact (M, n_keep)
         for int32 indices; 1-D for a 1-D ``x``.
     x : float32 array (M, K) or (K,).
-    w : float32 array (K, N) or a :class:`MaskedLinearWeight`.
+    w : float32 array (K, N) or a :class:`MaskedLinearWeight`; None with ``need_dx=False``
+        and a bool/int8/uint8 mask (dw needs only x and dy; N is the mask's).
     mask : bool (M, N) or int32 (M, n_keep) column indices, as for :func:`masked_matmul`.
     need_dx : bool: False skips dx (a first layer's), which is then None.
     dw_rows : bool: give dw as (N, K) rows, the layout a :class:`MaskedLinearWeight`
@@ -502,7 +503,15 @@ def masked_matmul_backward(dy, x, w, mask, *, need_dx=True, dw_rows=False, dw_ou
         raise ValueError(f"x must be 1-D (K,) or 2-D (M, K), got shape {tuple(x.shape)}")
     vector = x.ndim == 1
     n_rows, k_in = (1, x.shape[0]) if vector else x.shape
-    wk, n_cols = weight_shape(w)
+    if w is None:
+        if need_dx is not False:
+            raise TypeError("w is required unless need_dx=False")
+        require_byte_mask(mask, "mask")
+        if mask.ndim != x.ndim:
+            raise ValueError("w=None takes a bool/int8/uint8 mask of the output's shape")
+        wk, n_cols = k_in, mask.shape[-1]
+    else:
+        wk, n_cols = weight_shape(w)
     if wk != k_in:
         raise ValueError(f"w must have shape (K, N) with K = {k_in} (the columns of x), got "
                          f"{(wk, n_cols)}")
@@ -533,7 +542,7 @@ def masked_matmul_backward(dy, x, w, mask, *, need_dx=True, dw_rows=False, dw_ou
                                      zeros=True, slot="dx")
     dw_dev, dw_host = new_output(queue, dw_shape, np.float32, dw_out, like=x, slot="dw")
     if n_rows and k_in and n_cols and sel.n_entries:
-        rows, ldw = weight_rows(w, k_in, queue, events)
+        rows, ldw = weight_rows(w, k_in, queue, events) if need_dx else (None, 0)
         borrow = not is_device_array(x)   # a NumPy call waits for its result
         x_dev = to_device(x, queue, "x", borrow)
         dy_dev = to_device(dy, queue, "dy", borrow)
@@ -549,7 +558,8 @@ def masked_matmul_backward(dy, x, w, mask, *, need_dx=True, dw_rows=False, dw_ou
 def _launch_backward(queue, dy_dev, x_dev, rows, ldw, sel: _Selection, mask_dev, dx_dev,
                      dw_dev, dw_rows: bool, n_rows, n_cols, k_in, events) -> None:
     outputs = (dw_dev,) if dx_dev is None else (dx_dev, dw_dev)
-    wait = [e for a in (dy_dev, x_dev, rows, mask_dev) + outputs for e in a.events]
+    wait = [e for a in (dy_dev, x_dev, rows, mask_dev) + outputs if a is not None
+            for e in a.events]
     lists = masked_util.SelectionLists(queue, sel.form, mask_dev, dy_dev, n_rows, n_cols,
                                        sel.n_entries, wait, events)
     wait = wait + lists.events
