@@ -211,7 +211,7 @@ def test_bad_input(queue, rng):
 
 def test_the_kept_projection_follows_the_weight(queue, rng):
     """f(w) kept as a parameter and stepped with f(dw) equals f of the stepped weight."""
-    model = MLP((24, 40, 32, 5), 0.7, "drs", seed=2, queue=queue)
+    model = MLP((24, 40, 32, 5), 0.7, "drs", seed=2, queue=queue, keep_projection=True)
     layers = [layer for layer in model.layers if layer.kind == "drs"]
     assert len(layers) == 2 and all(layer.fw is not None for layer in layers)
     for _ in range(6):
@@ -262,3 +262,10 @@ def test_weight_gradient_without_the_weight(queue, rng):
     assert relative_error(dw, ref) < TOL
     with pytest.raises(TypeError, match="w is required unless need_dx=False"):
         ps.masked_matmul_backward(dy, x, None, mask, queue=queue)
+
+
+def test_keep_projection_is_checked_and_can_be_turned_off(queue):
+    plain = MLP((8, 16, 3), 0.5, "drs", queue=queue, keep_projection=False)
+    assert plain.layers[0].fw is None and "fc0.fw" not in plain.params.params
+    with pytest.raises(TypeError, match="keep_projection must be a bool or None"):
+        MLP((8, 16, 3), 0.5, "drs", queue=queue, keep_projection=1)
