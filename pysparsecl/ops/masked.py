@@ -654,14 +654,7 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
             raise ValueError("the inference form needs the running mean and var (or pass "
                              "training=True)")
         stats.update(mean=mean, var=var)
-    for name, a in stats.items():
-        require_array(a, name, np.float32, ndim=1)
-        if a.shape != (n_ch,):
-            raise ValueError(f"{name} must have shape ({n_ch},) (the channels, axis 1 of y),"
-                             f" got {tuple(a.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or \
-            not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    _check_bn_arguments(stats, n_ch, eps)
     check_out(out, y.shape, np.float32, like=y)
     queue = runtime.resolve_queue(queue, y=y, mask=mask, out=out, **stats)
     outer, inner = y.shape[0], int(np.prod(y.shape[2:], dtype=np.int64))
@@ -686,6 +679,18 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
     if is_device_array(y):
         return result, dev["mean"], dev["var"]
     return result, dev["mean"].get(queue=queue), dev["var"].get(queue=queue)
+
+
+def _check_bn_arguments(stats: dict, n_ch: int, eps) -> None:
+    """BatchNorm's per-channel float32 (C,) arrays, by name, and a non-negative eps."""
+    for name, a in stats.items():
+        require_array(a, name, np.float32, ndim=1)
+        if a.shape != (n_ch,):
+            raise ValueError(f"{name} must have shape ({n_ch},) (the channels, axis 1 of y),"
+                             f" got {tuple(a.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or \
+            not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
 
 
 @runtime.capturable_op
@@ -738,14 +743,7 @@ def masked_relu_bn_backward(dout, y, mask, gamma, mean, var, eps=1e-5, *, batch_
         raise TypeError(f"batch_stats must be a bool, got {type(batch_stats).__name__}")
     n_ch = y.shape[1]
     stats = {"gamma": gamma, "mean": mean, "var": var}
-    for name, a in stats.items():
-        require_array(a, name, np.float32, ndim=1)
-        if a.shape != (n_ch,):
-            raise ValueError(f"{name} must have shape ({n_ch},) (the channels, axis 1 of y),"
-                             f" got {tuple(a.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or \
-            not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    _check_bn_arguments(stats, n_ch, eps)
     check_out(dy_out, y.shape, np.float32, like=y, name="dy_out")
     check_out(dgamma_out, (n_ch,), np.float32, like=y, name="dgamma_out")
     check_out(dbeta_out, (n_ch,), np.float32, like=y, name="dbeta_out")
