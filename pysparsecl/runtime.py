@@ -616,7 +616,7 @@ def refuse_capture(what: str) -> None:
 
 def enqueue_fill(queue, buffer, pattern, offset: int, size: int, wait_for=None) -> cl.Event:
     """``clEnqueueFillBuffer``, recorded by a :class:`LaunchGraph` being captured (inside
-    a :func:`capturable` op) so that a replay fills again."""
+    a :func:`capturable_op`) so that a replay fills again."""
     graph = getattr(_capture, "graph", None)
     if graph is not None:
         return graph._record_command("a fill", queue, cl.enqueue_fill_buffer,
