@@ -36,6 +36,7 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 
 from . import runtime
+from .ops.conv2d import conv2d_output_shape
 from .ops.drs import (
     SparseRandomProjection,
     drs_mask,
@@ -76,6 +77,15 @@ def _check_aligned(w: cl_array.Array, name: str, queue) -> None:
         # A MaskedLinearWeight would copy it, and the copy would miss every update.
         raise ValueError(f"{name} must start on the device's base alignment (as "
                          "FlatParameters places every parameter)")
+
+
+def _all_selected(cache: dict, queue, shape) -> cl_array.Array:
+    """A device bool mask selecting every output of ``shape`` (a dense layer's), kept in
+    ``cache`` per shape."""
+    found = cache.get(shape)
+    if found is None:
+        found = cache[shape] = cl_array.to_device(queue, np.ones(shape, np.bool_))
+    return found
 
 
 def _top_k_along(scores: np.ndarray, n_keep: int, axis: int) -> np.ndarray:
@@ -183,52 +193,44 @@ class DSGLinear:
         if self.fw is not None:
             self.dfw = params.grads[f"{name}.fw"]
             self.projected = self.projection.project_weight(self.rows, out=self.fw)
-        self._fx = None
         self._saved: Optional[Tuple] = None
-        self._full: Dict[int, cl_array.Array] = {}
+        self._full: Dict[Tuple[int, ...], cl_array.Array] = {}
 
     def _mask(self, x: cl_array.Array):
-        """The bool (M, N) selection for this batch, on the device (None: every output)."""
+        """(the bool (M, N) selection for this batch on the device, or None for every
+        output; f(x) when the layer keeps f(w), else None)."""
         m, n = x.shape[0], self.out_features
         if self.kind == "dense":
-            return None
+            return None, None
         if self.kind == "drs" and self.fw is not None:
-            self._fx = self.projection.project_rows(x, queue=self.queue)
+            fx = self.projection.project_rows(x, queue=self.queue)
             return drs_mask(x, None, self.sparsity, projection=self.projected,
-                            x_projected=self._fx, queue=self.queue)
+                            x_projected=fx, queue=self.queue), fx
         if self.kind == "drs":
             return drs_mask(x, self.rows, self.sparsity, projection=self.projection,
-                            queue=self.queue)
+                            queue=self.queue), None
         runtime.refuse_capture(f"a {self.kind} mask (drawn with a seed from the host)"
                                if self.kind == "random" else "the oracle's mask")
         if self.kind == "random":      # a fresh selection each call, on the device
             return random_mask(m, n, self.sparsity, seed=int(self.rng.integers(2 ** 63)),
-                               queue=self.queue)
+                               queue=self.queue), None
         # oracle: the true pre-activation, densely, on the host (a control, not a fast path)
         scores = x.get().astype(np.float64) @ self.w.get().T + self.b.get()
         return cl_array.to_device(self.queue,
-                                  _top_k_along(scores, keep_count(self.sparsity, n), 1))
-
-    def _all_selected(self, n_rows: int) -> cl_array.Array:
-        """A bool mask selecting every output (a dense layer's), kept per batch size."""
-        found = self._full.get(n_rows)
-        if found is None:
-            found = self._full[n_rows] = cl_array.to_device(
-                self.queue, np.ones((n_rows, self.out_features), np.bool_))
-        return found
+                                  _top_k_along(scores, keep_count(self.sparsity, n), 1)), None
 
     def forward(self, x: cl_array.Array, training: bool = True) -> cl_array.Array:
         """``act(mask * (x @ w + b))`` for a device batch x (M, in_features); with
         ``training`` the inputs and the selection are kept for :meth:`backward`."""
-        mask = self._mask(x)
-        full = mask if mask is not None else self._all_selected(x.shape[0])
+        mask, fx = self._mask(x)
+        full = mask if mask is not None else _all_selected(
+            self._full, self.queue, (x.shape[0], self.out_features))
         y = masked_matmul(x, self.rows, full, queue=self.queue)
         if self.relu:
             add_relu(y, self.b, out=y, mask=mask)   # bias + ReLU on the selection only
         else:
             add(y, self.b, out=y, mask=mask)
-        self._saved = (x, y, full, self._fx) if training else None
-        self._fx = None
+        self._saved = (x, y, full, fx) if training else None
         return y
 
     def backward(self, dy: cl_array.Array, need_dx: bool = True) -> Optional[cl_array.Array]:
@@ -325,13 +327,6 @@ class DSGConv2d:
     def _conv(self, x, mask):
         return conv2d_masked(x, self.w, mask, self.stride, self.padding, queue=self.queue)
 
-    def _all_selected(self, shape) -> cl_array.Array:
-        """A bool mask selecting every output, kept per output shape."""
-        found = self._full.get(shape)
-        if found is None:
-            found = self._full[shape] = cl_array.to_device(self.queue, np.ones(shape, np.bool_))
-        return found
-
     def _mask(self, x: cl_array.Array):
         """The bool (N, K, OH, OW) selection for this batch, on the device (None: every
         output)."""
@@ -344,22 +339,23 @@ class DSGConv2d:
         runtime.refuse_capture(f"a DSGConv2d's {self.kind} mask (computed on the host)")
         n_keep = keep_count(self.sparsity, self.out_channels)
         if self.kind == "random":
-            y_shape = self._output_shape(x.shape)
-            keys = self.rng.random(y_shape)
+            keys = self.rng.random(self._output_shape(x.shape))
         else:   # oracle: the true conv output, densely
-            keys = self._conv(x, self._all_selected(self._output_shape(x.shape))).get()
+            keys = self._conv(x, self._all_selected(x.shape)).get()
         return cl_array.to_device(self.queue, _top_k_along(keys, n_keep, 1))
 
     def _output_shape(self, x_shape) -> Tuple[int, int, int, int]:
-        (r, s), (sh, sw), (ph, pw) = self.kernel_size, _pair(self.stride), _pair(self.padding)
-        return (x_shape[0], self.out_channels, (x_shape[2] + 2 * ph - r) // sh + 1,
-                (x_shape[3] + 2 * pw - s) // sw + 1)
+        oh, ow = conv2d_output_shape(x_shape[2:], self.kernel_size, self.stride, self.padding)
+        return (x_shape[0], self.out_channels, oh, ow)
+
+    def _all_selected(self, x_shape) -> cl_array.Array:
+        return _all_selected(self._full, self.queue, self._output_shape(x_shape))
 
     def forward(self, x: cl_array.Array, training: bool = True) -> cl_array.Array:
         """The layer's output for a device batch x (N, C, H, W); with ``training`` the
         batch's statistics normalise it, and what :meth:`backward` needs is kept."""
         mask = self._mask(x)
-        full = mask if mask is not None else self._all_selected(self._output_shape(x.shape))
+        full = mask if mask is not None else self._all_selected(x.shape)
         y = self._conv(x, full)
         if not self.bn:
             k = self.out_channels
@@ -397,10 +393,6 @@ class DSGConv2d:
                                        need_dx=need_dx, dw_out=self.dw, queue=self.queue)
         self._saved = None
         return dx
-
-
-def _pair(v) -> Tuple[int, int]:
-    return (v, v) if isinstance(v, (int, np.integer)) else tuple(v)
 
 
 class MaxPool2d:

@@ -199,6 +199,13 @@ def to_device(a, queue: cl.CommandQueue, name: str, borrow: bool = False,
                               allocator=runtime.memory_pool(queue.context))
 
 
+def check_int32_sizes(**sizes) -> None:
+    """Refuse operands whose element count int32 indexing cannot reach, by name."""
+    for what, n in sizes.items():
+        if n > INT32_MAX:
+            raise ValueError(f"{what} has {n} elements, more than int32 indexing allows")
+
+
 def check_alloc(queue: cl.CommandQueue, n_bytes: int, what: str) -> None:
     """Refuse, before enqueueing anything, a buffer the device cannot allocate."""
     limit = queue.device.max_mem_alloc_size

@@ -36,6 +36,7 @@ from ._common import (
     INT32_MAX,
     at_offset_zero,
     check_alloc,
+    check_int32_sizes,
     check_out,
     deliver,
     elem_offset,
@@ -134,13 +135,9 @@ class MaskedLinearWeight:
         if transposed:
             n_out, k_in = w.shape
             if is_device_array(w):
-                rows = at_offset_zero(w, self.queue) if w.flags.c_contiguous else None
-                if rows is None and w.flags.c_contiguous:     # off the base alignment
-                    rows = runtime.empty(self.queue, w.shape, np.float32,
-                                         allocator=runtime.memory_pool(self.queue.context))
-                    runtime.enqueue_copy(self.queue, rows.data, w.base_data,
-                                         byte_count=w.nbytes, src_offset=w.offset)
-                elif rows is None:
+                if w.flags.c_contiguous:   # in place, or a device copy off the alignment
+                    rows = read_from_start(w, self.queue)
+                else:
                     runtime.refuse_capture("a strided device weight")
                     rows = w.copy(queue=self.queue)
                 ld = k_in
@@ -313,12 +310,6 @@ def _raise_if_bad(queue, bad: cl_array.Array, n_cols: int, name: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Forward
 
-def _check_sizes(**sizes) -> None:
-    for what, n in sizes.items():
-        if n > INT32_MAX:
-            raise ValueError(f"{what} has {n} elements, more than int32 indexing allows")
-
-
 @runtime.capturable_op
 def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
     """Output-masked matrix product: ``mask * (x @ w)``, computing only selected outputs.
@@ -386,7 +377,7 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
         queue = w.queue
     queue = runtime.resolve_queue(queue, x=x, w=w if is_device_array(w) else None, mask=mask,
                                   out=out)
-    _check_sizes(x=n_rows * k_in, w=k_in * n_cols, mask=n_rows * n_cols)
+    check_int32_sizes(x=n_rows * k_in, w=k_in * n_cols, mask=n_rows * n_cols)
     if not is_device_array(x):  # refuse an oversized x before the output is allocated
         check_alloc(queue, x.nbytes, "x")
 
@@ -533,7 +524,7 @@ def masked_matmul_backward(dy, x, w, mask, *, need_dx=True, dw_rows=False, dw_ou
         if not is_device_array(x):
             raise TypeError("dw_out is for device calls (x a pyopencl array)")
         check_out(dw_out, dw_shape, np.float32, like=x, name="dw_out")
-    _check_sizes(x=n_rows * k_in, w=k_in * n_cols, mask=n_rows * n_cols)
+    check_int32_sizes(x=n_rows * k_in, w=k_in * n_cols, mask=n_rows * n_cols)
     for size, what in ((n_rows * k_in if need_dx else 0, "dx"), (k_in * n_cols, "dw")):
         check_alloc(queue, 4 * size, what)   # both, by name, before either is allocated
     dx_dev = dx_host = None
@@ -635,14 +626,7 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
     elsewhere they are copied to and from the device.  A NumPy call returns when its
     result is ready; a device-array call returns once it is enqueued.
     """
-    require_array(y, "y", np.float32)
-    if y.ndim < 2:
-        raise ValueError(f"y must be at least 2-D, (M, C) or (N, C, ...), got shape "
-                         f"{tuple(y.shape)}")
-    require_byte_mask(mask, "mask")
-    if tuple(mask.shape) != tuple(y.shape):
-        raise ValueError(f"mask must have y's shape {tuple(y.shape)}, got "
-                         f"{tuple(mask.shape)}")
+    _check_bn_operands(y, mask=mask)
     n_ch = y.shape[1]
     stats = {"gamma": gamma, "beta": beta}
     if training:
@@ -658,7 +642,7 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
     check_out(out, y.shape, np.float32, like=y)
     queue = runtime.resolve_queue(queue, y=y, mask=mask, out=out, **stats)
     outer, inner = y.shape[0], int(np.prod(y.shape[2:], dtype=np.int64))
-    _check_sizes(y=outer * n_ch * inner)
+    check_int32_sizes(y=outer * n_ch * inner)
     alloc = runtime.memory_pool(queue.context)
     out_dev, host = new_output(queue, tuple(y.shape), np.float32, out, like=y)
     borrow = not is_device_array(y)   # a NumPy call waits for its result
@@ -679,6 +663,23 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
     if is_device_array(y):
         return result, dev["mean"], dev["var"]
     return result, dev["mean"].get(queue=queue), dev["var"].get(queue=queue)
+
+
+def _check_bn_operands(y, **like_y) -> None:
+    """y: float32, (M, C) or (N, C, ...); each named operand of ``like_y`` of y's shape
+    (``mask`` a byte mask, the others float32)."""
+    require_array(y, "y", np.float32)
+    if y.ndim < 2:
+        raise ValueError(f"y must be at least 2-D, (M, C) or (N, C, ...), got shape "
+                         f"{tuple(y.shape)}")
+    for name, a in like_y.items():
+        if name == "mask":
+            require_byte_mask(a, name)
+        else:
+            require_array(a, name, np.float32)
+        if tuple(a.shape) != tuple(y.shape):
+            raise ValueError(f"{name} must have y's shape {tuple(y.shape)}, got "
+                             f"{tuple(a.shape)}")
 
 
 def _check_bn_arguments(stats: dict, n_ch: int, eps) -> None:
@@ -727,18 +728,7 @@ def masked_relu_bn_backward(dout, y, mask, gamma, mean, var, eps=1e-5, *, batch_
     Two passes: a per-channel reduction, then an elementwise pass.  Copies as
     :func:`masked_relu_bn`.
     """
-    require_array(y, "y", np.float32)
-    if y.ndim < 2:
-        raise ValueError(f"y must be at least 2-D, (M, C) or (N, C, ...), got shape "
-                         f"{tuple(y.shape)}")
-    require_array(dout, "dout", np.float32)
-    if tuple(dout.shape) != tuple(y.shape):
-        raise ValueError(f"dout must have y's shape {tuple(y.shape)}, got "
-                         f"{tuple(dout.shape)}")
-    require_byte_mask(mask, "mask")
-    if tuple(mask.shape) != tuple(y.shape):
-        raise ValueError(f"mask must have y's shape {tuple(y.shape)}, got "
-                         f"{tuple(mask.shape)}")
+    _check_bn_operands(y, dout=dout, mask=mask)
     if not isinstance(batch_stats, bool):
         raise TypeError(f"batch_stats must be a bool, got {type(batch_stats).__name__}")
     n_ch = y.shape[1]
@@ -750,7 +740,7 @@ def masked_relu_bn_backward(dout, y, mask, gamma, mean, var, eps=1e-5, *, batch_
     queue = runtime.resolve_queue(queue, y=y, dout=dout, mask=mask, dy_out=dy_out,
                                   dgamma_out=dgamma_out, dbeta_out=dbeta_out, **stats)
     outer, inner = y.shape[0], int(np.prod(y.shape[2:], dtype=np.int64))
-    _check_sizes(y=outer * n_ch * inner)
+    check_int32_sizes(y=outer * n_ch * inner)
     borrow = not is_device_array(y)   # a NumPy call waits for its result
     dy_dev, dy_host = new_output(queue, tuple(y.shape), np.float32, dy_out, like=y, slot="dy")
     dg_dev, dg_host = new_output(queue, (n_ch,), np.float32, dgamma_out, like=y, slot="dgamma")
@@ -825,7 +815,7 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
                          f"{out_shape[:2] + (1, 1)} (a channel mask), got {tuple(mask.shape)}")
     check_out(out, out_shape, np.float32, like=x)
     queue = runtime.resolve_queue(queue, x=x, w=w, mask=mask, out=out)
-    _check_sizes(out=int(np.prod(out_shape)),
+    check_int32_sizes(out=int(np.prod(out_shape)),
                  packed=geom["N"] * geom["Hp"] * geom["Wp"] * n_ch)
     channels = None
     if channel_form:
@@ -938,7 +928,7 @@ def conv2d_masked_backward(dy, x, w, mask, stride=1, padding=0, dilation=1, *, n
     check_out(dw_out, w.shape, np.float32, like=x, name="dw_out")
     queue = runtime.resolve_queue(queue, dy=dy, x=x, w=w, mask=mask, dx_out=dx_out,
                                   dw_out=dw_out)
-    _check_sizes(x=int(np.prod(x.shape)), dy=int(np.prod(out_shape)),
+    check_int32_sizes(x=int(np.prod(x.shape)), dy=int(np.prod(out_shape)),
                  packed=geom["N"] * geom["Hp"] * geom["Wp"] * (n_ch + 15))
     for size, what in ((x.size if need_dx else 0, "dx"), (w.size if need_dw else 0, "dw")):
         check_alloc(queue, 4 * size, what)   # both, by name, before either is allocated

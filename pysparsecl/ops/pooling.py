@@ -13,7 +13,7 @@ import numpy as np
 from .. import runtime, tuning
 from ..families import pooling
 from ._common import (
-    INT32_MAX,
+    check_int32_sizes,
     check_out,
     deliver,
     int_pair,
@@ -53,12 +53,6 @@ def _flag(value, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {value!r}")
     return bool(value)
-
-
-def _check_sizes(**sizes) -> None:
-    for what, n in sizes.items():
-        if n > INT32_MAX:
-            raise ValueError(f"{what} has {n} elements, more than int32 indexing allows")
 
 
 def _window(in_hw: Tuple[int, int], kernel_size, stride, padding) -> pooling.Window:
@@ -103,7 +97,7 @@ def _backward_window(dy, input_shape, kernel_size, stride, padding):
 def _forward(kind, x, window, out, with_indices, count_include_pad, queue, events):
     out_shape = tuple(x.shape[:2]) + window.out_hw
     check_out(out, out_shape, np.float32, like=x)
-    _check_sizes(x=x.size, out=math.prod(out_shape))
+    check_int32_sizes(x=x.size, out=math.prod(out_shape))
     queue = runtime.resolve_queue(queue, x=x, out=out)
     host = not is_device_array(x)
     y_dev, take = new_output(queue, out_shape, np.float32, out, like=x, inputs=(x,))
@@ -123,7 +117,7 @@ def _forward(kind, x, window, out, with_indices, count_include_pad, queue, event
 
 def _backward(kind, dy, indices, input_shape, window, out, count_include_pad, queue, events):
     check_out(out, input_shape, np.float32, like=dy)
-    _check_sizes(dy=dy.size, dx=math.prod(input_shape))
+    check_int32_sizes(dy=dy.size, dx=math.prod(input_shape))
     queue = runtime.resolve_queue(queue, dy=dy, indices=indices, out=out)
     host = not is_device_array(dy)
     inputs = (dy,) if indices is None else (dy, indices)

@@ -136,19 +136,7 @@ def column_sums(a, *, scale=1.0, out=None, queue=None, events=None):
     if is_device_array(a) and (a.strides[1] != 4 or a.strides[0] % 4 or a.strides[0] < 0):
         raise ValueError("a: a device array's rows must each be contiguous (column slices "
                          "are fine; transposes are not)")
-    scale = _finite_number(scale, "scale")
-    n_rows, n_cols = a.shape
-    check_out(out, (n_cols,), np.float32, like=a)
-    queue = runtime.resolve_queue(queue, a=a, out=out)
-    host = not is_device_array(a)
-    if host:
-        a = np.ascontiguousarray(a)
-        check_alloc(queue, a.nbytes, "a")
-    out_dev, take = new_output(queue, (n_cols,), np.float32, out, like=a, inputs=(a,))
-    if n_cols:
-        a_dev = to_device(a, queue, "a", borrow=host)
-        training.launch_column_sums(queue, _params(queue), a_dev, out_dev, scale, events)
-    return deliver(out_dev, a, out, queue, take)
+    return _sums(training.launch_column_sums, a, a.shape[1], scale, out, queue, events)
 
 
 @runtime.capturable_op
@@ -167,18 +155,23 @@ def channel_sums(a, *, scale=1.0, out=None, queue=None, events=None):
         raise ValueError(f"a must be at least 2-D (N, C, ...), got shape {tuple(a.shape)}")
     if is_device_array(a) and not a.flags.c_contiguous:
         raise ValueError("a: a device array must be contiguous")
+    return _sums(training.launch_channel_sums, a, a.shape[1], scale, out, queue, events)
+
+
+def _sums(launch, a, n_out: int, scale, out, queue, events):
+    """The shared body of the sums: ``launch`` writes n_out sums of ``a`` (validated by
+    the caller but for ``scale`` and ``out``), delivered in a's container kind."""
     scale = _finite_number(scale, "scale")
-    n_ch = a.shape[1]
-    check_out(out, (n_ch,), np.float32, like=a)
+    check_out(out, (n_out,), np.float32, like=a)
     queue = runtime.resolve_queue(queue, a=a, out=out)
     host = not is_device_array(a)
     if host:
         a = np.ascontiguousarray(a)
         check_alloc(queue, a.nbytes, "a")
-    out_dev, take = new_output(queue, (n_ch,), np.float32, out, like=a, inputs=(a,))
-    if n_ch:
-        a_dev = to_device(a, queue, "a", borrow=host)
-        training.launch_channel_sums(queue, _params(queue), a_dev, out_dev, scale, events)
+    out_dev, take = new_output(queue, (n_out,), np.float32, out, like=a, inputs=(a,))
+    if n_out:
+        launch(queue, _params(queue), to_device(a, queue, "a", borrow=host), out_dev, scale,
+               events)
     return deliver(out_dev, a, out, queue, take)
 
 
