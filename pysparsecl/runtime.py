@@ -589,7 +589,9 @@ def capturable():
 def capturable_op(op):
     """Decorates an op whose every path on device arrays enqueues only kernels of ours,
     :func:`enqueue_fill` and :func:`enqueue_copy`, and needs no host between them (a path
-    that does calls :func:`refuse_capture`), so that a :class:`LaunchGraph` may record it."""
+    that does calls :func:`refuse_capture`), so that a :class:`LaunchGraph` may record it.
+    (The flag is set inline rather than through :func:`capturable`, whose generator every
+    op call would pay for.)"""
     @functools.wraps(op)
     def allowed(*args, **kwargs):
         before = getattr(_capture, "allowed", False)

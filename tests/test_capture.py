@@ -116,7 +116,7 @@ def test_capture_refuses_what_it_cannot_replay(queue, rng):
                 pass
 
 
-def test_empty_weight_is_captured_as_a_kernel(queue, rng):
+def test_empty_weight_is_captured(queue, rng):
     case = LAYER3.with_(sparsity=1.0, bias=False)
     x, _, csr, _ = case.make_inputs(rng)
     x_dev = cl_array.to_device(queue, x)

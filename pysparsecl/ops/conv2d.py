@@ -572,11 +572,10 @@ def _check_residual(residual, out_shape, x, out) -> None:
 
 def _compute(queue, x_dev, weight: SparseConvWeight, epilogue: _Epilogue, out_dev, geom,
              events, shape_class: Optional[str] = None):
-    if weight.nnz == 0 and epilogue.bias is None and epilogue.residual is None and \
-            not runtime.capturing():   # (a fill is no kernel of ours: not captured)
-        out_dev.fill(np.float32(0), queue=queue)   # ReLU(0) is 0 too
-    else:
-        with runtime.capturable():
+    with runtime.capturable():
+        if weight.nnz == 0 and epilogue.bias is None and epilogue.residual is None:
+            runtime.fill_array(queue, out_dev, 0)   # ReLU(0) is 0 too
+        else:
             _launch(queue, x_dev, weight, epilogue, out_dev, geom, events, shape_class)
 
 
