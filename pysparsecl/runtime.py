@@ -812,21 +812,37 @@ def empty(queue: cl.CommandQueue, shape: Tuple[int, ...], dtype,
     return _fast_array(queue, shape, dtype, allocator=allocator)
 
 
+#: (shape, dtype) -> (NumPy dtype, shape of ints, C strides, size): _fast_array's layouts.
+_layouts: Dict[tuple, tuple] = {}
+
+
+def _layout(shape, dtype) -> tuple:
+    try:
+        return _layouts[(shape, dtype)]
+    except (KeyError, TypeError):   # new, or a shape of unhashable parts (a list)
+        pass
+    dtype_ = np.dtype(dtype)
+    shape_ = tuple(int(n) for n in shape)
+    strides, step = [], dtype_.itemsize
+    for n in reversed(shape_):
+        strides.append(step)
+        step *= max(n, 1)
+    found = (dtype_, shape_, tuple(reversed(strides)), math.prod(shape_))
+    if type(shape) is tuple and len(_layouts) < 4096:
+        _layouts[(shape, dtype)] = found
+    return found
+
+
 def _fast_array(queue: cl.CommandQueue, shape, dtype, allocator=None, data=None,
                 offset: int = 0) -> cl_array.Array:
     """A C-contiguous device array through pyopencl's internal constructor fast path: new
     (from ``allocator``) or over the buffer ``data`` at byte ``offset``; the public
     constructor where a pyopencl release lacks the fast path."""
-    dtype = np.dtype(dtype)
-    shape = tuple(int(n) for n in shape)
-    strides, step = [], dtype.itemsize
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
+    dtype, shape, strides, size = _layout(shape, dtype)
     try:
         return cl_array.Array(None, shape, dtype, allocator=allocator, data=data,
-                              offset=offset, strides=tuple(reversed(strides)), _fast=True,
-                              _size=math.prod(shape), _context=queue.context, _queue=queue)
+                              offset=offset, strides=strides, _fast=True, _size=size,
+                              _context=queue.context, _queue=queue)
     except TypeError:  # no fast path in this pyopencl
         if data is None:
             return cl_array.empty(queue, shape, dtype, allocator=allocator)
@@ -1009,9 +1025,41 @@ def staging(queue: cl.CommandQueue, slot: str, shape, dtype
     return _fast_array(queue, shape, dtype, data=buf), host[:n_bytes].view(dtype).reshape(shape)
 
 
+_scratch = threading.local()
+_SCRATCH_QUEUES = 4   # queues whose scratch a thread keeps (least recently used go)
+
+
+def scratch(queue: cl.CommandQueue, n_bytes: int) -> cl.Buffer:
+    """A device buffer of at least ``n_bytes`` that this thread keeps for ``queue`` (an
+    in-order queue), for scratch that lives only between an op's own launches: written by
+    one, read by the next.  Every call of every op on the queue can then share it.
+
+    It replaces one buffer from the memory pool per call so that kernels keep their
+    scratch argument set from call to call: on NVIDIA's OpenCL setting an argument costs
+    several times what an enqueue does.  Sharing is safe because the queue runs a later
+    call's launches after an earlier call's; per thread, so that two threads sharing the
+    queue cannot interleave their launches around it.  The thread keeps its last
+    ``_SCRATCH_QUEUES`` queues' buffers (and those queues); a LaunchGraph does not use
+    it, as a graph holds buffers of its own."""
+    kept = getattr(_scratch, "buffers", None)
+    if kept is None:
+        kept = _scratch.buffers = {}
+    found = kept.pop(queue.int_ptr, None)
+    if found is None or found[0] is not queue or found[1].size < n_bytes:
+        old = found[1].size if found is not None and found[0] is queue else 0
+        found = (queue, cl.Buffer(queue.context, cl.mem_flags.READ_WRITE,
+                                  max(n_bytes, old, 4096)))
+    kept[queue.int_ptr] = found   # most recently used last
+    while len(kept) > _SCRATCH_QUEUES:
+        kept.pop(next(iter(kept)))
+    return found[1]
+
+
 def release_staging() -> None:
-    """Drop this thread's staging buffers (see :func:`staging`)."""
+    """Drop this thread's staging buffers (see :func:`staging`) and scratch buffers (see
+    :func:`scratch`)."""
     _staging.slots = {}
+    _scratch.buffers = {}
 
 
 _IN_PLACE_PROBE = """

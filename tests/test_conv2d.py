@@ -1,5 +1,8 @@
 """conv2d_sparse against the float64 reference, on every working OpenCL device."""
 
+import sys
+import threading
+
 import numpy as np
 import pyopencl.array as cl_array
 import pytest
@@ -202,6 +205,86 @@ def test_one_weight_across_geometries_bias_and_parameters(queue, rng):
         ps.conv2d_sparse(rng.standard_normal((1, 6, n, 3), dtype=np.float32), weight,
                          padding=1)
     assert len(weight._plans) == conv2d_module._PLANS_PER_WEIGHT
+
+
+def _repeated_layers(queue, rng):
+    """Three prepared layers of different input sizes (so different packed-input sizes),
+    with their device inputs and float64 references."""
+    layers = []
+    for n, c, hw, k in ((1, 3, 6, 4), (2, 5, 11, 6), (1, 4, 8, 3)):
+        case = ConvCase(n, c, hw, hw, k, sparsity=0.5)
+        x, w, csr, _ = case.make_inputs(rng)
+        layers.append((ps.SparseConvWeight(csr, c, queue=queue), cl_array.to_device(queue, x),
+                       case.reference(x, w, None)))
+    return layers
+
+
+def test_repeated_device_calls_share_the_threads_scratch(queue, rng):
+    """Repeated device-array calls on prepared weights pack their input into one scratch
+    buffer per thread and queue (runtime.scratch), grown as needed: calls of different
+    layers, enqueued back to back with no wait, each get their own right answer."""
+    runtime.release_staging()
+    layers = _repeated_layers(queue, rng)
+    for weight, x_dev, _ in layers:                  # validated once: the path is cached
+        ps.conv2d_sparse(x_dev, weight, padding=1)
+    queue.finish()
+    outputs = [(ps.conv2d_sparse(x_dev, weight, padding=1), ref)
+               for _ in range(3) for weight, x_dev, ref in layers]
+    for y, ref in outputs:
+        assert relative_error(y.get(), ref) < TOL
+    biggest = max(plan.xpack_bytes for weight, _, _ in layers
+                  for plan in weight._plans.values())
+    buf = runtime.scratch(queue, 1)
+    assert buf.size >= biggest and runtime.scratch(queue, biggest) is buf
+    assert runtime.scratch(queue, buf.size + 1).size > buf.size      # grows
+    ps.clear_weight_cache()                                          # and is dropped
+    assert runtime.scratch(queue, 1).size < buf.size
+
+
+def test_threads_sharing_a_queue_get_their_own_scratch(queue, rng):
+    """Two threads enqueue repeated calls on one in-order queue at once: their packing and
+    convolution launches interleave, so a scratch buffer shared between the threads would
+    let one thread's convolution read the other's packed input."""
+    per_thread = [_repeated_layers(queue, np.random.default_rng(seed)) for seed in (1, 2)]
+    errors = []
+
+    def work(layers):
+        try:
+            for _ in range(40):
+                outputs = [(ps.conv2d_sparse(x_dev, weight, padding=1), ref)
+                           for weight, x_dev, ref in layers]
+                for y, ref in outputs:
+                    assert relative_error(y.get(), ref) < TOL
+        except Exception as exc:   # reported by the main thread
+            errors.append(exc)
+    threads = [threading.Thread(target=work, args=(layers,)) for layers in per_thread]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)      # switch threads often: between a call's two launches
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[0]
+
+
+def test_repeated_device_calls_follow_tuning_changes(queue, rng):
+    """A repeated device-array call keeps its launch plan only while the tuning lookups
+    answer as they did: an override takes effect on the next call, and leaving it goes
+    back to the database's plan."""
+    weight, x_dev, ref = _repeated_layers(queue, rng)[1]
+    y = ps.conv2d_sparse(x_dev, weight, padding=1)
+    assert relative_error(y.get(), ref) < TOL and len(weight._plans) == 1
+    with override("conv2d_csr", VEC=2, PIX_VECS=3, WG_PIX=2, BATCH_LAYOUT=0):
+        y = ps.conv2d_sparse(x_dev, weight, padding=1)
+        assert relative_error(y.get(), ref) < TOL
+    assert len(weight._plans) == 2
+    plan = next(iter(weight._calls.values())).plan
+    y = ps.conv2d_sparse(x_dev, weight, padding=1)
+    assert relative_error(y.get(), ref) < TOL
+    assert len(weight._plans) == 2 and next(iter(weight._calls.values())).plan is not plan
 
 
 def test_offset_device_arrays(queue, rng):

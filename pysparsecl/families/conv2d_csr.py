@@ -246,11 +246,14 @@ def build_plan(queue, weight, geom, variant: tuple, params) -> Plan:
 
 
 
-def launch(queue, plan: Plan, x_dev, bias_buf, out_dev, residual, events) -> None:
+def launch(queue, plan: Plan, x_dev, bias_buf, out_dev, residual, events,
+           xpack=None) -> None:
     """Enqueue the packing and the convolution of ``plan``; ``bias_buf`` is the bias's
     buffer (any buffer when the variant has none), ``residual`` the residual device array
-    or None."""
-    xpack = runtime.memory_pool(queue.context)(plan.xpack_bytes)  # a bare buffer: no Array
+    or None; ``xpack`` the packed input's buffer (``runtime.scratch``), else one from the
+    memory pool."""
+    if xpack is None:
+        xpack = runtime.memory_pool(queue.context)(plan.xpack_bytes)  # a bare buffer
     ev_pack = plan.pack.launch(queue, *plan.pack_sizes, x=x_dev.base_data,
                                x_offset=elem_offset(x_dev), xpack=xpack,
                                wait_for=x_dev.events or None)

@@ -233,7 +233,7 @@ class SparseConvWeight:
         self._nonzeros: Dict[tuple, cl_array.Array] = {}
         self._segments: Dict[int, cl_array.Array] = {}
         self._plans: Dict[tuple, conv2d_csr.Plan] = {}   # launch plans, least recently used first
-        self._calls: Dict[tuple, "_CallShape"] = {}   # validated device-array call shapes
+        self._calls: Dict[tuple, "_RepeatedCall"] = {}   # validated device-array calls
         self._lock = threading.Lock()
 
     @property
@@ -436,6 +436,19 @@ class _CallShape:
     shape_class: str
 
 
+class _RepeatedCall:
+    """A validated device-array call (:func:`_repeated_call`) with its launch plan: the
+    plan stays while the tuning lookups it came from answer with the same memoised
+    values (``routed``), and is looked up again otherwise."""
+    __slots__ = ("call", "queue", "in_order", "variant", "routed", "plan")
+
+    def __init__(self, call: _CallShape, queue, variant: tuple):
+        self.call, self.queue, self.variant = call, queue, variant
+        self.in_order = not queue.properties & \
+            cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
+        self.routed = self.plan = None
+
+
 _CALLS_PER_WEIGHT = 64
 
 
@@ -447,42 +460,56 @@ def _array_key(a):
 def _repeated_call(x, weight: "SparseConvWeight", bias, kernel_size, stride, padding,
                    dilation, groups, activation, residual, queue, events):
     """The call on device arrays, a prepared weight and no ``out``, when one with the same
-    shapes, strides, dtypes and arguments was validated before: only what can differ
-    between such calls is checked again (contexts, the queue's state), so that the
-    eager host path of a network's layers skips most of its Python.  Returns None, having
-    done nothing, for any other call, or one that fails a check (the general path then
-    raises)."""
+    shapes, strides, dtypes, arguments and queue was validated before: only what can
+    differ between such calls is checked again (contexts, the queue's state, the tuning
+    lookups), and the launch plan is the one kept for it, so that the eager host path of
+    a network's layers skips most of its Python.  Returns None, having done nothing, for
+    any other call, one that fails a check (the general path then raises), or one made
+    while a LaunchGraph is captured (the general path records it)."""
     if (queue is not None and queue is not x.queue) or \
             (bias is not None and type(bias) is not cl_array.Array) or \
             (residual is not None and type(residual) is not cl_array.Array):
         return None
+    queue = x.queue
     key = (x.shape, x.strides, x.dtype, _array_key(bias), _array_key(residual), kernel_size,
            stride, padding, dilation, groups, activation)
     try:
-        call = weight._calls.get(key)
+        repeated = weight._calls.get(key)
     except TypeError:          # an unhashable argument: the general path says what is wrong
         return None
-    if call is None:
+    if repeated is None or repeated.queue is not queue:
         call = _validate_call(x, weight, bias, kernel_size, stride, padding, dilation,
                               groups, activation, residual)
-        if call is None:
+        if call is None or queue is None:
             return None
+        repeated = _RepeatedCall(call, queue, (bias is not None, call.relu,
+                                               residual is not None))
         with weight._lock:
-            weight._calls[key] = call
+            weight._calls[key] = repeated
             while len(weight._calls) > _CALLS_PER_WEIGHT:
                 weight._calls.pop(next(iter(weight._calls)))
-    queue = x.queue
     ctx = weight.queue.context.int_ptr
-    if queue is None or x.context.int_ptr != ctx or \
+    if runtime.capturing() or x.context.int_ptr != ctx or \
             (bias is not None and (bias.context.int_ptr != ctx or bias.offset)) or \
             (residual is not None and residual.context.int_ptr != ctx):
-        return None          # the general path raises, or copies a bias at an offset
+        return None          # the general path raises, copies a bias at an offset, records
     runtime.get_queue(queue)    # refuses a released queue
+    call = repeated.call
+    routed = tuning.memoised("conv2d_sparse", queue.device, call.shape_class, _routed_params)
+    if routed is not repeated.routed:
+        repeated.plan = _plan(queue, weight, call.geom, repeated.variant, call.shape_class)
+        repeated.routed = routed
     out_dev = runtime.empty(queue, call.out_shape, np.float32,
                             allocator=runtime.memory_pool(queue.context))
-    if out_dev.size:
-        _compute(queue, x, weight, _Epilogue(bias, residual, call.relu), out_dev, call.geom,
-                 events, call.shape_class)
+    if weight.nnz == 0 and bias is None and residual is None:
+        runtime.fill_array(queue, out_dev, 0)
+    elif out_dev.size:
+        plan = repeated.plan
+        conv2d_csr.launch(queue, plan, x,
+                          bias.base_data if bias is not None else weight.row_order.data,
+                          out_dev, residual, events,
+                          runtime.scratch(queue, plan.xpack_bytes) if repeated.in_order
+                          else None)
     return out_dev
 
 
