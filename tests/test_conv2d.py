@@ -287,6 +287,43 @@ def test_repeated_device_calls_follow_tuning_changes(queue, rng):
     assert len(weight._plans) == 2 and next(iter(weight._calls.values())).plan is not plan
 
 
+@pytest.mark.parametrize("case", [
+    ConvCase(2, 6, 9, 11, 5, kernel=(1, 1), padding=(0, 0), sparsity=0.5, bias=True),
+    ConvCase(1, 4, 7, 6, 3, kernel=(3, 3), padding=(0, 0), sparsity=0.5),  # unpadded 3x3
+    ConvCase(3, 6, 5, 5, 6, kernel=(1, 1), padding=(0, 0), groups=2, sparsity=0.3),
+], ids=["1x1", "3x3-pad0", "1x1-groups"])
+def test_direct_plans_read_the_input_in_place(queue, rng, case):
+    """Where the packed layout is the input's own (one float per packed pixel, stride 1,
+    no padding), the convolution reads x where it lies, with no packing pass, if x's
+    buffer also covers the tail the last pixel tile reads: that tail is NaN here and must
+    not reach the result.  x at an offset, a buffer without the tail, or an out that is x
+    itself take the packing pass."""
+    x, w, csr, bias = case.make_inputs(rng)
+    ref = case.reference(x, w, bias)
+    weight = ps.SparseConvWeight(csr, case.C, case.kernel, case.groups, queue)
+    kw = dict(groups=case.groups, padding=0)
+    b_dev = cl_array.to_device(queue, bias) if bias is not None else None
+    roomy = cl_array.to_device(queue, np.full(x.size + 4096, np.nan, np.float32))
+    x_dev = roomy[:x.size].reshape(x.shape)
+    x_dev.set(x)
+    with override("conv2d_csr", BATCH_LAYOUT=0, VEC=2, PIX_VECS=3, WG_PIX=2):
+        events = []
+        y = ps.conv2d_sparse(x_dev, weight, b_dev, events=events, **kw)
+        assert len(events) == 1                                   # no packing pass
+        assert relative_error(y.get(), ref) < TOL
+        tight = cl_array.to_device(queue, x)                     # no room for the tail
+        offset = cl_array.to_device(queue, np.concatenate([[np.nan], x.ravel()]).astype(
+            np.float32))[1:].reshape(x.shape)
+        for packed in (tight, offset):
+            events = []
+            y = ps.conv2d_sparse(packed, weight, b_dev, events=events, **kw)
+            assert len(events) == 2
+            assert relative_error(y.get(), ref) < TOL
+        if case.K == case.C:                                     # in place: out is x
+            ps.conv2d_sparse(x_dev, weight, b_dev, out=x_dev, **kw)
+            assert relative_error(x_dev.get(), ref) < TOL
+
+
 def test_offset_device_arrays(queue, rng):
     case = ConvCase(4, 5, 8, 8, 6, sparsity=0.5)
     x, w, csr, _ = case.make_inputs(rng)

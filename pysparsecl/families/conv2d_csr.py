@@ -157,6 +157,11 @@ class Plan:
     pack_sizes: tuple           # (global, local)
     conv_sizes: tuple
     xpack_bytes: int
+    #: The packed input is the input itself, laid out as it comes (one float per packed
+    #: pixel, stride 1, no padding: 1x1 layers mostly), so the convolution can read the
+    #: input where it lies, with no packing pass, if its buffer covers ``xpack_bytes``
+    #: from the start (the tail a last pixel tile reads and throws away).
+    direct: bool
 
 
 
@@ -241,7 +246,9 @@ def build_plan(queue, weight, geom, variant: tuple, params) -> Plan:
         OW=np.int32(geom.OW), Wq=np.int32(geom.Wq), x_image_stride=np.int64(image_stride),
         x_group_stride=np.int64(group_stride), div_plane_m=plane_m, div_plane_s=plane_s,
         div_ow_m=ow_m, div_ow_s=ow_s)
-    return Plan(pack, conv, pack_sizes, conv_sizes, 4 * n_total)
+    direct = (pixel_floats == 1 and geom.phases == 1 and geom.padding == (0, 0)
+              and (geom.Hq, geom.Wq) == (geom.H, geom.W))
+    return Plan(pack, conv, pack_sizes, conv_sizes, 4 * n_total, direct)
 
 
 
@@ -251,23 +258,29 @@ def launch(queue, plan: Plan, x_dev, bias_buf, out_dev, residual, events,
     """Enqueue the packing and the convolution of ``plan``; ``bias_buf`` is the bias's
     buffer (any buffer when the variant has none), ``residual`` the residual device array
     or None; ``xpack`` the packed input's buffer (``runtime.scratch``), else one from the
-    memory pool."""
-    if xpack is None:
-        xpack = runtime.memory_pool(queue.context)(plan.xpack_bytes)  # a bare buffer
-    ev_pack = plan.pack.launch(queue, *plan.pack_sizes, x=x_dev.base_data,
-                               x_offset=elem_offset(x_dev), xpack=xpack,
-                               wait_for=x_dev.events or None)
-    # An in-order queue already runs the convolution after the packing.
+    memory pool.  A direct plan reads ``x_dev`` in place instead, where it can."""
     in_order = not queue.properties & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
+    x_buf = x_dev.base_data
+    if plan.direct and not x_dev.offset and x_buf.size >= plan.xpack_bytes and \
+            out_dev.base_data.int_ptr != x_buf.int_ptr:   # (an in-place out needs the copy)
+        xpack, ev_pack, waits = x_buf, None, list(x_dev.events)
+    else:
+        if xpack is None:
+            xpack = runtime.memory_pool(queue.context)(plan.xpack_bytes)  # a bare buffer
+        ev_pack = plan.pack.launch(queue, *plan.pack_sizes, x=x_buf,
+                                   x_offset=elem_offset(x_dev), xpack=xpack,
+                                   wait_for=x_dev.events or None)
+        # An in-order queue already runs the convolution after the packing.
+        waits = [] if in_order else [ev_pack]
     res_buf, res_offset = ((residual.base_data, elem_offset(residual)) if residual is not None
                            else (out_dev.base_data, np.int64(0)))   # unread
     ev_conv = plan.conv.launch(
         queue, *plan.conv_sizes, xpack=xpack, bias=bias_buf, out=out_dev.base_data,
         out_offset=elem_offset(out_dev), residual=res_buf, res_offset=res_offset,
-        wait_for=(([] if in_order else [ev_pack]) + list(out_dev.events)
+        wait_for=(waits + list(out_dev.events)
                   + (list(residual.events) if residual is not None else [])) or None)
     written(out_dev, ev_conv)
-    # xpack goes back to the pool when this returns; that is safe because every later use
-    # of the pool's buffers is enqueued on an in-order queue behind ev_conv.
+    # A pooled xpack goes back to the pool when this returns; that is safe because every
+    # later use of the pool's buffers is enqueued on an in-order queue behind ev_conv.
     if events is not None:
-        events.extend([ev_pack, ev_conv])
+        events.extend([ev_pack, ev_conv] if ev_pack is not None else [ev_conv])
