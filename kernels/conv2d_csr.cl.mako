@@ -11,6 +11,9 @@
 ## output pixels of all image blocks, each vector with its own base pointer, so that
 ## neither the padding columns nor a part-filled last tile per image cost anything.
 ##
+## Where that layout is the input's own (pixel layout or VEC 1, stride 1, no padding),
+## xpack is the input itself and there is no packing pass (families/conv2d_csr.py).
+##
 ## Two layouts of the packed input (tile parameter BATCH_LAYOUT):
 ##   0  [n][c * phases][Hq][Wq]          vectors run along VEC output pixels (any batch);
 ##   1  [n / VEC][c * phases][Hq][Wq][VEC]  vectors run along VEC images of the batch, so

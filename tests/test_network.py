@@ -33,7 +33,10 @@ def test_resnet50_body_matches_reference(queue, rng, sparsity):
     graph = ps.LaunchGraph(queue, inputs=(x_dev,))
     with graph:
         captured = net(x_dev)
-    assert len(graph) == 2 * (3 * 16 + 4 + 2)   # two kernels per conv2d_sparse call
+    calls = 3 * 16 + 4 + 2
+    # One or two kernels per conv2d_sparse call: the packing pass is left out where the
+    # convolution reads its input in place (some 1x1 layers, device and tuning allowing).
+    assert calls <= len(graph) <= 2 * calls
     new = rng.standard_normal(x.shape, dtype=np.float32)
     graph.replay(new)
     assert relative_error(captured.get().reshape(2, 10),

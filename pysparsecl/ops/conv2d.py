@@ -198,7 +198,9 @@ class SparseConvWeight:
     The input offsets that the kernel reads are derived from the column indices once per
     input geometry and cached, and so is each geometry's launch plan (kernels, work sizes,
     arguments; the 32 most recently used), so repeated calls on the same shape do no host
-    work beyond the two enqueues.
+    work beyond the enqueues: the packing pass and the convolution, or the convolution
+    alone where the packed layout is the input's own (stride 1, no padding, one float per
+    packed pixel: 1x1 layers at batch 1 mostly), which then reads the input in place.
     """
 
     def __init__(self, w_csr, in_channels: int, kernel_size=None, groups: int = 1,
