@@ -287,6 +287,22 @@ def test_repeated_device_calls_follow_tuning_changes(queue, rng):
     assert len(weight._plans) == 2 and next(iter(weight._calls.values())).plan is not plan
 
 
+def test_repeated_device_calls_with_an_empty_weight_or_batch(queue, rng):
+    """The repeated path fills the output of a weight with no nonzeros (and no bias or
+    residual) with zeros, and enqueues nothing for an empty batch."""
+    empty = ps.SparseConvWeight(sp.csr_matrix((4, 27), dtype=np.float32), 3, queue=queue)
+    for n in (0, 2):
+        x_dev = cl_array.to_device(queue, rng.standard_normal((n, 3, 5, 5), dtype=np.float32))
+        for _ in range(3):       # validated, then repeated
+            poison = runtime.empty(queue, (n, 4, 5, 5), np.float32,   # the pool's next
+                                   allocator=runtime.memory_pool(queue.context))
+            if poison.size:
+                runtime.fill_array(queue, poison, np.nan)
+            del poison
+            y = ps.conv2d_sparse(x_dev, empty, padding=1)
+            assert y.shape == (n, 4, 5, 5) and not np.any(y.get())
+
+
 @pytest.mark.parametrize("case", [
     ConvCase(2, 6, 9, 11, 5, kernel=(1, 1), padding=(0, 0), sparsity=0.5, bias=True),
     ConvCase(1, 4, 7, 6, 3, kernel=(3, 3), padding=(0, 0), sparsity=0.5),  # unpadded 3x3

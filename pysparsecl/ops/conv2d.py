@@ -503,9 +503,11 @@ def _repeated_call(x, weight: "SparseConvWeight", bias, kernel_size, stride, pad
         repeated.routed = routed
     out_dev = runtime.empty(queue, call.out_shape, np.float32,
                             allocator=runtime.memory_pool(queue.context))
-    if weight.nnz == 0 and bias is None and residual is None:
-        runtime.fill_array(queue, out_dev, 0)
-    elif out_dev.size:
+    if not out_dev.size:
+        pass
+    elif weight.nnz == 0 and bias is None and residual is None:
+        runtime.fill_array(queue, out_dev, 0)   # ReLU(0) is 0 too
+    else:
         plan = repeated.plan
         conv2d_csr.launch(queue, plan, x,
                           bias.base_data if bias is not None else weight.row_order.data,
