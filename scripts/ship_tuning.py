@@ -53,6 +53,10 @@ def main(argv=None) -> int:
     parser.add_argument("--merge-shapes", action="store_true",
                         help="keep the shipped entry's shape classes that the new run did "
                              "not tune (the new run's win where both have one)")
+    parser.add_argument("--keep-shipped-params", action="store_true",
+                        help="keep the shipped entry's family-wide parameters and their "
+                             "measurement (for a run over some shape classes only, with "
+                             "--merge-shapes: its per-class entries carry their own times)")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
     shipped = json.loads(SHIPPED.read_text())
@@ -75,7 +79,11 @@ def main(argv=None) -> int:
                           f"{entry['measured']['date']}, before the shipped entry "
                           f"({current['date']}); --force replaces it", file=sys.stderr)
                     continue
-                old_shapes = shipped.get(family, {}).get(key, {}).get("shapes", {})
+                old = shipped.get(family, {}).get(key, {})
+                old_shapes = old.get("shapes", {})
+                if args.keep_shipped_params and "params" in old:
+                    entry = dict(entry, params=old["params"],
+                                 measured=old.get("measured", entry["measured"]))
                 if args.keep_shipped_shapes and old_shapes:
                     entry = dict(entry, shapes={**entry.get("shapes", {}), **old_shapes})
                 elif args.merge_shapes and old_shapes:

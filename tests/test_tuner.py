@@ -326,6 +326,36 @@ def test_ship_tuning_keeps_newer_shipped_entries(tmp_path, monkeypatch):
     assert "copy_of_a_tuning_run.json" not in entries
 
 
+def test_ship_tuning_merges_a_run_over_some_shape_classes(tmp_path, monkeypatch):
+    """--merge-shapes --keep-shipped-params: a run over a few shape classes replaces those
+    classes' entries and adds its new ones, while the other classes and the family-wide
+    parameters (tuned over every class) stay as shipped."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "scripts" / "ship_tuning.py"
+    spec = importlib.util.spec_from_file_location("ship_tuning", path)
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    shipped = tmp_path / "shipped.json"
+    old_measured = {"date": "2026-11-27T00:00:00+00:00", "total_ms": 9.0}
+    shipped.write_text(json.dumps({"conv2d_csr": {"dev": {
+        "params": {"VEC": 8}, "measured": old_measured,
+        "shapes": {"a": {"params": {"VEC": 4}}, "b": {"params": {"VEC": 2}}}}}}))
+    monkeypatch.setattr(ship, "SHIPPED", shipped)
+    db = tmp_path / "dev--1.json"
+    db.write_text(json.dumps({"driver": "1", "families": {"conv2d_csr": {
+        "params": {"VEC": 16}, "date": "2026-11-28T00:00:00+00:00", "total_ms": 1.0,
+        "times_ms": {}, "shapes": {"b": {"params": {"VEC": 1}},
+                                   "c": {"params": {"VEC": 16}}}}}}))
+    ship.main([str(db), "--merge-shapes", "--keep-shipped-params"])
+    entry = json.loads(shipped.read_text())["conv2d_csr"]["dev"]
+    assert entry["params"] == {"VEC": 8} and entry["measured"] == old_measured
+    assert {k: v["params"]["VEC"] for k, v in entry["shapes"].items()} == \
+        {"a": 4, "b": 1, "c": 16}
+    ship.main([str(db), "--merge-shapes", "--force"])     # without: the run's own params
+    assert json.loads(shipped.read_text())["conv2d_csr"]["dev"]["params"] == {"VEC": 16}
+
+
 def test_a_challenger_must_win_every_interleaved_round():
     """The confirmation keeps the configuration in use unless a challenger is faster by
     more than min_gain in the median *and* in every paired round: one slow spell that hit

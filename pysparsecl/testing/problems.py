@@ -138,7 +138,7 @@ def _conv_case(entry: dict, family: str, fraction: str, default: float):
 # Direct sparse convolution and elementwise
 
 def _conv2d_problems(queue, rng, quick, shapes) -> List[Problem]:
-    from .. import SparseConvWeight, conv2d_sparse
+    from .. import SparseConvWeight, conv2d_sparse, runtime
     from ..ops.conv2d import conv2d_shape_class
     from .cases import RESNET50_LAYERS
     if shapes is not None:
@@ -152,7 +152,11 @@ def _conv2d_problems(queue, rng, quick, shapes) -> List[Problem]:
     problems = []
     for case in cases:
         x, w, csr, _ = case.make_inputs(rng)
-        x_dev = cl_array.to_device(queue, x)
+        # From the memory pool, as a network's activations come (whose slack lets a
+        # convolution read its input in place: conv2d_csr's direct plans).
+        x_dev = runtime.empty(queue, x.shape, np.float32,
+                              allocator=runtime.memory_pool(queue.context))
+        x_dev.set(x)
         weight = SparseConvWeight(csr, case.C, case.kernel, case.groups, queue)
         kw = dict(stride=case.stride, padding=case.padding)
         problems.append(Problem(
