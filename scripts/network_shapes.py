@@ -2,8 +2,11 @@
 """A tuner shapes file with one problem per conv2d_csr shape class of the whole-network
 benchmark's ResNet-50 body (pysparsecl/testing/networks.py), at the given batches.
 
-    python -m scripts.network_shapes --batch 1 8 [--sparsity 0.9] > shapes.json
+    python -m scripts.network_shapes --batch 1 8 [--sparsity 0.9] [--kernel 1] > shapes.json
     python -m pysparsecl tune --shapes shapes.json --budget-s 600
+
+``--kernel 1`` keeps the 1x1 classes alone (the FC layer among them), for a run over those
+only, shipped with ``python -m scripts.ship_tuning DB --merge-shapes --keep-shipped-params``.
 
 Each class is represented by its largest convolution (most multiply-adds); the FC
 layer is included too (the pooling layer, a depthwise convolution, is not).
@@ -19,7 +22,7 @@ from pysparsecl.ops.conv2d import conv2d_shape_class
 from pysparsecl.testing.networks import conv_inputs, resnet50_body
 
 
-def network_shapes(batches, sparsity: float, input_hw=(56, 56)) -> list:
+def network_shapes(batches, sparsity: float, input_hw=(56, 56), kernel=None) -> list:
     blocks = resnet50_body()
     convs, final_hw = conv_inputs(blocks, input_hw)
     best = {}
@@ -38,15 +41,17 @@ def network_shapes(batches, sparsity: float, input_hw=(56, 56)) -> list:
         fc = dict(N=n, C=c_last, H=1, W=1, K=1000, kernel=1, stride=1, padding=0,
                   sparsity=0.0)
         best[conv2d_shape_class(n, c_last, (1, 1), 1, 1)] = (0, fc)
-    return [entry for _, entry in best.values()]
+    return [entry for _, entry in best.values() if kernel is None or entry["kernel"] == kernel]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--kernel", type=int, help="only the classes of this kernel size")
     args = parser.parse_args(argv)
-    json.dump({"conv2d_csr": network_shapes(args.batch, args.sparsity)}, sys.stdout, indent=1)
+    json.dump({"conv2d_csr": network_shapes(args.batch, args.sparsity, kernel=args.kernel)},
+              sys.stdout, indent=1)
     print()
     return 0
 

@@ -54,3 +54,22 @@ def test_resnet50_body_structure():
     # 1x1 convolutions carry about half of the multiply-adds (the 1x1 path's motivation).
     macs = {k: sum(c.macs(1, hw) for c, hw in shapes if c.kernel == k) for k in (1, 3)}
     assert 0.45 < macs[1] / (macs[1] + macs[3]) < 0.55
+
+
+def test_network_shapes_one_problem_per_class_and_kernel_filter():
+    """scripts/network_shapes.py: one tuner problem per conv2d_csr shape class of the
+    network (and the FC layer), and --kernel keeps that kernel size's classes alone."""
+    from pysparsecl.ops.conv2d import conv2d_shape_class
+    from scripts.network_shapes import network_shapes
+    every = network_shapes([1, 8], 0.9)
+
+    def cls(e):
+        oh = (e["H"] + 2 * e["padding"] - e["kernel"]) // e["stride"] + 1
+        ow = (e["W"] + 2 * e["padding"] - e["kernel"]) // e["stride"] + 1
+        return conv2d_shape_class(e["N"], e["C"], (oh, ow), e["kernel"], e["stride"])
+    classes = [cls(e) for e in every]
+    assert len(classes) == len(set(classes)) and {e["kernel"] for e in every} == {1, 3}
+    ones = network_shapes([1, 8], 0.9, kernel=1)
+    assert ones and all(e["kernel"] == 1 for e in ones)
+    assert sorted(map(cls, ones)) == sorted(c for c, e in zip(classes, every)
+                                            if e["kernel"] == 1)
