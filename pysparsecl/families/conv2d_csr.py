@@ -267,9 +267,14 @@ def launch(queue, plan: Plan, x_dev, bias_buf, out_dev, residual, events,
     else:
         if xpack is None:
             xpack = runtime.memory_pool(queue.context)(plan.xpack_bytes)  # a bare buffer
-        ev_pack = plan.pack.launch(queue, *plan.pack_sizes, x=x_buf,
-                                   x_offset=elem_offset(x_dev), xpack=xpack,
-                                   wait_for=x_dev.events or None)
+        if plan.direct:   # the packing is a plain copy (the tail it would pad is not stored)
+            ev_pack = runtime.enqueue_copy(queue, xpack, x_buf, byte_count=x_dev.nbytes,
+                                           src_offset=x_dev.offset,
+                                           wait_for=x_dev.events or None)
+        else:
+            ev_pack = plan.pack.launch(queue, *plan.pack_sizes, x=x_buf,
+                                       x_offset=elem_offset(x_dev), xpack=xpack,
+                                       wait_for=x_dev.events or None)
         # An in-order queue already runs the convolution after the packing.
         waits = [] if in_order else [ev_pack]
     res_buf, res_offset = ((residual.base_data, elem_offset(residual)) if residual is not None
