@@ -267,7 +267,14 @@ def launch(queue, plan: Plan, x_dev, bias_buf, out_dev, residual, events,
     else:
         if xpack is None:
             xpack = runtime.memory_pool(queue.context)(plan.xpack_bytes)  # a bare buffer
-        if plan.direct:   # the packing is a plain copy (the tail it would pad is not stored)
+        filled = []
+        if plan.direct:
+            # The packing is a plain copy, and zeros for the tail that the last pixel tile
+            # reads (its results are not stored, but nothing reads unwritten memory).
+            tail = plan.xpack_bytes - x_dev.nbytes
+            if tail:
+                filled.append(runtime.enqueue_fill(queue, xpack, np.float32(0),
+                                                   x_dev.nbytes, tail))
             ev_pack = runtime.enqueue_copy(queue, xpack, x_buf, byte_count=x_dev.nbytes,
                                            src_offset=x_dev.offset,
                                            wait_for=x_dev.events or None)
@@ -276,7 +283,7 @@ def launch(queue, plan: Plan, x_dev, bias_buf, out_dev, residual, events,
                                        x_offset=elem_offset(x_dev), xpack=xpack,
                                        wait_for=x_dev.events or None)
         # An in-order queue already runs the convolution after the packing.
-        waits = [] if in_order else [ev_pack]
+        waits = [] if in_order else [ev_pack] + filled
     res_buf, res_offset = ((residual.base_data, elem_offset(residual)) if residual is not None
                            else (out_dev.base_data, np.int64(0)))   # unread
     ev_conv = plan.conv.launch(
