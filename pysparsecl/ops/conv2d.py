@@ -374,6 +374,12 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
     neither ``x``, ``bias`` nor ``residual`` is written in place too; elsewhere operands
     are copied to and from the device.  A NumPy call returns when its
     result is ready; a device-array call returns once it is enqueued.
+
+    On the device, the input is packed (padded, split into stride phases) into a scratch
+    buffer, except where that layout is the input's own (stride 1, no padding, the pixel
+    layout: 1x1 layers mostly): there a device array at offset 0 whose buffer has room for
+    the tail the last pixel tile reads (an array from the memory pool, as every op's
+    result is) is read in place, and any other input is copied.
     """
     if type(w_csr) is SparseConvWeight and type(x) is cl_array.Array and out is None:
         y = _repeated_call(x, w_csr, bias, kernel_size, stride, padding, dilation, groups,
