@@ -17,10 +17,8 @@ error < 1e-4).  Results: bench/results/network-<device>.{json,md,png}.
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
-import pyopencl as cl
 import pyopencl.array as cl_array
 
 import pysparsecl as ps
@@ -34,7 +32,7 @@ from pysparsecl.testing.networks import (
 from pysparsecl.testing.reference import relative_error
 
 from . import report
-from .timing import interleaved_medians, wall_ms
+from .timing import held_seconds, interleaved_medians, wall_ms
 
 #: --sparsity's default for this suite; --batch's is 1 8 on a CPU device, 1 32 on a GPU.
 SPARSITIES = (0.0, 0.7, 0.9, 0.95)
@@ -184,20 +182,8 @@ def _cuda_graph(torch, tnet, xt):
 
 
 def _host_us(net, x_dev, queue, reps: int = 5) -> float:
-    """Median Python time of one eager forward, in us, with the device held back (the
-    queue waits on a user event) so that no kernel competes with the host thread for the
-    CPU while it is measured (on a CPU device they otherwise share the cores)."""
-    times = []
-    for _ in range(reps):
-        queue.finish()
-        gate = cl.UserEvent(queue.context)
-        cl.enqueue_barrier(queue, wait_for=[gate])
-        t0 = time.perf_counter()
-        net(x_dev)
-        times.append(time.perf_counter() - t0)
-        gate.set_status(cl.command_execution_status.COMPLETE)
-    queue.finish()
-    return 1e6 * float(np.median(times))
+    """Median Python time of one eager forward, in us, with the device held back."""
+    return 1e6 * held_seconds(queue, lambda: net(x_dev), reps)
 
 
 def plot(rows, path, title) -> bool:

@@ -32,26 +32,13 @@ from pysparsecl.testing.networks import (
     resnet50_body,
 )
 
+from .timing import held_seconds
+
 _PROBE = """
 __kernel void pscl_probe(__global float *a, __global float *b, __global float *c, int n) {
     if ((int)get_global_id(0) < n) a[get_global_id(0)] += b[0] + c[0];
 }
 """
-
-
-def _held(queue, fn, reps: int = 7) -> float:
-    """Median seconds of ``fn()`` with the queue held back by a user event."""
-    times = []
-    for _ in range(reps):
-        queue.finish()
-        gate = cl.UserEvent(queue.context)
-        cl.enqueue_barrier(queue, wait_for=[gate])
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        gate.set_status(cl.command_execution_status.COMPLETE)
-    queue.finish()
-    return float(np.median(times))
 
 
 def _drained(queue, fn, reps: int = 7) -> float:
@@ -99,7 +86,7 @@ def driver_costs(queue, n: int = 200) -> None:
                 cl.enqueue_nd_range_kernel(queue, kernel, (64,), None)
         return run
     for k in (0, 1, 3):
-        us = 1e6 * _held(queue, enqueue(k)) / n
+        us = 1e6 * held_seconds(queue, enqueue(k)) / n
         print(f"  driver: set {k} buffer argument(s) + enqueue: {us:.1f} us")
 
 
@@ -148,10 +135,10 @@ def network(queue, sparsity: float) -> None:
     with graph:
         net(x_dev)
     queue.finish()
-    host = _held(queue, lambda: net(x_dev), reps=15)
+    host = held_seconds(queue, lambda: net(x_dev), reps=15)
     device = _drained(queue, lambda: net(x_dev))
     device_replay = _drained(queue, graph.replay)
-    replay_host = _held(queue, graph.replay, reps=15)
+    replay_host = held_seconds(queue, graph.replay, reps=15)
     eager, replay = _wall(queue, lambda: net(x_dev)), _wall(queue, graph.replay)
     print(f"  network (ResNet-50 body, N=1, {sparsity:.0%}, {calls} calls, "
           f"{len(graph)} launches): host {1e6 * host / calls:.1f} us/call eager, "

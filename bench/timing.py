@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pyopencl as cl
 
 
 def wall_ms(fn):
@@ -59,3 +60,21 @@ def interleaved_medians(timers: dict, rounds: int, block: int = 3, slow=(),
             timer()
             samples[name].extend(timer() for _ in range(1 if name in slow else block))
     return {name: float(np.median(v)) for name, v in samples.items()}
+
+
+def held_seconds(queue, fn, reps: int = 7) -> float:
+    """Median seconds of the host's ``fn()`` with ``queue`` held back by a user event, so
+    that no kernel competes with the host thread for the CPU while it is measured (on a
+    CPU device they otherwise share the cores); the queue runs what ``fn`` enqueued
+    afterwards."""
+    times = []
+    for _ in range(reps):
+        queue.finish()
+        gate = cl.UserEvent(queue.context)
+        cl.enqueue_barrier(queue, wait_for=[gate])
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        gate.set_status(cl.command_execution_status.COMPLETE)
+    queue.finish()
+    return float(np.median(times))
