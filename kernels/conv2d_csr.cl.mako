@@ -328,7 +328,6 @@ void pscl_pack_input(${ARGS["pscl_pack_input"]})
     __global float *dst = xpack + (long)row_id * Wq * PSCL_PIX_FLOATS;
     const int plane = row_id / Hq;
     const int iq = row_id - plane * Hq;     // not row_id % Hq: see common.cl.mako, 1.
-    const int phases = stride_h * stride_w;
     const int nc = plane / phases;          // image (block) * C + channel
     const int phase = plane - nc * phases;
     const int ph = phase / stride_w;

@@ -48,6 +48,10 @@ CASES = [
     base.with_(sparsity=1.0, bias=False),
     base.with_(bias=False, stride=(3, 2), padding=(1, 0), H=17, W=23),
     base.with_(C=37, K=19, H=15, W=15, sparsity=0.8),
+    # Every tap on stride phase 0: only the pixels the taps read are packed.
+    base.with_(kernel=(1, 1), stride=(3, 2), padding=(0, 0), H=17, W=23),
+    base.with_(kernel=(1, 1), stride=(2, 2), padding=(1, 1)),
+    base.with_(dilation=(2, 2), stride=(2, 2), padding=(2, 2)),
 ]
 
 
@@ -339,6 +343,28 @@ def test_direct_plans_read_the_input_in_place(queue, rng, case):
         if case.K == case.C:                                     # in place: out is x
             ps.conv2d_sparse(x_dev, weight, b_dev, out=x_dev, **kw)
             assert relative_error(x_dev.get(), ref) < TOL
+
+
+def test_phase_zero_layers_pack_only_the_pixels_they_read(queue, rng):
+    """A strided layer whose taps all fall on stride phase 0 (a 1x1 kernel, a kernel
+    dilated by its stride) packs one phase, the input pixels the taps read, instead of
+    stride_h * stride_w phases: a quarter of a stride-2 1x1 layer's input."""
+    case = ConvCase(2, 8, 16, 16, 6, kernel=(1, 1), stride=(2, 2), padding=(0, 0),
+                    sparsity=0.5)
+    x, w, csr, _ = case.make_inputs(rng)
+    weight = ps.SparseConvWeight(csr, case.C, case.kernel, queue=queue)
+    y = ps.conv2d_sparse(cl_array.to_device(queue, x), weight, stride=2)
+    assert relative_error(y.get(), case.reference(x, w, None)) < TOL
+    (plan,) = weight._plans.values()
+    assert plan.xpack_bytes < x.nbytes / 2          # about a quarter, plus the tile tail
+    geometry = conv2d_module._geometry(x.shape, weight, 2, 0, 1)
+    assert geometry.phases == 1
+    dilated = ps.SparseConvWeight(csr, case.C, case.kernel, queue=queue)
+    assert conv2d_module._geometry(x.shape, dilated, 2, 1, 2).phases == 1
+    three = ps.SparseConvWeight(sp.random(6, 72, density=0.5, format="csr", dtype=np.float32,
+                                          random_state=1), 8, 3, queue=queue)
+    assert conv2d_module._geometry(x.shape, three, 2, 1, 1).phases == 4
+    assert conv2d_module._geometry(x.shape, three, 2, 2, 2).phases == 1
 
 
 def test_offset_device_arrays(queue, rng):

@@ -99,7 +99,7 @@ PACK_FLAT_ARGS = Signature("pscl_pack_input", _PACK_HEAD + (
 PACK_ROWS_ARGS = Signature("pscl_pack_input", _PACK_HEAD + (
     Scalar("n_rows", _I32), Scalar("n_rows_total", _I32), Scalar("C", _I32),
     Scalar("H", _I32), Scalar("W", _I32), Scalar("Hq", _I32), Scalar("Wq", _I32),
-    *_STRIDE_PAD))
+    Scalar("phases", _I32), *_STRIDE_PAD))
 CONV_ARGS = Signature("pscl_conv2d_csr", (
     Pointer("xpack", "float", restrict=True),
     Pointer("w_nz", "int2", restrict=True),        # nnz (offset in floats into a group's
@@ -206,7 +206,8 @@ def build_plan(queue, weight, geom, variant: tuple, params) -> Plan:
         pack_sizes = ((lanes, round_up(n_rows_total, rows)), (lanes, rows))
         pack_args = dict(n_rows=np.int32(n_rows), n_rows_total=np.int32(n_rows_total),
                          C=np.int32(C), H=np.int32(geom.H), W=np.int32(geom.W),
-                         Hq=np.int32(geom.Hq), Wq=np.int32(geom.Wq), **stride_pad)
+                         Hq=np.int32(geom.Hq), Wq=np.int32(geom.Wq),
+                         phases=np.int32(geom.phases), **stride_pad)
     else:
         # Counted in packed pixels (pixel_floats floats each), as the flat pass walks them.
         per_group = PACK_WG * params["PACK_ITEMS"]
@@ -246,7 +247,7 @@ def build_plan(queue, weight, geom, variant: tuple, params) -> Plan:
         OW=np.int32(geom.OW), Wq=np.int32(geom.Wq), x_image_stride=np.int64(image_stride),
         x_group_stride=np.int64(group_stride), div_plane_m=plane_m, div_plane_s=plane_s,
         div_ow_m=ow_m, div_ow_s=ow_s)
-    direct = (pixel_floats == 1 and geom.phases == 1 and geom.padding == (0, 0)
+    direct = (pixel_floats == 1 and geom.stride == (1, 1) and geom.padding == (0, 0)
               and (geom.Hq, geom.Wq) == (geom.H, geom.W))
     return Plan(pack, conv, pack_sizes, conv_sizes, 4 * n_total, direct)
 

@@ -171,10 +171,9 @@ class _Geometry:
     stride: Tuple[int, int]
     padding: Tuple[int, int]
     dilation: Tuple[int, int]
-
-    @property
-    def phases(self) -> int:
-        return self.stride[0] * self.stride[1]
+    #: Stride phases in the packed input: stride_h * stride_w, or 1 where every tap falls
+    #: on phase 0 (a 1x1 kernel): then only the input pixels the taps read are packed.
+    phases: int
 
 
 class SparseConvWeight:
@@ -321,7 +320,10 @@ def _geometry(x_shape, weight: SparseConvWeight, stride, padding, dilation) -> _
                          "it must be positive")
     hq = oh + ((r - 1) * dilation[0]) // stride[0]
     wq = ow + ((s - 1) * dilation[1]) // stride[1]
-    return _Geometry(n, h, w, oh, ow, hq, wq, stride, padding, dilation)
+    phase_zero = all(i * dilation[0] % stride[0] == 0 for i in range(r)) and \
+        all(j * dilation[1] % stride[1] == 0 for j in range(s))
+    phases = 1 if phase_zero else stride[0] * stride[1]
+    return _Geometry(n, h, w, oh, ow, hq, wq, stride, padding, dilation, phases)
 
 
 def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0, dilation=1,
