@@ -136,6 +136,9 @@ CATALOGUE = [
     ("conv2d_masked mask shape", lambda q: ps.conv2d_masked(
         _r(1, 3, 5, 5), _r(4, 3, 3, 3), np.ones((1, 4, 2, 3), bool), queue=q),
      ValueError, "mask must have shape"),
+    ("conv2d_masked empty kernel", lambda q: ps.conv2d_masked(
+        _r(1, 3, 5, 5), np.zeros((4, 3, 0, 3), F), np.ones((1, 4, 6, 3), bool), queue=q),
+     ValueError, "w must have a kernel of at least 1x1"),
     ("drs_mask inner mismatch", lambda q: ps.drs_mask(_r(4, 8), _r(9, 5), 0.5, queue=q),
      ValueError, "8"),
     ("drs_mask sparsity 1", lambda q: ps.drs_mask(_r(4, 8), _r(8, 5), 1.0, queue=q),

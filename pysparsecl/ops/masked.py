@@ -767,6 +767,28 @@ def masked_relu_bn_backward(dout, y, mask, gamma, mean, var, eps=1e-5, *, batch_
 # ---------------------------------------------------------------------------------------------
 # Masked convolution
 
+def _masked_conv_operands(x, w, mask, stride, padding, dilation):
+    """The checks :func:`conv2d_masked` and its backward share: x (N, C, H, W) and w (K, C,
+    R, S) float32 with R, S >= 1, the geometry, and a byte mask of the output's shape or a
+    channel mask (N, K, 1, 1).  Returns ``(geometry, output shape, channel form?)``."""
+    require_array(x, "x", np.float32, ndim=4)
+    require_array(w, "w", np.float32, ndim=4)
+    k_out, n_ch, r, s = w.shape
+    if x.shape[1] != n_ch:
+        raise ValueError(f"x has {x.shape[1]} channels but w expects C = {n_ch} "
+                         "(w must be (K, C, R, S))")
+    if r < 1 or s < 1:
+        raise ValueError(f"w must have a kernel of at least 1x1, got shape {tuple(w.shape)}")
+    geom = masked_conv.geometry(x.shape, r, s, stride, padding, dilation)
+    out_shape = (geom["N"], k_out, geom["OH"], geom["OW"])
+    require_byte_mask(mask, "mask", ndim=4)
+    channel_form = tuple(mask.shape) == out_shape[:2] + (1, 1)
+    if tuple(mask.shape) != out_shape and not channel_form:
+        raise ValueError(f"mask must have shape {out_shape} (N, K, OH, OW) or "
+                         f"{out_shape[:2] + (1, 1)} (a channel mask), got {tuple(mask.shape)}")
+    return geom, out_shape, channel_form
+
+
 @runtime.capturable_op
 def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queue=None,
                   events=None):
@@ -800,19 +822,9 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
     result is ready; a device-array call returns once it is enqueued.  The dense weight is
     packed on every call.
     """
-    require_array(x, "x", np.float32, ndim=4)
-    require_array(w, "w", np.float32, ndim=4)
+    geom, out_shape, channel_form = _masked_conv_operands(x, w, mask, stride, padding,
+                                                          dilation)
     k_out, n_ch, r, s = w.shape
-    if x.shape[1] != n_ch:
-        raise ValueError(f"x has {x.shape[1]} channels but w expects C = {n_ch} "
-                         "(w must be (K, C, R, S))")
-    geom = masked_conv.geometry(x.shape, r, s, stride, padding, dilation)
-    out_shape = (geom["N"], k_out, geom["OH"], geom["OW"])
-    require_byte_mask(mask, "mask", ndim=4)
-    channel_form = tuple(mask.shape) == out_shape[:2] + (1, 1)
-    if tuple(mask.shape) != out_shape and not channel_form:
-        raise ValueError(f"mask must have shape {out_shape} (N, K, OH, OW) or "
-                         f"{out_shape[:2] + (1, 1)} (a channel mask), got {tuple(mask.shape)}")
     check_out(out, out_shape, np.float32, like=x)
     queue = runtime.resolve_queue(queue, x=x, w=w, mask=mask, out=out)
     check_int32_sizes(out=int(np.prod(out_shape)),
@@ -903,21 +915,10 @@ def conv2d_masked_backward(dy, x, w, mask, stride=1, padding=0, dilation=1, *, n
     once it is enqueued.
     """
     require_array(dy, "dy", np.float32, ndim=4)
-    require_array(x, "x", np.float32, ndim=4)
-    require_array(w, "w", np.float32, ndim=4)
+    geom, out_shape, channel_form = _masked_conv_operands(x, w, mask, stride, padding,
+                                                          dilation)
     k_out, n_ch, r, s = w.shape
-    if x.shape[1] != n_ch:
-        raise ValueError(f"x has {x.shape[1]} channels but w expects C = {n_ch} "
-                         "(w must be (K, C, R, S))")
-    if r < 1 or s < 1:
-        raise ValueError(f"w must have a kernel of at least 1x1, got shape {tuple(w.shape)}")
-    geom = masked_conv.geometry(x.shape, r, s, stride, padding, dilation)
-    out_shape = (geom["N"], k_out, geom["OH"], geom["OW"])
-    require_byte_mask(mask, "mask", ndim=4)
-    form = "channel" if tuple(mask.shape) == out_shape[:2] + (1, 1) else "window"
-    if tuple(mask.shape) != out_shape and form == "window":
-        raise ValueError(f"mask must have shape {out_shape} (N, K, OH, OW) or "
-                         f"{out_shape[:2] + (1, 1)} (a channel mask), got {tuple(mask.shape)}")
+    form = "channel" if channel_form else "window"
     if tuple(dy.shape) != out_shape:
         raise ValueError(f"dy must have shape {out_shape} (the forward's output for these "
                          f"x, w, stride, padding and dilation), got {tuple(dy.shape)}")
