@@ -6,9 +6,10 @@
 ## contiguous floats too: every product is a vector dot product over channels.
 ##
 ##
-##   KIND == "pack"      x (N, C, H, W) -> xp (N, Hp, Wp, C), borders zero; and w (K, C,
-##                       R, S) -> (K, R, S, C).  (masked_conv_channels and drs_mask_conv2d
-##                       use the packed input too.)
+##   KIND == "pack"      x (N, C, H, W) -> xp (N, Hp, Wp, Cp), borders and channels >= C
+##                       zero (Cp = C here; masked_conv_dw pads to whole vectors); and w (K,
+##                       C, R, S) -> (K, R, S, C).  (masked_conv_channels, masked_conv_dw and
+##                       drs_mask_conv2d use the packed input too.)
 ##   KIND == "general"   masked_conv (pysparsecl/families/masked_conv.py), any mask:
 ##                       work-item (channel k, block of output pixels) scans the mask plane
 ##                       of k (contiguous) and computes the selected pixels GROUP at a time,
@@ -23,7 +24,7 @@ ${general_kernel()}
 % endif
 
 <%def name="pack_kernel()">
-// Work-item: one padded input pixel (n, ih, iw), all C channels (a contiguous NHWC run).
+// Work-item: one padded input pixel (n, ih, iw), all Cp channels (a contiguous NHWC run).
 // Reads are C-strided but a work-group's neighbouring pixels share their lines.
 __kernel void pscl_conv_pack(${ARGS["pscl_conv_pack"]})
 {
@@ -32,16 +33,16 @@ __kernel void pscl_conv_pack(${ARGS["pscl_conv_pack"]})
     const int n = get_global_id(2);
     if (iw >= Wp || ih >= Hp || n >= N)
         return;
-    __global float *dst = xp + (((long)n * Hp + ih) * Wp + iw) * C;
+    __global float *dst = xp + (((long)n * Hp + ih) * Wp + iw) * Cp;
     const int h = ih - pad_h, w = iw - pad_w;
-    if (h < 0 || h >= H || w < 0 || w >= W) {
-        for (int c = 0; c < C; ++c)
-            dst[c] = 0.0f;
-        return;
+    int c = 0;
+    if (h >= 0 && h < H && w >= 0 && w < W) {
+        const __global float *src = x + x_off + ((long)n * C * H + h) * W + w;
+        for (; c < C; ++c)
+            dst[c] = src[(long)c * H * W];
     }
-    const __global float *src = x + x_off + ((long)n * C * H + h) * W + w;
-    for (int c = 0; c < C; ++c)
-        dst[c] = src[(long)c * H * W];
+    for (; c < Cp; ++c)      // the border, and channels C..Cp (padding to whole vectors)
+        dst[c] = 0.0f;
 }
 
 // w (K, C, R, S) -> (K, R, S, C): work-item (tap, k) gathers the tap's C weights.

@@ -2,50 +2,22 @@
 ## output-masked convolution y = mask * conv2d(x, w),
 ##     dw[k, c, r, s] = sum over (n, oh, ow) selected for k of
 ##                      dy[n, k, oh, ow] * x[n, c, oh * sh - ph + r * dh, ow * sw - pw + s * dw].
-## The input is packed once into zero-padded NHWC with its channels padded with zeros to
-## Cp, a multiple of VEC, so that the window under output pixel (oh, ow) at tap (r, s) is
-## Cp contiguous floats that vector loads read whole:
+## The input is packed once (masked_conv.cl.mako's pscl_conv_pack) into zero-padded NHWC
+## with its channels padded with zeros to Cp, a multiple of VEC, so that the window under
+## output pixel (oh, ow) at tap (r, s) is Cp contiguous floats that vector loads read whole:
 ##     xp + ((n * Hp + oh * sh + r * dh) * Wp + ow * sw + s * dw) * Cp
 ##
-##   KIND == "pack"   x (N, C, H, W) -> xp (N, Hp, Wp, Cp), borders and channels >= C zero.
-##   KIND == "dw"     work-item (output channel k, chunk of CVEC channel vectors) holds the
-##                    R x S taps' accumulators of its chunk (R, S are compile-time), walks
-##                    the mask plane of k (contiguous per image) and, at each selected
-##                    position, reads dy once and FMAs the R x S windows of its chunk.
-##                    MASK == "window": (N, K, OH, OW) bytes, tested per position;
-##                    MASK == "channel": (N, K, 1, 1) bytes, tested per image.
-##                    An unselected dy entry is never read, so Inf/NaN there cannot leak.
+## Work-item (output channel k, chunk of CVEC channel vectors) holds the R x S taps'
+## accumulators of its chunk (R, S are compile-time), walks the mask plane of k
+## (contiguous per image) and, at each selected position, reads dy once and FMAs the
+## R x S windows of its chunk.  MASK == "window": (N, K, OH, OW) bytes, tested per
+## position; MASK == "channel": (N, K, 1, 1) bytes, tested per image.  An unselected dy
+## entry is never read, so Inf/NaN there cannot leak.
 ##
 ## Every dw element is written exactly once (no atomics, no zero-fill, deterministic); no
 ## local memory and no barriers (PoCL runs a work-group as a loop over its items).
 <%namespace name="common" file="common.cl.mako"/>\
-% if KIND == "pack":
-${pack_kernel()}
-% else:
 ${dw_kernel()}
-% endif
-
-<%def name="pack_kernel()">
-// Work-item: one padded input pixel (n, ih, iw), all Cp channels (a contiguous NHWC run).
-__kernel void pscl_conv_dw_pack(${ARGS["pscl_conv_dw_pack"]})
-{
-    const int iw = get_global_id(0);
-    const int ih = get_global_id(1);
-    const int n = get_global_id(2);
-    if (iw >= Wp || ih >= Hp || n >= N)
-        return;
-    __global float *dst = xp + (((long)n * Hp + ih) * Wp + iw) * Cp;
-    const int h = ih - pad_h, w = iw - pad_w;
-    int c = 0;
-    if (h >= 0 && h < H && w >= 0 && w < W) {
-        const __global float *src = x + x_off + ((long)n * C * H + h) * W + w;
-        for (; c < C; ++c)
-            dst[c] = src[(long)c * H * W];
-    }
-    for (; c < Cp; ++c)
-        dst[c] = 0.0f;
-}
-</%def>
 
 <%def name="dw_kernel()">
 ${common.vector_helpers("pscl_floatv", "float", VEC)}

@@ -6,6 +6,8 @@ selected ones GROUP at a time, sharing each load of the weight.  The packing ker
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import pyopencl.array as cl_array
 
@@ -46,8 +48,8 @@ PACK_ARGS = KernelArgs(
     Signature("pscl_conv_pack", (
         Pointer("x", "float", restrict=True), Scalar("x_off", np.int64),
         Pointer("xp", "float", const=False, restrict=True),
-        *(Scalar(name, np.int32) for name in ("N", "C", "H", "W", "Hp", "Wp", "pad_h",
-                                              "pad_w")))),
+        *(Scalar(name, np.int32) for name in ("N", "C", "Cp", "H", "W", "Hp", "Wp",
+                                              "pad_h", "pad_w")))),
     Signature("pscl_conv_weight_pack", (
         Pointer("w", "float", restrict=True), Scalar("w_off", np.int64),
         Pointer("wk", "float", const=False, restrict=True),
@@ -82,17 +84,21 @@ def geometry(x_shape, r: int, s: int, stride, padding, dilation) -> dict:
                 stride=stride, padding=padding, dilation=dilation)
 
 
-def pack_input(queue, x_dev, n_ch: int, geom: dict, events):
-    """x (N, C, H, W) -> zero-padded NHWC (N, Hp, Wp, C) on the device."""
-    size = geom["N"] * geom["Hp"] * geom["Wp"] * n_ch
+def pack_input(queue, x_dev, n_ch: int, geom: dict, events, cp: Optional[int] = None):
+    """x (N, C, H, W) -> zero-padded NHWC (N, Hp, Wp, Cp) on the device; ``cp`` (>= C, C
+    by default) is the channel stride, channels C..Cp zero."""
+    cp = n_ch if cp is None else cp
+    size = geom["N"] * geom["Hp"] * geom["Wp"] * cp
     check_alloc(queue, 4 * size, "the packed input")
     xp = runtime.empty(queue, (max(size, 1),), np.float32,
                        allocator=runtime.memory_pool(queue.context))
+    if not size:
+        return xp
     kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_conv_pack",), KIND="pack",
                            ARGS=PACK_ARGS)["pscl_conv_pack"]
     ev = kern.launch(queue, (round_up(geom["Wp"], 16), geom["Hp"], geom["N"]), (16, 1, 1), dict(
         x=x_dev.base_data, x_off=elem_offset(x_dev), xp=xp.data, N=np.int32(geom["N"]),
-        C=np.int32(n_ch), H=np.int32(geom["H"]), W=np.int32(geom["W"]),
+        C=np.int32(n_ch), Cp=np.int32(cp), H=np.int32(geom["H"]), W=np.int32(geom["W"]),
         Hp=np.int32(geom["Hp"]), Wp=np.int32(geom["Wp"]), pad_h=np.int32(geom["padding"][0]),
         pad_w=np.int32(geom["padding"][1])), wait_for=x_dev.events or None)
     xp.add_event(ev)

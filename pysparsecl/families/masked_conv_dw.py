@@ -10,8 +10,9 @@ import numpy as np
 
 from .. import runtime
 from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
-from ..ops._common import check_alloc, elem_offset, round_up, written
+from ..ops._common import elem_offset, round_up, written
 from ..params import Constraint, ParamSpec, TileParam
+from . import masked_conv
 
 TEMPLATE = "masked_conv_dw.cl.mako"
 
@@ -32,12 +33,6 @@ SPEC = ParamSpec(
 )
 
 
-PACK_ARGS = KernelArgs(Signature("pscl_conv_dw_pack", (
-    Pointer("x", "float", restrict=True), Scalar("x_off", np.int64),     # (N, C, H, W)
-    Pointer("xp", "float", const=False, restrict=True),                  # (N, Hp, Wp, Cp)
-    *(Scalar(name, np.int32) for name in ("N", "C", "Cp", "H", "W", "Hp", "Wp", "pad_h",
-                                          "pad_w")))))
-
 ARGS = KernelArgs(Signature("pscl_masked_conv_dw", (
     Pointer("xp", "float", restrict=True),                                # (N, Hp, Wp, Cp)
     Pointer("mask", "uchar", restrict=True), Scalar("mask_off", np.int64),
@@ -55,29 +50,14 @@ def padded_channels(n_ch: int, params) -> int:
 def template_args(params, mask: str = "window", r: int = 3, s: int = 3) -> dict:
     """The tile parameters, the mask's form ("window": (N, K, OH, OW); "channel":
     (N, K, 1, 1)) and the kernel's size (its taps' accumulators are unrolled)."""
-    return dict(params, KIND="dw", MASK=mask, R=int(r), S=int(s), ARGS=ARGS)
+    return dict(params, MASK=mask, R=int(r), S=int(s), ARGS=ARGS)
 
 
 def pack_input(queue, params, x_dev, n_ch: int, geom: dict, events):
-    """x (N, C, H, W) -> zero-padded NHWC (N, Hp, Wp, Cp) on the device."""
-    cp = padded_channels(n_ch, params)
-    size = geom["N"] * geom["Hp"] * geom["Wp"] * cp
-    check_alloc(queue, 4 * size, "the packed input")
-    xp = runtime.empty(queue, (max(size, 1),), np.float32,
-                       allocator=runtime.memory_pool(queue.context))
-    if not size:
-        return xp
-    kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_conv_dw_pack",), KIND="pack",
-                           ARGS=PACK_ARGS)["pscl_conv_dw_pack"]
-    ev = kern.launch(queue, (round_up(geom["Wp"], 16), geom["Hp"], geom["N"]), (16, 1, 1), dict(
-        x=x_dev.base_data, x_off=elem_offset(x_dev), xp=xp.data, N=np.int32(geom["N"]),
-        C=np.int32(n_ch), Cp=np.int32(cp), H=np.int32(geom["H"]), W=np.int32(geom["W"]),
-        Hp=np.int32(geom["Hp"]), Wp=np.int32(geom["Wp"]), pad_h=np.int32(geom["padding"][0]),
-        pad_w=np.int32(geom["padding"][1])), wait_for=x_dev.events or None)
-    xp.add_event(ev)
-    if events is not None:
-        events.append(ev)
-    return xp
+    """x (N, C, H, W) -> zero-padded NHWC (N, Hp, Wp, Cp) on the device: the forward's
+    packing (masked_conv.pack_input) with the channel stride padded to whole vectors."""
+    return masked_conv.pack_input(queue, x_dev, n_ch, geom, events,
+                                  cp=padded_channels(n_ch, params))
 
 
 def launch(queue, params, form: str, xp, mask_dev, dy_dev, dw_dev, geom: dict, n_ch: int,
