@@ -8,6 +8,7 @@ import pytest
 
 import pysparsecl as ps
 from pysparsecl.testing.reference import (
+    central_difference,
     relative_error,
     relu_bn_backward_reference,
     relu_bn_reference,
@@ -90,13 +91,10 @@ def test_is_the_derivative_of_the_forward(queue, rng, batch_stats):
 
     def numeric(which):
         base = [y64, g64, b64]
-        grad = np.zeros_like(base[which])
-        for i in np.ndindex(grad.shape):
-            up, down = [a.copy() for a in base], [a.copy() for a in base]
-            up[which][i] += h
-            down[which][i] -= h
-            grad[i] = (loss(*up) - loss(*down)) / (2 * h)
-        return grad
+
+        def loss_of(v):
+            return loss(*(v if j == which else a for j, a in enumerate(base)))
+        return central_difference(loss_of, base[which], h)
 
     dy, dgamma, dbeta = ps.masked_relu_bn_backward(dout, y, mask, gamma, mean, var, eps,
                                                    batch_stats=batch_stats, queue=queue)

@@ -13,6 +13,7 @@ from pysparsecl.ops.pooling import POOLING
 from pysparsecl.testing.reference import (
     avg_pool2d_backward_reference,
     avg_pool2d_reference,
+    central_difference,
     max_pool2d_backward_reference,
     max_pool2d_reference,
     relative_error,
@@ -135,14 +136,7 @@ def test_max_pool2d_nan_wins_and_inf(queue, rng):
 
 def _fd_gradient(forward, x, dy, h):
     """Central differences of L(x) = sum(dy * forward(x)), forward in float64."""
-    x64 = x.astype(np.float64)
-    grad = np.zeros_like(x64)
-    for i in np.ndindex(x.shape):
-        up, down = x64.copy(), x64.copy()
-        up[i] += h
-        down[i] -= h
-        grad[i] = (np.sum(dy * forward(up)) - np.sum(dy * forward(down))) / (2 * h)
-    return grad
+    return central_difference(lambda v: np.sum(dy * forward(v)), x, h)
 
 
 @pytest.mark.parametrize("count_include_pad", [True, False])

@@ -44,6 +44,20 @@ def relative_error(result, reference) -> float:
     return float(diff / denom)
 
 
+def central_difference(loss, a, step: float) -> np.ndarray:
+    """The gradient of the scalar ``loss`` at ``a`` by central differences, in float64:
+    ``(loss(a + step e_i) - loss(a - step e_i)) / (2 step)`` for every entry i, an
+    independent check of a kernel's gradient (``loss`` is built on a float64 forward)."""
+    a = np.asarray(a, np.float64)
+    grad = np.zeros_like(a)
+    for i in np.ndindex(a.shape):
+        up, down = a.copy(), a.copy()
+        up[i] += step
+        down[i] -= step
+        grad[i] = (loss(up) - loss(down)) / (2 * step)
+    return grad
+
+
 # ---------------------------------------------------------------------------------------------
 # 2-D pooling: torch.nn.functional's max_pool2d and avg_pool2d (floor mode, dilation 1)
 
