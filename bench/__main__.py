@@ -155,7 +155,12 @@ def run_layers(queue, args, suites) -> None:
         rows += dsg_rows
         md += ["## DSG: masked VMM/GEMM, conv2d_masked, dimension-reduction search", "",
                masked.__doc__.split("\n\n")[1].replace("\n", " "), "",
-               masked.markdown_table(dsg_rows), ""] + report.params_by_class(dsg_rows)
+               masked.markdown_table(dsg_rows), ""]
+        grid = masked.propagated_table(dsg_rows)
+        if grid:
+            md += ["### Sparsity carried across layers: a compact x", "",
+                   masked.PROPAGATED_NOTE, "", grid, ""]
+        md += report.params_by_class(dsg_rows)
     header["baselines"] = torch_b.notes   # with the baselines skipped on the way, if any
     head = [f"# pysparsecl benchmark: {header['device']}", "",
             "\n".join(f"- {k}: {v}" for k, v in header.items()), "",

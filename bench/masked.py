@@ -163,6 +163,89 @@ def bench_matmul(queue, torch_b, args, rng):
     return rows
 
 
+#: Sparsities of x and of the outputs in the propagated grid (the issue's 50/80/90/95%).
+PROPAGATED_SPARSITIES = (0.5, 0.8, 0.9, 0.95)
+
+PROPAGATED_NOTE = (
+    "A compact x (`CompactRows`: each row's nonzero values and their columns, as the "
+    "previous DSG layer leaves them) against the same x in dense form, under the same "
+    "output masks (int32 index masks, as a layer after a compact one gets them): "
+    "`propagated` sums over the row's nonzero inputs only, each a gather from the "
+    "selected weight row; `output-only` is the masked product of the dense x. Both by "
+    "profiling events, each call with the next of 8 rotating (x, mask) pairs; torch is "
+    "the dense layer. Random selections on both sides: the gathers cannot use whole "
+    "vectors, so the gain is not proportional to the work skipped (docs/ops.md).")
+
+
+def bench_propagated(queue, torch_b, args, rng):
+    """The masked product of a compact x against the dense-input one: input sparsity x
+    output sparsity, per shape (DSG_COMPACT_SHAPES)."""
+    from pysparsecl.ops.masked import MASKED_COMPACT_ROUTINE
+    from pysparsecl.testing.cases import compact_rows
+    from pysparsecl.testing.problems import DSG_COMPACT_SHAPES
+    if args.quick:
+        shapes, grid = DSG_COMPACT_SHAPES[:2], ((0.9, 0.9),)
+    else:
+        shapes = DSG_COMPACT_SHAPES
+        grid = tuple((a, b) for a in PROPAGATED_SPARSITIES for b in PROPAGATED_SPARSITIES)
+    rows = []
+    for m, k, n in shapes:
+        w = rng.standard_normal((k, n), dtype=np.float32)
+        weight = ps.MaskedLinearWeight(w, queue=queue)
+        dense = {}
+        if torch_b.torch is not None:
+            t = torch_b.torch
+            xt = t.from_numpy(rng.standard_normal((m, k), dtype=np.float32)).to(torch_b.device)
+            wt = t.from_numpy(w).to(torch_b.device)
+
+            def torch_mm(xt=xt, wt=wt):
+                with t.no_grad():
+                    t.matmul(xt, wt)
+            dense["torch"] = torch_b.timer(torch_mm)
+        shape_class = masked_matmul_shape_class(m, k, n)
+        for x_sparsity, sparsity in grid:
+            nx, n_keep = keep_count(x_sparsity, k), keep_count(sparsity, n)
+            pairs = []
+            for _ in range(N_MASKS):
+                values, idx = compact_rows(rng, m, k, nx)
+                sel = np.sort(np.argpartition(rng.random((m, n)), n_keep - 1, axis=1)
+                              [:, :n_keep], axis=1).astype(np.int32)
+                x = ps.CompactRows(cl_array.to_device(queue, values),
+                                   cl_array.to_device(queue, idx), k, check=False)
+                pairs.append((x, x.to_dense(), cl_array.to_device(queue, sel)))
+            x0, x0_dense, sel0 = pairs[0]
+            y = ps.masked_matmul(x0, weight, sel0).get()
+            err = relative_error(y, masked_matmul_reference(
+                x0_dense.get(), w, sel0.get())) if args.check else None
+            timers = {
+                "propagated": event_ms(_rotating(
+                    lambda p, ev: ps.masked_matmul(p[0], weight, p[2], events=ev), pairs),
+                    queue),
+                "output_only": event_ms(_rotating(
+                    lambda p, ev: ps.masked_matmul(p[1], weight, p[2], events=ev), pairs),
+                    queue),
+                **dense}
+            med = interleaved_medians(timers, args.rounds)
+            torch_ms = med.get("torch")
+            # The family the op's routine chose here, and its tiles.
+            routine = tuning.lookup(MASKED_COMPACT_ROUTINE.spec, queue.device, shape_class)
+            spec = MASKED_COMPACT_ROUTINE.variant(routine, "KERNEL")
+            rows.append(dict(
+                op="propagated", family=spec.family, shape_class=shape_class,
+                params=tuning.lookup(spec, queue.device, shape_class),
+                gather_max_density=routine["GATHER_MAX_DENSITY"],
+                shape=f"{m}x{k}x{n}", M=m, K=k, N=n, x_sparsity=x_sparsity,
+                sparsity=sparsity, nx=nx, n_keep=n_keep,
+                propagated_ms=med["propagated"], output_only_ms=med["output_only"],
+                torch_dense_ms=torch_ms,
+                speedup_vs_output_only=med["output_only"] / med["propagated"],
+                speedup_vs_torch=torch_ms / med["propagated"] if torch_ms else None,
+                output_only_vs_torch=torch_ms / med["output_only"] if torch_ms else None,
+                rel_error=err))
+            print(report.format_row(rows[-1], PROPAGATED_COLUMNS), flush=True)
+    return rows
+
+
 def bench_conv(queue, torch_b, args, rng):
     layers = RESNET50_LAYERS[1:2] if args.quick else RESNET50_LAYERS[:4]
     batch = 1 if args.quick else args.conv_batch
@@ -228,6 +311,7 @@ def bench_masked(queue, args, rng, torch_b=None) -> list:
     if torch_b is None:
         torch_b = Torch(want_gpu=runtime.device_kind(queue.device) == "gpu")
     rows = bench_matmul(queue, torch_b, args, rng)
+    rows += bench_propagated(queue, torch_b, args, rng)
     if not args.no_conv:
         rows += bench_conv(queue, torch_b, args, rng)
     return rows
@@ -251,6 +335,25 @@ COLUMNS = [("op", "op", "{}"), ("shape", "shape", "{}"), ("sparsity", "sparsity"
            ("rel_error", "rel err", "{:.1e}")]
 
 
+PROPAGATED_COLUMNS = [
+    ("shape", "shape", "{}"), ("x_sparsity", "x sparsity", "{:.2f}"),
+    ("sparsity", "output sparsity", "{:.2f}"), ("propagated_ms", "propagated ms", "{:.3f}"),
+    ("output_only_ms", "output-only ms", "{:.3f}"),
+    ("torch_dense_ms", "torch dense ms", "{:.3f}"),
+    ("speedup_vs_output_only", "x output-only", "{:.2f}"),
+    ("speedup_vs_torch", "x torch", "{:.2f}"),
+    ("output_only_vs_torch", "output-only x torch", "{:.2f}"),
+    ("rel_error", "rel err", "{:.1e}")]
+
+
 def markdown_table(rows, drop_absent: bool = True):
-    """``drop_absent``: leave out columns that no row has (results from before the field)."""
-    return report.markdown_table(rows, COLUMNS, drop_absent=drop_absent)
+    """The DSG rows but the propagated grid's; ``drop_absent``: leave out columns that no
+    row has (results from before the field)."""
+    return report.markdown_table([r for r in rows if r.get("op") != "propagated"], COLUMNS,
+                                 drop_absent=drop_absent)
+
+
+def propagated_table(rows) -> str:
+    """The propagated grid's rows (markdown), or "" when there are none."""
+    grid = [r for r in rows if r.get("op") == "propagated"]
+    return report.markdown_table(grid, PROPAGATED_COLUMNS) if grid else ""

@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .ops._prepared import clear_weight_cache  # noqa: E402
+from .ops.compact import CompactRows  # noqa: E402
 from .ops.conv2d import (  # noqa: E402
     SparseConvWeight,
     conv2d_output_shape,
@@ -55,7 +56,7 @@ __all__ = [
     "masked_relu_bn_backward",
     "conv2d_masked", "conv2d_masked_backward",
     "drs_mask", "drs_mask_conv2d", "random_mask", "SparseRandomProjection",
-    "ProjectedWeight",
+    "ProjectedWeight", "CompactRows",
     # elementwise
     "add", "mul", "axpby", "add_relu", "relu_backward",
     # pooling

@@ -74,8 +74,9 @@ def rendered_kinds(monkeypatch):
 
 
 @pytest.mark.parametrize("kind, expected", [
-    ("gpu", {"vmm_split", "gemm_tiled", "project_split", "topk_team", "flat"}),
-    ("cpu", {"vmm", "gemm", "project", "topk", "fused", "rows"}),
+    ("gpu", {"vmm_split", "gemm_tiled", "project_split", "topk_team", "flat",
+             "compact_tiled"}),
+    ("cpu", {"vmm", "gemm", "project", "topk", "fused", "rows", "compact"}),
 ])
 def test_an_unknown_device_runs_the_kernels_of_its_type(queue, rng, unknown_device_of_kind,
                                                         rendered_kinds, kind, expected):
@@ -91,6 +92,10 @@ def test_an_unknown_device_runs_the_kernels_of_its_type(queue, rng, unknown_devi
     mask = rng.random((40, 200)) < 0.2
     assert relative_error(ps.masked_matmul(x, w, mask, queue=queue),
                           masked_matmul_reference(x, w, mask)) < 1e-4
+    idx = np.sort(np.argsort(rng.random((40, 300)), axis=1)[:, :20], axis=1).astype(np.int32)
+    xc = ps.CompactRows.from_dense(x, idx)      # 7% of x: the routine gathers
+    assert relative_error(ps.masked_matmul(xc, w, mask, queue=queue),
+                          masked_matmul_reference(xc.to_dense(), w, mask)) < 1e-4
     proj = ps.SparseRandomProjection(300, k=40, seed=7, queue=queue)
     for rows in (2, 40):      # a few rows take the one-launch kernel where it is enabled
         m = ps.drs_mask(x[:rows], w, 0.9, projection=proj)
@@ -103,8 +108,9 @@ def test_an_unknown_device_runs_the_kernels_of_its_type(queue, rng, unknown_devi
     kinds = {k for template, k, _ in rendered_kinds
              if template.startswith(("masked_", "drs_", "conv2d_"))}
     assert expected <= kinds
-    other = {"gpu": {"vmm", "gemm", "project", "topk", "fused", "rows"},
-             "cpu": {"vmm_split", "gemm_tiled", "project_split", "topk_team", "flat"}}[kind]
+    other = {"gpu": {"vmm", "gemm", "project", "topk", "fused", "rows", "compact"},
+             "cpu": {"vmm_split", "gemm_tiled", "project_split", "topk_team", "flat",
+                     "compact_tiled"}}[kind]
     assert not kinds & other, kinds & other
 
 

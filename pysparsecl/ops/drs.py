@@ -1,6 +1,6 @@
 """Dimension-reduction search (DSG, Liu et al., ICLR 2019): validation, routine choice and
-delivery; the kernels are the families drs_project(_split), drs_scores, drs_fused and
-drs_topk(_team) in pysparsecl/families.
+delivery; the kernels are the families drs_project(_split), drs_project_compact (for a
+CompactRows x), drs_scores, drs_fused and drs_topk(_team) in pysparsecl/families.
 
 :func:`drs_mask` predicts, for each row of ``x @ w``, which ``n_keep`` outputs are the
 largest, from a cheap low-dimensional estimate: f(z) = R z / sqrt(k) applied to the rows
@@ -25,6 +25,7 @@ from .. import runtime, tuning
 from ..families import (
     drs_fused,
     drs_project,
+    drs_project_compact,
     drs_project_split,
     drs_scores,
     drs_topk,
@@ -50,11 +51,13 @@ from ._common import (
     written,
 )
 from ._prepared import PreparedCache
+from .compact import CompactRows
 from .masked import MaskedLinearWeight, weight_rows, weight_shape
 
-__all__ = ["DRS_PROJECT", "DRS_PROJECT_SPLIT", "DRS_SCORES", "DRS_FUSED", "DRS_TOPK",
-           "DRS_TOPK_TEAM", "DRS_ROUTINE", "JL_CONSTANT",
+__all__ = ["DRS_PROJECT", "DRS_PROJECT_SPLIT", "DRS_PROJECT_COMPACT", "DRS_SCORES",
+           "DRS_FUSED", "DRS_TOPK", "DRS_TOPK_TEAM", "DRS_ROUTINE", "JL_CONSTANT",
            "PROJECT_WEIGHT", "PROJECT_WINDOWS", "project_shape_class",
+           "project_compact_shape_class",
            "SparseRandomProjection", "ProjectedWeight", "drs_mask", "drs_mask_conv2d",
            "random_mask", "default_k", "keep_count"]
 
@@ -75,9 +78,18 @@ def project_shape_class(n_rows: Optional[int], d: int) -> str:
         return PROJECT_WEIGHT
     return f"rows-m{tuning.pow2_floor(n_rows)}-d{tuning.pow2_floor(d)}"
 
+
+def project_compact_shape_class(n_rows: int, n_keep: int) -> str:
+    """DRS_PROJECT_COMPACT's shape class: the rows and each row's entries rounded down to
+    powers of two, e.g. ``rows-m128-nnz256`` (d does not matter: the work is n_keep per
+    row)."""
+    return f"rows-m{tuning.pow2_floor(n_rows)}-nnz{tuning.pow2_floor(n_keep)}"
+
 # Each kernel family is a module of its own (pysparsecl/families); the routine chooses.
 DRS_PROJECT = drs_project.SPEC
 DRS_PROJECT_SPLIT = drs_project_split.SPEC
+#: The projection of a CompactRows x (chosen by the input's form, not by the routine).
+DRS_PROJECT_COMPACT = drs_project_compact.SPEC
 DRS_SCORES = drs_scores.SPEC
 DRS_FUSED = drs_fused.SPEC
 DRS_TOPK = drs_topk.SPEC
@@ -231,10 +243,26 @@ class SparseRandomProjection:
                              "queue the operation runs on")
 
     def project(self, z, *, queue=None, events=None):
-        """f(z) = R z / sqrt(k) for each row of ``z`` ((d,) or (rows, d), float32).
+        """f(z) = R z / sqrt(k) for each row of ``z``: a float32 array (d,) or (rows, d),
+        or a :class:`CompactRows` of that dense shape (``n_cols`` = d, host or device),
+        whose rows cost k x n_keep multiply-adds each instead of k x d.
 
-        Returns (k,) or (rows, k) float32, in the container ``z`` came in.
+        Returns (k,) or (rows, k) float32, in the container ``z`` (a CompactRows: its
+        arrays) came in.
         """
+        if isinstance(z, CompactRows):
+            if z.n_cols != self.d:
+                raise ValueError(f"z (a CompactRows) must have n_cols = d = {self.d}, got "
+                                 f"{z.n_cols}")
+            if self.exact:      # R is the identity: f(z) is z's dense form
+                return self.project(z.to_dense(queue=queue), queue=queue, events=events)
+            queue = runtime.resolve_queue(queue or (None if z.is_device else self.queue),
+                                          z=z.values, z_idx=z.idx)
+            self._check_queue(queue)
+            rows, like = z.n_rows, z.values
+            out_shape = (self.k,) if z.vector else (rows, self.k)
+            padded, ld = self._project_compact(queue, z, events)
+            return self._unpadded(queue, padded, ld, rows, out_shape, like)
         require_array(z, "z", np.float32)
         if z.ndim not in (1, 2) or z.shape[-1] != self.d:
             raise ValueError(f"z must have shape (d,) or (rows, d) with d = {self.d}, got "
@@ -256,7 +284,12 @@ class SparseRandomProjection:
             full[:, :self.d] = z.reshape(rows, self.d)
             return full.reshape(out_shape)
         padded, ld = self._project_rows(queue, to_device(z, queue, "z"), rows, events)
-        if not is_device_array(z):
+        return self._unpadded(queue, padded, ld, rows, out_shape, z)
+
+    def _unpadded(self, queue, padded, ld, rows, out_shape, like):
+        """The first k columns of the padded projection (rows, ld), shaped ``out_shape``,
+        on the host (a NumPy ``like``) or in a new device array."""
+        if not is_device_array(like):
             return np.ascontiguousarray(padded.get(queue=queue)[:, :self.k]).reshape(out_shape)
         out = runtime.empty(queue, out_shape, np.float32,
                             allocator=runtime.memory_pool(queue.context))
@@ -286,20 +319,66 @@ class SparseRandomProjection:
 
     @runtime.capturable_op
     def project_rows(self, x, *, queue=None, events=None) -> cl_array.Array:
-        """f(x) for the rows of a device array ``x`` (M, d): an (M, k_pad) device array
-        whose padding columns are zero, the form :func:`drs_mask`'s ``x_projected``
-        takes (a caller that also needs f(x), e.g. for f of a weight gradient, projects
-        once)."""
-        require_array(x, "x", np.float32, ndim=2)
-        if not is_device_array(x):
-            raise TypeError("x must be a pyopencl array (project() takes NumPy)")
-        if x.shape[1] != self.d:
-            raise ValueError(f"x must have d = {self.d} columns, got {tuple(x.shape)}")
+        """f(x) for the rows of a device array ``x`` (M, d), or of a device
+        :class:`CompactRows` of that dense shape (``n_cols`` = d; k x n_keep multiply-adds
+        per row): an (M, k_pad) device array whose padding columns are zero, the form
+        :func:`drs_mask`'s ``x_projected`` takes (a caller that also needs f(x), e.g. for
+        f of a weight gradient, projects once).  k_pad depends on the kernel (and so on
+        the input's form); only the first k columns are f(x)."""
+        if isinstance(x, CompactRows):
+            if not x.is_device:
+                raise TypeError("x must be a CompactRows of pyopencl arrays (project() takes "
+                                "NumPy)")
+            if x.vector:
+                raise ValueError(f"x must be 2-D (M, d), got a vector CompactRows of shape "
+                                 f"{x.shape}")
+            if x.n_cols != self.d:
+                raise ValueError(f"x (a CompactRows) must have n_cols = d = {self.d}, got "
+                                 f"{x.n_cols}")
+        else:
+            require_array(x, "x", np.float32, ndim=2)
+            if not is_device_array(x):
+                raise TypeError("x must be a pyopencl array (project() takes NumPy)")
+            if x.shape[1] != self.d:
+                raise ValueError(f"x must have d = {self.d} columns, got {tuple(x.shape)}")
         if self.exact:
             raise ValueError("an exact projection has no padded form: the search reads x")
+        if isinstance(x, CompactRows):
+            queue = runtime.resolve_queue(queue, x=x.values, x_idx=x.idx)
+            self._check_queue(queue)
+            return self._project_compact(queue, x, events)[0]
         queue = runtime.resolve_queue(queue, x=x)
         self._check_queue(queue)
         return self._project_rows(queue, x, x.shape[0], events)[0]
+
+    def _project_compact(self, queue, x: CompactRows, events, borrow: bool = False):
+        """f of the rows of a CompactRows (host or device) on the device, by
+        drs_project_compact: ((n_rows, k_pad) array with zero padding columns, k_pad).
+        ``borrow``: lend host arrays in place (only for a call that waits for its result,
+        see ops._common.to_device)."""
+        values, idx = x.rows()
+        n_rows, n_keep = values.shape
+        params = tuning.lookup(DRS_PROJECT_COMPACT, queue.device,
+                               project_compact_shape_class(n_rows, n_keep), copy=False)
+        kp = round_up(self.k, drs_project_compact.k_chunk(params, self.k))
+        check_alloc(queue, 4 * n_rows * kp, "the projection")
+        out = runtime.empty(queue, (n_rows, kp), np.float32,
+                            allocator=runtime.memory_pool(queue.context))
+        if not out.size:
+            return out, kp
+        if not n_keep:              # every row is zero, and so is its projection
+            runtime.fill_array(queue, out, 0)
+            return out, kp
+        v_dev = to_device(values, queue, "x", borrow)
+        i_dev = to_device(idx, queue, "x_idx", borrow)
+        rt = self.device_rt(kp)
+        ev = drs_project_compact.launch(queue, params, v_dev, i_dev, n_rows, n_keep, self.d,
+                                        rt, self.k, kp, out, kp, list(v_dev.events) +
+                                        list(i_dev.events) + list(rt.events))
+        out.add_event(ev)
+        if events is not None:
+            events.append(ev)
+        return out, kp
 
     def _project_rows(self, queue, a_dev, n_rows, events, *, lda=None, transposed_ld=None,
                       into=None):
@@ -453,7 +532,15 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
 
     Parameters
     ----------
-    x : float32 array (M, d) or (d,), NumPy or pyopencl.
+    x : float32 array (M, d) or (d,), NumPy or pyopencl; or a :class:`CompactRows` of
+        that dense shape (``n_cols`` = d; NumPy or pyopencl arrays, treated as a NumPy or
+        a device x): the rows' nonzero entries.  f(x) then costs k x n_keep multiply-adds
+        per row instead of k x d (family drs_project_compact, also for a few rows), and
+        the selection is that of x's dense form (bit for bit where the dense search
+        projects with drs_project, summing over d in order: the CPU routine; the GPU
+        routine's drs_project_split sums in another order, which may swap near-ties at
+        the top-k boundary).  With an exact projection its dense form (built on the
+        device, or on the host for NumPy arrays) is searched as a dense x.
     w : float32 array (d, N), or a :class:`MaskedLinearWeight`; when ``projection`` is a
         :class:`ProjectedWeight`, ``w`` may be None (it is only checked against it).
     sparsity : float in [0, 1)
@@ -466,15 +553,16 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
         False: a bool (M, N) mask.  True: int32 (M, n_keep) column indices, ascending in
         each row (the compact form :func:`masked_matmul` accepts).
     x_projected : f(x), the device array ``projection.projection.project_rows(x)`` gave,
-        optional (with a :class:`ProjectedWeight` and a device ``x``): the search then
-        does not project x again.
+        optional (with a :class:`ProjectedWeight` and a device ``x``, dense or a
+        CompactRows of device arrays): the search then does not project x again.
     out : array for the result (bool (M, N) or int32 (M, n_keep)), optional.
     queue : pyopencl.CommandQueue, optional.
     events : list, optional; the kernels' OpenCL events are appended (for profiling).
 
     Returns
     -------
-    The mask, in the kind of container ``x`` came in; 1-D for a 1-D ``x``.
+    The mask, in the kind of container ``x`` (a CompactRows: its arrays) came in; 1-D for a
+    1-D ``x`` (or a vector CompactRows).
 
     Copies and caches
     -----------------
@@ -485,14 +573,20 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
     On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
     lends its inputs and its new results to the kernels in place, with no copy, except
     that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy);
-    elsewhere they are copied to and from the device.  A NumPy call returns when its
-    result is ready; a device-array call returns once it is enqueued.
+    elsewhere they are copied to and from the device.  A host CompactRows's two arrays go
+    the same way (with an exact projection, its dense form is made on the host first).  A
+    NumPy call returns when its result is ready; a device-array call returns once it is
+    enqueued.
     """
-    require_array(x, "x", np.float32)
-    if x.ndim not in (1, 2):
-        raise ValueError(f"x must be 1-D (d,) or 2-D (M, d), got shape {tuple(x.shape)}")
-    vector = x.ndim == 1
-    n_rows, d = (1, x.shape[0]) if vector else x.shape
+    cx = x if isinstance(x, CompactRows) else None
+    if cx is not None:      # xa: the array whose container the result follows
+        xa, vector, n_rows, d = cx.values, cx.vector, cx.n_rows, cx.n_cols
+    else:
+        require_array(x, "x", np.float32)
+        if x.ndim not in (1, 2):
+            raise ValueError(f"x must be 1-D (d,) or 2-D (M, d), got shape {tuple(x.shape)}")
+        xa, vector = x, x.ndim == 1
+        n_rows, d = (1, x.shape[0]) if vector else x.shape
     sparsity = _check_sparsity(sparsity)
     pw = projection if isinstance(projection, ProjectedWeight) else None
     if pw is not None:
@@ -508,24 +602,26 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
             raise TypeError("w is required unless projection is a ProjectedWeight")
         wd, n_cols = weight_shape(w)
         if wd != d:
-            raise ValueError(f"w must have shape (d, N) with d = {d} (the columns of x), got "
-                             f"{(wd, n_cols)}")
+            raise ValueError(f"w must have shape (d, N) with d = {d} (the columns of x"
+                             f"{'' if cx is None else ', its n_cols'}), got {(wd, n_cols)}")
         proj = projection
     if proj is not None:
-        _check_agrees(proj, d, f"x has {d} columns", k=k, seed=seed, eps=eps)
+        _check_agrees(proj, d, f"x has {d} columns" if cx is None else
+                      f"x (a CompactRows) has n_cols = {d}", k=k, seed=seed, eps=eps)
     n_keep = keep_count(sparsity, n_cols)
     out_shape = (n_rows, n_keep) if compact else (n_rows, n_cols)
     out_shape = out_shape[1:] if vector else out_shape
-    check_out(out, out_shape, np.int32 if compact else np.bool_, like=x)
-    if queue is None and not is_device_array(x) and proj is not None:
+    check_out(out, out_shape, np.int32 if compact else np.bool_, like=xa)
+    if queue is None and not is_device_array(xa) and proj is not None:
         queue = proj.queue
-    queue = runtime.resolve_queue(queue, x=x, w=w if is_device_array(w) else None, out=out)
+    queue = runtime.resolve_queue(queue, x=xa, x_idx=None if cx is None else cx.idx,
+                                  w=w if is_device_array(w) else None, out=out)
     if n_rows * max(n_cols, 1) > INT32_MAX:
         raise ValueError(f"the scores have {n_rows * n_cols} elements, more than int32 "
                          "indexing allows")
     dtype = np.int32 if compact else np.bool_
     if x_projected is not None:
-        if pw is None or not is_device_array(x) or vector:
+        if pw is None or not is_device_array(xa) or vector:
             raise ValueError("x_projected needs a 2-D device x and a ProjectedWeight as "
                              "projection")
         require_array(x_projected, "x_projected", np.float32, ndim=2)
@@ -534,7 +630,7 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
             raise ValueError(f"x_projected must be f(x) as project_rows gives it: "
                              f"({n_rows}, >= {proj.k}), contiguous, at offset 0; got "
                              f"{tuple(x_projected.shape)}")
-    out_dev, host = new_output(queue, out_shape, dtype, out, like=x)
+    out_dev, host = new_output(queue, out_shape, dtype, out, like=xa)
 
     if not out_dev.size:
         pass
@@ -558,11 +654,23 @@ def drs_mask(x, w, sparsity, *, eps=0.5, k=None, projection=None, seed=None, com
         elif pw.queue.context != queue.context:
             raise ValueError("the projected weight lives in a different OpenCL context than "
                              "the queue the operation runs on")
-        x_dev = to_device(x, queue, "x", borrow=not is_device_array(x))
         projected = None if x_projected is None else (x_projected, x_projected.shape[1])
+        borrow = not is_device_array(xa)
+        if cx is None:
+            x_dev = to_device(x, queue, "x", borrow=borrow)
+        elif proj.exact and projected is None:
+            # R is the identity: the search reads x's dense form, built on the device.
+            x_dev = cx.to_dense(queue=queue) if cx.is_device else \
+                to_device(cx.to_dense(), queue, "x", borrow=True)
+        else:
+            # f(x) from the nonzero entries (drs_project_compact), also for a few rows:
+            # the fused one-launch kernel reads dense rows.
+            x_dev = None
+            if projected is None:
+                projected = proj._project_compact(queue, cx, events, borrow=borrow)
         _search(queue, x_dev, proj, pw, n_rows, n_keep, out_dev, compact, events,
                 projected=projected)
-    return deliver(out_dev, x, out, queue, host)
+    return deliver(out_dev, xa, out, queue, host)
 
 
 #: ProjectedWeights kept for the NumPy weights passed with a SparseRandomProjection (each

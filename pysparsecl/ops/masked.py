@@ -18,7 +18,11 @@ import pyopencl.array as cl_array
 
 from .. import runtime, tuning
 from ..families import (
+    compact_util,
     masked_bn,
+    masked_compact,
+    masked_compact_dw,
+    masked_compact_tiled,
     masked_conv,
     masked_conv_channels,
     masked_conv_dw,
@@ -48,14 +52,15 @@ from ._common import (
     written,
 )
 from ._prepared import PreparedCache
+from .compact import CompactRows
 
 __all__ = ["MASKED_VMM", "MASKED_VMM_SPLIT", "MASKED_VMM_ROUTINE", "MASKED_GEMM",
            "MASKED_GEMM_TILED", "MASKED_GEMM_ROUTINE", "MASKED_DX", "MASKED_DW", "MASKED_BN",
            "MASKED_CONV", "MASKED_CONV_CH", "MaskedLinearWeight", "masked_matmul",
            "masked_matmul_backward", "masked_relu_bn", "masked_relu_bn_backward",
            "conv2d_masked", "conv2d_masked_backward", "MASKED_CONV_DX", "MASKED_CONV_DW",
-           "weight_rows",
-           "weight_shape", "masked_matmul_shape_class"]
+           "MASKED_COMPACT", "MASKED_COMPACT_TILED", "MASKED_COMPACT_ROUTINE",
+           "MASKED_COMPACT_DW", "weight_rows", "weight_shape", "masked_matmul_shape_class"]
 
 # Each kernel family is a module of its own (pysparsecl/families); the op's routines choose
 # between a CPU-shaped and a GPU-shaped family.
@@ -70,6 +75,9 @@ MASKED_CONV = masked_conv.SPEC
 MASKED_CONV_CH = masked_conv_channels.SPEC
 MASKED_CONV_DX = masked_conv_dx.SPEC
 MASKED_CONV_DW = masked_conv_dw.SPEC
+MASKED_COMPACT = masked_compact.SPEC
+MASKED_COMPACT_TILED = masked_compact_tiled.SPEC
+MASKED_COMPACT_DW = masked_compact_dw.SPEC
 
 #: The family modules of each routine's KERNEL choice, by index.
 _VMM_FAMILIES = (masked_vmm, masked_vmm_split)
@@ -98,6 +106,28 @@ MASKED_GEMM_ROUTINE = Routine(
             "tiles staged through local memory (GPUs)"),),
 )
 
+
+#: The families of the compact-x routine's KERNEL choice, by index.
+_COMPACT_FAMILIES = (masked_compact, masked_compact_tiled)
+
+MASKED_COMPACT_ROUTINE = Routine(
+    "masked_compact",
+    (Choice("KERNEL", tuple(f.SPEC for f in _COMPACT_FAMILIES),
+            "the product of a compact x: a work-item per column gathering from cache "
+            "(CPUs), or a work-group per column gathering from local memory (GPUs)"),),
+    thresholds=(
+        # A gather costs several times a lane of a vector load, and a random selection
+        # touches most lines of a weight row anyway: past some density of x, scattering it
+        # to dense and running the dense-input product is faster (bench masked's
+        # propagated grid measures the crossover).
+        TileParam("GATHER_MAX_DENSITY", 12, (0, 5, 8, 12, 16, 25, 50, 100),
+                  "percent of x's columns kept per row up to which the product gathers; "
+                  "above, x is scattered to dense and the dense-input product runs"),
+        TileParam("GATHER_MIN_ROWS", 2, (1, 2, 4, 8, 16, 32),
+                  "rows from which the product gathers; fewer (a VMM reads each selected "
+                  "weight row once anyway) scatter x to dense"),
+    ),
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +346,11 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
 
     Parameters
     ----------
-    x : numpy.ndarray or pyopencl.array.Array, float32, shape (M, K) or (K,)
+    x : numpy.ndarray or pyopencl.array.Array, float32, shape (M, K) or (K,); or a
+        :class:`CompactRows` of shape (M, K) or (K,): each row's nonzero values and their
+        columns (a sparse input, e.g. the previous DSG layer's compact output).  Each
+        selected output then sums over the row's n_keep entries only, gathering its
+        weight row at their columns; see Notes.
     w : array of shape (K, N), float32, or a :class:`MaskedLinearWeight` (prepared once,
         device-resident: the hot path).  A NumPy ``w`` is transposed to (N, K) rows on
         its first two calls and then kept while the array lives and its contents are
@@ -360,7 +394,15 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
     shares each selected output of the VMM, reading its weight row coalesced; a GEMM
     work-group owns an output tile, stages chunks of x and W^T in local memory and
     computes only the tile's selected outputs.
+
+    With a :class:`CompactRows` x, the family ``masked_compact`` runs instead: a work-item
+    takes one output column and, for each row that selects it, gathers that column's
+    weight row at the row's nonzero columns (n_keep multiply-adds instead of K, each a
+    gather: see docs/ops.md for where that pays).  The result is the dense-input product
+    of x's dense form, up to float32 rounding.  Its container is that of x's arrays.
     """
+    if isinstance(x, CompactRows):
+        return _compact_matmul(x, w, mask, out, queue, events)
     require_array(x, "x", np.float32)
     if x.ndim not in (1, 2):
         raise ValueError(f"x must be 1-D (K,) or 2-D (M, K), got shape {tuple(x.shape)}")
@@ -392,6 +434,71 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
         _launch_forward(queue, x_dev, rows, ldw, sel, mask_dev, out_dev, n_rows, n_cols,
                         k_in, events)
     return deliver(out_dev, x, out, queue, host)
+
+
+def _compact_matmul(x: CompactRows, w, mask, out, queue, events):
+    """masked_matmul with a CompactRows x (see its docstring)."""
+    values, idx = x.rows()
+    vector, n_rows, k_in = x.vector, x.n_rows, x.n_cols
+    wk, n_cols = weight_shape(w)
+    if wk != k_in:
+        raise ValueError(f"w must have shape (K, N) with K = {k_in} (x's n_cols), got "
+                         f"{(wk, n_cols)}")
+    sel = check_mask(mask, n_rows, n_cols, vector)
+    out_shape = (sel.n_entries,) if vector else (n_rows, sel.n_entries)
+    check_out(out, out_shape, np.float32, like=x.values)
+    if queue is None and isinstance(w, MaskedLinearWeight) and not x.is_device:
+        queue = w.queue
+    queue = runtime.resolve_queue(queue, x=x.values, x_idx=x.idx,
+                                  w=w if is_device_array(w) else None, mask=mask, out=out)
+    check_int32_sizes(x=n_rows * max(k_in, x.n_keep), w=k_in * n_cols,
+                      mask=n_rows * n_cols)
+    if not x.is_device:
+        check_alloc(queue, x.nbytes, "x")
+
+    out_dev, host = new_output(queue, out_shape, np.float32, out, like=x.values)
+    if not out_dev.size:
+        return deliver(out_dev, x.values, out, queue, host)
+    if x.n_keep == 0:
+        runtime.fill_array(queue, out_dev, 0)   # every dot product is empty
+        return deliver(out_dev, x.values, out, queue, host)
+    shape_class = masked_matmul_shape_class(n_rows, k_in, n_cols)
+    family, params, max_density, min_rows = tuning.memoised(
+        "masked_compact", queue.device, shape_class, _compact_route)
+    rows, ldw = weight_rows(w, k_in, queue, events)
+    borrow = not x.is_device
+    xv_dev = to_device(values, queue, "x", borrow)
+    xi_dev = to_device(idx, queue, "x_idx", borrow)
+    mask_dev = to_device(mask, queue, "mask", borrow)
+    if n_rows < min_rows or 100 * x.n_keep > max_density * k_in:
+        # Denser than the gathers pay for: x scattered to dense, the dense-input product.
+        check_alloc(queue, 4 * n_rows * k_in, "x in dense form")
+        x_dense = runtime.empty(queue, (n_rows, k_in), np.float32,
+                                allocator=runtime.memory_pool(queue.context))
+        compact_util.scatter(queue, xv_dev, xi_dev, x_dense, k_in, events)
+        _launch_forward(queue, x_dense, rows, ldw, sel, mask_dev, out_dev, n_rows, n_cols,
+                        k_in, events)
+        return deliver(out_dev, x.values, out, queue, host)
+    if sel.form == "bool":
+        runtime.fill_array(queue, out_dev, 0)   # the unselected outputs
+    wait = [e for a in (xv_dev, xi_dev, rows, mask_dev, out_dev) for e in a.events]
+    ev, bad = family.launch(queue, params, sel.form, xv_dev, xi_dev, x.n_keep, rows, ldw,
+                            mask_dev, out_dev, n_rows, n_cols, k_in, sel.n_entries, wait,
+                            events)
+    written(out_dev, ev)
+    if events is not None:
+        events.append(ev)
+    if sel.form == "idx" and is_device_array(sel.array):
+        _raise_if_bad(queue, bad, n_cols, "mask")
+    return deliver(out_dev, x.values, out, queue, host)
+
+
+def _compact_route(look):
+    """The compact-x family the routine chooses, its tiles (read-only), and the
+    routine's density (percent) and row thresholds for gathering."""
+    routine = look(MASKED_COMPACT_ROUTINE.spec)
+    family = _COMPACT_FAMILIES[routine["KERNEL"]]
+    return family, look(family.SPEC), routine["GATHER_MAX_DENSITY"], routine["GATHER_MIN_ROWS"]
 
 
 def _vmm_route(look):
@@ -460,7 +567,10 @@ def masked_matmul_backward(dy, x, w, mask, *, need_dx=True, dw_rows=False, dw_ou
     dy : float32 array, the gradient of y in the form ``masked_matmul`` returned y: dense
         (M, N) for a bool mask (its unselected entries are ignored), compact (M, n_keep)
         for int32 indices; 1-D for a 1-D ``x``.
-    x : float32 array (M, K) or (K,).
+    x : float32 array (M, K) or (K,), or a :class:`CompactRows` (a sparse input, as
+        ``masked_matmul`` takes it): dw then sums over x's entries only, and dx is a
+        CompactRows with x's indices, the gradient at x's entries only (what the previous
+        DSG layer, whose mask made x compact, needs).
     w : float32 array (K, N) or a :class:`MaskedLinearWeight`; None with ``need_dx=False``
         and a bool/int8/uint8 mask (dw needs only x and dy; N is the mask's).
     mask : bool (M, N) or int32 (M, n_keep) column indices, as for :func:`masked_matmul`.
@@ -477,7 +587,8 @@ def masked_matmul_backward(dy, x, w, mask, *, need_dx=True, dw_rows=False, dw_ou
 
     Returns
     -------
-    dx : float32, the shape of ``x`` (None without ``need_dx``).
+    dx : float32, the shape of ``x`` (None without ``need_dx``); for a CompactRows x, a
+        CompactRows with x's indices.
     dw : float32 (K, N), the shape of ``w`` in ``x @ w`` (also for a MaskedLinearWeight),
         or (N, K) with ``dw_rows``.
     Both in the kind of container ``x`` came in.
@@ -488,17 +599,28 @@ def masked_matmul_backward(dy, x, w, mask, *, need_dx=True, dw_rows=False, dw_ou
     that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy);
     elsewhere they are copied to and from the device.  A NumPy call returns when its
     result is ready; a device-array call returns once it is enqueued.
+
+    With a CompactRows x, dw comes from the family ``masked_compact_dw`` (a work-item per
+    row of dw^T scatters dy times each selecting row's nonzero values into it: n_keep
+    multiply-adds per selected output instead of K), and dx is the dense-input backward's
+    dx gathered at x's entries.
     """
-    require_array(x, "x", np.float32)
-    if x.ndim not in (1, 2):
-        raise ValueError(f"x must be 1-D (K,) or 2-D (M, K), got shape {tuple(x.shape)}")
-    vector = x.ndim == 1
-    n_rows, k_in = (1, x.shape[0]) if vector else x.shape
+    compact = isinstance(x, CompactRows)
+    like = x.values if compact else x        # the container the results come back in
+    if compact:
+        vector, n_rows, k_in = x.vector, x.n_rows, x.n_cols
+    else:
+        require_array(x, "x", np.float32)
+        if x.ndim not in (1, 2):
+            raise ValueError(f"x must be 1-D (K,) or 2-D (M, K), got shape "
+                             f"{tuple(x.shape)}")
+        vector = x.ndim == 1
+        n_rows, k_in = (1, x.shape[0]) if vector else x.shape
     if w is None:
         if need_dx is not False:
             raise TypeError("w is required unless need_dx=False")
         require_byte_mask(mask, "mask")
-        if mask.ndim != x.ndim:
+        if mask.ndim != (1 if vector else 2):
             raise ValueError("w=None takes a bool/int8/uint8 mask of the output's shape")
         wk, n_cols = k_in, mask.shape[-1]
     else:
@@ -512,21 +634,24 @@ def masked_matmul_backward(dy, x, w, mask, *, need_dx=True, dw_rows=False, dw_ou
     if tuple(dy.shape) != dy_shape:
         raise ValueError(f"dy must have shape {dy_shape} (the shape of masked_matmul's result "
                          f"for this mask), got {tuple(dy.shape)}")
-    if queue is None and isinstance(w, MaskedLinearWeight) and not is_device_array(x):
+    if queue is None and isinstance(w, MaskedLinearWeight) and not is_device_array(like):
         queue = w.queue
-    queue = runtime.resolve_queue(queue, x=x, dy=dy, w=w if is_device_array(w) else None,
-                                  mask=mask)
+    queue = runtime.resolve_queue(queue, x=like, x_idx=x.idx if compact else None, dy=dy,
+                                  w=w if is_device_array(w) else None, mask=mask)
     for flag, name in ((need_dx, "need_dx"), (dw_rows, "dw_rows")):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     dw_shape = (n_cols, k_in) if dw_rows else (k_in, n_cols)
     if dw_out is not None:
-        if not is_device_array(x):
+        if not is_device_array(like):
             raise TypeError("dw_out is for device calls (x a pyopencl array)")
-        check_out(dw_out, dw_shape, np.float32, like=x, name="dw_out")
+        check_out(dw_out, dw_shape, np.float32, like=like, name="dw_out")
     check_int32_sizes(x=n_rows * k_in, w=k_in * n_cols, mask=n_rows * n_cols)
     for size, what in ((n_rows * k_in if need_dx else 0, "dx"), (k_in * n_cols, "dw")):
         check_alloc(queue, 4 * size, what)   # both, by name, before either is allocated
+    if compact:
+        return _compact_backward(queue, dy, x, w, sel, mask, need_dx, dw_rows, dw_out,
+                                 dw_shape, n_cols, events)
     dx_dev = dx_host = None
     if need_dx:
         dx_dev, dx_host = new_output(queue, tuple(x.shape), np.float32, None, like=x,
@@ -544,6 +669,75 @@ def masked_matmul_backward(dy, x, w, mask, *, need_dx=True, dw_rows=False, dw_ou
         runtime.fill_array(queue, dw_dev, 0)       # nothing selected: dw is zero
     dx = deliver(dx_dev, x, None, queue, dx_host) if need_dx else None
     return dx, deliver(dw_dev, x, dw_out, queue, dw_host)
+
+
+def _compact_backward(queue, dy, x: CompactRows, w, sel: _Selection, mask, need_dx: bool,
+                      dw_rows: bool, dw_out, dw_shape, n_cols: int, events):
+    """masked_matmul_backward with a CompactRows x (validated; see its docstring)."""
+    values, idx = x.rows()
+    n_rows, k_in, nx = x.n_rows, x.n_cols, x.n_keep
+    like = x.values
+    dxv_dev = dxv_host = None
+    if need_dx:
+        dxv_dev, dxv_host = new_output(queue, tuple(x.values.shape), np.float32, None,
+                                       like=like, slot="dx")
+    dw_dev, dw_host = new_output(queue, dw_shape, np.float32, dw_out, like=like, slot="dw")
+    if n_rows and k_in and n_cols and sel.n_entries:
+        borrow = not x.is_device
+        xv_dev = to_device(values, queue, "x", borrow)
+        xi_dev = to_device(idx, queue, "x_idx", borrow)
+        dy_dev = to_device(dy, queue, "dy", borrow)
+        mask_dev = to_device(mask, queue, "mask", borrow)
+        outputs = (dw_dev,) if dxv_dev is None else (dxv_dev, dw_dev)
+        wait = [e for a in (xv_dev, xi_dev, dy_dev, mask_dev) + outputs for e in a.events]
+        lists = masked_util.SelectionLists(queue, sel.form, mask_dev, dy_dev, n_rows, n_cols,
+                                           sel.n_entries, wait, events)
+        wait = wait + lists.events
+        launched = list(lists.events)
+        if dxv_dev is not None and nx:
+            # The dense-input dx, gathered at x's entries.
+            rows, ldw = weight_rows(w, k_in, queue, events)
+            dx_dense = runtime.zeros(queue, (n_rows, k_in), np.float32,
+                                     allocator=runtime.memory_pool(queue.context))
+            ev = masked_dx.launch(queue, tuning.lookup(MASKED_DX, queue.device), sel.form,
+                                  dy_dev, rows, ldw, lists, dx_dense, n_rows, n_cols, k_in,
+                                  sel.n_entries, wait + list(rows.events)
+                                  + list(dx_dense.events))
+            dx_dense.events[:] = [ev]
+            launched.append(ev)
+            compact_util.gather(queue, dx_dense, xi_dev.reshape(n_rows, nx),
+                                dxv_dev.reshape(n_rows, nx), k_in, events)
+        direct = at_offset_zero(dw_dev, queue) if dw_rows else None
+        dwt = direct if direct is not None else runtime.empty(
+            queue, (n_cols, k_in), np.float32, allocator=runtime.memory_pool(queue.context))
+        ev_dw = masked_compact_dw.launch(
+            queue, tuning.lookup(MASKED_COMPACT_DW, queue.device), xv_dev, xi_dev, nx, lists,
+            dwt, n_rows, n_cols, k_in, wait)
+        launched.append(ev_dw)
+        if events is not None:
+            events.extend(launched)
+        if direct is not None:
+            written(dw_dev, ev_dw)
+        elif dw_rows:      # dw_dev starts off the base alignment: a device copy
+            ev = runtime.enqueue_copy(queue, dw_dev.base_data, dwt.base_data,
+                                      byte_count=dwt.nbytes, dst_offset=dw_dev.offset,
+                                      wait_for=[ev_dw])
+            written(dw_dev, ev)
+        else:
+            dwt.add_event(ev_dw)
+            masked_util.transpose(queue, dwt, events, into=dw_dev)
+        if lists.bad is not None and is_device_array(sel.array):
+            _raise_if_bad(queue, lists.bad, n_cols, "mask")
+    else:
+        if dw_dev.size:
+            runtime.fill_array(queue, dw_dev, 0)       # nothing selected: dw is zero
+        if dxv_dev is not None and dxv_dev.size:
+            runtime.fill_array(queue, dxv_dev, 0)
+    dw = deliver(dw_dev, like, dw_out, queue, dw_host)
+    if not need_dx:
+        return None, dw
+    dxv = deliver(dxv_dev, like, None, queue, dxv_host)
+    return CompactRows(dxv, x.idx, k_in, check=False), dw
 
 
 def _launch_backward(queue, dy_dev, x_dev, rows, ldw, sel: _Selection, mask_dev, dx_dev,

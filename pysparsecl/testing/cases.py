@@ -92,3 +92,11 @@ def row_masks(rng: np.random.Generator, m: int, n: int, n_keep: int, count: int 
         np.put_along_axis(mask, idx, True, axis=1)
         masks.append(mask)
     return masks
+
+
+def compact_rows(rng: np.random.Generator, m: int, k: int, nx: int):
+    """Fresh (values (m, nx) float32, idx (m, nx) int32): ``nx`` random columns of each
+    row of an (m, k) batch, ascending, with normal values (a CompactRows' arrays)."""
+    idx = np.sort(np.argpartition(rng.random((m, k)), max(nx - 1, 0), axis=1)[:, :nx],
+                  axis=1).astype(np.int32)
+    return rng.standard_normal((m, nx), dtype=np.float32), idx

@@ -111,7 +111,7 @@ def _fields(entry: dict, family: str, required: Sequence[str], optional: dict) -
                           f"lacks {missing}; keys: {list(required)} + {sorted(optional)}")
     values = {**optional, **entry}
     for key, value in values.items():
-        if key in ("keep", "sparsity"):
+        if key in ("keep", "x_keep", "sparsity"):
             if not (isinstance(value, (int, float)) and 0 <= value <= 1):
                 raise ShapesError(f"{family}: {key} must be in [0, 1], got {value!r}")
         elif key in ("kernel", "stride", "padding"):
@@ -234,6 +234,76 @@ def _masked_matmul_problems(family, default, gpu_keeps=(0.1,)):
                 masked_matmul_shape_class(m, k, n), weight=0.1 / keep))
         return problems
     return build
+
+
+#: (M, K, N) of the products of a compact x: 4096-wide layers at batch 1 and 128, and the
+#: fully connected layers of the CIFAR VGG-8 (8192 -> 1024 -> 1024) at batch 128.
+DSG_COMPACT_SHAPES = ((1, 4096, 4096), (128, 4096, 4096), (128, 8192, 1024),
+                      (128, 1024, 1024))
+
+
+def _compact_inputs(queue, rng, quick, shapes, family):
+    """The compact-x problems' operands: (label, x (device CompactRows), the prepared
+    weight, w, the device index mask, the host mask, x's dense form, shape class) per
+    shape, with 10% of x's entries kept and 10% of the outputs selected (an index mask, as
+    the layer after a compact one is called), or the keep ratios a shape names (``x_keep``
+    for x, ``keep`` for the outputs)."""
+    from .. import CompactRows, MaskedLinearWeight
+    from ..ops.drs import keep_count
+    from ..ops.masked import masked_matmul_shape_class
+    from .cases import compact_rows
+    if shapes is not None:
+        chosen = [tuple(_fields(e, family, ("M", "K", "N"), dict(keep=0.1, x_keep=0.1))[key]
+                        for key in ("M", "K", "N", "x_keep", "keep")) for e in shapes]
+    elif quick:
+        chosen = [(64, 300, 500, 0.1, 0.1)]
+    else:
+        chosen = [shape + (0.1, 0.1) for shape in DSG_COMPACT_SHAPES]
+    for m, k, n, x_keep, keep in chosen:
+        values, idx = compact_rows(rng, m, k, keep_count(1.0 - x_keep, k))
+        w = rng.standard_normal((k, n), dtype=np.float32)
+        n_keep = keep_count(1.0 - keep, n)
+        mask = np.argpartition(rng.random((m, n)), n_keep - 1, axis=1)[:, :n_keep]
+        mask = mask.astype(np.int32)
+        x = CompactRows(cl_array.to_device(queue, values), cl_array.to_device(queue, idx), k,
+                        check=False)
+        dense = np.zeros((m, k), np.float32)
+        np.put_along_axis(dense, idx, values, axis=1)
+        yield (f"{m}x{k}x{n} x keep {x_keep:g}, keep {keep:g}", x,
+               MaskedLinearWeight(w, queue=queue), w, cl_array.to_device(queue, mask), mask,
+               dense, masked_matmul_shape_class(m, k, n))
+
+
+def _masked_compact_problems(family):
+    """The product of a compact x (the families of the masked_compact routine)."""
+    def build(queue, rng, quick, shapes) -> List[Problem]:
+        from .. import masked_matmul
+        return [Problem(label, lambda ev, x=x, weight=weight, mask=mask:
+                        masked_matmul(x, weight, mask, events=ev),
+                        lambda host=(dense, w, mask_host): masked_matmul_reference(*host),
+                        shape_class)
+                for label, x, weight, w, mask, mask_host, dense, shape_class
+                in _compact_inputs(queue, rng, quick, shapes, family)]
+    return build
+
+
+def _masked_compact_dw_problems(queue, rng, quick, shapes) -> List[Problem]:
+    """dw^T of the product of a compact x (masked_matmul_backward without dx)."""
+    from .. import masked_matmul_backward
+    problems = []
+    for label, x, weight, w, mask, mask_host, dense, shape_class in _compact_inputs(
+            queue, rng, quick, shapes, "masked_compact_dw"):
+        dy_host = rng.standard_normal(mask_host.shape, dtype=np.float32)
+        dy = cl_array.to_device(queue, dy_host)
+        problems.append(Problem(
+            f"dw {label}",
+            lambda ev, x=x, dy=dy, weight=weight, mask=mask:
+            masked_matmul_backward(dy, x, weight, mask, need_dx=False, dw_rows=True,
+                                   events=ev)[1],
+            lambda host=(dy_host, dense, w, mask_host):
+            masked_matmul_backward_reference(*host)[1].T,
+            shape_class))
+    return problems
 
 
 def _masked_backward_problems(family):
@@ -413,6 +483,38 @@ def _conv_search_reference(x, w, sparsity, seed):
                                    proj.matrix().toarray(), proj.scale, padding=(1, 1))
 
 
+def _drs_compact_problems(queue, rng, quick, shapes) -> List[Problem]:
+    """The projection f(x) of a CompactRows x keeping 10% of each row (the search's input
+    after a DSG layer that kept 10%), on the rows and widths of the DSG layers (M and K
+    of DSG_GEMM_SHAPES and DSG_VMM_SHAPES), or the shapes a file names: M, K and ``keep``
+    (the fraction of x's entries kept, default 0.1)."""
+    from .. import CompactRows, SparseRandomProjection
+    from ..ops.drs import keep_count, project_compact_shape_class
+    from .cases import compact_rows
+    if shapes is not None:
+        dims = [tuple(_fields(e, "drs_project_compact", ("M", "K"), dict(keep=0.1))[key]
+                      for key in ("M", "K", "keep")) for e in shapes]
+    elif quick:
+        dims = [(64, 300, 0.1)]
+    else:
+        dims = [(m, k, 0.1) for m, k, _ in DSG_GEMM_SHAPES + DSG_VMM_SHAPES]
+    problems = []
+    for m, d, keep in dims:
+        nx = keep_count(1.0 - keep, d)
+        values, idx = compact_rows(rng, m, d, nx)
+        dense = np.zeros((m, d), np.float64)
+        np.put_along_axis(dense, idx, values, axis=1)
+        proj = SparseRandomProjection(d, seed=1, queue=queue)
+        x = CompactRows(cl_array.to_device(queue, values), cl_array.to_device(queue, idx), d,
+                        check=False)
+        problems.append(Problem(
+            f"project compact {m}x{d} keep {keep:g}",
+            lambda ev, x=x, proj=proj: proj.project(x, events=ev),
+            lambda dense=dense, proj=proj: proj.scale * (proj.matrix() @ dense.T).T,
+            shape_class=project_compact_shape_class(m, nx)))
+    return problems
+
+
 #: Families the tuner can exercise, each with its problem driver.
 def _training_problems(queue, rng, quick, shapes) -> List[Problem]:
     """The loss over a batch of logits (with its column-sum pass) and one SGD step over a
@@ -503,6 +605,10 @@ TUNABLES: Dict[str, Callable[..., List[Problem]]] = {
                                                  gpu_keeps=(0.1, 0.5)),
     "masked_gemm_routine": _masked_matmul_problems("masked_gemm_routine", DSG_GEMM_SHAPES,
                                                    gpu_keeps=(0.1, 0.5)),
+    "masked_compact": _masked_compact_problems("masked_compact"),
+    "masked_compact_tiled": _masked_compact_problems("masked_compact_tiled"),
+    "masked_compact_routine": _masked_compact_problems("masked_compact_routine"),
+    "masked_compact_dw": _masked_compact_dw_problems,
     "masked_dx": _masked_backward_problems("masked_dx"),
     "masked_dw": _masked_backward_problems("masked_dw"),
     "masked_bn": _masked_bn_problems,
@@ -514,6 +620,7 @@ TUNABLES: Dict[str, Callable[..., List[Problem]]] = {
     "masked_conv_dw": _masked_conv_backward_problems("masked_conv_dw"),
     "drs_project": _drs_problems("drs_project"),
     "drs_project_split": _drs_problems("drs_project_split"),
+    "drs_project_compact": _drs_compact_problems,
     "drs_scores": _drs_problems("drs_scores"),
     "drs_fused": _drs_problems("drs_fused"),
     "drs_topk": _drs_problems("drs_topk"),
@@ -597,6 +704,47 @@ def small_problems():
                 x, mask = x[0], mask[0]
             close(ps.masked_matmul(x, w, mask, queue=queue), masked_matmul_reference(x, w, mask),
                   "masked_matmul")
+        return run
+
+    def compact_x(m, k, n, x_keep, form, empty=0, vector=False, on_device=False,
+                  dense_first=False):
+        """masked_matmul of a CompactRows x keeping ``x_keep`` of each row's inputs, through
+        the gather kernels (or, ``dense_first``, with x scattered to dense); ``on_device``:
+        x gathered from its dense form on the device (the CompactRows conversion and
+        check kernels), and scattered back to compare."""
+        from pysparsecl import tuning
+
+        from .cases import compact_rows
+
+        def run(rng, queue=None):
+            values, idx = compact_rows(rng, m, k, int(np.ceil(x_keep * k)))
+            w = rng.standard_normal((k, n), dtype=np.float32)
+            mask = row_mask(rng, m, n, form, empty)
+            dense = np.zeros((m, k), np.float32)
+            np.put_along_axis(dense, idx, values, axis=1)
+            if vector:
+                values, idx, mask, dense = values[0], idx[0], mask[0], dense[0]
+            if dense_first:       # the routine's other path: x scattered to dense
+                routine = dict(GATHER_MAX_DENSITY=0)
+            else:                 # the gather kernels, whatever x's density
+                routine = dict(GATHER_MAX_DENSITY=100, GATHER_MIN_ROWS=1)
+            with tuning.override("masked_compact_routine", **routine):
+                got = product(values, idx, w, mask, dense, queue)
+            close(got, masked_matmul_reference(dense, w, mask), "masked_matmul (compact x)")
+
+        def product(values, idx, w, mask, dense, queue):
+            if on_device:
+                queue = ps.get_queue(queue)
+                x = ps.CompactRows.from_dense(cl_array.to_device(queue, dense),
+                                              cl_array.to_device(queue, idx))
+                close(x.to_dense().get(), dense, "CompactRows.to_dense")
+                b = np.linspace(-1.0, 1.0, k, dtype=np.float32)
+                biased = x.add_bias(cl_array.to_device(queue, b), relu=True).values.get()
+                close(biased, np.maximum(values + b[idx], 0).reshape(biased.shape),
+                      "CompactRows.add_bias")
+                args = (x, cl_array.to_device(queue, w), cl_array.to_device(queue, mask))
+                return ps.masked_matmul(*args, queue=queue).get()
+            return ps.masked_matmul(ps.CompactRows(values, idx, k), w, mask, queue=queue)
         return run
 
     def compact_first(run):
@@ -718,6 +866,56 @@ def small_problems():
         mask = ps.drs_mask_conv2d(x, w, 0.5, padding=1, seed=3, queue=queue)
         if mask.shape != (1, 6, 4, 5) or not np.all(mask.sum(1) == keep_count(0.5, 6)):
             raise AssertionError("drs_mask_conv2d: wrong number of kept channels")
+
+    def search_compact(m, d, n, k, nx, sparsity, vector=False, on_device=False, bad=False):
+        """The projection and drs_mask of a CompactRows x (``nx`` of each row's ``d``
+        entries) against the float64 reference of its dense form.  ``bad``: an unchecked
+        device batch whose rows 1 and m - 1 hold an index outside [0, d): their
+        projections must be NaN (and nothing read out of bounds), the others right."""
+        from .cases import compact_rows
+
+        def run(rng, queue=None):
+            values, idx = compact_rows(rng, m, d, nx)
+            if bad:
+                idx[1, -1], idx[m - 1, 0] = d, -1
+            dense = np.zeros((m, d), np.float64)
+            np.put_along_axis(dense, np.clip(idx, 0, d - 1), values, axis=1)
+            w = rng.standard_normal((d, n), dtype=np.float32)
+            proj = ps.SparseRandomProjection(d, k=k, seed=5, queue=queue)
+            want = proj.scale * dense @ proj.matrix().toarray().T
+            if vector:
+                values, idx, dense, want = values[0], idx[0], dense[0], want[0]
+            if on_device or bad:
+                q = ps.get_queue(queue)
+                x = ps.CompactRows(cl_array.to_device(q, values), cl_array.to_device(q, idx),
+                                   d, check=not bad)
+                got = proj.project(x, queue=q).get()
+            else:
+                x = ps.CompactRows(values, idx, d)
+                got = proj.project(x, queue=queue)
+            if bad:
+                fine = np.setdiff1d(np.arange(m), [1, m - 1])
+                if not np.isnan(got[[1, m - 1]]).all():
+                    raise AssertionError("project (CompactRows): an index outside [0, d) "
+                                         "did not give NaN")
+                close(got[fine], want[fine], "project (CompactRows)")
+                return
+            close(got, want, "project (CompactRows)")
+            mask = ps.drs_mask(x, w, sparsity, projection=proj, compact=True, queue=queue)
+            mask = mask.get() if on_device else mask
+            n_keep = keep_count(sparsity, n)
+            picked = np.zeros((1 if vector else m, n), bool)
+            np.put_along_axis(picked, np.atleast_2d(mask).astype(np.int64), True, axis=1)
+            if not np.array_equal(picked.sum(1), np.full(picked.shape[0], n_keep)):
+                raise AssertionError("drs_mask (CompactRows): wrong number of kept entries")
+            scores = np.atleast_2d(want) @ (proj.scale * proj.matrix().toarray() @ w)
+            slack = 1e-4 * np.abs(scores).max(axis=1)
+            kth = -np.sort(-scores, axis=1)[:, n_keep - 1]
+            if not (np.all(np.where(picked, scores, np.inf) >= (kth - slack)[:, None]) and
+                    np.all(np.where(picked, -np.inf, scores) <= (kth + slack)[:, None])):
+                raise AssertionError("drs_mask (CompactRows): kept entries are not the "
+                                     "largest scores")
+        return run
 
     def elementwise(rng, queue=None):
         a = rng.standard_normal((3, 1, 37), dtype=np.float32)
@@ -842,6 +1040,38 @@ def small_problems():
     project = [("drs 9x40x30 k7 (projected)", search(9, 40, 30, 7, 0.7, False))]
     topk = [("drs 3x33x50 k6", search(3, 33, 50, 6, 0.8, False)),
             ("drs 9x20x300 k5 compact", search(9, 20, 300, 5, 0.95, True))]
+    def compact_backward(m, k, n, x_keep, form, vector=False):
+        """masked_matmul_backward of a CompactRows x: dx at x's entries and dw^T."""
+        from .cases import compact_rows
+
+        def run(rng, queue=None):
+            values, idx = compact_rows(rng, m, k, int(np.ceil(x_keep * k)))
+            w = rng.standard_normal((k, n), dtype=np.float32)
+            mask = row_mask(rng, m, n, form, 0)
+            dy = rng.standard_normal(mask.shape, dtype=np.float32)
+            dense = np.zeros((m, k), np.float32)
+            np.put_along_axis(dense, idx, values, axis=1)
+            rdx, rdw = masked_matmul_backward_reference(dy, dense, w, mask)
+            rdx = np.take_along_axis(rdx, idx, axis=1)
+            if vector:
+                values, idx, mask, dy, rdx = values[0], idx[0], mask[0], dy[0], rdx[0]
+            dx, dw = ps.masked_matmul_backward(dy, ps.CompactRows(values, idx, k), w, mask,
+                                               dw_rows=True, queue=queue)
+            close(dx.values, rdx, "masked_matmul_backward dx (compact x)")
+            close(dw, rdw.T, "masked_matmul_backward dw (compact x)")
+        return run
+
+    compact = [
+        ("compact 5x37x29 bool, 2 empty rows", compact_x(5, 37, 29, 0.3, "bool", 2)),
+        ("compact 7x53x48 idx", compact_x(7, 53, 48, 0.2, "idx")),
+        ("compact 1x70x20 idx 1-D", compact_x(1, 70, 20, 0.5, "idx", vector=True)),
+        ("compact 4x9x6 no inputs", compact_x(4, 9, 6, 0.0, "bool")),
+        ("compact 6x40x30 idx, on the device",
+         compact_x(6, 40, 30, 0.25, "idx", on_device=True)),
+        ("compact 5x60x30 bool, scattered to dense",
+         compact_x(5, 60, 30, 0.3, "bool", on_device=True, dense_first=True)),
+        ("compact 3x2100x20 idx, several weight chunks",
+         compact_x(3, 2100, 20, 0.1, "idx"))]
     return {
         "conv2d_csr": conv_loads,
         "conv2d_pack_rows": conv_loads,
@@ -857,6 +1087,13 @@ def small_problems():
             ("gemm 9x21x64 bool", matmul(9, 21, 64, "bool")),
             # dense enough for the dense tiles (DENSE > 0)
             ("gemm 45x37x70 all selected", matmul(45, 37, 70, "bool", full=True))],
+        "masked_compact": compact,
+        "masked_compact_tiled": compact,
+        "masked_compact_dw": [
+            ("compact backward 9x70x40 idx", compact_backward(9, 70, 40, 0.2, "idx")),
+            ("compact backward 6x33x21 bool", compact_backward(6, 33, 21, 0.4, "bool")),
+            ("compact backward 1x40x17 bool 1-D",
+             compact_backward(1, 40, 17, 0.3, "bool", vector=True))],
         "masked_dx": [("backward 5x37x29 bool, 1 empty row", backward(5, 37, 29, "bool", 1)),
                       ("backward 3x17x40 idx", backward(3, 17, 40, "idx")),
                       ("backward 1x9x7 bool", backward(1, 9, 7, "bool"))],
@@ -877,6 +1114,18 @@ def small_problems():
         # (the convolution windows' projection runs under drs_project's parameters too)
         "drs_project": project + [("drs_mask_conv2d 1x2x4x5 K6", search_conv)],
         "drs_project_split": project,
+        # partial row blocks and k chunks (k 7, 13), no entries, all entries, a vector,
+        # device arrays, and indices outside [0, d) in an unchecked batch
+        "drs_project_compact": [
+            ("drs compact 9x40x30 k7, 5 entries", search_compact(9, 40, 30, 7, 5, 0.7)),
+            ("drs compact 1-D 64x50 k13, 9 entries",
+             search_compact(1, 64, 50, 13, 9, 0.9, vector=True)),
+            ("drs compact 5x33x20 k6, no entries", search_compact(5, 33, 20, 6, 0, 0.8)),
+            ("drs compact 6x20x40 k5, all entries", search_compact(6, 20, 40, 5, 20, 0.9)),
+            ("drs compact 11x70x45 k9, on the device",
+             search_compact(11, 70, 45, 9, 8, 0.8, on_device=True)),
+            ("drs compact 7x30 k7, indices outside [0, d)",
+             search_compact(7, 30, 10, 7, 4, 0.5, bad=True))],
         "drs_scores": [("drs 9x40x30 k7 compact", search(9, 40, 30, 7, 0.7, True)),
                        ("drs 6x20x70 k5", search(6, 20, 70, 5, 0.9, False))],
         "drs_fused": [("drs 1x40x30 k7", search(1, 40, 30, 7, 0.5, False)),
