@@ -64,7 +64,11 @@ STEP_COLUMNS = [("model", "model", "{}"), ("N", "batch", "{}"), ("mask", "mask",
                 ("replayed_step_ms", "replayed step ms", "{:.2f}"),
                 ("torch_step_ms", "torch dense step ms", "{:.2f}"),
                 ("step_speedup_vs_torch", "x torch (eager)", "{:.2f}"),
-                ("replayed_speedup_vs_torch", "x torch (replayed)", "{:.2f}")]
+                ("replayed_speedup_vs_torch", "x torch (replayed)", "{:.2f}"),
+                ("propagated_step_ms", "propagated eager ms", "{:.2f}"),
+                ("propagated_replayed_step_ms", "propagated replayed ms", "{:.2f}"),
+                ("propagated_speedup_vs_torch", "x torch (propagated, replayed)", "{:.2f}"),
+                ("kept_ratio", "kept activations: dense / propagated", "{:.1f}")]
 
 
 def available() -> bool:
@@ -86,13 +90,14 @@ def _digits():
     return x[:1400], y[:1400], x[1400:], y[1400:]
 
 
-def _model(queue, kind: str, sparsity: float, mask: str, seed: int, sizes=SIZES):
+def _model(queue, kind: str, sparsity: float, mask: str, seed: int, sizes=SIZES,
+           propagate: bool = False):
     from pysparsecl.dsg import CNN, MLP
     mask = mask if sparsity else "dense"
     if kind == "cnn":
         return CNN((1, 8, 8), CNN_CHANNELS, CNN_HIDDEN, 10, sparsity, mask, seed=seed,
                    queue=queue)
-    return MLP(sizes, sparsity, mask, seed=seed, queue=queue)
+    return MLP(sizes, sparsity, mask, seed=seed, queue=queue, propagate=propagate)
 
 
 def _inputs(kind: str, x: np.ndarray) -> np.ndarray:
@@ -129,12 +134,14 @@ def _batch(shape, classes: int, batch: int):
             rng.integers(0, classes, batch).astype(np.int32))
 
 
-def _step_timers(queue, kind, sizes, sparsity: float, batch: int):
+def _step_timers(queue, kind, sizes, sparsity: float, batch: int, propagate: bool = False):
     """Our whole training step, eager (``train_step``) and replayed (``capture_step``,
     each step copying a new batch into the recorded inputs); the loss is read back, as a
-    training loop prints it."""
+    training loop prints it.  ``propagate``: the MLP's DSG layers pass compact
+    activations on."""
     import pyopencl.array as cl_array
-    eager, replayed = (_model(queue, kind, sparsity, "drs", 0, sizes) for _ in range(2))
+    eager, replayed = (_model(queue, kind, sparsity, "drs", 0, sizes, propagate)
+                       for _ in range(2))
     shape = (1, 8, 8) if kind == "cnn" else (sizes[0],)
     x, y = (cl_array.to_device(queue, a) for a in _batch(shape, 10 if kind == "cnn"
                                                          else sizes[-1], batch))
@@ -217,13 +224,29 @@ def _model_name(kind: str, sizes=SIZES) -> str:
     return "MLP " + "-".join(map(str, sizes))
 
 
+def kept_bytes(queue, sizes, sparsity: float, batch: int, propagate: bool) -> int:
+    """Device bytes the MLP's DSG layers keep from a training forward for the backward
+    (inputs, outputs, selections; not f(x), kept with f(w) either way)."""
+    import pyopencl.array as cl_array
+    from pysparsecl.dsg import MLP
+    model = MLP(sizes, sparsity, "drs", seed=0, queue=queue, propagate=propagate,
+                keep_projection=False)
+    x = cl_array.to_device(queue, _batch((sizes[0],), sizes[-1], batch)[0])
+    model.forward(x, training=True)
+    return sum(layer.saved_bytes() for layer in model.layers[:-1])
+
+
 def step_rows(queue, kind, sparsities, rounds: int, sizes=SIZES, batch: int = BATCH):
-    """Step times, ours dense and with the search at each sparsity (eager and replayed),
-    and torch dense's."""
+    """Step times, ours dense and with the search at each sparsity (eager and replayed;
+    for the MLP also with compact activations carried across layers), and torch
+    dense's."""
     timers = {}
     for sparsity in [0.0] + list(sparsities):
         timers[sparsity], timers[("replayed", sparsity)] = _step_timers(
             queue, kind, sizes, sparsity, batch)
+        if kind == "mlp" and sparsity:
+            timers[("propagated", sparsity)], timers[("propagated replayed", sparsity)] = \
+                _step_timers(queue, kind, sizes, sparsity, batch, propagate=True)
     torch_timer = _torch_step_timer(queue, kind, sizes, batch)
     if torch_timer is not None:
         timers["torch"] = torch_timer
@@ -233,10 +256,20 @@ def step_rows(queue, kind, sparsities, rounds: int, sizes=SIZES, batch: int = BA
         row = dict(model=_model_name(kind, sizes), N=batch,
                    mask="drs" if sparsity else "dense", sparsity=sparsity,
                    step_ms=med[sparsity], replayed_step_ms=med[("replayed", sparsity)])
+        if ("propagated", sparsity) in med:
+            dense, compact = (kept_bytes(queue, sizes, sparsity, batch, p)
+                              for p in (False, True))
+            row.update(propagated_step_ms=med[("propagated", sparsity)],
+                       propagated_replayed_step_ms=med[("propagated replayed", sparsity)],
+                       kept_bytes=dense, propagated_kept_bytes=compact,
+                       kept_ratio=dense / compact)
         if "torch" in med:
             row.update(torch_step_ms=med["torch"],
                        step_speedup_vs_torch=med["torch"] / med[sparsity],
                        replayed_speedup_vs_torch=med["torch"] / row["replayed_step_ms"])
+            if "propagated_replayed_step_ms" in row:
+                row["propagated_speedup_vs_torch"] = \
+                    med["torch"] / row["propagated_replayed_step_ms"]
         rows.append(row)
     return rows
 

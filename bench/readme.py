@@ -90,6 +90,25 @@ def dsg_training_tables(results_dir: Path = RESULTS, prefix: str = "") -> list:
         plot=True)
 
 
+def propagated_tables(results_dir: Path = RESULTS, prefix: str = "") -> list:
+    """Markdown lines: per device, the product of a compact x against the dense-input
+    one where input and output are equally sparse (90% and 95%)."""
+    parts = []
+    for stem, data in _layer_files(results_dir):
+        rows = [r for r in data.get("rows", []) if r.get("op") == "propagated"
+                and r["x_sparsity"] == r["sparsity"] and r["sparsity"] in (0.9, 0.95)]
+        if not rows:
+            continue
+        if not parts:
+            parts = ["### Sparsity carried across layers: the product of a compact x", "",
+                     masked.PROPAGATED_NOTE, ""]
+        h = data["header"]
+        parts += [f"**{h['device']}** ({h['date']}; every input x output sparsity: "
+                  f"[bench/results/{stem}.md]({prefix}bench/results/{stem}.md))", "",
+                  masked.propagated_table(rows), ""]
+    return parts
+
+
 def _layer_files(results_dir: Path):
     return _results(results_dir, "*.json",
                     skip=("sweep", "tvm-overhead", "tvm-network", "network", "dsg-training"))
@@ -119,6 +138,10 @@ def layer_tables(results_dir: Path = RESULTS, prefix: str = "") -> list:
                and r["sparsity"] == 0.9]
         if dsg:
             parts += [masked.markdown_table(dsg), ""]
+        grid = masked.propagated_table(data.get("rows", []))
+        if grid:
+            parts += ["A compact x (sparsity carried across layers), input x output "
+                      "sparsity:", "", grid, ""]
         if (results_dir / f"{stem}.png").exists():
             parts += [f"![conv2d_sparse speedup on {h['device']}]"
                       f"({prefix}bench/results/{stem}.png)", ""]
@@ -147,7 +170,8 @@ def headline_layers(results_dir: Path = RESULTS, prefix: str = "") -> list:
 def readme_headline(results_dir: Path = RESULTS) -> str:
     """README.md's block: whole network first, then the per-layer headline."""
     return "\n".join(network_tables(results_dir) + tvm_network_tables(results_dir) +
-                     dsg_training_tables(results_dir) + headline_layers(results_dir) + [
+                     dsg_training_tables(results_dir) + propagated_tables(results_dir) +
+                     headline_layers(results_dir) + [
         "Every column, the elementwise and DSG tables and the plots: "
         "[docs/benchmarks.md](docs/benchmarks.md#results).", ""])
 

@@ -36,6 +36,7 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 
 from . import runtime
+from .ops.compact import CompactRows
 from .ops.conv2d import conv2d_output_shape
 from .ops.drs import (
     SparseRandomProjection,
@@ -159,6 +160,14 @@ class DSGLinear:
     projection : a :class:`SparseRandomProjection` to use (built from ``seed`` and
         ``eps`` when None).
 
+    propagate : bool: pass the sparsity on (a DSG layer only, issue "Sparsity carried
+        across layers").  The layer's output is then a :class:`CompactRows` (the selected
+        entries and their columns) instead of a dense array with zeros, the next layer
+        takes it as it is (its search and its product sum over the nonzero inputs only),
+        and ``backward`` takes and returns gradients in that form (dx at the input's
+        entries).  The activations kept for the backward shrink alike
+        (:meth:`saved_bytes`).  Any layer takes a CompactRows input.
+
     With ``mask="drs"`` and a parameter ``<name>.fw`` of shape
     ``projection.weight_layout(out_features)`` in ``params``, the layer keeps f(w), the
     search's projection of its weight, as a parameter: its gradient is f(dw) =
@@ -171,8 +180,11 @@ class DSGLinear:
 
     def __init__(self, params: FlatParameters, name: str, sparsity: float, mask: str = "drs",
                  relu: bool = True, seed: int = 0, eps: float = 0.3,
-                 projection: Optional[SparseRandomProjection] = None):
+                 projection: Optional[SparseRandomProjection] = None,
+                 propagate: bool = False):
         _check_selection(mask, sparsity)
+        if not isinstance(propagate, bool):
+            raise TypeError(f"propagate must be a bool, got {type(propagate).__name__}")
         self.params, self.name = params, name
         self.w, self.b = params.params[f"{name}.w"], params.params[f"{name}.b"]
         self.dw, self.db = params.grads[f"{name}.w"], params.grads[f"{name}.b"]
@@ -181,6 +193,7 @@ class DSGLinear:
         self.rows = MaskedLinearWeight(self.w, transposed=True, queue=params.queue)
         self.sparsity = float(sparsity) if mask != "dense" else 0.0
         self.kind = mask if self.sparsity > 0 else "dense"
+        self.propagate = propagate and self.kind != "dense"
         self.relu = relu
         self.queue = params.queue
         self.rng = np.random.default_rng(seed)
@@ -196,56 +209,90 @@ class DSGLinear:
         self._saved: Optional[Tuple] = None
         self._full: Dict[Tuple[int, ...], cl_array.Array] = {}
 
-    def _mask(self, x: cl_array.Array):
-        """(the bool (M, N) selection for this batch on the device, or None for every
-        output; f(x) when the layer keeps f(w), else None)."""
+    def _mask(self, x):
+        """(the selection for this batch on the device: bool (M, N), or, propagating,
+        int32 (M, n_keep) ascending column indices; None for every output; f(x) when the
+        layer keeps f(w), else None)."""
         m, n = x.shape[0], self.out_features
+        compact = self.propagate
         if self.kind == "dense":
             return None, None
         if self.kind == "drs" and self.fw is not None:
             fx = self.projection.project_rows(x, queue=self.queue)
             return drs_mask(x, None, self.sparsity, projection=self.projected,
-                            x_projected=fx, queue=self.queue), fx
+                            x_projected=fx, compact=compact, queue=self.queue), fx
         if self.kind == "drs":
             return drs_mask(x, self.rows, self.sparsity, projection=self.projection,
-                            queue=self.queue), None
+                            compact=compact, queue=self.queue), None
         runtime.refuse_capture(f"a {self.kind} mask (drawn with a seed from the host)"
                                if self.kind == "random" else "the oracle's mask")
         if self.kind == "random":      # a fresh selection each call, on the device
             return random_mask(m, n, self.sparsity, seed=int(self.rng.integers(2 ** 63)),
-                               queue=self.queue), None
+                               compact=compact, queue=self.queue), None
         # oracle: the true pre-activation, densely, on the host (a control, not a fast path)
-        scores = x.get().astype(np.float64) @ self.w.get().T + self.b.get()
-        return cl_array.to_device(self.queue,
-                                  _top_k_along(scores, keep_count(self.sparsity, n), 1)), None
+        dense_x = x.to_dense() if isinstance(x, CompactRows) else x
+        scores = dense_x.get().astype(np.float64) @ self.w.get().T + self.b.get()
+        top = _top_k_along(scores, keep_count(self.sparsity, n), 1)
+        if compact:
+            top = np.sort(np.argsort(~top, axis=1, kind="stable")[:, :keep_count(
+                self.sparsity, n)], axis=1).astype(np.int32)
+        return cl_array.to_device(self.queue, top), None
 
-    def forward(self, x: cl_array.Array, training: bool = True) -> cl_array.Array:
-        """``act(mask * (x @ w + b))`` for a device batch x (M, in_features); with
-        ``training`` the inputs and the selection are kept for :meth:`backward`."""
+    def forward(self, x, training: bool = True):
+        """``act(mask * (x @ w + b))`` for a device batch x (M, in_features), a pyopencl
+        array or a :class:`CompactRows`; with ``training`` the inputs and the selection
+        are kept for :meth:`backward`.  Propagating, the result is a CompactRows."""
         mask, fx = self._mask(x)
         full = mask if mask is not None else _all_selected(
             self._full, self.queue, (x.shape[0], self.out_features))
-        y = masked_matmul(x, self.rows, full, queue=self.queue)
-        if self.relu:
+        # The search's own index masks need no device validation (a sync per call).
+        y = masked_matmul(x, self.rows, full, verify_mask=not self.propagate,
+                          queue=self.queue)
+        if self.propagate:   # y holds the selected outputs, in the order of mask's columns
+            y = CompactRows(y, mask, self.out_features, check=False).add_bias(
+                self.b, relu=self.relu, out=y)
+        elif self.relu:
             add_relu(y, self.b, out=y, mask=mask)   # bias + ReLU on the selection only
         else:
             add(y, self.b, out=y, mask=mask)
         self._saved = (x, y, full, fx) if training else None
         return y
 
-    def backward(self, dy: cl_array.Array, need_dx: bool = True) -> Optional[cl_array.Array]:
+    def saved_bytes(self) -> int:
+        """Device bytes of what the last training forward kept for :meth:`backward`: the
+        input, the output and the selection (and f(x)), in whichever form they are."""
+        if self._saved is None:
+            return 0
+        x, y, full, fx = self._saved
+        held = [x.values, x.idx] if isinstance(x, CompactRows) else [x]
+        held += [y.values] if isinstance(y, CompactRows) else [y]   # y.idx is the mask
+        held += [a for a in (full, fx) if a is not None]
+        return sum(a.nbytes for a in held)
+
+    def backward(self, dy, need_dx: bool = True):
         """Writes d loss / d w and d loss / d b into the layer's gradient buffers (their
         views in :class:`FlatParameters`) and returns d loss / d x (None without
-        ``need_dx``).  Only the selected outputs carry gradient."""
+        ``need_dx``).  Only the selected outputs carry gradient.  Propagating, ``dy`` is
+        the CompactRows the next layer's backward returned (or its values, (M, n_keep));
+        a CompactRows input gets its dx as a CompactRows with the input's indices."""
         if self._saved is None:
             raise RuntimeError(f"{self.name}: backward needs a forward with training=True "
                                "first")
         x, y, full, fx = self._saved
-        dh = relu_backward(dy, y, mask=full) if self.relu else \
-            relu_backward(dy, 1.0, mask=full)    # dy on the selection, 0 elsewhere
+        if self.propagate:
+            dyv = dy.values if isinstance(dy, CompactRows) else dy
+            dh = relu_backward(dyv, y.values) if self.relu else dyv
+        else:
+            dh = relu_backward(dy, y, mask=full) if self.relu else \
+                relu_backward(dy, 1.0, mask=full)    # dy on the selection, 0 elsewhere
         dx, _ = masked_matmul_backward(dh, x, self.rows, full, need_dx=need_dx,
-                                       dw_rows=True, dw_out=self.dw, queue=self.queue)
-        column_sums(dh, out=self.db, queue=self.queue)
+                                       dw_rows=True, dw_out=self.dw,
+                                       verify_mask=not self.propagate, queue=self.queue)
+        if self.propagate:
+            column_sums(CompactRows(dh, full, self.out_features, check=False).to_dense(),
+                        out=self.db, queue=self.queue)
+        else:
+            column_sums(dh, out=self.db, queue=self.queue)
         if fx is not None:
             self._projected_gradient(fx, dh, full)
         self._saved = None
@@ -257,7 +304,9 @@ class DSGLinear:
         """f(dw) = f(x)^T (mask * dh) into the gradient of f(w): rows 0..k of its
         (k_pad, ld) layout (the rest stays 0, as it was made)."""
         k, n = self.projection.k, self.out_features
-        _, fdw = masked_matmul_backward(dh, fx, None, full, need_dx=False, queue=self.queue)
+        _, fdw = masked_matmul_backward(dh, fx, None, full, need_dx=False,
+                                        n_cols=n if self.propagate else None,
+                                        verify_mask=not self.propagate, queue=self.queue)
         ld = self.dfw.shape[1]
         ev = runtime.enqueue_copy(self.queue, self.dfw.base_data, fdw.base_data,
                                   src_origin=(fdw.offset, 0, 0),
@@ -514,11 +563,12 @@ def _keeps_projection(queue, keep_projection: Optional[bool]) -> bool:
     return keep_projection
 
 
-def _linear_stack(queue, rng, widths, sparsity, mask, seed, eps, keep_projection):
+def _linear_stack(queue, rng, widths, sparsity, mask, seed, eps, keep_projection,
+                  propagate=False):
     """The initial parameters and the DSGLinear arguments of linear layers ``widths[0] ->
     ... -> widths[-1]``: DSG (ReLU, the selection) on all but the last, a dense output
     layer; with ``keep_projection`` a search layer also keeps f(w) as a parameter
-    ``fc<i>.fw``."""
+    ``fc<i>.fw``; with ``propagate`` the DSG layers pass compact activations on."""
     keep = _keeps_projection(queue, keep_projection)
     initial, specs = {}, []
     last = len(widths) - 2
@@ -527,7 +577,7 @@ def _linear_stack(queue, rng, widths, sparsity, mask, seed, eps, keep_projection
         initial[f"fc{i}.b"] = np.zeros(b, np.float32)
         kind = mask if i < last and sparsity > 0 else "dense"
         spec = dict(name=f"fc{i}", sparsity=sparsity if i < last else 0.0, mask=kind,
-                    relu=i < last, seed=seed + i, eps=eps)
+                    relu=i < last, seed=seed + i, eps=eps, propagate=propagate and i < last)
         if kind == "drs":
             spec["projection"] = SparseRandomProjection(a, eps=eps, seed=seed + i, queue=queue)
         if kind == "drs" and keep:
@@ -550,16 +600,21 @@ class MLP(Sequential):
     ``sizes`` = (in, hidden..., classes).  ``mask`` and ``sparsity`` apply to the hidden
     layers.  Inputs are float32 (M, in).  ``keep_projection``: whether the search layers
     keep f(w) as a parameter (see :class:`DSGLinear`); None: on CPU devices, where it
-    measured faster."""
+    measured faster.  ``propagate``: the hidden layers pass their outputs on as
+    :class:`CompactRows` (see :class:`DSGLinear`), forward and backward; the results are
+    those of the dense form up to float32 rounding."""
 
     def __init__(self, sizes: Sequence[int], sparsity: float, mask: str = "drs", seed: int = 0,
-                 queue=None, eps: float = 0.3, keep_projection: Optional[bool] = None):
+                 queue=None, eps: float = 0.3, keep_projection: Optional[bool] = None,
+                 propagate: bool = False):
         if len(sizes) < 2:
             raise ValueError(f"sizes must be two or more positive ints, got {sizes!r}")
         _check_sizes(sizes, "sizes")
+        if not isinstance(propagate, bool):
+            raise TypeError(f"propagate must be a bool, got {type(propagate).__name__}")
         queue = runtime.get_queue(queue)
         initial, specs = _linear_stack(queue, np.random.default_rng(seed), sizes, sparsity,
-                                       mask, seed + 1, eps, keep_projection)
+                                       mask, seed + 1, eps, keep_projection, propagate)
         params = FlatParameters(queue, initial)
         super().__init__(params, [DSGLinear(params, **spec) for spec in specs])
 

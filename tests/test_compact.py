@@ -417,3 +417,21 @@ def test_add_bias(queue, rng, relu):
         CompactRows(values, idx, 30).add_bias(b[:5])
     with pytest.raises(TypeError, match="same kind of container"):
         dev.add_bias(b)
+
+
+def test_unverified_device_mask_needs_no_read_back(queue, rng):
+    """verify_mask=False: a good device index mask gives the same result without the
+    validation's read back, so the call can be recorded in a LaunchGraph."""
+    x, w, mask = CompactCase(6, 40, 30, 0.25, 0.3).make(rng)
+    xd, wd, md = x.to_device(queue), cl_array.to_device(queue, w), \
+        cl_array.to_device(queue, mask)
+    want = ps.masked_matmul(xd, wd, md, queue=queue).get()
+    graph = ps.LaunchGraph(queue, inputs=(xd.values,))
+    with graph:
+        got = ps.masked_matmul(xd, wd, md, verify_mask=False, queue=queue)
+    graph.replay(xd.values)
+    assert np.array_equal(got.get(), want)
+    with pytest.raises(NotImplementedError), ps.LaunchGraph(queue, inputs=(xd.values,)):
+        ps.masked_matmul(xd, wd, md, queue=queue)      # verifying needs the host
+    with pytest.raises(TypeError, match="verify_mask must be a bool"):
+        ps.masked_matmul(xd, wd, md, verify_mask=None, queue=queue)

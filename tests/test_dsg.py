@@ -269,3 +269,81 @@ def test_keep_projection_is_checked_and_can_be_turned_off(queue):
     assert plain.layers[0].fw is None and "fc0.fw" not in plain.params.params
     with pytest.raises(TypeError, match="keep_projection must be a bool or None"):
         MLP((8, 16, 3), 0.5, "drs", queue=queue, keep_projection=1)
+
+
+# ---------------------------------------------------------------------------------------
+# Sparsity carried across layers: propagate=True
+
+@pytest.mark.parametrize("mask, relu", [("drs", True), ("random", True), ("oracle", True),
+                                        ("drs", False)])
+def test_propagating_layer_matches_float64(queue, rng, mask, relu):
+    """A propagating layer's compact output and its gradients, from a compact input,
+    against float64; dx comes back at the input's entries only."""
+    m, k, n = 9, 40, 30
+    params = FlatParameters(queue, {
+        "fc.w": rng.standard_normal((n, k)).astype(np.float32),
+        "fc.b": rng.standard_normal(n).astype(np.float32)})
+    layer = DSGLinear(params, "fc", 0.7, mask, relu=relu, seed=3, propagate=True)
+    x_idx = np.sort(np.argsort(rng.random((m, k)), axis=1)[:, :12], axis=1).astype(np.int32)
+    x_values = rng.standard_normal((m, 12)).astype(np.float32)
+    x = ps.CompactRows(cl_array.to_device(queue, x_values), cl_array.to_device(queue, x_idx),
+                       k)
+    y = layer.forward(x)
+    assert isinstance(y, ps.CompactRows) and y.n_cols == n and y.n_keep == 9
+    idx = y.idx.get()
+    assert np.all(np.diff(idx, axis=1) > 0)                  # ascending, as the search gives
+    xd = np.zeros((m, k))
+    np.put_along_axis(xd, x_idx, x_values, axis=1)
+    w, b = (params.params[f"fc.{p}"].get().astype(np.float64) for p in "wb")
+    pre = np.take_along_axis(xd @ w.T + b, idx, axis=1)
+    ref = np.maximum(pre, 0) if relu else pre
+    assert relative_error(y.values.get(), ref) < TOL
+    dyv = rng.standard_normal((m, 9)).astype(np.float32)
+    dx = layer.backward(ps.CompactRows(cl_array.to_device(queue, dyv), y.idx, n, check=False))
+    assert isinstance(dx, ps.CompactRows) and np.array_equal(dx.idx.get(), x_idx)
+    dh = np.zeros((m, n))
+    np.put_along_axis(dh, idx, np.where((ref > 0) if relu else True, dyv, 0.0), axis=1)
+    assert relative_error(params.grads["fc.w"].get(), dh.T @ xd) < TOL
+    assert relative_error(params.grads["fc.b"].get(), dh.sum(0)) < TOL
+    assert relative_error(dx.values.get(), np.take_along_axis(dh @ w, x_idx, axis=1)) < TOL
+
+
+def test_propagated_mlp_trains_as_the_dense_form(queue, rng):
+    """The same MLP, passing compact activations or dense ones with zeros: the same loss
+    step after step (float32 rounding aside), and the kept activations shrink."""
+    x = rng.standard_normal((32, 64)).astype(np.float32)
+    labels = rng.integers(0, 10, 32).astype(np.int32)
+    x_dev, labels_dev = cl_array.to_device(queue, x), cl_array.to_device(queue, labels)
+    # keep_projection=False: only the activations are kept (f(x), kept with f(w) for
+    # the projected gradient, is (M, k) either way).
+    models = [MLP((64, 256, 256, 10), 0.9, "drs", seed=2, queue=queue, propagate=p,
+                  keep_projection=False) for p in (False, True)]
+    for step in range(4):
+        losses = [float(model.train_step(x_dev, labels_dev, lr=0.05).get()[0])
+                  for model in models]
+        assert abs(losses[0] - losses[1]) <= 1e-4 * abs(losses[0]), (step, losses)
+    for model in models:
+        model.forward(x_dev, training=True)
+    kept = [sum(layer.saved_bytes() for layer in model.layers[1:-1]) for model in models]
+    assert kept[1] * 4 <= kept[0], kept          # the second hidden layer: x and y compact
+
+
+def test_propagate_is_checked(queue):
+    with pytest.raises(TypeError, match="propagate must be a bool"):
+        MLP((4, 8, 2), 0.5, "drs", queue=queue, propagate=1)
+
+
+def test_propagated_mlp_step_can_be_captured(queue, rng):
+    """The propagated step runs on the device alone: recorded once, a replay gives the
+    losses of eager steps."""
+    x = rng.standard_normal((16, 64)).astype(np.float32)
+    labels = rng.integers(0, 10, 16).astype(np.int32)
+    x_dev, labels_dev = cl_array.to_device(queue, x), cl_array.to_device(queue, labels)
+    eager, replayed = (MLP((64, 128, 128, 10), 0.8, "drs", seed=5, queue=queue,
+                           propagate=True) for _ in range(2))
+    step = replayed.capture_step(x_dev.copy(), labels_dev.copy(), lr=0.05)
+    eager.train_step(x_dev, labels_dev, lr=0.05)          # the step capture ran
+    for _ in range(3):
+        want = float(eager.train_step(x_dev, labels_dev, lr=0.05).get()[0])
+        got = float(step(x_dev, labels_dev).get()[0])
+        assert abs(got - want) <= 1e-5 * abs(want), (got, want)

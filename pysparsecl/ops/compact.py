@@ -134,6 +134,7 @@ class CompactRows:
 
     # -- conversions ------------------------------------------------------------------------
     @classmethod
+    @runtime.capturable_op
     def from_dense(cls, dense, idx, *, check: bool = True, queue=None) -> "CompactRows":
         """The entries of ``dense`` (M, N) (or (N,)) at ``idx`` (M, n_keep) (or
         (n_keep,)), strictly ascending per row: ``values[i, s] = dense[i, idx[i, s]]``.
@@ -167,6 +168,7 @@ class CompactRows:
         compact_util.gather(queue, dense.reshape(v2.shape[0], n_cols), i2, v2, n_cols)
         return result
 
+    @runtime.capturable_op
     def to_dense(self, *, out=None, queue=None):
         """The dense batch: (M, N) (or (N,)), zeros outside the selection, in the kind of
         container the arrays are (a device array once enqueued).  ``out``: an array of
@@ -187,6 +189,7 @@ class CompactRows:
                              self.n_cols)
         return dense
 
+    @runtime.capturable_op
     def add_bias(self, b, *, relu: bool = False, out=None, queue=None) -> "CompactRows":
         """A layer's bias on its compact output: ``act(values + b[idx])``, act ReLU with
         ``relu``, as a CompactRows with the same indices (new values, or ``out``: an

@@ -243,12 +243,15 @@ def weight_shape(w, name: str = "w") -> Tuple[int, int]:
 class _Selection:
     """A validated mask: its form, (M, N), the entries per row and the device array."""
 
-    def __init__(self, form: str, n_rows: int, n_cols: int, n_entries: int, array):
+    def __init__(self, form: str, n_rows: int, n_cols: int, n_entries: int, array,
+                 verify: bool = True):
         self.form = form            # "bool" or "idx"
         self.n_rows = n_rows
         self.n_cols = n_cols
         self.n_entries = n_entries  # N for a bool mask, n_keep for idx
         self.array = array          # as given (NumPy or device)
+        # Whether the kernels' verdict on a device index mask is read back (a sync).
+        self.verify = verify and form == "idx" and is_device_array(array)
 
 
 #: The dtypes of a mask with one byte per entry: bool, or int8/uint8 where nonzero selects
@@ -267,8 +270,8 @@ def require_byte_mask(mask, name: str, ndim: Optional[int] = None):
     return require_array(mask, name, mask.dtype, ndim=ndim)
 
 
-def check_mask(mask, n_rows: int, n_cols: int, vector: bool, name: str = "mask"
-               ) -> _Selection:
+def check_mask(mask, n_rows: int, n_cols: int, vector: bool, name: str = "mask",
+               verify: bool = True) -> _Selection:
     """Validate a bool (M, N) mask or a compact int32 (M, n_keep) index mask.
 
     Host index masks are checked here (range, duplicates); device ones are checked on the
@@ -306,7 +309,7 @@ def check_mask(mask, n_rows: int, n_cols: int, vector: bool, name: str = "mask"
                          f"only N = {n_cols} columns: some column repeats")
     if not is_device_array(mask):
         _check_host_idx(np.asarray(mask).reshape(shape), n_cols, name)
-    return _Selection(form, n_rows, n_cols, n_keep, mask)
+    return _Selection(form, n_rows, n_cols, n_keep, mask, verify)
 
 
 def _check_host_idx(idx: np.ndarray, n_cols: int, name: str) -> None:
@@ -341,7 +344,7 @@ def _raise_if_bad(queue, bad: cl_array.Array, n_cols: int, name: str) -> None:
 # Forward
 
 @runtime.capturable_op
-def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
+def masked_matmul(x, w, mask, *, out=None, verify_mask=True, queue=None, events=None):
     """Output-masked matrix product: ``mask * (x @ w)``, computing only selected outputs.
 
     Parameters
@@ -364,8 +367,13 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
           row's selected columns, distinct and in [0, N): the result is the compact
           (M, n_keep) array of the selected outputs, in the order of ``mask``.
         A host index mask is validated on the host; a device one on the device, which
-        costs one 8-byte read back (a synchronisation) per call.
+        costs one 8-byte read back (a synchronisation) per call, unless ``verify_mask``
+        is False.
     out : array of the result's shape, float32, optional; the same container kind as x.
+    verify_mask : bool (default True): False skips reading back the device validation of
+        an int32 device mask (its synchronisation, which a LaunchGraph cannot record),
+        for masks the search or ``random_mask`` made.  The kernels stay in bounds with a
+        bad mask, but the outputs of its bad entries are then unspecified.
     queue : pyopencl.CommandQueue, optional.
     events : list, optional; the kernels' OpenCL events are appended (for profiling).
 
@@ -401,8 +409,10 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
     gather: see docs/ops.md for where that pays).  The result is the dense-input product
     of x's dense form, up to float32 rounding.  Its container is that of x's arrays.
     """
+    if not isinstance(verify_mask, bool):
+        raise TypeError(f"verify_mask must be a bool, got {type(verify_mask).__name__}")
     if isinstance(x, CompactRows):
-        return _compact_matmul(x, w, mask, out, queue, events)
+        return _compact_matmul(x, w, mask, out, verify_mask, queue, events)
     require_array(x, "x", np.float32)
     if x.ndim not in (1, 2):
         raise ValueError(f"x must be 1-D (K,) or 2-D (M, K), got shape {tuple(x.shape)}")
@@ -412,7 +422,7 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
     if wk != k_in:
         raise ValueError(f"w must have shape (K, N) with K = {k_in} (the columns of x), got "
                          f"{(wk, n_cols)}")
-    sel = check_mask(mask, n_rows, n_cols, vector)
+    sel = check_mask(mask, n_rows, n_cols, vector, verify=verify_mask)
     out_shape = (sel.n_entries,) if vector else (n_rows, sel.n_entries)
     check_out(out, out_shape, np.float32, like=x)
     if queue is None and isinstance(w, MaskedLinearWeight) and not is_device_array(x):
@@ -436,7 +446,7 @@ def masked_matmul(x, w, mask, *, out=None, queue=None, events=None):
     return deliver(out_dev, x, out, queue, host)
 
 
-def _compact_matmul(x: CompactRows, w, mask, out, queue, events):
+def _compact_matmul(x: CompactRows, w, mask, out, verify_mask: bool, queue, events):
     """masked_matmul with a CompactRows x (see its docstring)."""
     values, idx = x.rows()
     vector, n_rows, k_in = x.vector, x.n_rows, x.n_cols
@@ -444,7 +454,7 @@ def _compact_matmul(x: CompactRows, w, mask, out, queue, events):
     if wk != k_in:
         raise ValueError(f"w must have shape (K, N) with K = {k_in} (x's n_cols), got "
                          f"{(wk, n_cols)}")
-    sel = check_mask(mask, n_rows, n_cols, vector)
+    sel = check_mask(mask, n_rows, n_cols, vector, verify=verify_mask)
     out_shape = (sel.n_entries,) if vector else (n_rows, sel.n_entries)
     check_out(out, out_shape, np.float32, like=x.values)
     if queue is None and isinstance(w, MaskedLinearWeight) and not x.is_device:
@@ -488,7 +498,7 @@ def _compact_matmul(x: CompactRows, w, mask, out, queue, events):
     written(out_dev, ev)
     if events is not None:
         events.append(ev)
-    if sel.form == "idx" and is_device_array(sel.array):
+    if sel.verify:
         _raise_if_bad(queue, bad, n_cols, "mask")
     return deliver(out_dev, x.values, out, queue, host)
 
@@ -546,7 +556,7 @@ def _launch_forward(queue, x_dev, rows, ldw, sel: _Selection, mask_dev, out_dev,
     written(out_dev, ev)
     if events is not None:
         events.append(ev)
-    if bad is not None and is_device_array(sel.array):
+    if bad is not None and sel.verify:
         _raise_if_bad(queue, bad, n_cols, "mask")
 
 
@@ -555,7 +565,7 @@ def _launch_forward(queue, x_dev, rows, ldw, sel: _Selection, mask_dev, out_dev,
 
 @runtime.capturable_op
 def masked_matmul_backward(dy, x, w, mask, *, need_dx=True, dw_rows=False, dw_out=None,
-                           queue=None, events=None):
+                           n_cols=None, verify_mask=True, queue=None, events=None):
     """Gradients of ``y = mask * (x @ w)`` with the mask held constant.
 
     Returns ``(dx, dw)`` with ``dx = (mask * dy) @ w.T`` and ``dw = x.T @ (mask * dy)``.
@@ -572,7 +582,8 @@ def masked_matmul_backward(dy, x, w, mask, *, need_dx=True, dw_rows=False, dw_ou
         CompactRows with x's indices, the gradient at x's entries only (what the previous
         DSG layer, whose mask made x compact, needs).
     w : float32 array (K, N) or a :class:`MaskedLinearWeight`; None with ``need_dx=False``
-        and a bool/int8/uint8 mask (dw needs only x and dy; N is the mask's).
+        and a bool/int8/uint8 mask (dw needs only x and dy; N is the mask's), or an int32
+        mask and ``n_cols``.
     mask : bool (M, N) or int32 (M, n_keep) column indices, as for :func:`masked_matmul`.
     need_dx : bool: False skips dx (a first layer's), which is then None.
     dw_rows : bool: give dw as (N, K) rows, the layout a :class:`MaskedLinearWeight`
@@ -582,6 +593,8 @@ def masked_matmul_backward(dy, x, w, mask, *, need_dx=True, dw_rows=False, dw_ou
     dw_out : float32 device array of dw's shape, optional (device calls): dw is written
         there, e.g. into a gradient buffer (a view that starts inside its buffer must
         start on the device's base alignment, else it is written through a copy).
+    n_cols : int, optional: N, with ``w=None`` and an int32 mask (which does not say N).
+    verify_mask : bool, as for :func:`masked_matmul`.
     queue : pyopencl.CommandQueue, optional.
     events : list, optional; the kernels' OpenCL events are appended (for profiling).
 
@@ -619,16 +632,27 @@ def masked_matmul_backward(dy, x, w, mask, *, need_dx=True, dw_rows=False, dw_ou
     if w is None:
         if need_dx is not False:
             raise TypeError("w is required unless need_dx=False")
-        require_byte_mask(mask, "mask")
-        if mask.ndim != (1 if vector else 2):
-            raise ValueError("w=None takes a bool/int8/uint8 mask of the output's shape")
-        wk, n_cols = k_in, mask.shape[-1]
+        if n_cols is not None:       # an index mask: the outputs' N is given
+            if isinstance(n_cols, bool) or not isinstance(n_cols, (int, np.integer)) or \
+                    n_cols < 0:
+                raise TypeError(f"n_cols must be a non-negative int, got {n_cols!r}")
+            wk, n_cols = k_in, int(n_cols)
+        else:
+            require_byte_mask(mask, "mask")
+            if mask.ndim != (1 if vector else 2):
+                raise ValueError("w=None takes a bool/int8/uint8 mask of the output's shape "
+                                 "(or an int32 index mask with n_cols)")
+            wk, n_cols = k_in, mask.shape[-1]
+    elif n_cols is not None:
+        raise TypeError("n_cols is only for w=None (w gives N)")
     else:
         wk, n_cols = weight_shape(w)
     if wk != k_in:
         raise ValueError(f"w must have shape (K, N) with K = {k_in} (the columns of x), got "
                          f"{(wk, n_cols)}")
-    sel = check_mask(mask, n_rows, n_cols, vector)
+    if not isinstance(verify_mask, bool):
+        raise TypeError(f"verify_mask must be a bool, got {type(verify_mask).__name__}")
+    sel = check_mask(mask, n_rows, n_cols, vector, verify=verify_mask)
     require_array(dy, "dy", np.float32)
     dy_shape = (sel.n_entries,) if vector else (n_rows, sel.n_entries)
     if tuple(dy.shape) != dy_shape:
@@ -726,7 +750,7 @@ def _compact_backward(queue, dy, x: CompactRows, w, sel: _Selection, mask, need_
         else:
             dwt.add_event(ev_dw)
             masked_util.transpose(queue, dwt, events, into=dw_dev)
-        if lists.bad is not None and is_device_array(sel.array):
+        if lists.bad is not None and sel.verify:
             _raise_if_bad(queue, lists.bad, n_cols, "mask")
     else:
         if dw_dev.size:
@@ -775,7 +799,7 @@ def _launch_backward(queue, dy_dev, x_dev, rows, ldw, sel: _Selection, mask_dev,
     else:
         dwt.add_event(ev_dw)
         masked_util.transpose(queue, dwt, events, into=dw_dev)
-    if lists.bad is not None and is_device_array(sel.array):
+    if lists.bad is not None and sel.verify:
         _raise_if_bad(queue, lists.bad, n_cols, "mask")
 
 

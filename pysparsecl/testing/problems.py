@@ -242,12 +242,12 @@ DSG_COMPACT_SHAPES = ((1, 4096, 4096), (128, 4096, 4096), (128, 8192, 1024),
                       (128, 1024, 1024))
 
 
-def _compact_inputs(queue, rng, quick, shapes, family):
+def _compact_inputs(queue, rng, quick, shapes, family, x_keeps=(0.1,)):
     """The compact-x problems' operands: (label, x (device CompactRows), the prepared
     weight, w, the device index mask, the host mask, x's dense form, shape class) per
-    shape, with 10% of x's entries kept and 10% of the outputs selected (an index mask, as
-    the layer after a compact one is called), or the keep ratios a shape names (``x_keep``
-    for x, ``keep`` for the outputs)."""
+    shape and x keep ratio in ``x_keeps``, with 10% of the outputs selected (an index
+    mask, as the layer after a compact one is called), or the keep ratios a shape names
+    (``x_keep`` for x, ``keep`` for the outputs)."""
     from .. import CompactRows, MaskedLinearWeight
     from ..ops.drs import keep_count
     from ..ops.masked import masked_matmul_shape_class
@@ -258,7 +258,7 @@ def _compact_inputs(queue, rng, quick, shapes, family):
     elif quick:
         chosen = [(64, 300, 500, 0.1, 0.1)]
     else:
-        chosen = [shape + (0.1, 0.1) for shape in DSG_COMPACT_SHAPES]
+        chosen = [shape + (x_keep, 0.1) for shape in DSG_COMPACT_SHAPES for x_keep in x_keeps]
     for m, k, n, x_keep, keep in chosen:
         values, idx = compact_rows(rng, m, k, keep_count(1.0 - x_keep, k))
         w = rng.standard_normal((k, n), dtype=np.float32)
@@ -274,8 +274,9 @@ def _compact_inputs(queue, rng, quick, shapes, family):
                dense, masked_matmul_shape_class(m, k, n))
 
 
-def _masked_compact_problems(family):
-    """The product of a compact x (the families of the masked_compact routine)."""
+def _masked_compact_problems(family, x_keeps=(0.1,)):
+    """The product of a compact x (the families of the masked_compact routine; the
+    routine's own problems span x's density, which its GATHER_MAX_DENSITY divides)."""
     def build(queue, rng, quick, shapes) -> List[Problem]:
         from .. import masked_matmul
         return [Problem(label, lambda ev, x=x, weight=weight, mask=mask:
@@ -283,7 +284,7 @@ def _masked_compact_problems(family):
                         lambda host=(dense, w, mask_host): masked_matmul_reference(*host),
                         shape_class)
                 for label, x, weight, w, mask, mask_host, dense, shape_class
-                in _compact_inputs(queue, rng, quick, shapes, family)]
+                in _compact_inputs(queue, rng, quick, shapes, family, x_keeps)]
     return build
 
 
@@ -607,7 +608,8 @@ TUNABLES: Dict[str, Callable[..., List[Problem]]] = {
                                                    gpu_keeps=(0.1, 0.5)),
     "masked_compact": _masked_compact_problems("masked_compact"),
     "masked_compact_tiled": _masked_compact_problems("masked_compact_tiled"),
-    "masked_compact_routine": _masked_compact_problems("masked_compact_routine"),
+    "masked_compact_routine": _masked_compact_problems("masked_compact_routine",
+                                                       x_keeps=(0.05, 0.1, 0.2)),
     "masked_compact_dw": _masked_compact_dw_problems,
     "masked_dx": _masked_backward_problems("masked_dx"),
     "masked_dw": _masked_backward_problems("masked_dw"),
