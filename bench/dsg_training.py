@@ -228,6 +228,7 @@ def kept_bytes(queue, sizes, sparsity: float, batch: int, propagate: bool) -> in
     """Device bytes the MLP's DSG layers keep from a training forward for the backward
     (inputs, outputs, selections; not f(x), kept with f(w) either way)."""
     import pyopencl.array as cl_array
+
     from pysparsecl.dsg import MLP
     model = MLP(sizes, sparsity, "drs", seed=0, queue=queue, propagate=propagate,
                 keep_projection=False)
