@@ -174,7 +174,9 @@ PROPAGATED_NOTE = (
     "selected weight row; `output-only` is the masked product of the dense x. Both by "
     "profiling events, each call with the next of 8 rotating (x, mask) pairs; torch is "
     "the dense layer. Random selections on both sides: the gathers cannot use whole "
-    "vectors, so the gain is not proportional to the work skipped (docs/ops.md).")
+    "vectors, so the gain is not proportional to the work skipped (docs/ops.md). The "
+    "search on each form of x (k from eps 0.5, f(w) reused): the projection f(x) alone, "
+    "and the whole search, by profiling events.")
 
 
 def bench_propagated(queue, torch_b, args, rng):
@@ -203,6 +205,8 @@ def bench_propagated(queue, torch_b, args, rng):
                     t.matmul(xt, wt)
             dense["torch"] = torch_b.timer(torch_mm)
         shape_class = masked_matmul_shape_class(m, k, n)
+        proj = ps.SparseRandomProjection(k, seed=1, queue=queue)
+        pw = proj.project_weight(weight)   # f(w), reused: it changes only with w
         for x_sparsity, sparsity in grid:
             nx, n_keep = keep_count(x_sparsity, k), keep_count(sparsity, n)
             pairs = []
@@ -226,6 +230,14 @@ def bench_propagated(queue, torch_b, args, rng):
                     queue),
                 **dense}
             med = interleaved_medians(timers, args.rounds)
+            # The search on each form of x: the projection alone, and the whole search.
+            search = {form: _drs_ms(queue, _rotating(
+                lambda p, ev, i=i: ps.drs_mask(p[i], None, sparsity, projection=pw,
+                                               compact=True, events=ev), pairs))
+                for form, i in (("compact", 0), ("dense", 1))}
+            project = {form: _drs_ms(queue, _rotating(
+                lambda p, ev, i=i: proj.project_rows(p[i], events=ev), pairs))
+                for form, i in (("compact", 0), ("dense", 1))}
             torch_ms = med.get("torch")
             # The family the op's routine chose here, and its tiles.
             routine = tuning.lookup(MASKED_COMPACT_ROUTINE.spec, queue.device, shape_class)
@@ -241,6 +253,10 @@ def bench_propagated(queue, torch_b, args, rng):
                 speedup_vs_output_only=med["output_only"] / med["propagated"],
                 speedup_vs_torch=torch_ms / med["propagated"] if torch_ms else None,
                 output_only_vs_torch=torch_ms / med["output_only"] if torch_ms else None,
+                projection_ms=project["compact"], projection_dense_ms=project["dense"],
+                projection_speedup=project["dense"] / project["compact"],
+                search_ms=search["compact"], search_dense_ms=search["dense"],
+                search_speedup=search["dense"] / search["compact"], drs_k=proj.k,
                 rel_error=err))
             print(report.format_row(rows[-1], PROPAGATED_COLUMNS), flush=True)
     return rows
@@ -343,6 +359,10 @@ PROPAGATED_COLUMNS = [
     ("speedup_vs_output_only", "x output-only", "{:.2f}"),
     ("speedup_vs_torch", "x torch", "{:.2f}"),
     ("output_only_vs_torch", "output-only x torch", "{:.2f}"),
+    ("projection_ms", "f(x) ms", "{:.3f}"), ("projection_dense_ms", "f(x) dense ms", "{:.3f}"),
+    ("projection_speedup", "f(x): x dense", "{:.2f}"),
+    ("search_ms", "search ms", "{:.3f}"), ("search_dense_ms", "search dense ms", "{:.3f}"),
+    ("search_speedup", "search: x dense", "{:.2f}"),
     ("rel_error", "rel err", "{:.1e}")]
 
 

@@ -90,6 +90,12 @@ def dsg_training_tables(results_dir: Path = RESULTS, prefix: str = "") -> list:
         plot=True)
 
 
+#: The propagated grid's columns in the README (the full table is in the results file).
+PROPAGATED_README = ("shape", "x_sparsity", "sparsity", "propagated_ms", "output_only_ms",
+                     "torch_dense_ms", "speedup_vs_output_only", "speedup_vs_torch",
+                     "projection_speedup", "search_speedup")
+
+
 def propagated_tables(results_dir: Path = RESULTS, prefix: str = "") -> list:
     """Markdown lines: per device, the product of a compact x against the dense-input
     one where input and output are equally sparse (90% and 95%)."""
@@ -103,9 +109,10 @@ def propagated_tables(results_dir: Path = RESULTS, prefix: str = "") -> list:
             parts = ["### Sparsity carried across layers: the product of a compact x", "",
                      masked.PROPAGATED_NOTE, ""]
         h = data["header"]
+        columns = [c for c in masked.PROPAGATED_COLUMNS if c[0] in PROPAGATED_README]
         parts += [f"**{h['device']}** ({h['date']}; every input x output sparsity: "
                   f"[bench/results/{stem}.md]({prefix}bench/results/{stem}.md))", "",
-                  masked.propagated_table(rows), ""]
+                  report.markdown_table(rows, columns, drop_absent=True), ""]
     return parts
 
 

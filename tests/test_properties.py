@@ -37,6 +37,7 @@ from pysparsecl.testing.reference import (
     relative_error,
     relu_bn_reference,
 )
+from pysparsecl.tuning import override
 
 _COMMON = dict(deadline=None, derandomize=False, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -181,6 +182,67 @@ def test_masked_matmul_backward(queue, p):
     assert dx.shape == rdx.shape and dw.shape == rdw.shape
     mdx, mdw = masked_matmul_backward_reference(np.abs(dy), np.abs(x), np.abs(w), mask)
     _close_to_product(_host(dx), rdx, mdx)
+    _close_to_product(_host(dw), rdw, mdw)
+
+
+# A compact x (CompactRows): the product and its backward, through the gather kernels or
+# with x scattered to dense (the routine's two paths), against the dense batch's reference.
+
+@st.composite
+def compact_problems(draw):
+    p = draw(masked_problems())
+    p["nx"] = draw(st.integers(0, p["k"]))
+    p["path"] = draw(st.sampled_from([dict(GATHER_MAX_DENSITY=100, GATHER_MIN_ROWS=1),
+                                      dict(GATHER_MAX_DENSITY=0)]))
+    return p
+
+
+def _compact_inputs(p):
+    x, w, mask, dy = _masked_inputs(p)
+    rng = np.random.default_rng(p["seed"] + 1)
+    x2 = np.atleast_2d(x)
+    idx = np.sort(np.argsort(rng.random(x2.shape), axis=1)[:, :p["nx"]], axis=1)
+    idx = idx.astype(np.int32)
+    dense = np.zeros_like(x2)
+    np.put_along_axis(dense, idx, np.take_along_axis(x2, idx, 1), axis=1)
+    values = np.take_along_axis(x2, idx, 1)
+    if p["vector"]:
+        values, idx, dense = values[0], idx[0], dense[0]
+    return ps.CompactRows(values, idx, p["k"]), dense, w, mask, dy
+
+
+@settings(PROFILE)
+@given(p=compact_problems())
+def test_masked_matmul_of_compact_x(queue, p):
+    x, dense, w, mask, _ = _compact_inputs(p)
+    if p["device"]:
+        x = x.to_device(queue)
+    with override("masked_compact_routine", **p["path"]):
+        y = ps.masked_matmul(x, w, mask, queue=queue)
+    ref = masked_matmul_reference(dense, w, mask)
+    got = _host(y)
+    assert got.shape == ref.shape
+    _close_to_product(got, ref, masked_matmul_reference(np.abs(dense), np.abs(w), mask))
+    if mask.dtype == np.bool_:
+        assert np.all(got[~mask] == 0)
+
+
+@settings(PROFILE)
+@given(p=compact_problems())
+@example(p=dict(m=2, k=1, n=1, form="idx", n_keep=1, vector=False, empty=0, device=False,
+                seed=0, nx=0, path={}))     # x without entries: dw is zero
+def test_masked_matmul_backward_of_compact_x(queue, p):
+    x, dense, w, mask, dy = _compact_inputs(p)
+    if p["device"]:
+        x = x.to_device(queue)
+    dx, dw = ps.masked_matmul_backward(_maybe_device(queue, dy, p["device"]), x, w, mask,
+                                       queue=queue)
+    rdx, rdw = masked_matmul_backward_reference(dy, dense, w, mask)
+    mdx, mdw = masked_matmul_backward_reference(np.abs(dy), np.abs(dense), np.abs(w), mask)
+    at = np.atleast_2d(_host(x.idx))        # dx is compared at x's entries only
+    _close_to_product(np.atleast_2d(_host(dx.values)),
+                      np.take_along_axis(np.atleast_2d(rdx), at, 1),
+                      np.take_along_axis(np.atleast_2d(mdx), at, 1))
     _close_to_product(_host(dw), rdw, mdw)
 
 

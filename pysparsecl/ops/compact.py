@@ -111,8 +111,10 @@ class CompactRows:
         return self.values, self.idx
 
     def __repr__(self):
+        if not hasattr(self, "n_cols"):        # a construction that raised
+            return "CompactRows(<invalid>)"
         where = "device" if self.is_device else "host"
-        return (f"CompactRows(shape={self.shape}, n_keep={self.n_keep}, {where})")
+        return f"CompactRows(shape={self.shape}, n_keep={self.n_keep}, {where})"
 
     # -- validation -------------------------------------------------------------------------
     def _check(self) -> None:

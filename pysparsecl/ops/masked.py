@@ -706,7 +706,7 @@ def _compact_backward(queue, dy, x: CompactRows, w, sel: _Selection, mask, need_
         dxv_dev, dxv_host = new_output(queue, tuple(x.values.shape), np.float32, None,
                                        like=like, slot="dx")
     dw_dev, dw_host = new_output(queue, dw_shape, np.float32, dw_out, like=like, slot="dw")
-    if n_rows and k_in and n_cols and sel.n_entries:
+    if n_rows and k_in and n_cols and sel.n_entries and nx:
         borrow = not x.is_device
         xv_dev = to_device(values, queue, "x", borrow)
         xi_dev = to_device(idx, queue, "x_idx", borrow)
@@ -718,7 +718,7 @@ def _compact_backward(queue, dy, x: CompactRows, w, sel: _Selection, mask, need_
                                            sel.n_entries, wait, events)
         wait = wait + lists.events
         launched = list(lists.events)
-        if dxv_dev is not None and nx:
+        if dxv_dev is not None:
             # The dense-input dx, gathered at x's entries.
             rows, ldw = weight_rows(w, k_in, queue, events)
             dx_dense = runtime.zeros(queue, (n_rows, k_in), np.float32,
@@ -754,7 +754,7 @@ def _compact_backward(queue, dy, x: CompactRows, w, sel: _Selection, mask, need_
             _raise_if_bad(queue, lists.bad, n_cols, "mask")
     else:
         if dw_dev.size:
-            runtime.fill_array(queue, dw_dev, 0)       # nothing selected: dw is zero
+            runtime.fill_array(queue, dw_dev, 0)       # nothing selected, or x empty
         if dxv_dev is not None and dxv_dev.size:
             runtime.fill_array(queue, dxv_dev, 0)
     dw = deliver(dw_dev, like, dw_out, queue, dw_host)
