@@ -102,32 +102,13 @@ void pscl_masked_compact(${ARGS["pscl_masked_compact"]})
             out[out_off] = touch.s0 + touch.sf;
     }
 % endif
-    for (int q = 0; q < n_sel; ++q) {
-        const int row = p[2 * q];
-        const __global float *v = xv + xv_off + (long)row * nx;
-        const __global int *ix = xi + xi_off + (long)row * nx;
-        pscl_floatv acc = (pscl_floatv)(0.0f);
-        uint outside = 0;      // an index outside [0, K): only an unchecked batch has one
-        int t = 0;
-        for (; t + PSCL_VEC <= nx; t += PSCL_VEC) {
-            float g[PSCL_VEC];
-% for u in range(VEC):
-            {
-                const uint k = (uint)ix[t + ${u}];
-                outside |= k > last;
-                g[${u}] = wr[min(k, last)];
-            }
-% endfor
-            acc = fma(PSCL_LOAD_pscl_floatv(0, v + t), PSCL_LOAD_pscl_floatv(0, g), acc);
-        }
-        float dot = pscl_hsum(acc);
-        for (; t < nx; ++t) {
-            const uint k = (uint)ix[t];
-            outside |= k > last;
-            dot = fma(v[t], wr[min(k, last)], dot);
-        }
-        out[out_off + p[2 * q + 1]] = outside ? NAN : dot;
-    }
+    int q = 0;
+% if GROUP > 1:
+    for (; q + ${GROUP} <= n_sel; q += ${GROUP})
+        ${gather_dots(GROUP)}
+% endif
+    for (; q < n_sel; ++q)
+        ${gather_dots(1)}
 }
 </%def>
 
@@ -228,3 +209,47 @@ void pscl_masked_compact_dw(${ARGS["pscl_masked_compact_dw"]})
         d[0] = NAN;
 }
 </%def>
+
+## The dot products of G listed rows (pairs q .. q + G - 1) with the weight row wr, gathered
+## at each row's indices: G independent chains, so that G gathers are in flight at once.
+<%def name="gather_dots(G)">{
+% for g in range(G):
+        const int row${g} = p[2 * (q + ${g})];
+        const __global float *v${g} = xv + xv_off + (long)row${g} * nx;
+        const __global int *ix${g} = xi + xi_off + (long)row${g} * nx;
+        pscl_floatv acc${g} = (pscl_floatv)(0.0f);
+% endfor
+        uint outside = 0;      // an index outside [0, K): only an unchecked batch has one
+        int t = 0;
+        for (; t + PSCL_VEC <= nx; t += PSCL_VEC) {
+% for g in range(G):
+            {
+                float gathered[PSCL_VEC];
+%   for u in range(VEC):
+                {
+                    const uint k = (uint)ix${g}[t + ${u}];
+                    outside |= (uint)(k > last) << ${g};
+                    gathered[${u}] = wr[min(k, last)];
+                }
+%   endfor
+                acc${g} = fma(PSCL_LOAD_pscl_floatv(0, v${g} + t),
+                              PSCL_LOAD_pscl_floatv(0, gathered), acc${g});
+            }
+% endfor
+        }
+% for g in range(G):
+        float dot${g} = pscl_hsum(acc${g});
+% endfor
+        for (; t < nx; ++t) {
+% for g in range(G):
+            {
+                const uint k = (uint)ix${g}[t];
+                outside |= (uint)(k > last) << ${g};
+                dot${g} = fma(v${g}[t], wr[min(k, last)], dot${g});
+            }
+% endfor
+        }
+% for g in range(G):
+        out[out_off + p[2 * (q + ${g}) + 1]] = (outside >> ${g}) & 1 ? NAN : dot${g};
+% endfor
+    }</%def>

@@ -22,6 +22,8 @@ SPEC = ParamSpec(
     family="masked_compact",
     params=(
         TileParam("VEC", 16, (1, 4, 8, 16), "gathered weights per vector FMA"),
+        TileParam("GROUP", 1, (1, 2, 4), "listed rows whose dot products run together, "
+                  "each its own chain of gathers"),
         TileParam("STREAM", 1, (0, 1),
                   "read each weight row front to back before its gathers, so that they hit "
                   "the cache (1), or not (0)"),
