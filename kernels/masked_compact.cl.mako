@@ -5,21 +5,24 @@
 ## row's indices: nx multiply-adds instead of K, but each one a gather.  KIND "compact":
 ## CPU-shaped, a work-item per column; "compact_tiled": GPU-shaped, a work-group per
 ## column, the weight row staged in local memory.  Both read the column lists that
-## list_kernels() build.  KIND "compact_dw": the weight gradient of that product.
+## list_kernels() build.  KIND "compact_dw" and "compact_dw_tiled": the weight gradient
+## of that product, CPU- and GPU-shaped.
 <%namespace name="common" file="common.cl.mako"/>\
 <%namespace name="m" file="masked_common.cl.mako"/>\
 % if KIND == "compact":
 ${m.prelude()}
 % endif
-% if KIND != "compact_dw":
+% if not KIND.startswith("compact_dw"):
 ${list_kernels()}
 % endif
 % if KIND == "compact":
 ${compact_kernel()}
 % elif KIND == "compact_tiled":
 ${tiled_kernel()}
-% else:
+% elif KIND == "compact_dw":
 ${dw_kernel()}
+% else:
+${dw_tiled_kernel()}
 % endif
 
 <%def name="list_kernels()">
@@ -253,3 +256,53 @@ void pscl_masked_compact_dw(${ARGS["pscl_masked_compact_dw"]})
         out[out_off + p[2 * (q + ${g}) + 1]] = (outside >> ${g}) & 1 ? NAN : dot${g};
 % endfor
     }</%def>
+
+<%def name="dw_tiled_kernel()">
+// dw^T (N, K) of the product of a compact x, GPU-shaped: work-group j owns row j of dw^T
+// and accumulates it in local memory, KCHUNK columns at a time.  The listed rows go one
+// after the other, the lanes striding along a row's entries: a row's indices are
+// distinct, so no two lanes add to one column, and a barrier separates the rows.  Row j
+// is then written whole, coalesced.  An index outside [0, K) (only an unchecked batch
+// holds one) makes the row NaN.
+__kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
+void pscl_masked_compact_dw_tiled(${ARGS["pscl_masked_compact_dw_tiled"]})
+{
+    __local float acc[${KCHUNK}];
+    __local int outside;
+    const int j = get_group_id(0);
+    const int lid = get_local_id(0);
+    if (j >= N)
+        return;
+    if (lid == 0)
+        outside = 0;
+    const int n_sel = counts[j];
+    const __global int *p = rows + 2L * j * M;
+    __global float *d = dw + (long)j * K;
+    for (int c0 = 0; c0 < K; c0 += ${KCHUNK}) {
+        const uint width = (uint)min(${KCHUNK}, K - c0);
+        for (uint k = lid; k < width; k += ${WG})
+            acc[k] = 0.0f;
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int q = 0; q < n_sel; ++q) {
+            const int i = p[2 * q];
+            const float g = as_float(p[2 * q + 1]);
+            const __global float *v = xv + xv_off + (long)i * nx;
+            const __global int *ix = xi + xi_off + (long)i * nx;
+            for (int t = lid; t < nx; t += ${WG}) {
+                const uint c = (uint)ix[t];
+                const uint at = c - (uint)c0;
+                if (c >= (uint)K)
+                    outside = 1;
+                else if (at < width)
+                    acc[at] = fma(g, v[t], acc[at]);
+            }
+            barrier(CLK_LOCAL_MEM_FENCE);
+        }
+        for (uint k = lid; k < width; k += ${WG})
+            d[c0 + k] = acc[k];
+        barrier(CLK_LOCAL_MEM_FENCE | CLK_GLOBAL_MEM_FENCE);
+    }
+    if (lid == 0 && outside && K > 0)
+        d[0] = NAN;
+}
+</%def>

@@ -326,6 +326,7 @@ def test_bad_product_operands_name_the_argument(queue, rng):
 # The backward of the product of a compact x
 
 BACKWARD_CASES = [CompactCase(9, 70, 40, 0.2, 0.25), CompactCase(9, 70, 40, 0.2, 0.25, "bool"),
+                  CompactCase(5, 2500, 20, 0.05, 0.3),          # several tiled row chunks
                   CompactCase(1, 50, 30, 0.3, 0.3, vector=True),
                   CompactCase(1, 50, 30, 0.3, 0.3, "bool", vector=True),
                   CompactCase(12, 33, 20, 0.5, 0.3, "bool", empty_rows=4),
@@ -341,20 +342,26 @@ def backward_reference(dy, x: CompactRows, w, mask):
     return rdx_at.reshape(x.values.shape), rdw
 
 
+DW_FAMILIES = [("masked_compact_dw", {}), ("masked_compact_dw_tiled", dict(WG=32,
+                                                                            KCHUNK=1024)),
+               ("masked_compact_dw_tiled", dict(WG=128, KCHUNK=4096))]
+
+
+@pytest.mark.parametrize("family,params", DW_FAMILIES, ids=[f"{f} {p}" for f, p in DW_FAMILIES])
 @pytest.mark.parametrize("dw_rows", [False, True])
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=[c.label() for c in BACKWARD_CASES])
-def test_backward_matches_reference(queue, rng, case, dw_rows):
+def test_backward_matches_reference(queue, rng, case, dw_rows, family, params):
     x, w, mask = case.make(rng)
-    dy = rng.standard_normal(mask.shape if mask.dtype == np.bool_ else mask.shape,
-                             dtype=np.float32)
+    dy = rng.standard_normal(mask.shape, dtype=np.float32)
     ref_dx, ref_dw = backward_reference(dy, x, w, mask)
     ref_dw = ref_dw.T if dw_rows else ref_dw
-    dx, dw = ps.masked_matmul_backward(dy, x, w, mask, dw_rows=dw_rows, queue=queue)
+    with override(family, **params):
+        dx, dw = ps.masked_matmul_backward(dy, x, w, mask, dw_rows=dw_rows, queue=queue)
+        ddx, ddw = ps.masked_matmul_backward(
+            cl_array.to_device(queue, dy), x.to_device(queue), cl_array.to_device(queue, w),
+            cl_array.to_device(queue, mask), dw_rows=dw_rows, queue=queue)
     assert isinstance(dx, CompactRows) and dx.idx is x.idx and dx.n_cols == case.K
     assert relative_error(dx.values, ref_dx) < TOL and relative_error(dw, ref_dw) < TOL
-    ddx, ddw = ps.masked_matmul_backward(
-        cl_array.to_device(queue, dy), x.to_device(queue), cl_array.to_device(queue, w),
-        cl_array.to_device(queue, mask), dw_rows=dw_rows, queue=queue)
     assert ddx.is_device and isinstance(ddw, cl_array.Array)
     assert relative_error(ddx.values.get(), ref_dx) < TOL
     assert relative_error(ddw.get(), ref_dw) < TOL

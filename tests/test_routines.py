@@ -17,6 +17,7 @@ from pysparsecl.ops.masked import MASKED_GEMM_ROUTINE, MASKED_VMM_ROUTINE
 from pysparsecl.params import ROUTINES, SPECS, routine_of
 from pysparsecl.testing.reference import (
     conv2d_reference,
+    masked_matmul_backward_reference,
     masked_matmul_reference,
     relative_error,
 )
@@ -75,8 +76,8 @@ def rendered_kinds(monkeypatch):
 
 @pytest.mark.parametrize("kind, expected", [
     ("gpu", {"vmm_split", "gemm_tiled", "project_split", "topk_team", "flat",
-             "compact_tiled"}),
-    ("cpu", {"vmm", "gemm", "project", "topk", "fused", "rows", "compact"}),
+             "compact_tiled", "compact_dw_tiled"}),
+    ("cpu", {"vmm", "gemm", "project", "topk", "fused", "rows", "compact", "compact_dw"}),
 ])
 def test_an_unknown_device_runs_the_kernels_of_its_type(queue, rng, unknown_device_of_kind,
                                                         rendered_kinds, kind, expected):
@@ -96,6 +97,10 @@ def test_an_unknown_device_runs_the_kernels_of_its_type(queue, rng, unknown_devi
     xc = ps.CompactRows.from_dense(x, idx)      # 7% of x: the routine gathers
     assert relative_error(ps.masked_matmul(xc, w, mask, queue=queue),
                           masked_matmul_reference(xc.to_dense(), w, mask)) < 1e-4
+    dy = rng.standard_normal(mask.shape, dtype=np.float32)
+    assert relative_error(ps.masked_matmul_backward(dy, xc, w, mask, queue=queue)[1],
+                          masked_matmul_backward_reference(dy, xc.to_dense(), w,
+                                                           mask)[1]) < 1e-4
     proj = ps.SparseRandomProjection(300, k=40, seed=7, queue=queue)
     for rows in (2, 40):      # a few rows take the one-launch kernel where it is enabled
         m = ps.drs_mask(x[:rows], w, 0.9, projection=proj)
@@ -108,9 +113,10 @@ def test_an_unknown_device_runs_the_kernels_of_its_type(queue, rng, unknown_devi
     kinds = {k for template, k, _ in rendered_kinds
              if template.startswith(("masked_", "drs_", "conv2d_"))}
     assert expected <= kinds
-    other = {"gpu": {"vmm", "gemm", "project", "topk", "fused", "rows", "compact"},
+    other = {"gpu": {"vmm", "gemm", "project", "topk", "fused", "rows", "compact",
+                     "compact_dw"},
              "cpu": {"vmm_split", "gemm_tiled", "project_split", "topk_team", "flat",
-                     "compact_tiled"}}[kind]
+                     "compact_tiled", "compact_dw_tiled"}}[kind]
     assert not kinds & other, kinds & other
 
 

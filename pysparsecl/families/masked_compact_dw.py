@@ -26,14 +26,26 @@ SPEC = ParamSpec(
     work_group_size=lambda p: p["WG"],
 )
 
-ARGS = KernelArgs(Signature("pscl_masked_compact_dw", (
+#: The arguments of the weight gradient's kernels (this family's and the tiled one's).
+DW_ARGS = (
     Pointer("xv", "float", restrict=True), Scalar("xv_off", np.int64),   # (M, nx)
     Pointer("xi", "int", restrict=True), Scalar("xi_off", np.int64),     # (M, nx)
     Scalar("nx", np.int32),
     Pointer("rows", "int", restrict=True),        # (N, M, 2): (row, bits of dy)
     Pointer("counts", "int", restrict=True),      # (N,)
     Pointer("dw", "float", const=False, restrict=True),   # (N, K), from offset 0
-    Scalar("M", np.int32), Scalar("N", np.int32), Scalar("K", np.int32))))
+    Scalar("M", np.int32), Scalar("N", np.int32), Scalar("K", np.int32))
+
+ARGS = KernelArgs(Signature("pscl_masked_compact_dw", DW_ARGS))
+
+
+def kernel_values(xv_dev, xi_dev, nx: int, lists, dwt, n_rows: int, n_cols: int,
+                  k_in: int) -> dict:
+    """The values of DW_ARGS."""
+    return dict(xv=xv_dev.base_data, xv_off=elem_offset(xv_dev), xi=xi_dev.base_data,
+                xi_off=elem_offset(xi_dev), nx=np.int32(nx), rows=lists.col_rows.data,
+                counts=lists.col_counts.data, dw=dwt.data, M=np.int32(n_rows),
+                N=np.int32(n_cols), K=np.int32(k_in))
 
 
 def template_args(params) -> dict:
@@ -47,8 +59,6 @@ def launch(queue, params, xv_dev, xi_dev, nx: int, lists, dwt, n_rows: int, n_co
     arrays and the selection's column lists; returns the event."""
     kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_masked_compact_dw",),
                            **template_args(params))["pscl_masked_compact_dw"]
-    return kern.launch(queue, (round_up(n_cols, params["WG"]),), (params["WG"],), dict(
-        xv=xv_dev.base_data, xv_off=elem_offset(xv_dev), xi=xi_dev.base_data,
-        xi_off=elem_offset(xi_dev), nx=np.int32(nx), rows=lists.col_rows.data,
-        counts=lists.col_counts.data, dw=dwt.data, M=np.int32(n_rows), N=np.int32(n_cols),
-        K=np.int32(k_in)), wait_for=wait)
+    return kern.launch(queue, (round_up(n_cols, params["WG"]),), (params["WG"],),
+                       kernel_values(xv_dev, xi_dev, nx, lists, dwt, n_rows, n_cols, k_in),
+                       wait_for=wait)

@@ -22,6 +22,7 @@ from ..families import (
     masked_bn,
     masked_compact,
     masked_compact_dw,
+    masked_compact_dw_tiled,
     masked_compact_tiled,
     masked_conv,
     masked_conv_channels,
@@ -60,7 +61,8 @@ __all__ = ["MASKED_VMM", "MASKED_VMM_SPLIT", "MASKED_VMM_ROUTINE", "MASKED_GEMM"
            "masked_matmul_backward", "masked_relu_bn", "masked_relu_bn_backward",
            "conv2d_masked", "conv2d_masked_backward", "MASKED_CONV_DX", "MASKED_CONV_DW",
            "MASKED_COMPACT", "MASKED_COMPACT_TILED", "MASKED_COMPACT_ROUTINE",
-           "MASKED_COMPACT_DW", "weight_rows", "weight_shape", "masked_matmul_shape_class"]
+           "MASKED_COMPACT_DW", "MASKED_COMPACT_DW_TILED", "MASKED_COMPACT_DW_ROUTINE",
+           "weight_rows", "weight_shape", "masked_matmul_shape_class"]
 
 # Each kernel family is a module of its own (pysparsecl/families); the op's routines choose
 # between a CPU-shaped and a GPU-shaped family.
@@ -78,6 +80,7 @@ MASKED_CONV_DW = masked_conv_dw.SPEC
 MASKED_COMPACT = masked_compact.SPEC
 MASKED_COMPACT_TILED = masked_compact_tiled.SPEC
 MASKED_COMPACT_DW = masked_compact_dw.SPEC
+MASKED_COMPACT_DW_TILED = masked_compact_dw_tiled.SPEC
 
 #: The family modules of each routine's KERNEL choice, by index.
 _VMM_FAMILIES = (masked_vmm, masked_vmm_split)
@@ -127,6 +130,16 @@ MASKED_COMPACT_ROUTINE = Routine(
                   "rows from which the product gathers; fewer (a VMM reads each selected "
                   "weight row once anyway) scatter x to dense"),
     ),
+)
+
+#: The families of the compact-x weight gradient's KERNEL choice, by index.
+_COMPACT_DW_FAMILIES = (masked_compact_dw, masked_compact_dw_tiled)
+
+MASKED_COMPACT_DW_ROUTINE = Routine(
+    "masked_compact_dw",
+    (Choice("KERNEL", tuple(f.SPEC for f in _COMPACT_DW_FAMILIES),
+            "dw of the product of a compact x: a work-item per row of dw^T, accumulating "
+            "in cache (CPUs), or a work-group per row, in local memory (GPUs)"),),
 )
 
 
@@ -613,10 +626,11 @@ def masked_matmul_backward(dy, x, w, mask, *, need_dx=True, dw_rows=False, dw_ou
     elsewhere they are copied to and from the device.  A NumPy call returns when its
     result is ready; a device-array call returns once it is enqueued.
 
-    With a CompactRows x, dw comes from the family ``masked_compact_dw`` (a work-item per
-    row of dw^T scatters dy times each selecting row's nonzero values into it: n_keep
-    multiply-adds per selected output instead of K), and dx is the dense-input backward's
-    dx gathered at x's entries.
+    With a CompactRows x, dw comes from the routine ``masked_compact_dw``'s family (a
+    work-item per row of dw^T, or on GPUs a work-group accumulating it in local memory,
+    scatters dy times each selecting row's nonzero values into it: n_keep multiply-adds
+    per selected output instead of K), and dx is the dense-input backward's dx gathered
+    at x's entries.
     """
     compact = isinstance(x, CompactRows)
     like = x.values if compact else x        # the container the results come back in
@@ -734,9 +748,11 @@ def _compact_backward(queue, dy, x: CompactRows, w, sel: _Selection, mask, need_
         direct = at_offset_zero(dw_dev, queue) if dw_rows else None
         dwt = direct if direct is not None else runtime.empty(
             queue, (n_cols, k_in), np.float32, allocator=runtime.memory_pool(queue.context))
-        ev_dw = masked_compact_dw.launch(
-            queue, tuning.lookup(MASKED_COMPACT_DW, queue.device), xv_dev, xi_dev, nx, lists,
-            dwt, n_rows, n_cols, k_in, wait)
+        dw_family, dw_params = tuning.memoised(
+            "masked_compact_dw", queue.device,
+            masked_matmul_shape_class(n_rows, k_in, n_cols), _compact_dw_route)
+        ev_dw = dw_family.launch(queue, dw_params, xv_dev, xi_dev, nx, lists, dwt, n_rows,
+                                 n_cols, k_in, wait)
         launched.append(ev_dw)
         if events is not None:
             events.extend(launched)
@@ -762,6 +778,12 @@ def _compact_backward(queue, dy, x: CompactRows, w, sel: _Selection, mask, need_
         return None, dw
     dxv = deliver(dxv_dev, like, None, queue, dxv_host)
     return CompactRows(dxv, x.idx, k_in, check=False), dw
+
+
+def _compact_dw_route(look):
+    """The compact-x weight gradient's family, as its routine chooses, and its tiles."""
+    family = _COMPACT_DW_FAMILIES[look(MASKED_COMPACT_DW_ROUTINE.spec)["KERNEL"]]
+    return family, look(family.SPEC)
 
 
 def _launch_backward(queue, dy_dev, x_dev, rows, ldw, sel: _Selection, mask_dev, dx_dev,

@@ -611,6 +611,8 @@ TUNABLES: Dict[str, Callable[..., List[Problem]]] = {
     "masked_compact_routine": _masked_compact_problems("masked_compact_routine",
                                                        x_keeps=(0.05, 0.1, 0.2)),
     "masked_compact_dw": _masked_compact_dw_problems,
+    "masked_compact_dw_tiled": _masked_compact_dw_problems,
+    "masked_compact_dw_routine": _masked_compact_dw_problems,
     "masked_dx": _masked_backward_problems("masked_dx"),
     "masked_dw": _masked_backward_problems("masked_dw"),
     "masked_bn": _masked_bn_problems,
@@ -1063,6 +1065,11 @@ def small_problems():
             close(dw, rdw.T, "masked_matmul_backward dw (compact x)")
         return run
 
+    compact_dw = [
+        ("compact backward 9x70x40 idx", compact_backward(9, 70, 40, 0.2, "idx")),
+        ("compact backward 6x33x21 bool", compact_backward(6, 33, 21, 0.4, "bool")),
+        ("compact backward 1x40x17 bool 1-D",
+         compact_backward(1, 40, 17, 0.3, "bool", vector=True))]
     compact = [
         ("compact 5x37x29 bool, 2 empty rows", compact_x(5, 37, 29, 0.3, "bool", 2)),
         ("compact 7x53x48 idx", compact_x(7, 53, 48, 0.2, "idx")),
@@ -1091,11 +1098,10 @@ def small_problems():
             ("gemm 45x37x70 all selected", matmul(45, 37, 70, "bool", full=True))],
         "masked_compact": compact,
         "masked_compact_tiled": compact,
-        "masked_compact_dw": [
-            ("compact backward 9x70x40 idx", compact_backward(9, 70, 40, 0.2, "idx")),
-            ("compact backward 6x33x21 bool", compact_backward(6, 33, 21, 0.4, "bool")),
-            ("compact backward 1x40x17 bool 1-D",
-             compact_backward(1, 40, 17, 0.3, "bool", vector=True))],
+        "masked_compact_dw": compact_dw,
+        "masked_compact_dw_tiled": compact_dw + [
+            ("compact backward 3x2100x9 idx, several row chunks",
+             compact_backward(3, 2100, 9, 0.1, "idx"))],
         "masked_dx": [("backward 5x37x29 bool, 1 empty row", backward(5, 37, 29, "bool", 1)),
                       ("backward 3x17x40 idx", backward(3, 17, 40, "idx")),
                       ("backward 1x9x7 bool", backward(1, 9, 7, "bool"))],
