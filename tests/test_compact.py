@@ -344,7 +344,8 @@ def backward_reference(dy, x: CompactRows, w, mask):
 
 DW_FAMILIES = [("masked_compact_dw", {}), ("masked_compact_dw_tiled", dict(WG=32,
                                                                             KCHUNK=1024)),
-               ("masked_compact_dw_tiled", dict(WG=128, KCHUNK=4096))]
+               ("masked_compact_dw_tiled", dict(WG=128, KCHUNK=4096)),
+               ("masked_compact_dw_routine", dict(GATHER_MAX_DENSITY=0))]   # x densified
 
 
 @pytest.mark.parametrize("family,params", DW_FAMILIES, ids=[f"{f} {p}" for f, p in DW_FAMILIES])
@@ -355,7 +356,8 @@ def test_backward_matches_reference(queue, rng, case, dw_rows, family, params):
     dy = rng.standard_normal(mask.shape, dtype=np.float32)
     ref_dx, ref_dw = backward_reference(dy, x, w, mask)
     ref_dw = ref_dw.T if dw_rows else ref_dw
-    with override(family, **params):
+    gather = {} if family.endswith("routine") else dict(GATHER_MAX_DENSITY=100)
+    with override(family, **params), override("masked_compact_dw_routine", **gather):
         dx, dw = ps.masked_matmul_backward(dy, x, w, mask, dw_rows=dw_rows, queue=queue)
         ddx, ddw = ps.masked_matmul_backward(
             cl_array.to_device(queue, dy), x.to_device(queue), cl_array.to_device(queue, w),

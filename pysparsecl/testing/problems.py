@@ -288,12 +288,19 @@ def _masked_compact_problems(family, x_keeps=(0.1,)):
     return build
 
 
-def _masked_compact_dw_problems(queue, rng, quick, shapes) -> List[Problem]:
-    """dw^T of the product of a compact x (masked_matmul_backward without dx)."""
+def _masked_compact_dw_problems(family, x_keeps=(0.1,)):
+    """dw^T of the product of a compact x (masked_matmul_backward without dx); the
+    routine's problems span x's density, which its GATHER_MAX_DENSITY divides."""
+    def build(queue, rng, quick, shapes) -> List[Problem]:
+        return _compact_dw_problems(queue, rng, quick, shapes, family, x_keeps)
+    return build
+
+
+def _compact_dw_problems(queue, rng, quick, shapes, family, x_keeps) -> List[Problem]:
     from .. import masked_matmul_backward
     problems = []
     for label, x, weight, w, mask, mask_host, dense, shape_class in _compact_inputs(
-            queue, rng, quick, shapes, "masked_compact_dw"):
+            queue, rng, quick, shapes, family, x_keeps):
         dy_host = rng.standard_normal(mask_host.shape, dtype=np.float32)
         dy = cl_array.to_device(queue, dy_host)
         problems.append(Problem(
@@ -610,9 +617,10 @@ TUNABLES: Dict[str, Callable[..., List[Problem]]] = {
     "masked_compact_tiled": _masked_compact_problems("masked_compact_tiled"),
     "masked_compact_routine": _masked_compact_problems("masked_compact_routine",
                                                        x_keeps=(0.05, 0.1, 0.2)),
-    "masked_compact_dw": _masked_compact_dw_problems,
-    "masked_compact_dw_tiled": _masked_compact_dw_problems,
-    "masked_compact_dw_routine": _masked_compact_dw_problems,
+    "masked_compact_dw": _masked_compact_dw_problems("masked_compact_dw"),
+    "masked_compact_dw_tiled": _masked_compact_dw_problems("masked_compact_dw_tiled"),
+    "masked_compact_dw_routine": _masked_compact_dw_problems("masked_compact_dw_routine",
+                                                             x_keeps=(0.05, 0.1, 0.2)),
     "masked_dx": _masked_backward_problems("masked_dx"),
     "masked_dw": _masked_backward_problems("masked_dw"),
     "masked_bn": _masked_bn_problems,
@@ -1044,8 +1052,12 @@ def small_problems():
     project = [("drs 9x40x30 k7 (projected)", search(9, 40, 30, 7, 0.7, False))]
     topk = [("drs 3x33x50 k6", search(3, 33, 50, 6, 0.8, False)),
             ("drs 9x20x300 k5 compact", search(9, 20, 300, 5, 0.95, True))]
-    def compact_backward(m, k, n, x_keep, form, vector=False):
-        """masked_matmul_backward of a CompactRows x: dx at x's entries and dw^T."""
+    def compact_backward(m, k, n, x_keep, form, vector=False, dense_first=False):
+        """masked_matmul_backward of a CompactRows x: dx at x's entries and dw^T, by the
+        dw families' kernels whatever x's density (or, ``dense_first``, with x scattered
+        to dense for the dense-x kernel)."""
+        from pysparsecl import tuning
+
         from .cases import compact_rows
 
         def run(rng, queue=None):
@@ -1059,8 +1071,10 @@ def small_problems():
             rdx = np.take_along_axis(rdx, idx, axis=1)
             if vector:
                 values, idx, mask, dy, rdx = values[0], idx[0], mask[0], dy[0], rdx[0]
-            dx, dw = ps.masked_matmul_backward(dy, ps.CompactRows(values, idx, k), w, mask,
-                                               dw_rows=True, queue=queue)
+            with tuning.override("masked_compact_dw_routine",
+                                 GATHER_MAX_DENSITY=0 if dense_first else 100):
+                dx, dw = ps.masked_matmul_backward(dy, ps.CompactRows(values, idx, k), w,
+                                                   mask, dw_rows=True, queue=queue)
             close(dx.values, rdx, "masked_matmul_backward dx (compact x)")
             close(dw, rdw.T, "masked_matmul_backward dw (compact x)")
         return run
@@ -1069,7 +1083,9 @@ def small_problems():
         ("compact backward 9x70x40 idx", compact_backward(9, 70, 40, 0.2, "idx")),
         ("compact backward 6x33x21 bool", compact_backward(6, 33, 21, 0.4, "bool")),
         ("compact backward 1x40x17 bool 1-D",
-         compact_backward(1, 40, 17, 0.3, "bool", vector=True))]
+         compact_backward(1, 40, 17, 0.3, "bool", vector=True)),
+        ("compact backward 7x50x30 idx, x scattered to dense",
+         compact_backward(7, 50, 30, 0.3, "idx", dense_first=True))]
     compact = [
         ("compact 5x37x29 bool, 2 empty rows", compact_x(5, 37, 29, 0.3, "bool", 2)),
         ("compact 7x53x48 idx", compact_x(7, 53, 48, 0.2, "idx")),
