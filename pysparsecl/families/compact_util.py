@@ -71,21 +71,30 @@ def check(queue, idx: cl_array.Array, n_cols: int, events=None) -> cl_array.Arra
     return bad
 
 
+def _per_entry(queue, kernel: str, entries: cl_array.Array, written_array: cl_array.Array,
+               n_cols: int, events, scalars: dict, **arrays) -> None:
+    """Launch ``kernel`` with a work-item per entry of ``entries`` (M, n_keep): each of
+    ``arrays`` passed as its buffer and element offset (``<name>``, ``<name>_off``), after
+    their events; ``written_array`` (one of them) then holds the launch's event."""
+    n_rows, n_keep = entries.shape
+    if not entries.size:
+        return
+    grid, local = _grid(n_rows, n_keep)
+    args = dict(scalars, **_sizes(n_rows, n_keep, n_cols))
+    for name, a in arrays.items():
+        args[name], args[f"{name}_off"] = a.base_data, elem_offset(a)
+    ev = _kernel(queue, kernel).launch(queue, grid, local, args, wait_for=[
+        e for a in arrays.values() for e in a.events])
+    written_array.events[:] = [ev]
+    if events is not None:
+        events.append(ev)
+
+
 def gather(queue, dense: cl_array.Array, idx: cl_array.Array, values: cl_array.Array,
            n_cols: int, events=None) -> None:
     """values[i, s] = dense[i, idx[i, s]] (device arrays)."""
-    n_rows, n_keep = idx.shape
-    if not idx.size:
-        return
-    grid, local = _grid(n_rows, n_keep)
-    ev = _kernel(queue, "pscl_compact_gather").launch(queue, grid, local, dict(
-        dense=dense.base_data, dense_off=elem_offset(dense), idx=idx.base_data,
-        idx_off=elem_offset(idx), values=values.base_data, values_off=elem_offset(values),
-        **_sizes(n_rows, n_keep, n_cols)),
-        wait_for=list(dense.events) + list(idx.events) + list(values.events))
-    values.events[:] = [ev]
-    if events is not None:
-        events.append(ev)
+    _per_entry(queue, "pscl_compact_gather", idx, values, n_cols, events, {},
+               dense=dense, idx=idx, values=values)
 
 
 def scatter(queue, values: cl_array.Array, idx: cl_array.Array, dense: cl_array.Array,
@@ -112,15 +121,5 @@ def add_bias(queue, values: cl_array.Array, idx: cl_array.Array, b: cl_array.Arr
              out: cl_array.Array, n_cols: int, relu: bool, events=None) -> None:
     """out[i, s] = act(values[i, s] + b[idx[i, s]]) (device arrays; ``out`` may be
     ``values``)."""
-    n_rows, n_keep = idx.shape
-    if not idx.size:
-        return
-    grid, local = _grid(n_rows, n_keep)
-    ev = _kernel(queue, "pscl_compact_bias").launch(queue, grid, local, dict(
-        values=values.base_data, values_off=elem_offset(values), idx=idx.base_data,
-        idx_off=elem_offset(idx), b=b.base_data, b_off=elem_offset(b), out=out.base_data,
-        out_off=elem_offset(out), relu=np.int32(relu), **_sizes(n_rows, n_keep, n_cols)),
-        wait_for=list(values.events) + list(idx.events) + list(b.events) + list(out.events))
-    out.events[:] = [ev]
-    if events is not None:
-        events.append(ev)
+    _per_entry(queue, "pscl_compact_bias", idx, out, n_cols, events,
+               dict(relu=np.int32(relu)), values=values, idx=idx, b=b, out=out)

@@ -110,6 +110,15 @@ MASKED_GEMM_ROUTINE = Routine(
 )
 
 
+def _gather_max_density(what: str) -> TileParam:
+    """The compact-x routines' threshold: the percent of x's columns kept per row up to
+    which ``what`` gathers (scatters) x's entries; above, x is scattered to dense and the
+    dense-x kernels run."""
+    return TileParam("GATHER_MAX_DENSITY", 12, (0, 5, 8, 12, 16, 25, 50, 100),
+                     f"percent of x's columns kept per row up to which {what} x's entries; "
+                     "above, x is scattered to dense and the dense-x kernels run")
+
+
 #: The families of the compact-x routine's KERNEL choice, by index.
 _COMPACT_FAMILIES = (masked_compact, masked_compact_tiled)
 
@@ -123,9 +132,7 @@ MASKED_COMPACT_ROUTINE = Routine(
         # touches most lines of a weight row anyway: past some density of x, scattering it
         # to dense and running the dense-input product is faster (bench masked's
         # propagated grid measures the crossover).
-        TileParam("GATHER_MAX_DENSITY", 12, (0, 5, 8, 12, 16, 25, 50, 100),
-                  "percent of x's columns kept per row up to which the product gathers; "
-                  "above, x is scattered to dense and the dense-input product runs"),
+        _gather_max_density("the product gathers"),
         TileParam("GATHER_MIN_ROWS", 2, (1, 2, 4, 8, 16, 32),
                   "rows from which the product gathers; fewer (a VMM reads each selected "
                   "weight row once anyway) scatter x to dense"),
@@ -144,9 +151,7 @@ MASKED_COMPACT_DW_ROUTINE = Routine(
         # Scatter-adds against whole-row vector FMAs: on PoCL at 128 x 4096 x 4096 the
         # compact kernel took 8.5 ms against 6.6 for the dense-x masked_dw at 10% of x
         # kept, and 4.1 against 4.9 at 5%.
-        TileParam("GATHER_MAX_DENSITY", 12, (0, 5, 8, 12, 16, 25, 50, 100),
-                  "percent of x's columns kept per row up to which dw scatters x's entries; "
-                  "above, x is scattered to dense and the dense-x kernel (masked_dw) runs"),
+        _gather_max_density("dw scatters"),
     ),
 )
 
