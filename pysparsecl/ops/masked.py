@@ -487,8 +487,7 @@ def _compact_matmul(x: CompactRows, w, mask, out, verify_mask: bool, queue, even
         queue = w.queue
     queue = runtime.resolve_queue(queue, x=x.values, x_idx=x.idx,
                                   w=w if is_device_array(w) else None, mask=mask, out=out)
-    check_int32_sizes(x=n_rows * max(k_in, x.n_keep), w=k_in * n_cols,
-                      mask=n_rows * n_cols)
+    check_int32_sizes(x=n_rows * k_in, w=k_in * n_cols, mask=n_rows * n_cols)
     if not x.is_device:
         check_alloc(queue, x.nbytes, "x")
 
@@ -508,10 +507,7 @@ def _compact_matmul(x: CompactRows, w, mask, out, verify_mask: bool, queue, even
     mask_dev = to_device(mask, queue, "mask", borrow)
     if n_rows < min_rows or 100 * x.n_keep > max_density * k_in:
         # Denser than the gathers pay for: x scattered to dense, the dense-input product.
-        check_alloc(queue, 4 * n_rows * k_in, "x in dense form")
-        x_dense = runtime.empty(queue, (n_rows, k_in), np.float32,
-                                allocator=runtime.memory_pool(queue.context))
-        compact_util.scatter(queue, xv_dev, xi_dev, x_dense, k_in, events)
+        x_dense = _dense_form(queue, xv_dev, xi_dev, n_rows, k_in, events)
         _launch_forward(queue, x_dense, rows, ldw, sel, mask_dev, out_dev, n_rows, n_cols,
                         k_in, events)
         return deliver(out_dev, x.values, out, queue, host)
@@ -527,6 +523,16 @@ def _compact_matmul(x: CompactRows, w, mask, out, verify_mask: bool, queue, even
     if sel.verify:
         _raise_if_bad(queue, bad, n_cols, "mask")
     return deliver(out_dev, x.values, out, queue, host)
+
+
+def _dense_form(queue, xv_dev, xi_dev, n_rows: int, k_in: int, events) -> cl_array.Array:
+    """A compact x's (n_rows, k_in) dense form, scattered on the device from its values
+    and indices ((n_rows, n_keep) device arrays)."""
+    check_alloc(queue, 4 * n_rows * k_in, "x in dense form")
+    x_dense = runtime.empty(queue, (n_rows, k_in), np.float32,
+                            allocator=runtime.memory_pool(queue.context))
+    compact_util.scatter(queue, xv_dev, xi_dev, x_dense, k_in, events)
+    return x_dense
 
 
 def _compact_route(look):
@@ -757,41 +763,26 @@ def _compact_backward(queue, dy, x: CompactRows, w, sel: _Selection, mask, need_
                                   + list(dx_dense.events))
             dx_dense.events[:] = [ev]
             launched.append(ev)
-            compact_util.gather(queue, dx_dense, xi_dev.reshape(n_rows, nx),
+            compact_util.gather(queue, dx_dense, xi_dev,
                                 dxv_dev.reshape(n_rows, nx), k_in, events)
-        direct = at_offset_zero(dw_dev, queue) if dw_rows else None
-        dwt = direct if direct is not None else runtime.empty(
-            queue, (n_cols, k_in), np.float32, allocator=runtime.memory_pool(queue.context))
         dw_family, dw_params, dw_max_density = tuning.memoised(
             "masked_compact_dw", queue.device,
             masked_matmul_shape_class(n_rows, k_in, n_cols), _compact_dw_route)
         if 100 * nx > dw_max_density * k_in:
             # Denser than the scatter-adds pay for: the dense-x kernel on x's dense form.
-            check_alloc(queue, 4 * n_rows * k_in, "x in dense form")
-            x_dense = runtime.empty(queue, (n_rows, k_in), np.float32,
-                                    allocator=runtime.memory_pool(queue.context))
-            compact_util.scatter(queue, xv_dev, xi_dev.reshape(n_rows, nx),
-                                 x_dense, k_in, events)
+            x_dense = _dense_form(queue, xv_dev, xi_dev, n_rows, k_in, events)
             dense_wait = wait + list(x_dense.events)
             x_rows = masked_dw.padded_rows(queue, x_dense, n_rows, k_in, dense_wait, events)
-            ev_dw = masked_dw.launch(queue, tuning.lookup(MASKED_DW, queue.device), sel.form,
-                                     x_rows, lists, dwt, n_rows, n_cols, k_in, dense_wait)
+
+            def launch_dw(dwt):
+                return masked_dw.launch(queue, tuning.lookup(MASKED_DW, queue.device),
+                                        sel.form, x_rows, lists, dwt, n_rows, n_cols, k_in,
+                                        dense_wait)
         else:
-            ev_dw = dw_family.launch(queue, dw_params, xv_dev, xi_dev, nx, lists, dwt,
-                                     n_rows, n_cols, k_in, wait)
-        launched.append(ev_dw)
-        if events is not None:
-            events.extend(launched)
-        if direct is not None:
-            written(dw_dev, ev_dw)
-        elif dw_rows:      # dw_dev starts off the base alignment: a device copy
-            ev = runtime.enqueue_copy(queue, dw_dev.base_data, dwt.base_data,
-                                      byte_count=dwt.nbytes, dst_offset=dw_dev.offset,
-                                      wait_for=[ev_dw])
-            written(dw_dev, ev)
-        else:
-            dwt.add_event(ev_dw)
-            masked_util.transpose(queue, dwt, events, into=dw_dev)
+            def launch_dw(dwt):
+                return dw_family.launch(queue, dw_params, xv_dev, xi_dev, nx, lists, dwt,
+                                        n_rows, n_cols, k_in, wait)
+        _write_dw(queue, dw_dev, dw_rows, n_cols, k_in, launch_dw, launched, events)
         if lists.bad is not None and sel.verify:
             _raise_if_bad(queue, lists.bad, n_cols, "mask")
     else:
@@ -832,25 +823,36 @@ def _launch_backward(queue, dy_dev, x_dev, rows, ldw, sel: _Selection, mask_dev,
     x_rows = masked_dw.padded_rows(queue, x_dev, n_rows, k_in, wait, lists.events)
     # The kernel writes dw^T, (N, K), from the start of a buffer: straight into dw_dev
     # when the caller wants rows and dw_dev can be seen from offset 0, else a temporary.
+    _write_dw(queue, dw_dev, dw_rows, n_cols, k_in,
+              lambda dwt: masked_dw.launch(queue, tuning.lookup(MASKED_DW, queue.device),
+                                           sel.form, x_rows, lists, dwt, n_rows, n_cols, k_in,
+                                           wait), launched, events)
+    if lists.bad is not None and sel.verify:
+        _raise_if_bad(queue, lists.bad, n_cols, "mask")
+
+
+def _write_dw(queue, dw_dev, dw_rows: bool, n_cols: int, k_in: int, launch, launched: list,
+              events) -> None:
+    """Run ``launch(dwt)``, which enqueues dw^T (N, K) into ``dwt`` (a device array at
+    offset 0 of its buffer, as the dw kernels write it) and returns its event, and deliver
+    it into ``dw_dev``: straight there when the caller wants rows and dw_dev can be seen
+    from offset 0, else through a temporary, copied (rows) or transposed ((K, N)).  The
+    events of ``launched`` and the dw launch are appended to ``events``."""
     direct = at_offset_zero(dw_dev, queue) if dw_rows else None
     dwt = direct if direct is not None else runtime.empty(
         queue, (n_cols, k_in), np.float32, allocator=runtime.memory_pool(queue.context))
-    ev_dw = masked_dw.launch(queue, tuning.lookup(MASKED_DW, queue.device), sel.form, x_rows,
-                             lists, dwt, n_rows, n_cols, k_in, wait)
-    launched.append(ev_dw)
+    ev_dw = launch(dwt)
     if events is not None:
-        events.extend(launched)
+        events.extend(launched + [ev_dw])
     if direct is not None:
         written(dw_dev, ev_dw)
     elif dw_rows:      # dw_dev starts off the base alignment: a device copy
         ev = runtime.enqueue_copy(queue, dw_dev.base_data, dwt.base_data, byte_count=dwt.nbytes,
-                             dst_offset=dw_dev.offset, wait_for=[ev_dw])
+                                  dst_offset=dw_dev.offset, wait_for=[ev_dw])
         written(dw_dev, ev)
     else:
         dwt.add_event(ev_dw)
         masked_util.transpose(queue, dwt, events, into=dw_dev)
-    if lists.bad is not None and sel.verify:
-        _raise_if_bad(queue, lists.bad, n_cols, "mask")
 
 
 # ---------------------------------------------------------------------------------------------
