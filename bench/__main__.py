@@ -63,7 +63,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-scipy", action="store_true", help="conv2d: skip the SciPy baseline")
     p.add_argument("--no-numpy", action="store_true", help="masked: skip the NumPy baseline")
     p.add_argument("--no-conv", action="store_true", help="masked: skip conv2d_masked")
-    p.add_argument("--conv-batch", type=int, default=8, help="masked: conv2d_masked's batch")
+    p.add_argument("--no-matmul", action="store_true",
+                   help="masked: skip the masked products (conv2d_masked only)")
+    p.add_argument("--conv-batch", type=int, nargs="+", default=[8],
+                   help="masked: conv2d_masked's batches [8]")
     p.add_argument("--configs", nargs="+", metavar="NAME=V,...",
                    help="elementwise: extra tile configurations timed alongside the current one")
     p.add_argument("--runs", type=int, help="drs: timed runs per shape [7]")

@@ -25,6 +25,7 @@ import pysparsecl as ps
 from pysparsecl import runtime, tuning
 from pysparsecl.ops.drs import keep_count
 from pysparsecl.ops.masked import (
+    MASKED_CONV_ROUTINE,
     MASKED_GEMM_ROUTINE,
     MASKED_VMM_ROUTINE,
     masked_matmul_shape_class,
@@ -157,6 +158,7 @@ def bench_matmul(queue, torch_b, args, rng):
                 sddmm_rel_diff=sddmm_diff,
                 gflops=2.0 * m * k * n_keep / med["ours"] / 1e6,
                 drs_ms=drs, drs_overhead=drs / torch_ms if torch_ms else None,
+                layer_speedup=torch_ms / (drs + med["ours"]) if torch_ms else None,
                 drs_k=proj.k, weight_projection_ms=pw_ms, weight_projection_call_ms=pw_wall,
                 rel_error=err))
             print(report.format_row(rows[-1], COLUMNS), flush=True)
@@ -264,10 +266,10 @@ def bench_propagated(queue, torch_b, args, rng):
 
 def bench_conv(queue, torch_b, args, rng):
     layers = RESNET50_LAYERS[1:2] if args.quick else RESNET50_LAYERS[:4]
-    batch = 1 if args.quick else args.conv_batch
+    batches = (1,) if args.quick else tuple(int(b) for b in np.atleast_1d(args.conv_batch))
     sparsities = (0.9,) if args.quick else tuple(args.sparsity)
     rows = []
-    for layer in layers:
+    for batch, layer in ((b, layer) for b in batches for layer in layers):
         case = layer.with_(N=batch, sparsity=0.0)
         x, w, _, _ = case.make_inputs(rng)
         oh, ow = case.output_hw
@@ -301,13 +303,19 @@ def bench_conv(queue, torch_b, args, rng):
             drs = _drs_ms(queue, lambda ev: ps.drs_mask_conv2d(
                 x_dev, w, sparsity, projection=pw, events=ev, **kw))
             torch_ms = med.get("torch")
+            shape_class = masked_matmul_shape_class(batch * oh * ow, d, case.K)
+            routine = tuning.lookup(MASKED_CONV_ROUTINE.spec, queue.device, shape_class)
+            spec = MASKED_CONV_ROUTINE.variant(routine, "KERNEL")
             rows.append(dict(
+                family=spec.family, shape_class=shape_class,
+                params=tuning.lookup(spec, queue.device, shape_class),
                 op="conv2d_masked", shape=f"{layer.label()} N{batch}", M=batch * oh * ow, K=d,
                 N=case.K, sparsity=sparsity, ours_kernel_ms=med["window"],
                 ours_channel_ms=med["channel"], torch_dense_ms=torch_ms,
                 speedup_vs_torch=torch_ms / med["window"] if torch_ms else None,
                 channel_speedup_vs_torch=torch_ms / med["channel"] if torch_ms else None,
                 drs_ms=drs, drs_overhead=drs / torch_ms if torch_ms else None, drs_k=proj.k,
+                layer_speedup=torch_ms / (drs + med["window"]) if torch_ms else None,
                 rel_error=err))
             print(report.format_row(rows[-1], COLUMNS), flush=True)
     return rows
@@ -320,14 +328,16 @@ def bench_masked(queue, args, rng, torch_b=None) -> list:
     filled in for a driver that lacks them).  ``torch_b``: the driver's
     :class:`baselines.Torch`, whose ``notes`` then tell which baselines were skipped."""
     defaults = dict(quick=False, sparsity=list(SPARSITIES), rounds=3, check=True,
-                    no_numpy=False, conv_batch=8, no_conv=False)
+                    no_numpy=False, conv_batch=(8,), no_conv=False, no_matmul=False)
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     if torch_b is None:
         torch_b = Torch(want_gpu=runtime.device_kind(queue.device) == "gpu")
-    rows = bench_matmul(queue, torch_b, args, rng)
-    rows += bench_propagated(queue, torch_b, args, rng)
+    rows = []
+    if not args.no_matmul:
+        rows += bench_matmul(queue, torch_b, args, rng)
+        rows += bench_propagated(queue, torch_b, args, rng)
     if not args.no_conv:
         rows += bench_conv(queue, torch_b, args, rng)
     return rows
@@ -347,6 +357,7 @@ COLUMNS = [("op", "op", "{}"), ("shape", "shape", "{}"), ("sparsity", "sparsity"
            ("speedup_vs_numpy", "x numpy", "{:.2f}"),
            ("speedup_vs_sddmm", "x sddmm", "{:.2f}"),
            ("drs_ms", "DRS ms", "{:.3f}"), ("drs_overhead", "DRS / dense", "{:.1%}"),
+           ("layer_speedup", "DSG layer x torch", "{:.2f}"),
            ("drs_k", "k", "{}"), ("weight_projection_ms", "f(w) once ms", "{:.2f}"),
            ("rel_error", "rel err", "{:.1e}")]
 

@@ -2,6 +2,14 @@
 ## (SDDMM-like).  A work-group owns a TILE_M x TILE output tile: x and W^T are staged
 ## through local memory KC columns at a time, and each work-item accumulates a few selected
 ## outputs of one row in registers.
+##
+## LAYOUT == "conv" (masked_conv_tiled, pysparsecl/families/masked_conv_tiled.py) renders
+## the same kernel as an implicit GEMM for conv2d_masked: row i is output pixel
+## (n, oh, ow) = i over N x OH x OW, column j is output channel, and reduction index
+## kk = (r * S + s) * C + c reads the zero-padded NHWC input (masked_conv's "pack") at the
+## window of pixel i, so the im2col matrix is never formed.  The weight, packed (K, R, S, C),
+## is W^T as it stands.  Output and mask are (N, K, OH, OW); MASK "channel" is a per-image
+## channel mask (N, K, 1, 1).
 <%namespace name="common" file="common.cl.mako"/>\
 <%namespace name="m" file="masked_common.cl.mako"/>\
 <%!
@@ -14,7 +22,30 @@ def staging(tile_m, tile, items, kc, aligned):
     step = items // per_row
     return dict(width=width, per_row=per_row, step=step, nx=-(-tile_m // step),
                 nw=-(-tile // step), ptype="float4" if aligned else "float")
+
+
+def out_index(layout, i, j):
+    """The output element of GEMM entry (i, j), as a long expression."""
+    if layout == "conv":
+        return "pscl_conv_dst(%s, %s, N, P)" % (i, j)
+    return "((long)(%s) * N + (%s))" % (i, j)
+
+
+def sel_index(layout, mask, i, j):
+    """The selection element of GEMM entry (i, j): a channel mask has one per plane."""
+    if mask == "channel":
+        return "((long)((%s) / P) * N + (%s))" % (i, j)
+    return out_index(layout, i, j)
 %>\
+% if LAYOUT == "conv":
+// Output (and window mask) element of output pixel i = n * P + p and channel j: NCHW.
+inline long pscl_conv_dst(const int i, const int j, const int n_out, const int P)
+{
+    const int n = i / P;
+    return ((long)n * n_out + j) * P + (i - n * P);
+}
+
+% endif
 ${gemm_tiled_kernel()}
 
 <%def name="gemm_tiled_kernel()">
@@ -24,8 +55,9 @@ ${gemm_tiled_kernel()}
     g4 = KC // 4                # float4s per staged row
     cap = IT * UN               # units per round
     st = staging(TM, TN, IT, KC, ALIGNED)
-    sel_t = "uchar" if MASK == "bool" else "int"
-    picked = "!= 0" if MASK == "bool" else ">= 0"
+    sel_t = "int" if MASK == "slot" else "uchar"
+    picked = ">= 0" if MASK == "slot" else "!= 0"
+    written_zeros = MASK != "slot" and SPLITK == 1   # unselected outputs get zeros here
     chunks = TN // 16           # 16-entry pieces of a tile row (one 16-bit word each)
     # One local buffer, used in turn for the selection bits and the scan (side by side),
     # a round's units and the staged chunks: LDS_F4 float4s (masked.gemm_local_bytes).
@@ -70,6 +102,25 @@ void pscl_masked_gemm_tiled(${ARGS["pscl_masked_gemm_tiled"]})
     // The tile's selection, 16 entries per step: bit e of mbits[r * ${chunks} + q] is entry
     // (i0 + r, j0 + 16 q + e).  Outside the matrix: no bits.
     __local ushort *mbits = (__local ushort *)(scan + ${IT});   // beside the scan's ints
+% if LAYOUT == "conv":
+    // Neighbouring output pixels are neighbours in the mask: read a byte per entry along
+    // the rows (coalesced), then pack each row's bytes into the words.
+    __local uchar *sel8 = (__local uchar *)(mbits + ${TM * chunks});   // [q * TILE_M + r]
+    for (int e = lid; e < ${TM * TN}; e += ${IT}) {
+        const int i = i0 + (e & ${TM - 1}), j = j0 + (e >> ${TM.bit_length() - 1});
+        sel8[e] = i < M && j < N && sel[sel_off + ${sel_index(LAYOUT, MASK, "i", "j")}] != 0;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int c = lid; c < ${TM * chunks}; c += ${IT}) {
+        const int r = c >> ${chunks.bit_length() - 1};
+        const int q = (c & ${chunks - 1}) * 16;
+        uint m = 0;
+%   for e in range(16):
+        m |= (uint)sel8[(q + ${e}) * ${TM} + r] << ${e};
+%   endfor
+        mbits[c] = (ushort)m;
+    }
+% else:
     for (int c = lid; c < ${TM * chunks}; c += ${IT}) {
         const int i = i0 + (c >> ${chunks.bit_length() - 1});
         const int j = j0 + (c & ${chunks - 1}) * 16;
@@ -99,15 +150,21 @@ void pscl_masked_gemm_tiled(${ARGS["pscl_masked_gemm_tiled"]})
         }
         mbits[c] = (ushort)m;
     }
+% endif
     barrier(CLK_LOCAL_MEM_FENCE);
-% if MASK == "bool" and SPLITK == 1:
+% if written_zeros:
     // Dense output: zeros where nothing is selected (the owners write the rest), an entry
-    // per work-item and step so that the stores coalesce.
+    // per work-item and step so that the stores coalesce (along a row of the GEMM's
+    // output, along a column of the convolution's).
     for (int e = lid; e < ${TM * TN}; e += ${IT}) {
+%   if LAYOUT == "conv":
+        const int r = e & ${TM - 1}, q = e >> ${TM.bit_length() - 1};
+%   else:
         const int r = e >> ${TN.bit_length() - 1}, q = e & ${TN - 1};
+%   endif
         const int i = i0 + r, j = j0 + q;
         if (i < M && j < N && !((mbits[r * ${chunks} + (q >> 4)] >> (q & 15)) & 1))
-            out[out_off + (long)i * N + j] = 0.0f;
+            out[out_off + ${out_index(LAYOUT, "i", "j")}] = 0.0f;
     }
 % endif
     // Work-item r < TILE_M: the selection of tile row r, a bit per entry, in registers.
@@ -130,6 +187,7 @@ void pscl_masked_gemm_tiled(${ARGS["pscl_masked_gemm_tiled"]})
     const int sk = (lid & ${st["per_row"] - 1}) * ${st["width"]};   // bit operations: common.cl.mako, 1
     const int sr = lid >> ${st["per_row"].bit_length() - 1};
     const int rot = lid & ${g4 - 1};
+${x_row_bases()}
 % if DENSE:
     // The same for the whole group.  A dense tile then skips the unit loop below rather than
     // returning early: with an early return here, PoCL 3.1 left outputs of the *sparse*
@@ -206,10 +264,10 @@ ${stage_store()}
 %   for q in range(P):
         if (${q} < n${s}) {
             const long i = i0 + r${s}, j = j0 + c${s}_${q};
-%     if MASK == "bool":
-            const long dst = i * N + j;
-%     else:
+%     if MASK == "slot":
             const long dst = i * out_cols + sel[sel_off + i * N + j];
+%     else:
+            const long dst = ${out_index(LAYOUT, "i", "j")};
 %     endif
 %     if SPLITK > 1:
             part[get_group_id(2) * part_stride + dst] = acc${s}_${q};
@@ -230,8 +288,8 @@ __kernel void pscl_gemm_splitk_sum(${ARGS["pscl_gemm_splitk_sum"]})
     const long e = get_global_id(0);
     if (e >= total)
         return;
-% if MASK == "bool":
-    if (!sel[sel_off + e]) {
+% if MASK != "slot":
+    if (!sel[sel_off + ${"e / P" if MASK == "channel" else "e"}]) {
         out[out_off + e] = 0.0f;
         return;
     }
@@ -303,13 +361,13 @@ ${stage_store()}
         {
             const long i = i0 + dr + ${r * n_row}, j = j0 + dc + ${c * n_col};
             if (i < M && j < N) {
-                const ${"uchar" if MASK == "bool" else "int"} s = sel[sel_off + i * N + j];
-%     if MASK == "bool":
-                const long dst = i * N + j;
-                if (s)
-%     else:
+%     if MASK == "slot":
+                const int s = sel[sel_off + i * N + j];
                 const long dst = i * out_cols + s;
                 if (s >= 0)
+%     else:
+                const long dst = ${out_index(LAYOUT, "i", "j")};
+                if (sel[sel_off + ${sel_index(LAYOUT, MASK, "i", "j")}])
 %     endif
 %     if SPLITK > 1:
                     part[get_group_id(2) * part_stride + dst] = d${r}_${c};
@@ -321,6 +379,28 @@ ${stage_store()}
 %   endfor
 % endfor
     }
+</%def>
+
+
+## Where each x row this work-item stages starts (xrb*, -1 outside the matrix): a row of x,
+## or the corner of output pixel i's window in the packed input.
+<%def name="x_row_bases()">
+<% st = staging(TILE_M, TILE, WG, KC, ALIGNED) %>\
+% for n in range(st["nx"]):
+    long xrb${n} = -1;
+    {
+        const int i = i0 + sr + ${n * st["step"]};
+        if (${"sr + %d < %d && " % (n * st["step"], TILE_M) if TILE_M % st["step"] else ""}i < M) {
+%   if LAYOUT == "conv":
+            const int n = i / P, p = i - n * P;
+            const int oh = p / OW, ow = p - oh * OW;
+            xrb${n} = (((long)n * Hp + (long)oh * str_h) * Wp + (long)ow * str_w) * C;
+%   else:
+            xrb${n} = x_off + (long)i * ldx;
+%   endif
+        }
+    }
+% endfor
 </%def>
 
 
@@ -360,14 +440,28 @@ ${stage_store()}
 %>\
             {
                 const int kq = ${kb} + sk;
-% for name, rows, n_rows, limit, src in (("px", "i", TILE_M, "M", "x + x_off + (long)i * ldx"), ("pw", "j", TILE, "N", "wt + (long)j * ldw")):
-%   for n in range(-(-n_rows // step)):
-                {
-                    const int ${rows} = ${"i0" if rows == "i" else "j0"} + sr + ${n * step};
-                    ${name}${n} = ${"sr + %d < %d && " % (n * step, n_rows) if n_rows % step else ""}${rows} < ${limit} && kq < ke ?
-                        *(const __global ${ptype} *)(${src} + kq) : (${ptype})(0.0f);
+% if LAYOUT == "conv":
+                // Column kq is channel c of tap (r, s) (C % 4 == 0 when ALIGNED: a float4
+                // stays inside one tap): its offset from a window's corner.
+                long kx = 0;
+                if (kq < ke) {
+                    const int tap = kq / C, c = kq - tap * C;
+                    const int r = tap / S, s = tap - r * S;
+                    kx = ((long)r * dil_h * Wp + (long)s * dil_w) * C + c;
                 }
-%   endfor
+% else:
+                const int kx = kq;
+% endif
+% for n in range(st["nx"]):
+                px${n} = xrb${n} >= 0 && kq < ke ?
+                    *(const __global ${ptype} *)(x + xrb${n} + kx) : (${ptype})(0.0f);
+% endfor
+% for n in range(st["nw"]):
+                {
+                    const int j = j0 + sr + ${n * step};
+                    pw${n} = ${"sr + %d < %d && " % (n * step, TILE) if TILE % step else ""}j < N && kq < ke ?
+                        *(const __global ${ptype} *)(wt + (long)j * ldw + kq) : (${ptype})(0.0f);
+                }
 % endfor
             }
 </%def>

@@ -201,3 +201,33 @@ def test_bad_input_raises_clearly(queue, desc, call, exc, fragment):
     with pytest.raises(exc) as info:
         call(queue)
     assert fragment in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("n,c,h,w,pad,cp", [(2, 5, 9, 11, 1, 5), (1, 40, 7, 33, 2, 44),
+                                           (3, 3, 1, 1, 0, 4)])
+def test_both_input_packs_give_the_padded_nhwc_input(queue, rng, n, c, h, w, pad, cp):
+    """The per-pixel pack (CPUs) and the transposing one (GPUs), on every device, against
+    NumPy: partial 32 x 32 tiles, a channel stride beyond C, borders zero."""
+    from pysparsecl.families import masked_conv
+    x = rng.standard_normal((n, c, h, w), dtype=np.float32)
+    want = np.zeros((n, h + 2 * pad, w + 2 * pad, cp), np.float32)
+    want[:, pad:pad + h, pad:pad + w, :c] = x.transpose(0, 2, 3, 1)
+    geom = masked_conv.geometry(x.shape, 1, 1, 1, pad, 1)
+    x_dev = cl_array.to_device(queue, x)
+    for tiled in (False, True):
+        got = masked_conv.pack_input(queue, x_dev, c, geom, None, cp, tiled=tiled).get()
+        np.testing.assert_array_equal(got.reshape(want.shape), want, err_msg=f"tiled={tiled}")
+
+
+@pytest.mark.parametrize("k,c,r,s", [(7, 5, 3, 3), (40, 33, 1, 1), (3, 70, 5, 2)])
+def test_both_weight_packs_give_krsc(queue, rng, k, c, r, s):
+    """A device weight (K, C, R, S) -> (K, R, S, C), by the per-tap kernel (CPUs) and the
+    transposing one (GPUs), on every device, and a host weight by NumPy."""
+    from pysparsecl.families import masked_conv
+    w = rng.standard_normal((k, c, r, s), dtype=np.float32)
+    want = w.transpose(0, 2, 3, 1)
+    w_dev = cl_array.to_device(queue, w)
+    for tiled in (False, True):
+        got = masked_conv.pack_weight(queue, w_dev, None, tiled=tiled).get()
+        np.testing.assert_array_equal(got, want, err_msg=f"tiled={tiled}")
+    np.testing.assert_array_equal(masked_conv.pack_weight(queue, w, None).get(), want)

@@ -50,6 +50,11 @@ PACK_ARGS = KernelArgs(
         Pointer("xp", "float", const=False, restrict=True),
         *(Scalar(name, np.int32) for name in ("N", "C", "Cp", "H", "W", "Hp", "Wp",
                                               "pad_h", "pad_w")))),
+    Signature("pscl_conv_pack_tiled", (
+        Pointer("x", "float", restrict=True), Scalar("x_off", np.int64),
+        Pointer("xp", "float", const=False, restrict=True),
+        *(Scalar(name, np.int32) for name in ("N", "C", "Cp", "H", "W", "Hp", "Wp",
+                                              "pad_h", "pad_w")))),
     Signature("pscl_conv_weight_pack", (
         Pointer("w", "float", restrict=True), Scalar("w_off", np.int64),
         Pointer("wk", "float", const=False, restrict=True),
@@ -84,9 +89,11 @@ def geometry(x_shape, r: int, s: int, stride, padding, dilation) -> dict:
                 stride=stride, padding=padding, dilation=dilation)
 
 
-def pack_input(queue, x_dev, n_ch: int, geom: dict, events, cp: Optional[int] = None):
+def pack_input(queue, x_dev, n_ch: int, geom: dict, events, cp: Optional[int] = None,
+               tiled: Optional[bool] = None):
     """x (N, C, H, W) -> zero-padded NHWC (N, Hp, Wp, Cp) on the device; ``cp`` (>= C, C
-    by default) is the channel stride, channels C..Cp zero."""
+    by default) is the channel stride, channels C..Cp zero.  ``tiled``: transpose through
+    local memory (by default on every device but a CPU)."""
     cp = n_ch if cp is None else cp
     size = geom["N"] * geom["Hp"] * geom["Wp"] * cp
     check_alloc(queue, 4 * size, "the packed input")
@@ -94,9 +101,15 @@ def pack_input(queue, x_dev, n_ch: int, geom: dict, events, cp: Optional[int] = 
                        allocator=runtime.memory_pool(queue.context))
     if not size:
         return xp
-    kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_conv_pack",), KIND="pack",
-                           ARGS=PACK_ARGS)["pscl_conv_pack"]
-    ev = kern.launch(queue, (round_up(geom["Wp"], 16), geom["Hp"], geom["N"]), (16, 1, 1), dict(
+    # A GPU transposes through local memory; a CPU copies a pixel's channels per work-item.
+    if tiled is None:
+        tiled = runtime.device_kind(queue.device) != "cpu"
+    name = "pscl_conv_pack_tiled" if tiled else "pscl_conv_pack"
+    kern = runtime.kernels(queue.context, TEMPLATE, (name,), KIND="pack", ARGS=PACK_ARGS)[name]
+    grid, local = (((round_up(geom["Wp"], 32), -(-cp // 32) * 8, geom["N"] * geom["Hp"]),
+                    (32, 8, 1)) if tiled else
+                   ((round_up(geom["Wp"], 16), geom["Hp"], geom["N"]), (16, 1, 1)))
+    ev = kern.launch(queue, grid, local, dict(
         x=x_dev.base_data, x_off=elem_offset(x_dev), xp=xp.data, N=np.int32(geom["N"]),
         C=np.int32(n_ch), Cp=np.int32(cp), H=np.int32(geom["H"]), W=np.int32(geom["W"]),
         Hp=np.int32(geom["Hp"]), Wp=np.int32(geom["Wp"]), pad_h=np.int32(geom["padding"][0]),
@@ -107,12 +120,19 @@ def pack_input(queue, x_dev, n_ch: int, geom: dict, events, cp: Optional[int] = 
     return xp
 
 
-def pack_weight(queue, w, events):
-    """w (K, C, R, S) -> (K, R, S, C) on the device."""
+def pack_weight(queue, w, events, tiled: Optional[bool] = None):
+    """w (K, C, R, S) -> (K, R, S, C) on the device.  A device w is transposed by a kernel:
+    ``tiled`` (by default on every device but a CPU) through local memory, as the input's
+    pack with each output channel an image of one R * S row."""
     k_out, n_ch, r, s = w.shape
     if not is_device_array(w):
         host = np.ascontiguousarray(np.asarray(w).transpose(0, 2, 3, 1))
         return cl_array.to_device(queue, host, allocator=runtime.memory_pool(queue.context))
+    if tiled is None:
+        tiled = runtime.device_kind(queue.device) != "cpu"
+    if tiled:
+        geom = dict(N=k_out, H=1, W=r * s, Hp=1, Wp=r * s, padding=(0, 0))
+        return pack_input(queue, w, n_ch, geom, events, tiled=True).reshape(k_out, r, s, n_ch)
     wk = runtime.empty(queue, (k_out, r, s, n_ch), np.float32,
                        allocator=runtime.memory_pool(queue.context))
     kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_conv_weight_pack",), KIND="pack",

@@ -28,6 +28,7 @@ from ..families import (
     masked_conv_channels,
     masked_conv_dw,
     masked_conv_dx,
+    masked_conv_tiled,
     masked_dw,
     masked_dx,
     masked_gemm,
@@ -57,7 +58,8 @@ from .compact import CompactRows
 
 __all__ = ["MASKED_VMM", "MASKED_VMM_SPLIT", "MASKED_VMM_ROUTINE", "MASKED_GEMM",
            "MASKED_GEMM_TILED", "MASKED_GEMM_ROUTINE", "MASKED_DX", "MASKED_DW", "MASKED_BN",
-           "MASKED_CONV", "MASKED_CONV_CH", "MaskedLinearWeight", "masked_matmul",
+           "MASKED_CONV", "MASKED_CONV_CH", "MASKED_CONV_TILED", "MASKED_CONV_ROUTINE",
+           "MaskedLinearWeight", "masked_matmul",
            "masked_matmul_backward", "masked_relu_bn", "masked_relu_bn_backward",
            "conv2d_masked", "conv2d_masked_backward", "MASKED_CONV_DX", "MASKED_CONV_DW",
            "MASKED_COMPACT", "MASKED_COMPACT_TILED", "MASKED_COMPACT_ROUTINE",
@@ -75,6 +77,7 @@ MASKED_DW = masked_dw.SPEC
 MASKED_BN = masked_bn.SPEC
 MASKED_CONV = masked_conv.SPEC
 MASKED_CONV_CH = masked_conv_channels.SPEC
+MASKED_CONV_TILED = masked_conv_tiled.SPEC
 MASKED_CONV_DX = masked_conv_dx.SPEC
 MASKED_CONV_DW = masked_conv_dw.SPEC
 MASKED_COMPACT = masked_compact.SPEC
@@ -100,6 +103,14 @@ MASKED_VMM_ROUTINE = Routine(
                   "itself, every work-group scanning the whole row; above, a kernel of its "
                   "own lists it first"),
     ),
+)
+
+MASKED_CONV_ROUTINE = Routine(
+    "masked_conv",
+    (Choice("KERNEL", (MASKED_CONV, MASKED_CONV_TILED),
+            "conv2d_masked's kernel: direct, a work-item per output channel and block of "
+            "pixels (masked_conv_channels for a channel mask) (CPUs), or an implicit GEMM "
+            "over output tiles staged through local memory (GPUs)"),),
 )
 
 MASKED_GEMM_ROUTINE = Routine(
@@ -1112,7 +1123,18 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
         x_dev = to_device(x, queue, "x", borrow)
         xp = masked_conv.pack_input(queue, x_dev, n_ch, geom, events)
         wk = masked_conv.pack_weight(queue, w, events)
-        if channels is not None:
+        family, params = tuning.memoised(
+            "conv2d_masked", queue.device,
+            masked_matmul_shape_class(out_dev.size // k_out, r * s * n_ch, k_out), _conv_route)
+        if family is masked_conv_tiled:
+            form = "window" if channels is None else "channel"
+            if channel_form or channels is None:
+                selection = to_device(mask, queue, "mask", borrow)
+            else:                           # a host mask found constant over each plane
+                selection = to_device(np.ascontiguousarray(channels), queue, "mask", borrow)
+            masked_conv_tiled.launch(queue, params, form, xp, wk, selection, out_dev, geom,
+                                     n_ch, k_out, r, s, events)
+        elif channels is not None:
             masked_conv_channels.launch(queue, tuning.lookup(MASKED_CONV_CH, queue.device), xp,
                                         wk, channels, out_dev, geom, n_ch, k_out, r, s, events)
         else:
@@ -1120,6 +1142,13 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
                                to_device(mask, queue, "mask", borrow), out_dev, geom, n_ch,
                                k_out, r, s, events)
     return deliver(out_dev, x, out, queue, host)
+
+
+def _conv_route(look):
+    """The convolution family the routine chooses and its tiles (read-only); the direct
+    kernels' tiles are looked up at launch."""
+    family = (masked_conv, masked_conv_tiled)[look(MASKED_CONV_ROUTINE.spec)["KERNEL"]]
+    return family, (look(family.SPEC) if family is masked_conv_tiled else None)
 
 
 def masked_matmul_shape_class(n_rows: int, k_in: int, n_cols: int) -> str:

@@ -334,34 +334,46 @@ def _masked_backward_problems(family):
     return build
 
 
-def _conv_cases(family, shapes, quick, queue):
+def _conv_cases(family, shapes, quick, queue, first_layer=1, gpu_batches=(32,)):
     from .cases import RESNET50_LAYERS
     if shapes is not None:
         return [_conv_case(entry, family, "keep", 0.1) for entry in shapes]
     if quick:
         return [(RESNET50_LAYERS[1].with_(N=2, H=14, W=14), 0.1)]
-    batch = 32 if _is_gpu(queue) else 8
-    return [(c.with_(N=batch), 0.1) for c in RESNET50_LAYERS[1:4]]
+    batches = gpu_batches if _is_gpu(queue) else (8,)
+    return [(c.with_(N=batch), 0.1) for batch in batches
+            for c in RESNET50_LAYERS[first_layer:4]]
 
 
 def _masked_conv_problems(family):
+    """conv2d_masked with a per-window mask (a channel mask for masked_conv_channels) on
+    ResNet-50's 3x3 layers; the implicit GEMM (a GPU kernel) also on res2's, at batch 8
+    and 32 (the targets' batches), tuned per shape class."""
     def build(queue, rng, quick, shapes) -> List[Problem]:
         from .. import conv2d_masked
+        from ..ops.masked import masked_matmul_shape_class
         problems = []
-        for case, keep in _conv_cases(family, shapes, quick, queue):
+        implicit_gemm = family in ("masked_conv_tiled", "masked_conv_routine")
+        cases = (_conv_cases(family, shapes, quick, queue, 0, (8, 32)) if implicit_gemm
+                 else _conv_cases(family, shapes, quick, queue))
+        for case, keep in cases:
             x, w, _, _ = case.with_(sparsity=0.0).make_inputs(rng)
             oh, ow = case.output_hw
-            plane = (oh, ow) if family == "masked_conv" else (1, 1)
+            plane = (1, 1) if family == "masked_conv_channels" else (oh, ow)
             mask = rng.random((case.N, case.K) + plane) < keep
             x_dev, w_dev, mask_dev = (cl_array.to_device(queue, a) for a in (x, w, mask))
             kw = dict(stride=case.stride, padding=case.padding)
             full = np.broadcast_to(mask, (case.N, case.K) + case.output_hw)
+            n_pix = case.N * oh * ow
             problems.append(Problem(
-                f"{case.label()} keep {keep:g}",
+                f"{case.label()} N{case.N} keep {keep:g}",
                 lambda ev, x_dev=x_dev, w_dev=w_dev, mask_dev=mask_dev, kw=kw:
                 conv2d_masked(x_dev, w_dev, mask_dev, events=ev, **kw),
                 lambda x=x, w=w, full=full, case=case:
-                conv2d_masked_reference(x, w, full, case.stride, case.padding)))
+                conv2d_masked_reference(x, w, full, case.stride, case.padding),
+                shape_class=masked_matmul_shape_class(
+                    n_pix, case.C * case.kernel[0] * case.kernel[1], case.K)
+                if implicit_gemm else None))
         return problems
     return build
 
@@ -628,6 +640,8 @@ TUNABLES: Dict[str, Callable[..., List[Problem]]] = {
     "pooling": _pooling_problems,
     "masked_conv": _masked_conv_problems("masked_conv"),
     "masked_conv_channels": _masked_conv_problems("masked_conv_channels"),
+    "masked_conv_tiled": _masked_conv_problems("masked_conv_tiled"),
+    "masked_conv_routine": _masked_conv_problems("masked_conv_routine"),
     "masked_conv_dx": _masked_conv_backward_problems("masked_conv_dx"),
     "masked_conv_dw": _masked_conv_backward_problems("masked_conv_dw"),
     "drs_project": _drs_problems("drs_project"),
@@ -1133,6 +1147,17 @@ def small_problems():
                                   masked_conv(2, 3, 5, 6, 5, 3, 1, 1, 1, True)),
                                  ("channel-masked conv 2x2x6x7 K19 3x3 s2 d2 p2",
                                   masked_conv(2, 2, 6, 7, 19, 3, 2, 2, 2, True))],
+        # unaligned (C % 4) and float4 staging, a window and a channel mask, stride and
+        # dilation, several row tiles and images inside one tile (7 x 7 planes)
+        "masked_conv_tiled": [
+            ("tiled masked conv 1x3x5x6 K4 3x3 p1", masked_conv(1, 3, 5, 6, 4, 3, 1, 1, 1,
+                                                                False)),
+            ("tiled masked conv 3x8x7x7 K20 3x3 p1", masked_conv(3, 8, 7, 7, 20, 3, 1, 1, 1,
+                                                                 False)),
+            ("tiled masked conv 2x4x7x5 K5 3x3 s2 d1", masked_conv(2, 4, 7, 5, 5, 3, 2, 0, 1,
+                                                                   False)),
+            ("tiled channel-masked conv 2x4x6x7 K19 3x3 s2 d2 p2",
+             masked_conv(2, 4, 6, 7, 19, 3, 2, 2, 2, True))],
         "masked_conv_dx": conv_backward_loads,
         "masked_conv_dw": conv_backward_loads,
         # (the convolution windows' projection runs under drs_project's parameters too)
