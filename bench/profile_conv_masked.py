@@ -6,7 +6,9 @@ on ResNet-50's 3x3 layers, beside torch's dense convolution, in one run.
 
 Each configuration (tuning overrides; the looked-up tiles when none) is checked against the
 float64 reference once, then timed: the median of each of the op's kernels, by profiling
-events, over rotating masks.  Use ``python -m bench masked`` for the reported numbers.
+events, over rotating masks.  Then the search that makes the mask (drs_mask_conv2d, the
+filters' projection reused), kernel by kernel.  Use ``python -m bench masked`` for the
+reported numbers.
 """
 
 from __future__ import annotations
@@ -68,10 +70,18 @@ def main(argv=None):
                         x, w, masks[0], case.stride, case.padding, (1, 1)))
                     ms = _kernel_ms(queue, lambda i, ev: ps.conv2d_masked(
                         x_dev, w_dev, dev_masks[i], events=ev, **kw), len(dev_masks))
+                    d = case.C * 9
+                    proj = ps.SparseRandomProjection(d, seed=2, queue=queue)
+                    pw = proj.project_weight(ps.MaskedLinearWeight(
+                        w.reshape(case.K, d), transposed=True, queue=queue))
+                    search = _kernel_ms(queue, lambda i, ev: ps.drs_mask_conv2d(
+                        x_dev, None, 1 - args.keep, projection=pw, kernel_size=3, events=ev,
+                        **kw), 1)
                 print(f"{case.label()} N{batch} {config or 'looked up'}: "
                       f"{' + '.join(f'{t:.4f}' for t in ms)} = {sum(ms):.4f} ms; "
-                      f"torch dense {dense:.4f} ms ({dense / sum(ms):.2f}x); err {err:.1e}",
-                      flush=True)
+                      f"torch dense {dense:.4f} ms ({dense / sum(ms):.2f}x); err {err:.1e}; "
+                      f"search (k {proj.k}) {' + '.join(f'{t:.4f}' for t in search)} = "
+                      f"{sum(search):.4f} ms ({sum(search) / dense:.0%} of dense)", flush=True)
 
 
 class _overriding:

@@ -2,7 +2,75 @@
 ## work-group of TEAM items per row, histograms in local memory (GPUs).  ARGS: the
 ## kernel's parameters, drs_topk's (pysparsecl/families/drs_topk.py; cand is unused here).
 <%namespace name="common" file="common.cl.mako"/>\
+% if RANK_N:
+${topk_rank_kernel()}
+% else:
 ${topk_team_kernel()}
+% endif
+
+## RANK_N > 0 (rows of N <= RANK_N columns, RANK_N a power of two): each column's rank in
+## its row, counted against every key of the row in local memory.
+<%def name="topk_rank_kernel()">
+<%
+    rows = max(1, TEAM // RANK_N)        # rows per work-group
+    per_item = max(1, RANK_N // TEAM)    # columns per work-item
+%>\
+// Short rows (N <= ${RANK_N}): the work-group takes ${rows} row(s) of ${RANK_N} slots, each
+// work-item ${per_item} column(s), and a column is taken when fewer than n_keep keys of its
+// row rank above it: larger, or equal at a lower column (ties toward the lower column, as
+// the radix passes choose).  N compares per column replace up to four radix passes, their
+// histograms and barriers: on the H200, 100352 rows of 64 took 0.20 ms that way.
+__kernel __attribute__((reqd_work_group_size(${TEAM}, 1, 1)))
+void pscl_drs_topk(${ARGS["pscl_drs_topk"]})
+{
+    __local uint key[${rows * RANK_N}];
+    __local int taken[${rows * RANK_N}];
+    const int lid = get_local_id(0);
+    const int slot = lid & ${RANK_N - 1 if RANK_N <= TEAM else TEAM - 1};
+    const int r = ${"lid >> %d" % (RANK_N.bit_length() - 1) if RANK_N <= TEAM else "0"};
+    const int i = get_group_id(0) * ${rows} + r;   // this item's row
+    __local uint *k = key + r * ${RANK_N};
+    __local int *t = taken + r * ${RANK_N};
+% for q in range(per_item):
+    const int n${q} = slot + ${q * TEAM};
+    k[n${q}] = i < M && n${q} < N ? keys[(long)i * ldk + n${q}] : 0u;
+% endfor
+    barrier(CLK_LOCAL_MEM_FENCE);
+% for q in range(per_item):
+    {
+        const uint mine = k[n${q}];
+        int above = 0;
+        for (int m = 0; m < N; ++m) {
+            const uint other = k[m];
+            above += other > mine || (other == mine && m < n${q});
+        }
+        t[n${q}] = n${q} < N && above < n_keep;
+    }
+% endfor
+% if COMPACT:
+    barrier(CLK_LOCAL_MEM_FENCE);
+%   for q in range(per_item):
+    if (i < M && n${q} < N && t[n${q}]) {
+        int before = 0;                     // taken columns left of this one
+        for (int m = 0; m < n${q}; ++m)
+            before += t[m];
+        out[out_off + (long)i * n_keep + before] = n${q};
+    }
+%   endfor
+% else:
+%   for q in range(per_item):
+    if (i < M && n${q} < N) {
+%     if PLANE:
+        const int image = i / P;           // row i is pixel p of image i / P
+        out[out_off + ((long)image * N + n${q}) * P + (i - image * P)] = (uchar)t[n${q}];
+%     else:
+        out[out_off + (long)i * N + n${q}] = (uchar)t[n${q}];
+%     endif
+    }
+%   endfor
+% endif
+}
+</%def>
 
 <%def name="topk_team_kernel()">
 <% per_item = BINS // TEAM %>\

@@ -57,7 +57,7 @@ ${gemm_tiled_kernel()}
     st = staging(TM, TN, IT, KC, ALIGNED)
     sel_t = "int" if MASK == "slot" else "uchar"
     picked = ">= 0" if MASK == "slot" else "!= 0"
-    written_zeros = MASK != "slot" and SPLITK == 1   # unselected outputs get zeros here
+    written_zeros = MASK not in ("slot", "all") and SPLITK == 1   # zeros where unselected
     chunks = TN // 16           # 16-entry pieces of a tile row (one 16-bit word each)
     # One local buffer, used in turn for the selection bits and the scan (side by side),
     # a round's units and the staged chunks: LDS_F4 float4s (masked.gemm_local_bytes).
@@ -99,6 +99,16 @@ void pscl_masked_gemm_tiled(${ARGS["pscl_masked_gemm_tiled"]})
     const int kb = get_group_id(2) * k_len;
     const int ke = min(K, kb + k_len);
 
+% if MASK == "all":
+    // Every entry is selected (a dense product: the convolution search's projection of
+    // the windows): the tile is computed whole, blocked in registers.
+    const int sk = (lid & ${st["per_row"] - 1}) * ${st["width"]};
+    const int sr = lid >> ${st["per_row"].bit_length() - 1};
+    const int rot = lid & ${g4 - 1};
+${x_row_bases()}
+    const int dense = 1;
+${dense_tile()}
+% else:
     // The tile's selection, 16 entries per step: bit e of mbits[r * ${chunks} + q] is entry
     // (i0 + r, j0 + 16 q + e).  Outside the matrix: no bits.
     __local ushort *mbits = (__local ushort *)(scan + ${IT});   // beside the scan's ints
@@ -278,6 +288,7 @@ ${stage_store()}
 %   endfor
 % endfor
     }
+% endif
 }
 % if SPLITK > 1:
 
@@ -288,7 +299,7 @@ __kernel void pscl_gemm_splitk_sum(${ARGS["pscl_gemm_splitk_sum"]})
     const long e = get_global_id(0);
     if (e >= total)
         return;
-% if MASK != "slot":
+% if MASK not in ("slot", "all"):
     if (!sel[sel_off + ${"e / P" if MASK == "channel" else "e"}]) {
         out[out_off + e] = 0.0f;
         return;
@@ -365,6 +376,8 @@ ${stage_store()}
                 const int s = sel[sel_off + i * N + j];
                 const long dst = i * out_cols + s;
                 if (s >= 0)
+%     elif MASK == "all":
+                const long dst = i * out_cols + j;    // (M, out_cols) row-major
 %     else:
                 const long dst = ${out_index(LAYOUT, "i", "j")};
                 if (sel[sel_off + ${sel_index(LAYOUT, MASK, "i", "j")}])

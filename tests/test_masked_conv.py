@@ -7,8 +7,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 import pysparsecl as ps
 from pysparsecl.ops.conv2d import conv2d_output_shape
-from pysparsecl.ops.drs import keep_count
-from pysparsecl.ops.masked import MASKED_CONV, MASKED_CONV_CH
+from pysparsecl.ops.drs import DRS_CONV_PROJECT_TILED, keep_count
+from pysparsecl.ops.masked import MASKED_CONV, MASKED_CONV_CH, MASKED_CONV_TILED
 from pysparsecl.testing.reference import (
     conv2d_masked_reference,
     conv2d_reference,
@@ -70,16 +70,22 @@ def test_conv2d_masked_device_arrays_and_poisoned_out(queue, rng, form):
     assert relative_error(got, _ref(x, w, np.broadcast_to(mask, out_shape), kw)) < TOL
 
 
-@pytest.mark.parametrize("family,spec", [("masked_conv", MASKED_CONV),
-                                         ("masked_conv_channels", MASKED_CONV_CH)])
-def test_every_conv_configuration_is_correct(queue, rng, family, spec):
-    x, w, out_shape, kw = _inputs(rng, (2, 19, 8, 9, 11, 3, 1, 1, 1))
-    mask = rng.random(out_shape) < 0.3 if family == "masked_conv" else \
+@pytest.mark.parametrize("family,spec,form,c", [
+    ("masked_conv", MASKED_CONV, "window", 19),
+    ("masked_conv_channels", MASKED_CONV_CH, "channel", 19),
+    # the implicit GEMM: scalar (C % 4) and float4 staging, both mask forms
+    ("masked_conv_tiled", MASKED_CONV_TILED, "window", 19),
+    ("masked_conv_tiled", MASKED_CONV_TILED, "window", 20),
+    ("masked_conv_tiled", MASKED_CONV_TILED, "channel", 20)])
+def test_every_conv_configuration_is_correct(queue, rng, family, spec, form, c):
+    x, w, out_shape, kw = _inputs(rng, (2, c, 8, 9, 11, 3, 1, 1, 1))
+    mask = rng.random(out_shape) < 0.3 if form == "window" else \
         np.broadcast_to(rng.random(out_shape[:2] + (1, 1)) < 0.4, out_shape).copy()
     ref = _ref(x, w, mask, kw)
     configs = list(spec.candidates(256))
+    # (fewer for the implicit GEMM, whose three cases compile a program per tiling)
     picks = [spec.defaults()] + [configs[i] for i in np.random.default_rng(3).choice(
-        len(configs), 6, replace=False)]
+        len(configs), 3 if family == "masked_conv_tiled" else 6, replace=False)]
     for params in picks:
         with override(family, **params):
             assert relative_error(ps.conv2d_masked(x, w, mask, queue=queue, **kw), ref) < TOL
@@ -92,6 +98,31 @@ def _windows(x, r, kw):
     win = sliding_window_view(xp, ((r - 1) * dl + 1,) * 2, axis=(2, 3))
     win = win[:, :, ::st, ::st, ::dl, ::dl]                            # N, C, OH, OW, R, S
     return win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * r * r)
+
+
+@pytest.mark.parametrize("geom", [GEOMS[0], GEOMS[3], (2, 8, 9, 7, 5, 3, 2, 1, 1)],
+                         ids=["C5", "C17 dilated", "C8 strided"])
+def test_both_window_projections_match_the_reference(queue, rng, geom):
+    """f(window) = scale * window . R^T for every output pixel, by the per-pixel kernel
+    (CPUs) and the implicit GEMM (GPUs) at several tilings, against float64 im2col."""
+    from pysparsecl.families import masked_conv
+    from pysparsecl.ops import drs
+    x, w, out_shape, kw = _inputs(rng, geom)
+    r = w.shape[2]
+    proj = ps.SparseRandomProjection(w[0].size, k=13, seed=int(rng.integers(1 << 30)),
+                                     queue=queue)
+    want = proj.scale * _windows(x, r, kw) @ proj.matrix().toarray().T     # (n_pix, k)
+    g = masked_conv.geometry(x.shape, r, r, kw["stride"], kw["padding"], kw["dilation"])
+    xp = masked_conv.pack_input(queue, cl_array.to_device(queue, x), x.shape[1], g, None)
+    n_pix = want.shape[0]
+    configs = list(DRS_CONV_PROJECT_TILED.candidates(256))
+    picks = [configs[i] for i in np.random.default_rng(5).choice(len(configs), 3, replace=False)]
+    for family, params in [("drs_project", {})] + [("drs_conv_project_tiled", p) for p in picks]:
+        with override(family, **params):
+            got, k_pad = drs._project_windows(queue, proj, xp, g, x.shape[1], r, r, n_pix, None)
+        got = got.get()
+        assert relative_error(got[:, :13], want) < TOL, (family, params)
+        assert not got[:, 13:].any(), (family, params)     # the padding columns are zero
 
 
 def _as_rows(mask):

@@ -21,7 +21,8 @@ NAMES = ("conv2d_csr", "conv2d_pack_rows", "conv2d_pack_flat", "elementwise", "m
          "masked_bn", "masked_conv", "masked_conv_channels", "masked_conv_tiled", "masked_conv_dx",
          "masked_conv_dw", "masked_compact", "masked_compact_tiled", "masked_compact_dw",
          "masked_compact_dw_tiled",
-         "drs_project", "drs_project_split", "drs_project_compact", "drs_scores", "drs_fused",
+         "drs_project", "drs_project_split", "drs_project_compact", "drs_conv_project_tiled",
+         "drs_scores", "drs_fused",
          "drs_topk", "drs_topk_team", "training", "pooling")
 
 

@@ -1,7 +1,8 @@
 """drs_topk_team: the GPU-shaped top-k, a work-group of TEAM items per row (the serial
 kernel leaves a GPU with one thread per row).  The same selection as drs_topk -- exactly
 n_keep keys, ties toward the lower column -- by radix passes of 8 bits from the top, each
-histogramming in local memory the keys that share the prefix found so far."""
+histogramming in local memory the keys that share the prefix found so far; rows of at most
+RANK_MAX_N columns instead rank each column against its row in local memory."""
 
 from __future__ import annotations
 
@@ -19,11 +20,16 @@ RADIX_BINS = 1 << 8
 #: Ints the work-group shares to pass on a pass's result.
 SHARED_INTS = 3
 
+#: Rows up to this wide are selected by ranking (N compares per column, no radix passes):
+#: a convolution's channels, 64..256 per output pixel, over 10^5 pixels.
+RANK_MAX_N = 256
+
 
 def local_bytes(p) -> int:
     """Local memory: the pass's histogram, TEAM partial counts and the shared ints (the
-    template declares its arrays from the same constants)."""
-    return 4 * (RADIX_BINS + p["TEAM"] + SHARED_INTS)
+    template declares its arrays from the same constants); or, ranking, a key and a flag
+    per slot of RANK_MAX_N (or TEAM, if more) slots."""
+    return 4 * max(RADIX_BINS + p["TEAM"] + SHARED_INTS, 2 * max(RANK_MAX_N, p["TEAM"]))
 
 
 SPEC = ParamSpec(
@@ -37,10 +43,12 @@ SPEC = ParamSpec(
 )
 
 
-def template_args(params, compact: bool = False, plane: bool = False) -> dict:
-    """As drs_topk's: the kernel's arguments are drs_topk's (``cand`` unused here)."""
+def template_args(params, compact: bool = False, plane: bool = False, rank_n: int = 0
+                  ) -> dict:
+    """As drs_topk's: the kernel's arguments are drs_topk's (``cand`` unused here).
+    ``rank_n``: the row's slots when ranking (a power of two), 0 for the radix passes."""
     return dict(params, KIND="topk_team", COMPACT=int(compact), PLANE=int(plane),
-                BINS=RADIX_BINS, SHARED_INTS=SHARED_INTS,
+                BINS=RADIX_BINS, SHARED_INTS=SHARED_INTS, RANK_N=rank_n,
                 ARGS=drs_topk.kernel_args(compact, plane))
 
 
@@ -48,6 +56,9 @@ def launch(queue, params, scores, ldk: int, n_rows: int, n_cols: int, n_keep: in
            compact: bool, plane: int, wait):
     cand = runtime.empty(queue, (1,), np.uint32, allocator=runtime.memory_pool(queue.context))
     team = params["TEAM"]
-    return drs_topk.enqueue(queue, TEMPLATE, template_args(params, compact, bool(plane)),
-                            ((n_rows * team,), (team,)), scores, ldk, cand, n_rows, n_cols,
+    rank_n = 1 << max(0, n_cols - 1).bit_length() if n_cols <= RANK_MAX_N else 0
+    groups = -(-n_rows // max(1, team // rank_n)) if rank_n else n_rows
+    return drs_topk.enqueue(queue, TEMPLATE, template_args(params, compact, bool(plane),
+                                                           rank_n),
+                            ((groups * team,), (team,)), scores, ldk, cand, n_rows, n_cols,
                             n_keep, out_dev, plane, wait)

@@ -24,16 +24,22 @@ def template_args(params, mask: str = "window", aligned: bool = False) -> dict:
                                            aligned, layout="conv")
 
 
+def window_args(xp, geom: dict, n_ch: int, s: int) -> dict:
+    """The implicit GEMM's x arguments: the packed input and the convolution's geometry."""
+    (sh, sw), (dh, dw) = geom["stride"], geom["dilation"]
+    values = (n_ch, s, geom["OW"], geom["OH"] * geom["OW"], geom["Hp"], geom["Wp"], sh, sw,
+              dh, dw)
+    return dict(x=xp.data, x_off=np.int64(0), ldx=np.int32(0), **{
+        a.name: np.int32(v) for a, v in zip(masked_gemm_tiled.CONV_GEOMETRY, values)})
+
+
 def launch(queue, params, form: str, xp, wk, mask_dev, out_dev, geom: dict, n_ch: int,
            k_out: int, r: int, s: int, events) -> None:
     """Enqueue the implicit GEMM (and its split-K sum) on the packed input ``xp`` (N, Hp,
     Wp, C) and packed weight ``wk`` (K, R, S, C), ``form`` "window" or "channel"."""
     n_pix = geom["OH"] * geom["OW"]
     k_red = r * s * n_ch
-    (sh, sw), (dh, dw) = geom["stride"], geom["dilation"]
-    x_args = dict(x=xp.data, x_off=np.int64(0), ldx=np.int32(0), **{
-        a.name: np.int32(v) for a, v in zip(masked_gemm_tiled.CONV_GEOMETRY, (
-            n_ch, s, geom["OW"], n_pix, geom["Hp"], geom["Wp"], sh, sw, dh, dw))})
+    x_args = window_args(xp, geom, n_ch, s)
     wait = list(xp.events) + list(wk.events) + list(mask_dev.events) + list(out_dev.events)
     ev = masked_gemm_tiled.enqueue(
         queue, params, template_args(params, form, n_ch % 4 == 0), x_args, wk, k_red,

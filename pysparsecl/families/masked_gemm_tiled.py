@@ -93,6 +93,8 @@ def kernel_args(p) -> KernelArgs:
     its zeros)."""
     mask = p["MASK"]
     sel_type = "int" if mask == "slot" else "uchar"
+    sel = (() if mask == "all" else
+           (Pointer("sel", sel_type, restrict=True), Scalar("sel_off", np.int64)))
     conv = CONV_GEOMETRY if p["LAYOUT"] == "conv" else ()
     dest = ((Pointer("part", "float", const=False, restrict=True),
              Scalar("part_stride", np.int64)) if p["SPLITK"] > 1 else
@@ -100,8 +102,7 @@ def kernel_args(p) -> KernelArgs:
     splitk_sum = Signature("pscl_gemm_splitk_sum", (
         Pointer("part", "float", restrict=True), Scalar("part_stride", np.int64),
         Scalar("n_slices", np.int32),
-        *((Pointer("sel", "uchar", restrict=True), Scalar("sel_off", np.int64))
-          if mask != "slot" else ()),
+        *(sel if mask != "slot" else ()),
         *((Scalar("P", np.int32),) if mask == "channel" else ()),
         Pointer("out", "float", const=False, restrict=True), Scalar("out_off", np.int64),
         Scalar("total", np.int64)))
@@ -110,8 +111,7 @@ def kernel_args(p) -> KernelArgs:
         Signature("pscl_masked_gemm_tiled", (
             Pointer("x", "float", restrict=True), Scalar("x_off", np.int64),  # (M, K), ldx
             Pointer("wt", "float", restrict=True),                            # (N, K), ldw
-            Pointer("sel", sel_type, restrict=True), Scalar("sel_off", np.int64),
-            *dest,                                    # partial sums: (slices, M, out_cols)
+            *sel, *dest,                                    # partial sums: (slices, M, out_cols)
             Scalar("M", np.int32), Scalar("N", np.int32), Scalar("K", np.int32),
             Scalar("ldx", np.int32), Scalar("ldw", np.int32), Scalar("out_cols", np.int32),
             Scalar("k_len", np.int32), *conv)))                              # K per slice
@@ -120,7 +120,8 @@ def kernel_args(p) -> KernelArgs:
 def template_args(params, mask: str = "bool", aligned: bool = False, mask_aligned: bool = False,
                   layout: str = "gemm") -> dict:
     """The tile parameters, the layout ("gemm", or "conv": the implicit GEMM), the
-    selection's form ("bool", "slot", or the convolution's "channel"), whether whole
+    selection's form ("bool", "slot", the convolution's "channel", or "all": a dense
+    product, as the convolution search's projection of the windows), whether whole
     float4 staging loads are aligned (``aligned``) and whether 16-entry selection loads
     are (``mask_aligned``, GEMM only), and the local buffer's size in float4s."""
     return dict(params, KIND="gemm_tiled", LAYOUT=layout, MASK=mask, ALIGNED=int(aligned),
@@ -147,6 +148,7 @@ def enqueue(queue, params, rendering: dict, x_args: dict, rows, ldw, sel, out_de
     """Enqueue the kernel rendered with ``rendering`` (template_args) on an M x N x K
     problem whose x operand ``x_args`` give (x, x_off, ldx and, for the convolution, its
     geometry), and the split-K sum (given ``splitk_args`` beyond the common ones).
+    ``sel``: the selection's (buffer, element offset), None with ``MASK="all"``.
     Returns the event of the last kernel."""
     ctx = queue.context
     kc, split = params["KC"], params["SPLITK"]
@@ -154,6 +156,7 @@ def enqueue(queue, params, rendering: dict, x_args: dict, rows, ldw, sel, out_de
     n_slices = -(-k_in // k_len)                   # none of them empty
     names = ("pscl_masked_gemm_tiled",) + (("pscl_gemm_splitk_sum",) if split > 1 else ())
     kerns = runtime.kernels(ctx, TEMPLATE, names, **rendering)
+    sel_args = {} if sel is None else dict(sel=sel[0], sel_off=sel[1])
     total = n_rows * out_cols
     if split > 1:
         check_alloc(queue, 4 * n_slices * total, "the split-K partial sums")
@@ -165,14 +168,14 @@ def enqueue(queue, params, rendering: dict, x_args: dict, rows, ldw, sel, out_de
     ev = kerns[names[0]].launch(
         queue, (-(-n_cols // params["TILE"]) * params["WG"], -(-n_rows // params["TILE_M"]),
                 n_slices), (params["WG"], 1, 1), dict(
-            **x_args, wt=rows.data, sel=sel[0], sel_off=sel[1], **dest, M=np.int32(n_rows),
+            **x_args, wt=rows.data, **sel_args, **dest, M=np.int32(n_rows),
             N=np.int32(n_cols), K=np.int32(k_in), ldw=np.int32(ldw),
             out_cols=np.int32(out_cols), k_len=np.int32(k_len)), wait_for=wait or None)
     if split == 1:
         return ev
     if events is not None:
         events.append(ev)
-    mask_args = dict(sel=sel[0], sel_off=sel[1]) if rendering["MASK"] != "slot" else {}
+    mask_args = sel_args if rendering["MASK"] != "slot" else {}
     wg = 256
     return kerns[names[1]].launch(queue, (round_up(total, wg),), (wg,), dict(
         part=part.data, part_stride=np.int64(total), n_slices=np.int32(n_slices), **mask_args,

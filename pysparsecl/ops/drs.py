@@ -23,6 +23,7 @@ import scipy.sparse as sp
 
 from .. import runtime, tuning
 from ..families import (
+    drs_conv_project_tiled,
     drs_fused,
     drs_project,
     drs_project_compact,
@@ -52,10 +53,16 @@ from ._common import (
 )
 from ._prepared import PreparedCache
 from .compact import CompactRows
-from .masked import MaskedLinearWeight, weight_rows, weight_shape
+from .masked import (
+    MaskedLinearWeight,
+    masked_matmul_shape_class,
+    weight_rows,
+    weight_shape,
+)
 
 __all__ = ["DRS_PROJECT", "DRS_PROJECT_SPLIT", "DRS_PROJECT_COMPACT", "DRS_SCORES",
-           "DRS_FUSED", "DRS_TOPK", "DRS_TOPK_TEAM", "DRS_ROUTINE", "JL_CONSTANT",
+           "DRS_FUSED", "DRS_TOPK", "DRS_TOPK_TEAM", "DRS_CONV_PROJECT_TILED", "DRS_ROUTINE",
+           "JL_CONSTANT",
            "PROJECT_WEIGHT", "PROJECT_WINDOWS", "project_shape_class",
            "project_compact_shape_class",
            "SparseRandomProjection", "ProjectedWeight", "drs_mask", "drs_mask_conv2d",
@@ -94,6 +101,7 @@ DRS_SCORES = drs_scores.SPEC
 DRS_FUSED = drs_fused.SPEC
 DRS_TOPK = drs_topk.SPEC
 DRS_TOPK_TEAM = drs_topk_team.SPEC
+DRS_CONV_PROJECT_TILED = drs_conv_project_tiled.SPEC
 
 DRS_ROUTINE = Routine(
     "drs_mask",
@@ -101,7 +109,11 @@ DRS_ROUTINE = Routine(
             "the projection: a work-item per tile (CPUs), or DSPLIT items sharing the sum "
             "over d (GPUs)"),
      Choice("TOPK_KERNEL", (DRS_TOPK, DRS_TOPK_TEAM),
-            "the top-k: a work-item per row (CPUs), or a work-group per row (GPUs)")),
+            "the top-k: a work-item per row (CPUs), or a work-group per row (GPUs)"),
+     Choice("WINDOWS_KERNEL", (DRS_PROJECT, DRS_CONV_PROJECT_TILED),
+            "a convolution's projection of its windows: a work-item per block of pixels "
+            "under drs_project's tiles (CPUs), or an implicit GEMM whose windows are staged "
+            "through local memory (GPUs)")),
     thresholds=(
         TileParam("FUSED_MAX_ROWS", 4, (0, 1, 2, 4, 8),
                   "rows up to which one launch projects and scores (drs_fused); 0: never"),
@@ -894,22 +906,34 @@ def drs_mask_conv2d(x, w, sparsity, *, stride=1, padding=0, dilation=1, eps=0.5,
 
 def _project_windows(queue, proj: SparseRandomProjection, xp, geom, n_ch, r, s, n_pix,
                      events):
-    """f(window) for every output pixel: (n_pix, k_pad) on the device, and k_pad."""
+    """f(window) for every output pixel: (n_pix, k_pad) on the device, and k_pad.  The
+    routine chooses the kernel: a work-item per pixel block (drs_project's windows kernel)
+    or the implicit GEMM (drs_conv_project_tiled)."""
     params = tuning.lookup(DRS_PROJECT, queue.device, PROJECT_WINDOWS)
-    k_pad = round_up(proj.k, params["VEC"] * params["KVEC"])
-    key = ("rsc", k_pad, n_ch, r, s)
+    k_pad = round_up(proj.k, params["VEC"] * params["KVEC"])   # as the weight's f(w)
+    tiled = tuning.lookup(DRS_ROUTINE.spec, queue.device)["WINDOWS_KERNEL"] == 1
+    key = ("rsc", k_pad, n_ch, r, s, tiled)
     rt = proj._rt.get(key)
     if rt is None:
-        # RT's rows reordered from (c, r, s) to (r, s, c), the order the kernel walks.
+        # RT's rows reordered from (c, r, s) to (r, s, c), the order the kernels walk; the
+        # implicit GEMM takes it transposed, (k_pad, R * S * C), as it takes a weight.
         host = proj.device_rt(k_pad).get(queue=proj.queue)
         host = host.reshape(n_ch, r, s, k_pad).transpose(1, 2, 0, 3).reshape(-1, k_pad)
-        rt = proj._rt[key] = cl_array.to_device(proj.queue, np.ascontiguousarray(host),
-                                                allocator=runtime.memory_pool(queue.context))
+        rt = proj._rt[key] = cl_array.to_device(
+            proj.queue, np.ascontiguousarray(host.T if tiled else host),
+            allocator=runtime.memory_pool(queue.context))
     check_alloc(queue, 4 * n_pix * k_pad, "the projected windows")
     out = runtime.empty(queue, (n_pix, k_pad), np.float32,
                         allocator=runtime.memory_pool(queue.context))
-    ev = drs_project.launch_windows(queue, params, xp, rt, k_pad, out, n_pix, n_ch, geom, r, s,
-                                    list(xp.events) + list(rt.events))
+    wait = list(xp.events) + list(rt.events)
+    if tiled:
+        ev = drs_conv_project_tiled.launch(
+            queue, tuning.lookup(DRS_CONV_PROJECT_TILED, queue.device,
+                                 masked_matmul_shape_class(n_pix, r * s * n_ch, proj.k)),
+            xp, rt, k_pad, out, n_pix, n_ch, geom, r, s, wait, events)
+    else:
+        ev = drs_project.launch_windows(queue, params, xp, rt, k_pad, out, n_pix, n_ch, geom,
+                                        r, s, wait)
     out.add_event(ev)
     if events is not None:
         events.append(ev)

@@ -493,6 +493,33 @@ def _drs_problems(family):
     return build
 
 
+def _conv_search_problems(queue, rng, quick, shapes) -> List[Problem]:
+    """The convolution search (drs_mask_conv2d: the windows' projection, scores and top-k)
+    on ResNet-50's 3x3 layers at 10% kept, for the windows' implicit GEMM
+    (drs_conv_project_tiled), per shape class (n_pix, C * R * S, k)."""
+    from .. import SparseRandomProjection, drs_mask_conv2d
+    from ..ops.drs import keep_count
+    from ..ops.masked import masked_matmul_shape_class
+    problems = []
+    for case, keep in _conv_cases("drs_conv_project_tiled", shapes, quick, queue, 0, (8, 32)):
+        x, w, _, _ = case.with_(sparsity=0.0).make_inputs(rng)
+        d = case.C * case.kernel[0] * case.kernel[1]
+        proj = SparseRandomProjection(d, seed=1, queue=queue)
+        kw = dict(stride=case.stride, padding=case.padding)
+        x_dev = cl_array.to_device(queue, x)
+        problems.append(Problem(
+            f"search {case.label()} N{case.N} keep {keep:g}",
+            lambda ev, x=x_dev, w=w, proj=proj, kw=kw, keep=keep:
+            drs_mask_conv2d(x, w, 1.0 - keep, projection=proj, events=ev, **kw),
+            lambda x=x, w=w, proj=proj, case=case, keep=keep: drs_conv_mask_reference(
+                x, w, keep_count(1.0 - keep, case.K), proj.matrix().toarray(), proj.scale,
+                stride=case.stride, padding=case.padding),
+            shape_class=masked_matmul_shape_class(case.N * case.output_hw[0]
+                                                  * case.output_hw[1], d, proj.k),
+            check=selection_check()))
+    return problems
+
+
 def _conv_search_reference(x, w, sparsity, seed):
     """drs_mask_conv2d's mask (3x3, padding 1) from the float64 reference, with the random
     matrix R of the projection the op builds from ``seed``."""
@@ -647,6 +674,7 @@ TUNABLES: Dict[str, Callable[..., List[Problem]]] = {
     "drs_project": _drs_problems("drs_project"),
     "drs_project_split": _drs_problems("drs_project_split"),
     "drs_project_compact": _drs_compact_problems,
+    "drs_conv_project_tiled": _conv_search_problems,
     "drs_scores": _drs_problems("drs_scores"),
     "drs_fused": _drs_problems("drs_fused"),
     "drs_topk": _drs_problems("drs_topk"),
@@ -892,6 +920,27 @@ def small_problems():
         mask = ps.drs_mask_conv2d(x, w, 0.5, padding=1, seed=3, queue=queue)
         if mask.shape != (1, 6, 4, 5) or not np.all(mask.sum(1) == keep_count(0.5, 6)):
             raise AssertionError("drs_mask_conv2d: wrong number of kept channels")
+
+    def search_windows(rng, queue=None):
+        """f(window) of every output pixel against float64 im2col windows times R^T."""
+        from numpy.lib.stride_tricks import sliding_window_view
+
+        from .. import runtime
+        from ..families import masked_conv
+        from ..ops.drs import _project_windows
+        for (n, c, h, w_, r, st, pd, dl) in ((2, 8, 9, 7, 3, 2, 1, 1), (2, 5, 9, 11, 3, 1, 2, 2)):
+            x = rng.standard_normal((n, c, h, w_), dtype=np.float32)
+            proj = ps.SparseRandomProjection(c * r * r, k=11, seed=2, queue=queue)
+            g = masked_conv.geometry(x.shape, r, r, st, pd, dl)
+            q = queue or runtime.queue_for(None)
+            xp = masked_conv.pack_input(q, cl_array.to_device(q, x), c, g, None)
+            n_pix = n * g["OH"] * g["OW"]
+            got, _ = _project_windows(q, proj, xp, g, c, r, r, n_pix, None)
+            xpad = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pd, pd), (pd, pd)))
+            win = sliding_window_view(xpad, ((r - 1) * dl + 1,) * 2, axis=(2, 3))
+            win = win[:, :, ::st, ::st, ::dl, ::dl].transpose(0, 2, 3, 1, 4, 5)
+            want = proj.scale * win.reshape(n_pix, -1) @ proj.matrix().toarray().T
+            close(got.get()[:, :11], want, "the windows' projection")
 
     def search_compact(m, d, n, k, nx, sparsity, vector=False, on_device=False, bad=False):
         """The projection and drs_mask of a CompactRows x (``nx`` of each row's ``d``
@@ -1160,6 +1209,11 @@ def small_problems():
              masked_conv(2, 4, 6, 7, 19, 3, 2, 2, 2, True))],
         "masked_conv_dx": conv_backward_loads,
         "masked_conv_dw": conv_backward_loads,
+        # the implicit GEMM of the windows' projection: unaligned and float4 staging,
+        # stride and dilation, partial tiles
+        "drs_conv_project_tiled": [("drs_mask_conv2d 1x2x4x5 K6", search_conv),
+                                   ("drs_mask_conv2d windows 2x8x9x7 s2, 2x5x9x11 d2",
+                                    search_windows)],
         # (the convolution windows' projection runs under drs_project's parameters too)
         "drs_project": project + [("drs_mask_conv2d 1x2x4x5 K6", search_conv)],
         "drs_project_split": project,
@@ -1180,7 +1234,10 @@ def small_problems():
         "drs_fused": [("drs 1x40x30 k7", search(1, 40, 30, 7, 0.5, False)),
                       ("drs 2x20x70 k5 compact", search(2, 20, 70, 5, 0.9, True))],
         "drs_topk": topk + [("drs_mask_conv2d 1x2x4x5 K6", search_conv)],
-        "drs_topk_team": topk + [("drs_mask_conv2d 1x2x4x5 K6", search_conv)],
+        # rows ranked (N <= 256) and by radix passes, each as a mask and as lists
+        "drs_topk_team": topk + [("drs_mask_conv2d 1x2x4x5 K6", search_conv),
+                                 ("drs 4x20x40 k5 compact", search(4, 20, 40, 5, 0.7, True)),
+                                 ("drs 3x25x280 k6", search(3, 25, 280, 6, 0.6, False))],
         "elementwise": [("add/mul/axpby/add_relu, broadcast, mask, int32, strided",
                          elementwise)],
         # overlapping windows, padding, stride != kernel, gaps, rows not a multiple of RUN
