@@ -300,10 +300,10 @@ def test_team_topk_selects_exactly_what_the_serial_kernel_does(queue, rng, team)
     """The GPU-shaped top-k (a work-group per row) against the serial one and the float64
     reference, on scores full of ties (duplicated weight columns, small integers), for
     every output form: a bool mask, compact lists and the convolution layout; rows shorter
-    and longer than TEAM."""
+    and longer than TEAM, ranked (<= RANK_MAX_N columns) and by radix passes."""
     # The serial kernel with this device's parameters, and the team kernel.
     TEAMS = {1: ("drs_topk", {}), team: ("drs_topk_team", dict(TEAM=team))}
-    for n, n_rows in ((7, 3), (150, 5), (1000, 4)):
+    for n, n_rows in ((7, 3), (100, 4), (150, 5), (1000, 4)):   # ranked x 2, radix x 2
         d = 6
         proj = ps.SparseRandomProjection(d, exact=True, queue=queue)
         base = rng.integers(-2, 3, (d, max(1, n // 3))).astype(np.float32)
