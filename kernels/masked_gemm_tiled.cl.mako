@@ -405,9 +405,9 @@ ${stage_store()}
         const int i = i0 + sr + ${n * st["step"]};
         if (${"sr + %d < %d && " % (n * st["step"], TILE_M) if TILE_M % st["step"] else ""}i < M) {
 %   if LAYOUT == "conv":
-            const int n = i / P, p = i - n * P;
+            const int img = i / P, p = i - img * P;
             const int oh = p / OW, ow = p - oh * OW;
-            xrb${n} = (((long)n * Hp + (long)oh * str_h) * Wp + (long)ow * str_w) * C;
+            xrb${n} = (((long)img * Hp + (long)oh * str_h) * Wp + (long)ow * str_w) * C;
 %   else:
             xrb${n} = x_off + (long)i * ldx;
 %   endif

@@ -1074,7 +1074,10 @@ def _masked_conv_operands(x, w, mask, stride, padding, dilation):
 def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queue=None,
                   events=None):
     """Output-masked 2-D convolution: ``mask * conv2d(x, w)``, computing only the selected
-    outputs (no im2col: the input is packed once into zero-padded NHWC).
+    outputs (no im2col: the input is packed once into zero-padded NHWC).  On CPUs a
+    work-item per output channel and block of pixels computes the selected ones; on GPUs
+    an implicit GEMM stages each output tile's windows through local memory and computes
+    only its selected entries (the routine ``masked_conv_routine`` chooses).
 
     Parameters
     ----------
@@ -1082,10 +1085,11 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
     w : float32 (K, C, R, S), dense.
     mask : bool (N, K, OH, OW): DSG's per-window selection; or (N, K, 1, 1): a per-sample
         output-channel mask.  A channel mask -- given as (N, K, 1, 1), or a host mask that
-        is constant over each OH x OW plane -- takes a faster path that computes whole
-        planes of the selected channels in register tiles.  (A device mask is not inspected:
-        pass (N, K, 1, 1) to get that path for it; its N * K flags are then read back, a
-        synchronisation, to build each image's channel list.)
+        is constant over each OH x OW plane -- takes a faster path: on CPUs whole planes
+        of the selected channels in register tiles, on GPUs the implicit GEMM reading the
+        N * K flags instead of the whole mask.  (A device mask is not inspected: pass
+        (N, K, 1, 1) to get that path for it; on CPUs its N * K flags are then read back,
+        a synchronisation, to build each image's channel list.)
     stride, padding, dilation : int or (h, w) pair, as in ``torch.nn.functional.conv2d``.
     out : float32 (N, K, OH, OW), optional; the same container kind as x.
     queue : pyopencl.CommandQueue, optional.
