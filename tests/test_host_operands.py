@@ -202,6 +202,25 @@ def test_numpy_weight_of_masked_matmul_is_kept_and_checked(queue, rng):
     assert relative_error(got, mask * (x.astype(np.float64) @ w)) < 1e-5
 
 
+def test_numpy_weight_of_conv2d_masked_is_kept_and_checked(queue, rng):
+    """A NumPy weight is packed once and served while its bytes are unchanged; an edit in
+    place is seen on the next call."""
+    from pysparsecl.testing.reference import conv2d_masked_reference
+    x = rng.standard_normal((2, 5, 7, 6), dtype=np.float32)
+    w = rng.standard_normal((4, 5, 3, 3), dtype=np.float32)
+    mask = rng.random((2, 4, 7, 6)) < 0.5
+    ps.clear_weight_cache()
+
+    def check():
+        got = ps.conv2d_masked(x, w, mask, 1, 1, queue=queue)
+        assert relative_error(got, conv2d_masked_reference(x, w, mask, (1, 1), (1, 1))) < 1e-5
+    for _ in range(3):
+        check()
+    assert len(masked._PACKED_CONV_WEIGHTS) == 1
+    w[2, 1, 0, 2] += 3.0
+    check()
+
+
 # ---------------------------------------------------------------------------------------
 # The host-memory paths: copied, lent and mapped, lent and read in place
 

@@ -166,7 +166,11 @@ class PreparedCache:
 
     def clear(self) -> None:
         with self._lock:
-            self._entries.clear()
+            entries, self._entries = self._entries, {}
+        # Dropped outside the lock: an entry's prepared object may hold the last reference
+        # to its own weight (a NumPy view uploaded asynchronously), whose weak-reference
+        # callback then takes the lock.
+        entries.clear()
 
 
 _CACHES: List[PreparedCache] = []

@@ -1104,8 +1104,10 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
     lends its inputs and its new results to the kernels in place, with no copy, except
     that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy);
     elsewhere they are copied to and from the device.  A NumPy call returns when its
-    result is ready; a device-array call returns once it is enqueued.  The dense weight is
-    packed on every call.
+    result is ready; a device-array call returns once it is enqueued.  A device weight is
+    packed on every call; a NumPy weight once, then kept while its bytes stay the same
+    (compared on every call, so an edit in place is seen), as conv2d_sparse keeps a CSR
+    weight (:func:`pysparsecl.clear_weight_cache` drops it).
     """
     geom, out_shape, channel_form = _masked_conv_operands(x, w, mask, stride, padding,
                                                           dilation)
@@ -1126,7 +1128,7 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
         borrow = not is_device_array(x)   # a NumPy call waits for its result
         x_dev = to_device(x, queue, "x", borrow)
         xp = masked_conv.pack_input(queue, x_dev, n_ch, geom, events)
-        wk = masked_conv.pack_weight(queue, w, events)
+        wk = _packed_conv_weight(w, queue, events)
         family, params = tuning.memoised(
             "conv2d_masked", queue.device,
             masked_matmul_shape_class(out_dev.size // k_out, r * s * n_ch, k_out), _conv_route)
@@ -1146,6 +1148,20 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
                                to_device(mask, queue, "mask", borrow), out_dev, geom, n_ch,
                                k_out, r, s, events)
     return deliver(out_dev, x, out, queue, host)
+
+
+_PACKED_CONV_WEIGHTS = PreparedCache("conv2d_masked weights")
+
+
+def _packed_conv_weight(w, queue, events):
+    """w (K, C, R, S) packed (K, R, S, C) on the device: a device w by a kernel on every
+    call; a NumPy w transposed and uploaded once and kept while it is unchanged (as the
+    card's conv2d_sparse keeps its CSR weight), since the transpose and the upload cost
+    about what the product does (res5's 512 x 512 x 3 x 3: ~1 ms of transpose alone)."""
+    if is_device_array(w):
+        return masked_conv.pack_weight(queue, w, events)
+    return _PACKED_CONV_WEIGHTS.get(w, (w,), queue.context.int_ptr,
+                                    lambda: masked_conv.pack_weight(queue, w, events))
 
 
 def _conv_route(look):
