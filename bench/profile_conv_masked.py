@@ -14,6 +14,7 @@ reported numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import numpy as np
 import pyopencl.array as cl_array
@@ -64,7 +65,9 @@ def main(argv=None):
                      if torch_b.torch is not None else float("nan"))
             for config in args.configs:
                 overrides = parse_overrides(config) if config else {}
-                with _overriding(overrides):
+                with contextlib.ExitStack() as stack:
+                    for family, params in overrides.items():
+                        stack.enter_context(tuning.override(family, **params))
                     y = ps.conv2d_masked(x_dev, w_dev, dev_masks[0], **kw).get()
                     err = relative_error(y, conv2d_masked_reference(
                         x, w, masks[0], case.stride, case.padding, (1, 1)))
@@ -82,21 +85,6 @@ def main(argv=None):
                       f"torch dense {dense:.4f} ms ({dense / sum(ms):.2f}x); err {err:.1e}; "
                       f"search (k {proj.k}) {' + '.join(f'{t:.4f}' for t in search)} = "
                       f"{sum(search):.4f} ms ({sum(search) / dense:.0%} of dense)", flush=True)
-
-
-class _overriding:
-    """Nested tuning.override blocks for every family in ``overrides``."""
-
-    def __init__(self, overrides):
-        self.blocks = [tuning.override(f, **params) for f, params in overrides.items()]
-
-    def __enter__(self):
-        for b in self.blocks:
-            b.__enter__()
-
-    def __exit__(self, *exc):
-        for b in reversed(self.blocks):
-            b.__exit__(*exc)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 import numpy as np
 import pyopencl.array as cl_array
 import pytest
-from numpy.lib.stride_tricks import sliding_window_view
 
 import pysparsecl as ps
 from pysparsecl.ops.conv2d import conv2d_output_shape
@@ -12,6 +11,7 @@ from pysparsecl.ops.masked import MASKED_CONV, MASKED_CONV_CH, MASKED_CONV_TILED
 from pysparsecl.testing.reference import (
     conv2d_masked_reference,
     conv2d_reference,
+    im2col_reference,
     relative_error,
     topk_mask_reference,
 )
@@ -93,11 +93,8 @@ def test_every_conv_configuration_is_correct(queue, rng, family, spec, form, c):
 
 def _windows(x, r, kw):
     """(N * OH * OW, C * R * S) im2col rows, ordered (c, r, s) as w.reshape(K, -1)."""
-    (st, pd, dl) = (kw["stride"], kw["padding"], kw["dilation"])
-    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pd, pd), (pd, pd)))
-    win = sliding_window_view(xp, ((r - 1) * dl + 1,) * 2, axis=(2, 3))
-    win = win[:, :, ::st, ::st, ::dl, ::dl]                            # N, C, OH, OW, R, S
-    return win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * r * r)
+    return im2col_reference(x, (r, r), *[(kw[a], kw[a]) for a in ("stride", "padding",
+                                                                  "dilation")])
 
 
 @pytest.mark.parametrize("geom", [GEOMS[0], GEOMS[3], (2, 8, 9, 7, 5, 3, 2, 1, 1)],

@@ -105,9 +105,12 @@ MASKED_VMM_ROUTINE = Routine(
     ),
 )
 
+#: The families of conv2d_masked's KERNEL choice, by index.
+_CONV_FAMILIES = (masked_conv, masked_conv_tiled)
+
 MASKED_CONV_ROUTINE = Routine(
     "masked_conv",
-    (Choice("KERNEL", (MASKED_CONV, MASKED_CONV_TILED),
+    (Choice("KERNEL", tuple(f.SPEC for f in _CONV_FAMILIES),
             "conv2d_masked's kernel: direct, a work-item per output channel and block of "
             "pixels (masked_conv_channels for a channel mask) (CPUs), or an implicit GEMM "
             "over output tiles staged through local memory (GPUs)"),),
@@ -1167,7 +1170,7 @@ def _packed_conv_weight(w, queue, events):
 def _conv_route(look):
     """The convolution family the routine chooses and its tiles (read-only); the direct
     kernels' tiles are looked up at launch."""
-    family = (masked_conv, masked_conv_tiled)[look(MASKED_CONV_ROUTINE.spec)["KERNEL"]]
+    family = _CONV_FAMILIES[look(MASKED_CONV_ROUTINE.spec)["KERNEL"]]
     return family, (look(family.SPEC) if family is masked_conv_tiled else None)
 
 

@@ -43,6 +43,7 @@ from .reference import (
     conv2d_reference,
     drs_conv_mask_reference,
     drs_scores_reference,
+    im2col_reference,
     masked_matmul_backward_reference,
     masked_matmul_reference,
     max_pool2d_backward_reference,
@@ -923,8 +924,6 @@ def small_problems():
 
     def search_windows(rng, queue=None):
         """f(window) of every output pixel against float64 im2col windows times R^T."""
-        from numpy.lib.stride_tricks import sliding_window_view
-
         from .. import runtime
         from ..families import masked_conv
         from ..ops.drs import _project_windows
@@ -936,10 +935,8 @@ def small_problems():
             xp = masked_conv.pack_input(q, cl_array.to_device(q, x), c, g, None)
             n_pix = n * g["OH"] * g["OW"]
             got, _ = _project_windows(q, proj, xp, g, c, r, r, n_pix, None)
-            xpad = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pd, pd), (pd, pd)))
-            win = sliding_window_view(xpad, ((r - 1) * dl + 1,) * 2, axis=(2, 3))
-            win = win[:, :, ::st, ::st, ::dl, ::dl].transpose(0, 2, 3, 1, 4, 5)
-            want = proj.scale * win.reshape(n_pix, -1) @ proj.matrix().toarray().T
+            rows = im2col_reference(x, (r, r), (st, st), (pd, pd), (dl, dl))
+            want = proj.scale * rows @ proj.matrix().toarray().T
             close(got.get()[:, :11], want, "the windows' projection")
 
     def search_compact(m, d, n, k, nx, sparsity, vector=False, on_device=False, bad=False):

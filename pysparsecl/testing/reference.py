@@ -327,19 +327,29 @@ def conv2d_masked_backward_reference(dy, x, w, mask, stride=(1, 1), padding=(0, 
     return dxp[:, :, ph:ph + h, pw:pw + wd], dw
 
 
+def im2col_reference(x, kernel, stride=(1, 1), padding=(0, 0), dilation=(1, 1)
+                     ) -> np.ndarray:
+    """The im2col rows of x (N, C, H, W) in float64: (N * OH * OW, C * R * S), each output
+    pixel's window ordered (c, r, s) like ``w.reshape(K, -1)``."""
+    x = np.asarray(x, np.float64)
+    (r, s), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    win = sliding_window_view(xp, ((r - 1) * dh + 1, (s - 1) * dw + 1), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw]                      # (N, C, OH, OW, R, S)
+    n, c, oh, ow = win.shape[:4]
+    return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c * r * s)
+
+
 def drs_conv_mask_reference(x, w, n_keep, r_dense, scale, stride=(1, 1), padding=(0, 0),
                             dilation=(1, 1)) -> np.ndarray:
     """The mask of ``drs_mask_conv2d`` in float64: per sample and output pixel, the
     ``n_keep`` channels with the largest f(window) . f(w_k), f(z) = scale * R z over
     im2col windows ordered (c, r, s); bool (N, K, OH, OW)."""
-    x = np.asarray(x, np.float64)
-    k, c, r, s = np.shape(w)
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    win = sliding_window_view(xp, ((r - 1) * dh + 1, (s - 1) * dw + 1), axis=(2, 3))
-    win = win[:, :, ::sh, ::sw, ::dh, ::dw]                      # (N, C, OH, OW, R, S)
-    n, _, oh, ow = win.shape[:4]
-    rows = win.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c * r * s)
+    k, _, r, s = np.shape(w)
+    rows = im2col_reference(x, (r, s), stride, padding, dilation)
+    n, _, h, w_in = np.shape(x)
+    oh = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    ow = (w_in + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
     scores = drs_scores_reference(rows, np.reshape(w, (k, -1)).T, r_dense, scale)
     mask = topk_mask_reference(scores, n_keep)                   # (N * OH * OW, K)
     return mask.reshape(n, oh, ow, k).transpose(0, 3, 1, 2)
