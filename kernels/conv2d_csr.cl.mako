@@ -210,7 +210,9 @@ void pscl_conv2d_csr(${ARGS["pscl_conv2d_csr"]})
         const int oh = p / Wq;
         const int ow = p - oh * Wq;
 %     if VEC > 1:
-        if (oh < OH && ow + PSCL_VEC <= OW) {
+        // Where the packed rows are the output's (Wq == OW: stride 1, no padding) the
+        // plane is contiguous, so a vector that wraps a row is still whole.
+        if (Wq == OW ? p + PSCL_VEC <= OH * OW : (oh < OH && ow + PSCL_VEC <= OW)) {
             PSCL_STORE_pscl_floatv(${epilogue("v", "PSCL_LOAD_pscl_floatv(0, rdst + oh * OW + ow)", "pscl_reluv")}, 0,
                                    dst + oh * OW + ow);
         } else {

@@ -35,6 +35,33 @@ def test_broken_device_is_skipped_with_a_warning(monkeypatch):
     assert victim not in remaining
 
 
+@pytest.mark.filterwarnings("ignore::pyopencl.CommandQueueUsedAfterExit")
+def test_queue_found_open_is_refused_once_its_with_block_ends(queue):
+    """A queue found open is not tested again until some queue's `with` block ends: the
+    end of its own block must still make the next call refuse it, on the op's repeated
+    (fast) path too."""
+    import scipy.sparse as sp
+
+    import pysparsecl as ps
+    q = cl.CommandQueue(queue.context)
+    rng = np.random.default_rng(3)
+    weight = ps.SparseConvWeight(sp.random(4, 9, density=0.5, random_state=rng,
+                                           format="csr", dtype=np.float32), 1, 3, queue=q)
+    x = cl_array.to_device(q, rng.standard_normal((1, 1, 5, 5)).astype(np.float32))
+    for _ in range(2):   # the second call takes the repeated path
+        ps.conv2d_sparse(x, weight)
+        assert runtime.get_queue(q) is q
+    q.finish()
+    with q:
+        pass
+    with pytest.raises(ValueError, match="released"):
+        runtime.get_queue(q)
+    with pytest.raises(ValueError, match="released"):
+        ps.conv2d_sparse(x, weight)
+    other = cl.CommandQueue(queue.context)   # other queues are still served
+    assert runtime.get_queue(other) is other
+
+
 def test_list_devices_reports_limits():
     infos = runtime.list_devices()
     assert any(info.works for info in infos)

@@ -450,13 +450,16 @@ class _RepeatedCall:
     """A validated device-array call (:func:`_repeated_call`) with its launch plan: the
     plan stays while the tuning lookups it came from answer with the same memoised
     values (``routed``), and is looked up again otherwise."""
-    __slots__ = ("call", "queue", "in_order", "variant", "routed", "plan")
+    __slots__ = ("call", "queue", "in_order", "variant", "routed", "plan", "pool",
+                 "context_ptr")
 
-    def __init__(self, call: _CallShape, queue, variant: tuple):
+    def __init__(self, call: _CallShape, queue, variant: tuple, weight_context):
         self.call, self.queue, self.variant = call, queue, variant
         self.in_order = not queue.properties & \
             cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
         self.routed = self.plan = None
+        self.pool = runtime.memory_pool(queue.context)
+        self.context_ptr = weight_context.int_ptr   # every device operand must be in it
 
 
 _CALLS_PER_WEIGHT = 64
@@ -493,12 +496,12 @@ def _repeated_call(x, weight: "SparseConvWeight", bias, kernel_size, stride, pad
         if call is None or queue is None:
             return None
         repeated = _RepeatedCall(call, queue, (bias is not None, call.relu,
-                                               residual is not None))
+                                               residual is not None), weight.queue.context)
         with weight._lock:
             weight._calls[key] = repeated
             while len(weight._calls) > _CALLS_PER_WEIGHT:
                 weight._calls.pop(next(iter(weight._calls)))
-    ctx = weight.queue.context.int_ptr
+    ctx = repeated.context_ptr
     if runtime.capturing() or x.context.int_ptr != ctx or \
             (bias is not None and (bias.context.int_ptr != ctx or bias.offset)) or \
             (residual is not None and residual.context.int_ptr != ctx):
@@ -509,8 +512,7 @@ def _repeated_call(x, weight: "SparseConvWeight", bias, kernel_size, stride, pad
     if routed is not repeated.routed:
         repeated.plan = _plan(queue, weight, call.geom, repeated.variant, call.shape_class)
         repeated.routed = routed
-    out_dev = runtime.empty(queue, call.out_shape, np.float32,
-                            allocator=runtime.memory_pool(queue.context))
+    out_dev = runtime.empty(queue, call.out_shape, np.float32, allocator=repeated.pool)
     if not out_dev.size:
         pass
     elif weight.nnz == 0 and bias is None and residual is None:
@@ -521,7 +523,7 @@ def _repeated_call(x, weight: "SparseConvWeight", bias, kernel_size, stride, pad
                           bias.base_data if bias is not None else weight.row_order.data,
                           out_dev, residual, events,
                           runtime.scratch(queue, plan.xpack_bytes) if repeated.in_order
-                          else None)
+                          else None, in_order=repeated.in_order)
     return out_dev
 
 

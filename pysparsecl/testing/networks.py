@@ -161,8 +161,9 @@ class SparseNetwork:
     def __init__(self, blocks: List[Bottleneck], weights, queue, pool_hw: Tuple[int, int]):
         import pyopencl.array as cl_array
 
-        from .. import SparseConvWeight
+        from .. import SparseConvWeight, conv2d_sparse
 
+        self._conv2d = conv2d_sparse   # bound once: an import per call costs ~1 us
         self.blocks = blocks
         self.queue = queue
         self.prepared, self.biases = {}, {}
@@ -183,18 +184,16 @@ class SparseNetwork:
         self.fc_bias = cl_array.to_device(queue, b)
 
     def _conv(self, spec: ConvSpec, a, relu: bool, residual=None):
-        from .. import conv2d_sparse
-        return conv2d_sparse(a, self.prepared[spec.name], self.biases[spec.name],
+        return self._conv2d(a, self.prepared[spec.name], self.biases[spec.name],
                              stride=spec.stride, padding=spec.padding, groups=spec.groups,
                              activation="relu" if relu else None, residual=residual)
 
     def __call__(self, x_dev):
-        from .. import conv2d_sparse
         a = x_dev
         for block in self.blocks:
             y = self._conv(block.conv1, a, True)
             y = self._conv(block.conv2, y, True)
             shortcut = self._conv(block.proj, a, False) if block.proj is not None else a
             a = self._conv(block.conv3, y, True, residual=shortcut)
-        pooled = conv2d_sparse(a, self.pool, groups=self.pool.groups)
-        return conv2d_sparse(pooled, self.fc, self.fc_bias)
+        pooled = self._conv2d(a, self.pool, groups=self.pool.groups)
+        return self._conv2d(pooled, self.fc, self.fc_bias)

@@ -35,7 +35,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import platformdirs
 import pyopencl as cl
@@ -47,7 +47,15 @@ __all__ = ["lookup", "memoised", "override", "device_slug", "names_slug", "vendo
            "user_database_path", "read_user_database", "write_user_entry", "pow2_floor"]
 
 _DATABASE = Path(__file__).resolve().parent / "database" / "shipped.json"
-_local = threading.local()
+
+
+class _Overrides(threading.local):
+    """This thread's ``override`` blocks.  The class holds the default, so that an op's
+    per-call check of it costs an attribute lookup, not a caught AttributeError."""
+    stack: "Optional[List[tuple]]" = None
+
+
+_local = _Overrides()
 _memo: Dict[tuple, Dict[str, int]] = {}
 _memo_lock = threading.RLock()
 _shipped: Optional[dict] = None
@@ -104,7 +112,7 @@ def override(family: str, **params: int):
     Where ``family`` is one of an op's kernel variants (:class:`~pysparsecl.params.Routine`),
     the override also makes the op choose that variant: ``override("masked_gemm_tiled")``
     runs the tiled GEMM with its looked-up parameters on any device."""
-    stack = getattr(_local, "stack", None)
+    stack = _local.stack
     if stack is None:
         stack = _local.stack = []
     stack.append((family, params))
@@ -135,7 +143,7 @@ def _active_overrides(family: str) -> Dict[str, int]:
     merged: Dict[str, int] = {}
     env = os.environ.get("PYSPARSECL_PARAMS")
     forced = list(parse_overrides(env).items()) if env else []
-    for fam, params in forced + list(getattr(_local, "stack", None) or ()):
+    for fam, params in forced + list(_local.stack or ()):
         if fam == family:
             merged.update(params)
         elif routine is not None and fam in routine.families:
@@ -237,7 +245,7 @@ def memoised(name: str, device: cl.Device, shape_class: Optional[str], build):
     few dict reads; a new tuning result, an override or a cleared memo takes effect at
     once."""
     key = (name, device.int_ptr, shape_class)
-    steady = not getattr(_local, "stack", None) and not _env_overrides()
+    steady = not _local.stack and not _env_overrides()
     found = _derived.get(key) if steady else None
     if found is not None:
         value, used = found
@@ -269,7 +277,7 @@ def lookup(spec: ParamSpec, device: cl.Device, shape_class: Optional[str] = None
         with _memo_lock:
             _memo[key] = params
     # Every op call looks up its routine and its families: no override is the fast path.
-    if not getattr(_local, "stack", None) and not _env_overrides():
+    if not _local.stack and not _env_overrides():
         return dict(params) if copy else params
     forced = _active_overrides(spec.family)
     if forced:
