@@ -395,6 +395,48 @@ def test_results_are_the_callers_own(queue, rng, host_mode):
     assert again.any() and _conv(queue, x, csr).any()
 
 
+def test_large_results_reuse_only_memory_nothing_refers_to(queue, rng, host_mode):
+    """A large NumPy result is written in place into memory kept from an earlier result
+    (runtime.result_empty): never one the caller still holds, through the result itself
+    or a view of it, and always with the new call's values."""
+    case = SIZES["large"]
+    x, w, csr, _ = case.make_inputs(rng)
+    x2 = rng.standard_normal(x.shape).astype(np.float32)
+    ref, ref2 = case.reference(x, w, None), case.reference(x2, w, None)
+    first = _conv(queue, x, csr)
+    second = _conv(queue, x2, csr)               # first is alive: new memory
+    assert not np.shares_memory(first, second)
+    row = first[1, 3]                            # a view keeps first's memory
+    del first
+    gc.collect()
+    third = _conv(queue, x2, csr)
+    assert not np.shares_memory(row, third) and not np.shares_memory(second, third)
+    np.testing.assert_allclose(row, ref[1, 3], rtol=1e-4, atol=1e-4)
+    address = third.__array_interface__["data"][0]
+    del third
+    gc.collect()
+    fourth = _conv(queue, x, csr)                # third's memory is free: taken again
+    if host_mode == "in_place":   # (mapped, a buffer holds the memory a while longer)
+        assert fourth.__array_interface__["data"][0] == address
+    for got, want in ((row, ref[1, 3]), (second, ref2), (fourth, ref)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [(24, 30), (400, 300)], ids=["small", "large"])
+def test_strided_operands_lent_as_temporaries_outlive_the_call(queue, rng, host_mode, size):
+    """A strided NumPy operand is lent as a contiguous copy made for the call: the copy must
+    live until the kernels have read it, also when its memory range was lent before (a
+    small operand is then lent, not staged) and whatever the allocator does meanwhile."""
+    base = rng.standard_normal(size).astype(np.float32)
+    other = rng.standard_normal(size[::-1]).astype(np.float32)
+    views = [lambda a: a.T, lambda a: a[::-1, ::-2].T, lambda a: a[1::2].T]
+    for _ in range(3):
+        for view in views:
+            x, y = view(base), view(other.T)
+            got = ps.add(x, y, queue=queue)
+            np.testing.assert_allclose(got, x.astype(np.float64) + y, rtol=1e-6)
+
+
 def test_set_host_memory_mode_rejects_unknown_modes(queue):
     with pytest.raises(ValueError, match="mode"):
         runtime.set_host_memory_mode(queue.device, "zero")

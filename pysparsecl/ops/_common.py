@@ -59,8 +59,10 @@ def new_output(queue: cl.CommandQueue, shape, dtype, out, like, zeros: bool = Fa
 
     - ``out`` a device array: itself.
     - A NumPy call (``like`` not a device array) with no ``out``, on a device that shares
-      host memory: a small result is written to the thread's staging buffer and copied
-      out, a larger one into a new NumPy array lent to the kernels in place.
+      host memory: the result is written in place into a NumPy array lent to the kernels,
+      whose memory is an earlier result's that nothing refers to any more, where there
+      is one (``runtime.result_empty``), else new memory; except that a small result with
+      no such memory to take is written to the thread's staging buffer and copied out.
     - A NumPy call with a NumPy ``out``, where the op passes ``inputs`` (the operands
       that the kernels read at other places than the one they write), on a device whose
       kernels work in host memory itself: the same, into ``out``, unless ``out`` overlaps
@@ -76,19 +78,31 @@ def new_output(queue: cl.CommandQueue, shape, dtype, out, like, zeros: bool = Fa
                                  _lendable(out, inputs))):
         if n_bytes <= runtime.STAGING_MAX_BYTES and runtime.kernels_use_host_memory(
                 queue.device):
+            alignment = runtime.base_alignment(queue.device)
+            if out is None:   # an earlier result's memory, free now, is written in place
+                host = runtime.result_empty(shape, dtype, alignment, reuse_only=True)
+                if host is not None:
+                    if zeros:
+                        host.fill(0)
+                    return runtime.wrap_host(queue, host, writable=True), lambda: host
             dev, view = runtime.staging(queue, slot, shape, dtype)
             if zeros:
                 view.fill(0)
             if out is None:
-                return dev, view.copy
+                def copied():
+                    result = runtime.result_empty(shape, dtype, alignment)
+                    result[...] = view
+                    return result
+                return dev, copied
 
             def take():
                 out[...] = view
                 return out
             return dev, take
         if out is None:
-            host = runtime.aligned_empty(shape, dtype, runtime.base_alignment(queue.device),
-                                         zeros)
+            host = runtime.result_empty(shape, dtype, runtime.base_alignment(queue.device))
+            if zeros:
+                host.fill(0)
         else:
             host = out
             if zeros:
@@ -183,7 +197,8 @@ def to_device(a, queue: cl.CommandQueue, name: str, borrow: bool = False,
     check_alloc(queue, a.nbytes, name)
     if borrow and a.nbytes and runtime.shares_host_memory(queue.device):
         if a.nbytes <= runtime.STAGING_MAX_BYTES and \
-                runtime.kernels_use_host_memory(queue.device):
+                runtime.kernels_use_host_memory(queue.device) and \
+                not runtime.lent_before(queue, a, at_offset):
             dev, view = runtime.staging(queue, name, a.shape, a.dtype)
             view[...] = a
             return dev

@@ -178,9 +178,11 @@ _CACHES: List[PreparedCache] = []
 
 def clear_weight_cache() -> None:
     """Drop every prepared weight kept for SciPy/NumPy weights passed to the ops (their
-    device memory is freed once no call uses it), and this thread's staging buffers for
-    small NumPy operands (``runtime.staging``).  Explicitly prepared weights
+    device memory is freed once no call uses it), this thread's staging buffers for
+    small NumPy operands (``runtime.staging``) and the host memory kept for reuse by
+    later NumPy results (``runtime.result_empty``).  Explicitly prepared weights
     (:class:`SparseConvWeight`, :class:`MaskedLinearWeight`, ...) are not affected."""
     for cache in _CACHES:
         cache.clear()
     runtime.release_staging()
+    runtime.release_results()

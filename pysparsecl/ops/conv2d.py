@@ -307,7 +307,32 @@ def _nonempty(a: np.ndarray, dtype) -> np.ndarray:
     return a if a.size else np.zeros(1, dtype)
 
 
+#: _geometry's results for plain int arguments: (x shape, kernel, stride, padding,
+#: dilation) -> _Geometry.  Only plain ints and pairs of them are keys, so that an argument
+#: that validation refuses (True, 1.0, a list) is never answered from here.
+_GEOMETRIES: Dict[tuple, "_Geometry"] = {}
+_GEOMETRIES_MAX = 4096
+
+
+def _plain_pair(v) -> bool:
+    return type(v) is int or (type(v) is tuple and len(v) == 2 and type(v[0]) is int
+                              and type(v[1]) is int)
+
+
 def _geometry(x_shape, weight: SparseConvWeight, stride, padding, dilation) -> _Geometry:
+    key = None
+    if _plain_pair(stride) and _plain_pair(padding) and _plain_pair(dilation):
+        key = (tuple(x_shape), weight.kernel_size, stride, padding, dilation)
+        found = _GEOMETRIES.get(key)
+        if found is not None:
+            return found
+    geom = _new_geometry(x_shape, weight, stride, padding, dilation)
+    if key is not None and len(_GEOMETRIES) < _GEOMETRIES_MAX:
+        _GEOMETRIES[key] = geom
+    return geom
+
+
+def _new_geometry(x_shape, weight: SparseConvWeight, stride, padding, dilation) -> _Geometry:
     n, _, h, w = x_shape
     stride = int_pair(stride, "stride", 1)
     padding = int_pair(padding, "padding", 0)
@@ -565,9 +590,23 @@ def _check_call(x, weight: "SparseConvWeight", bias, kernel_size, stride, paddin
     check_out(out, out_shape, np.float32, like=x)
     relu = _check_activation(activation)
     _check_residual(residual, out_shape, x, out)
-    shape_class = conv2d_shape_class(geom.N, weight.in_channels // weight.groups,
-                                     (geom.OH, geom.OW), weight.kernel_size, geom.stride)
-    return _CallShape(geom, out_shape, relu, shape_class)
+    return _CallShape(geom, out_shape, relu, _shape_class(geom, weight))
+
+
+_SHAPE_CLASSES: Dict[tuple, str] = {}
+
+
+def _shape_class(geom: _Geometry, weight: SparseConvWeight) -> str:
+    """conv2d_shape_class of a call, kept per (geometry, kernel, input channels per
+    group)."""
+    key = (geom, weight.kernel_size, weight.in_channels // weight.groups)
+    found = _SHAPE_CLASSES.get(key)
+    if found is None:
+        found = conv2d_shape_class(geom.N, key[2], (geom.OH, geom.OW), weight.kernel_size,
+                                   geom.stride)
+        if len(_SHAPE_CLASSES) < _GEOMETRIES_MAX:
+            _SHAPE_CLASSES[key] = found
+    return found
 
 
 @dataclass(frozen=True)
@@ -681,4 +720,10 @@ def _launch(queue, x_dev, weight: SparseConvWeight, epilogue: _Epilogue, out_dev
     if bias_dev is not None and bias_dev.offset:
         bias_dev = bias_dev.copy(queue=queue)
     bias_buf = bias_dev.data if bias_dev is not None else weight.row_order.data  # unread
-    conv2d_csr.launch(queue, plan, x_dev, bias_buf, out_dev, epilogue.residual, events)
+    in_order = not queue.properties & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
+    # The thread's scratch keeps the packing's buffer argument set from call to call (a
+    # captured graph holds buffers of its own instead).
+    xpack = runtime.scratch(queue, plan.xpack_bytes) if in_order and \
+        not runtime.capturing() else None
+    conv2d_csr.launch(queue, plan, x_dev, bias_buf, out_dev, epilogue.residual, events,
+                      xpack, in_order=in_order)
