@@ -48,6 +48,7 @@ COLUMNS = [("N", "batch", "{}"), ("sparsity", "sparsity", "{:.2f}"),
            ("speedup_replay", "x torch (replayed)", "{:.2f}"),
            ("speedup_replay_vs_graph", "x torch CUDA graph (replayed)", "{:.2f}"),
            ("host_us_per_call", "host us per call (eager)", "{:.0f}"),
+           ("replay_host_us_per_launch", "host us per launch (replayed)", "{:.1f}"),
            ("rel_error", "rel err vs torch", "{:.1e}")]
 
 NOTE = ("Whole forward passes, wall clock from the input on the device to the logits ready, "
@@ -55,7 +56,9 @@ NOTE = ("Whole forward passes, wall clock from the input on the device to the lo
         "'x torch (replayed)' = torch eager ms / ours replayed ms (a LaunchGraph); on CUDA "
         "'x torch CUDA graph (replayed)' = torch CUDA-graph ms / ours replayed ms. "
         "'host us per call' = the Python time of the eager forward per conv2d_sparse call, "
-        "measured with the device held back (nothing runs beside the host thread).")
+        "measured with the device held back (nothing runs beside the host thread); 'host us per "
+        "launch (replayed)' = the same for a replay, per recorded kernel launch (its fills "
+        "and copies included in the time, not in the count).")
 
 
 class TorchNet:
@@ -142,6 +145,7 @@ def bench_network(queue, batches, sparsities, rounds: int = 3):
             med = interleaved_medians(timers, rounds, block=2)
             replay_err = relative_error(replayed.get().reshape(n, -1), logits)
             host_us = _host_us(net, x_dev, queue) / n_calls
+            replay_us = 1e6 * held_seconds(queue, graph.replay, 5) / len(graph)
             torch_ms = med.get("torch")
             rows.append(dict(
                 N=n, sparsity=sparsity, ours_eager_ms=med["ours_eager"],
@@ -152,7 +156,8 @@ def bench_network(queue, batches, sparsities, rounds: int = 3):
                 speedup_replay=torch_ms / med["ours_replay"] if torch_ms else None,
                 speedup_replay_vs_graph=(med["torch_graph"] / med["ours_replay"]
                                          if "torch_graph" in med else None),
-                host_us_per_call=host_us, calls=n_calls, rel_error=err,
+                host_us_per_call=host_us, calls=n_calls,
+                replay_host_us_per_launch=replay_us, launches=len(graph), rel_error=err,
                 replay_rel_error=replay_err,
                 nnz=int(sum(w.nnz for w in net.prepared.values()))))
             print(report.format_row(rows[-1], COLUMNS), flush=True)

@@ -994,12 +994,13 @@ def result_empty(shape, dtype, alignment: int, reuse_only: bool = False
     of an earlier result of the same size once nothing refers to it any more.
 
     Fresh memory costs a page fault per 4 KiB page at its first write, inside the kernels:
-    about 1 ms for the 6.4 MB output of a batch-8 ResNet-50 layer on a 2-core host, a
-    third of the convolution.  Every view of a result holds its allocation (NumPy bases
-    lead to the allocation itself), so a block whose only references are this cache's is
-    truly free.  The last ``_RESULTS_MAX`` allocations (at most ``_RESULTS_MAX_BYTES``
-    together) are kept; reusing one also reuses the OpenCL buffer kept over its address
-    range (:func:`wrap_host`).  With ``reuse_only``, None where no kept memory is free."""
+    for the 6.4 MB output of a batch-8 ResNet-50 layer, about a third of the convolution
+    on a 2-core host (a diagnostic measurement).  Every view of a result holds its
+    allocation (NumPy bases lead to the allocation itself), so a block whose only
+    references are this cache's is truly free.  The last ``_RESULTS_MAX`` allocations
+    (at most ``_RESULTS_MAX_BYTES`` together) are kept; reusing one also reuses the OpenCL
+    buffer kept over its address range (:func:`wrap_host`).  With ``reuse_only``, None
+    where no kept memory is free."""
     dtype = np.dtype(dtype)
     n_bytes = math.prod(shape) * dtype.itemsize
     size = n_bytes + alignment

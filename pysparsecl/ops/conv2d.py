@@ -396,7 +396,10 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
     edit is never served stale (``pysparsecl.clear_weight_cache`` drops what is kept).
     On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
     lends ``x``, ``bias``, ``residual`` and a new result to the kernels in place, with no
-    copy (operands up to 256 KiB go through a staging buffer the thread keeps: a memcpy);
+    copy (operands up to 256 KiB go through a staging buffer the thread keeps, a memcpy,
+    unless an earlier call passed the same memory: the same array again is lent); a new
+    result takes the memory of an earlier result that nothing refers to any more, so a
+    loop of calls does not page-fault fresh memory on every call;
     where the kernels work in host memory itself (PoCL), a NumPy ``out`` that overlaps
     neither ``x``, ``bias`` nor ``residual`` is written in place too; elsewhere operands
     are copied to and from the device.  A NumPy call returns when its
