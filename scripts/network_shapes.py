@@ -8,8 +8,10 @@ benchmark's ResNet-50 body (pysparsecl/testing/networks.py), at the given batche
 ``--kernel 1`` keeps the 1x1 classes alone (the FC layer among them), for a run over those
 only, shipped with ``python -m scripts.ship_tuning DB --merge-shapes --keep-shipped-params``.
 
-Each class is represented by its largest convolution (most multiply-adds); the FC
-layer is included too (the pooling layer, a depthwise convolution, is not).
+Each class is represented by its largest convolution (most multiply-adds; of two
+equal ones, the one that adds a residual), with the epilogue the network fuses into it
+(bias, ReLU, residual); the FC layer is included too (the pooling layer, a depthwise
+convolution, is not).
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ import sys
 
 from pysparsecl.ops.conv2d import conv2d_shape_class
 from pysparsecl.testing.networks import conv_inputs, resnet50_body
+
+#: The epilogue each convolution of a bottleneck block fuses (SparseNetwork): ReLU after
+#: conv1 and conv2, the residual and ReLU after conv3, the bias alone on the projection.
+_EPILOGUES = {"conv1": "bias+relu", "conv2": "bias+relu", "conv3": "bias+residual+relu",
+              "proj": "bias"}
 
 
 def network_shapes(batches, sparsity: float, input_hw=(56, 56), kernel=None) -> list:
@@ -32,15 +39,17 @@ def network_shapes(batches, sparsity: float, input_hw=(56, 56), kernel=None) -> 
             ow = (w + 2 * spec.padding - spec.kernel) // spec.stride + 1
             cls = conv2d_shape_class(n, spec.c_in // spec.groups, (oh, ow), spec.kernel,
                                      spec.stride)
+            epilogue = _EPILOGUES[spec.name.rsplit(".", 1)[-1]]
             entry = dict(N=n, C=spec.c_in, H=h, W=w, K=spec.c_out, kernel=spec.kernel,
-                         stride=spec.stride, padding=spec.padding, sparsity=sparsity)
-            macs = spec.macs(n, (h, w))
-            if cls not in best or macs > best[cls][0]:
-                best[cls] = (macs, entry)
+                         stride=spec.stride, padding=spec.padding, sparsity=sparsity,
+                         epilogue=epilogue)
+            weight = (spec.macs(n, (h, w)), "residual" in epilogue)  # ties: the residual's
+            if cls not in best or weight > best[cls][0]:
+                best[cls] = (weight, entry)
         c_last = blocks[-1].conv3.c_out   # the FC layer, a 1x1 convolution on 1x1 pixels
         fc = dict(N=n, C=c_last, H=1, W=1, K=1000, kernel=1, stride=1, padding=0,
-                  sparsity=0.0)
-        best[conv2d_shape_class(n, c_last, (1, 1), 1, 1)] = (0, fc)
+                  sparsity=0.0, epilogue="bias")
+        best[conv2d_shape_class(n, c_last, (1, 1), 1, 1)] = ((0, False), fc)
     return [entry for _, entry in best.values() if kernel is None or entry["kernel"] == kernel]
 
 

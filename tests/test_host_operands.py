@@ -168,12 +168,20 @@ def test_cache_stops_snapshotting_an_object_that_always_changes():
         assert cache.get(thing, (thing.values,), "k", lambda: "fresh") == "fresh"
 
 
-def test_cache_compares_bytes_not_values():
+@pytest.mark.parametrize("memcmp", [True, False], ids=["memcmp", "numpy"])
+def test_cache_compares_bytes_not_values(monkeypatch, memcmp):
+    if not memcmp:   # where ctypes finds no C library: NumPy compares
+        monkeypatch.setattr(_prepared, "_MEMCMP", None)
+    elif _prepared._MEMCMP is None:
+        pytest.skip("ctypes finds no memcmp here")
     cache = _prepared.PreparedCache("test")
-    thing = _Thing(np.array([0.0, np.nan, 1.0, 2.0], np.float32))
+    thing = _Thing(np.array([0.0, np.nan, 1.0, 2.0, 3.0], np.float32))
     for _ in range(2):
         cache.get(thing, (thing.values,), "k", lambda: "zero")
     assert cache.get(thing, (thing.values,), "k", lambda: "new") == "zero"   # NaN == NaN
+    thing.values[4] = 3.0000002   # the last byte of an odd-sized buffer counts
+    assert cache.get(thing, (thing.values,), "k", lambda: "last") == "last"
+    cache.get(thing, (thing.values,), "k", lambda: "last")
     thing.values[0] = -0.0
     assert cache.get(thing, (thing.values,), "k", lambda: "negative zero") == "negative zero"
 

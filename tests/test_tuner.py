@@ -286,6 +286,20 @@ def test_convolution_shapes_from_a_shapes_file(queue, family, entry):
                           progress=None)
 
 
+@pytest.mark.parametrize("epilogue", ["bias", "bias+relu", "bias+residual+relu"])
+def test_convolution_shapes_with_the_networks_epilogue(queue, epilogue):
+    """A conv2d_csr entry may name the epilogue a network fuses into that layer; every
+    candidate is then timed and checked with it."""
+    entry = {"N": 2, "C": 4, "H": 7, "W": 6, "K": 3, "kernel": 1, "padding": 0,
+             "sparsity": 0.5, "epilogue": epilogue}
+    result = tuner.tune_family("conv2d_csr", queue, shapes=[entry], budget_s=30,
+                               max_candidates=1, reps=1, write=False, progress=None)
+    assert result.best is not None and result.problems[0].endswith("+" + epilogue)
+    with pytest.raises(problems.ShapesError, match="epilogue must be one of"):
+        tuner.tune_family("conv2d_csr", queue, shapes=[dict(entry, epilogue="gelu")],
+                          write=False, progress=None)
+
+
 def test_ship_tuning_keeps_newer_shipped_entries(tmp_path, monkeypatch):
     """scripts/ship_tuning.py copies a tuned database into the shipped one, but a stale
     cache file (measured before the shipped entry) does not undo a newer tuning run."""

@@ -13,7 +13,8 @@ Two sizes:
   name, at the batch the targets name for the device type -- a small set with ``quick``,
   or the shapes a user lists in a JSON file (``python -m pysparsecl tune --shapes FILE``)::
 
-    {"conv2d_csr":  [{"N": 32, "C": 64, "H": 56, "W": 56, "K": 64, "sparsity": 0.9}],
+    {"conv2d_csr":  [{"N": 32, "C": 64, "H": 56, "W": 56, "K": 64, "sparsity": 0.9,
+                      "epilogue": "bias+relu"}],
      "masked_gemm": [{"M": 128, "K": 4096, "N": 4096, "keep": 0.1}],
      "elementwise": [{"n": 16777216}]}
 
@@ -143,30 +144,62 @@ def _conv2d_problems(queue, rng, quick, shapes) -> List[Problem]:
     from ..ops.conv2d import conv2d_shape_class
     from .cases import RESNET50_LAYERS
     if shapes is not None:
-        cases = [case.with_(sparsity=sparsity) for case, sparsity in
-                 (_conv_case(entry, "conv2d_csr", "sparsity", 0.9) for entry in shapes)]
+        cases = []
+        for entry in shapes:
+            entry = dict(entry) if isinstance(entry, dict) else entry
+            epilogue = entry.pop("epilogue", "") if isinstance(entry, dict) else ""
+            if epilogue not in _CONV_EPILOGUES:
+                raise ShapesError(f"conv2d_csr: epilogue must be one of "
+                                  f"{sorted(_CONV_EPILOGUES)}, got {epilogue!r}")
+            case, sparsity = _conv_case(entry, "conv2d_csr", "sparsity", 0.9)
+            cases.append((case.with_(sparsity=sparsity), epilogue))
     elif quick:
-        cases = [c.with_(H=14, W=14, N=2, sparsity=0.9) for c in RESNET50_LAYERS[:2]]
+        cases = [(c.with_(H=14, W=14, N=2, sparsity=0.9), "") for c in RESNET50_LAYERS[:2]]
     else:   # the batches the targets name: 8 on CPUs, 32 on GPUs
         batch = 32 if _is_gpu(queue) else 8
-        cases = [c.with_(N=batch, sparsity=0.9) for c in RESNET50_LAYERS[:4]]
+        cases = [(c.with_(N=batch, sparsity=0.9), "") for c in RESNET50_LAYERS[:4]]
     problems = []
-    for case in cases:
+    alloc = runtime.memory_pool(queue.context)
+    for case, epilogue in cases:
         x, w, csr, _ = case.make_inputs(rng)
         # From the memory pool, as a network's activations come (whose slack lets a
         # convolution read its input in place: conv2d_csr's direct plans).
-        x_dev = runtime.empty(queue, x.shape, np.float32,
-                              allocator=runtime.memory_pool(queue.context))
+        x_dev = runtime.empty(queue, x.shape, np.float32, allocator=alloc)
         x_dev.set(x)
         weight = SparseConvWeight(csr, case.C, case.kernel, case.groups, queue)
         kw = dict(stride=case.stride, padding=case.padding)
+        bias = residual = None
+        if "bias" in epilogue:
+            bias = rng.standard_normal(case.K).astype(np.float32)
+            kw["bias"] = cl_array.to_device(queue, bias)
+        if "residual" in epilogue:
+            residual = rng.standard_normal((case.N, case.K) + case.output_hw,
+                                           dtype=np.float32)
+            kw["residual"] = runtime.empty(queue, residual.shape, np.float32,
+                                           allocator=alloc)
+            kw["residual"].set(residual)
+        if "relu" in epilogue:
+            kw["activation"] = "relu"
         problems.append(Problem(
-            case.label(), lambda ev, x_dev=x_dev, weight=weight, kw=kw:
+            case.label() + (f" +{epilogue}" if epilogue else ""),
+            lambda ev, x_dev=x_dev, weight=weight, kw=kw:
             conv2d_sparse(x_dev, weight, events=ev, **kw),
-            lambda x=x, w=w, case=case: case.reference(x, w, None),
+            lambda x=x, w=w, case=case, bias=bias, residual=residual, relu="relu" in epilogue:
+            _conv_epilogue_reference(case.reference(x, w, bias), residual, relu),
             conv2d_shape_class(case.N, case.C // case.groups, case.output_hw, case.kernel,
                                case.stride)))
     return problems
+
+
+#: A conv2d_csr shapes-file entry's optional "epilogue": what the call fuses into its store,
+#: as a network layer does (``scripts/network_shapes.py`` writes each class's).
+_CONV_EPILOGUES = frozenset({"", "bias", "bias+relu", "bias+residual+relu"})
+
+
+def _conv_epilogue_reference(y: np.ndarray, residual, relu: bool) -> np.ndarray:
+    if residual is not None:
+        y = y + residual
+    return np.maximum(y, 0) if relu else y
 
 
 def _elementwise_problems(queue, rng, quick, shapes) -> List[Problem]:
