@@ -194,7 +194,7 @@ def _make_queue(ctx: cl.Context) -> cl.CommandQueue:
 
 
 # Queues leave service through their ``with`` block (pyopencl's CommandQueue.__exit__).
-# Counting those exits lets _check_open skip its costly test (2-4 us, a quarter of an
+# Counting those exits lets _check_open skip its costly test (2-4 us, a tenth of an
 # eager call's host time) for a queue found open since the last exit anywhere.  The count
 # moves before and after each exit, so a check that overlaps one is never trusted.
 _queue_exits = 0
