@@ -967,6 +967,13 @@ def aligned_empty(shape, dtype, alignment: int, zeros: bool = False) -> np.ndarr
     dtype = np.dtype(dtype)
     n_bytes = math.prod(shape) * dtype.itemsize
     raw = (np.zeros if zeros else np.empty)(n_bytes + alignment, np.uint8)
+    return _aligned_view(raw, shape, dtype, n_bytes, alignment)
+
+
+def _aligned_view(raw: np.ndarray, shape, dtype: np.dtype, n_bytes: int,
+                  alignment: int) -> np.ndarray:
+    """The array ``shape`` of ``dtype`` in the bytes ``raw`` holds (``alignment`` more than
+    ``n_bytes``), starting on the first ``alignment``-byte boundary."""
     start = -raw.__array_interface__["data"][0] % alignment
     return raw[start:start + n_bytes].view(dtype).reshape(shape)
 
@@ -1018,8 +1025,7 @@ def result_empty(shape, dtype, alignment: int, reuse_only: bool = False
         while len(_results) > _RESULTS_MAX or (total > _RESULTS_MAX_BYTES and
                                                len(_results) > 1):
             total -= _results.pop(0).size
-        start = -raw.__array_interface__["data"][0] % alignment
-        return raw[start:start + n_bytes].view(dtype).reshape(shape)
+        return _aligned_view(raw, shape, dtype, n_bytes, alignment)
 
 
 def release_results() -> None:

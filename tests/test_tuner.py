@@ -295,9 +295,10 @@ def test_convolution_shapes_with_the_networks_epilogue(queue, epilogue):
     result = tuner.tune_family("conv2d_csr", queue, shapes=[entry], budget_s=30,
                                max_candidates=1, reps=1, write=False, progress=None)
     assert result.best is not None and result.problems[0].endswith("+" + epilogue)
-    with pytest.raises(problems.ShapesError, match="epilogue must be one of"):
-        tuner.tune_family("conv2d_csr", queue, shapes=[dict(entry, epilogue="gelu")],
-                          write=False, progress=None)
+    for bad in ("gelu", ["relu"]):
+        with pytest.raises(problems.ShapesError, match="epilogue must be one of"):
+            tuner.tune_family("conv2d_csr", queue, shapes=[dict(entry, epilogue=bad)],
+                              write=False, progress=None)
 
 
 def test_ship_tuning_keeps_newer_shipped_entries(tmp_path, monkeypatch):

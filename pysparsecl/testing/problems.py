@@ -146,9 +146,11 @@ def _conv2d_problems(queue, rng, quick, shapes) -> List[Problem]:
     if shapes is not None:
         cases = []
         for entry in shapes:
-            entry = dict(entry) if isinstance(entry, dict) else entry
-            epilogue = entry.pop("epilogue", "") if isinstance(entry, dict) else ""
-            if epilogue not in _CONV_EPILOGUES:
+            epilogue = ""
+            if isinstance(entry, dict) and "epilogue" in entry:
+                entry = dict(entry)
+                epilogue = entry.pop("epilogue")
+            if not isinstance(epilogue, str) or epilogue not in _CONV_EPILOGUES:
                 raise ShapesError(f"conv2d_csr: epilogue must be one of "
                                   f"{sorted(_CONV_EPILOGUES)}, got {epilogue!r}")
             case, sparsity = _conv_case(entry, "conv2d_csr", "sparsity", 0.9)
