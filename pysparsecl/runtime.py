@@ -1137,6 +1137,9 @@ def lent_before(queue: cl.CommandQueue, host: np.ndarray, at_offset: bool = True
 
 #: Operands of NumPy calls up to this size go through the thread's staging buffers.
 STAGING_MAX_BYTES = 256 * 1024
+#: Operands and results up to this size are always staged (a memcpy of a few
+#: microseconds at most), never lent: lending costs more in Python than the copy.
+STAGE_ALWAYS_BYTES = 64 * 1024
 _staging = threading.local()
 
 
@@ -1148,23 +1151,44 @@ def staging(queue: cl.CommandQueue, slot: str, shape, dtype
     For the small operands of NumPy calls on devices whose kernels work in host memory
     itself (:func:`kernels_use_host_memory`): copying a small operand into a buffer made
     once costs a memcpy, where a new buffer per call costs PoCL ~40 us at its first
-    launch (a third of a 1024 x 1024 masked VMM).  The call must be done with the memory
+    launch (a third of a 1024 x 1024 masked VMM).  The pair for a (queue, shape, dtype)
+    is made once and handed out again (a device array costs pyopencl ~3 us to build), so
+    the caller must not keep either past its call.  The call must be done with the memory
     (a NumPy call waits for its kernels) before the thread uses ``slot`` again."""
     slots = getattr(_staging, "slots", None)
     if slots is None:
         slots = _staging.slots = {}
-    dtype = np.dtype(dtype)
-    n_bytes = math.prod(shape) * dtype.itemsize
-    key = (queue.context.int_ptr, slot)   # the buffer holds its context: no reused pointer
-    found = slots.get(key)
+    shape = tuple(shape)
+    key = (queue.int_ptr, slot, shape, dtype)   # the arrays hold their queue: no reused pointer
+    pair = slots.get(key)
+    if pair is not None:
+        return pair
+    dtype_ = np.dtype(dtype)
+    n_bytes = math.prod(shape) * dtype_.itemsize
+    buffers = getattr(_staging, "buffers", None)
+    if buffers is None:
+        buffers = _staging.buffers = {}
+    bkey = (queue.context.int_ptr, slot)   # the buffer holds its context: no reused pointer
+    found = buffers.get(bkey)
     if found is None or found[0].nbytes < n_bytes:
         capacity = max(4096, 1 << (n_bytes - 1).bit_length())
         host = aligned_empty((capacity,), np.uint8, base_alignment(queue.device))
         buf = cl.Buffer(queue.context, cl.mem_flags.READ_WRITE | cl.mem_flags.USE_HOST_PTR,
                         hostbuf=host)
-        found = slots[key] = (host, buf)
+        found = buffers[bkey] = (host, buf)
+        for stale in [k for k in slots if k[1] == slot]:   # views of the old buffer
+            del slots[stale]
     host, buf = found
-    return _fast_array(queue, shape, dtype, data=buf), host[:n_bytes].view(dtype).reshape(shape)
+    pair = (_fast_array(queue, shape, dtype_, data=buf),
+            host[:n_bytes].view(dtype_).reshape(shape))
+    if len(slots) >= _STAGING_VIEWS_MAX:
+        slots.clear()
+    slots[key] = pair
+    return pair
+
+
+#: Staged (device array, view) pairs a thread keeps before it starts over.
+_STAGING_VIEWS_MAX = 256
 
 
 _scratch = threading.local()
@@ -1202,6 +1226,7 @@ def release_staging() -> None:
     """Drop this thread's staging buffers (see :func:`staging`) and scratch buffers (see
     :func:`scratch`)."""
     _staging.slots = {}
+    _staging.buffers = {}
     _scratch.buffers = {}
 
 

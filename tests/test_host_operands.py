@@ -332,6 +332,36 @@ def test_lent_buffers_are_kept_per_address_range(queue):
     assert runtime._lent_buffer(queue.context, start + 64, 1024, flags) is not a
 
 
+def test_staging_pairs_are_kept_per_shape_and_follow_a_grown_buffer(queue):
+    runtime.release_staging()
+    dev, view = runtime.staging(queue, "t", (5, 3), np.float32)
+    assert runtime.staging(queue, "t", [5, 3], np.float32)[0] is dev   # made once
+    other, other_view = runtime.staging(queue, "t", (15,), np.float32)
+    assert other is not dev and np.shares_memory(view, other_view)  # one buffer per slot
+    view[...] = 7.0
+    np.testing.assert_array_equal(dev.get(), view)
+    big, big_view = runtime.staging(queue, "t", (4096,), np.float32)  # the buffer grows
+    again, again_view = runtime.staging(queue, "t", (5, 3), np.float32)
+    assert again is not dev and again.base_data is big.base_data
+    assert np.shares_memory(again_view, big_view) and not np.shares_memory(again_view, view)
+    runtime.release_staging()
+    assert runtime.staging(queue, "t", (5, 3), np.float32)[0] is not again
+
+
+def test_small_masked_vmm_results_are_the_callers_own(queue, rng, host_mode):
+    """Consecutive NumPy VMM calls stage x, the mask and the result in the same thread
+    buffers: each result is its own array with its own call's values."""
+    k, n = 300, 200
+    w = rng.standard_normal((k, n), dtype=np.float32)
+    weight = ps.MaskedLinearWeight(w, queue=queue)
+    calls = [(rng.standard_normal(k, dtype=np.float32), row_masks(rng, 1, n, 40)[0][0])
+             for _ in range(3)]
+    results = [ps.masked_matmul(x, weight, mask, queue=queue) for x, mask in calls]
+    for (x, mask), got in zip(calls, results):
+        assert relative_error(got, mask * (x.astype(np.float64) @ w)) < 1e-5
+    assert not np.shares_memory(results[0], results[1])
+
+
 def test_only_an_out_apart_from_the_operands_is_lent():
     raw = np.zeros(1000, np.float32)
     x, out = raw[:400], raw[500:]

@@ -61,8 +61,9 @@ def new_output(queue: cl.CommandQueue, shape, dtype, out, like, zeros: bool = Fa
     - A NumPy call (``like`` not a device array) with no ``out``, on a device that shares
       host memory: the result is written in place into a NumPy array lent to the kernels,
       whose memory is an earlier result's that nothing refers to any more, where there
-      is one (``runtime.result_empty``), else new memory; except that a small result with
-      no such memory to take is written to the thread's staging buffer and copied out.
+      is one (``runtime.result_empty``), else new memory; except that a small result
+      (up to ``runtime.STAGE_ALWAYS_BYTES``, or one with no such memory to take) is
+      written to the thread's staging buffer and copied out.
     - A NumPy call with a NumPy ``out``, where the op passes ``inputs`` (the operands
       that the kernels read at other places than the one they write), on a device whose
       kernels work in host memory itself: the same, into ``out``, unless ``out`` overlaps
@@ -79,7 +80,8 @@ def new_output(queue: cl.CommandQueue, shape, dtype, out, like, zeros: bool = Fa
         if n_bytes <= runtime.STAGING_MAX_BYTES and runtime.kernels_use_host_memory(
                 queue.device):
             alignment = runtime.base_alignment(queue.device)
-            if out is None:   # an earlier result's memory, free now, is written in place
+            if out is None and n_bytes > runtime.STAGE_ALWAYS_BYTES:
+                # An earlier result's memory, free now, is written in place.
                 host = runtime.result_empty(shape, dtype, alignment, reuse_only=True)
                 if host is not None:
                     if zeros:
@@ -90,6 +92,8 @@ def new_output(queue: cl.CommandQueue, shape, dtype, out, like, zeros: bool = Fa
                 view.fill(0)
             if out is None:
                 def copied():
+                    if n_bytes <= runtime.STAGE_ALWAYS_BYTES:
+                        return view.copy()
                     result = runtime.result_empty(shape, dtype, alignment)
                     result[...] = view
                     return result
@@ -180,7 +184,9 @@ def to_device(a, queue: cl.CommandQueue, name: str, borrow: bool = False,
 
     A NumPy array is copied once to the device; with ``borrow`` on a device that shares
     host memory, a small one is copied into the thread's staging buffer named ``name``
-    (:func:`runtime.staging`; a memcpy) and a larger one lent to the kernels in place
+    (:func:`runtime.staging`; a memcpy; one up to ``runtime.STAGING_MAX_BYTES`` that
+    :func:`runtime.lent_before` finds passed before is lent instead, unless it is at most
+    ``runtime.STAGE_ALWAYS_BYTES``) and a larger one lent to the kernels in place
     (:func:`runtime.wrap_host`; no copy unless strided).  A lent array usually lies at an
     offset into its buffer; a kernel argument that takes no offset passes
     ``at_offset=False``, and such an array is first copied on the host into one that
@@ -198,7 +204,8 @@ def to_device(a, queue: cl.CommandQueue, name: str, borrow: bool = False,
     if borrow and a.nbytes and runtime.shares_host_memory(queue.device):
         if a.nbytes <= runtime.STAGING_MAX_BYTES and \
                 runtime.kernels_use_host_memory(queue.device) and \
-                not runtime.lent_before(queue, a, at_offset):
+                (a.nbytes <= runtime.STAGE_ALWAYS_BYTES or
+                 not runtime.lent_before(queue, a, at_offset)):
             dev, view = runtime.staging(queue, name, a.shape, a.dtype)
             view[...] = a
             return dev
