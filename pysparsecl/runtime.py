@@ -1140,6 +1140,9 @@ STAGING_MAX_BYTES = 256 * 1024
 #: Operands and results up to this size are always staged (a memcpy of a few
 #: microseconds at most), never lent: lending costs more in Python than the copy.
 STAGE_ALWAYS_BYTES = 64 * 1024
+#: The largest operand that an op asking to realign it (``to_device``'s ``realign``)
+#: copies into a staging buffer the thread keeps, rather than lend it misaligned.
+REALIGN_MAX_BYTES = 64 * 2**20
 _staging = threading.local()
 
 

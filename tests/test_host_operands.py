@@ -348,6 +348,24 @@ def test_staging_pairs_are_kept_per_shape_and_follow_a_grown_buffer(queue):
     assert runtime.staging(queue, "t", (5, 3), np.float32)[0] is not again
 
 
+def test_realign_stages_large_operands_off_a_cache_line(queue, rng, host_mode):
+    """A large operand that an op asks to realign (the masked GEMM's x) is lent as it is
+    when it starts on a cache line, and copied into a staging buffer otherwise; an op
+    that does not ask lends it misaligned."""
+    x = rng.standard_normal((400, 300), dtype=np.float32)   # past the staging size
+    lined = runtime.aligned_empty(x.shape, np.float32, 64)
+    lined[...] = x
+    for a in (lined, _misaligned(x)):
+        got = _common.to_device(a, queue, "x", borrow=True, realign=True)
+        np.testing.assert_array_equal(got.get(), x)
+        stage = runtime.staging(queue, "x", x.shape, x.dtype)[0].base_data
+        staged = host_mode == "in_place" and a is not lined
+        assert (got.base_data.int_ptr == stage.int_ptr) == staged
+        if host_mode != "copy":
+            assert getattr(got, "lent_host", None) is (None if staged else a)
+            assert _common.to_device(a, queue, "x", borrow=True).lent_host is a
+
+
 def test_small_masked_vmm_results_are_the_callers_own(queue, rng, host_mode):
     """Consecutive NumPy VMM calls stage x, the mask and the result in the same thread
     buffers: each result is its own array with its own call's values."""

@@ -179,7 +179,7 @@ def int_pair(value, name: str, minimum: int) -> Tuple[int, int]:
 
 
 def to_device(a, queue: cl.CommandQueue, name: str, borrow: bool = False,
-              at_offset: bool = True) -> cl_array.Array:
+              at_offset: bool = True, realign: bool = False) -> cl_array.Array:
     """``a`` as a device array on ``queue``'s context.
 
     A NumPy array is copied once to the device; with ``borrow`` on a device that shares
@@ -190,7 +190,12 @@ def to_device(a, queue: cl.CommandQueue, name: str, borrow: bool = False,
     (:func:`runtime.wrap_host`; no copy unless strided).  A lent array usually lies at an
     offset into its buffer; a kernel argument that takes no offset passes
     ``at_offset=False``, and such an array is first copied on the host into one that
-    starts on the base alignment.  Only a call that waits for all its commands before it
+    starts on the base alignment.  With ``realign`` (for kernels that read the array
+    many times in vectors, such as the masked GEMM's x), an array up to
+    ``runtime.REALIGN_MAX_BYTES`` that is not C-contiguous from a cache-line boundary is
+    staged too: NumPy's large allocations start 16 bytes past a page, and every vector
+    load of such an array then spans two cache lines (the PoCL masked GEMM at 4096 x
+    1024 x 1024 took 17% longer).  Only a call that waits for all its commands before it
     returns (a NumPy call, see :func:`deliver`) may borrow, its kernels must only read
     the array, and ``name`` must be unique among the call's operands."""
     if is_device_array(a):
@@ -202,10 +207,12 @@ def to_device(a, queue: cl.CommandQueue, name: str, borrow: bool = False,
                          "NumPy operand is read once, and host buffers are reused)")
     check_alloc(queue, a.nbytes, name)
     if borrow and a.nbytes and runtime.shares_host_memory(queue.device):
-        if a.nbytes <= runtime.STAGING_MAX_BYTES and \
-                runtime.kernels_use_host_memory(queue.device) and \
-                (a.nbytes <= runtime.STAGE_ALWAYS_BYTES or
-                 not runtime.lent_before(queue, a, at_offset)):
+        in_place = runtime.kernels_use_host_memory(queue.device)
+        if in_place and (a.nbytes <= runtime.STAGE_ALWAYS_BYTES or
+                         (a.nbytes <= runtime.STAGING_MAX_BYTES and
+                          not runtime.lent_before(queue, a, at_offset)) or
+                         (realign and a.nbytes <= runtime.REALIGN_MAX_BYTES and
+                          not _starts_on_a_line(a))):
             dev, view = runtime.staging(queue, name, a.shape, a.dtype)
             view[...] = a
             return dev
@@ -219,6 +226,11 @@ def to_device(a, queue: cl.CommandQueue, name: str, borrow: bool = False,
         return runtime.wrap_host(queue, host, writable=False)
     return cl_array.to_device(queue, np.ascontiguousarray(a),
                               allocator=runtime.memory_pool(queue.context))
+
+
+def _starts_on_a_line(a: np.ndarray) -> bool:
+    """Whether ``a`` is C-contiguous from a cache-line (64-byte) boundary."""
+    return a.flags.c_contiguous and a.__array_interface__["data"][0] % 64 == 0
 
 
 def check_int32_sizes(**sizes) -> None:

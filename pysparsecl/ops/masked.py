@@ -426,7 +426,9 @@ def masked_matmul(x, w, mask, *, out=None, verify_mask=True, queue=None, events=
     ------
     On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
     lends its inputs and its new results to the kernels in place, with no copy, except
-    that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy);
+    that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy),
+    and so does an x up to 64 MiB that does not start on a cache line (NumPy's large
+    arrays start 16 bytes past one; the GEMM's vector loads would each span two lines);
     elsewhere they are copied to and from the device.  A NumPy call returns when its
     result is ready; a device-array call returns once it is enqueued.
 
@@ -479,7 +481,7 @@ def masked_matmul(x, w, mask, *, out=None, verify_mask=True, queue=None, events=
     elif out_dev.size:
         rows, ldw = weight_rows(w, k_in, queue, events)
         borrow = not is_device_array(x)   # a NumPy call waits for its result
-        x_dev = to_device(x, queue, "x", borrow)
+        x_dev = to_device(x, queue, "x", borrow, realign=True)
         mask_dev = to_device(mask, queue, "mask", borrow)
         _launch_forward(queue, x_dev, rows, ldw, sel, mask_dev, out_dev, n_rows, n_cols,
                         k_in, events)
@@ -655,7 +657,9 @@ def masked_matmul_backward(dy, x, w, mask, *, need_dx=True, dw_rows=False, dw_ou
     A NumPy ``w`` is kept as device rows while it is unchanged (see :func:`masked_matmul`).
     On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
     lends its inputs and its new results to the kernels in place, with no copy, except
-    that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy);
+    that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy),
+    and so does an x up to 64 MiB that does not start on a cache line (NumPy's large
+    arrays start 16 bytes past one; the GEMM's vector loads would each span two lines);
     elsewhere they are copied to and from the device.  A NumPy call returns when its
     result is ready; a device-array call returns once it is enqueued.
 
@@ -906,7 +910,9 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
 
     On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
     lends its inputs and its new results to the kernels in place, with no copy, except
-    that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy);
+    that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy),
+    and so does an x up to 64 MiB that does not start on a cache line (NumPy's large
+    arrays start 16 bytes past one; the GEMM's vector loads would each span two lines);
     elsewhere they are copied to and from the device.  A NumPy call returns when its
     result is ready; a device-array call returns once it is enqueued.
     """
@@ -1105,7 +1111,9 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
 
     On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
     lends its inputs and its new results to the kernels in place, with no copy, except
-    that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy);
+    that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy),
+    and so does an x up to 64 MiB that does not start on a cache line (NumPy's large
+    arrays start 16 bytes past one; the GEMM's vector loads would each span two lines);
     elsewhere they are copied to and from the device.  A NumPy call returns when its
     result is ready; a device-array call returns once it is enqueued.  A device weight is
     packed on every call; a NumPy weight once, then kept while its bytes stay the same
