@@ -72,6 +72,11 @@ ${pack_flat()}
 ${pack_rows()}
 % endif
 
+% if LOCAL_X:
+// Floats of one input channel's tile (the work-group's pixels), in either layout.
+#define PSCL_TILE_FLOATS (PSCL_VEC * PSCL_PIX_VECS * PSCL_WG_PIX)
+#define PSCL_TILE_VECS (PSCL_PIX_VECS * PSCL_WG_PIX)
+% endif
 % if CH_FASTEST:
 #define PSCL_CH_DIM 0
 #define PSCL_PIX_DIM 1
@@ -88,6 +93,12 @@ ${pack_rows()}
 // work-group's items all finish one block of input channels before any starts the next:
 // PoCL runs the items one after another between barriers, and the block's input tile
 // stays in L1 for all of them.
+//
+// LOCAL_X (1x1 kernels, one group, with CBLOCK; GPUs): the work-group first copies the
+// block's input tile into local memory, coalesced, and its WG_CH output channels read it
+// there: a 1x1 layer reuses each input element only across output channels (a 3x3 one
+// also across its nine taps, through the cache), so reading it from global memory once per
+// nonzero bounded the kernel by cache bandwidth.
 __kernel __attribute__((reqd_work_group_size(
     ${"PSCL_WG_CH, PSCL_WG_PIX" if CH_FASTEST else "PSCL_WG_PIX, PSCL_WG_CH"}, ${WG_IMG})))
 void pscl_conv2d_csr(${ARGS["pscl_conv2d_csr"]})
@@ -143,9 +154,35 @@ void pscl_conv2d_csr(${ARGS["pscl_conv2d_csr"]})
 % endfor
 % if CBLOCK:
     const __global int *seg = row_ptr + (long)k * (n_seg + 1);
+%   if LOCAL_X:
+    __local pscl_floatv xtile[${CBLOCK} * PSCL_TILE_VECS];
+    const int lid = get_local_id(0) + get_local_id(1) * get_local_size(0);
+    // The tile's first float in channel 0 of this image (block); channel c is
+    // c * x_chan_stride floats on.
+    const __global float *xsrc = xpack + n * x_image_stride
+        + (long)get_group_id(PSCL_PIX_DIM) * PSCL_TILE_PIX * PSCL_PIX_FLOATS;
+%   endif
     for (int blk = 0; blk < n_seg; ++blk) {
+%   if LOCAL_X:
+        for (int v = lid; v < ${CBLOCK} * PSCL_TILE_VECS; v += PSCL_WG_PIX * PSCL_WG_CH) {
+            const int cl = v / PSCL_TILE_VECS;
+            const int c = blk * ${CBLOCK} + cl;
+            const __global float *from = xsrc + (long)c * x_chan_stride
+                                         + (v - cl * PSCL_TILE_VECS) * PSCL_VEC;
+%     if BATCH_LAYOUT:
+            xtile[v] = c < c_per_group ? *(const __global pscl_floatv *)from
+                                       : (pscl_floatv)(0.0f);
+%     else:
+            xtile[v] = c < c_per_group ? PSCL_LOAD_pscl_floatv(0, from) : (pscl_floatv)(0.0f);
+%     endif
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        const int j_end = active ? seg[blk + 1] : 0;
+        ${local_row_loop("active ? seg[blk] : 0", "j_end")}
+%   else:
         const int j_end = active ? seg[blk + 1] : 0;
         ${row_loop("active ? seg[blk] : 0", "j_end")}
+%   endif
         barrier(CLK_LOCAL_MEM_FENCE);
     }
     if (!active)
@@ -257,6 +294,23 @@ void pscl_conv2d_csr(${ARGS["pscl_conv2d_csr"]})
     }
 </%def>
 
+
+## row_loop reading the block's tile from local memory (LOCAL_X): a nonzero's offset is
+## its input channel times x_chan_stride (a 1x1 kernel), the channel found by pscl_udiv.
+<%def name="local_row_loop(begin, end)">
+% if UNROLL > 1:
+    __attribute__((opencl_unroll_hint(${UNROLL})))
+% endif
+    for (int j = ${begin}; j < ${end}; ++j) {
+        const int2 nz = w_nz[j];
+        const pscl_floatv w = (pscl_floatv)(as_float(nz.y));
+        const int cl = (int)pscl_udiv(nz.x, div_chan_m, div_chan_s) - blk * ${CBLOCK};
+        const __local pscl_floatv *src = xtile + cl * PSCL_TILE_VECS + lane;
+% for b in range(PIX_VECS):
+        acc${b} = fma(w, src[${b} * PSCL_WG_PIX], acc${b});
+% endfor
+    }
+</%def>
 
 ## The input packing, by the routine's choice: a flat pass (conv2d_pack_flat, GPUs) or
 ## PACK_LANES work-items per row (conv2d_pack_rows).

@@ -106,6 +106,37 @@ def test_channel_blocked_rows(queue, rng, case):
     assert relative_error(y, case.reference(x, w, bias)) < TOL
 
 
+ONE_BY_ONE = [ConvCase(4, 37, 7, 9, 21, kernel=(1, 1), padding=(0, 0), sparsity=0.6,
+                       bias=True, empty_rows=2),
+              ConvCase(4, 20, 9, 9, 13, kernel=(1, 1), stride=(2, 2), padding=(0, 0),
+                       sparsity=0.5),
+              ConvCase(3, 19, 5, 6, 10, kernel=(1, 1), padding=(0, 0), sparsity=0.4),
+              ConvCase(2, 9, 8, 8, 6, kernel=(1, 1), padding=(0, 0), groups=3, sparsity=0.3),
+              ConvCase(2, 8, 6, 7, 5, sparsity=0.5)]   # 3x3: LOCAL_X does not apply
+
+
+@pytest.mark.parametrize("layout", [1, 0])
+@pytest.mark.parametrize("ch_fastest", [0, 1])
+@pytest.mark.parametrize("case", ONE_BY_ONE, ids=[c.label() for c in ONE_BY_ONE])
+def test_local_input_tiles(queue, rng, case, layout, ch_fastest):
+    """LOCAL_X on 1x1 layers: the tile of each block of input channels copied into local
+    memory, with a last block part-filled (C not a multiple of CBLOCK), idle items past
+    the output channels and pixels, stride-2 phases, an odd batch (the pixel layout), and
+    the geometries it does not apply to (groups, 3x3); into an output poisoned with NaN,
+    with the residual and ReLU."""
+    x, w, csr, bias = case.make_inputs(rng)
+    ref = case.reference(x, w, bias)
+    residual = rng.standard_normal(ref.shape, dtype=np.float32)
+    out = cl_array.to_device(queue, np.full(ref.shape, np.nan, np.float32))
+    with override("conv2d_csr", VEC=4, PIX_VECS=2, WG_PIX=4, WG_CH=8, WG_IMG=1,
+                  CH_FASTEST=ch_fastest, BATCH_LAYOUT=layout, COMPACT=0, UNROLL=2, CBLOCK=8,
+                  LOCAL_X=1):
+        ps.conv2d_sparse(cl_array.to_device(queue, x), csr, bias, out=out,
+                         residual=cl_array.to_device(queue, residual), activation="relu",
+                         **case.kwargs())
+    assert relative_error(out.get(), np.maximum(ref + residual, 0)) < TOL
+
+
 COMPACT_SHAPES = {"plain": dict(WG_IMG=1, CBLOCK=0, CH_FASTEST=0),
                   "img-tiles+cblock": dict(WG_IMG=2, CBLOCK=4, CH_FASTEST=1)}
 

@@ -44,7 +44,8 @@ SPEC = ParamSpec(
         TileParam("PIX_VECS", 4, (1, 2, 3, 4, 6, 8), "vectors of pixels held per work-item"),
         TileParam("WG_PIX", 1, (1, 2, 4, 8, 16, 32, 64, 128, 256),
                   "work-items along pixels in a work-group"),
-        TileParam("WG_CH", 1, (1, 2, 4, 8, 16), "work-items along output channels"),
+        TileParam("WG_CH", 1, (1, 2, 4, 8, 16, 32, 64, 128),
+                  "work-items along output channels"),
         TileParam("CH_FASTEST", 0, (0, 1),
                   "1: NDRange dim 0 walks output channels (input tile reused from cache)"),
         TileParam("BATCH_LAYOUT", 0, (0, 1),
@@ -55,17 +56,27 @@ SPEC = ParamSpec(
                   "layer), no part-filled tile per image; ignored in the pixel layout, so "
                   "that an override of the layout never clashes"),
         TileParam("UNROLL", 1, (1, 2, 4), "unroll hint for the loop over a row's nonzeros"),
-        TileParam("CBLOCK", 0, (0, 4, 8, 16, 32),
+        TileParam("CBLOCK", 0, (0, 4, 8, 16, 32, 64),
                   "input channels per barrier-separated segment of each row, so a work-group "
                   "shares each block's input tile in cache (CPUs); 0: no segments"),
         TileParam("WG_IMG", 1, (1, 2, 4, 8),
                   "work-items along images (or image blocks): fuller work-groups on small "
                   "planes"),
+        TileParam("LOCAL_X", 0, (0, 1),
+                  "1: with CBLOCK, a 1x1 layer's work-group copies each block's input tile "
+                  "into local memory and reads it there (GPUs); ignored for other kernels, "
+                  "groups, COMPACT or WG_IMG > 1"),
     ),
     constraints=(
         Constraint("accumulators_fit_registers", lambda p: p["VEC"] * p["PIX_VECS"] <= 96,
                    "VEC * PIX_VECS float accumulators must fit the register file "
                    "(96 = 12 of an x86 core's 16 AVX2 registers)"),
+        Constraint("local_tile_needs_blocks", lambda p: not p["LOCAL_X"] or p["CBLOCK"] > 0,
+                   "LOCAL_X stages the tile of each CBLOCK block: CBLOCK must be > 0"),
+        Constraint("local_tile_fits", lambda p: not p["LOCAL_X"] or
+                   4 * p["CBLOCK"] * p["VEC"] * p["PIX_VECS"] * p["WG_PIX"] <= 32768,
+                   "LOCAL_X's tile (4 * CBLOCK * VEC * PIX_VECS * WG_PIX bytes) must fit "
+                   "the 32 KiB of local memory every OpenCL device has"),
     ),
     work_group_size=lambda p: max(p["WG_PIX"] * p["WG_CH"] * p["WG_IMG"], PACK_WG),
 )
@@ -111,7 +122,9 @@ CONV_ARGS = Signature("pscl_conv2d_csr", (
     Pointer("residual", "float"), Scalar("res_offset", _I64),   # read only when RESIDUAL
     Scalar("K", _I32), Scalar("k_per_group", _I32), Scalar("n_blocks", _I32),
     Scalar("n_seg", _I32), Scalar("OH", _I32), Scalar("OW", _I32), Scalar("Wq", _I32),
-    Scalar("x_image_stride", _I64), Scalar("x_group_stride", _I64), *_magic("plane", "ow")))
+    Scalar("x_image_stride", _I64), Scalar("x_group_stride", _I64),
+    Scalar("x_chan_stride", _I32), Scalar("c_per_group", _I32),   # read only with LOCAL_X
+    *_magic("plane", "ow", "chan")))
 _ARGS = {True: KernelArgs(PACK_FLAT_ARGS, CONV_ARGS), False: KernelArgs(PACK_ROWS_ARGS, CONV_ARGS)}
 
 
@@ -172,7 +185,11 @@ def build_plan(queue, weight, geom, variant: tuple, params) -> Plan:
     vec = params["VEC"]
     # The batch layout needs whole vectors of images; otherwise vectors run along pixels.
     batched = bool(params["BATCH_LAYOUT"]) and geom.N % vec == 0
-    params = dict(params, BATCH_LAYOUT=int(batched))
+    # The local tile serves 1x1 kernels of one group, one image (block) per work-group.
+    local_x = bool(params["LOCAL_X"] and params["CBLOCK"] and weight.kernel_size == (1, 1)
+                   and weight.groups == 1 and params["WG_IMG"] == 1
+                   and not (batched and params["COMPACT"]))
+    params = dict(params, BATCH_LAYOUT=int(batched), LOCAL_X=int(local_x))
     args = template_args(params, *variant)
     pixel_floats = vec if batched else 1
     n_blocks = geom.N // vec if batched else geom.N  # NDRange dim 2: images or image blocks
@@ -236,6 +253,8 @@ def build_plan(queue, weight, geom, variant: tuple, params) -> Plan:
     row_ptr, n_seg = ((weight.segments(cblock), weight.n_segments(cblock)) if cblock
                       else (weight.row_ptr, 0))
     (plane_m, plane_s), (ow_m, ow_s) = udiv_magic(geom.OH * geom.OW), udiv_magic(geom.OW)
+    chan_stride = geom.phases * plane * pixel_floats   # a 1x1 nonzero's offset per channel
+    chan_m, chan_s = udiv_magic(chan_stride)
     pack = runtime.BoundKernel.bind(kern["pscl_pack_input"], free=("x", "x_offset", "xpack"),
                                     **pack_args)
     conv = runtime.BoundKernel.bind(
@@ -246,7 +265,8 @@ def build_plan(queue, weight, geom, variant: tuple, params) -> Plan:
         n_blocks=np.int32(n_blocks), n_seg=np.int32(n_seg), OH=np.int32(geom.OH),
         OW=np.int32(geom.OW), Wq=np.int32(geom.Wq), x_image_stride=np.int64(image_stride),
         x_group_stride=np.int64(group_stride), div_plane_m=plane_m, div_plane_s=plane_s,
-        div_ow_m=ow_m, div_ow_s=ow_s)
+        div_ow_m=ow_m, div_ow_s=ow_s, x_chan_stride=np.int32(chan_stride),
+        c_per_group=np.int32(C // weight.groups), div_chan_m=chan_m, div_chan_s=chan_s)
     direct = (pixel_floats == 1 and geom.stride == (1, 1) and geom.padding == (0, 0)
               and (geom.Hq, geom.Wq) == (geom.H, geom.W))
     return Plan(pack, conv, pack_sizes, conv_sizes, 4 * n_total, direct)
