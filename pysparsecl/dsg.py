@@ -54,6 +54,7 @@ from .ops.masked import (
     masked_matmul_backward,
     masked_relu_bn,
     masked_relu_bn_backward,
+    shared_selection_lists,
 )
 from .ops.pooling import max_pool2d, max_pool2d_backward
 from .ops.training import channel_sums, column_sums, sgd_step, softmax_cross_entropy
@@ -285,16 +286,18 @@ class DSGLinear:
         else:
             dh = relu_backward(dy, y, mask=full) if self.relu else \
                 relu_backward(dy, 1.0, mask=full)    # dy on the selection, 0 elsewhere
-        dx, _ = masked_matmul_backward(dh, x, self.rows, full, need_dx=need_dx,
-                                       dw_rows=True, dw_out=self.dw,
-                                       verify_mask=not self.propagate, queue=self.queue)
+        # dw and f(w)'s gradient select by the same mask and dh: their lists are built once.
+        with shared_selection_lists():
+            dx, _ = masked_matmul_backward(dh, x, self.rows, full, need_dx=need_dx,
+                                           dw_rows=True, dw_out=self.dw,
+                                           verify_mask=not self.propagate, queue=self.queue)
+            if fx is not None:
+                self._projected_gradient(fx, dh, full)
         if self.propagate:
             column_sums(CompactRows(dh, full, self.out_features, check=False).to_dense(),
                         out=self.db, queue=self.queue)
         else:
             column_sums(dh, out=self.db, queue=self.queue)
-        if fx is not None:
-            self._projected_gradient(fx, dh, full)
         self._saved = None
         return dx
 

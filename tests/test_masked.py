@@ -31,6 +31,7 @@ from pysparsecl.ops.masked import (
     MASKED_VMM,
     MASKED_VMM_ROUTINE,
     MASKED_VMM_SPLIT,
+    shared_selection_lists,
 )
 from pysparsecl.params import InvalidParamsError
 from pysparsecl.testing.reference import (
@@ -543,6 +544,42 @@ def test_backward_rows_layout_into_views_and_without_dx(queue, rng, form):
         ps.masked_matmul_backward(dy, x, w, mask, dw_out=np.zeros_like(w), queue=queue)
     with pytest.raises(TypeError, match="need_dx must be a bool"):
         ps.masked_matmul_backward(dy, x, w, mask, need_dx=0, queue=queue)
+
+
+@pytest.mark.parametrize("form", ["bool", "idx"])
+def test_backward_calls_share_a_selections_lists(queue, rng, monkeypatch, form):
+    """Inside shared_selection_lists, backward calls with the same mask and dy device
+    arrays build the lists once, and each call's dw is its own x's; calls with other dy,
+    NumPy operands or outside the block build their own."""
+    built = []
+
+    class Counted(masked_util.SelectionLists):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(masked_util, "SelectionLists", Counted)
+    x, w, mask = MaskCase(21, 30, 26, keep=0.3, form=form).make(rng)
+    x2 = rng.standard_normal((21, 11), dtype=np.float32)
+    dy = rng.standard_normal(mask.shape, dtype=np.float32)
+    dy2 = rng.standard_normal(mask.shape, dtype=np.float32)
+    xd, x2d, dyd, dy2d, maskd = (cl_array.to_device(queue, a) for a in (x, x2, dy, dy2, mask))
+    n_cols = dict(n_cols=w.shape[1]) if form == "idx" else {}   # w=None: N from the mask
+    with shared_selection_lists():
+        dx, dw = ps.masked_matmul_backward(dyd, xd, w, maskd, queue=queue)
+        _, dw2 = ps.masked_matmul_backward(dyd, x2d, None, maskd, need_dx=False, **n_cols)
+        assert len(built) == 1
+        _, dw3 = ps.masked_matmul_backward(dy2d, x2d, None, maskd, need_dx=False, **n_cols)
+        ps.masked_matmul_backward(dy, x, w, mask, queue=queue)    # NumPy: its own
+        ps.masked_matmul_backward(dy, x, w, mask, queue=queue)
+        assert len(built) == 4
+    ps.masked_matmul_backward(dyd, xd, w, maskd, queue=queue)
+    assert len(built) == 5
+    ref_dx, ref_dw = masked_matmul_backward_reference(dy, x, w, mask)
+    assert relative_error(dx.get(), ref_dx) < TOL and relative_error(dw.get(), ref_dw) < TOL
+    for got, g in ((dw2, dy), (dw3, dy2)):     # (dw does not depend on w)
+        want = masked_matmul_backward_reference(g, x2, w[:11], mask)[1]
+        assert relative_error(got.get(), want) < TOL
 
 
 @pytest.mark.parametrize("family,spec", [("masked_dx", MASKED_DX), ("masked_dw", MASKED_DW)])

@@ -10,6 +10,8 @@ weight row.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Optional, Tuple
 
 import numpy as np
@@ -740,7 +742,7 @@ def masked_matmul_backward(dy, x, w, mask, *, need_dx=True, dw_rows=False, dw_ou
         dy_dev = to_device(dy, queue, "dy", borrow)
         mask_dev = to_device(mask, queue, "mask", borrow)
         _launch_backward(queue, dy_dev, x_dev, rows, ldw, sel, mask_dev, dx_dev, dw_dev,
-                         dw_rows, n_rows, n_cols, k_in, events)
+                         dw_rows, n_rows, n_cols, k_in, events, _device_pair(mask, dy))
     elif dw_dev.size:
         runtime.fill_array(queue, dw_dev, 0)       # nothing selected: dw is zero
     dx = deliver(dx_dev, x, None, queue, dx_host) if need_dx else None
@@ -766,10 +768,9 @@ def _compact_backward(queue, dy, x: CompactRows, w, sel: _Selection, mask, need_
         mask_dev = to_device(mask, queue, "mask", borrow)
         outputs = (dw_dev,) if dxv_dev is None else (dxv_dev, dw_dev)
         wait = [e for a in (xv_dev, xi_dev, dy_dev, mask_dev) + outputs for e in a.events]
-        lists = masked_util.SelectionLists(queue, sel.form, mask_dev, dy_dev, n_rows, n_cols,
-                                           sel.n_entries, wait, events)
+        lists, launched = _selection_lists(queue, sel, mask_dev, dy_dev, n_rows, n_cols,
+                                           wait, events, _device_pair(mask, dy))
         wait = wait + lists.events
-        launched = list(lists.events)
         if dxv_dev is not None:
             # The dense-input dx, gathered at x's entries.
             rows, ldw = weight_rows(w, k_in, queue, events)
@@ -824,14 +825,14 @@ def _compact_dw_route(look):
 
 
 def _launch_backward(queue, dy_dev, x_dev, rows, ldw, sel: _Selection, mask_dev, dx_dev,
-                     dw_dev, dw_rows: bool, n_rows, n_cols, k_in, events) -> None:
+                     dw_dev, dw_rows: bool, n_rows, n_cols, k_in, events,
+                     shareable: bool = False) -> None:
     outputs = (dw_dev,) if dx_dev is None else (dx_dev, dw_dev)
     wait = [e for a in (dy_dev, x_dev, rows, mask_dev) + outputs if a is not None
             for e in a.events]
-    lists = masked_util.SelectionLists(queue, sel.form, mask_dev, dy_dev, n_rows, n_cols,
-                                       sel.n_entries, wait, events)
+    lists, launched = _selection_lists(queue, sel, mask_dev, dy_dev, n_rows, n_cols, wait,
+                                       events, shareable)
     wait = wait + lists.events
-    launched = list(lists.events)
     if dx_dev is not None:
         ev_dx = masked_dx.launch(queue, tuning.lookup(MASKED_DX, queue.device), sel.form,
                                  dy_dev, rows, ldw, lists, dx_dev, n_rows, n_cols, k_in,
@@ -847,6 +848,49 @@ def _launch_backward(queue, dy_dev, x_dev, rows, ldw, sel: _Selection, mask_dev,
                                            wait), launched, events)
     if lists.bad is not None and sel.verify:
         _raise_if_bad(queue, lists.bad, n_cols, "mask")
+
+
+_shared_lists = threading.local()
+
+
+@contextlib.contextmanager
+def shared_selection_lists():
+    """Within the block, this thread's backward calls (:func:`masked_matmul_backward`)
+    that pass the same ``mask`` and ``dy`` device arrays build the selection's lists
+    (each row's selected columns, each column's selecting rows with their dy values)
+    once, and the later calls reuse them.  For a caller that computes two gradients from
+    one selection, as a DSG layer does for dw and for its projected weight's gradient:
+    neither array may change inside the block."""
+    saved = getattr(_shared_lists, "kept", None)
+    _shared_lists.kept = {}
+    try:
+        yield
+    finally:
+        _shared_lists.kept = saved
+
+
+def _device_pair(mask, dy) -> bool:
+    """Whether the caller's mask and dy are both device arrays (the device arrays a NumPy
+    call stages them in are the thread's, the same objects from call to call)."""
+    return is_device_array(mask) and is_device_array(dy)
+
+
+def _selection_lists(queue, sel: _Selection, mask_dev, dy_dev, n_rows: int, n_cols: int,
+                     wait: list, events, shareable: bool
+                     ) -> Tuple[masked_util.SelectionLists, list]:
+    """The backward's SelectionLists of ``mask_dev`` and ``dy_dev``, and the events of the
+    launches this call made for them: reused inside :func:`shared_selection_lists` (no
+    launches) when a call before built them from the same two device arrays (the
+    caller's own: ``shareable``)."""
+    kept = getattr(_shared_lists, "kept", None) if shareable else None
+    key = (queue.int_ptr, id(mask_dev), id(dy_dev), sel.form, n_rows, n_cols, sel.n_entries)
+    if kept is not None and key in kept:
+        return kept[key][0], []
+    lists = masked_util.SelectionLists(queue, sel.form, mask_dev, dy_dev, n_rows, n_cols,
+                                       sel.n_entries, wait, events)
+    if kept is not None:   # the arrays are held with the lists: their ids stay theirs
+        kept[key] = (lists, mask_dev, dy_dev)
+    return lists, list(lists.events)
 
 
 def _write_dw(queue, dw_dev, dw_rows: bool, n_cols: int, k_in: int, launch, launched: list,
