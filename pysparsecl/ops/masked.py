@@ -659,9 +659,7 @@ def masked_matmul_backward(dy, x, w, mask, *, need_dx=True, dw_rows=False, dw_ou
     A NumPy ``w`` is kept as device rows while it is unchanged (see :func:`masked_matmul`).
     On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
     lends its inputs and its new results to the kernels in place, with no copy, except
-    that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy),
-    and so does an x up to 64 MiB that does not start on a cache line (NumPy's large
-    arrays start 16 bytes past one; the GEMM's vector loads would each span two lines);
+    that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy);
     elsewhere they are copied to and from the device.  A NumPy call returns when its
     result is ready; a device-array call returns once it is enqueued.
 
@@ -954,9 +952,7 @@ def masked_relu_bn(y, mask, gamma, beta, mean=None, var=None, eps=1e-5, *, train
 
     On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
     lends its inputs and its new results to the kernels in place, with no copy, except
-    that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy),
-    and so does an x up to 64 MiB that does not start on a cache line (NumPy's large
-    arrays start 16 bytes past one; the GEMM's vector loads would each span two lines);
+    that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy);
     elsewhere they are copied to and from the device.  A NumPy call returns when its
     result is ready; a device-array call returns once it is enqueued.
     """
@@ -1155,9 +1151,7 @@ def conv2d_masked(x, w, mask, stride=1, padding=0, dilation=1, *, out=None, queu
 
     On a device that shares host memory (PoCL's CPU device, integrated GPUs) a NumPy call
     lends its inputs and its new results to the kernels in place, with no copy, except
-    that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy),
-    and so does an x up to 64 MiB that does not start on a cache line (NumPy's large
-    arrays start 16 bytes past one; the GEMM's vector loads would each span two lines);
+    that operands up to 256 KiB go through a staging buffer the thread keeps (a memcpy);
     elsewhere they are copied to and from the device.  A NumPy call returns when its
     result is ready; a device-array call returns once it is enqueued.  A device weight is
     packed on every call; a NumPy weight once, then kept while its bytes stay the same
