@@ -351,21 +351,45 @@ def _compact_dw_problems(queue, rng, quick, shapes, family, x_keeps) -> List[Pro
 
 
 def _masked_backward_problems(family):
+    """The backward's own kernel on the GEMM shapes (a bool mask): masked_dx's dx or
+    masked_dw's dw^T, timed alone.  The selection's lists (and dw's padded x) are built
+    once, untimed, so that a candidate's time is its family's kernel, not the whole
+    backward's, where the lists and the other gradient hid what one tile choice costs."""
     def build(queue, rng, quick, shapes) -> List[Problem]:
-        from .. import masked_matmul_backward
+        from .. import runtime, tuning
+        from ..families import masked_dw, masked_dx, masked_util
+        from ..ops.masked import MASKED_DW, MASKED_DX, weight_rows
         problems = []
         for m, k, n, keep in _matmul_shapes(family, shapes, quick, DSG_GEMM_SHAPES[1:]):
             x, weight, mask, host = _matmul_inputs(queue, rng, m, k, n, keep)
             dy_host = rng.standard_normal((m, n), dtype=np.float32)
             dy = cl_array.to_device(queue, dy_host)
-            idx = 0 if family == "masked_dx" else 1
+            lists = masked_util.SelectionLists(queue, "bool", mask, dy, m, n, n, [], None)
+            queue.finish()
+            if family == "masked_dx":
+                rows, ldw = weight_rows(weight, k, queue, None)
 
-            def launch(ev, dy=dy, x=x, weight=weight, mask=mask, idx=idx):
-                return masked_matmul_backward(dy, x, weight, mask, events=ev)[idx]
-            problems.append(Problem(
-                f"{m}x{k}x{n} keep {keep:g}", launch,
-                lambda dy=dy_host, host=host, idx=idx:
-                masked_matmul_backward_reference(dy, *host)[idx]))
+                def launch(ev, dy=dy, rows=rows, ldw=ldw, lists=lists, m=m, k=k, n=n):
+                    dx = runtime.zeros(queue, (m, k), np.float32)
+                    ev.append(masked_dx.launch(queue, tuning.lookup(MASKED_DX, queue.device),
+                                               "bool", dy, rows, ldw, lists, dx, m, n, k, n,
+                                               list(dx.events)))
+                    dx.events[:] = ev[-1:]
+                    return dx
+                def reference(dy=dy_host, host=host):
+                    return masked_matmul_backward_reference(dy, *host)[0]
+            else:
+                x_rows = masked_dw.padded_rows(queue, x, m, k, [], None)
+
+                def launch(ev, x_rows=x_rows, lists=lists, m=m, k=k, n=n):
+                    dwt = runtime.empty(queue, (n, k), np.float32)
+                    ev.append(masked_dw.launch(queue, tuning.lookup(MASKED_DW, queue.device),
+                                               "bool", x_rows, lists, dwt, m, n, k, []))
+                    dwt.events[:] = ev[-1:]
+                    return dwt
+                def reference(dy=dy_host, host=host):
+                    return masked_matmul_backward_reference(dy, *host)[1].T
+            problems.append(Problem(f"{m}x{k}x{n} keep {keep:g}", launch, reference))
         return problems
     return build
 
