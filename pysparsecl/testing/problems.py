@@ -376,6 +376,7 @@ def _masked_backward_problems(family):
                                                list(dx.events)))
                     dx.events[:] = ev[-1:]
                     return dx
+
                 def reference(dy=dy_host, host=host):
                     return masked_matmul_backward_reference(dy, *host)[0]
             else:
@@ -387,6 +388,7 @@ def _masked_backward_problems(family):
                                                "bool", x_rows, lists, dwt, m, n, k, []))
                     dwt.events[:] = ev[-1:]
                     return dwt
+
                 def reference(dy=dy_host, host=host):
                     return masked_matmul_backward_reference(dy, *host)[1].T
             problems.append(Problem(f"{m}x{k}x{n} keep {keep:g}", launch, reference))
