@@ -36,6 +36,7 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 
 from . import runtime
+from .families import masked_util
 from .ops.compact import CompactRows
 from .ops.conv2d import conv2d_output_shape
 from .ops.drs import (
@@ -305,18 +306,16 @@ class DSGLinear:
     def _projected_gradient(self, fx: cl_array.Array, dh: cl_array.Array,
                             full: cl_array.Array) -> None:
         """f(dw) = f(x)^T (mask * dh) into the gradient of f(w): rows 0..k of its
-        (k_pad, ld) layout (the rest stays 0, as it was made)."""
-        k, n = self.projection.k, self.out_features
-        _, fdw = masked_matmul_backward(dh, fx, None, full, need_dx=False,
-                                        n_cols=n if self.propagate else None,
-                                        verify_mask=not self.propagate, queue=self.queue)
-        ld = self.dfw.shape[1]
-        ev = runtime.enqueue_copy(self.queue, self.dfw.base_data, fdw.base_data,
-                                  src_origin=(fdw.offset, 0, 0),
-                                  dst_origin=(self.dfw.offset, 0, 0), region=(4 * n, k, 1),
-                                  src_pitches=(4 * n, 0), dst_pitches=(4 * ld, 0),
-                                  wait_for=list(fdw.events) + list(self.dfw.events))
-        self.dfw.events[:] = [ev]
+        (k_pad, ld) layout (the rest stays 0, as it was made).  The kernel gives it as
+        (N, k_pad) rows (fx's padding), whose first k columns are transposed straight
+        into that layout."""
+        n = self.out_features
+        _, fdw_rows = masked_matmul_backward(dh, fx, None, full, need_dx=False, dw_rows=True,
+                                             n_cols=n if self.propagate else None,
+                                             verify_mask=not self.propagate,
+                                             queue=self.queue)
+        masked_util.transpose(self.queue, fdw_rows, None, into=self.dfw,
+                              ld_dst=self.dfw.shape[1], cols=self.projection.k)
 
 
 class DSGConv2d:

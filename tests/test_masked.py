@@ -546,6 +546,24 @@ def test_backward_rows_layout_into_views_and_without_dx(queue, rng, form):
         ps.masked_matmul_backward(dy, x, w, mask, need_dx=0, queue=queue)
 
 
+def test_transpose_into_a_view_of_the_first_columns(queue, rng):
+    """masked_util.transpose of an (R, C) array's first ``cols`` columns into a view at
+    an offset into a larger buffer, with a wider row stride: only that block is
+    written."""
+    src = rng.standard_normal((37, 21), dtype=np.float32)
+    pool = cl_array.to_device(queue, np.full(3000, np.nan, np.float32))
+    start, cols, ld = 100, 13, 40
+    view = pool[start:start + cols * ld].reshape(cols, ld)
+    got = masked_util.transpose(queue, cl_array.to_device(queue, src), None, into=view,
+                                ld_dst=ld, cols=cols)
+    assert got is view and len(view.events) == 1
+    after = pool.get()
+    block = after[start:start + cols * ld].reshape(cols, ld)
+    np.testing.assert_array_equal(block[:, :37], src[:, :cols].T)
+    assert np.all(np.isnan(block[:, 37:])) and np.all(np.isnan(after[:start]))
+    assert np.all(np.isnan(after[start + cols * ld:]))
+
+
 @pytest.mark.parametrize("form", ["bool", "idx"])
 def test_backward_calls_share_a_selections_lists(queue, rng, monkeypatch, form):
     """Inside shared_selection_lists, backward calls with the same mask and dy device

@@ -12,7 +12,7 @@ import pyopencl.array as cl_array
 
 from .. import runtime
 from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
-from ..ops._common import INT32_MAX, check_alloc, elem_offset, round_up
+from ..ops._common import INT32_MAX, check_alloc, elem_offset, round_up, written
 
 TEMPLATE = "masked_util.cl.mako"
 TRANSPOSE_WG = 4      # 16 x 16 tiles per transpose work-group
@@ -57,21 +57,25 @@ def kernels(ctx, *names):
     return runtime.kernels(ctx, TEMPLATE, names, ARGS=ARGS)
 
 
-def transpose(queue, src: cl_array.Array, events, into=None, ld_dst=None):
-    """(R, C) contiguous device array -> (C, ld_dst) device array (new, or ``into``):
-    dst[c, r] = src[r, c]; columns r >= R of a wider destination are left as they are."""
-    n_rows, n_cols = src.shape
+def transpose(queue, src: cl_array.Array, events, into=None, ld_dst=None, cols=None):
+    """(R, C) contiguous device array -> (C, ld_dst) device array (new, or ``into``, which
+    may be a view at an offset into its buffer): dst[c, r] = src[r, c] for the first
+    ``cols`` columns of src (all by default); columns r >= R of a wider destination are
+    left as they are."""
+    n_rows, ld_src = src.shape
+    n_cols = ld_src if cols is None else cols
     ld_dst = n_rows if ld_dst is None else ld_dst
     out = into if into is not None else runtime.zeros(
         queue, (n_cols, ld_dst), np.float32, allocator=runtime.memory_pool(queue.context))
-    if src.size:
+    if src.size and n_cols:
         kern = kernels(queue.context, "pscl_transpose")["pscl_transpose"]
         ev = kern.launch(queue, (round_up(-(-n_cols // 16), TRANSPOSE_WG), -(-n_rows // 16)),
                          (TRANSPOSE_WG, 1), dict(
-            src=src.base_data, src_off=elem_offset(src), ld_src=np.int32(n_cols), dst=out.data,
-            dst_off=np.int64(0), ld_dst=np.int32(ld_dst), R=np.int32(n_rows),
-            C=np.int32(n_cols)), wait_for=(list(src.events) + list(out.events)) or None)
-        out.add_event(ev)
+            src=src.base_data, src_off=elem_offset(src), ld_src=np.int32(ld_src),
+            dst=out.base_data, dst_off=elem_offset(out), ld_dst=np.int32(ld_dst),
+            R=np.int32(n_rows), C=np.int32(n_cols)),
+            wait_for=(list(src.events) + list(out.events)) or None)
+        written(out, ev)   # (it waited for out's events)
         if events is not None:
             events.append(ev)
     return out
