@@ -546,6 +546,24 @@ def test_backward_rows_layout_into_views_and_without_dx(queue, rng, form):
         ps.masked_matmul_backward(dy, x, w, mask, need_dx=0, queue=queue)
 
 
+@pytest.mark.parametrize("start", [0, 3])
+def test_backward_dw_into_a_view_in_the_kn_layout(queue, rng, start):
+    """dw as (K, N) into a view of a larger buffer, at the buffer's start or off it (it
+    raised ArrayHasOffsetError there): only the view is written."""
+    x, w, mask = MaskCase(13, 37, 29, keep=0.3).make(rng)
+    dy = rng.standard_normal(mask.shape, dtype=np.float32)
+    k, n = w.shape
+    grads = cl_array.to_device(queue, np.full(2 * k * n + 64, np.nan, np.float32))
+    dw_out = grads[start:start + k * n].reshape(k, n)
+    _, dw = ps.masked_matmul_backward(cl_array.to_device(queue, dy), cl_array.to_device(queue, x),
+                                      w, cl_array.to_device(queue, mask), dw_out=dw_out)
+    assert dw is dw_out
+    want = masked_matmul_backward_reference(dy, x, w, mask)[1]
+    assert relative_error(dw_out.get(), want) < TOL
+    after = grads.get()
+    assert np.all(np.isnan(after[:start])) and np.all(np.isnan(after[start + k * n:]))
+
+
 def test_transpose_into_a_view_of_the_first_columns(queue, rng):
     """masked_util.transpose of an (R, C) array's first ``cols`` columns into a view at
     an offset into a larger buffer, with a wider row stride: only that block is
