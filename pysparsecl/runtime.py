@@ -39,7 +39,7 @@ os.environ.setdefault("POCL_AFFINITY", "1")
 __all__ = [
     "KernelBuildError", "NoDeviceError", "DeviceInfo", "get_queue", "probe_device",
     "list_devices", "render", "build_program", "device_identity", "device_kind",
-    "memory_pool", "resolve_queue", "queue_for", "kernels", "LockedKernel", "empty",
+    "memory_pool", "resolve_queue", "queue_for", "kernels", "LockedKernel", "empty", "in_order",
     "shares_host_memory", "wrap_host", "sync_host", "kernels_use_host_memory",
     "base_alignment", "aligned_empty", "set_host_memory_mode", "staging",
     "release_staging", "LaunchGraph", "capturable", "capturable_op", "capturing", "refuse_capture",
@@ -240,6 +240,11 @@ def _check_open(queue: cl.CommandQueue) -> None:
     if len(_open_at) >= 1024:
         _open_at.clear()
     _open_at[id(queue)] = exits
+
+
+def in_order(queue: cl.CommandQueue) -> bool:
+    """Whether ``queue`` runs its commands in the order they were enqueued."""
+    return not queue.properties & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
 
 
 def get_queue(queue: Optional[cl.CommandQueue] = None) -> cl.CommandQueue:
@@ -734,7 +739,7 @@ class LaunchGraph:
 
     def __init__(self, queue: Optional[cl.CommandQueue] = None, inputs=()):
         queue = get_queue(queue)
-        if queue.properties & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE:
+        if not in_order(queue):
             raise ValueError("queue: a LaunchGraph needs an in-order queue")
         inputs = tuple(inputs)
         for i, a in enumerate(inputs):

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pyopencl as cl
 
 from .. import runtime, tuning
 from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
@@ -274,16 +273,13 @@ def build_plan(queue, weight, geom, variant: tuple, params) -> Plan:
 
 
 
-def launch(queue, plan: Plan, x_dev, bias_buf, out_dev, residual, events,
-           xpack=None, in_order=None) -> None:
+def launch(queue, plan: Plan, x_dev, bias_buf, out_dev, residual, events, xpack,
+           in_order: bool) -> None:
     """Enqueue the packing and the convolution of ``plan``; ``bias_buf`` is the bias's
     buffer (any buffer when the variant has none), ``residual`` the residual device array
     or None; ``xpack`` the packed input's buffer (``runtime.scratch``), else one from the
-    memory pool.  A direct plan reads ``x_dev`` in place instead, where it can.
-    ``in_order``: whether ``queue`` is in order, if the caller knows it."""
-    if in_order is None:
-        in_order = not queue.properties & \
-            cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
+    memory pool (None).  A direct plan reads ``x_dev`` in place instead, where it can.
+    ``in_order``: whether ``queue`` is in order (``runtime.in_order``; callers keep it)."""
     x_buf = x_dev.base_data
     if plan.direct and not x_dev.offset and x_buf.size >= plan.xpack_bytes and \
             out_dev.base_data.int_ptr != x_buf.int_ptr:   # (an in-place out needs the copy)

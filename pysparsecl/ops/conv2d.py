@@ -483,8 +483,7 @@ class _RepeatedCall:
 
     def __init__(self, call: _CallShape, queue, variant: tuple, weight_context):
         self.call, self.queue, self.variant = call, queue, variant
-        self.in_order = not queue.properties & \
-            cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
+        self.in_order = runtime.in_order(queue)
         self.routed = self.plan = None
         self.pool = runtime.memory_pool(queue.context)
         self.context_ptr = weight_context.int_ptr   # every device operand must be in it
@@ -723,7 +722,7 @@ def _launch(queue, x_dev, weight: SparseConvWeight, epilogue: _Epilogue, out_dev
     if bias_dev is not None and bias_dev.offset:
         bias_dev = bias_dev.copy(queue=queue)
     bias_buf = bias_dev.data if bias_dev is not None else weight.row_order.data  # unread
-    in_order = not queue.properties & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
+    in_order = runtime.in_order(queue)
     # The thread's scratch keeps the packing's buffer argument set from call to call (a
     # captured graph holds buffers of its own instead).
     xpack = runtime.scratch(queue, plan.xpack_bytes) if in_order and \
