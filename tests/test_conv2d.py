@@ -15,7 +15,7 @@ from pysparsecl.ops import conv2d as conv2d_module
 from pysparsecl.ops._common import udiv_magic
 from pysparsecl.ops.conv2d import CONV2D_CSR, template_args
 from pysparsecl.testing.cases import ConvCase
-from pysparsecl.testing.reference import relative_error
+from pysparsecl.testing.reference import conv2d_epilogue_reference, relative_error
 from pysparsecl.tuning import override
 
 TOL = 1e-4
@@ -134,7 +134,7 @@ def test_local_input_tiles(queue, rng, case, layout, ch_fastest):
         ps.conv2d_sparse(cl_array.to_device(queue, x), csr, bias, out=out,
                          residual=cl_array.to_device(queue, residual), activation="relu",
                          **case.kwargs())
-    assert relative_error(out.get(), np.maximum(ref + residual, 0)) < TOL
+    assert relative_error(out.get(), conv2d_epilogue_reference(ref, residual, relu=True)) < TOL
 
 
 COMPACT_SHAPES = {"plain": dict(WG_IMG=1, CBLOCK=0, CH_FASTEST=0),

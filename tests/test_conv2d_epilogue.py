@@ -9,7 +9,7 @@ import pytest
 
 import pysparsecl as ps
 from pysparsecl.testing.cases import ConvCase
-from pysparsecl.testing.reference import relative_error
+from pysparsecl.testing.reference import conv2d_epilogue_reference, relative_error
 from pysparsecl.tuning import override
 
 TOL = 1e-5
@@ -24,10 +24,7 @@ LAYOUTS = {
 
 
 def _reference(case, x, w, bias, residual, relu):
-    y = case.reference(x, w, bias)
-    if residual is not None:
-        y = y + residual.astype(np.float64)
-    return np.maximum(y, 0.0) if relu else y
+    return conv2d_epilogue_reference(case.reference(x, w, bias), residual, relu)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

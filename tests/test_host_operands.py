@@ -20,6 +20,7 @@ from pysparsecl import runtime
 from pysparsecl.ops import _common, _prepared, conv2d, masked
 from pysparsecl.testing.cases import ConvCase, row_masks
 from pysparsecl.testing.reference import (
+    conv2d_epilogue_reference,
     conv2d_reference,
     masked_matmul_reference,
     relative_error,
@@ -289,7 +290,7 @@ def test_conv2d_numpy_out_overlapping_its_operands(queue, rng, host_mode, size):
     assert relative_error(out, ref) < 1e-5
     # The residual is out itself.
     residual = rng.standard_normal(x.shape, dtype=np.float32)
-    expected = np.maximum(ref + residual, 0)
+    expected = conv2d_epilogue_reference(ref, residual, relu=True)
     out = residual
     assert _conv(queue, x, csr, bias=bias, residual=residual, activation="relu",
                  out=out) is out

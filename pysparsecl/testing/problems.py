@@ -39,6 +39,7 @@ import pyopencl.array as cl_array
 from .reference import (
     avg_pool2d_backward_reference,
     avg_pool2d_reference,
+    conv2d_epilogue_reference,
     conv2d_masked_backward_reference,
     conv2d_masked_reference,
     conv2d_reference,
@@ -187,7 +188,7 @@ def _conv2d_problems(queue, rng, quick, shapes) -> List[Problem]:
             lambda ev, x_dev=x_dev, weight=weight, kw=kw:
             conv2d_sparse(x_dev, weight, events=ev, **kw),
             lambda x=x, w=w, case=case, bias=bias, residual=residual, relu="relu" in epilogue:
-            _conv_epilogue_reference(case.reference(x, w, bias), residual, relu),
+            conv2d_epilogue_reference(case.reference(x, w, bias), residual, relu),
             conv2d_shape_class(case.N, case.C // case.groups, case.output_hw, case.kernel,
                                case.stride)))
     return problems
@@ -196,12 +197,6 @@ def _conv2d_problems(queue, rng, quick, shapes) -> List[Problem]:
 #: A conv2d_csr shapes-file entry's optional "epilogue": what the call fuses into its store,
 #: as a network layer does (``scripts/network_shapes.py`` writes each class's).
 _CONV_EPILOGUES = frozenset({"", "bias", "bias+relu", "bias+residual+relu"})
-
-
-def _conv_epilogue_reference(y: np.ndarray, residual, relu: bool) -> np.ndarray:
-    if residual is not None:
-        y = y + residual
-    return np.maximum(y, 0) if relu else y
 
 
 def _elementwise_problems(queue, rng, quick, shapes) -> List[Problem]:
@@ -795,9 +790,7 @@ def small_problems():
                                  stride=stride, padding=pad, dilation=dil, groups=groups,
                                  activation="relu" if relu else None, residual=res,
                                  queue=queue)
-            if residual:
-                want = want + res
-            close(y, np.maximum(want, 0) if relu else want, "conv2d_sparse")
+            close(y, conv2d_epilogue_reference(want, res, relu), "conv2d_sparse")
         return run
 
     def row_mask(rng, m, n, form, empty, full=False):

@@ -33,6 +33,15 @@ def conv2d_reference(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1
     return out
 
 
+def conv2d_epilogue_reference(y, residual=None, relu: bool = False) -> np.ndarray:
+    """conv2d_sparse's fused epilogue on a float64 convolution ``y`` (bias included):
+    ``relu(y + residual)``, each part optional."""
+    y = np.asarray(y, np.float64)
+    if residual is not None:
+        y = y + np.asarray(residual, np.float64)
+    return np.maximum(y, 0.0) if relu else y
+
+
 def relative_error(result, reference) -> float:
     """‖result − reference‖ / ‖reference‖ (norm-wise; 0/0 counts as 0)."""
     result = np.asarray(result, np.float64)
