@@ -8,6 +8,7 @@ they were.
 """
 
 import gc
+import warnings
 
 import numpy as np
 import pyopencl as cl
@@ -185,6 +186,27 @@ def test_cache_compares_bytes_not_values(monkeypatch, memcmp):
     cache.get(thing, (thing.values,), "k", lambda: "last")
     thing.values[0] = -0.0
     assert cache.get(thing, (thing.values,), "k", lambda: "negative zero") == "negative zero"
+
+
+def test_snapshot_follows_the_array_object():
+    """A snapshot compares the same array object by its known address (one memcmp), and
+    any other array, or the same one re-strided in place, by its current bytes."""
+    values = np.arange(16, dtype=np.float32)
+    snapshot = _prepared._Snapshot(values)
+    assert snapshot.matches(values)
+    values[15] = -1.0                                   # edited in place: the fast path
+    assert not snapshot.matches(values)
+    values[15] = 15.0
+    assert snapshot.matches(values.copy())              # another object, the same bytes
+    assert not snapshot.matches(values[::-1].copy())
+    assert not snapshot.matches(values.reshape(4, 4))   # another shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            values.strides = (0,)                       # every element reads values[0]
+        except (AttributeError, TypeError):             # a NumPy that no longer allows it
+            return
+    assert not snapshot.matches(values)
 
 
 def test_clear_weight_cache(queue, rng):

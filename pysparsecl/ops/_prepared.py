@@ -74,21 +74,50 @@ def _same_bytes(a: np.ndarray, raw_snapshot: np.ndarray) -> bool:
     return bool(np.equal(raw, raw_snapshot, out=np.empty(raw.shape, np.bool_)).all())
 
 
+class _Snapshot:
+    """A copy of one buffer's bytes, and how to find the buffer's memory again cheaply:
+    while the same array object is passed (its weak reference answers with it) and its
+    dtype, shape and strides are those it had, its memory is where it was (a NumPy array
+    never moves its data), so the comparison is one memcmp of two known addresses."""
+    __slots__ = ("ref", "address", "dtype", "shape", "strides", "raw", "raw_address")
+
+    def __init__(self, a: np.ndarray):
+        self.dtype, self.shape, self.strides = a.dtype, a.shape, a.strides
+        self.raw = _raw(a).copy()
+        self.raw_address = self.raw.__array_interface__["data"][0]
+        self.ref = self.address = None
+        if type(a) is np.ndarray and a.flags.c_contiguous and a.nbytes:
+            try:
+                self.ref = weakref.ref(a)
+            except TypeError:
+                return
+            self.address = a.__array_interface__["data"][0]
+
+    def matches(self, a: np.ndarray) -> bool:
+        if a.dtype != self.dtype or a.shape != self.shape:
+            return False
+        ref = self.ref
+        if ref is not None and ref() is a and a.strides == self.strides and \
+                _MEMCMP is not None:
+            return _MEMCMP(self.address, self.raw_address, self.raw.nbytes) == 0
+        return _same_bytes(a, self.raw)
+
+
 class _Entry:
     __slots__ = ("ref", "shape", "snapshot", "prepared", "changes")
 
     def __init__(self, ref, shape, snapshot):
         self.ref = ref
         self.shape = shape
-        self.snapshot: Optional[Tuple[tuple, ...]] = snapshot  # (dtype, shape, bytes) each
+        self.snapshot: Optional[Tuple[_Snapshot, ...]] = snapshot
         self.prepared: Dict[Hashable, object] = {}
         self.changes = 0
 
     def matches(self, shape, buffers: Sequence[np.ndarray]) -> bool:
         if shape != self.shape or self.snapshot is None:
             return False
-        for a, (dtype, shape, raw) in zip(buffers, self.snapshot):
-            if a.dtype != dtype or a.shape != shape or not _same_bytes(a, raw):
+        for a, snapshot in zip(buffers, self.snapshot):
+            if not snapshot.matches(a):
                 return False
         return True
 
@@ -154,7 +183,7 @@ class PreparedCache:
         else:   # a kept snapshot that failed to match is one more change in a row
             changes = entry.changes + (entry.snapshot is not None)
         snapshot = None if entry is None or changes >= VOLATILE_AFTER else \
-            tuple((b.dtype, b.shape, _raw(b).copy()) for b in buffers)
+            tuple(_Snapshot(b) for b in buffers)
         ident = id(obj)
         try:
             ref = weakref.ref(obj, self._forget_callback(ident))

@@ -434,6 +434,11 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
         if not is_device_array(x):  # refuse an oversized x before the weight is uploaded
             check_alloc(queue, x.nbytes, "x")
         weight, confirm = _prepared_weight(w_csr, x.shape[1], kernel_size, groups, queue)
+    if out is None and type(x) is np.ndarray:
+        y = _host_call(x, weight, confirm, bias, kernel_size, stride, padding, dilation,
+                       groups, activation, residual, queue, events)
+        if y is not None:
+            return y
     call = _check_call(x, weight, bias, kernel_size, stride, padding, dilation, groups,
                        activation, residual, out)
     geom, relu = call.geom, call.relu
@@ -462,6 +467,43 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
         if fresh is not None:
             _compute(queue, x_dev, fresh, epilogue, out_dev, geom, events, call.shape_class)
     return deliver(out_dev, x, out, queue, host)
+
+
+def _host_call(x: np.ndarray, weight: "SparseConvWeight", confirm, bias, kernel_size,
+               stride, padding, dilation, groups, activation, residual, queue, events):
+    """A NumPy call with no ``out`` (the card's call) through the validated calls that
+    device-array calls keep (:func:`_repeated_lookup`): the operands are lent or staged
+    as in the general path (:func:`to_device`), the result written as there
+    (:func:`new_output`), and a kept weight confirmed while the kernels run.  Returns
+    None, having enqueued nothing, for a call the general path must handle (and check)."""
+    if x.dtype != np.float32 or x.ndim != 4 or runtime.capturing():
+        return None
+    for a in (bias, residual):
+        if a is not None and (type(a) is not np.ndarray or a.dtype != np.float32):
+            return None
+    x_dev = to_device(x, queue, "x", True)
+    bias_dev = to_device(bias, queue, "bias", True, at_offset=False) \
+        if bias is not None else None
+    res_dev = to_device(residual, queue, "residual", True) if residual is not None \
+        else None
+    if x_dev.queue is not queue:
+        return None
+    repeated = _repeated_lookup(x_dev, weight, bias_dev, kernel_size, stride, padding,
+                                dilation, groups, activation, res_dev)
+    if repeated is None:
+        return None
+    call = repeated.call
+    out_dev, host = new_output(queue, call.out_shape, np.float32, None, like=x)
+    _repeated_launch(repeated, x_dev, weight, bias_dev, res_dev, out_dev, events)
+    try:
+        fresh = confirm() if confirm is not None else None
+    except Exception:   # the edited w_csr is malformed: let the kernels finish with x
+        queue.finish()
+        raise
+    if fresh is not None:
+        _compute(queue, x_dev, fresh, _Epilogue(bias_dev, res_dev, call.relu), out_dev,
+                 call.geom, events, call.shape_class)
+    return deliver(out_dev, x, None, queue, host)
 
 
 @dataclass(frozen=True)
@@ -506,8 +548,24 @@ def _repeated_call(x, weight: "SparseConvWeight", bias, kernel_size, stride, pad
     a network's layers skips most of its Python.  Returns None, having done nothing, for
     any other call, one that fails a check (the general path then raises), or one made
     while a LaunchGraph is captured (the general path records it)."""
-    if (queue is not None and queue is not x.queue) or \
-            (bias is not None and type(bias) is not cl_array.Array) or \
+    if queue is not None and queue is not x.queue:
+        return None
+    repeated = _repeated_lookup(x, weight, bias, kernel_size, stride, padding, dilation,
+                                groups, activation, residual)
+    if repeated is None:
+        return None
+    out_dev = runtime.empty(x.queue, repeated.call.out_shape, np.float32,
+                            allocator=repeated.pool)
+    _repeated_launch(repeated, x, weight, bias, residual, out_dev, events)
+    return out_dev
+
+
+def _repeated_lookup(x, weight: "SparseConvWeight", bias, kernel_size, stride, padding,
+                     dilation, groups, activation, residual) -> "Optional[_RepeatedCall]":
+    """The validated call of :func:`_repeated_call` (device arrays, on ``x.queue``), its
+    checks that can differ between such calls done; None where the general path must
+    handle it."""
+    if (bias is not None and type(bias) is not cl_array.Array) or \
             (residual is not None and type(residual) is not cl_array.Array):
         return None
     queue = x.queue
@@ -539,7 +597,14 @@ def _repeated_call(x, weight: "SparseConvWeight", bias, kernel_size, stride, pad
     if routed is not repeated.routed:
         repeated.plan = _plan(queue, weight, call.geom, repeated.variant, call.shape_class)
         repeated.routed = routed
-    out_dev = runtime.empty(queue, call.out_shape, np.float32, allocator=repeated.pool)
+    return repeated
+
+
+def _repeated_launch(repeated: _RepeatedCall, x, weight: "SparseConvWeight", bias,
+                     residual, out_dev, events) -> None:
+    """Enqueue a call that :func:`_repeated_lookup` validated, into ``out_dev`` (of the
+    call's output shape, in its context)."""
+    queue = repeated.queue
     if not out_dev.size:
         pass
     elif weight.nnz == 0 and bias is None and residual is None:
@@ -551,7 +616,6 @@ def _repeated_call(x, weight: "SparseConvWeight", bias, kernel_size, stride, pad
                           out_dev, residual, events,
                           runtime.scratch(queue, plan.xpack_bytes) if repeated.in_order
                           else None, in_order=repeated.in_order)
-    return out_dev
 
 
 def _validate_call(x, weight, bias, kernel_size, stride, padding, dilation, groups,
