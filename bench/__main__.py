@@ -115,6 +115,7 @@ def run_layers(queue, args, suites) -> None:
 
     from . import conv2d, elementwise, masked, report
     from .baselines import Torch
+    from .timing import WARMUP_S
 
     device = queue.device
     torch_b = Torch(want_gpu=runtime.device_kind(device) == "gpu")
@@ -126,8 +127,8 @@ def run_layers(queue, args, suites) -> None:
         # Each family's entry for this device; per-shape-class entries are listed with
         # the tables whose rows used them.
         "params": {family: tuning.lookup(spec, device) for family, spec in SPECS.items()},
-        "timing": f"{args.rounds} interleaved rounds x (1 warm-up + 3 timed runs); median; "
-                  f"ours by profiling events, {torch_b.timing_note}",
+        "timing": f"{args.rounds} interleaved rounds x (warm-up of >= {WARMUP_S * 1e3:g} ms "
+                  f"+ 3 timed runs); median; ours by profiling events, {torch_b.timing_note}",
     }
     print(json.dumps(header, indent=1))
     rng = np.random.default_rng(2026)

@@ -39,7 +39,7 @@ import numpy as np
 from pysparsecl import runtime, tuning
 
 from . import report
-from .timing import interleaved_medians, wall_ms
+from .timing import WARMUP_S, interleaved_medians, wall_ms
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9)
 MASKS = ("drs", "random", "oracle")
@@ -327,8 +327,9 @@ def run(queue, args) -> dict:
                         if digits else "; step times only (--steps-only, or no "
                         "scikit-learn for the digits)"),
               "baselines": baseline,
-              "timing": f"{args.rounds} interleaved rounds x (1 warm-up + 10 steps; 2 for "
-                        "the compute-bound set); median"}
+              "timing": f"{args.rounds} interleaved rounds x (warm-up of >= "
+                        f"{WARMUP_S * 1e3:g} ms + 10 steps; 2 for the compute-bound set); "
+                        "median"}
     print(json.dumps(header, indent=1))
     t0 = time.perf_counter()
     rows, steps = [], []

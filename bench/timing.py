@@ -43,12 +43,30 @@ def event_ms(launch, queue):
 SETTLE_S = 0.2
 
 
+#: Least untimed running after each pause.  A core idle for SETTLE_S runs the next few
+#: milliseconds of work slower: five runs of a 0.09 ms kernel right after one warm-up run
+#: measured 0.13 ms, and 0.09 ms after 10 ms of warm-up (PoCL, 2-core host).  One warm-up
+#: run covers that for a contender of 10 ms or more but not for a short one, which would
+#: be measured while the core is still waking; so every contender runs untimed for at
+#: least this long, alike.
+WARMUP_S = 0.01
+
+
+def warm_up(run, min_s: float = WARMUP_S) -> None:
+    """Run ``run()`` untimed, once and then until ``min_s`` seconds have passed."""
+    start = time.perf_counter()
+    run()
+    while time.perf_counter() - start < min_s:
+        run()
+
+
 def interleaved_medians(timers: dict, rounds: int, block: int = 3, slow=(),
                         settle_s: float = SETTLE_S) -> dict:
     """Median ms of each timer, measured in interleaved blocks.
 
-    Each round runs every timer as a block: a pause of ``settle_s``, one untimed warm-up
-    run, then ``block`` timed runs back to back (a library's threads stay warm within its
+    Each round runs every timer as a block: a pause of ``settle_s``, an untimed warm-up
+    (:func:`warm_up`: one run, repeated until ``WARMUP_S`` has passed), then ``block``
+    timed runs back to back (a library's threads stay warm within its
     block, as in real use).  Rotating the blocks over ``rounds`` lets a slow spell of a
     shared, noisy machine hit every contender alike.  Timers named in ``slow`` run one
     timed run a round.
@@ -57,7 +75,7 @@ def interleaved_medians(timers: dict, rounds: int, block: int = 3, slow=(),
     for _ in range(rounds):
         for name, timer in timers.items():
             time.sleep(settle_s)
-            timer()
+            warm_up(timer)
             samples[name].extend(timer() for _ in range(1 if name in slow else block))
     return {name: float(np.median(v)) for name, v in samples.items()}
 

@@ -35,7 +35,7 @@ from pysparsecl import runtime, tuning
 from pysparsecl.testing.reference import relative_error
 
 from . import report
-from .timing import interleaved_medians, wall_ms
+from .timing import WARMUP_S, interleaved_medians, wall_ms
 
 SPARSITIES = (0.0, 0.7, 0.9, 0.95)
 BATCHES = (1, 8)
@@ -212,7 +212,8 @@ def run(args) -> dict:
         "tvm": f"{tvm.__version__}, target {host_target()}",
         "baselines": f"torch {torch.__version__} on cpu ({torch.get_num_threads()} threads, "
                      "oneDNN); TVM's default pipeline on the same module",
-        "timing": f"{args.rounds} interleaved rounds x (1 warm-up + 2 timed passes); median",
+        "timing": f"{args.rounds} interleaved rounds x (warm-up of >= {WARMUP_S * 1e3:g} ms "
+                  "+ 2 timed passes); median",
     }
     print(json.dumps(header, indent=1))
     rows = bench(batches, sparsities, args.rounds)

@@ -222,3 +222,44 @@ def test_timer_on_cuda_divides_one_replay_by_its_calls(capture_works):
     assert timer() == pytest.approx(3.0)     # 12 ms between the events / 4 calls
     assert len(runs) == warmed + 4
     assert tb.timing_note.startswith("torch by CUDA-graph replays")
+
+
+def test_warm_up_runs_once_and_then_for_its_time(monkeypatch):
+    from bench import timing
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["t"])
+    runs = []
+
+    def run(cost):
+        def once():
+            runs.append(cost)
+            clock["t"] += cost
+        return once
+
+    timing.warm_up(run(0.05), min_s=0.01)            # one run outlasts the warm-up
+    assert runs == [0.05]
+    runs.clear()
+    timing.warm_up(run(0.003), min_s=0.01)           # short runs repeat until 10 ms
+    assert runs == [0.003] * 4
+
+
+def test_interleaved_medians_warm_up_every_block_untimed(monkeypatch):
+    from bench import timing
+
+    monkeypatch.setattr(timing.time, "sleep", lambda s: None)
+    calls = {"a": 0, "b": 0}
+
+    def timer(name, values):
+        def timed():
+            calls[name] += 1
+            return values[calls[name] % len(values)]
+        return timed
+
+    warmed = []
+    monkeypatch.setattr(timing, "warm_up", lambda run: (warmed.append(run), run()))
+    med = timing.interleaved_medians({"a": timer("a", [1.0, 2.0, 3.0]),
+                                      "b": timer("b", [5.0])}, rounds=2, block=3)
+    assert len(warmed) == 4                           # every block of every round
+    assert calls == {"a": 8, "b": 8}                  # (1 warm-up + 3 timed) x 2 rounds
+    assert med["b"] == 5.0 and med["a"] == 2.0
