@@ -141,20 +141,23 @@ COMPACT_SHAPES = {"plain": dict(WG_IMG=1, CBLOCK=0, CH_FASTEST=0),
                   "img-tiles+cblock": dict(WG_IMG=2, CBLOCK=4, CH_FASTEST=1)}
 
 
+@pytest.mark.parametrize("pix_vecs", [3, 7])
 @pytest.mark.parametrize("shape", sorted(COMPACT_SHAPES))
 @pytest.mark.parametrize("layout", [1, 0])
 @pytest.mark.parametrize("case", CASES, ids=[c.label() for c in CASES])
-def test_compact_pixels(queue, rng, case, layout, shape):
+def test_compact_pixels(queue, rng, case, layout, shape, pix_vecs):
     """COMPACT on every geometry, into an output poisoned with NaN: each real pixel is
     computed and stored once, from its own place in the packed input, also where a tile
     spans two image blocks, with WG_IMG tiles per work-group and with barrier-separated
-    segments (idle items past the last pixel).  The pixel layout (and odd batches, which
-    fall back to it) ignores COMPACT."""
+    segments (idle items past the last pixel), with 3 and 7 pixel vectors per item (7
+    tiles a 7 x 7 plane exactly).  The pixel layout (and odd batches, which fall back to
+    it) ignores COMPACT."""
     x, w, csr, bias = case.make_inputs(rng)
     out = cl_array.to_device(queue, np.full(case.reference(x, w, bias).shape, np.nan,
                                             np.float32))
-    with override("conv2d_csr", VEC=2, PIX_VECS=3, WG_PIX=4, WG_CH=2, BATCH_LAYOUT=layout,
-                  COMPACT=1, UNROLL=2, **COMPACT_SHAPES[shape]), override("conv2d_pack_flat"):
+    with override("conv2d_csr", VEC=2, PIX_VECS=pix_vecs, WG_PIX=4, WG_CH=2,
+                  BATCH_LAYOUT=layout, COMPACT=1, UNROLL=2, **COMPACT_SHAPES[shape]), \
+            override("conv2d_pack_flat"):
         ps.conv2d_sparse(cl_array.to_device(queue, x), csr, bias, out=out, **case.kwargs())
     assert relative_error(out.get(), case.reference(x, w, bias)) < TOL
 

@@ -40,7 +40,9 @@ SPEC = ParamSpec(
         TileParam("VEC", 8, (1, 2, 4, 8, 16),
                   "floats per vector (one load + FMA each): output pixels, or images of the "
                   "batch with BATCH_LAYOUT"),
-        TileParam("PIX_VECS", 4, (1, 2, 3, 4, 6, 8), "vectors of pixels held per work-item"),
+        TileParam("PIX_VECS", 4, (1, 2, 3, 4, 6, 7, 8),
+                  "vectors of pixels held per work-item (7 tiles the 7 x 2^k planes of "
+                  "ResNet's layers with no part-filled tile)"),
         TileParam("WG_PIX", 1, (1, 2, 4, 8, 16, 32, 64, 128, 256),
                   "work-items along pixels in a work-group"),
         TileParam("WG_CH", 1, (1, 2, 4, 8, 16, 32, 64, 128),
