@@ -35,8 +35,15 @@ def _conv(queue, x, csr, **kw):
     return ps.conv2d_sparse(x, csr, padding=1, queue=queue, **kw)
 
 
-def _check(queue, x, csr, bias=None):
-    got = _conv(queue, x, csr, bias=bias)
+def _check(queue, x, csr, bias=None, into_out=False):
+    """The card's call, returning a new array, or (``into_out``) writing a NumPy ``out``,
+    which takes the general path; checked against the float64 reference."""
+    if into_out:
+        out = np.full((x.shape[0], csr.shape[0]) + x.shape[2:], np.nan, np.float32)
+        got = _conv(queue, x, csr, bias=bias, out=out)
+        assert got is out
+    else:
+        got = _conv(queue, x, csr, bias=bias)
     w = csr.toarray().reshape(csr.shape[0], CASE.C, 3, 3)
     assert isinstance(got, np.ndarray)
     assert relative_error(got, conv2d_reference(x, w, bias, (1, 1), (1, 1), (1, 1))) < 1e-5
@@ -66,11 +73,12 @@ def test_repeated_calls_reuse_the_prepared_weight(queue, rng, counted):
     assert len(counted) == 2
 
 
+@pytest.mark.parametrize("into_out", [False, True], ids=["result", "out"])
 @pytest.mark.parametrize("edit", ["data", "indices", "indptr", "data_replaced", "resized"])
-def test_in_place_edits_are_never_served_stale(queue, rng, counted, edit):
+def test_in_place_edits_are_never_served_stale(queue, rng, counted, edit, into_out):
     x, _, csr, _ = CASE.make_inputs(rng)
     for _ in range(3):
-        _check(queue, x, csr)
+        _check(queue, x, csr, into_out=into_out)
     if edit == "data":
         csr.data[rng.integers(csr.nnz)] += 1.5
     elif edit == "indices":
@@ -88,9 +96,9 @@ def test_in_place_edits_are_never_served_stale(queue, rng, counted, edit):
     elif edit == "resized":
         csr.resize((CASE.K - 1, csr.shape[1]))
     made_before = len(counted)
-    _check(queue, x, csr)
+    _check(queue, x, csr, into_out=into_out)
     assert len(counted) == made_before + 1
-    _check(queue, x, csr)    # the new content is kept in turn
+    _check(queue, x, csr, into_out=into_out)    # the new content is kept in turn
 
 
 def test_edit_into_a_malformed_matrix_raises_and_recovers(queue, rng):

@@ -457,16 +457,22 @@ def conv2d_sparse(x, w_csr, bias=None, *, kernel_size=None, stride=1, padding=0,
             else None
         epilogue = _Epilogue(bias_dev, res_dev, relu)
         _compute(queue, x_dev, weight, epilogue, out_dev, geom, events, call.shape_class)
-        # A kept weight is compared with w_csr's buffers while the kernels run; if w_csr
-        # was edited since, the output is computed again, in order, with the new weight.
-        try:
-            fresh = confirm() if confirm is not None else None
-        except Exception:   # the edited w_csr is malformed: let the kernels finish with x
-            queue.finish()
-            raise
-        if fresh is not None:
-            _compute(queue, x_dev, fresh, epilogue, out_dev, geom, events, call.shape_class)
+        _recompute_if_edited(confirm, queue, x_dev, epilogue, out_dev, call, events)
     return deliver(out_dev, x, out, queue, host)
+
+
+def _recompute_if_edited(confirm, queue, x_dev, epilogue: "_Epilogue", out_dev,
+                         call: "_CallShape", events) -> None:
+    """A kept weight is compared with w_csr's buffers (``confirm``, see
+    :meth:`PreparedCache.lookup`) while the kernels run; if w_csr was edited since, the
+    output is computed again, in order, with the new weight."""
+    try:
+        fresh = confirm() if confirm is not None else None
+    except Exception:   # the edited w_csr is malformed: let the kernels finish with x
+        queue.finish()
+        raise
+    if fresh is not None:
+        _compute(queue, x_dev, fresh, epilogue, out_dev, call.geom, events, call.shape_class)
 
 
 def _host_call(x: np.ndarray, weight: "SparseConvWeight", confirm, bias, kernel_size,
@@ -495,14 +501,8 @@ def _host_call(x: np.ndarray, weight: "SparseConvWeight", confirm, bias, kernel_
     call = repeated.call
     out_dev, host = new_output(queue, call.out_shape, np.float32, None, like=x)
     _repeated_launch(repeated, x_dev, weight, bias_dev, res_dev, out_dev, events)
-    try:
-        fresh = confirm() if confirm is not None else None
-    except Exception:   # the edited w_csr is malformed: let the kernels finish with x
-        queue.finish()
-        raise
-    if fresh is not None:
-        _compute(queue, x_dev, fresh, _Epilogue(bias_dev, res_dev, call.relu), out_dev,
-                 call.geom, events, call.shape_class)
+    _recompute_if_edited(confirm, queue, x_dev, _Epilogue(bias_dev, res_dev, call.relu),
+                         out_dev, call, events)
     return deliver(out_dev, x, None, queue, host)
 
 
