@@ -73,8 +73,7 @@ ${pack_rows()}
 % endif
 
 % if LOCAL_X:
-// Floats of one input channel's tile (the work-group's pixels), in either layout.
-#define PSCL_TILE_FLOATS (PSCL_VEC * PSCL_PIX_VECS * PSCL_WG_PIX)
+// Vectors of one input channel's tile (the work-group's pixels), in either layout.
 #define PSCL_TILE_VECS (PSCL_PIX_VECS * PSCL_WG_PIX)
 % endif
 % if CH_FASTEST:

@@ -75,6 +75,24 @@ def queue(device):
 
 
 @pytest.fixture
+def count_instances(monkeypatch):
+    """``count_instances(owner, name)`` replaces the class ``owner.name`` with a subclass
+    that records each instance made, for this test; returns the list of records."""
+    def count(owner, name):
+        made = []
+        base = getattr(owner, name)
+
+        class Counted(base):
+            def __init__(self, *args, **kwargs):
+                made.append(1)
+                super().__init__(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, Counted)
+        return made
+    return count
+
+
+@pytest.fixture
 def rng(request):
     """Random data from the run's base seed (printed in the header) and the test's id, so
     that a test's data depends neither on which other tests run nor on their order."""

@@ -50,16 +50,9 @@ def _check(queue, x, csr, bias=None, into_out=False):
 
 
 @pytest.fixture
-def counted(monkeypatch):
+def counted(count_instances):
     """Counts the SparseConvWeights that conv2d_sparse prepares."""
-    made = []
-
-    class Counted(conv2d.SparseConvWeight):
-        def __init__(self, *args, **kwargs):
-            made.append(1)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(conv2d, "SparseConvWeight", Counted)
+    made = count_instances(conv2d, "SparseConvWeight")
     ps.clear_weight_cache()
     yield made
     ps.clear_weight_cache()

@@ -583,18 +583,11 @@ def test_transpose_into_a_view_of_the_first_columns(queue, rng):
 
 
 @pytest.mark.parametrize("form", ["bool", "idx"])
-def test_backward_calls_share_a_selections_lists(queue, rng, monkeypatch, form):
+def test_backward_calls_share_a_selections_lists(queue, rng, count_instances, form):
     """Inside shared_selection_lists, backward calls with the same mask and dy device
     arrays build the lists once, and each call's dw is its own x's; calls with other dy,
     NumPy operands or outside the block build their own."""
-    built = []
-
-    class Counted(masked_util.SelectionLists):
-        def __init__(self, *args, **kwargs):
-            built.append(1)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(masked_util, "SelectionLists", Counted)
+    built = count_instances(masked_util, "SelectionLists")
     x, w, mask = MaskCase(21, 30, 26, keep=0.3, form=form).make(rng)
     x2 = rng.standard_normal((21, 11), dtype=np.float32)
     dy = rng.standard_normal(mask.shape, dtype=np.float32)

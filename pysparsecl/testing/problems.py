@@ -353,6 +353,7 @@ def _masked_backward_problems(family):
     def build(queue, rng, quick, shapes) -> List[Problem]:
         from .. import runtime, tuning
         from ..families import masked_dw, masked_dx, masked_util
+        from ..ops._common import written
         from ..ops.masked import MASKED_DW, MASKED_DX, weight_rows
         problems = []
         for m, k, n, keep in _matmul_shapes(family, shapes, quick, DSG_GEMM_SHAPES[1:]):
@@ -369,7 +370,7 @@ def _masked_backward_problems(family):
                     ev.append(masked_dx.launch(queue, tuning.lookup(MASKED_DX, queue.device),
                                                "bool", dy, rows, ldw, lists, dx, m, n, k, n,
                                                list(dx.events)))
-                    dx.events[:] = ev[-1:]
+                    written(dx, ev[-1])
                     return dx
 
                 def reference(dy=dy_host, host=host):
@@ -381,7 +382,7 @@ def _masked_backward_problems(family):
                     dwt = runtime.empty(queue, (n, k), np.float32)
                     ev.append(masked_dw.launch(queue, tuning.lookup(MASKED_DW, queue.device),
                                                "bool", x_rows, lists, dwt, m, n, k, []))
-                    dwt.events[:] = ev[-1:]
+                    written(dwt, ev[-1])
                     return dwt
 
                 def reference(dy=dy_host, host=host):
