@@ -11,7 +11,10 @@ its result is checked against ours).  Each timed call of ours, and of the SDDMM,
 different mask (a rotating set), as DSG inference would, so the selected weight rows are
 not all sitting in cache from the previous call.  The search's overhead is reported as a
 fraction of the dense torch layer's time, with the projected weights reused (they change
-only with the weights); projecting the weights once is reported on its own.
+only with the weights); projecting the weights once is reported on its own.  The
+backward (``masked_matmul_backward``: dx, and dW in the weight's (N, K) rows, as a DSG
+layer asks for it) is timed beside torch's dense backward, the two products dy W^T and
+dy^T x.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pysparsecl.testing.cases import RESNET50_LAYERS, row_masks
 from pysparsecl.testing.problems import DSG_GEMM_SHAPES, DSG_VMM_SHAPES
 from pysparsecl.testing.reference import (
     conv2d_masked_reference,
+    masked_matmul_backward_reference,
     masked_matmul_reference,
     relative_error,
 )
@@ -80,7 +84,8 @@ def bench_matmul(queue, torch_b, args, rng):
     for m, k, n in shapes:
         x = rng.standard_normal((m, k), dtype=np.float32)
         w = rng.standard_normal((k, n), dtype=np.float32)
-        x_dev = cl_array.to_device(queue, x)
+        dy = rng.standard_normal((m, n), dtype=np.float32)   # the backward's output gradient
+        x_dev, dy_dev = cl_array.to_device(queue, x), cl_array.to_device(queue, dy)
         weight = ps.MaskedLinearWeight(w, queue=queue)
         dense = {}
         if torch_b.torch is not None:
@@ -93,6 +98,13 @@ def bench_matmul(queue, torch_b, args, rng):
             dense["torch"] = torch_b.timer(torch_mm)
             if torch_b.device == "cuda":   # on the CPU the same as "torch"
                 dense["torch_call"] = torch_b.call_timer(torch_mm)
+            gt = t.from_numpy(dy).to(torch_b.device)
+
+            def torch_backward(xt=xt, wt=wt, gt=gt):   # dx = dy W^T, dW^T = dy^T x
+                with t.no_grad():
+                    t.matmul(gt, wt.T)
+                    t.matmul(gt.T, xt)
+            dense["torch_backward"] = torch_b.timer(torch_backward)
         if not args.no_numpy:
             dense["numpy"] = wall_ms(lambda x=x, w=w: x @ w)
         proj = ps.SparseRandomProjection(k, seed=1, queue=queue)
@@ -127,8 +139,19 @@ def bench_matmul(queue, torch_b, args, rng):
             def host_call():   # NumPy x and masks, the prepared weight: the result to NumPy
                 host_state["i"] = (host_state["i"] + 1) % N_MASKS
                 ps.masked_matmul(x, weight, host_masks[host_state["i"]], queue=queue)
+            # The backward as a DSG layer calls it: dW in the weight's (N, K) rows.
+            backward = _rotating(lambda mk, ev: ps.masked_matmul_backward(
+                dy_dev, x_dev, weight, mk, dw_rows=True, events=ev), masks)
+            backward_err = None
+            if args.check:
+                dx, dwt = ps.masked_matmul_backward(dy_dev, x_dev, weight, masks[0],
+                                                    dw_rows=True)
+                ref_dx, ref_dw = masked_matmul_backward_reference(dy, x, w, host_masks[0])
+                backward_err = max(relative_error(dx.get(), ref_dx),
+                                   relative_error(dwt.get(), ref_dw.T))
             timers = {"ours": event_ms(ours, queue), "call": wall_ms(call),
-                      "host_call": wall_ms(host_call), **dense}
+                      "host_call": wall_ms(host_call), "backward": event_ms(backward, queue),
+                      **dense}
             if sddmm is not None:
                 timers["sddmm"] = torch_b.timer(sddmm)
             med = interleaved_medians(timers, args.rounds, slow=("numpy",))
@@ -161,7 +184,10 @@ def bench_matmul(queue, torch_b, args, rng):
                 drs_ms=drs, drs_overhead=drs / torch_ms if torch_ms else None,
                 layer_speedup=torch_ms / (drs + med["ours"]) if torch_ms else None,
                 drs_k=proj.k, weight_projection_ms=pw_ms, weight_projection_call_ms=pw_wall,
-                rel_error=err))
+                backward_ms=med["backward"], torch_backward_ms=med.get("torch_backward"),
+                backward_speedup_vs_torch=(med["torch_backward"] / med["backward"]
+                                           if "torch_backward" in med else None),
+                backward_rel_error=backward_err, rel_error=err))
             print(report.format_row(rows[-1], COLUMNS), flush=True)
     return rows
 
@@ -360,7 +386,11 @@ COLUMNS = [("op", "op", "{}"), ("shape", "shape", "{}"), ("sparsity", "sparsity"
            ("drs_ms", "DRS ms", "{:.3f}"), ("drs_overhead", "DRS / dense", "{:.1%}"),
            ("layer_speedup", "DSG layer x torch", "{:.2f}"),
            ("drs_k", "k", "{}"), ("weight_projection_ms", "f(w) once ms", "{:.2f}"),
-           ("rel_error", "rel err", "{:.1e}")]
+           ("backward_ms", "backward ms", "{:.3f}"),
+           ("torch_backward_ms", "torch backward ms", "{:.3f}"),
+           ("backward_speedup_vs_torch", "x torch (backward)", "{:.2f}"),
+           ("rel_error", "rel err", "{:.1e}"),
+           ("backward_rel_error", "backward rel err", "{:.1e}")]
 
 
 PROPAGATED_COLUMNS = [

@@ -136,3 +136,14 @@ inline float pscl_hsum(const pscl_floatv v)
         for (int e = 0; e < PSCL_KCHUNK; ++e)
             tail[e] = 0.0f;
 </%def>
+
+<%def name="item_position(outer)">\
+## The work-item's row (dx) or column (dw) and the start of its K chunk, by ACROSS.
+% if ACROSS:
+const int ${outer} = get_global_id(1);
+    const int k0 = get_global_id(0) * PSCL_KCHUNK;
+% else:
+const int ${outer} = get_global_id(0);
+    const int k0 = get_global_id(1) * PSCL_KCHUNK;
+% endif
+</%def>

@@ -1,6 +1,7 @@
 ## masked_dw (pysparsecl/families/masked_dw.py): dw = x^T @ (mask * dy), as its transpose:
 ## column j of dw is a sum of the rows of x that select j, scaled by dy; a work-item owns
-## one column and one K chunk.
+## one column and one K chunk.  ACROSS as in masked_dx: WG columns at one K chunk (CPU) or
+## WG consecutive K chunks of one column (GPU: coalesced loads of each selecting row of x).
 <%namespace name="common" file="common.cl.mako"/>\
 <%namespace name="m" file="masked_common.cl.mako"/>\
 ${m.prelude()}
@@ -10,13 +11,11 @@ ${dw_kernel()}
 #define PSCL_KCHUNK (${VEC} * ${KVEC})
 // dw = x^T @ (mask * dy).  Work-item (column j, K chunk): dw[j, chunk] is the sum, over
 // the rows i that select column j, of dy[i, j] * x[i, chunk].  Each column's selecting
-// rows come as a list (pscl_cols_list: row and dy value), built once.  Dim 0 walks
-// columns, so the work-groups that run together share one K chunk of x in cache.
+// rows come as a list (pscl_cols_list: row and dy value), built once.
 __kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
 void pscl_masked_dw(${ARGS["pscl_masked_dw"]})
 {
-    const int j = get_global_id(0);
-    const int k0 = get_global_id(1) * PSCL_KCHUNK;
+    ${m.item_position("j")}
     if (j >= N || k0 >= K)
         return;
     ${m.chunk_begin()}

@@ -1,5 +1,8 @@
 ## masked_dx (pysparsecl/families/masked_dx.py): dx = (mask * dy) @ W^T.  Each row of dx is
 ## a sum of the selected rows of wt, scaled by dy; a work-item owns one row and one K chunk.
+## ACROSS 0: a work-group's items take WG rows at one K chunk (CPU: the rows share the
+## chunk of W in cache); ACROSS 1: WG consecutive K chunks of one row (GPU: every selected
+## row's loads coalesce, and the work-group walks one list in step).
 <%namespace name="common" file="common.cl.mako"/>\
 <%namespace name="m" file="masked_common.cl.mako"/>\
 ${m.prelude()}
@@ -11,12 +14,11 @@ ${dx_kernel()}
 // columns j that row i selects, of dy[i, j] * wt[j, chunk] -- one contiguous piece of a
 // weight row per selected output, nothing for the others.  The row's selection comes as a
 // list (idx, or compacted once from a bool mask by pscl_bool_rows), not rescanned per
-// chunk.  Dim 0 walks rows, so the work-groups that run together share one K chunk of W.
+// chunk.
 __kernel __attribute__((reqd_work_group_size(${WG}, 1, 1)))
 void pscl_masked_dx(${ARGS["pscl_masked_dx"]})
 {
-    const int i = get_global_id(0);
-    const int k0 = get_global_id(1) * PSCL_KCHUNK;
+    ${m.item_position("i")}
     if (i >= M || k0 >= K)
         return;
     ${m.chunk_begin()}

@@ -626,6 +626,46 @@ def test_every_backward_configuration_is_correct(queue, rng, family, spec):
                 assert relative_error(dw, ref_dw) < TOL, (params, case)
 
 
+@pytest.mark.parametrize("family", ["masked_dx", "masked_dw"])
+@pytest.mark.parametrize("tiles", [dict(VEC=4, KVEC=2, WG=8), dict(VEC=16, KVEC=1, WG=4),
+                                   dict(VEC=1, KVEC=1, WG=64)])
+@pytest.mark.parametrize("across", [0, 1])
+def test_backward_work_group_layouts(queue, rng, family, tiles, across):
+    """Both work-group layouts (rows or columns side by side, or K chunks of one), with
+    partial chunks (K = 37, 200), partial work-groups and an empty row."""
+    cases = [MaskCase(33, 200, 45, keep=0.3, empty_rows=1),
+             MaskCase(20, 37, 70, keep=0.2, form="idx")]
+    with override(family, ACROSS=across, **tiles):
+        for case in cases:
+            x, w, mask = case.make(rng)
+            dy = rng.standard_normal(np.shape(masked_matmul_reference(x, w, mask)),
+                                     dtype=np.float32)
+            dx, dw = ps.masked_matmul_backward(dy, x, w, mask, queue=queue)
+            ref_dx, ref_dw = masked_matmul_backward_reference(dy, x, w, mask)
+            assert relative_error(dx, ref_dx) < TOL, case
+            assert relative_error(dw, ref_dw) < TOL, case
+
+
+@pytest.mark.parametrize("tiles", [dict(ROW_WG=32, COLS=16, SEGS=4),
+                                   dict(ROW_WG=256, COLS=32, SEGS=32),
+                                   dict(ROW_WG=64, COLS=64, SEGS=8)])
+def test_backward_lists_by_work_group_scans(queue, rng, tiles):
+    """masked_lists' scans (SCAN 1) give the backward's lists: bool and index masks,
+    an empty row, fewer rows than segments, N not a multiple of COLS and rows longer
+    than a work-group's items."""
+    cases = [MaskCase(33, 20, 45, keep=0.3, empty_rows=1), MaskCase(3, 16, 70, keep=0.5),
+             MaskCase(70, 8, 300, keep=0.1, form="idx"), MaskCase(40, 9, 600, keep=0.05)]
+    with override("masked_lists", SCAN=1, **tiles):
+        for case in cases:
+            x, w, mask = case.make(rng)
+            dy = rng.standard_normal(np.shape(masked_matmul_reference(x, w, mask)),
+                                     dtype=np.float32)
+            dx, dw = ps.masked_matmul_backward(dy, x, w, mask, queue=queue)
+            ref_dx, ref_dw = masked_matmul_backward_reference(dy, x, w, mask)
+            assert relative_error(dx, ref_dx) < TOL, case
+            assert relative_error(dw, ref_dw) < TOL, case
+
+
 def test_backward_bad_input(queue):
     with pytest.raises(ValueError, match=r"dy must have shape \(4, 5\)"):
         ps.masked_matmul_backward(np.zeros((4, 6), np.float32), _x(), _w(), _mask(), queue=queue)

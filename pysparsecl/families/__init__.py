@@ -18,6 +18,7 @@ LOCAL_MEM_BYTES = 32 * 1024
 #: The family modules, by family name.
 NAMES = ("conv2d_csr", "conv2d_pack_rows", "conv2d_pack_flat", "elementwise", "masked_vmm",
          "masked_vmm_split", "masked_gemm", "masked_gemm_tiled", "masked_dx", "masked_dw",
+         "masked_lists",
          "masked_bn", "masked_conv", "masked_conv_channels", "masked_conv_tiled", "masked_conv_dx",
          "masked_conv_dw", "masked_compact", "masked_compact_tiled", "masked_compact_dw",
          "masked_compact_dw_tiled",

@@ -8,8 +8,9 @@ import numpy as np
 
 from .. import runtime
 from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
-from ..ops._common import elem_offset, round_up
+from ..ops._common import elem_offset
 from ..params import ParamSpec, TileParam
+from .masked_util import ACROSS_CONSTRAINT, backward_sizes
 
 TEMPLATE = "masked_dw.cl.mako"
 
@@ -18,8 +19,12 @@ SPEC = ParamSpec(
     params=(
         TileParam("VEC", 16, (1, 4, 8, 16), "floats per vector load of a row (one FMA each)"),
         TileParam("KVEC", 8, (1, 2, 4, 8, 16), "vectors of dw's row of W^T per work-item"),
-        TileParam("WG", 16, (1, 2, 4, 8, 16, 32, 64), "columns per work-group"),
+        TileParam("WG", 16, (1, 2, 4, 8, 16, 32, 64, 128, 256),
+                  "work-items per work-group: columns (ACROSS 0) or K chunks of one (1)"),
+        TileParam("ACROSS", 0, (0, 1), "0: a work-group's items take WG columns at one K chunk "
+                  "(CPU); 1: WG consecutive K chunks of one (GPU: coalesced loads)"),
     ),
+    constraints=(ACROSS_CONSTRAINT,),
     work_group_size=lambda p: p["WG"],
 )
 
@@ -41,12 +46,10 @@ def launch(queue, params, form: str, x_rows, lists, dwt, n_rows: int, n_cols: in
            k_in: int, wait):
     """Enqueue dw^T (N, K) into ``dwt`` from x's rows (buffer, element offset, row stride)
     and the selection's column lists (a masked_util.SelectionLists)."""
-    chunk = params["VEC"] * params["KVEC"]
     kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_masked_dw",),
                            **template_args(params, form))["pscl_masked_dw"]
     x_src, x_off, ldx = x_rows
-    return kern.launch(queue, (round_up(n_cols, params["WG"]), -(-k_in // chunk)),
-                       (params["WG"], 1), dict(
+    return kern.launch(queue, *backward_sizes(params, n_cols, k_in), dict(
         x=x_src, x_off=x_off, rows=lists.col_rows.data, counts=lists.col_counts.data,
         dw=dwt.data, M=np.int32(n_rows), N=np.int32(n_cols), K=np.int32(k_in),
         ldx=np.int32(ldx)), wait_for=wait)

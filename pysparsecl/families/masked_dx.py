@@ -8,8 +8,9 @@ import numpy as np
 
 from .. import runtime
 from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
-from ..ops._common import elem_offset, round_up
+from ..ops._common import elem_offset
 from ..params import ParamSpec, TileParam
+from .masked_util import ACROSS_CONSTRAINT, backward_sizes
 
 TEMPLATE = "masked_dx.cl.mako"
 
@@ -18,8 +19,12 @@ SPEC = ParamSpec(
     params=(
         TileParam("VEC", 16, (1, 4, 8, 16), "floats per vector load of a row (one FMA each)"),
         TileParam("KVEC", 16, (1, 2, 4, 8, 16), "vectors of dx's row per work-item (a K chunk)"),
-        TileParam("WG", 16, (1, 2, 4, 8, 16, 32, 64), "rows per work-group"),
+        TileParam("WG", 16, (1, 2, 4, 8, 16, 32, 64, 128, 256),
+                  "work-items per work-group: rows (ACROSS 0) or K chunks of one (1)"),
+        TileParam("ACROSS", 0, (0, 1), "0: a work-group's items take WG rows at one K chunk "
+                  "(CPU); 1: WG consecutive K chunks of one (GPU: coalesced loads)"),
     ),
+    constraints=(ACROSS_CONSTRAINT,),
     work_group_size=lambda p: p["WG"],
 )
 
@@ -44,12 +49,10 @@ def template_args(params, mask: str = "bool") -> dict:
 def launch(queue, params, form: str, dy_dev, rows, ldw, lists, dx_dev, n_rows: int,
            n_cols: int, k_in: int, n_entries: int, wait):
     """Enqueue dx from the selection's row lists (a masked_util.SelectionLists)."""
-    chunk = params["VEC"] * params["KVEC"]
     kern = runtime.kernels(queue.context, TEMPLATE, ("pscl_masked_dx",),
                            **template_args(params, form))["pscl_masked_dx"]
     counts = {} if lists.row_counts is None else dict(counts=lists.row_counts.data)
-    return kern.launch(queue, (round_up(n_rows, params["WG"]), -(-k_in // chunk)),
-                       (params["WG"], 1), dict(
+    return kern.launch(queue, *backward_sizes(params, n_rows, k_in), dict(
         dy=dy_dev.base_data, dy_off=elem_offset(dy_dev), wt=rows.data,
         cols=lists.row_cols[0], cols_off=lists.row_cols[1], **counts, dx=dx_dev.data,
         dx_off=np.int64(0), M=np.int32(n_rows), N=np.int32(n_cols), K=np.int32(k_in),

@@ -10,12 +10,30 @@ from typing import Tuple
 import numpy as np
 import pyopencl.array as cl_array
 
-from .. import runtime
+from .. import runtime, tuning
 from ..kernel_args import KernelArgs, Pointer, Scalar, Signature
 from ..ops._common import INT32_MAX, check_alloc, elem_offset, round_up, written
+from ..params import Constraint
+from . import masked_lists
 
 TEMPLATE = "masked_util.cl.mako"
 TRANSPOSE_WG = 4      # 16 x 16 tiles per transpose work-group
+
+#: masked_dx's and masked_dw's work-groups: wider than 64 only across K, where the items
+#: walk one list in step (side by side, each row or column walks its own list).
+ACROSS_CONSTRAINT = Constraint(
+    "wide_groups_across_k", lambda p: p["ACROSS"] == 1 or p["WG"] <= 64,
+    "more than 64 work-items per work-group only with ACROSS 1")
+
+
+def backward_sizes(params, n_outer: int, k_in: int):
+    """(global, local) sizes of masked_dx and masked_dw: ``n_outer`` rows (dx) or columns
+    (dw) by K chunks of VEC * KVEC floats, the work-group along the one ACROSS picks."""
+    n_chunks = -(-k_in // (params["VEC"] * params["KVEC"]))
+    wg = params["WG"]
+    if params["ACROSS"]:
+        return (round_up(n_chunks, wg), n_outer), (wg, 1)
+    return (round_up(n_outer, wg), n_chunks), (wg, 1)
 
 
 def _cols_list(form: str) -> Signature:
@@ -112,7 +130,9 @@ class SelectionLists:
                  n_entries: int, wait: list, events):
         ctx = queue.context
         alloc = runtime.memory_pool(ctx)
-        util = kernels(ctx, "pscl_bool_rows", "pscl_cols_list_bool", "pscl_cols_list_slot")
+        scan = tuning.lookup(masked_lists.SPEC, queue.device, copy=False)
+        if not scan["SCAN"]:
+            util = kernels(ctx, "pscl_bool_rows", "pscl_cols_list_bool", "pscl_cols_list_slot")
         self.events = []
         self.bad = None
         check_alloc(queue, 8 * n_rows * n_cols, "the backward's column lists")
@@ -123,18 +143,31 @@ class SelectionLists:
             wait = wait + list(slots.events)
             self.row_cols = (mask_dev.base_data, elem_offset(mask_dev))
             self.row_counts = None
-            cols_list, sel = util["pscl_cols_list_slot"], (slots.data, np.int64(0))
+            sel_form, sel = "slot", (slots.data, np.int64(0))
         else:
             row_list = runtime.empty(queue, (n_rows, n_cols), np.int32, allocator=alloc)
             self.row_counts = runtime.empty(queue, (n_rows,), np.int32, allocator=alloc)
-            self.events.append(util["pscl_bool_rows"].launch(queue, (n_rows,), None, dict(
-                mask=mask_dev.base_data, mask_off=elem_offset(mask_dev), cols=row_list.data,
-                counts=self.row_counts.data, M=np.int32(n_rows), N=np.int32(n_cols)),
-                wait_for=wait or None))
+            mask_args = (mask_dev.base_data, elem_offset(mask_dev), row_list.data,
+                         self.row_counts.data)
+            if scan["SCAN"]:
+                ev = masked_lists.launch_rows(queue, scan, *mask_args, n_rows, n_cols,
+                                              wait or None)
+            else:
+                ev = util["pscl_bool_rows"].launch(queue, (n_rows,), None, dict(
+                    zip(("mask", "mask_off", "cols", "counts"), mask_args),
+                    M=np.int32(n_rows), N=np.int32(n_cols)), wait_for=wait or None)
+            self.events.append(ev)
             self.row_cols = (row_list.data, np.int64(0))
-            cols_list = util["pscl_cols_list_bool"]
-            sel = (mask_dev.base_data, elem_offset(mask_dev))
-        self.events.append(cols_list.launch(queue, (-(-n_cols // 16),), None, dict(
-            sel=sel[0], sel_off=sel[1], dy=dy_dev.base_data, dy_off=elem_offset(dy_dev),
-            rows=self.col_rows.data, counts=self.col_counts.data, M=np.int32(n_rows),
-            N=np.int32(n_cols), dy_cols=np.int32(n_entries)), wait_for=wait or None))
+            sel_form, sel = "bool", (mask_dev.base_data, elem_offset(mask_dev))
+        col_args = dict(sel=sel[0], sel_off=sel[1], dy=dy_dev.base_data,
+                        dy_off=elem_offset(dy_dev), rows=self.col_rows.data,
+                        counts=self.col_counts.data)
+        if scan["SCAN"]:
+            ev = masked_lists.launch_cols(queue, scan, sel_form, **col_args, n_rows=n_rows,
+                                          n_cols=n_cols, dy_cols=n_entries, wait=wait or None)
+        else:
+            ev = util[f"pscl_cols_list_{sel_form}"].launch(
+                queue, (-(-n_cols // 16),), None, dict(
+                    col_args, M=np.int32(n_rows), N=np.int32(n_cols),
+                    dy_cols=np.int32(n_entries)), wait_for=wait or None)
+        self.events.append(ev)

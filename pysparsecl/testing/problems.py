@@ -392,6 +392,28 @@ def _masked_backward_problems(family):
     return build
 
 
+def _masked_lists_problems(queue, rng, quick, shapes) -> List[Problem]:
+    """The backward's selection lists (masked_lists' scans or masked_util's serial
+    builders, by SCAN) on the GEMM shapes' bool masks, timed alone; the check compares
+    the column lists' lengths (the tests check the lists through the gradients)."""
+    from ..families import masked_util
+    from ..ops._common import written
+    problems = []
+    for m, _k, n, keep in _matmul_shapes("masked_lists", shapes, quick, DSG_GEMM_SHAPES):
+        _, _, mask, host = _matmul_inputs(queue, rng, m, 1, n, keep)
+        dy = cl_array.to_device(queue, rng.standard_normal((m, n), dtype=np.float32))
+
+        def launch(ev, mask=mask, dy=dy, m=m, n=n):
+            lists = masked_util.SelectionLists(queue, "bool", mask, dy, m, n, n, [], None)
+            ev.extend(lists.events)
+            written(lists.col_counts, ev[-1])
+            return lists.col_counts
+
+        problems.append(Problem(f"{m}x{n} keep {keep:g}", launch,
+                                lambda mask=host[2]: mask.sum(axis=0, dtype=np.float64)))
+    return problems
+
+
 def _conv_cases(family, shapes, quick, queue, first_layer=1, gpu_batches=(32,)):
     from .cases import RESNET50_LAYERS
     if shapes is not None:
@@ -720,6 +742,7 @@ TUNABLES: Dict[str, Callable[..., List[Problem]]] = {
                                                              x_keeps=(0.05, 0.1, 0.2)),
     "masked_dx": _masked_backward_problems("masked_dx"),
     "masked_dw": _masked_backward_problems("masked_dw"),
+    "masked_lists": _masked_lists_problems,
     "masked_bn": _masked_bn_problems,
     "training": _training_problems,
     "pooling": _pooling_problems,
@@ -1236,6 +1259,9 @@ def small_problems():
         "masked_dx": [("backward 5x37x29 bool, 1 empty row", backward(5, 37, 29, "bool", 1)),
                       ("backward 3x17x40 idx", backward(3, 17, 40, "idx")),
                       ("backward 1x9x7 bool", backward(1, 9, 7, "bool"))],
+        # the scans (SCAN 1) by their own configurations; SCAN 0 runs masked_util's
+        "masked_lists": [("backward 37x5x29 bool, 1 empty row", backward(37, 5, 29, "bool", 1)),
+                         ("backward 3x7x140 idx", backward(3, 7, 140, "idx"))],
         "masked_bn": [("bn (2,3,4,5) inference", bn((2, 3, 4, 5), False)),
                       ("bn (2,3,4,5) training", bn((2, 3, 4, 5), True)),
                       ("bn (6,37) training", bn((6, 37), True)),
