@@ -626,6 +626,16 @@ def test_every_backward_configuration_is_correct(queue, rng, family, spec):
                 assert relative_error(dw, ref_dw) < TOL, (params, case)
 
 
+def _check_backward(queue, rng, case):
+    """masked_matmul_backward on fresh inputs of ``case`` against the float64 reference."""
+    x, w, mask = case.make(rng)
+    dy = rng.standard_normal(np.shape(masked_matmul_reference(x, w, mask)), dtype=np.float32)
+    dx, dw = ps.masked_matmul_backward(dy, x, w, mask, queue=queue)
+    ref_dx, ref_dw = masked_matmul_backward_reference(dy, x, w, mask)
+    assert relative_error(dx, ref_dx) < TOL, case
+    assert relative_error(dw, ref_dw) < TOL, case
+
+
 @pytest.mark.parametrize("family", ["masked_dx", "masked_dw"])
 @pytest.mark.parametrize("tiles", [dict(VEC=4, KVEC=2, WG=8), dict(VEC=16, KVEC=1, WG=4),
                                    dict(VEC=1, KVEC=1, WG=64)])
@@ -637,13 +647,7 @@ def test_backward_work_group_layouts(queue, rng, family, tiles, across):
              MaskCase(20, 37, 70, keep=0.2, form="idx")]
     with override(family, ACROSS=across, **tiles):
         for case in cases:
-            x, w, mask = case.make(rng)
-            dy = rng.standard_normal(np.shape(masked_matmul_reference(x, w, mask)),
-                                     dtype=np.float32)
-            dx, dw = ps.masked_matmul_backward(dy, x, w, mask, queue=queue)
-            ref_dx, ref_dw = masked_matmul_backward_reference(dy, x, w, mask)
-            assert relative_error(dx, ref_dx) < TOL, case
-            assert relative_error(dw, ref_dw) < TOL, case
+            _check_backward(queue, rng, case)
 
 
 @pytest.mark.parametrize("tiles", [dict(ROW_WG=32, COLS=16, SEGS=4),
@@ -657,13 +661,7 @@ def test_backward_lists_by_work_group_scans(queue, rng, tiles):
              MaskCase(70, 8, 300, keep=0.1, form="idx"), MaskCase(40, 9, 600, keep=0.05)]
     with override("masked_lists", SCAN=1, **tiles):
         for case in cases:
-            x, w, mask = case.make(rng)
-            dy = rng.standard_normal(np.shape(masked_matmul_reference(x, w, mask)),
-                                     dtype=np.float32)
-            dx, dw = ps.masked_matmul_backward(dy, x, w, mask, queue=queue)
-            ref_dx, ref_dw = masked_matmul_backward_reference(dy, x, w, mask)
-            assert relative_error(dx, ref_dx) < TOL, case
-            assert relative_error(dw, ref_dw) < TOL, case
+            _check_backward(queue, rng, case)
 
 
 def test_backward_bad_input(queue):

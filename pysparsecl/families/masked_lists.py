@@ -32,8 +32,10 @@ SPEC = ParamSpec(
 )
 
 
-def _cols_scan(form: str) -> Signature:
-    return Signature(f"pscl_cols_scan_{form}", (
+def cols_signature(name: str, form: str) -> Signature:
+    """The arguments of a column-list builder ``name`` (this family's scan, masked_util's
+    serial builder) for a bool mask or a slot map."""
+    return Signature(name, (
         Pointer("sel", "uchar" if form == "bool" else "int", restrict=True),
         Scalar("sel_off", np.int64),
         Pointer("dy", "float", restrict=True), Scalar("dy_off", np.int64),
@@ -48,7 +50,7 @@ ARGS = KernelArgs(
         Pointer("cols", "int", const=False, restrict=True),
         Pointer("counts", "int", const=False, restrict=True),
         Scalar("M", np.int32), Scalar("N", np.int32))),
-    _cols_scan("bool"), _cols_scan("slot"))
+    cols_signature("pscl_cols_scan_bool", "bool"), cols_signature("pscl_cols_scan_slot", "slot"))
 
 
 def template_args(params) -> dict:

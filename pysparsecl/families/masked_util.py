@@ -36,16 +36,6 @@ def backward_sizes(params, n_outer: int, k_in: int):
     return (round_up(n_outer, wg), n_chunks), (wg, 1)
 
 
-def _cols_list(form: str) -> Signature:
-    return Signature(f"pscl_cols_list_{form}", (
-        Pointer("sel", "uchar" if form == "bool" else "int", restrict=True),
-        Scalar("sel_off", np.int64),
-        Pointer("dy", "float", restrict=True), Scalar("dy_off", np.int64),
-        Pointer("rows", "int2", const=False, restrict=True),
-        Pointer("counts", "int", const=False, restrict=True),
-        Scalar("M", np.int32), Scalar("N", np.int32), Scalar("dy_cols", np.int32)))
-
-
 ARGS = KernelArgs(
     Signature("pscl_transpose", (
         Pointer("src", "float", restrict=True), Scalar("src_off", np.int64),
@@ -62,7 +52,8 @@ ARGS = KernelArgs(
         Pointer("cols", "int", const=False, restrict=True),
         Pointer("counts", "int", const=False, restrict=True),
         Scalar("M", np.int32), Scalar("N", np.int32))),
-    _cols_list("bool"), _cols_list("slot"),
+    masked_lists.cols_signature("pscl_cols_list_bool", "bool"),
+    masked_lists.cols_signature("pscl_cols_list_slot", "slot"),
     Signature("pscl_bool_compact", (
         Pointer("mask", "uchar", restrict=True), Scalar("mask_off", np.int64),
         Pointer("cols", "int", const=False, restrict=True),
