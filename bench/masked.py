@@ -76,6 +76,15 @@ def _drs_ms(queue, launch, reps=5):
     return float(np.median([once() for _ in range(reps)]))
 
 
+def backward_error(device_args, host_args) -> float:
+    """The larger relative error of dx and dW (in (N, K) rows) of one backward call on
+    ``device_args`` (dy, x, weight, mask), against the float64 reference on the same
+    ``host_args``."""
+    dx, dwt = ps.masked_matmul_backward(*device_args, dw_rows=True)
+    ref_dx, ref_dw = masked_matmul_backward_reference(*host_args)
+    return max(relative_error(dx.get(), ref_dx), relative_error(dwt.get(), ref_dw.T))
+
+
 def bench_matmul(queue, torch_b, args, rng):
     shapes = ((VMM_SHAPES + GEMM_SHAPES[:1] + GEMM_SHAPES[2:]) if args.quick
               else VMM_SHAPES + GEMM_SHAPES)
@@ -142,13 +151,8 @@ def bench_matmul(queue, torch_b, args, rng):
             # The backward as a DSG layer calls it: dW in the weight's (N, K) rows.
             backward = _rotating(lambda mk, ev: ps.masked_matmul_backward(
                 dy_dev, x_dev, weight, mk, dw_rows=True, events=ev), masks)
-            backward_err = None
-            if args.check:
-                dx, dwt = ps.masked_matmul_backward(dy_dev, x_dev, weight, masks[0],
-                                                    dw_rows=True)
-                ref_dx, ref_dw = masked_matmul_backward_reference(dy, x, w, host_masks[0])
-                backward_err = max(relative_error(dx.get(), ref_dx),
-                                   relative_error(dwt.get(), ref_dw.T))
+            backward_err = backward_error((dy_dev, x_dev, weight, masks[0]),
+                                          (dy, x, w, host_masks[0])) if args.check else None
             timers = {"ours": event_ms(ours, queue), "call": wall_ms(call),
                       "host_call": wall_ms(host_call), "backward": event_ms(backward, queue),
                       **dense}

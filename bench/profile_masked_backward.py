@@ -24,9 +24,9 @@ from pysparsecl.ops.drs import keep_count
 from pysparsecl.params import parse_overrides
 from pysparsecl.testing.cases import row_masks
 from pysparsecl.testing.problems import DSG_GEMM_SHAPES
-from pysparsecl.testing.reference import masked_matmul_backward_reference, relative_error
 
 from .baselines import Torch
+from .masked import backward_error
 from .profile_conv_masked import _kernel_ms
 
 #: The GEMM shapes of the masked suite, and the DSG training benchmark's compute-bound
@@ -81,11 +81,8 @@ def main(argv=None):
             with contextlib.ExitStack() as stack:
                 for family, params in overrides.items():
                     stack.enter_context(tuning.override(family, **params))
-                dx, dwt = ps.masked_matmul_backward(dy_dev, x_dev, weight, masks[0],
-                                                    dw_rows=True)
-                ref_dx, ref_dw = masked_matmul_backward_reference(dy, x, w, host_masks[0])
-                err = max(relative_error(dx.get(), ref_dx), relative_error(dwt.get(),
-                                                                            ref_dw.T))
+                err = backward_error((dy_dev, x_dev, weight, masks[0]),
+                                     (dy, x, w, host_masks[0]))
                 bwd = _kernel_ms(queue, lambda i, ev: ps.masked_matmul_backward(
                     dy_dev, x_dev, weight, masks[i], dw_rows=True, events=ev), len(masks))
                 fwd = _kernel_ms(queue, lambda i, ev: ps.masked_matmul(

@@ -1259,7 +1259,8 @@ def small_problems():
         "masked_dx": [("backward 5x37x29 bool, 1 empty row", backward(5, 37, 29, "bool", 1)),
                       ("backward 3x17x40 idx", backward(3, 17, 40, "idx")),
                       ("backward 1x9x7 bool", backward(1, 9, 7, "bool"))],
-        # the scans (SCAN 1) by their own configurations; SCAN 0 runs masked_util's
+        # sampled configurations of both SCAN values: 1 runs the scans, 0 masked_util's
+        # serial builders
         "masked_lists": [("backward 37x5x29 bool, 1 empty row", backward(37, 5, 29, "bool", 1)),
                          ("backward 3x7x140 idx", backward(3, 7, 140, "idx"))],
         "masked_bn": [("bn (2,3,4,5) inference", bn((2, 3, 4, 5), False)),
